@@ -1,0 +1,94 @@
+"""`shardtune` command line: each command is a few lines that call into the launcher's modules.
+
+Commands that need torch (prepare, export, eval, ...) import the trainer inside the command, so
+`plan` and `launch` stay instant on a login node.
+"""
+from __future__ import annotations
+
+import json as _json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+
+from launcher.config import dump_config, load_config
+from launcher.errors import ConfigError
+from launcher.plan import build_plan, format_plan
+from launcher.torchrun import rdzv_endpoint
+
+
+def plan(config: str, *overrides: str, json: bool = False) -> None:
+    """Show world size, batch arithmetic, the final DeepSpeed config and the launch command."""
+    p = build_plan(load_config(config, [str(o) for o in overrides]))
+    print(_json.dumps(p.to_json(), indent=2) if json else format_plan(p))
+
+
+def write_run_files(p) -> Path:
+    """resolved_config.yaml, ds_config.json and launch.sh in the run directory (what the trainer reads)."""
+    run_dir = Path(p.config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(dump_config(p.config))
+    (run_dir / "ds_config.json").write_text(_json.dumps(p.deepspeed, indent=2) + "\n")
+    script = run_dir / "launch.sh"
+    script.write_text(p.script)
+    script.chmod(0o755)
+    return run_dir
+
+
+def run_foreground(argv: list[str]) -> int:
+    """Run a command in its own process group; Ctrl-C and SIGTERM are passed on, and we wait for it."""
+    proc = subprocess.Popen(argv, start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def launch(config: str, *overrides: str, dry_run: bool = False) -> None:
+    """Write the run files and start training on this machine (one node) or print the per-node command."""
+    p = build_plan(load_config(config, [str(o) for o in overrides]))
+    run_dir = write_run_files(p)
+    print(format_plan(p).split("deepspeed config")[0].rstrip())
+    print(f"wrote {run_dir}/resolved_config.yaml, ds_config.json, launch.sh")
+    if dry_run:
+        return
+    if p.config.launch.nodes > 1:
+        print(f"start `bash {run_dir}/launch.sh` on each of the {p.config.launch.nodes} nodes "
+              f"(they meet at {rdzv_endpoint(p.config)})")
+        return
+    code = run_foreground(["bash", str(run_dir / "launch.sh")])
+    if code:
+        print(f"shardtune: training exited with code {code}; logs above, run directory {run_dir}", file=sys.stderr)
+        raise SystemExit(code)
+
+
+COMMANDS = {"plan": plan, "launch": launch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `shardtune` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        fire.Fire(COMMANDS, command=argv, name="shardtune")
+    except ConfigError as exc:
+        print(f"shardtune: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # fire's own exits (usage errors, --help) and commands' exit codes
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

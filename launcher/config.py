@@ -1,0 +1,424 @@
+"""The run config: one typed tree, loaded strictly from YAML plus `section.field=value` overrides.
+
+Every field carries its documentation as the docstring under it, so `shardtune plan`, the README and
+the error messages all speak about the same names. Validation happens once, here, before anything is
+launched, and reports every problem together.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str
+    """Hugging Face causal LM: a local directory or a hub id (hub ids need network on the compute nodes)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub id; defaults to `model.name_or_path`."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off unless you trust the model's authors."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. `auto`: flash_attention_2 when installed on CUDA, else sdpa."""
+
+
+class DataFields(Section):
+    """Column names in the data files, for data that uses other keys than the standard ones."""
+
+    text: str = "text"
+    """`text` format: the document column."""
+    instruction: str = "instruction"
+    """`alpaca` format: the instruction column."""
+    input: str = "input"
+    """`alpaca` format: the optional input column."""
+    output: str = "output"
+    """`alpaca` format: the response column."""
+    system: str = "system"
+    """`alpaca` format: an optional per-row system prompt column."""
+    messages: str = "messages"
+    """`messages` format: the list of turns."""
+    role: str = "role"
+    """`messages` format: the role key inside a turn."""
+    content: str = "content"
+    """`messages` format: the content key inside a turn."""
+    conversations: str = "conversations"
+    """`sharegpt` format: the list of turns."""
+    speaker: str = "from"
+    """`sharegpt` format: the speaker key inside a turn (human / gpt / system)."""
+    value: str = "value"
+    """`sharegpt` format: the text key inside a turn."""
+
+
+DataFormat = Literal["text", "alpaca", "messages", "sharegpt"]
+
+
+class DataSource(Section):
+    """One dataset of a weighted mixture."""
+
+    path: str
+    """File, glob, directory or hub dataset id."""
+    format: Optional[DataFormat] = None
+    """Row format of this source; defaults to `data.format`."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of this source in the training mixture (> 0)."""
+    fields: Optional[DataFields] = None
+    """Column names of this source; default `data.fields`."""
+    split: str = "train"
+    """Split to read for hub datasets."""
+
+
+class DataConfig(Section):
+    path: str
+    """Training data: a .jsonl/.json/.parquet/.csv file, a glob, a directory or a hub dataset id."""
+    format: DataFormat
+    """Row format: text, alpaca (instruction/input/output), messages (role/content turns) or sharegpt."""
+    seq_len: int = Field(gt=0)
+    """Tokens per training sequence; samples are packed into sequences of this length."""
+    mix: list[DataSource] = []
+    """Further datasets mixed with `data.path` (which has weight `data.weight`)."""
+    weight: float = Field(1.0, gt=0)
+    """Share of `data.path` in the mixture when `data.mix` is set."""
+    fields: DataFields = DataFields()
+    """Column names, for data whose keys differ from the format's standard ones."""
+    split: str = "train"
+    """Split to read for hub datasets."""
+    chat_template: Optional[str] = None
+    """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn, only the last one, or all tokens."""
+    packing: bool = True
+    """Pack several samples into each sequence; attention never crosses samples."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """Samples longer than seq_len: drop them, or cut them to seq_len (counted either way)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops the run naming file:line (error) or is dropped and counted (skip)."""
+    num_proc: Optional[int] = Field(None, gt=0)
+    """Worker processes for tokenization; default picks by data size and CPU count."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is cached; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Put it on a shared filesystem for multi-node runs."""
+    shared_cache: bool = True
+    """Whether cache_dir is visible from every node: one process preprocesses for all; else one per node."""
+    eval_path: Optional[str] = None
+    """Held-out data in the same format; evaluated every train.eval_every steps."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Alternatively, hold out this fraction of the training rows for evaluation."""
+    shuffle: bool = True
+    """Shuffle the global sample order (seeded by train.seed and the epoch)."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(gt=0)
+    """Optimizer steps to train for."""
+    micro_batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 1
+    """Sequences per device per forward pass; `auto` picks the largest that fits launch.gpu_memory_gb."""
+    grad_accum_steps: Optional[int] = Field(None, gt=0)
+    """Micro-batches accumulated per optimizer step; derived from global_batch_size when unset."""
+    global_batch_size: Optional[int] = Field(None, gt=0)
+    """Sequences per optimizer step across all ranks; kept when the world size changes."""
+    lr: float = Field(gt=0)
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to min_lr_ratio × lr, or constant."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to lr."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW beta1, beta2."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int
+    """Seeds weights init of new layers, data order and dropout; same seed, same run."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Training precision. `auto`: bf16 on GPUs, fp32 on CPU."""
+    activation_checkpointing: Union[bool, Literal["auto"]] = False
+    """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit."""
+    log_every: int = Field(1, gt=0)
+    """Log metrics every N optimizer steps."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N steps (0: only at the end, when eval data is set)."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = Field(2, gt=0)
+    """Keep the newest K complete checkpoints."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint if any; `never`; or a checkpoint path."""
+    max_bad_steps: int = Field(3, gt=0)
+    """Stop after this many consecutive steps skipped for non-finite loss or gradient norm."""
+    sample_prompt: Optional[str] = None
+    """A user message answered by the final model at the end, to eyeball the result."""
+
+
+class ZeroConfig(Section):
+    stage: Union[Literal[0, 1, 2, 3], Literal["auto"]] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters; `auto` picks by memory."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state (and its step) in host RAM."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameters in host RAM (stage 3 only)."""
+    config: Optional[str] = None
+    """Your own DeepSpeed JSON instead of the template; its "auto" values are filled and checked."""
+    overlap_comm: Optional[bool] = None
+    """Overlap gradient reduction with backward; default from the template."""
+
+
+class LaunchConfig(Section):
+    backend: Literal["torchrun", "slurm"] = "torchrun"
+    """torchrun on this machine (or by hand on every node), or an sbatch job."""
+    nodes: int = Field(1, gt=0)
+    """Machines in the job."""
+    procs_per_node: int = Field(gt=0)
+    """Training processes per machine: one per GPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where training runs. `auto`: cuda when this machine (or slurm.gpus_per_node) has GPUs, else cpu."""
+    rdzv_endpoint: Optional[str] = None
+    """host:port of the first node for multi-node torchrun; default: this host, port 29400."""
+    max_restarts: int = Field(0, ge=0)
+    """torchrun restarts all workers this many times after a worker failure."""
+    gpu_memory_gb: Optional[float] = Field(None, gt=0)
+    """Memory of one device, used by the planner to check fit and choose `auto` settings."""
+    env: dict[str, str] = {}
+    """Extra environment variables for the training processes."""
+
+
+class WandbConfig(Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto`: online when WANDB_API_KEY is set, else offline (upload later with `wandb sync`)."""
+    project: str = "shardtune"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb team or user."""
+    name: Optional[str] = None
+    """Run name; default is the output directory's name."""
+    group: Optional[str] = None
+    """Run group, e.g. a sweep."""
+    tags: list[str] = []
+    """Run tags."""
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    zero: ZeroConfig = ZeroConfig()
+    launch: LaunchConfig
+    wandb: WandbConfig = WandbConfig()
+    output_dir: str
+    """Run directory: resolved config, launch script, metrics, checkpoints and the final model."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and a YAML-typed value (so `true`, `[a, b]`, `null` work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {text!r}: expected section.field=value, e.g. train.lr=1e-5"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each override into the raw tree; typing and unknown keys are left to validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The section class that owns a location, to suggest the nearest valid key."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return model if isinstance(part, str) else None
+        ann = field.annotation
+        candidates = [ann] + list(getattr(ann, "__args__", ()))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            for c in candidates:
+                for arg in getattr(c, "__args__", ()):
+                    if isinstance(arg, type) and issubclass(arg, BaseModel):
+                        nested = [arg]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _nearest(word: str, names: list[str]) -> Optional[str]:
+    """The valid key a typo most likely meant: a shared prefix first (lr_typo -> lr), then spelling."""
+    prefixed = [n for n in names if word.startswith(n) or n.startswith(word)]
+    if prefixed:
+        return max(prefixed, key=len)
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _describe(loc: tuple, errs: list[dict]) -> str:
+    """One line for one location; the members of a Union field each add what they allow."""
+    name = ".".join(str(p) for p in loc)
+    err = errs[0]
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(RunConfig, loc[:-1])
+        names = list(owner.model_fields) if owner else []
+        near = _nearest(str(loc[-1]), names)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near])!r}?" if near else ""
+        allowed = f" Valid keys here: {', '.join(names)}." if names else ""
+        return f"{name}: unknown key{hint}{allowed}"
+    if err["type"] == "missing":
+        return f"{name}: required field is missing"
+    wants = "; or ".join(dict.fromkeys(e["msg"][0].lower() + e["msg"][1:] for e in errs))
+    return f"{name}: {err.get('input')!r} is not allowed: {wants}"
+
+
+_TYPE_TAGS = ("int", "bool", "float", "str", "list", "tuple", "dict", "function-after", "constrained-int")
+
+
+def _group_errors(errors: list[dict]) -> dict[tuple, list[dict]]:
+    """pydantic reports a Union field once per member (with the member in the location); regroup by field."""
+    grouped: dict[tuple, list[dict]] = {}
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith(("literal[", "function-")) or p in _TYPE_TAGS)))
+        grouped.setdefault(loc, []).append(err)
+    return grouped
+
+
+def validate_config(raw: dict) -> RunConfig:
+    """Typed tree from raw YAML data, or a ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}"])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(loc, errs) for loc, errs in _group_errors(exc.errors()).items()]) from None
+    problems = check_consistency(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_consistency(cfg: RunConfig) -> list[str]:
+    """Rules that span fields; pydantic checks each field alone."""
+    problems = []
+    t, z = cfg.train, cfg.zero
+    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    if z.offload_params == "cpu" and z.stage not in (3, "auto"):
+        problems.append(f"zero.offload_params: 'cpu' needs zero.stage 3, got stage {z.stage}")
+    if t.grad_accum_steps is None and t.global_batch_size is None:
+        problems.append("train.grad_accum_steps: required unless train.global_batch_size is set")
+    if t.micro_batch_size == "auto" and t.global_batch_size is None:
+        problems.append("train.micro_batch_size: 'auto' needs train.global_batch_size")
+    if t.global_batch_size is not None and isinstance(t.micro_batch_size, int):
+        per_step = t.micro_batch_size * world
+        if t.grad_accum_steps is not None and per_step * t.grad_accum_steps != t.global_batch_size:
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} contradicts micro {t.micro_batch_size} × "
+                f"accumulation {t.grad_accum_steps} × world {world} = {per_step * t.grad_accum_steps}; "
+                "set only one of grad_accum_steps and global_batch_size")
+        elif t.global_batch_size % per_step:
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro {t.micro_batch_size} × "
+                f"world {world} = {per_step}")
+    if t.warmup_steps >= t.max_steps and t.warmup_steps:
+        problems.append(f"train.warmup_steps: {t.warmup_steps} must be less than train.max_steps ({t.max_steps})")
+    if cfg.data.eval_path and cfg.data.eval_fraction:
+        problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
+    if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
+        problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
+    if t.resume not in ("auto", "never") and not t.resume.strip():
+        problems.append("train.resume: must be auto, never or a checkpoint path")
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Raw YAML mapping from a file, with a ConfigError for missing files and YAML syntax errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: invalid YAML: {exc}"]) from None
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; relative local paths become absolute."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return resolve_paths(validate_config(raw))
+
+
+def _absolute_if_local(value: Optional[str]) -> Optional[str]:
+    """Local paths become absolute (the trainer may start elsewhere); hub ids stay as they are."""
+    if value is None or value == "chatml":
+        return value
+    p = Path(value).expanduser()
+    looks_local = (value.startswith((".", "/", "~")) or any(ch in value for ch in "*?[")
+                   or value.endswith((".jsonl", ".json", ".parquet", ".csv", ".yaml")))
+    if not (looks_local or p.exists()):
+        return value
+    return os.path.abspath(p)
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    cfg.model.name_or_path = _absolute_if_local(cfg.model.name_or_path)
+    cfg.model.tokenizer = _absolute_if_local(cfg.model.tokenizer)
+    cfg.data.path = _absolute_if_local(cfg.data.path)
+    for src in cfg.data.mix:
+        src.path = _absolute_if_local(src.path)
+    cfg.data.eval_path = _absolute_if_local(cfg.data.eval_path)
+    for attr in ("cache_dir",):
+        value = getattr(cfg.data, attr)
+        if value:
+            setattr(cfg.data, attr, str(Path(value).expanduser().resolve()))
+    if cfg.zero.config:
+        cfg.zero.config = str(Path(cfg.zero.config).expanduser().resolve())
+    if cfg.train.resume not in ("auto", "never"):
+        cfg.train.resume = str(Path(cfg.train.resume).expanduser().resolve())
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, loadable again by load_config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, type/default, doc) for every field, for `shardtune config-docs` and the README."""
+    rows = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(field_docs(ann, dotted + "."))
+            continue
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        rows.append((dotted, default, field.description or ""))
+    return rows

@@ -1,0 +1,151 @@
+"""Render the final DeepSpeed config: a template (or the user's JSON) with every "auto" filled.
+
+The run config is the single source of truth. Each value DeepSpeed needs is derived from it once,
+here; a user JSON that hard-codes a different value is a contradiction and an error, so the batch
+arithmetic DeepSpeed checks with a bare assert at start-up is checked here, with the numbers shown.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.config import RunConfig
+from launcher.errors import ConfigError
+from launcher.resources import data_dir
+
+# DeepSpeed's own defaults, used when the model's hidden size is unknown (a hub id not on disk).
+DEFAULT_BUCKET = 500_000_000
+
+
+def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:
+    """File in ds_configs/ for a stage and offload choice."""
+    if offload_params == "cpu":
+        return "zero3_offload_all.json"
+    if offload_optimizer == "cpu":
+        return "zero2_offload.json" if stage in (1, 2) else "zero3_offload.json"
+    return f"zero{stage}.json"
+
+
+def load_template(cfg: RunConfig) -> tuple[dict, str]:
+    """The user's DeepSpeed JSON if given, else the shipped template; with its name for messages."""
+    if cfg.zero.config:
+        path = Path(cfg.zero.config)
+        try:
+            return json.loads(path.read_text()), str(path)
+        except FileNotFoundError:
+            raise ConfigError([f"zero.config: {str(path)!r} does not exist"]) from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"zero.config: {path} is not valid JSON: {exc}"]) from None
+    if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
+        raise ConfigError(["zero.offload_optimizer: 'cpu' needs zero.stage 1, 2 or 3, got stage 0"])
+    name = template_name(cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_params)
+    return json.loads((data_dir("ds_configs") / name).read_text()), f"ds_configs/{name}"
+
+
+def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tuple[Any, str]]:
+    """Every DeepSpeed key shardtune decides, as dotted path -> (value, the run-config field behind it)."""
+    t, z, device = cfg.train, cfg.zero, cfg.launch.device
+    on_gpu = device == "cuda"
+    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+    values: dict[str, tuple[Any, str]] = {
+        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world,
+                             f"train.micro_batch_size × train.grad_accum_steps × world = {t.micro_batch_size} × {t.grad_accum_steps} × {world}"),
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
+        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+        "optimizer.params.lr": (t.lr, "train.lr"),
+        "optimizer.params.betas": (list(t.adam_betas), "train.adam_betas"),
+        "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),
+        "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
+        # FusedAdam and DeepSpeedCPUAdam need compiled ops; torch's AdamW runs anywhere.
+        "optimizer.params.torch_adam": (not on_gpu, "launch.device"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        "zero_optimization.stage": (z.stage, "zero.stage"),
+        "zero_optimization.overlap_comm": (z.overlap_comm if z.overlap_comm is not None else on_gpu, "zero.overlap_comm"),
+        "zero_optimization.reduce_bucket_size": (bucket, "model hidden size²"),
+        "zero_optimization.allgather_bucket_size": (DEFAULT_BUCKET, "DeepSpeed default"),
+        "zero_optimization.stage3_prefetch_bucket_size": (int(0.9 * bucket), "0.9 × model hidden size²"),
+        "zero_optimization.stage3_param_persistence_threshold": (10 * (hidden_size or 1000), "10 × model hidden size"),
+        "zero_optimization.offload_optimizer.pin_memory": (on_gpu, "launch.device"),
+        "zero_optimization.offload_param.pin_memory": (on_gpu, "launch.device"),
+        # On CPU the "offloaded" optimizer is torch's AdamW; DeepSpeed insists on its CPUAdam unless told.
+        "zero_force_ds_cpu_optimizer": (on_gpu, "launch.device"),
+    }
+    return values
+
+
+def _get(tree: dict, dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1)
+    return a == b
+
+
+def _remaining_autos(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _remaining_autos(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if tree == "auto" else []
+
+
+# Tuning keys that only mean something when the template has them (no offload section => no pin_memory).
+_FILL_ONLY_IF_PRESENT = ("zero_optimization.offload_optimizer.", "zero_optimization.offload_param.",
+                         "zero_optimization.stage3_", "zero_optimization.reduce_bucket_size",
+                         "zero_optimization.allgather_bucket_size", "zero_optimization.overlap_comm")
+
+
+def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -> dict:
+    """The final DeepSpeed dict for a resolved run config (no "auto" left), or every contradiction at once."""
+    template, source = load_template(cfg)
+    ds = copy.deepcopy(template)
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    offloading = _get(ds, "zero_optimization.offload_optimizer.device")[1] not in (None, "none")
+    problems = []
+    for dotted, (value, origin) in derived_values(cfg, hidden_size).items():
+        present, current = _get(ds, dotted)
+        if not present:
+            if dotted.startswith(_FILL_ONLY_IF_PRESENT):
+                continue
+            if dotted == "zero_force_ds_cpu_optimizer" and not offloading:
+                continue
+            if dotted.startswith("optimizer.params.") and ds["optimizer"].get("type", "").lower() not in ("adam", "adamw"):
+                continue
+            _set(ds, dotted, value)
+        elif current == "auto":
+            _set(ds, dotted, value)
+        elif not _same(current, value) and cfg.zero.config:
+            problems.append(f"{source}: {dotted} is {current!r} but {origin} gives {value!r}")
+    if "scheduler" in ds:
+        problems.append(f"{source}: remove 'scheduler'; shardtune drives the learning rate from "
+                        "train.lr_schedule, train.warmup_steps and train.min_lr_ratio")
+    offload = _get(ds, "zero_optimization.offload_optimizer.device")[1] or "none"
+    if offload != cfg.zero.offload_optimizer and cfg.zero.config:
+        problems.append(f"{source}: zero_optimization.offload_optimizer.device is {offload!r} but "
+                        f"zero.offload_optimizer is {cfg.zero.offload_optimizer!r}")
+    problems += [f"{source}: {key} is still \"auto\" and shardtune has no value for it" for key in _remaining_autos(ds)]
+    if problems:
+        raise ConfigError(problems, title="DeepSpeed config contradicts the run config")
+    return ds

@@ -1,0 +1,54 @@
+"""The torchrun command that starts `python -m trainer RUN_DIR` on every rank, and the script around it.
+
+Pure functions: config in, argv and script text out. Only the CLI writes or runs them.
+"""
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+
+from launcher.config import RunConfig
+
+DEFAULT_RDZV_PORT = 29400
+
+
+def rdzv_endpoint(cfg: RunConfig) -> str:
+    """host:port every node's torchrun agent meets at; the first node's address by default."""
+    return cfg.launch.rdzv_endpoint or f"{socket.getfqdn()}:{DEFAULT_RDZV_PORT}"
+
+
+def torchrun_argv(cfg: RunConfig, python: str = sys.executable) -> list[str]:
+    """torchrun for this run. One node: --standalone (a free local port). Several: a c10d rendezvous."""
+    argv = [python, "-m", "torch.distributed.run"]
+    if cfg.launch.nodes == 1:
+        argv += ["--standalone", "--nnodes=1"]
+    else:
+        argv += [f"--nnodes={cfg.launch.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint(cfg)}",
+                 f"--rdzv_id={rdzv_id(cfg)}"]
+    argv += [f"--nproc_per_node={cfg.launch.procs_per_node}", f"--max_restarts={cfg.launch.max_restarts}",
+             "-m", "trainer", cfg.output_dir]
+    return argv
+
+
+def rdzv_id(cfg: RunConfig) -> str:
+    """A rendezvous id shared by all nodes of one run and different between runs."""
+    return "shardtune-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.output_dir.strip("/"))[-48:]
+
+
+def process_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment for the training processes: the accelerator choice, then the user's launch.env."""
+    env = {"DS_ACCELERATOR": cfg.launch.device}
+    env.update(cfg.launch.env)
+    return env
+
+
+def launch_script(cfg: RunConfig, argv: list[str]) -> str:
+    """A bash script a user can rerun by hand: the environment and the exact torchrun command."""
+    lines = ["#!/usr/bin/env bash", "# Written by `shardtune launch`; rerun it to run again (it resumes from the newest checkpoint).",
+             "set -euo pipefail"]
+    if cfg.launch.nodes > 1:
+        lines.append(f"# Start this same script on each of the {cfg.launch.nodes} nodes; they meet at {rdzv_endpoint(cfg)}.")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""shardtune trainer: what torchrun starts on every rank (`python -m trainer RUN_DIR`)."""

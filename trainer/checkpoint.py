@@ -1,0 +1,215 @@
+"""Checkpoints that a crash, a preemption or a kill mid-save cannot corrupt.
+
+Layout (DeepSpeed's standard one, so its zero_to_fp32.py keeps working):
+
+    OUTPUT_DIR/checkpoints/step_00000010/   DeepSpeed shards + trainer_state.json + rng/ + hf/
+    OUTPUT_DIR/checkpoints/step_00000010/COMPLETE.json   manifest: every file, its size and sha256
+    OUTPUT_DIR/checkpoints/LATEST, latest   the newest complete tag (ours, and DeepSpeed's name for it)
+
+Commit protocol: every rank writes its shards; after a barrier every rank fsyncs and hashes a share
+of the files; rank 0 then writes the manifest (temp file, fsync, rename) and only after that replaces
+the pointers the same way. A checkpoint without a manifest, or whose files do not match it, is never
+loaded. DeepSpeed's optimizer shards are pickles: a checkpoint directory must be trusted like code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from trainer.distributed import Dist, all_gather_objects, barrier
+
+MANIFEST = "COMPLETE.json"
+STATE = "trainer_state.json"
+TAG_PREFIX = "step_"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that was asked for by path cannot be used."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(TAG_PREFIX):])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: the file is either the old one or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """fsync (the data must be on disk before the manifest says so) and sha256 of one file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return path.stat().st_size, h.hexdigest()
+
+
+def _files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints with a manifest, newest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit()
+             and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def verify_share(ckpt: Path, rank: int, world: int) -> list[str]:
+    """This rank's share of the manifest check: sizes first (cheap), then hashes."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{ckpt / MANIFEST}: unreadable ({exc})"]
+    problems = []
+    entries = sorted(manifest["files"].items())
+    for rel, meta in entries[rank::world]:
+        path = ckpt / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != meta["size"]:
+            problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {meta['size']}")
+        elif _hash_file(path)[1] != meta["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def verify(ckpt: Path, dist: Optional[Dist]) -> list[str]:
+    """Every problem any rank found with a checkpoint; [] when every file matches its manifest."""
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    mine = verify_share(ckpt, rank, world)
+    if dist is None:
+        return mine
+    return [p for share in all_gather_objects(mine) for p in share]
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete the manifest first, so a crash halfway never leaves a 'complete' partial checkpoint."""
+    (ckpt / MANIFEST).unlink(missing_ok=True)
+    if ckpt.parent.exists():
+        _fsync_dir(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
+         write_extras: Callable[[Path], None], log: Callable[[str], None]) -> Path:
+    """Write and commit checkpoint `step`; returns its directory. Every rank must call it."""
+    tag = tag_for(step)
+    ckpt = root / tag
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists():
+            _remove(ckpt)  # a leftover of an attempt that died while saving this step
+    barrier()
+    started = time.perf_counter()
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    rng_dir = ckpt / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), rng_dir / f"rank_{dist.rank:05d}.pt")
+    if dist.is_main:
+        (ckpt / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        write_extras(ckpt)
+    barrier()
+    files = _files(ckpt)
+    mine = {rel: dict(zip(("size", "sha256"), _hash_file(ckpt / rel))) for rel in files[dist.rank::dist.world]}
+    shares = all_gather_objects(mine)
+    if dist.is_main:
+        manifest = {"step": step, "world_size": dist.world, "time": time.time(),
+                    "files": {rel: meta for share in shares for rel, meta in share.items()}}
+        atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        atomic_write(root / "LATEST", tag + "\n")
+        atomic_write(root / "latest", tag)  # DeepSpeed's pointer, for zero_to_fp32.py and load_checkpoint(tag=None)
+        prune(root, keep_last)
+        log(f"checkpoint {ckpt} committed ({len(files)} files, {time.perf_counter() - started:.1f} s)")
+    barrier()
+    return ckpt
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest keep_last complete checkpoints; drop older ones and stale partial directories."""
+    complete = complete_checkpoints(root)
+    for old in complete[keep_last:]:
+        _remove(old)
+    newest = step_of(complete[0]) if complete else -1
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit() \
+                and not (p / MANIFEST).exists() and step_of(p) < newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    return {"torch": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
+
+
+def restore_rng(ckpt: Path, dist: Dist) -> bool:
+    """Restore this rank's RNG streams when the checkpoint has them (same world size)."""
+    from deepspeed.accelerator import get_accelerator
+
+    path = ckpt / "rng" / f"rank_{dist.rank:05d}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["device"])
+    return True
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint to resume from per train.resume, verified on every rank; None to start fresh."""
+    root = run_dir / "checkpoints"
+    if resume == "never":
+        return None
+    if resume != "auto":
+        ckpt = Path(resume)
+        if not (ckpt / MANIFEST).is_file():
+            raise CheckpointError(f"train.resume: {ckpt} is not a complete shardtune checkpoint "
+                                  f"({'missing' if not ckpt.exists() else 'no ' + MANIFEST})")
+        problems = verify(ckpt, dist)
+        if problems:
+            raise CheckpointError(f"train.resume: {ckpt} fails verification: " + "; ".join(problems[:5]))
+        return ckpt
+    for ckpt in complete_checkpoints(root):
+        problems = verify(ckpt, dist)
+        if not problems:
+            return ckpt
+        log(f"checkpoint {ckpt.name} is damaged ({'; '.join(problems[:3])}); falling back to the previous one")
+    partial = [p for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and not (p / MANIFEST).exists()] if root.is_dir() else []
+    if partial:
+        log(f"ignoring incomplete checkpoint(s) {', '.join(sorted(p.name for p in partial))}")
+    return None
+

@@ -1,0 +1,135 @@
+"""Read rows from local files (jsonl, json arrays, parquet, csv; globs and directories) or the hub.
+
+Every row keeps where it came from (`file:line`), because a bad row in a million-row file must be
+findable. Rows are passed on as JSON text and parsed later, in parallel, so a line that is not valid
+JSON is reported like any other bad row instead of crashing the reader.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    where: str
+    """file:line (or file:row N for parquet, dataset:split:index for the hub)."""
+    text: str
+    """The row as JSON text (possibly invalid)."""
+    error: str = ""
+    """Set when the reader already knows the row is unreadable (e.g. a broken JSON array)."""
+
+
+class SourceError(Exception):
+    """A data path that names nothing readable."""
+
+
+def resolve_files(path: str) -> list[Path]:
+    """Local files a data path names, sorted for a stable order; [] when it is not local (a hub id)."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in sorted(p.rglob("*")) if f.suffix in SUFFIXES and f.is_file()]
+        if not files:
+            raise SourceError(f"{path}: directory has no {'/'.join(SUFFIXES)} files")
+        return files
+    if any(ch in path for ch in "*?["):
+        files = [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).suffix in SUFFIXES]
+        if not files:
+            raise SourceError(f"{path}: the glob matches no {'/'.join(SUFFIXES)} files")
+        return files
+    if p.is_file():
+        if p.suffix not in SUFFIXES:
+            raise SourceError(f"{path}: unsupported file type {p.suffix!r}; use {', '.join(SUFFIXES)}")
+        return [p]
+    if path.endswith(SUFFIXES) or path.startswith(("/", ".", "~")):
+        raise SourceError(f"{path}: no such file")
+    return []
+
+
+def _json_array_items(path: Path) -> Iterator[RawRow]:
+    """Items of a top-level JSON array with the line each starts on."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text[pos:pos + 1] == "[":
+        yield RawRow(f"{path}:1", "", "invalid_json: a .json file must hold a top-level array (use .jsonl for one object per line)")
+        return
+    pos += 1
+    line = 1 + text.count("\n", 0, pos)
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            line += text[pos] == "\n"
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield RawRow(f"{path}:{line}", "", f"invalid_json: {exc.msg}")
+            return
+        yield RawRow(f"{path}:{line}", json.dumps(obj, ensure_ascii=False))
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def _jsonl_rows(path: Path) -> Iterator[RawRow]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                yield RawRow(f"{path}:{number}", line)
+
+
+def _csv_rows(path: Path) -> Iterator[RawRow]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        start = 2
+        for row in reader:
+            yield RawRow(f"{path}:{start}", json.dumps(row, ensure_ascii=False))
+            start = reader.line_num + 1
+
+
+def _parquet_rows(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for row in batch.to_pylist():
+            yield RawRow(f"{path}:row {index}", json.dumps(row, ensure_ascii=False, default=str))
+            index += 1
+
+
+def _hub_rows(name: str, split: str) -> Iterator[RawRow]:
+    import datasets
+
+    ds = datasets.load_dataset(name, split=split)
+    for index, row in enumerate(ds):
+        yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
+
+
+READERS = {".jsonl": _jsonl_rows, ".json": _json_array_items, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def read_rows(path: str, split: str = "train") -> Iterator[RawRow]:
+    """Every row a data path names, in a stable order."""
+    files = resolve_files(path)
+    if not files:
+        yield from _hub_rows(path, split)
+        return
+    for f in files:
+        yield from READERS[f.suffix](f)
+
+
+def fingerprint_files(path: str) -> list[tuple[str, int, int]]:
+    """(file, size, mtime_ns) of every local file a data path names: part of the cache key."""
+    out = []
+    for f in resolve_files(path):
+        st = os.stat(f)
+        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out

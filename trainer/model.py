@@ -1,0 +1,71 @@
+"""Load the Hugging Face causal LM to train, and the loss it trains on.
+
+At ZeRO-3 the model is built inside `deepspeed.zero.Init` (through transformers' DeepSpeed
+integration), so each rank only ever holds its shard of the parameters, never the whole fp32 model.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from launcher.config import RunConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# transformers' ZeRO-3 switch is a module-level weak reference to this object; it must outlive loading.
+_hf_ds_config = None
+
+
+def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
+    """flash_attention_2 where its kernels exist (CUDA + flash_attn installed), else PyTorch's sdpa."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
+    """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3)."""
+    global _hf_ds_config
+    from transformers import AutoModelForCausalLM
+
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attention_implementation(cfg, device))
+    model.config.use_cache = False
+    if cfg.train.activation_checkpointing is True:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token cross-entropy over trained positions, in fp32 (targets are already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of train.lr at optimizer step s (0-based): linear warmup, then cosine/linear/constant."""
+    import math
+
+    t = cfg.train
+    warmup, total, floor = t.warmup_steps, t.max_steps, t.min_lr_ratio
+
+    def at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+        if t.lr_schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return at

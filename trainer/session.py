@@ -1,0 +1,141 @@
+"""One training run on one rank: the objects the loop needs and the steps around it.
+
+setup (config, data, process group) -> build (model, engine, loop) -> resume -> [loop] -> finish
+(final checkpoint, Hugging Face export, summary) -> close. Each step is a short method, so the
+entry point reads as the list above.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from launcher.config import RunConfig, validate_config
+from trainer import checkpoint
+from trainer.data.prepare import Prepared, load_tokenizer, prepare
+from trainer.data.sampler import GlobalBatchSampler
+from trainer.distributed import Dist, barrier, init_distributed
+from trainer.export import export_checkpoint, write_hf_metadata
+from trainer.loop import Loop, TrainState, evaluate
+from trainer.model import attention_implementation, load_model, lr_lambda
+from trainer.tracking import NullTracker, make_tracker
+
+
+def setup_logging(is_main: bool) -> None:
+    """Rank 0 speaks; other ranks only report errors (a quiet log at 1,000 GPUs is a readable one)."""
+    level = logging.WARNING if is_main else logging.ERROR
+    for name in ("DeepSpeed", "deepspeed", "transformers", "datasets", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(level)
+    hf_logging.disable_progress_bar()
+
+
+def _rank_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class Session:
+    def __init__(self, run_dir: Path, cfg: RunConfig, ds_config: dict, tokenizer, data: Prepared, dist: Dist):
+        self.run_dir, self.cfg, self.ds_config = run_dir, cfg, ds_config
+        self.tokenizer, self.data, self.dist = tokenizer, data, dist
+        self.tracker: NullTracker = make_tracker(dist.is_main, run_dir, cfg.train.max_steps)
+        self.engine = None
+        self.loop: Optional[Loop] = None
+        self.last_saved_step = -1
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> "Session":
+        """Config and data before the process group: a bad row fails here, before any GPU waits on a peer."""
+        run_dir = run_dir.resolve()
+        cfg = validate_config(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
+        ds_config = json.loads((run_dir / "ds_config.json").read_text())
+        torch.manual_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg)
+        quiet = (lambda _msg: None) if _rank_env() else print
+        data = prepare(cfg, tokenizer, log=quiet)
+        dist = init_distributed()
+        expected = cfg.launch.nodes * cfg.launch.procs_per_node
+        if dist.world != expected:
+            raise RuntimeError(f"started with {dist.world} processes but the plan says {expected} "
+                               f"(launch.nodes × launch.procs_per_node); relaunch with `shardtune launch`")
+        return cls(run_dir, cfg, ds_config, tokenizer, data, dist)
+
+    def build(self) -> None:
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        cfg = self.cfg
+        model = load_model(cfg, self.ds_config, self.dist.device)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
+            lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+        t = cfg.train
+        self.block_mask = attention_implementation(cfg, self.dist.device) != "flash_attention_2"
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
+        self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
+                         self.block_mask, t.max_steps, t.log_every, self.tracker.log, self.on_step_end)
+
+    def resume(self) -> TrainState:
+        state = TrainState()
+        ckpt = checkpoint.find_resume(self.run_dir, self.cfg.train.resume, self.dist, self.tracker.message)
+        if ckpt is not None:
+            self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            state = TrainState.from_json(checkpoint.read_state(ckpt))
+            checkpoint.restore_rng(ckpt, self.dist)
+            self.last_saved_step = state.step
+            self.tracker.message(f"resumed from {ckpt} at step {state.step}")
+        self.tracker.start(self.cfg, state.step, state.wandb_run_id)
+        state.wandb_run_id = self.tracker.run_id
+        return state
+
+    def on_step_end(self, state: TrainState) -> bool:
+        t = self.cfg.train
+        self.tracker.progress(state.step, {})
+        if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
+            self.tracker.log(state.step, self.evaluate())
+        if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
+            self.save(state)
+        return False
+
+    def evaluate(self) -> dict:
+        return evaluate(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
+                        self.block_mask)
+
+    def save(self, state: TrainState) -> Path:
+        module = self.engine.module
+
+        def extras(ckpt: Path) -> None:
+            write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None), self.tokenizer)
+
+        ckpt = checkpoint.save(self.engine, self.run_dir / "checkpoints", state.step, state.to_json(), self.dist,
+                               self.cfg.train.keep_last, extras, self.tracker.message)
+        self.last_saved_step = state.step
+        return ckpt
+
+    def finish(self, state: TrainState, started: float) -> int:
+        if self.data.eval is not None:
+            self.tracker.log(state.step, self.evaluate())
+        ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(state.step)
+        if self.last_saved_step != state.step:
+            ckpt = self.save(state)
+        final = self.run_dir / "final"
+        if self.dist.is_main:
+            export_checkpoint(ckpt, final)
+            self.tracker.message(f"final model: {final} (step {state.step}, {time.time() - started:.0f} s)")
+        barrier()
+        return 0
+
+    def close(self) -> None:
+        self.tracker.finish()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,141 @@
+"""Where metrics go: metrics.jsonl, Weights & Biases and the progress bar, from global rank 0 only.
+
+Other ranks get a NullTracker that does nothing, so the training loop never asks which rank it is.
+A wandb failure never stops training: the run falls back to offline, then to disabled, saying so once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.config import RunConfig
+
+
+class NullTracker:
+    """What every rank but global rank 0 gets."""
+
+    run_id: Optional[str] = None
+
+    def start(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+        pass
+
+
+def wandb_mode(configured: str) -> str:
+    """`auto` is online only when an API key is in the environment; otherwise offline."""
+    if configured != "auto":
+        return configured
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Tracker(NullTracker):
+    def __init__(self, run_dir: Path, max_steps: int):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.max_steps = max_steps
+        self.wandb = None
+        self.bar = None
+
+    def start(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
+        self._trim_metrics(resume_step)
+        self._start_wandb(cfg, resume_step, run_id)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.max_steps, initial=resume_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=1.0)
+
+    def _trim_metrics(self, resume_step: int) -> None:
+        """Rows after the step we resume from belong to a rolled-back attempt; keep the file one timeline."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    def _start_wandb(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+
+            self.wandb = self._init_wandb(wandb, cfg, mode, run_id)
+        except Exception as exc:  # network, bad key, disk: never a reason to stop training
+            if mode == "online":
+                self.message(f"wandb: online init failed ({exc}); logging offline instead, sync later with `wandb sync`")
+                try:
+                    import wandb
+
+                    self.wandb = self._init_wandb(wandb, cfg, "offline", run_id)
+                    return
+                except Exception as exc2:
+                    exc = exc2
+            self.message(f"wandb: disabled for this run ({exc}); metrics are still in {self.metrics_path}")
+            self.wandb = None
+
+    def _init_wandb(self, wandb, cfg: RunConfig, mode: str, run_id: Optional[str]):
+        run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
+                         name=cfg.wandb.name or Path(cfg.output_dir).name, group=cfg.wandb.group,
+                         tags=cfg.wandb.tags or None, config=cfg.model_dump(mode="json"), mode=mode,
+                         id=run_id, resume="allow" if run_id else None, dir=str(self.run_dir))
+        self.run_id = run.id
+        return run
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **metrics, "time": round(time.time(), 3)}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(metrics, step=step)
+            except Exception as exc:
+                self.message(f"wandb: log failed ({exc}); disabling wandb, metrics continue in {self.metrics_path}")
+                self.wandb = None
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb is not None:
+            try:
+                if summary:
+                    self.wandb.summary.update(summary)
+                self.wandb.finish()
+            except Exception as exc:
+                self.message(f"wandb: finish failed ({exc})")
+            self.wandb = None
+
+
+def make_tracker(is_main: bool, run_dir: Path, max_steps: int) -> NullTracker:
+    return Tracker(run_dir, max_steps) if is_main else NullTracker()
