@@ -45,6 +45,16 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
     return model
 
 
+def release_zero3_init() -> None:
+    """After training, new models (the export's skeleton) must be built whole, not sharded by zero.Init."""
+    global _hf_ds_config
+    if _hf_ds_config is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        _hf_ds_config = None
+
+
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of per-token cross-entropy over trained positions, in fp32 (targets are already shifted)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,

