@@ -5,17 +5,20 @@ Commands that need torch (prepare, export, eval, ...) import the trainer inside 
 """
 from __future__ import annotations
 
+import functools
 import json as _json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import fire
 
 from launcher.config import dump_config, load_config
 from launcher.errors import ConfigError
+from launcher.estimate import estimate_command
 from launcher.plan import build_plan, format_plan
 from launcher.torchrun import rdzv_endpoint
 
@@ -74,7 +77,18 @@ def launch(config: str, *overrides: str, dry_run: bool = False) -> None:
         raise SystemExit(code)
 
 
-COMMANDS = {"plan": plan, "launch": launch}
+def _exits(command: Callable[..., int]) -> Callable[..., None]:
+    """Adapt a command that returns an exit code: fire would print the number instead of exiting with it."""
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> None:
+        code = command(*args, **kwargs)
+        if code:
+            raise SystemExit(code)
+
+    return run
+
+
+COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shardtune: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `shardtune plan ... | head` is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SystemExit as exc:  # fire's own exits (usage errors, --help) and commands' exit codes
         return exc.code if isinstance(exc.code, int) else 1
     return 0

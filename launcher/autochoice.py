@@ -1,0 +1,223 @@
+"""Pick ZeRO stage, offload, micro batch and activation checkpointing for `auto` settings, and say why.
+
+Order of preference, fastest first: less communication and no offload (ZeRO-0 < 1 < 2 < 3, then
+offloading the optimizer at stage 1 < 2 < 3, then also the parameters), then activation checkpointing
+off (recomputing the forward costs about a third more compute), then the largest micro batch that
+fits and divides each rank's share of the global batch, with gradient accumulation making up the rest.
+The first candidate in that order that fits wins, so a bigger device can only move the choice
+earlier: towards less sharding, no checkpointing and bigger micro batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from launcher.errors import ConfigError
+from launcher.memory import (DEVICE_KEYS, GB, HOST_KEYS, Margins, MemoryEstimate, Setup, ZeroSettings,
+                             estimate_memory)
+from launcher.model_size import ModelCounts
+
+# (stage, offload optimizer, offload params), fastest first.
+VARIANTS: tuple[tuple[int, bool, bool], ...] = (
+    (0, False, False), (1, False, False), (2, False, False), (3, False, False),
+    (1, True, False), (2, True, False), (3, True, False), (3, True, True),
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen configuration, its estimate, and the reasons to show in the plan."""
+
+    setup: Setup
+    grad_accum_steps: int
+    global_batch_size: int
+    estimate: MemoryEstimate
+    reasons: list[str]
+
+
+class DoesNotFit(Exception):
+    """Nothing allowed fits; the message carries the component table and what would make it fit."""
+
+    def __init__(self, message: str, estimate: Optional[MemoryEstimate] = None,
+                 suggestions: Optional[list[str]] = None):
+        super().__init__(message)
+        self.estimate = estimate
+        self.suggestions = list(suggestions or [])
+
+
+def short_label(setup: Setup) -> str:
+    extra = {"none": "", "optimizer": "+opt", "params": "+par", "optimizer+params": "+opt+par"}[setup.offload]
+    return f"Z{setup.stage}{extra}"
+
+
+def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: float,
+                    host_memory_gb: Optional[float] = None) -> str:
+    """Rows are components (GB per device, then per node), columns the configurations."""
+    width = max(9, *(len(short_label(e.setup)) + 1 for e in estimates))
+    row = lambda name, cells: f"  {name:<26}" + "".join(f"{c:>{width}}" for c in cells)  # noqa: E731
+    lines = [row("GB (1e9 bytes)", [short_label(e.setup) for e in estimates])]
+    for key in DEVICE_KEYS:
+        lines.append(row(key, [f"{e.device[key] / GB:.2f}" for e in estimates]))
+    lines.append(row("= model states", [f"{e.model_states / GB:.2f}" for e in estimates]))
+    lines.append(row("= peak per device", [f"{e.device_total / GB:.2f}" for e in estimates]))
+    lines.append(row(f"fits {gpu_memory_gb:g} GB", ["yes" if e.fits(gpu_memory_gb) else "NO" for e in estimates]))
+    for key in HOST_KEYS:
+        lines.append(row(f"host {key}", [f"{e.host[key] / GB:.1f}" for e in estimates]))
+    lines.append(row("= host RAM per node", [f"{e.host_total / GB:.1f}" for e in estimates]))
+    if host_memory_gb is not None:
+        lines.append(row(f"host fits {host_memory_gb:g} GB", ["yes" if e.host_total <= host_memory_gb * GB
+                                                             else "NO" for e in estimates]))
+    lines.append("  peak per device = model states + fragmentation + cuda_runtime + max(optimizer_step_buffers,\n"
+                 "                    activations + logits + reduce_buckets + zero3_live_params)")
+    return "\n".join(lines)
+
+
+def _variants(stage: Optional[int], offload_optimizer: Optional[bool],
+              offload_params: Optional[bool]) -> list[tuple[int, bool, bool]]:
+    return [v for v in VARIANTS
+            if (stage is None or v[0] == stage)
+            and (offload_optimizer is None or v[1] == offload_optimizer)
+            and (offload_params is None or v[2] == offload_params)]
+
+
+def _batch_shapes(world_size: int, global_batch_size: Optional[int],
+                  micro_batch_size: Optional[int]) -> tuple[list[int], Optional[int]]:
+    """Micro batches to try, largest first, and the per-rank share they must divide."""
+    if global_batch_size is not None and (isinstance(global_batch_size, bool) or global_batch_size < 1):
+        raise ConfigError([f"train.global_batch_size: must be a positive integer, got {global_batch_size!r}"])
+    if micro_batch_size is not None:
+        if isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+            raise ConfigError([f"train.micro_batch_size: must be a positive integer or auto, got {micro_batch_size!r}"])
+        if global_batch_size is not None and global_batch_size % (micro_batch_size * world_size):
+            raise ConfigError([f"train.global_batch_size: {global_batch_size} is not a multiple of micro batch × "
+                               f"world size = {micro_batch_size} × {world_size} = {micro_batch_size * world_size}"])
+        return [micro_batch_size], None if global_batch_size is None else global_batch_size // world_size
+    if global_batch_size is None:
+        raise ConfigError(["train.global_batch_size: needed when train.micro_batch_size is auto "
+                           "(the micro batch must divide each rank's share of it)"])
+    if global_batch_size % world_size:
+        raise ConfigError([f"train.global_batch_size: {global_batch_size} is not a multiple of the world size "
+                           f"{world_size}; every rank needs the same share"])
+    share = global_batch_size // world_size
+    return [m for m in range(share, 0, -1) if share % m == 0], share
+
+
+def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: float, seq_len: int,
+                         global_batch_size: Optional[int], dtype: str = "bf16", stage: Optional[int] = None,
+                         micro_batch_size: Optional[int] = None, activation_checkpointing: Optional[bool] = None,
+                         offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None,
+                         gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
+                         attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
+                         margins: Margins = Margins()) -> Choice:
+    """The fastest configuration that fits; None for any setting means "choose it for me"."""
+    if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
+        raise ConfigError([f"launch.gpu_memory_gb: must be a positive number of GB, got {gpu_memory_gb!r}"])
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise ConfigError([f"zero.stage: must be 0, 1, 2, 3 or auto, got {stage!r}"])
+    variants = _variants(stage, offload_optimizer, offload_params)
+    if not variants:
+        raise ConfigError([f"zero: stage {stage} cannot combine offload_optimizer={offload_optimizer} with "
+                           f"offload_params={offload_params} (parameter offload needs stage 3 and optimizer offload)"])
+    micros, share = _batch_shapes(world_size, global_batch_size, micro_batch_size)
+    ckpts = [False, True] if activation_checkpointing is None else [bool(activation_checkpointing)]
+    per_node = gpus_per_node or min(world_size, 8)
+
+    def estimate(variant, ckpt, micro, seq=seq_len, world=world_size) -> MemoryEstimate:
+        s, opt, par = variant
+        setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
+                      seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
+                      activation_checkpointing=ckpt, attention=attention)
+        return estimate_memory(counts, setup, zero, margins)
+
+    reasons: list[str] = []
+    for variant in variants:
+        for ckpt in ckpts:
+            fitting = next((est for micro in micros
+                            if (est := estimate(variant, ckpt, micro)).fits(gpu_memory_gb, host_memory_gb)), None)
+            if fitting is not None:
+                return _chosen(fitting, micros, share, world_size, gpu_memory_gb, reasons, estimate, len(ckpts) > 1)
+        smallest = estimate(variant, ckpts[-1], micros[-1])
+        reasons.append(f"{smallest.setup.label()} needs {_shortfall(smallest, gpu_memory_gb, host_memory_gb)} "
+                       f"even at micro batch {micros[-1]} {_ckpt_words(ckpts[-1])}")
+    frugal = estimate(variants[-1], ckpts[-1], micros[-1])
+    suggestions = _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
+                               offload_optimizer, offload_params, per_node)
+    message = (f"nothing fits in {gpu_memory_gb:g} GB per device on {world_size} devices "
+               f"({counts.total / 1e9:.2f}B parameters, seq_len {seq_len}, {dtype}):\n"
+               + "\n".join(f"  - {r}" for r in reasons)
+               + f"\nsmallest allowed configuration, component by component:\n"
+               + component_table([frugal], gpu_memory_gb, host_memory_gb)
+               + "\nwhat would make it fit:\n" + "\n".join(f"  - {s}" for s in suggestions))
+    raise DoesNotFit(message, frugal, suggestions)
+
+
+def _ckpt_words(ckpt: bool) -> str:
+    return "with activation checkpointing" if ckpt else "without activation checkpointing"
+
+
+def _shortfall(est: MemoryEstimate, gpu_memory_gb: float, host_memory_gb: Optional[float]) -> str:
+    if est.device_total > gpu_memory_gb * GB:
+        return f"{est.device_total / GB:.1f} GB per device > {gpu_memory_gb:g} GB"
+    return f"{est.host_total / GB:.1f} GB host RAM per node > {host_memory_gb:g} GB"
+
+
+def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], world_size: int,
+            gpu_memory_gb: float, reasons: list[str], estimate, ckpt_auto: bool) -> Choice:
+    s = est.setup
+    variant = (s.stage, s.offload_optimizer, s.offload_params)
+    spare = gpu_memory_gb - est.device_total / GB
+    reasons.append(f"{s.label()} fits: {est.device_total / GB:.1f} GB of {gpu_memory_gb:g} GB per device "
+                   f"({spare:.1f} GB to spare; model states {est.model_states / GB:.1f} GB)")
+    if ckpt_auto:
+        if s.activation_checkpointing:
+            without = estimate(variant, False, micros[-1]).device_total / GB
+            reasons.append(f"activation checkpointing on: without it even micro batch {micros[-1]} "
+                           f"needs {without:.1f} GB")
+        else:
+            reasons.append("activation checkpointing off: not needed to fit (it would cost ~1/3 more compute)")
+    bigger = [m for m in micros if m > s.micro_batch_size]
+    if bigger:
+        nxt = estimate(variant, s.activation_checkpointing, bigger[-1])
+        reasons.append(f"micro batch {s.micro_batch_size}: the next divisor of the per-rank share {share}, "
+                       f"{bigger[-1]}, would need {nxt.device_total / GB:.1f} GB")
+    elif share is not None and len(micros) > 1:
+        reasons.append(f"micro batch {s.micro_batch_size}: the whole per-rank share fits at once")
+    accum = 1 if share is None else share // s.micro_batch_size
+    global_batch = s.micro_batch_size * accum * world_size
+    if share is not None:
+        reasons.append(f"gradient accumulation {accum}: global batch = micro {s.micro_batch_size} × accumulation "
+                       f"{accum} × world {world_size} = {global_batch}")
+    return Choice(s, accum, global_batch, est, reasons)
+
+
+def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
+                 offload_optimizer, offload_params, per_node) -> list[str]:
+    """Concrete changes that would make the smallest configuration fit, each checked with the model."""
+    out: list[str] = []
+    s = frugal.setup
+    fits = lambda variant, world=s.world_size, seq=s.seq_len: estimate(  # noqa: E731
+        variant, ckpts[-1], micros[-1], seq=seq, world=world).fits(gpu_memory_gb, host_memory_gb)
+    worlds = [per_node * 2 ** i for i in range(14) if per_node * 2 ** i > s.world_size]
+    seqs = [s.seq_len // 2 ** i for i in range(1, 12) if s.seq_len // 2 ** i >= 64]
+    offloads = [v for v in ((3, True, False), (3, True, True)) if v not in variants]
+    if s.stage > 0 and (world := next((w for w in worlds if fits(variants[-1], world=w)), None)):
+        out.append(f"more GPUs: {world} devices ({-(-world // per_node)} nodes of {per_node}) fit {s.label()}")
+    if (variant := next((v for v in offloads if fits(v)), None)):
+        what = "optimizer and parameters" if variant[2] else "optimizer"
+        out.append(f"offload: ZeRO-3 with the {what} offloaded to CPU fits (zero.offload_optimizer: cpu"
+                   f"{', zero.offload_params: cpu' if variant[2] else ''})")
+    if not s.activation_checkpointing and estimate(variants[-1], True, micros[-1]).fits(gpu_memory_gb, host_memory_gb):
+        out.append("activation checkpointing: train.activation_checkpointing: true fits")
+    if (seq := next((q for q in seqs if fits(variants[-1], seq=q)), None)):
+        out.append(f"shorter sequences: data.seq_len {seq} fits {s.label()}")
+    if not out:  # no single change is enough: the longest sequence that some GPU count and full offload fit
+        most = (3, True, True)
+        combo = next(((w, q) for q in [s.seq_len, *seqs] for w in [s.world_size, *worlds] if fits(most, w, q)), None)
+        if combo:
+            out.append(f"together: {combo[0]} devices, ZeRO-3 with optimizer and parameter offload, "
+                       f"data.seq_len {combo[1]}")
+    if frugal.host_total > (host_memory_gb or float("inf")) * GB:
+        out.append(f"more host RAM: {frugal.host_total / GB:.0f} GB per node (have {host_memory_gb:g} GB)")
+    else:
+        out.append(f"bigger devices: {s.label()} needs {frugal.device_total / GB:.1f} GB per device")
+    return out

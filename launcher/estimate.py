@@ -1,0 +1,195 @@
+"""`shardtune estimate`: will it fit, per ZeRO stage and offload choice, before the job waits in a queue.
+
+Runs on a login node: stdlib only (no torch, deepspeed or transformers), answers in well under a second.
+"""
+from __future__ import annotations
+
+import json as _json
+import re
+import sys
+from typing import Any, Optional
+
+from launcher.autochoice import VARIANTS, DoesNotFit, choose_configuration, component_table
+from launcher.errors import ConfigError
+from launcher.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.model_size import ModelCounts, counts_from_params, counts_from_path
+
+DEFAULT_GPUS_PER_NODE = 8  # assumed when only --gpus is given: the common HGX/DGX node
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def variant_key(setup: Setup) -> str:
+    """JSON key of an offload variant, e.g. "3_optimizer_params"."""
+    return f"{setup.stage}_{setup.offload.replace('+', '_')}"
+
+
+def estimate_all(counts: ModelCounts, world_size: int, gpus_per_node: int, seq_len: int = 2048,
+                 micro_batch_size: int = 1, dtype: str = "bf16", activation_checkpointing: bool = False,
+                 attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
+                 margins: Margins = Margins()) -> list[MemoryEstimate]:
+    """One estimate per stage/offload variant, in autochoice's order of preference."""
+    return [estimate_memory(counts, Setup(stage=s, world_size=world_size, gpus_per_node=gpus_per_node,
+                                          micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,
+                                          offload_optimizer=opt, offload_params=par,
+                                          activation_checkpointing=activation_checkpointing, attention=attention),
+                            zero, margins)
+            for s, opt, par in VARIANTS]
+
+
+def _parse_params(value: Any, problems: list[str]) -> Optional[float]:
+    """7.5e9, 7500000000 or "7.5B" / "135M": people write sizes the way model cards do."""
+    if isinstance(value, bool):
+        problems.append(f"--params: expected a parameter count such as 7.5e9 or 7.5B, got {value!r}")
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", str(value), re.IGNORECASE)
+    if not m:
+        problems.append(f"--params: expected a parameter count such as 7.5e9 or 7.5B, got {value!r}")
+        return None
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+def _positive_int(name: str, value: Any, problems: list[str]) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        problems.append(f"--{name}: must be a positive integer, got {value!r}")
+        return None
+    return int(value)
+
+
+def resolve_world(gpus: Optional[int], nodes: int, gpus_per_node: Optional[int],
+                  problems: list[str]) -> tuple[int, int]:
+    """World size and devices per node from whichever of --gpus / --nodes / --gpus_per_node were given."""
+    if gpus is None:
+        if gpus_per_node is None:
+            problems.append("--gpus: give the total number of devices (--gpus=G) or --gpus_per_node (with --nodes)")
+            return 1, 1
+        return nodes * gpus_per_node, gpus_per_node
+    if gpus_per_node is None:
+        if nodes > 1:
+            if gpus % nodes:
+                problems.append(f"--gpus: {gpus} devices do not split evenly over --nodes={nodes}")
+                return gpus, gpus
+            return gpus, gpus // nodes
+        return gpus, min(gpus, DEFAULT_GPUS_PER_NODE)
+    if gpus % gpus_per_node or (nodes > 1 and nodes * gpus_per_node != gpus):
+        problems.append(f"--gpus: {gpus} does not equal --nodes × --gpus_per_node = {nodes} × {gpus_per_node}")
+    return gpus, gpus_per_node
+
+
+def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len, micro_batch_size,
+              dtype) -> tuple[ModelCounts, int, int]:
+    problems: list[str] = []
+    if (model is None) == (params is None):
+        problems.append("--model / --params: give exactly one: --model=DIR (or a config.json) or --params=N")
+    n = _parse_params(params, problems) if params is not None else None
+    gpus = _positive_int("gpus", gpus, problems)
+    nodes_i = _positive_int("nodes", nodes, problems) or 1
+    per_node = _positive_int("gpus_per_node", gpus_per_node, problems)
+    for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
+        _positive_int(name, value, problems)
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or not gpu_memory_gb > 0:
+        problems.append(f"--gpu_memory_gb: must be a positive number of GB (1e9 bytes), got {gpu_memory_gb!r}")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    world, per_node = resolve_world(gpus, nodes_i, per_node, problems)
+    counts = None
+    try:
+        if model is not None and params is None:
+            counts = counts_from_path(str(model))
+        elif n is not None and model is None:
+            counts = counts_from_params(n)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems, title="invalid arguments")
+    return counts, world, per_node
+
+
+def _describe(counts: ModelCounts, source: str) -> str:
+    kind = "exact" if counts.exact else "approximate"
+    head = (f"{source}: {counts.total:,} parameters ({counts.total / 1e9:.2f}B, {kind}; "
+            f"embedding {counts.embedding / 1e6:.1f}M, per layer {counts.per_layer / 1e6:.1f}M, "
+            f"largest tensor {counts.largest_tensor / 1e6:.1f}M)")
+    shape = (f"  {counts.architecture}: {counts.num_layers} layers, hidden {counts.hidden_size}, "
+             f"{counts.num_heads} heads / {counts.num_kv_heads} kv × {counts.head_dim}, "
+             f"MLP {counts.intermediate_size}, "
+             f"vocab {counts.vocab_size}, {'tied' if counts.tied_embeddings else 'untied'} embeddings")
+    return head + "\n" + shape + (f"\n  note: {counts.note}" if counts.note else "")
+
+
+def estimate_command(model: str | None = None, params: float | None = None, gpus: int | None = None,
+                     nodes: int = 1, gpus_per_node: int | None = None, gpu_memory_gb: float = 80.0,
+                     seq_len: int = 2048, micro_batch_size: int = 1, dtype: str = "bf16",
+                     activation_checkpointing: bool = False, json: bool = False) -> int:
+    """Print per-device memory for every ZeRO stage and offload choice; returns the exit code.
+
+    --gpus alone assumes nodes of 8 devices (host RAM is per node); --nodes and --gpus_per_node say otherwise.
+    """
+    try:
+        counts, world, per_node = _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb,
+                                            seq_len, micro_batch_size, dtype)
+    except ConfigError as exc:
+        print(f"shardtune estimate: {exc}", file=sys.stderr)
+        return 2
+    seq_len, micro, ckpt = int(seq_len), int(micro_batch_size), bool(activation_checkpointing)
+    estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt)
+    try:
+        choice = choose_configuration(counts, world, float(gpu_memory_gb), seq_len, None, dtype,
+                                      micro_batch_size=micro, activation_checkpointing=ckpt, gpus_per_node=per_node)
+        best, advice = choice.setup, choice.reasons
+    except DoesNotFit as exc:
+        best, advice = None, exc.suggestions
+    if json:
+        print(_json.dumps(to_json(counts, estimates, gpu_memory_gb, world, per_node, best, advice,
+                                  source=str(model) if model is not None else "--params"), indent=2))
+        return 0
+    print(_describe(counts, str(model) if model is not None else f"--params={params}"))
+    print(f"  {world} devices = {-(-world // per_node)} node(s) × {per_node}, {gpu_memory_gb:g} GB each; "
+          f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}")
+    print(component_table(estimates, float(gpu_memory_gb)))
+    if best is None:
+        print("nothing fits; what would:\n" + "\n".join(f"  - {s}" for s in advice))
+    else:
+        print(f"fastest that fits: {best.label()}\n" + "\n".join(f"  - {r}" for r in advice))
+    return 0
+
+
+def to_json(counts: ModelCounts, estimates: list[MemoryEstimate], gpu_memory_gb: float, world: int,
+            per_node: int, best: Optional[Setup], advice: list[str], source: str) -> dict[str, Any]:
+    """`stages` holds the no-offload figures per stage; `offload` the variants keyed like "3_optimizer"."""
+    def entry(e: MemoryEstimate) -> dict[str, Any]:
+        return {**e.to_dict(), "fits": e.fits(gpu_memory_gb)}
+    return {
+        "params": counts.total,
+        "params_exact": counts.exact,
+        "model": {**counts.to_dict(), "source": source},
+        "world_size": world, "nodes": -(-world // per_node), "gpus_per_node": per_node,
+        "gpu_memory_gb": gpu_memory_gb, "gb": "1e9 bytes",
+        "stages": {str(e.setup.stage): entry(e) for e in estimates if e.setup.offload == "none"},
+        "offload": {variant_key(e.setup): entry(e) for e in estimates if e.setup.offload != "none"},
+        "recommended": None if best is None else {"stage": best.stage, "offload_optimizer": best.offload_optimizer,
+                                                  "offload_params": best.offload_params, "label": best.label()},
+        "reasons": advice if best is not None else [],
+        "what_would_fit": advice if best is None else [],
+    }
+
+
+def _main() -> None:
+    import functools
+
+    import fire  # only here: the library functions above need nothing beyond the stdlib
+
+    @functools.wraps(estimate_command)  # fire reads the flags from the wrapped signature
+    def run(*args: Any, **kwargs: Any) -> None:
+        code = estimate_command(*args, **kwargs)
+        if code:  # fire would print a returned value; an exit code belongs to the process
+            raise SystemExit(code)
+
+    fire.Fire(run, name="estimate")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,326 @@
+"""Per-device and per-node memory of a DeepSpeed ZeRO fine-tune, component by component, without torch.
+
+A job that waits hours in the queue and then dies of out-of-memory is the most expensive mistake on a
+cluster, so every term below is one a user can check and argue with: model states from the ZeRO paper,
+DeepSpeed's real buffers (sizes read from deepspeed/runtime/zero/config.py), activations measured
+tensor by tensor on the Hugging Face modules (tests/test_memory.py), and the fixed costs of CUDA.
+
+Units: bytes internally, GB = 1e9 bytes in everything shown. The peak is
+
+    model states + max(forward/backward working set, optimizer-step buffers) + fragmentation + runtime
+
+because activations are freed before the optimizer step allocates its fp32 gradient copy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from launcher.errors import ConfigError
+from launcher.model_size import ModelCounts
+
+GB = 1e9
+DTYPES = ("bf16", "fp16", "fp32")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+# Bytes per parameter (ZeRO paper §3.1): mixed precision keeps 2-byte params and grads and K = 12 bytes
+# of fp32 master weights + Adam moments; fp32 training has no master copy, so K = 8.
+PARAM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZER_BYTES = {"bf16": 12, "fp16": 12, "fp32": 8}
+# On the host, CPU Adam keeps an fp32 copy of the partition, two moments and the fp32 gradient.
+HOST_OPTIMIZER_BYTES = 16
+DS_STAGE0_ALLREDUCE = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE: stage 0 flattens grads in such buckets
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """DeepSpeed's bucket settings, defaulting to deepspeed/runtime/zero/config.py (0.19)."""
+
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000  # gathers into views of the flat fp16 buffer: no extra memory
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    overlap_comm: Optional[bool] = None  # DeepSpeed's default: on at stage 3 only (two reduce buffers)
+
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict[str, Any]) -> "ZeroSettings":
+        """Read the settings a rendered DeepSpeed config will use; "auto" or missing keeps the default."""
+        z = ds_config.get("zero_optimization") or {}
+        keys = {"reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
+                "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+                "max_live_parameters": "stage3_max_live_parameters", "overlap_comm": "overlap_comm"}
+        found = {ours: z[theirs] for ours, theirs in keys.items() if z.get(theirs) not in (None, "auto")}
+        for name, value in found.items():
+            found[name] = bool(value) if name == "overlap_comm" else int(value)
+        return cls(**found)
+
+
+@dataclass(frozen=True)
+class Margins:
+    """Fixed costs outside PyTorch's allocator statistics; override when you have measured your cluster."""
+
+    cuda_context_gb: float = 1.0  # CUDA context, kernel images, cuBLAS/cuDNN workspaces
+    nccl_gb: float = 0.5  # NCCL communicators and channel buffers (only when world_size > 1)
+    fragmentation: float = 0.10  # of the transient working set: the caching allocator cannot reuse every block
+    host_per_rank_gb: float = 3.0  # RSS of a Python + torch + CUDA + DeepSpeed process before any tensor
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One candidate configuration: everything besides the model that decides its memory."""
+
+    stage: int
+    world_size: int
+    gpus_per_node: int
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    dtype: str = "bf16"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    attention: str = "auto"
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.world_size // self.gpus_per_node)
+
+    @property
+    def offload(self) -> str:
+        """"none", "optimizer" or "optimizer+params": the key used in tables and JSON."""
+        parts = [name for name, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        return "+".join(parts) or "none"
+
+    def label(self) -> str:
+        off = "" if self.offload == "none" else f" + offload {self.offload}"
+        return f"ZeRO-{self.stage}{off}"
+
+
+DEVICE_KEYS = ("params", "gradients", "optimizer_states", "activations", "logits", "reduce_buckets",
+               "zero3_live_params", "optimizer_step_buffers", "fragmentation", "cuda_runtime")
+HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "checkpoint_loading", "process_runtime")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device and per node, by component, for one Setup; `to_dict` gives the GB view."""
+
+    setup: Setup
+    device: dict[str, int]
+    host: dict[str, int]
+    device_total: int
+    host_total: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_states(self) -> int:
+        return self.device["params"] + self.device["gradients"] + self.device["optimizer_states"]
+
+    def fits(self, gpu_memory_gb: float, host_memory_gb: Optional[float] = None) -> bool:
+        ok = self.device_total <= gpu_memory_gb * GB
+        return ok and (host_memory_gb is None or self.host_total <= host_memory_gb * GB)
+
+    def to_dict(self) -> dict[str, Any]:
+        gb = lambda b: round(b / GB, 3)  # noqa: E731 - three decimals: 1.875 must not print as 1.88
+        return {"setup": asdict(self.setup), "model_states_gb": gb(self.model_states),
+                "device_gb": {k: gb(v) for k, v in self.device.items()}, "total_gb": gb(self.device_total),
+                "host_per_node_gb": {k: gb(v) for k, v in self.host.items()}, "host_total_gb": gb(self.host_total),
+                "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class _ActivationLayout:
+    """How a family's modules differ in what autograd keeps (measured per family in the tests)."""
+
+    gemma_norm: bool = False  # (1 + w) applied in fp32: keeps an fp32 normalised copy, rstd costs 8 B/token
+    post_norms: int = 0  # Gemma2/3 also normalise the attention and MLP outputs
+    qk_norm: bool = False  # Qwen3/Gemma3 normalise q and k per head
+    attn_softcap: bool = False  # Gemma2: tanh soft-capping of the attention scores (eager only)
+    logit_softcap: bool = False  # Gemma2: tanh soft-capping of the final logits keeps one more copy
+    fused_qkv: bool = False  # Phi-3: V is a view of the fused qkv output, which stays alive whole
+    dropout_masks: int = 0  # Phi-3's residual dropouts keep e·t·h of masks even at p = 0
+
+
+ACTIVATION_LAYOUTS: dict[str, _ActivationLayout] = {
+    "qwen3": _ActivationLayout(qk_norm=True),
+    "gemma": _ActivationLayout(gemma_norm=True),
+    "gemma2": _ActivationLayout(gemma_norm=True, post_norms=2, attn_softcap=True, logit_softcap=True),
+    "gemma3_text": _ActivationLayout(gemma_norm=True, post_norms=2, qk_norm=True),
+    "phi3": _ActivationLayout(fused_qkv=True, dropout_masks=1),
+}
+
+
+def _attention_kind(counts: ModelCounts, attention: str) -> str:
+    """"eager" materialises the s×s scores; sdpa and flash-attention keep only a logsumexp per row."""
+    if attention == "auto":  # transformers has no sdpa path for Gemma2 (soft-capping): it runs eager
+        return "eager" if counts.architecture == "gemma2" else "sdpa"
+    return "eager" if attention == "eager" else "sdpa"
+
+
+def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
+                           attention: str = "auto") -> int:
+    """Bytes autograd keeps for one decoder layer between its forward and its backward.
+
+    Korthikanti et al. (2022) give 34·s·b·h + 5·a·s²·b for GPT-3 layers; the HF Llama family differs:
+    no dropout, RMSNorm computed in fp32, a SwiGLU MLP, GQA, and sdpa/flash attention that never keeps
+    the s×s scores. Per layer, with t = b·s tokens and e bytes per activation (2 for bf16):
+      2 norms feeding a linear: fp32 input + e normalised + e output = (4 + 2e)·t·h, plus 4·t for rstd
+      q, k, v after RoPE (kept by the attention kernel) and its output o: e·t·(2·a·d + 2·kv·d),
+        plus a 4-byte logsumexp per head and row (sdpa/flash) — eager instead keeps the fp32 softmax
+        and its e-byte copy, (4 + e)·b·a·s², and k, v repeated to all a heads
+      SwiGLU: gate, act(gate), up and their product: 4·e·t·I
+    This equals the saved-tensor bytes of transformers' modules to the byte for Llama/Mistral/Qwen2.
+    """
+    lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
+    e = PARAM_BYTES[dtype]
+    b, s = micro_batch_size, seq_len
+    t, h, a, k, I = b * s, counts.hidden_size, counts.num_heads, counts.num_kv_heads, counts.intermediate_size
+    q, kv = a * counts.head_dim, k * counts.head_dim
+    rstd = 8 if lay.gemma_norm else 4
+    norm_linear = (8 + e) if lay.gemma_norm else (4 + 2 * e)
+    total = 2 * (norm_linear * t * h + rstd * t) + lay.post_norms * (8 * t * h + rstd * t)
+    if lay.qk_norm:
+        total += (8 if lay.gemma_norm else 4 + e) * t * (q + kv) + rstd * t * (a + k)
+    if _attention_kind(counts, attention) == "eager":
+        scores = b * a * s * s
+        total += e * t * (2 * q + 2 * q) + (4 + (e if e < 4 else 0)) * scores
+        total += e * scores if lay.attn_softcap else 0
+    else:
+        total += e * t * (2 * q + 2 * kv) + 4 * b * a * s
+    if lay.fused_qkv:
+        total += e * t * (q + kv)  # the whole fused output instead of v alone
+    total += 4 * e * t * I + lay.dropout_masks * e * t * h
+    return total
+
+
+def activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
+                     checkpointing: bool = False, attention: str = "auto") -> int:
+    """Activations at the start of the backward pass, the moment they peak.
+
+    Without checkpointing: L layers + the final norm + a backward workspace of 2·e·t·(I + h) (gradients
+    of the MLP and residual stream in flight). With HF's per-layer checkpointing: L layer inputs
+    (e·t·h each) + one layer recomputed in backward + the same workspace. Summing this with the logits
+    term overstates the true peak by at most the smaller of the two backward transients.
+    """
+    e = PARAM_BYTES[dtype]
+    t = micro_batch_size * seq_len
+    h, layers = counts.hidden_size, counts.num_layers
+    one_layer = layer_activation_bytes(counts, micro_batch_size, seq_len, dtype, attention)
+    lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
+    final_norm = ((8 + e) if lay.gemma_norm else (4 + 2 * e)) * t * h
+    workspace = 2 * e * t * (counts.intermediate_size + h)
+    stored = layers * e * t * h + one_layer if checkpointing else layers * one_layer
+    return stored + final_norm + workspace
+
+
+def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16") -> int:
+    """The loss's share: with a 128k vocabulary this rivals all of a layer stack's activations.
+
+    transformers' ForCausalLMLoss upcasts the e-byte logits to fp32 and runs cross-entropy, which keeps
+    its fp32 log-softmax output; backward then holds the fp32 gradient in and out of log-softmax while
+    the model output still references the e-byte logits: (e + 4 + 4 + 4)·b·s·V bytes (14 for bf16,
+    measured exactly on CPU). Gemma2's final soft-capping keeps one more e-byte copy.
+    """
+    e = PARAM_BYTES[dtype]
+    lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
+    per_token = (e + 12 + (e if lay.logit_softcap else 0)) * counts.vocab_size
+    return micro_batch_size * seq_len * per_token
+
+
+def _check(setup: Setup) -> None:
+    problems = []
+    if setup.stage not in (0, 1, 2, 3):
+        problems.append(f"stage: must be 0, 1, 2 or 3, got {setup.stage!r}")
+    for name in ("world_size", "gpus_per_node", "micro_batch_size", "seq_len"):
+        value = getattr(setup, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name}: must be a positive integer, got {value!r}")
+    if setup.dtype not in DTYPES:
+        problems.append(f"dtype: must be one of {', '.join(DTYPES)}, got {setup.dtype!r}")
+    if setup.attention not in ATTENTIONS:
+        problems.append(f"attention: must be one of {', '.join(ATTENTIONS)}, got {setup.attention!r}")
+    if setup.offload_optimizer and setup.stage == 0:
+        problems.append("offload_optimizer: needs ZeRO stage 1, 2 or 3, got stage 0")
+    if setup.offload_params and setup.stage != 3:
+        problems.append(f"offload_params: needs ZeRO stage 3, got stage {setup.stage}")
+    if problems:
+        raise ConfigError(problems, title="cannot estimate memory")
+
+
+def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
+    """Params, gradients and optimizer states on one device, as in Table 1 of the ZeRO paper.
+
+    Stage 1 shards the optimizer states over N ranks, stage 2 also the gradients, stage 3 also the
+    parameters. Offloading the optimizer moves its states to the host; at stages 2 and 3 DeepSpeed
+    then reduces gradients straight into the host's fp32 partition, while stage 1 still accumulates
+    the full low-precision gradients on the device.
+    """
+    n, p = setup.world_size, PARAM_BYTES[setup.dtype]
+    grads = p * params if setup.stage < 2 else p * params // n
+    if setup.offload_optimizer and setup.stage >= 2:
+        grads = 0
+    params_dev = p * params // n if setup.stage == 3 else p * params
+    optimizer = OPTIMIZER_BYTES[setup.dtype] * params // (1 if setup.stage == 0 else n)
+    return {"params": 0 if setup.offload_params else params_dev, "gradients": grads,
+            "optimizer_states": 0 if setup.offload_optimizer else optimizer}
+
+
+def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings(),
+                    margins: Margins = Margins()) -> MemoryEstimate:
+    """The full estimate for one configuration; the benchmark compares `device` with measurements."""
+    _check(setup)
+    psi, n, p = counts.total, setup.world_size, PARAM_BYTES[setup.dtype]
+    mixed = setup.dtype != "fp32"
+    dev = model_state_bytes(psi, setup)
+    dev["activations"] = activation_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype,
+                                          setup.activation_checkpointing, setup.attention)
+    dev["logits"] = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype)
+
+    # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
+    # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
+    # buckets after backward, so that buffer belongs to the optimizer-step phase below.
+    overlap = zero.overlap_comm if zero.overlap_comm is not None else setup.stage == 3
+    buffers = 2 if (overlap and setup.stage in (1, 2)) else 1
+    dev["reduce_buckets"] = 0 if setup.stage == 0 else buffers * zero.reduce_bucket_size * p
+
+    # ZeRO-3 gathers each module's parameters before use, prefetches up to prefetch_bucket_size ahead
+    # and keeps up to max_live_parameters gathered (parameters reused soon, i.e. the last layers,
+    # are not released between forward and backward); plus the gathered module's full gradient.
+    live = 0
+    if setup.stage == 3:
+        live = min(psi, max(zero.max_live_parameters, counts.largest_tensor + zero.prefetch_bucket_size))
+        live = (live + counts.largest_tensor) * p
+    dev["zero3_live_params"] = live
+
+    # The optimizer step converts the gradient partition to fp32 for the master weights (4·Ψ/N; all
+    # of Ψ at stage 0), after activations are freed. Offloaded, that copy lives on the host.
+    step = 0
+    if mixed and not setup.offload_optimizer:
+        step = 4 * psi // (1 if setup.stage == 0 else n)
+    if setup.stage == 0 and n > 1:
+        step += min(psi, DS_STAGE0_ALLREDUCE) * p
+    dev["optimizer_step_buffers"] = step
+
+    forward_backward = dev["activations"] + dev["logits"] + dev["reduce_buckets"] + live
+    transient = max(forward_backward, step)
+    dev["fragmentation"] = int(margins.fragmentation * transient)
+    dev["cuda_runtime"] = int((margins.cuda_context_gb + (margins.nccl_gb if n > 1 else 0)) * GB)
+    states = dev["params"] + dev["gradients"] + dev["optimizer_states"]
+    device_total = states + transient + dev["fragmentation"] + dev["cuda_runtime"]
+    device = {key: int(dev[key]) for key in DEVICE_KEYS}
+
+    ranks = min(setup.gpus_per_node, n)
+    host = {
+        "offloaded_optimizer": ranks * HOST_OPTIMIZER_BYTES * psi // n if setup.offload_optimizer else 0,
+        "offloaded_params": ranks * p * psi // n if setup.offload_params else 0,
+        # Stages 0-2: every rank materialises the whole model on the host before moving it to its
+        # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
+        "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
+        "process_runtime": int(ranks * margins.host_per_rank_gb * GB),
+    }
+    # The loaded copies are freed before the optimizer's host buffers are allocated; offloaded
+    # parameters, placed during zero.Init, coexist with the loading.
+    host_total = (host["process_runtime"] + host["offloaded_params"]
+                  + max(host["checkpoint_loading"], host["offloaded_optimizer"]))
+    notes = [counts.note] if counts.note else []
+    if step > forward_backward:
+        notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
+    return MemoryEstimate(setup, device, host, device_total, host_total, notes)

@@ -1,0 +1,215 @@
+"""Parameter counts from a Hugging Face `config.json` alone, so the planner never needs weights or torch.
+
+The count is exact for the decoder-only families whose module layout we mirror below (checked against
+transformers' own modules built on the meta device in tests/test_memory.py). Anything else gets a
+documented approximation flagged `exact=False`, so callers can say "about" instead of lying.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the memory model needs to know about a network; every count is a number of elements."""
+
+    total: int
+    embedding: int  # input embedding + the untied lm_head (0 extra when tied)
+    non_embedding: int
+    per_layer: int  # one decoder layer (all layers are identical in the supported families)
+    largest_tensor: int  # ZeRO-3 must gather at least this many elements at once
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    exact: bool = True
+    architecture: str = "unknown"  # HF model_type; memory.py keys its activation layouts on it
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """The knobs that differ between the supported families, with the HF config-class defaults."""
+
+    qkv_bias: Optional[bool]  # None: read `attention_bias` (applies to q, k, v and o)
+    o_bias: Optional[bool]
+    mlp_bias_key: bool  # Llama only: `mlp_bias` puts biases on gate, up and down
+    norms_per_layer: int
+    qk_norm: bool
+    tie_default: bool
+    head_dim_default: Optional[int]  # None: hidden_size // num_attention_heads
+    kv_heads_default: Optional[int]  # None: num_attention_heads
+    fused_mlp: bool = False  # Phi-3 stores gate and up as one tensor (matters for the largest tensor)
+    fused_qkv: bool = False
+
+
+# Defaults copied from transformers' configuration_*.py (v5): they only matter for a config.json that
+# leaves a field out, which save_pretrained never does, but hand-written fixtures do.
+FAMILIES: dict[str, _Family] = {
+    "llama": _Family(None, None, True, 2, False, False, None, None),
+    "mistral": _Family(False, False, False, 2, False, False, None, 8),
+    "qwen2": _Family(True, False, False, 2, False, False, None, 32),
+    "qwen3": _Family(None, None, False, 2, True, False, 128, 32),
+    "gemma": _Family(None, None, False, 2, False, True, 256, 16),
+    "gemma2": _Family(None, None, False, 4, False, True, 256, 4),
+    "gemma3_text": _Family(None, None, False, 4, True, True, 256, 4),
+    "phi3": _Family(False, False, False, 2, False, False, None, None, fused_mlp=True, fused_qkv=True),
+}
+
+# Vocabulary assumed when only a parameter count is known: it sizes the logits buffer and the
+# embedding (the largest tensor), so a modern-sized one errs on the safe side.
+ASSUMED_VOCAB = 128_256
+
+
+def _error(problem: str) -> ConfigError:
+    return ConfigError([problem], title="cannot size the model")
+
+
+def _need(cfg: dict[str, Any], *keys: str, source: str) -> int:
+    """The first of `keys` present in the config, as a positive int; the error names what was looked for."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _error(f"{source}: {key} must be a positive integer, got {value!r}")
+            return value
+    raise _error(f"{source}: missing {' or '.join(keys)}; cannot size the model")
+
+
+def _exact_counts(cfg: dict[str, Any], model_type: str, source: str) -> ModelCounts:
+    fam = FAMILIES[model_type]
+    h = _need(cfg, "hidden_size", source=source)
+    layers = _need(cfg, "num_hidden_layers", source=source)
+    heads = _need(cfg, "num_attention_heads", source=source)
+    inter = _need(cfg, "intermediate_size", source=source)
+    vocab = _need(cfg, "vocab_size", source=source)
+    kv = cfg.get("num_key_value_heads") or fam.kv_heads_default or heads
+    hd = cfg.get("head_dim") or fam.head_dim_default or h // heads
+    tied = bool(cfg.get("tie_word_embeddings", fam.tie_default))
+    attn_bias = bool(cfg.get("attention_bias", False))
+    qkv_bias = attn_bias if fam.qkv_bias is None else fam.qkv_bias
+    o_bias = attn_bias if fam.o_bias is None else fam.o_bias
+    mlp_bias = bool(cfg.get("mlp_bias", False)) if fam.mlp_bias_key else False
+
+    q, k = heads * hd, kv * hd
+    attention = h * (q + 2 * k) + q * h + (q + 2 * k if qkv_bias else 0) + (h if o_bias else 0)
+    attention += 2 * hd if fam.qk_norm else 0
+    mlp = 3 * h * inter + ((2 * inter + h) if mlp_bias else 0)
+    per_layer = attention + mlp + fam.norms_per_layer * h
+    embedding = vocab * h * (1 if tied else 2)
+    total = layers * per_layer + embedding + h  # + final norm
+    qkv_tensors = [h * (q + 2 * k)] if fam.fused_qkv else [h * q, h * k]
+    mlp_tensors = [2 * h * inter] if fam.fused_mlp else [h * inter]
+    largest = max([vocab * h, q * h, *qkv_tensors, *mlp_tensors])
+    return ModelCounts(
+        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        largest_tensor=largest, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=hd, intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied,
+        exact=True, architecture=model_type,
+    )
+
+
+def _approximate_counts(cfg: dict[str, Any], model_type: str, source: str) -> ModelCounts:
+    """12·L·h² + V·h (Kaplan et al. 2020): attention 4h² and a 4h-wide MLP 8h² per layer, plus the embedding.
+
+    Good to a few percent for classic GPT-style layouts; the error grows with gated MLPs whose width
+    is not 8/3·h, or with GQA. An untied lm_head adds another V·h (HF's base default is tied).
+    """
+    h = _need(cfg, "hidden_size", "n_embd", "d_model", source=source)
+    layers = _need(cfg, "num_hidden_layers", "n_layer", "num_layers", source=source)
+    heads = _need(cfg, "num_attention_heads", "n_head", "num_heads", source=source)
+    vocab = _need(cfg, "vocab_size", source=source)
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or cfg.get("ffn_dim") or 4 * h
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    per_layer = 12 * h * h
+    embedding = vocab * h * (1 if tied else 2)
+    total = layers * per_layer + embedding
+    return ModelCounts(
+        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        largest_tensor=max(vocab * h, h * inter), hidden_size=h, num_layers=layers, num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=h // heads,
+        intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied, exact=False,
+        architecture=model_type or "unknown",
+        note=f"model_type {model_type!r} has no exact layout here; used 12·L·h² + V·h "
+             f"(exact for: {', '.join(sorted(FAMILIES))})",
+    )
+
+
+def counts_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelCounts:
+    """Exact counts for the supported families, the 12·L·h² approximation for anything else."""
+    if not isinstance(cfg, dict):
+        raise _error(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    model_type = str(cfg.get("model_type", ""))
+    if model_type in FAMILIES:
+        return _exact_counts(cfg, model_type, source)
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and "hidden_size" not in cfg:
+        # Multimodal wrappers (Gemma3, Llava, ...): the language model dominates; the vision tower is left out.
+        inner = counts_from_config(text, source=f"{source} text_config")
+        return _replace(inner, exact=False, note=f"text_config of {model_type!r} only; vision tower not counted")
+    return _approximate_counts(cfg, model_type, source)
+
+
+def _replace(c: ModelCounts, **changes: Any) -> ModelCounts:
+    d = c.to_dict()
+    d.update(changes)
+    return ModelCounts(**d)
+
+
+def load_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Accept a model directory or the config.json itself; errors say which path was tried."""
+    p = Path(path).expanduser()
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        hint = "a directory containing config.json or a path to a config.json"
+        raise _error(f"--model: {str(path)!r} is not {hint} ({file} does not exist)")
+    try:
+        return json.loads(file.read_text()), str(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _error(f"--model: {file} is not valid JSON: {exc}") from None
+
+
+def counts_from_path(path: str | Path) -> ModelCounts:
+    """Counts for a local model directory or config.json."""
+    cfg, source = load_config_json(path)
+    return counts_from_config(cfg, source)
+
+
+def counts_from_params(n: float, vocab_size: int = ASSUMED_VOCAB) -> ModelCounts:
+    """A plausible Llama-shaped model of `n` parameters, for `--params=N` without a config.
+
+    Model states only need `n`, which is kept exactly. Activations need a shape, so we invent one:
+    12·L·h² = n − V·h with the depth/width ratio h ≈ 128·L of Llama/Mistral (4096/32, 5120/40),
+    h rounded to a multiple of 128, 32 heads of 128 (so heads = h/128), MLP width 8/3·h, tied.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 1e6:
+        raise _error(f"--params: must be a parameter count of at least 1e6 (e.g. 7.5e9), got {n!r}")
+    total = int(round(n))
+    h = max(256, int(round((total * 128 / 12) ** (1 / 3) / 128)) * 128)
+    while h > 256 and vocab_size * h > total / 3:  # tiny models: keep the embedding a minority
+        h -= 128
+    embedding = vocab_size * h
+    layers = max(1, round((total - embedding) / (12 * h * h)))
+    per_layer = max(0, (total - embedding) // layers)
+    inter = int(8 * h / 3 / 128 + 0.5) * 128 or h
+    return ModelCounts(
+        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        largest_tensor=max(embedding, h * inter), hidden_size=h, num_layers=layers, num_heads=h // 128,
+        num_kv_heads=h // 128, head_dim=128, intermediate_size=inter, vocab_size=vocab_size,
+        tied_embeddings=True, exact=False, architecture="params-only",
+        note=f"only --params given: shape for activations assumed (h={h}, L={layers}, V={vocab_size}, "
+             f"MLP {inter}); pass --model for an exact count",
+    )

@@ -1,0 +1,379 @@
+"""Memory planner: exact parameter counts, ZeRO model states, activations measured on the real modules,
+the automatic choice, and the `shardtune estimate` command (issue 7)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+
+from launcher.autochoice import VARIANTS, DoesNotFit, choose_configuration
+from launcher.errors import ConfigError
+from launcher.estimate import estimate_command
+from launcher.memory import (Setup, ZeroSettings, estimate_memory, layer_activation_bytes, logits_bytes,
+                             model_state_bytes)
+from launcher.model_size import counts_from_config, counts_from_params, counts_from_path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "tests" / "data" / "model_configs"
+
+# Published parameter counts (model cards / safetensors metadata), tied embeddings counted once.
+KNOWN_COUNTS = {
+    "llama3_8b": 8_030_261_248,
+    "smollm2_135m": 134_515_008,
+    "qwen2_0_5b": 494_032_768,
+    "mistral_7b": 7_241_732_096,
+    "gemma_2b": 2_506_172_416,
+    "gemma2_2b": 2_614_341_888,
+    "gemma3_1b": 999_885_952,
+    "phi3_mini_4k": 3_821_079_552,
+    "qwen3_0_6b": 596_049_920,
+}
+
+
+def run_estimate(capsys, **kwargs) -> dict:
+    assert estimate_command(json=True, **kwargs) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_COUNTS))
+def test_parameter_count_is_exact_for_known_models(name):
+    counts = counts_from_path(CONFIGS / f"{name}.json")
+    assert counts.exact
+    assert counts.total == KNOWN_COUNTS[name]
+    assert counts.embedding + counts.non_embedding == counts.total
+
+
+def test_llama3_8b_from_a_model_directory(tmp_path, capsys):
+    shutil.copy(CONFIGS / "llama3_8b.json", tmp_path / "config.json")
+    out = run_estimate(capsys, model=str(tmp_path), gpus=8)
+    assert out["params"] == 8_030_261_248
+    assert abs(out["params"] - 8.03e9) / 8.03e9 < 0.01
+    assert out["params_exact"] is True
+    counts = counts_from_path(tmp_path)
+    assert (counts.hidden_size, counts.num_layers, counts.num_heads, counts.num_kv_heads) == (4096, 32, 32, 8)
+    assert counts.embedding == 2 * 128256 * 4096  # untied: embedding and lm_head
+    assert counts.largest_tensor == 128256 * 4096
+
+
+def test_tied_embeddings_and_biases_change_the_count():
+    base = json.loads((CONFIGS / "smollm2_135m.json").read_text())
+    tied = counts_from_config(base)
+    untied = counts_from_config({**base, "tie_word_embeddings": False})
+    assert untied.total - tied.total == 49152 * 576
+    biased = counts_from_config({**base, "attention_bias": True, "mlp_bias": True})
+    q, kv, h, inter = 576, 192, 576, 1536
+    assert biased.total - tied.total == 30 * ((q + 2 * kv + h) + (2 * inter + h))
+
+
+def test_unknown_architecture_is_approximate_and_says_so():
+    counts = counts_from_path(CONFIGS / "gpt2.json")
+    assert not counts.exact and "12·L·h²" in counts.note
+    assert abs(counts.total - 124_439_808) / 124_439_808 < 0.02  # GPT-2 small's real count
+
+
+def test_params_only_keeps_the_count_and_is_flagged():
+    counts = counts_from_params(7.5e9)
+    assert counts.total == 7_500_000_000 and not counts.exact
+    assert counts.hidden_size % 128 == 0 and counts.num_layers > 0
+
+
+def test_missing_field_names_the_field():
+    with pytest.raises(ConfigError, match="hidden_size"):
+        counts_from_config({"model_type": "llama", "num_hidden_layers": 2})
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return torch, transformers
+
+
+def build(hf, cfg: dict, **kwargs):
+    torch, transformers = hf
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+SYNTHETIC_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100, "head_dim": 24,
+                   "attention_bias": True, "mlp_bias": True}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_COUNTS) + ["synthetic_llama_biases"])
+def test_count_matches_transformers_modules(hf, name):
+    """The whole model built on the meta device: our arithmetic against the real module layout."""
+    torch, _ = hf
+    cfg = SYNTHETIC_LLAMA if name.startswith("synthetic") else json.loads((CONFIGS / f"{name}.json").read_text())
+    with torch.device("meta"):
+        model = build(hf, cfg)
+    tensors = list(model.parameters())  # shared (tied) tensors are listed once
+    counts = counts_from_config(cfg)
+    assert counts.total == sum(p.numel() for p in tensors)
+    assert counts.largest_tensor == max(p.numel() for p in tensors)
+
+
+# ---------------------------------------------------------------- model states (ZeRO paper, Table 1)
+
+
+def test_zero_paper_table_1(capsys):
+    out = run_estimate(capsys, params=7.5e9, gpus=64)
+    expected = {"0": 120.0, "1": 31.4, "2": 16.6, "3": 1.88}
+    for stage, gb in expected.items():
+        got = out["stages"][stage]["model_states_gb"]
+        assert abs(got - gb) / gb < 0.02, (stage, got, gb)
+
+
+def test_fp32_has_no_master_copy_and_offload_moves_states_to_the_host():
+    psi, n = 1_000_000_000, 8
+    fp32 = model_state_bytes(psi, Setup(stage=0, world_size=n, gpus_per_node=8, dtype="fp32"))
+    assert fp32 == {"params": 4 * psi, "gradients": 4 * psi, "optimizer_states": 8 * psi}
+    fp32_1 = model_state_bytes(psi, Setup(stage=1, world_size=n, gpus_per_node=8, dtype="fp32"))
+    assert fp32_1["optimizer_states"] == 8 * psi // n
+    counts = counts_from_params(psi)
+    off = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8, offload_optimizer=True,
+                                        offload_params=True))
+    assert off.model_states == 0
+    assert off.host["offloaded_optimizer"] == 8 * 16 * psi // n  # fp32 master + 2 moments + fp32 grads
+    assert off.host["offloaded_params"] == 8 * 2 * psi // n
+    plain = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8))
+    assert plain.model_states == 16 * psi // n and plain.host["offloaded_optimizer"] == 0
+    assert off.device_total < plain.device_total
+
+
+def test_buckets_follow_deepspeed_settings():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    setup = Setup(stage=2, world_size=8, gpus_per_node=8)
+    default = estimate_memory(counts, setup)
+    assert default.device["reduce_buckets"] == 500_000_000 * 2  # DeepSpeed default, one bf16 buffer
+    rendered = {"zero_optimization": {"reduce_bucket_size": 4096 * 4096, "overlap_comm": True,
+                                      "stage3_prefetch_bucket_size": "auto"}}
+    zero = ZeroSettings.from_deepspeed(rendered)
+    assert zero.prefetch_bucket_size == 50_000_000  # "auto" keeps DeepSpeed's default
+    assert estimate_memory(counts, setup, zero).device["reduce_buckets"] == 2 * 4096 * 4096 * 2
+    z3 = estimate_memory(counts, Setup(stage=3, world_size=8, gpus_per_node=8))
+    assert z3.device["zero3_live_params"] >= 2 * counts.largest_tensor * 2
+    assert estimate_memory(counts, Setup(stage=1, world_size=8, gpus_per_node=8)).device["zero3_live_params"] == 0
+
+
+# ---------------------------------------------------------------- activations, measured
+
+
+def saved_bytes(hf, cfg: dict, layers: int, b: int, s: int, dtype, attn: str) -> int:
+    """Bytes of non-parameter tensors autograd keeps for backward, deduplicated by storage."""
+    torch, _ = hf
+    torch.manual_seed(0)
+    model = build(hf, {**cfg, "num_hidden_layers": layers, "use_cache": False}, attn_implementation=attn)
+    model = model.to(dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, cfg["vocab_size"], (b, s))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+TINY = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 1000, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+
+
+@pytest.mark.parametrize("model_type,attn,dtype", [
+    ("llama", "sdpa", "bf16"), ("llama", "eager", "bf16"), ("llama", "sdpa", "fp32"), ("qwen2", "sdpa", "bf16"),
+    ("qwen3", "sdpa", "bf16"), ("gemma", "sdpa", "bf16"), ("gemma2", "eager", "bf16"),
+    ("gemma3_text", "sdpa", "bf16"), ("phi3", "sdpa", "bf16"),
+])
+def test_layer_activations_match_saved_tensors(hf, model_type, attn, dtype):
+    torch, _ = hf
+    cfg = {**TINY, "model_type": model_type}
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    b, s = 2, 64
+    measured = (saved_bytes(hf, cfg, 2, b, s, torch_dtype, attn) - saved_bytes(hf, cfg, 1, b, s, torch_dtype, attn))
+    estimated = layer_activation_bytes(counts_from_config({**cfg, "num_hidden_layers": 1}), b, s, dtype, attn)
+    assert abs(estimated - measured) / measured < 0.005, (estimated, measured)
+
+
+def test_logits_buffer_matches_the_loss_peak(hf):
+    """Peak bytes of the lm_head + HF loss forward and backward, tracked allocation by allocation."""
+    torch, _ = hf
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Peak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.cur = self.peak = 0
+            self.live: set[int] = set()
+
+        def free(self, key, n):
+            self.cur -= n
+            self.live.discard(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                    st = t.untyped_storage()
+                    self.live.add(st.data_ptr())
+                    self.cur += st.nbytes()
+                    self.peak = max(self.peak, self.cur)
+                    weakref.finalize(st, self.free, st.data_ptr(), st.nbytes())
+            return out
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    b, s, h, vocab = 2, 256, 64, 8000
+    hidden = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.nn.Linear(h, vocab, bias=False).to(torch.bfloat16)
+    head.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    labels = torch.randint(0, vocab, (b, s))
+    with Peak() as peak:
+        logits = head(hidden)
+        ForCausalLMLoss(logits, labels, vocab).backward()
+    counts = counts_from_config({**TINY, "model_type": "llama", "num_hidden_layers": 1, "vocab_size": vocab})
+    estimated = logits_bytes(counts, b, s, "bf16")
+    assert abs(peak.peak - estimated) / estimated < 0.05, (peak.peak, estimated)
+
+
+def test_checkpointing_and_longer_sequences():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    full = estimate_memory(counts, Setup(stage=3, world_size=8, gpus_per_node=8, seq_len=4096))
+    ckpt = estimate_memory(counts, Setup(stage=3, world_size=8, gpus_per_node=8, seq_len=4096,
+                                         activation_checkpointing=True))
+    short = estimate_memory(counts, Setup(stage=3, world_size=8, gpus_per_node=8, seq_len=2048))
+    assert ckpt.device["activations"] < full.device["activations"] / 5
+    assert short.device["activations"] * 2 == pytest.approx(full.device["activations"], rel=0.01)
+    assert full.device["logits"] == 4096 * 128256 * 14  # bf16 logits + fp32 log-softmax + 2 fp32 grads
+
+
+# ---------------------------------------------------------------- automatic choice
+
+
+def rank(choice) -> int:
+    s = choice.setup
+    return VARIANTS.index((s.stage, s.offload_optimizer, s.offload_params))
+
+
+def test_more_device_memory_means_less_sharding_and_bigger_micro_batches():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    sizes = (16, 24, 40, 80, 141, 192, 400)
+    choices = [choose_configuration(counts, 8, gb, 2048, 64) for gb in sizes]
+    for small, big in zip(choices, choices[1:]):
+        assert rank(big) <= rank(small)
+        if rank(big) == rank(small):
+            assert big.setup.micro_batch_size >= small.setup.micro_batch_size
+            assert big.setup.activation_checkpointing <= small.setup.activation_checkpointing
+    first, last = choices[0].setup, choices[-1].setup
+    assert first.stage == 3 and first.offload_optimizer  # 16 GB: only offload fits
+    assert (last.stage, last.micro_batch_size, last.activation_checkpointing) == (0, 8, False)
+    for gb, c in zip(sizes, choices):
+        assert c.setup.micro_batch_size * c.grad_accum_steps * 8 == 64
+        assert c.estimate.fits(gb) and any("fits" in r for r in c.reasons)
+
+
+def test_choice_explains_itself_and_respects_fixed_settings():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    choice = choose_configuration(counts, 8, 80, 2048, 64)
+    text = "\n".join(choice.reasons)
+    assert "ZeRO-0 needs" in text and "> 80 GB" in text  # why stage 0 was skipped
+    assert f"{choice.setup.label()} fits" in text and "to spare" in text
+    assert f"global batch = micro {choice.setup.micro_batch_size}" in text
+    fixed = choose_configuration(counts, 8, 80, 2048, 64, stage=3, micro_batch_size=2, activation_checkpointing=True)
+    assert (fixed.setup.stage, fixed.setup.micro_batch_size, fixed.setup.activation_checkpointing) == (3, 2, True)
+    assert fixed.grad_accum_steps == 4
+    with pytest.raises(ConfigError, match="global_batch_size: 60 is not a multiple"):
+        choose_configuration(counts, 8, 80, 2048, 60)
+
+
+def test_checkpointing_turns_on_only_when_needed():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    roomy = choose_configuration(counts, 8, 80, 2048, 8, stage=3)
+    assert not roomy.setup.activation_checkpointing
+    tight = choose_configuration(counts, 8, 80, 16384, 8, stage=3)
+    assert tight.setup.activation_checkpointing
+    assert any("activation checkpointing on" in r for r in tight.reasons)
+
+
+def test_does_not_fit_shows_components_and_remedies():
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    with pytest.raises(DoesNotFit) as info:
+        choose_configuration(counts, 2, 40, 2048, 16, offload_optimizer=False, offload_params=False,
+                             gpus_per_node=2)
+    message = str(info.value)
+    for component in ("optimizer_states", "activations", "logits", "zero3_live_params", "peak per device"):
+        assert component in message
+    assert "more GPUs" in message and "offload" in message
+    assert info.value.estimate is not None and not info.value.estimate.fits(40)
+    with pytest.raises(DoesNotFit, match="shorter sequences: data.seq_len"):
+        choose_configuration(counts, 8, 24, 16384, 8)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_json_shape(capsys):
+    out = run_estimate(capsys, params=7.5e9, gpus=64)
+    assert out["params"] == 7_500_000_000 and out["world_size"] == 64
+    assert set(out["stages"]) == {"0", "1", "2", "3"}
+    for entry in [*out["stages"].values(), *out["offload"].values()]:
+        assert {"model_states_gb", "total_gb", "fits", "device_gb", "host_per_node_gb"} <= set(entry)
+        assert entry["total_gb"] >= entry["model_states_gb"]
+    assert set(out["offload"]) == {"1_optimizer", "2_optimizer", "3_optimizer", "3_optimizer_params"}
+    assert out["stages"]["0"]["fits"] is False and out["stages"]["3"]["fits"] is True
+    assert out["recommended"]["stage"] == 1
+
+
+def test_text_output_has_the_component_table(capsys):
+    assert estimate_command(model=str(CONFIGS / "smollm2_135m.json"), gpus=2, gpu_memory_gb=24) == 0
+    out = capsys.readouterr().out
+    assert "134,515,008 parameters" in out and "fastest that fits: ZeRO-0" in out
+    for column in ("Z0", "Z1", "Z2", "Z3", "Z3+opt+par"):
+        assert column in out
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"params": 7e9, "gpus": 8, "dtype": "int8"}, "--dtype: must be one of bf16, fp16, fp32, got 'int8'"),
+    ({"model": "/nonexistent/model", "gpus": 8}, "--model: '/nonexistent/model' is not a directory"),
+    ({"params": 7e9, "model": "x", "gpus": 8}, "give exactly one"),
+    ({"params": 7e9, "gpus": 0}, "--gpus: must be a positive integer, got 0"),
+    ({"params": 7e9}, "--gpus: give the total number of devices"),
+    ({"params": "lots", "gpus": 8}, "--params: expected a parameter count"),
+    ({"params": 7e9, "gpus": 8, "gpu_memory_gb": -1}, "--gpu_memory_gb: must be a positive number"),
+    ({"params": 7e9, "gpus": 12, "gpus_per_node": 8}, "--gpus: 12 does not equal"),
+])
+def test_bad_arguments_name_the_argument(capsys, kwargs, needle):
+    assert estimate_command(**kwargs) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and captured.out == ""
+
+
+def test_estimate_imports_no_heavy_library_and_is_fast():
+    code = (
+        "import sys, time, io, contextlib\n"
+        "t = time.perf_counter()\n"
+        "import launcher.estimate\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rc = launcher.estimate.estimate_command(params=7.5e9, gpus=64, json=True)\n"
+        "    rc |= launcher.estimate.estimate_command(model='tests/data/model_configs/llama3_8b.json', gpus=8)\n"
+        "elapsed = time.perf_counter() - t\n"
+        "heavy = sorted({'torch', 'deepspeed', 'transformers', 'datasets'} & set(sys.modules))\n"
+        "print(rc, elapsed, heavy)\n"
+        "assert rc == 0 and not heavy, heavy\n"
+        "assert elapsed < 1.0, elapsed\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
