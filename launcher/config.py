@@ -161,6 +161,8 @@ class TrainConfig(Section):
     """Keep the newest K complete checkpoints."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `never`; or a checkpoint path."""
+    stop_at_step: Optional[int] = Field(None, gt=0)
+    """End this launch after this step with a checkpoint; relaunching continues the run (to split it over allocations)."""
     max_bad_steps: int = Field(3, gt=0)
     """Stop after this many consecutive steps skipped for non-finite loss or gradient norm."""
     sample_prompt: Optional[str] = None

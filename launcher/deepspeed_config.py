@@ -17,6 +17,7 @@ from launcher.resources import data_dir
 
 # DeepSpeed's own defaults, used when the model's hidden size is unknown (a hub id not on disk).
 DEFAULT_BUCKET = 500_000_000
+NO_CLIP = 1e30
 
 
 def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:
@@ -55,7 +56,9 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
                              f"train.micro_batch_size × train.grad_accum_steps × world = {t.micro_batch_size} × {t.grad_accum_steps} × {world}"),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
-        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+        # DeepSpeed checks gradients for inf/NaN (and skips the step) only when clipping is on, so "no
+        # clipping" becomes a bound no real gradient reaches.
+        "gradient_clipping": (t.grad_clip or NO_CLIP, "train.grad_clip"),
         "optimizer.params.lr": (t.lr, "train.lr"),
         "optimizer.params.betas": (list(t.adam_betas), "train.adam_betas"),
         "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),

@@ -1,15 +1,23 @@
 """`python -m trainer RUN_DIR`: what torchrun starts on every rank.
 
 Parse the run directory the launcher wrote, build data, model and engine, resume, train, save,
-export, and always clean up.
+export, and always clean up. Errors a user can act on end with one clear message, not a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
+from trainer.checkpoint import CheckpointError
+from trainer.data.cache import BuildFailed
+from trainer.data.prepare import DataError
+from trainer.data.render import TemplateError
+from trainer.loop import TooManyBadSteps
 from trainer.session import Session, setup_logging
+
+USER_ERRORS = (DataError, BuildFailed, TemplateError, CheckpointError, TooManyBadSteps)
 
 
 def main(argv: list[str]) -> int:
@@ -17,13 +25,25 @@ def main(argv: list[str]) -> int:
         print("usage: python -m trainer RUN_DIR  (normally started by `shardtune launch`)", file=sys.stderr)
         return 2
     started = time.time()
-    session = Session.from_run_dir(Path(argv[0]))
+    rank = os.environ.get("RANK", "0")
+    try:
+        session = Session.from_run_dir(Path(argv[0]))
+    except USER_ERRORS as exc:
+        if rank == "0":
+            print(f"shardtune: {exc}", file=sys.stderr)
+        return 1
     setup_logging(session.dist.is_main)
     try:
         session.build()
         state = session.resume()
         state = session.loop.run(state)
         return session.finish(state, started)
+    except USER_ERRORS as exc:
+        session.fail(exc)
+        return 1
+    except BaseException as exc:
+        session.fail(exc)
+        raise
     finally:
         session.close()
 

@@ -17,17 +17,21 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from trainer import faults
 from trainer.distributed import Dist, all_gather_objects, barrier
 
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
 TAG_PREFIX = "step_"
+UNIVERSAL_SUFFIX = ".universal"
 
 
 class CheckpointError(Exception):
@@ -138,6 +142,7 @@ def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
     if dist.is_main:
         (ckpt / STATE).write_text(json.dumps(state, indent=2) + "\n")
         write_extras(ckpt)
+    faults.maybe_kill("kill_in_save", step, dist.rank)
     barrier()
     files = _files(ckpt)
     mine = {rel: dict(zip(("size", "sha256"), _hash_file(ckpt / rel))) for rel in files[dist.rank::dist.world]}
@@ -160,10 +165,39 @@ def prune(root: Path, keep_last: int) -> None:
     for old in complete[keep_last:]:
         _remove(old)
     newest = step_of(complete[0]) if complete else -1
+    kept = {p.name for p in complete[:keep_last]}
+    for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}"):
+        if p.name[:-len(UNIVERSAL_SUFFIX)] not in kept:
+            shutil.rmtree(p, ignore_errors=True)
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit() \
                 and not (p / MANIFEST).exists() and step_of(p) < newest:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def universal_copy(ckpt: Path, dist: Dist, log: Callable[[str], None]) -> Path:
+    """DeepSpeed's universal form of a ZeRO checkpoint, next to it, for resuming on another number of ranks.
+
+    Built once by rank 0 (into a temporary directory renamed when done) and reused by later resumes.
+    """
+    target = ckpt.with_name(ckpt.name + UNIVERSAL_SUFFIX)
+    if dist.is_main and not (target / "COMPLETE").exists():
+        started = time.perf_counter()
+        tmp = ckpt.with_name(f"{ckpt.name}{UNIVERSAL_SUFFIX}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+                               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        for f in ckpt.glob("*model_states.pt"):  # module weights, LR schedule and counters stay where DeepSpeed looks
+            shutil.copy2(f, tmp / f.name)
+        (tmp / "COMPLETE").write_text(json.dumps({"from": str(ckpt)}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        log(f"converted {ckpt.name} to DeepSpeed's universal format in {time.perf_counter() - started:.1f} s")
+    barrier()
+    return target
 
 
 def rng_state() -> dict:
@@ -183,6 +217,10 @@ def restore_rng(ckpt: Path, dist: Dist) -> bool:
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["device"])
     return True
+
+
+def manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / MANIFEST).read_text())
 
 
 def read_state(ckpt: Path) -> dict:

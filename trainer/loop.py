@@ -7,12 +7,13 @@ the packed data). That is what an unsharded run computes, for any world size and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from trainer import faults
 from trainer.data.collate import collate
 from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
@@ -29,16 +30,39 @@ class TrainState:
     trained_tokens: int = 0
     samples: int = 0
     skipped_steps: int = 0
+    bad_streak: int = 0
     wandb_run_id: Optional[str] = None
 
     def to_json(self) -> dict:
-        return {"step": self.step, "position": self.position.to_json(), "trained_tokens": self.trained_tokens,
-                "samples": self.samples, "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_run_id}
+        return {**asdict(self), "position": self.position.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainState":
-        return cls(d["step"], DataPosition(**d["position"]), d["trained_tokens"], d["samples"], d["skipped_steps"],
-                   d.get("wandb_run_id"))
+        return cls(**{**d, "position": DataPosition(**d["position"])})
+
+
+class TooManyBadSteps(Exception):
+    """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
+
+
+class _Window:
+    """Sums over the steps since the last log; one all-reduce and one host sync when logging."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.targets = self.tokens = self.steps = self.skipped = 0
+        self.start = time.perf_counter()
+
+    def metrics(self, dist: Dist) -> dict:
+        loss, tokens = all_reduce_sum([self.loss.item(), float(self.tokens)], dist.device)
+        elapsed = time.perf_counter() - self.start
+        kept = self.targets if self.steps > self.skipped else 0
+        return {"loss": loss / kept if kept else None, "tokens_per_sec": self.targets / elapsed,
+                "total_tokens_per_sec": tokens / elapsed, "step_time": elapsed / max(self.steps, 1)}
 
 
 @dataclass
@@ -52,45 +76,49 @@ class Loop:
     block_mask: bool
     max_steps: int
     log_every: int
+    max_bad_steps: int
     on_log: Callable[[int, dict], None]
     on_step_end: Callable[[TrainState], bool]
     """Called after every optimizer step (eval, checkpoints, stop requests); True stops the loop."""
 
-    def forward_loss(self, indices: np.ndarray) -> tuple[torch.Tensor, int]:
+    def forward_loss(self, indices: np.ndarray, step: int) -> tuple[torch.Tensor, int]:
         batch = collate(self.data, indices, self.pad_id, self.block_mask).to(self.dist.device)
         logits = self.engine(**batch.model_inputs()).logits
-        return token_loss_sum(logits, batch.targets), batch.real_tokens
+        return faults.corrupt_loss(token_loss_sum(logits, batch.targets), step, self.dist.rank), batch.real_tokens
 
     def run(self, state: TrainState) -> TrainState:
-        window_loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        window_targets = window_tokens = 0
-        window_start = time.perf_counter()
+        window = _Window(self.dist.device)
         while state.step < self.max_steps:
+            step = state.step + 1
             indices, next_position = self.sampler.next_batch(state.position)
             targets = int(self.data.n_targets[indices].sum())
-            lr = self.engine.get_lr()[0]
+            lr, skipped_before = self.engine.get_lr()[0], self.engine.skipped_steps
+            step_loss, step_tokens = torch.zeros_like(window.loss), 0
             for micro in rank_micro_batches(indices, self.dist.rank, self.dist.world, self.micro_batch_size):
-                loss_sum, real = self.forward_loss(micro)
+                loss_sum, real = self.forward_loss(micro, step)
                 # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
                 self.engine.backward(loss_sum * (self.dist.world / targets), scale_wrt_gas=False)
                 self.engine.step()
-                window_loss += loss_sum.detach().double()
-                window_tokens += real
-            window_targets += targets
-            state.step += 1
-            state.position = next_position
-            state.trained_tokens += targets
+                step_loss += loss_sum.detach().double()
+                step_tokens += real
+            skipped = self.engine.skipped_steps != skipped_before  # DeepSpeed agreed on it across ranks
+            state.step, state.position = step, next_position
+            state.trained_tokens += 0 if skipped else targets
             state.samples += len(indices)
-            if state.step % self.log_every == 0 or state.step == self.max_steps:
-                loss, tokens = all_reduce_sum([window_loss.item(), float(window_tokens)], self.dist.device)
-                elapsed = time.perf_counter() - window_start
-                self.on_log(state.step, {
-                    "loss": loss / window_targets, "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
-                    "tokens_per_sec": window_targets / elapsed, "total_tokens_per_sec": tokens / elapsed,
-                    "trained_tokens": state.trained_tokens, "epoch": state.position.epoch})
-                window_loss.zero_()
-                window_targets = window_tokens = 0
-                window_start = time.perf_counter()
+            state.skipped_steps += skipped
+            state.bad_streak = state.bad_streak + 1 if skipped else 0
+            window.steps, window.skipped, window.tokens = window.steps + 1, window.skipped + skipped, window.tokens + step_tokens
+            if not skipped:
+                window.loss += step_loss
+                window.targets += targets
+            if skipped or step % self.log_every == 0 or step == self.max_steps:
+                self.on_log(step, {**window.metrics(self.dist), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
+                                   "skipped_steps": state.skipped_steps, "trained_tokens": state.trained_tokens,
+                                   "epoch": state.position.epoch})
+                window.reset()
+            if state.bad_streak >= self.max_bad_steps:
+                raise TooManyBadSteps(f"step {step}: {state.bad_streak} consecutive steps with a non-finite loss or "
+                                      f"gradient norm (train.max_bad_steps={self.max_bad_steps})")
             if self.on_step_end(state):
                 break
         return state

@@ -17,12 +17,13 @@ import torch
 import yaml
 
 from launcher.config import RunConfig, validate_config
-from trainer import checkpoint
+from trainer import checkpoint, nonfinite
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.distributed import Dist, barrier, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
 from trainer.loop import Loop, TrainState, evaluate
+from trainer.control import StopRequest, write_status
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
 from trainer.tracking import NullTracker, make_tracker
 
@@ -50,6 +51,8 @@ class Session:
         self.engine = None
         self.loop: Optional[Loop] = None
         self.last_saved_step = -1
+        self.last_checkpoint: Optional[Path] = None
+        self.stopped = False
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "Session":
@@ -69,40 +72,66 @@ class Session:
         return cls(run_dir, cfg, ds_config, tokenizer, data, dist)
 
     def build(self) -> None:
+        """Find the checkpoint to resume from first: a different world size changes how DeepSpeed must load it."""
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         cfg = self.cfg
+        self.resume_from = checkpoint.find_resume(self.run_dir, cfg.train.resume, self.dist, self.tracker.message)
+        self.load_tag = self.resume_from
+        if self.resume_from is not None:
+            saved_world = checkpoint.manifest(self.resume_from)["world_size"]
+            if saved_world != self.dist.world and self.ds_config["zero_optimization"]["stage"] > 0:
+                self.tracker.message(f"{self.resume_from.name} was written by {saved_world} ranks, resuming on "
+                                     f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
+                self.load_tag = checkpoint.universal_copy(self.resume_from, self.dist, self.tracker.message)
+                self.ds_config["checkpoint"] = {"load_universal": True}
         model = load_model(cfg, self.ds_config, self.dist.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+        nonfinite.install_guard(self.engine)
         t = cfg.train
         self.block_mask = attention_implementation(cfg, self.dist.device) != "flash_attention_2"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
         self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
-                         self.block_mask, t.max_steps, t.log_every, self.tracker.log, self.on_step_end)
+                         self.block_mask, t.max_steps, t.log_every, t.max_bad_steps, self.tracker.log, self.on_step_end)
 
     def resume(self) -> TrainState:
         state = TrainState()
-        ckpt = checkpoint.find_resume(self.run_dir, self.cfg.train.resume, self.dist, self.tracker.message)
+        ckpt = self.resume_from
         if ckpt is not None:
-            self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+            self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
             state = TrainState.from_json(checkpoint.read_state(ckpt))
-            checkpoint.restore_rng(ckpt, self.dist)
+            same_world = checkpoint.manifest(ckpt)["world_size"] == self.dist.world
+            if same_world:
+                checkpoint.restore_rng(ckpt, self.dist)
             self.last_saved_step = state.step
-            self.tracker.message(f"resumed from {ckpt} at step {state.step}")
+            self.tracker.message(f"resumed from {ckpt} at step {state.step}"
+                                 + ("" if same_world else " (new world size: RNG streams start fresh)"))
+        elif self.cfg.train.resume == "auto":
+            self.tracker.message("no complete checkpoint in this run directory: starting from the pretrained weights")
         self.tracker.start(self.cfg, state.step, state.wandb_run_id)
         state.wandb_run_id = self.tracker.run_id
+        self.stop = StopRequest(self.run_dir)
+        write_status(self.run_dir, self.dist, "running", state.step)
         return state
 
     def on_step_end(self, state: TrainState) -> bool:
+        """Eval and periodic saves; a stop request (signal, STOP file, train.stop_at_step) saves and ends."""
         t = self.cfg.train
         self.tracker.progress(state.step, {})
         if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
             self.tracker.log(state.step, self.evaluate())
+        stop = self.stop.agreed(self.dist) or (t.stop_at_step is not None and state.step >= t.stop_at_step)
+        if stop and state.step < t.max_steps:
+            self.save(state)
+            self.stop.clear(self.dist)
+            self.stopped = True
+            self.tracker.message(f"stopped at step {state.step} on request; relaunch to continue from {self.last_checkpoint}")
+            return True
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             self.save(state)
         return False
@@ -120,9 +149,13 @@ class Session:
         ckpt = checkpoint.save(self.engine, self.run_dir / "checkpoints", state.step, state.to_json(), self.dist,
                                self.cfg.train.keep_last, extras, self.tracker.message)
         self.last_saved_step = state.step
+        self.last_checkpoint = ckpt
         return ckpt
 
     def finish(self, state: TrainState, started: float) -> int:
+        if self.stopped:
+            write_status(self.run_dir, self.dist, "stopped", state.step, self.last_checkpoint)
+            return 0
         if self.data.eval is not None:
             self.tracker.log(state.step, self.evaluate())
         ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(state.step)
@@ -133,8 +166,16 @@ class Session:
         if self.dist.is_main:
             export_checkpoint(ckpt, final)
             self.tracker.message(f"final model: {final} (step {state.step}, {time.time() - started:.0f} s)")
+        write_status(self.run_dir, self.dist, "completed", state.step, ckpt)
         barrier()
         return 0
+
+    def fail(self, exc: BaseException) -> None:
+        """Record why the run ended, pointing at the checkpoint a relaunch would resume from."""
+        last = self.last_checkpoint or (checkpoint.complete_checkpoints(self.run_dir / "checkpoints") or [None])[0]
+        hint = f"; the last good checkpoint is {last}" if last else "; there is no checkpoint yet"
+        self.tracker.message(f"training stopped: {exc}{hint}")
+        write_status(self.run_dir, self.dist, "failed", None, last, reason=str(exc))
 
     def close(self) -> None:
         self.tracker.finish()

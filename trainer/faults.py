@@ -1,0 +1,63 @@
+"""Fault injection for tests: make a rank fail in a chosen way at a chosen step.
+
+Real failures (a NaN on one rank, a kill in the middle of a save, a rank stuck in its data loader)
+cannot be timed from outside a process, so tests set SHARDTUNE_FAULTS, e.g.
+
+    SHARDTUNE_FAULTS="nan_loss@5:1,kill_in_save@6:0"
+
+meaning: at optimizer step 5 rank 1's loss becomes NaN; while saving step 6, rank 0 SIGKILLs
+itself after the shards are written and before the checkpoint is committed. A fault fires only in
+the first attempt of a run (torchrun's restart count 0), so a restarted job can show recovery.
+Without the variable every hook is a no-op.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int
+
+
+def _parse(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        faults.append(Fault(kind, int(step), int(rank or 0)))
+    return faults
+
+
+ACTIVE = _parse(os.environ.get("SHARDTUNE_FAULTS", "")) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else []
+
+
+def fires(kind: str, step: int, rank: int) -> bool:
+    return any(f.kind == kind and f.step == step and f.rank == rank for f in ACTIVE)
+
+
+def corrupt_loss(loss, step: int, rank: int):
+    """nan_loss / inf_loss: this rank's loss for this step becomes non-finite."""
+    if fires("nan_loss", step, rank):
+        return loss * float("nan")
+    if fires("inf_loss", step, rank):
+        return loss * float("inf")
+    return loss
+
+
+def maybe_kill(kind: str, step: int, rank: int) -> None:
+    """kill_in_save / crash: die at once, as a node failure or the OOM killer would."""
+    if fires(kind, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_hang(kind: str, step: int, rank: int) -> None:
+    """hang_in_data: sleep forever, as a rank stuck on a dead filesystem would."""
+    if fires(kind, step, rank):
+        while True:
+            time.sleep(3600)
