@@ -77,6 +77,17 @@ def launch(config: str, *overrides: str, dry_run: bool = False) -> None:
         raise SystemExit(code)
 
 
+def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
+    """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest)."""
+    from trainer.export import export_checkpoint, resolve_checkpoint  # needs torch: imported only for this command
+
+    try:
+        ckpt = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError([str(exc)], title="cannot export") from None
+    print(f"exported {ckpt} -> {export_checkpoint(ckpt, out_dir, dtype)}")
+
+
 def _exits(command: Callable[..., int]) -> Callable[..., None]:
     """Adapt a command that returns an exit code: fire would print the number instead of exiting with it."""
     @functools.wraps(command)
@@ -88,7 +99,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
     return run
 
 
-COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command)}
+COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,8 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
         from launcher.autoplan import apply_auto_choice  # the memory planner, only when asked for
         notes += apply_auto_choice(cfg, read_model_config(cfg.model.name_or_path))
     t = cfg.train
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        raise ConfigError([f"train.resume: {t.resume} does not exist (use auto, never or an existing checkpoint directory)"])
     if t.grad_accum_steps is None:
         t.grad_accum_steps = t.global_batch_size // (t.micro_batch_size * world)
         notes.append(f"train.grad_accum_steps = global {t.global_batch_size} / (micro {t.micro_batch_size} × world {world}) = {t.grad_accum_steps}")

@@ -241,13 +241,17 @@ def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], Non
         if problems:
             raise CheckpointError(f"train.resume: {ckpt} fails verification: " + "; ".join(problems[:5]))
         return ckpt
+    chosen = None
     for ckpt in complete_checkpoints(root):
         problems = verify(ckpt, dist)
         if not problems:
-            return ckpt
+            chosen = ckpt
+            break
         log(f"checkpoint {ckpt.name} is damaged ({'; '.join(problems[:3])}); falling back to the previous one")
-    partial = [p for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and not (p / MANIFEST).exists()] if root.is_dir() else []
+    newest = step_of(chosen) if chosen else -1
+    partial = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()
+                     and not (p / MANIFEST).exists() and step_of(p) > newest) if root.is_dir() else []
     if partial:
-        log(f"ignoring incomplete checkpoint(s) {', '.join(sorted(p.name for p in partial))}")
-    return None
+        log(f"ignoring incomplete checkpoint(s) {', '.join(partial)} (a save that did not finish)")
+    return chosen
 

@@ -33,7 +33,17 @@ def init_distributed(timeout_s: float = 600.0) -> Dist:
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+    backend, timeout = acc.communication_backend_name(), timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store across worker restarts and torch assumes a fresh one, so a restarted
+        # rank can read the dead attempt's addresses and fail to connect. Give every attempt its own keys.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"shardtune/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device(acc.device_name(local_rank)))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import MANIFEST
+from trainer.checkpoint import MANIFEST, complete_checkpoints
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,6 +40,19 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint step directory from itself, a run directory or its checkpoints/ directory (newest complete)."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"{p}: no complete shardtune checkpoint here (a step_* directory with {MANIFEST}, "
+                            "or a run directory that has one under checkpoints/)")
+
+
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
     """Write a Hugging Face model directory from a checkpoint; the directory appears only when complete."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -48,6 +61,8 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto"
     if not (ckpt / MANIFEST).is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
     config = AutoConfig.from_pretrained(ckpt / "hf")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if dtype == "auto":
         target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         target = getattr(torch, target) if isinstance(target, str) else target

@@ -90,6 +90,7 @@ class Loop:
         window = _Window(self.dist.device)
         while state.step < self.max_steps:
             step = state.step + 1
+            faults.maybe_kill("crash", step, self.dist.rank)
             indices, next_position = self.sampler.next_batch(state.position)
             targets = int(self.data.n_targets[indices].sum())
             lr, skipped_before = self.engine.get_lr()[0], self.engine.skipped_steps

@@ -1,0 +1,176 @@
+"""Checkpoints under failure, with real torchrun processes on CPU: stop/resume, killed ranks, kills
+during a save, damaged shards, world-size changes, non-finite steps and export.
+
+Every run uses the same data order and a global batch of 8, so any resumed run must reproduce the
+per-step losses of one uninterrupted reference run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import losses, read_metrics, shardtune, tiny_config
+
+STEPS = 16
+COMMON = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}
+
+
+def config(tmp_path, model, procs=2, **train):
+    return tiny_config(tmp_path, model, train={**COMMON, **train}, launch={"procs_per_node": procs})
+
+
+def launch(cfg, *overrides, env=None, check=True):
+    return shardtune("launch", str(cfg), *overrides, env=env, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """One uninterrupted 16-step run on 2 ranks."""
+    tmp = tmp_path_factory.mktemp("reference")
+    launch(config(tmp, tiny_model))
+    return tmp / "run"
+
+
+def assert_same_losses(run_dir, reference_dir, rel=0.0):
+    got, want = losses(run_dir), losses(reference_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel, abs=0), (step, got[step], want[step])
+
+
+def test_stop_and_relaunch_gives_identical_losses(tmp_path, tiny_model, reference):
+    cfg = config(tmp_path, tiny_model)
+    launch(cfg, "train.stop_at_step=10")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 10 and not (tmp_path / "run" / "final").exists()
+    proc = launch(cfg)
+    assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
+    assert_same_losses(tmp_path / "run", reference)
+
+
+def test_killed_worker_is_restarted_and_resumes(tmp_path, tiny_model, reference):
+    cfg = config(tmp_path, tiny_model)
+    proc = launch(cfg, "launch.max_restarts=1", env={"SHARDTUNE_FAULTS": "crash@8:1"})
+    assert "resumed from" in proc.stderr and "step_00000005 at step 5" in proc.stderr, proc.stderr[-3000:]
+    assert_same_losses(tmp_path / "run", reference)
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, reference):
+    cfg = config(tmp_path, tiny_model)
+    proc = launch(cfg, env={"SHARDTUNE_FAULTS": "kill_in_save@10:0"}, check=False)
+    assert proc.returncode != 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "LATEST").read_text().strip() == "step_00000005"
+    assert not (ckpts / "step_00000010" / "COMPLETE.json").exists()
+    proc = launch(cfg)
+    assert "ignoring incomplete checkpoint(s) step_00000010" in proc.stderr
+    assert "step_00000005 at step 5" in proc.stderr
+    assert_same_losses(tmp_path / "run", reference)
+
+
+def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path, tiny_model, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "step_00000016"
+    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    (newest / "trainer_state.json").write_text("{}")  # would fail to parse if it were ever trusted
+    proc = launch(config(tmp_path, tiny_model))
+    assert "step_00000016 is damaged" in proc.stderr and "sha256 differs" in proc.stderr
+    assert "step_00000015 at step 15" in proc.stderr
+    assert_same_losses(run, reference)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, before, after):
+    launch(config(tmp_path, tiny_model, procs=before), "train.stop_at_step=10")
+    proc = launch(config(tmp_path, tiny_model, procs=after))
+    assert f"written by {before} ranks, resuming on {after}" in proc.stderr
+    assert_same_losses(tmp_path / "run", reference, rel=1e-6)
+
+
+def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):
+    proc = launch(config(tmp_path, tiny_model), f"train.resume={tmp_path}/nope/step_00000005", check=False)
+    assert proc.returncode != 0
+    assert "train.resume:" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_incomplete_resume_path_is_refused_by_the_trainer(tmp_path, tiny_model, reference):
+    partial = tmp_path / "partial" / "step_00000005"
+    shutil.copytree(reference / "checkpoints" / "step_00000015", partial)
+    (partial / "COMPLETE.json").unlink()
+    proc = launch(config(tmp_path, tiny_model), f"train.resume={partial}", check=False)
+    assert proc.returncode != 0 and "is not a complete shardtune checkpoint" in proc.stderr
+
+
+def _optimizer_tensors(ckpt) -> list[torch.Tensor]:
+    tensors = []
+    for shard in sorted(ckpt.glob("*optim_states.pt")):
+        state = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for group in state["base_optimizer_state"]["state"].values():
+            tensors += [v for v in group.values() if torch.is_tensor(v)]
+    return tensors
+
+
+def test_nan_on_one_rank_skips_the_step_on_all_ranks(tmp_path, tiny_model):
+    from trainer.export import fp32_state_dict
+
+    cfg = config(tmp_path, tiny_model, max_steps=8, save_every=1, keep_last=10)
+    launch(cfg, env={"SHARDTUNE_FAULTS": "nan_loss@6:1"})
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    assert rows[6]["skipped_steps"] == 1 and rows[6]["loss"] is None
+    assert rows[5]["skipped_steps"] == 0 and rows[8]["skipped_steps"] == 1
+    assert rows[7]["lr"] == rows[6]["lr"], "the LR schedule advanced on a skipped step"
+    ckpts = tmp_path / "run" / "checkpoints"
+    before, after = fp32_state_dict(ckpts / "step_00000005"), fp32_state_dict(ckpts / "step_00000006")
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights changed on a skipped step"
+    opt_before, opt_after = _optimizer_tensors(ckpts / "step_00000005"), _optimizer_tensors(ckpts / "step_00000006")
+    assert opt_before and all(torch.equal(a, b) for a, b in zip(opt_before, opt_after))
+    changed = fp32_state_dict(ckpts / "step_00000007")
+    assert any(not torch.equal(after[k], changed[k]) for k in after), "training did not continue after the skip"
+
+
+def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, max_steps=10, save_every=2, max_bad_steps=2)
+    proc = launch(cfg, env={"SHARDTUNE_FAULTS": "inf_loss@5:0,inf_loss@6:1"}, check=False)
+    assert proc.returncode != 0
+    assert "step 6: 2 consecutive steps with a non-finite loss" in proc.stderr
+    assert "the last good checkpoint is" in proc.stderr and "step_00000004" in proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["checkpoint"].endswith("step_00000004")
+
+
+def test_export_of_last_checkpoint_equals_final(tmp_path, reference):
+    out = tmp_path / "exported"
+    shardtune("export", str(reference), str(out))
+    exported, final = load_file(out / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_export_keeps_tied_weights_tied_at_zero3(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.tiny import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "tied", tie_embeddings=True)
+    cfg = tiny_config(tmp_path, model_dir, train={"max_steps": 4}, zero={"stage": 3})
+    launch(cfg)
+    final = tmp_path / "run" / "final"
+    weights = load_file(final / "model.safetensors")
+    assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    initial = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert not torch.equal(weights["model.embed_tokens.weight"], initial)
