@@ -5,11 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+SHARDTUNE := $(VENV)/bin/shardtune
 HAS_GPU := $(shell ls /proc/driver/nvidia/gpus 2>/dev/null | head -n1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
+DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
+DEMO_EVAL := examples/data/demo_eval.jsonl
 
-.PHONY: demo test install install-test install-demo clean-demo
+.PHONY: demo test install
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +32,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Convert the embedded model once, score it, fine-tune it, score it again.
 demo: $(VENV)/.installed-demo
-	$(VENV)/bin/python -m trainer.demo
+	$(PY) -m trainer.embedded_model $(DEMO_MODEL)
+	rm -rf runs/demo
+	$(SHARDTUNE) eval $(DEMO_MODEL) --data $(DEMO_EVAL) --out runs/demo/eval_before.json
+	$(SHARDTUNE) launch examples/demo.yaml
+	$(SHARDTUNE) eval runs/demo --data $(DEMO_EVAL) --compare_to runs/demo/eval_before.json --out runs/demo/eval.json

@@ -88,6 +88,35 @@ def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
     print(f"exported {ckpt} -> {export_checkpoint(ckpt, out_dir, dtype)}")
 
 
+def eval(target: str, data: str, json: bool = False, out: str | None = None, compare_to: str | None = None,
+         max_new_tokens: int = 48) -> None:
+    """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file."""
+    from trainer.chat import model_dir_of
+    from trainer.evaluate import evaluate_model, format_report
+
+    result = evaluate_model(str(model_dir_of(target)), data, max_new_tokens=max_new_tokens)
+    if compare_to:
+        result = {"before": _json.loads(Path(compare_to).read_text()), "after": result}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(_json.dumps(result, indent=2) + "\n")
+    print(_json.dumps(result, indent=2) if json else format_report(result))
+
+
+def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256) -> None:
+    """One answer to one prompt, for scripts."""
+    from trainer.chat import generate as generate_reply
+
+    print(generate_reply(target, prompt, system, max_new_tokens))
+
+
+def chat(target: str, system: str | None = None, max_new_tokens: int = 256) -> None:
+    """Talk to a model (or a run's final/) in the terminal, with its chat template."""
+    from trainer.chat import chat as chat_loop
+
+    chat_loop(target, system, max_new_tokens)
+
+
 def _exits(command: Callable[..., int]) -> Callable[..., None]:
     """Adapt a command that returns an exit code: fire would print the number instead of exiting with it."""
     @functools.wraps(command)
@@ -99,7 +128,8 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
     return run
 
 
-COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export}
+COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
+            "eval": eval, "generate": generate, "chat": chat}
 
 
 def main(argv: list[str] | None = None) -> int:

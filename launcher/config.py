@@ -109,9 +109,7 @@ class DataConfig(Section):
     num_proc: Optional[int] = Field(None, gt=0)
     """Worker processes for tokenization; default picks by data size and CPU count."""
     cache_dir: Optional[str] = None
-    """Where tokenized data is cached; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Put it on a shared filesystem for multi-node runs."""
-    shared_cache: bool = True
-    """Whether cache_dir is visible from every node: one process preprocesses for all; else one per node."""
+    """Tokenized-data cache; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Shared filesystem: one process preprocesses for the job; node-local: one per node."""
     eval_path: Optional[str] = None
     """Held-out data in the same format; evaluated every train.eval_every steps."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -413,7 +411,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, type/default, doc) for every field, for `shardtune config-docs` and the README."""
+    """(dotted name, default, doc) for every field: the README's config reference is generated from it."""
     rows = []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
@@ -424,3 +422,16 @@ def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
         rows.append((dotted, default, field.description or ""))
     return rows
+
+
+def fields_markdown() -> str:
+    """The README's config reference table (`python -m launcher.config` prints it)."""
+    rows = ["| field | default | what it does |", "|---|---|---|"]
+    for name, default, doc in field_docs():
+        shown = "**required**" if default == "required" else f"`{default[len('default '):]}`"
+        rows.append(f"| `{name}` | {shown} | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(fields_markdown())

@@ -166,6 +166,10 @@ class Session:
         if self.dist.is_main:
             export_checkpoint(ckpt, final)
             self.tracker.message(f"final model: {final} (step {state.step}, {time.time() - started:.0f} s)")
+            if self.cfg.train.sample_prompt:
+                from trainer.chat import generate
+
+                self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {generate(str(final), self.cfg.train.sample_prompt, max_new_tokens=64)!r}")
         write_status(self.run_dir, self.dist, "completed", state.step, ckpt)
         barrier()
         return 0
