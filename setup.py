@@ -30,6 +30,7 @@ setup(
         "pydantic>=2.7",
         "safetensors>=0.4",
         "tqdm",
+        "psutil",
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib"],

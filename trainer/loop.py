@@ -6,18 +6,20 @@ the packed data). That is what an unsharded run computes, for any world size and
 """
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+import psutil
 import torch
 
 from trainer import faults
 from trainer.data.collate import collate
 from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
-from trainer.distributed import Dist, all_reduce_sum
+from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
 from trainer.model import token_loss_sum
 
 
@@ -62,7 +64,20 @@ class _Window:
         elapsed = time.perf_counter() - self.start
         kept = self.targets if self.steps > self.skipped else 0
         return {"loss": loss / kept if kept else None, "tokens_per_sec": self.targets / elapsed,
-                "total_tokens_per_sec": tokens / elapsed, "step_time": elapsed / max(self.steps, 1)}
+                "total_tokens_per_sec": tokens / elapsed, "step_time": elapsed / max(self.steps, 1),
+                **memory_metrics(dist)}
+
+
+def memory_metrics(dist: Dist) -> dict:
+    """Peaks over all ranks (the rank closest to running out is the one that matters), in GB (1e9 bytes)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    rss = psutil.Process().memory_info().rss
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's own high-water mark
+    values = all_reduce_max([acc.max_memory_allocated(), acc.max_memory_reserved(), rss, peak_rss], dist.device)
+    names = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
+    return {name: round(v / 1e9, 4) for name, v in zip(names, values)}
 
 
 @dataclass
