@@ -16,6 +16,7 @@ from typing import Callable
 
 import fire
 
+from launcher import slurm
 from launcher.config import dump_config, load_config
 from launcher.errors import ConfigError
 from launcher.estimate import estimate_command
@@ -30,12 +31,12 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
 
 
 def write_run_files(p) -> Path:
-    """resolved_config.yaml, ds_config.json and launch.sh in the run directory (what the trainer reads)."""
+    """resolved_config.yaml, ds_config.json and launch.sh or launch.sbatch in the run directory."""
     run_dir = Path(p.config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(dump_config(p.config))
     (run_dir / "ds_config.json").write_text(_json.dumps(p.deepspeed, indent=2) + "\n")
-    script = run_dir / "launch.sh"
+    script = run_dir / ("launch.sbatch" if p.config.launch.backend == "slurm" else "launch.sh")
     script.write_text(p.script)
     script.chmod(0o755)
     return run_dir
@@ -59,14 +60,16 @@ def run_foreground(argv: list[str]) -> int:
             signal.signal(s, handler)
 
 
-def launch(config: str, *overrides: str, dry_run: bool = False) -> None:
-    """Write the run files and start training on this machine (one node) or print the per-node command."""
+def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = False) -> None:
+    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job."""
     p = build_plan(load_config(config, [str(o) for o in overrides]))
     run_dir = write_run_files(p)
     print(format_plan(p).split("deepspeed config")[0].rstrip())
-    print(f"wrote {run_dir}/resolved_config.yaml, ds_config.json, launch.sh")
+    print(f"wrote {run_dir}/resolved_config.yaml, ds_config.json, {Path(p.command[-1]).name if p.config.launch.backend == 'slurm' else 'launch.sh'}")
     if dry_run:
         return
+    if p.config.launch.backend == "slurm":
+        return submit_job(run_dir, wait)
     if p.config.launch.nodes > 1:
         print(f"start `bash {run_dir}/launch.sh` on each of the {p.config.launch.nodes} nodes "
               f"(they meet at {rdzv_endpoint(p.config)})")
@@ -75,6 +78,21 @@ def launch(config: str, *overrides: str, dry_run: bool = False) -> None:
     if code:
         print(f"shardtune: training exited with code {code}; logs above, run directory {run_dir}", file=sys.stderr)
         raise SystemExit(code)
+
+
+def submit_job(run_dir: Path, wait: bool) -> None:
+    try:
+        job_id = slurm.submit(run_dir / "launch.sbatch")
+    except (OSError, RuntimeError) as exc:
+        print(f"shardtune: could not submit: {exc}", file=sys.stderr)
+        raise SystemExit(1)
+    slurm.record_job(run_dir, job_id)
+    print(f"submitted job {job_id}\n  follow it:  tail -f {run_dir}/slurm-{job_id}.out\n  status:     shardtune status {run_dir}")
+    if wait:
+        state = slurm.wait_for(job_id)
+        if state != "COMPLETED":
+            print(f"shardtune: job {job_id} ended {state}; see {run_dir}/slurm-{job_id}.out", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
@@ -117,6 +135,25 @@ def chat(target: str, system: str | None = None, max_new_tokens: int = 256) -> N
     chat_loop(target, system, max_new_tokens)
 
 
+def status(run_dir: str, json: bool = False) -> None:
+    """Job state, restarts, last step, loss and throughput, and the newest complete checkpoint of a run."""
+    from launcher.status import collect, format_status
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError([f"{run_dir}: no such run directory"], title="cannot show status")
+    info = collect(path)
+    print(_json.dumps(info, indent=2) if json else format_status(info))
+
+
+def stop(run_dir: str) -> None:
+    """Ask a running job to save a checkpoint and stop (every rank sees the STOP file within a step)."""
+    from launcher.layout import STOP_FILE
+
+    (Path(run_dir) / STOP_FILE).touch()
+    print(f"asked {run_dir} to stop; it saves a checkpoint first (status.json will say 'stopped')")
+
+
 def _exits(command: Callable[..., int]) -> Callable[..., None]:
     """Adapt a command that returns an exit code: fire would print the number instead of exiting with it."""
     @functools.wraps(command)
@@ -129,7 +166,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
 
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
-            "eval": eval, "generate": generate, "chat": chat}
+            "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,37 @@ class LaunchConfig(Section):
     """Extra environment variables for the training processes."""
 
 
+class SlurmConfig(Section):
+    partition: Optional[str] = None
+    """Partition (queue) to submit to; default: the cluster's default partition."""
+    account: Optional[str] = None
+    """Account to charge."""
+    qos: Optional[str] = None
+    """Quality of service."""
+    time: str = Field("04:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+    """Time limit per attempt (minutes, HH:MM:SS or D-HH:MM:SS); a requeued attempt gets it again."""
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    """GPUs to request per node; default: launch.procs_per_node on cuda, 0 on cpu."""
+    cpus_per_task: Optional[int] = Field(None, gt=0)
+    """CPU cores per node (one task per node runs all its training processes)."""
+    mem: Optional[str] = Field(None, pattern=r"^\d+[KMGT]?$")
+    """Memory per node, e.g. 500G; 0 means all of it."""
+    constraint: Optional[str] = None
+    """Node features required (--constraint)."""
+    exclusive: bool = False
+    """Do not share nodes with other jobs."""
+    extra_sbatch: list[str] = []
+    """More #SBATCH options, literally, e.g. ['--reservation=big', '--mail-type=END']."""
+    setup: list[str] = []
+    """Shell lines run on the batch host before training: module loads, venv activation."""
+    signal_lead_s: int = Field(300, ge=30)
+    """Seconds before the time limit at which SLURM sends USR1, so the job saves and requeues (SLURM may send it up to 30 s earlier)."""
+    max_requeues: int = Field(3, ge=0)
+    """Requeue after a preemption, a time limit or a crash at most this many times."""
+    job_name: Optional[str] = None
+    """Job name; default: the output directory's name."""
+
+
 class WandbConfig(Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """`auto`: online when WANDB_API_KEY is set, else offline (upload later with `wandb sync`)."""
@@ -220,6 +251,7 @@ class RunConfig(Section):
     train: TrainConfig
     zero: ZeroConfig = ZeroConfig()
     launch: LaunchConfig
+    slurm: SlurmConfig = SlurmConfig()
     wandb: WandbConfig = WandbConfig()
     output_dir: str
     """Run directory: resolved config, launch script, metrics, checkpoints and the final model."""
@@ -351,6 +383,13 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
     if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
         problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
+    literal = {"slurm.partition": cfg.slurm.partition, "slurm.account": cfg.slurm.account, "slurm.qos": cfg.slurm.qos,
+               "slurm.constraint": cfg.slurm.constraint, "slurm.job_name": cfg.slurm.job_name,
+               **{f"slurm.extra_sbatch[{i}]": line for i, line in enumerate(cfg.slurm.extra_sbatch)}}
+    for name, value in literal.items():
+        if value and any(ch in value for ch in "$`\n"):
+            problems.append(f"{name}: {value!r} is not allowed: #SBATCH lines are not expanded by SLURM, so "
+                            "they must be literal (no $, backquotes or newlines)")
     if t.resume not in ("auto", "never") and not t.resume.strip():
         problems.append("train.resume: must be auto, never or a checkpoint path")
     return problems

@@ -14,7 +14,8 @@ from typing import Any, Optional
 from launcher.config import RunConfig
 from launcher.deepspeed_config import render_deepspeed_config
 from launcher.errors import ConfigError
-from launcher.torchrun import launch_script, torchrun_argv
+from launcher.slurm import render_sbatch
+from launcher.torchrun import launch_script, process_env, torchrun_argv
 
 
 @dataclass
@@ -63,7 +64,10 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     cfg = cfg.model_copy(deep=True)
     notes: list[str] = []
     world = cfg.launch.nodes * cfg.launch.procs_per_node
-    if cfg.launch.device == "auto":
+    if cfg.launch.device == "auto" and cfg.launch.backend == "slurm":
+        cfg.launch.device = "cpu" if cfg.slurm.gpus_per_node == 0 else "cuda"
+        notes.append(f"launch.device=auto -> {cfg.launch.device} (slurm.gpus_per_node={cfg.slurm.gpus_per_node})")
+    elif cfg.launch.device == "auto":
         gpus = local_gpu_count()
         cfg.launch.device = "cuda" if gpus else "cpu"
         notes.append(f"launch.device=auto -> {cfg.launch.device} ({gpus} NVIDIA GPUs on this machine)")
@@ -98,7 +102,12 @@ def build_plan(cfg: RunConfig) -> Plan:
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden)
-    argv = torchrun_argv(cfg)
+    if cfg.launch.backend == "slurm":
+        script = render_sbatch(cfg, process_env(cfg))
+        argv = ["sbatch", str(Path(cfg.output_dir) / "launch.sbatch")]
+    else:
+        argv = torchrun_argv(cfg)
+        script = launch_script(cfg, argv)
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
@@ -106,7 +115,7 @@ def build_plan(cfg: RunConfig) -> Plan:
                           f"world {world} ({cfg.launch.nodes} node{'s' if cfg.launch.nodes > 1 else ''} × "
                           f"{cfg.launch.procs_per_node}) = {global_batch} sequences"),
         tokens_per_step=global_batch * cfg.data.seq_len, deepspeed=ds, command=argv,
-        script=launch_script(cfg, argv), notes=notes)
+        script=script, notes=notes)
 
 
 def format_plan(plan: Plan) -> str:
@@ -127,5 +136,7 @@ def format_plan(plan: Plan) -> str:
         lines.append("decisions")
         lines += [f"  - {n}" for n in plan.notes]
     lines += ["deepspeed config", json.dumps(plan.deepspeed, indent=2), "launch command", " ".join(plan.command)]
+    if cfg.launch.backend == "slurm":
+        lines += ["sbatch script", plan.script.rstrip()]
     return "\n".join(lines)
 

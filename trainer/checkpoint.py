@@ -25,25 +25,16 @@ from typing import Callable, Optional
 
 import torch
 
+from launcher.layout import LATEST, MANIFEST, TAG_PREFIX, complete_checkpoints, is_step_dir, step_of, tag_for
 from trainer import faults
 from trainer.distributed import Dist, all_gather_objects, barrier
 
-MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
-TAG_PREFIX = "step_"
 UNIVERSAL_SUFFIX = ".universal"
 
 
 class CheckpointError(Exception):
     """A checkpoint that was asked for by path cannot be used."""
-
-
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
-
-
-def step_of(path: Path) -> int:
-    return int(path.name[len(TAG_PREFIX):])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,15 +68,6 @@ def _hash_file(path: Path) -> tuple[int, str]:
 
 def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints with a manifest, newest first (not yet verified)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit()
-             and (p / MANIFEST).is_file()]
-    return sorted(found, key=step_of, reverse=True)
 
 
 def verify_share(ckpt: Path, rank: int, world: int) -> list[str]:
@@ -151,7 +133,7 @@ def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
         manifest = {"step": step, "world_size": dist.world, "time": time.time(),
                     "files": {rel: meta for share in shares for rel, meta in share.items()}}
         atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        atomic_write(root / "LATEST", tag + "\n")
+        atomic_write(root / LATEST, tag + "\n")
         atomic_write(root / "latest", tag)  # DeepSpeed's pointer, for zero_to_fp32.py and load_checkpoint(tag=None)
         prune(root, keep_last)
         log(f"checkpoint {ckpt} committed ({len(files)} files, {time.perf_counter() - started:.1f} s)")
@@ -170,8 +152,7 @@ def prune(root: Path, keep_last: int) -> None:
         if p.name[:-len(UNIVERSAL_SUFFIX)] not in kept:
             shutil.rmtree(p, ignore_errors=True)
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit() \
-                and not (p / MANIFEST).exists() and step_of(p) < newest:
+        if is_step_dir(p) and not (p / MANIFEST).exists() and step_of(p) < newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -249,8 +230,8 @@ def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], Non
             break
         log(f"checkpoint {ckpt.name} is damaged ({'; '.join(problems[:3])}); falling back to the previous one")
     newest = step_of(chosen) if chosen else -1
-    partial = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()
-                     and not (p / MANIFEST).exists() and step_of(p) > newest) if root.is_dir() else []
+    partial = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*")
+                     if is_step_dir(p) and not (p / MANIFEST).exists() and step_of(p) > newest) if root.is_dir() else []
     if partial:
         log(f"ignoring incomplete checkpoint(s) {', '.join(partial)} (a save that did not finish)")
     return chosen

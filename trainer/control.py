@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from launcher.layout import STATUS_FILE, STOP_FILE
 from trainer.checkpoint import atomic_write
 from trainer.distributed import Dist, all_reduce_max
-
-STOP_FILE = "STOP"
-STATUS_FILE = "status.json"
 
 
 class StopRequest:

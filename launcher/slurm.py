@@ -1,0 +1,143 @@
+"""The sbatch script for a run, rendered from slurm/launch.sbatch.template, and talking to SLURM.
+
+Rendering is a pure function of the resolved config. `#SBATCH` lines only ever hold literal values
+(SLURM does not expand variables there); everything that depends on the allocation is computed by
+the script when it runs, and anything that differs per node is escaped so each node expands its own.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from launcher.config import RunConfig
+from launcher.layout import SLURM_JOBS
+from launcher.resources import data_dir
+
+# NCCL settings that make failures fail fast and be explained; the user's environment overrides them.
+DEFAULT_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_DEBUG": "WARN",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+}
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED"}
+
+
+def gpus_per_node(cfg: RunConfig) -> int:
+    if cfg.slurm.gpus_per_node is not None:
+        return cfg.slurm.gpus_per_node
+    return cfg.launch.procs_per_node if cfg.launch.device == "cuda" else 0
+
+
+def sbatch_lines(cfg: RunConfig) -> list[str]:
+    """Every #SBATCH option, literal values only."""
+    s = cfg.slurm
+    run_dir = cfg.output_dir
+    opts = [f"--job-name={s.job_name or Path(run_dir).name}", f"--nodes={cfg.launch.nodes}", "--ntasks-per-node=1",
+            f"--time={s.time}", f"--output={run_dir}/slurm-%j.out", "--open-mode=append", "--requeue",
+            f"--signal=B:USR1@{s.signal_lead_s}"]
+    gpus = gpus_per_node(cfg)
+    if gpus:
+        opts.append(f"--gpus-per-node={gpus}")
+    for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
+                        ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("constraint", s.constraint)):
+        if value is not None:
+            opts.append(f"--{flag}={value}")
+    if s.exclusive:
+        opts.append("--exclusive")
+    opts += s.extra_sbatch
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def per_node_torchrun(cfg: RunConfig, python: str) -> str:
+    """The command every node runs; $SLURM_JOB_NUM_NODES, $RDZV_ENDPOINT, $SLURM_JOB_ID are the same on all nodes."""
+    argv = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_JOB_NUM_NODES",
+            f"--nproc_per_node={cfg.launch.procs_per_node}", "--rdzv_backend=c10d", "--rdzv_endpoint=$RDZV_ENDPOINT",
+            "--rdzv_id=$SLURM_JOB_ID", f"--max_restarts={cfg.launch.max_restarts}", "-m", "trainer", cfg.output_dir]
+    return "exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
+
+
+def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable) -> str:
+    """The batch script text for a resolved config; env is what every training process gets (launch.env last)."""
+    template = (data_dir("slurm") / "launch.sbatch.template").read_text()
+    defaults = {**DEFAULT_ENV, **{k: v for k, v in env.items() if k not in cfg.launch.env}}
+    values = {
+        "SBATCH_LINES": "\n".join(sbatch_lines(cfg)),
+        "RUN_DIR": shlex.quote(cfg.output_dir),
+        "MAX_REQUEUES": str(cfg.slurm.max_requeues),
+        "SETUP": "\n".join(cfg.slurm.setup) or ":",
+        "DEFAULT_ENV": "\n".join(f'export {k}="${{{k}:-{v}}}"' for k, v in defaults.items()),
+        "USER_ENV": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cfg.launch.env.items()) or ":",
+        "PYTHON": shlex.quote(python),
+        "TORCHRUN": per_node_torchrun(cfg, python).replace('"', '\\"'),
+    }
+    for key, value in values.items():
+        template = template.replace(f"@@{key}@@", value)
+    return template
+
+
+# ---- talking to SLURM (only the CLI calls these) -------------------------------------------------
+
+def submit(script: Path) -> str:
+    """sbatch the script; the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """JobState, Restarts, Reason, ... from `scontrol show job` ({} once SLURM has forgotten the job)."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    info = {}
+    for field in proc.stdout.split():
+        key, sep, value = field.partition("=")
+        if sep:
+            info[key] = value
+    return info
+
+
+def accounting_state(job_id: str) -> Optional[str]:
+    """The final state from sacct for jobs scontrol no longer shows (needs accounting or jobcomp)."""
+    for args in (["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], ["sacct", "-c", "-n", "-P", "-o", "State", "-j", job_id]):
+        proc = subprocess.run(args, capture_output=True, text=True)
+        states = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode == 0 and states:
+            return states[-1]
+    return None
+
+
+def wait_for(job_id: str, poll_s: float = 2.0, on_change=print) -> str:
+    """Block until the job reaches a final state (a requeued job is not final); that state."""
+    last = None
+    while True:
+        info = job_info(job_id)
+        state = info.get("JobState") or accounting_state(job_id) or "UNKNOWN"
+        shown = f"{state} (restarts {info.get('Restarts', '?')}, {info.get('Reason', '')})"
+        if shown != last:
+            on_change(f"job {job_id}: {shown}")
+            last = shown
+        if state in FINAL_STATES:
+            return state
+        time.sleep(poll_s)
+
+
+def read_jobs(run_dir: Path) -> list[dict]:
+    """Jobs submitted for a run, oldest first."""
+    path = run_dir / SLURM_JOBS
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def record_job(run_dir: Path, job_id: str) -> None:
+    """Every job submitted for a run, for `shardtune status`."""
+    jobs = read_jobs(run_dir)
+    jobs.append({"job_id": job_id, "submitted": time.time()})
+    (run_dir / SLURM_JOBS).write_text(json.dumps(jobs, indent=1) + "\n")

@@ -1,0 +1,67 @@
+"""`shardtune status RUN_DIR`: where a run is, from its files and (for SLURM jobs) the scheduler.
+
+Torch-free and read-only, so it answers instantly on a login node while the job runs elsewhere.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import layout, slurm
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Everything status shows, as one JSON-able object."""
+    out: dict[str, Any] = {"run_dir": str(run_dir)}
+    out["status"] = layout.read_json(run_dir / layout.STATUS_FILE)
+    jobs = slurm.read_jobs(run_dir)
+    if jobs:
+        job_id = jobs[-1]["job_id"]
+        info = slurm.job_info(job_id)
+        out["slurm"] = {"job_id": job_id, "state": info.get("JobState") or slurm.accounting_state(job_id),
+                        "restarts": int(info["Restarts"]) if "Restarts" in info else None,
+                        "reason": info.get("Reason"), "nodes": info.get("NodeList"), "jobs_submitted": len(jobs)}
+    last = layout.last_metrics(run_dir)
+    if last:
+        out["last_step"] = {k: last.get(k) for k in ("step", "loss", "tokens_per_sec", "lr", "time")}
+    ckpts = layout.complete_checkpoints(run_dir / layout.CHECKPOINTS)
+    out["newest_checkpoint"] = str(ckpts[0]) if ckpts else None
+    config = run_dir / "resolved_config.yaml"
+    if config.exists():
+        import yaml
+
+        out["max_steps"] = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps")
+    return out
+
+
+def format_status(info: dict[str, Any]) -> str:
+    now = time.time()
+    lines = [f"run         {info['run_dir']}"]
+    status = info.get("status")
+    if status:
+        lines.append(f"state       {status['state']} at step {status.get('step')} ({_age(now - status['time'])})"
+                     + (f": {status['reason']}" if status.get("reason") else ""))
+    else:
+        lines.append("state       not started (no status.json)")
+    if "slurm" in info:
+        s = info["slurm"]
+        lines.append(f"slurm       job {s['job_id']} {s['state'] or 'unknown to SLURM'}, restarts {s['restarts']}"
+                     + (f", {s['reason']}" if s.get("reason") not in (None, "None") else "")
+                     + (f", nodes {s['nodes']}" if s.get("nodes") not in (None, "(null)") else ""))
+    last = info.get("last_step")
+    if last:
+        loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "skipped"
+        lines.append(f"progress    step {last['step']}/{info.get('max_steps')}, loss {loss}, "
+                     f"{last['tokens_per_sec']:,.0f} tokens/s ({_age(now - last['time'])})")
+    lines.append(f"checkpoint  {info['newest_checkpoint'] or 'none yet'}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""SLURM: the rendered script, and real jobs on the local 2-node cluster (slurm/local-cluster/up).
+
+Jobs run 2 nodes × 1 process with gloo on this host; their per-step losses must equal a local
+2-process run of the same config, including after a preemption and requeue.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, losses, shardtune, tiny_config
+from launcher import slurm
+from launcher.config import apply_overrides, validate_config
+from launcher.errors import ConfigError
+from launcher.plan import build_plan
+
+CLUSTER = REPO / "slurm" / "local-cluster"
+SLURM = {"backend": "slurm", "nodes": 2, "procs_per_node": 1, "device": "cpu"}
+
+
+def rendered(*overrides: str) -> str:
+    raw = {"model": {"name_or_path": "/m"}, "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 64},
+           "train": {"max_steps": 5, "grad_accum_steps": 1, "lr": 1e-3, "seed": 0},
+           "launch": {"backend": "slurm", "nodes": 4, "procs_per_node": 8},
+           "slurm": {"partition": "gpu", "account": "proj", "setup": ["module load cuda", "source /env/bin/activate"]},
+           "output_dir": "/scratch/run"}
+    return build_plan(validate_config(apply_overrides(raw, list(overrides)))).script
+
+
+def test_script_is_valid_bash_with_literal_sbatch_lines(tmp_path):
+    script = rendered()
+    path = tmp_path / "launch.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch and not [line for line in sbatch if "$" in line]
+    for option in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+                   "--requeue", "--signal=B:USR1@300", "--open-mode=append"):
+        assert f"#SBATCH {option}" in sbatch, option
+    assert not re.search(r"@@[A-Z_]+@@", script) and "module load cuda" in script
+
+
+def test_node_rank_is_evaluated_on_each_node():
+    script = rendered()
+    srun = script[script.index("srun "):script.index("SRUN_PID=")]
+    assert '\\$SLURM_NODEID' in srun, "the node rank must be escaped so each node expands its own"
+    assert "--nnodes=$SLURM_JOB_NUM_NODES" in srun and "--rdzv_id=$SLURM_JOB_ID" in srun
+    assert "--kill-on-bad-exit=1" in srun and "--ntasks-per-node=1" in srun
+
+
+def test_variables_in_sbatch_values_are_refused():
+    with pytest.raises(ConfigError, match=r"slurm.partition: '\$PART' is not allowed: #SBATCH lines are not expanded"):
+        rendered("slurm.partition=$PART")
+    with pytest.raises(ConfigError, match=r"slurm.extra_sbatch\[0\]"):
+        rendered("slurm.extra_sbatch=['--comment=$USER']")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    proc = subprocess.run([str(CLUSTER / "up")], capture_output=True, text=True)
+    if proc.returncode == 3:
+        pytest.skip(f"no local SLURM cluster: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """The same run as the jobs, on 2 local processes."""
+    tmp = tmp_path_factory.mktemp("local")
+    shardtune("launch", str(tiny_config(tmp, tiny_model, train={"max_steps": STEPS, "save_every": 5})))
+    return losses(tmp / "run")
+
+
+def job_config(tmp_path, model, **train):
+    return tiny_config(tmp_path, model, train={"max_steps": STEPS, "save_every": 5, **train}, launch=SLURM,
+                       slurm={"time": "10", "max_requeues": 2})
+
+
+def submitted_job(run_dir) -> str:
+    return slurm.read_jobs(run_dir)[-1]["job_id"]
+
+
+def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, reference):
+    proc = shardtune("launch", str(job_config(tmp_path, tiny_model)), "--wait")
+    assert "submitted job" in proc.stdout and "COMPLETED" in proc.stdout
+    run = tmp_path / "run"
+    assert losses(run) == reference
+    log = (run / f"slurm-{submitted_job(run)}.out").read_text()
+    assert re.search(r"^0: == node 0 \(n1\) starting torchrun", log, re.M)
+    assert re.search(r"^1: == node 1 \(n2\) starting torchrun", log, re.M)
+    status = shardtune("status", str(run)).stdout
+    assert "COMPLETED" in status and f"step {STEPS}/{STEPS}" in status and "step_00000030" in status
+
+
+def wait_for_step(run_dir, step: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(s >= step for s in losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else False:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never logged")
+
+
+def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model, cluster, reference):
+    run = tmp_path / "run"
+    shardtune("launch", str(job_config(tmp_path, tiny_model, max_steps=STEPS)))
+    job = submitted_job(run)
+    wait_for_step(run, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    state = slurm.wait_for(job, poll_s=1.0, on_change=lambda _: None)
+    info = slurm.job_info(job)
+    log = (run / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert info["Restarts"] == "1"
+    assert "caught USR1" in log and "requeueing job" in log and "run state 'stopped'" in log
+    assert re.search(r"resumed from .*step_\d+ at step \d+", log)
+    assert losses(run) == reference
+
+
+def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, cluster):
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 2}, launch=SLURM,
+                      slurm={"time": "10", "max_requeues": 1})
+    proc = shardtune("launch", str(cfg), "launch.env={SHARDTUNE_FAULTS: 'crash@5:0'}", "--wait", check=False)
+    assert proc.returncode != 0 and "FAILED" in proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    job = submitted_job(run)
+    log = (run / f"slurm-{job}.out").read_text()
+    assert log.count("resumed from") == 1, "the second attempt should resume from the periodic checkpoint"
+    assert "giving up: attempt 1 ended" in log and "slurm.max_requeues=1" in log
+    assert slurm.job_info(job)["Restarts"] == "1"
+
+
+def test_two_torchrun_agents_from_the_rendered_multi_node_command(tmp_path, tiny_model, reference):
+    port = 29500 + os.getpid() % 300
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 5},
+                      launch={"nodes": 2, "procs_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{port}"})
+    out = shardtune("launch", str(cfg)).stdout
+    assert "on each of the 2 nodes" in out
+    script = tmp_path / "run" / "launch.sh"
+    agents = [subprocess.Popen(["bash", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    codes = [a.wait(timeout=300) for a in agents]
+    assert codes == [0, 0], [a.stderr.read()[-2000:] for a in agents]
+    assert losses(tmp_path / "run") == reference
