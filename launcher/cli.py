@@ -20,6 +20,7 @@ from launcher import slurm
 from launcher.config import dump_config, load_config
 from launcher.errors import ConfigError
 from launcher.estimate import estimate_command
+from launcher.prepare_cmd import prepare_command
 from launcher.plan import build_plan, format_plan
 from launcher.torchrun import rdzv_endpoint
 
@@ -166,12 +167,18 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
 
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
-            "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop}
+            "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
+            "prepare": prepare_command}
+
+
+# fire reads the word after a bare `--json` as its value, so `plan c.yaml --json train.lr=1` would lose
+# the override; spelling switches out as `--json=True` keeps every key=value an override.
+SWITCHES = {"--json", "--dry_run", "--wait"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `shardtune` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = [f"{a}=True" if a in SWITCHES else a for a in (sys.argv[1:] if argv is None else argv)]
     try:
         fire.Fire(COMMANDS, command=argv, name="shardtune")
     except ConfigError as exc:

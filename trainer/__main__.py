@@ -14,10 +14,11 @@ from trainer.checkpoint import CheckpointError
 from trainer.data.cache import BuildFailed
 from trainer.data.prepare import DataError
 from trainer.data.render import TemplateError
+from trainer.data.sources import SourceError
 from trainer.loop import TooManyBadSteps
 from trainer.session import Session, setup_logging
 
-USER_ERRORS = (DataError, BuildFailed, TemplateError, CheckpointError, TooManyBadSteps)
+USER_ERRORS = (DataError, BuildFailed, TemplateError, SourceError, CheckpointError, TooManyBadSteps)
 
 
 def main(argv: list[str]) -> int:

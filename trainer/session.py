@@ -20,6 +20,7 @@ from launcher.config import RunConfig, validate_config
 from trainer import checkpoint, nonfinite
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
+from trainer.data.show import format_summary, summary_metrics
 from trainer.distributed import Dist, barrier, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
 from trainer.loop import Loop, TrainState, evaluate
@@ -114,6 +115,8 @@ class Session:
         elif self.cfg.train.resume == "auto":
             self.tracker.message("no complete checkpoint in this run directory: starting from the pretrained weights")
         self.tracker.start(self.cfg, state.step, state.wandb_run_id)
+        self.tracker.message(format_summary(self.data.summary))
+        self.tracker.log_with_next(summary_metrics(self.data.summary))
         state.wandb_run_id = self.tracker.run_id
         self.stop = StopRequest(self.run_dir)
         write_status(self.run_dir, self.dist, "running", state.step)

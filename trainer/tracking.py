@@ -26,6 +26,9 @@ class NullTracker:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
+    def log_with_next(self, metrics: dict[str, Any]) -> None:
+        """Values to add to the next logged row (e.g. data statistics, known once per launch)."""
+
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         pass
 
@@ -50,6 +53,7 @@ class Tracker(NullTracker):
         self.max_steps = max_steps
         self.wandb = None
         self.bar = None
+        self.pending: dict[str, Any] = {}
 
     def start(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
         self._trim_metrics(resume_step)
@@ -100,7 +104,11 @@ class Tracker(NullTracker):
         self.run_id = run.id
         return run
 
+    def log_with_next(self, metrics: dict[str, Any]) -> None:
+        self.pending.update(metrics)
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        metrics, self.pending = {**metrics, **self.pending}, {}
         row = {"step": step, **metrics, "time": round(time.time(), 3)}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")

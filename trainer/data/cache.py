@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-PREP_VERSION = 1  # bump when the preprocessing code changes what it produces
+PREP_VERSION = 2  # bump when the preprocessing code changes what it produces
 STALE_AFTER_S = 120.0
 HEARTBEAT_S = 10.0
 
@@ -58,13 +58,32 @@ def _heartbeat(lock: Path) -> Iterator[None]:
 
 
 def _try_lock(lock: Path) -> bool:
+    """Create the lock file exclusively; take over a lock whose builder stopped beating."""
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if time.time() - lock.stat().st_mtime > STALE_AFTER_S:
-            lock.unlink(missing_ok=True)  # its builder stopped beating: take over
+        try:
+            stale = time.time() - lock.stat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:  # released between our open and stat
             return _try_lock(lock)
-        return False
+        if not stale:
+            return False
+        # Rename is atomic: of several waiters that all saw it stale, exactly one moves it away.
+        grave = lock.with_name(f"{lock.name}.stale-{socket.gethostname()}-{os.getpid()}")
+        try:
+            os.rename(lock, grave)
+        except FileNotFoundError:
+            return False
+        if time.time() - grave.stat().st_mtime <= STALE_AFTER_S:
+            # Another waiter took over between our stat and rename, and we moved its fresh lock: give it back.
+            try:
+                os.link(grave, lock)
+            except FileExistsError:
+                pass
+            grave.unlink(missing_ok=True)
+            return False
+        grave.unlink(missing_ok=True)
+        return _try_lock(lock)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{socket.gethostname()} {os.getpid()}\n")
     return True
@@ -98,6 +117,11 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                         raise
                 (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
                                                            "time": time.time()}))
+                # Two builders happen only if a stalled (not dead) builder's lock was judged stale; keep the
+                # first result, which readers may already have open.
+                if (final / "COMPLETE").exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return final, False
                 shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from a crash
                 os.rename(tmp, final)
                 return final, True

@@ -16,12 +16,16 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 Conversation = list[dict[str, str]]
 
+FORMAT_FIELDS = {"text": ("text",), "alpaca": ("instruction", "input", "output", "system"),
+                 "messages": ("messages", "role", "content"), "sharegpt": ("conversations", "speaker", "value")}
+"""The `data.fields` entries each format reads (the others do not change what it produces)."""
+
 
 class BadRow(Exception):
     """A row that cannot be trained on; `reason` is a short stable key, the message says more."""
 
     def __init__(self, reason: str, detail: str):
-        self.reason = reason
+        self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
 
@@ -70,21 +74,31 @@ def check_turn_order(messages: Conversation) -> None:
         raise BadRow("no_assistant_turn", "no assistant message to train on")
 
 
+def _content(value: Any, where: str) -> str:
+    """A turn's text; OpenAI-style lists of text parts are joined, anything else non-text is wrong_type."""
+    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        value = "".join(p.get("text") if isinstance(p.get("text"), str) else "" for p in value)
+    return _text(value, where)
+
+
 def messages_from(turns: list, role_key: str, content_key: str, role_map: dict[str, str] | None) -> Conversation:
+    """Validated turns with roles mapped onto system/user/assistant (role_map: sharegpt speakers, case-insensitive)."""
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRow("wrong_type", f"turn {i} should be an object, got {type(turn).__name__}")
-        if role_key not in turn:
+        if turn.get(role_key) is None:
             raise BadRow("missing_field", f"turn {i} has no {role_key!r}")
         raw_role = turn[role_key]
-        role = (role_map or {r: r for r in ROLES}).get(str(raw_role).lower() if role_map else raw_role)
+        if not isinstance(raw_role, str):
+            raise BadRow("wrong_type", f"turn {i} {role_key!r} should be a string, got {type(raw_role).__name__}")
+        role = role_map.get(raw_role.lower()) if role_map else (raw_role if raw_role in ROLES else None)
         if role is None:
             allowed = sorted(role_map) if role_map else list(ROLES)
             raise BadRow("unknown_role", f"turn {i} has role {raw_role!r}; allowed: {', '.join(allowed)}")
-        if content_key not in turn:
+        if turn.get(content_key) is None:
             raise BadRow("missing_field", f"turn {i} has no {content_key!r}")
-        out.append({"role": role, "content": _text(turn[content_key], f"turn {i} {content_key!r}")})
+        out.append({"role": role, "content": _content(turn[content_key], f"turn {i} {content_key!r}")})
     if not out:
         raise BadRow("empty_content", "the conversation has no turns")
     check_turn_order(out)

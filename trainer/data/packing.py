@@ -73,15 +73,20 @@ def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray]
     """Concatenate each group's samples into one sequence; count the targets of the shifted loss."""
     order = [i for g in groups for i in g]
     lens = np.array([len(samples_ids[i]) for i in order], dtype=np.int64)
-    tokens = np.concatenate([samples_ids[i] for i in order]).astype(np.int32) if order else np.zeros(0, np.int32)
-    labels = np.concatenate([samples_labels[i] for i in order]).astype(np.int32) if order else np.zeros(0, np.int32)
+    if not order:
+        empty = np.zeros(0, np.int32)
+        return PackedSet(empty, empty.copy(), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64),
+                         np.zeros(0, np.int64))
+    tokens = np.concatenate([samples_ids[i] for i in order]).astype(np.int32)
+    labels = np.concatenate([samples_labels[i] for i in order]).astype(np.int32)
     group_sizes = np.array([len(g) for g in groups], dtype=np.int64)
     sample_starts = np.concatenate([[0], np.cumsum(group_sizes)])
-    seq_lens = np.array([lens[sample_starts[k]:sample_starts[k + 1]].sum() for k in range(len(groups))], dtype=np.int64)
-    seq_starts = np.concatenate([[0], np.cumsum(seq_lens)])
+    token_starts = np.concatenate([[0], np.cumsum(lens)])
+    seq_starts = token_starts[sample_starts]
     # A sample's first label is never a target (nothing before it in its own sample predicts it).
-    targets_per_sample = np.array([int((samples_labels[i][1:] != -100).sum()) for i in order], dtype=np.int64)
-    n_targets = np.add.reduceat(targets_per_sample, sample_starts[:-1]) if len(groups) else np.zeros(0, np.int64)
+    is_target = labels != -100
+    is_target[token_starts[:-1][lens > 0]] = False
+    n_targets = np.add.reduceat(is_target.astype(np.int64), seq_starts[:-1])
     return PackedSet(tokens, labels, seq_starts.astype(np.int64), lens.astype(np.int32), sample_starts.astype(np.int64),
                      n_targets.astype(np.int64))
 

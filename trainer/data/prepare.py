@@ -1,29 +1,37 @@
 """Read -> validate -> render and mask -> mix -> pack -> cache, once per set of inputs.
 
-This runs before any process group exists (in `shardtune prepare`, in `shardtune launch`, or at the
-start of every rank, where all but one process find the cache built or wait for it), so a bad row
-fails the job before a single GPU is held.
+This runs before any process group exists (in `shardtune prepare`, or at the start of every rank,
+where all but one process per filesystem find the cache built or wait for it), so a bad row fails
+the job before a single GPU is held.
+
+The cache holds what the data *is*, not what the run does about it: bad rows are recorded in the
+entry, and `data.on_bad_row=error` turns them into an error after the build or on a cache hit. So
+switching that policy, or anything else that does not change the sequences, reuses the entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from launcher.config import DataFields, RunConfig
 from trainer.data.cache import build_once, cache_key, default_cache_root
-from trainer.data.formats import BadRow, parse_json, to_sample
+from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_sample
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
-from trainer.data.render import Renderer, fit_length, install_template
-from trainer.data.sources import RawRow, fingerprint_files, read_rows
+from trainer.data.render import Renderer, fit_length, install_template, num_targets
+from trainer.data.sources import fingerprint_files, read_rows
 
 MAX_LISTED_BAD_ROWS = 20
+MAX_STORED_BAD_ROWS = 1000
+POLICY_DROPS = ("too_long", "no_trained_tokens")
+"""Reasons that follow a data setting (data.truncation), not malformed input: counted, never an error."""
 
 
 class DataError(Exception):
@@ -47,6 +55,19 @@ class Prepared:
     cache_dir: Path
 
 
+@dataclass
+class Encoded:
+    """One source after tokenization: its usable samples and what happened to the other rows."""
+
+    ids: list[np.ndarray]
+    labels: list[np.ndarray]
+    rows_read: int
+    skipped: Counter
+    truncated: int
+    bad: list[tuple[str, str, str]]
+    """(file:line, reason, detail) of malformed rows, in file order (policy drops are only counted)."""
+
+
 def sources_of(cfg: RunConfig) -> list[Source]:
     d = cfg.data
     out = [Source(d.path, d.format, d.fields, d.weight, d.split)]
@@ -54,168 +75,250 @@ def sources_of(cfg: RunConfig) -> list[Source]:
     return out
 
 
+def eval_source_of(cfg: RunConfig) -> Optional[Source]:
+    d = cfg.data
+    return Source(d.eval_path, d.format, d.fields, 1.0, d.split) if d.eval_path else None
+
+
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    needs_template = any(s.format != "text" for s in sources_of(cfg))
-    install_template(tok, cfg.data.chat_template, needs_template)
+    install_template(tok, cfg.data.chat_template, _needs_template(cfg))
     return tok
 
 
+def _needs_template(cfg: RunConfig) -> bool:
+    return any(s.format != "text" for s in sources_of(cfg))
+
+
 def tokenizer_fingerprint(tok) -> str:
+    """The tokenizer's vocabulary, rules and special tokens; the chat template is keyed separately."""
     h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([tok.chat_template, tok.eos_token_id, tok.pad_token_id], default=str).encode())
+    h.update(json.dumps([tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, tok.special_tokens_map],
+                        default=str, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
-def _source_fingerprint(s: Source) -> dict:
+def _source_inputs(s: Source, share: Optional[float]) -> dict:
     files = fingerprint_files(s.path)
-    return {"files": files or [s.path, s.split], "format": s.format, "fields": s.fields.model_dump(), "weight": s.weight}
+    return {"files": files or [s.path, s.split], "format": s.format,
+            "fields": {k: getattr(s.fields, k) for k in FORMAT_FIELDS[s.format]}, "share": share}
+
+
+def cache_inputs(cfg: RunConfig, tok) -> dict:
+    """Everything the prepared sequences depend on, and nothing else (so the key changes exactly then)."""
+    d = cfg.data
+    sources = sources_of(cfg)
+    mixing = len(sources) > 1
+    total = sum(s.weight for s in sources)
+    chat = _needs_template(cfg)
+    eval_src = eval_source_of(cfg)
+    return {
+        "sources": [_source_inputs(s, round(s.weight / total, 12) if mixing else None) for s in sources],
+        "eval_path": _source_inputs(eval_src, None) if eval_src else None,
+        "eval_fraction": d.eval_fraction,
+        "tokenizer": tokenizer_fingerprint(tok),
+        "chat_template": tok.chat_template if chat else None,
+        "train_on": d.train_on if chat else None,
+        "seq_len": d.seq_len, "packing": d.packing, "truncation": d.truncation,
+        # The seed only draws the eval holdout and the mixture's subsets.
+        "seed": cfg.train.seed if (mixing or d.eval_fraction) else None,
+    }
 
 
 def _encode_batch(batch: dict, fmt: str, fields: dict, renderer: Renderer, seq_len: int, truncation: str) -> dict:
-    """datasets.map worker: rows -> token ids and labels, or a reason why the row is dropped."""
-    out = {"input_ids": [], "labels": [], "n_targets": [], "reason": [], "detail": [], "truncated": []}
+    """datasets.map worker: rows -> token ids and labels, or the reason a row is dropped."""
     f = DataFields(**fields)
-    for text, error in zip(batch["text"], batch["error"]):
-        ids, labels, truncated = [], [], False
+    n = len(batch["text"])
+    reason, detail, truncated = [""] * n, [""] * n, [False] * n
+    rendered, at = [], []
+    for i, (text, error) in enumerate(zip(batch["text"], batch["error"])):
         try:
             if error:
                 raise BadRow(*error.split(": ", 1))
-            ids, labels = renderer.encode(to_sample(parse_json(text), fmt, f))
-            ids, labels, note = fit_length(ids, labels, seq_len, truncation)
-            truncated = note == "truncated"
-            if not any(x != -100 for x in labels[1:]):
-                raise BadRow("no_trained_tokens", "no token carries loss" + (" after truncation" if truncated else ""))
-            reason = detail = ""
+            rendered.append(renderer.render(to_sample(parse_json(text), fmt, f)))
+            at.append(i)
         except BadRow as exc:
-            ids, labels, reason, detail = [], [], exc.reason, str(exc).split(": ", 1)[-1]
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["n_targets"].append(sum(1 for x in labels[1:] if x != -100))
-        out["reason"].append(reason)
-        out["detail"].append(detail)
-        out["truncated"].append(truncated)
-    return out
+            reason[i], detail[i] = exc.reason, exc.detail
+    empty = np.zeros(0, dtype=np.int32)
+    ids_out, labels_out = [empty] * n, [empty] * n
+    for i, (ids, labels) in zip(at, renderer.encode_many(rendered)):
+        try:
+            ids, labels, cut = fit_length(ids, labels, seq_len, truncation)
+            if num_targets(labels) == 0:
+                raise BadRow("no_trained_tokens", "no token carries loss" + (" after truncation" if cut else ""))
+        except BadRow as exc:
+            reason[i], detail[i] = exc.reason, exc.detail
+            continue
+        ids_out[i], labels_out[i], truncated[i] = ids, labels, cut
+    return {"input_ids": ids_out, "labels": labels_out, "reason": reason, "detail": detail, "truncated": truncated}
 
 
-def encode_source(src: Source, renderer: Renderer, cfg: RunConfig, work_dir: Path) -> tuple[dict, list[tuple[str, str, str]]]:
-    """One source through datasets.map: (arrays of its good samples, [(where, reason, detail)] of bad rows)."""
+def _workers(cfg: RunConfig, rows: int) -> Optional[int]:
+    if cfg.data.num_proc:
+        return cfg.data.num_proc if cfg.data.num_proc > 1 else None  # datasets forks even for num_proc=1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if rows >= 20_000 and cores > 1 else None  # forking costs more than small data saves
+
+
+def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
+    """One source through datasets.map (batched, num_proc); results come back as Arrow, read as numpy."""
     import datasets
+    import pyarrow.compute as pc
 
-    rows = list(read_rows(src.path, src.split))
-    raw = datasets.Dataset.from_dict({"where": [r.where for r in rows], "text": [r.text for r in rows],
-                                      "error": [r.error for r in rows]})
-    del rows
-    num_proc = cfg.data.num_proc or (min(8, os.cpu_count() or 1) if len(raw) >= 20_000 else None)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    encoded = raw.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=["text", "error"],
+    where, text, error = [], [], []
+    for row in read_rows(src.path, src.split):
+        where.append(row.where)
+        text.append(row.text)
+        error.append(row.error)
+    raw = datasets.Dataset.from_dict({"where": where, "text": text, "error": error})
+    del where, text, error
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    features = datasets.Features({"where": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
+                                  "labels": datasets.List(datasets.Value("int32")), "reason": datasets.Value("string"),
+                                  "detail": datasets.Value("string"), "truncated": datasets.Value("bool")})
+    encoded = raw.map(_encode_batch, batched=True, batch_size=500, num_proc=_workers(cfg, len(raw)),
+                      remove_columns=["text", "error"], features=features, keep_in_memory=True,
                       fn_kwargs={"fmt": src.format, "fields": src.fields.model_dump(), "renderer": renderer,
                                  "seq_len": cfg.data.seq_len, "truncation": cfg.data.truncation},
-                      new_fingerprint=hashlib.sha256(f"{work_dir}{src.path}".encode()).hexdigest()[:16],
-                      desc=f"tokenizing {Path(src.path).name}", keep_in_memory=True)
+                      new_fingerprint=hashlib.sha256(f"{src.path}{time.time_ns()}".encode()).hexdigest()[:16],
+                      desc=f"tokenizing {Path(src.path).name}")
     table = encoded.data.table
-    reasons = np.array(table.column("reason").to_pylist(), dtype=object)
-    good = reasons == ""
-    bad = [(w, r, d) for w, r, d, ok in zip(table.column("where").to_pylist(), reasons,
-                                            table.column("detail").to_pylist(), good) if not ok]
-    ids = table.column("input_ids").combine_chunks()
-    labels = table.column("labels").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
+    reasons = table.column("reason")
+    good = np.asarray(pc.equal(reasons, "").to_numpy(zero_copy_only=False), dtype=bool)
+    bad_table = table.filter(pc.invert(pc.equal(reasons, ""))).select(["where", "reason", "detail"])
+    skipped = Counter(bad_table.column("reason").to_pylist())
+    bad = [(w, r, d) for w, r, d in zip(*(bad_table.column(c).to_pylist() for c in ("where", "reason", "detail")))
+           if r not in POLICY_DROPS]
+    ids, labels = table.column("input_ids").combine_chunks(), table.column("labels").combine_chunks()
+    id_at, flat_ids = ids.offsets.to_numpy(), ids.values.to_numpy()
+    label_at, flat_labels = labels.offsets.to_numpy(), labels.values.to_numpy()
     keep = np.flatnonzero(good)
-    arrays = {"ids": [flat_ids[offsets[i]:offsets[i + 1]] for i in keep],
-              "labels": [flat_labels[offsets[i]:offsets[i + 1]] for i in keep],
-              "truncated": int(np.asarray(table.column("truncated").to_numpy(zero_copy_only=False))[keep].sum()),
-              "rows_read": len(reasons)}
-    return arrays, bad
+    truncated = np.asarray(table.column("truncated").to_numpy(zero_copy_only=False), dtype=bool)
+    return Encoded(ids=[flat_ids[id_at[i]:id_at[i + 1]] for i in keep],
+                   labels=[flat_labels[label_at[i]:label_at[i + 1]] for i in keep],
+                   rows_read=len(table), skipped=skipped, truncated=int(truncated[keep].sum()), bad=bad)
 
 
-def _report_bad_rows(bad: list[tuple[str, str, str]], policy: str) -> dict[str, int]:
-    counts = dict(Counter(reason for _, reason, _ in bad))
-    if bad and policy == "error":
-        listed = "\n".join(f"  {w}: {r}: {d}" for w, r, d in bad[:MAX_LISTED_BAD_ROWS])
-        more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
-        raise DataError(f"{len(bad)} bad row(s) (data.on_bad_row=error; set data.on_bad_row=skip to drop them):\n"
-                        f"{listed}{more}\ncounts: {counts}")
-    return counts
+def bad_rows_message(bad: list[tuple[str, str, str]], total: int, counts: dict[str, int]) -> str:
+    listed = "\n".join(f"  {w}: {r}: {d}" for w, r, d in bad[:MAX_LISTED_BAD_ROWS])
+    more = f"\n  ... and {total - MAX_LISTED_BAD_ROWS} more" if total > MAX_LISTED_BAD_ROWS else ""
+    per_reason = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
+    return (f"{total} bad row(s) (data.on_bad_row=error; fix them or set data.on_bad_row=skip to drop them):\n"
+            f"{listed}{more}\nper reason: {per_reason}")
 
 
-def mix_and_split(per_source: list[dict], weights: list[float], eval_fraction: float, seed: int):
-    """Hold out eval_fraction of every source, then mix the rest in proportion to the weights."""
+def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction: float, seed: int):
+    """Hold out eval_fraction of every source, then mix the rest in proportion to the weights.
+
+    Returns (training samples, held-out samples, training samples per source); a sample is
+    (source index, row index). The mixture has as many samples as the sources' training rows
+    together; a source with more weight than rows is repeated, one with less is subsampled.
+    """
     rng = np.random.default_rng([seed, 17])
     train, held = [], []
-    for arrays in per_source:
-        n = len(arrays["ids"])
+    for s, enc in enumerate(per_source):
+        n = len(enc.ids)
         order = rng.permutation(n)
         n_eval = int(round(eval_fraction * n))
-        held += [(arrays, i) for i in sorted(order[:n_eval])]
-        train.append((arrays, np.sort(order[n_eval:])))
-    total = sum(len(idx) for _, idx in train)
-    share = np.array(weights) / sum(weights)
-    picked = []
-    for (arrays, idx), p in zip(train, share):
-        want = int(round(p * total)) if len(train) > 1 else len(idx)
-        if len(idx) == 0:
-            continue
-        reps, rest = divmod(want, len(idx))  # upsample by whole repeats, then a seeded subset
+        held += [(s, int(i)) for i in np.sort(order[:n_eval])]
+        train.append(np.sort(order[n_eval:]))
+    if len(train) == 1:
+        return [(0, int(i)) for i in train[0]], held, [len(train[0])]
+    total = sum(len(idx) for idx in train)
+    share = np.array(weights, dtype=float) / sum(weights)
+    picked, per_source_count = [], []
+    for s, (idx, p) in enumerate(zip(train, share)):
+        want = int(round(p * total)) if len(idx) else 0
+        reps, rest = divmod(want, len(idx)) if len(idx) else (0, 0)
         chosen = np.concatenate([np.tile(idx, reps), np.sort(rng.choice(idx, size=rest, replace=False))])
-        picked += [(arrays, int(i)) for i in chosen]
-    return picked, held
+        picked += [(s, int(i)) for i in chosen]
+        per_source_count.append(int(want))
+    return picked, held, per_source_count
 
 
-def _pack(samples: list[tuple[dict, int]], seq_len: int, packing: bool) -> PackedSet:
-    ids = [a["ids"][i] for a, i in samples]
-    labels = [a["labels"][i] for a, i in samples]
-    lengths = np.array([len(x) for x in ids])
+def _pack(per_source: list[Encoded], samples: list[tuple[int, int]], seq_len: int, packing: bool) -> PackedSet:
+    ids = [per_source[s].ids[i] for s, i in samples]
+    labels = [per_source[s].labels[i] for s, i in samples]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
     groups = best_fit_decreasing(lengths, seq_len) if packing else one_per_sequence(lengths)
     return build_packed(ids, labels, groups)
 
 
-def prepare(cfg: RunConfig, tokenizer=None, log=print) -> Prepared:
-    """The packed training (and eval) sets for a config, from the cache or built now."""
-    tok = tokenizer or load_tokenizer(cfg)
+def _counts(encoded: list[Encoded]) -> dict:
+    skipped = sum((e.skipped for e in encoded), Counter())
+    read = sum(e.rows_read for e in encoded)
+    return {"rows_read": read, "rows_kept": sum(len(e.ids) for e in encoded), "rows_skipped": dict(sorted(skipped.items())),
+            "rows_truncated": sum(e.truncated for e in encoded)}
+
+
+def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     d = cfg.data
-    sources = sources_of(cfg)
-    eval_src = Source(d.eval_path, d.format, d.fields, 1.0, d.split) if d.eval_path else None
-    key = cache_key({"sources": [_source_fingerprint(s) for s in sources],
-                     "eval": _source_fingerprint(eval_src) if eval_src else None, "eval_fraction": d.eval_fraction,
-                     "tokenizer": tokenizer_fingerprint(tok), "train_on": d.train_on, "seq_len": d.seq_len,
-                     "packing": d.packing, "truncation": d.truncation, "on_bad_row": d.on_bad_row, "seed": cfg.train.seed})
+    started = time.perf_counter()
+    sources, eval_src = sources_of(cfg), eval_source_of(cfg)
+    renderer = Renderer(tok, d.train_on)
+    encoded = [encode_source(src, renderer, cfg) for src in sources]
+    eval_encoded = encode_source(eval_src, renderer, cfg) if eval_src else None
+    picked, held, per_source = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
+    train = _pack(encoded, picked, d.seq_len, d.packing) if picked else None
+    evaluation, eval_summary = None, None
+    if eval_encoded is not None:
+        evaluation = _pack([eval_encoded], [(0, i) for i in range(len(eval_encoded.ids))], d.seq_len, d.packing)
+        eval_summary = {"from": "eval_path", **_counts([eval_encoded]), "samples": len(eval_encoded.ids)}
+    elif held:
+        evaluation = _pack(encoded, held, d.seq_len, d.packing)
+        eval_summary = {"from": "eval_fraction", "samples": len(held)}
+    tmp.mkdir(parents=True)
+    if train is not None:
+        train.save(tmp / "train")
+    if evaluation is not None and len(evaluation):
+        evaluation.save(tmp / "eval")
+        eval_summary.update(packing_stats(evaluation, d.seq_len))
+    bad = [b for e in encoded + ([eval_encoded] if eval_encoded else []) for b in e.bad]
+    with open(tmp / "bad_rows.jsonl", "w") as fh:
+        for w, r, detail in bad[:MAX_STORED_BAD_ROWS]:
+            fh.write(json.dumps({"where": w, "reason": r, "detail": detail}) + "\n")
+    empty = {"sequences": 0, "tokens": 0, "trained_tokens": 0, "pad_tokens": 0, "packing_efficiency": 0.0}
+    summary = {**_counts(encoded), "samples": len(picked), "seq_len": d.seq_len,
+               **(packing_stats(train, d.seq_len) if train is not None else empty),
+               "sources": [{"path": s.path, "format": s.format, "weight": s.weight, **_counts([e]), "samples": n}
+                           for s, e, n in zip(sources, encoded, per_source)],
+               "eval": eval_summary, "bad_rows": len(bad),
+               "bad_rows_per_reason": dict(sorted(Counter(r for _, r, _ in bad).items())),
+               "build_seconds": round(time.perf_counter() - started, 3)}
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"preprocessed {summary['rows_read']} rows into {summary['sequences']} sequences "
+        f"in {summary['build_seconds']:.1f} s")
+
+
+def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) -> Prepared:
+    """The packed training (and eval) sets for a config, from the cache or built now.
+
+    Raises DataError for bad rows under data.on_bad_row=error (listing file:line), or when no
+    training sequence remains.
+    """
+    tok = tokenizer or load_tokenizer(cfg)
+    install_template(tok, cfg.data.chat_template, _needs_template(cfg))
+    d = cfg.data
+    inputs = cache_inputs(cfg, tok)
+    key = cache_key(inputs)
     root = Path(d.cache_dir) if d.cache_dir else default_cache_root()
 
     def build(tmp: Path) -> None:
-        renderer = Renderer(tok, d.train_on)
-        encoded, bad = [], []
-        for src in sources:
-            arrays, src_bad = encode_source(src, renderer, cfg, tmp)
-            encoded.append(arrays)
-            bad += src_bad
-        eval_arrays, eval_bad = encode_source(eval_src, renderer, cfg, tmp) if eval_src else (None, [])
-        skipped = _report_bad_rows(bad + eval_bad, d.on_bad_row)
-        picked, held = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
-        if not picked:
-            raise DataError(f"no usable training rows in {d.path} (skipped: {skipped})")
-        train = _pack(picked, d.seq_len, d.packing)
-        train.save(tmp / "train")
-        evaluation = None
-        if eval_arrays is not None:
-            evaluation = _pack([(eval_arrays, i) for i in range(len(eval_arrays["ids"]))], d.seq_len, d.packing)
-        elif held:
-            evaluation = _pack(held, d.seq_len, d.packing)
-        if evaluation is not None:
-            evaluation.save(tmp / "eval")
-        rows_read = sum(a["rows_read"] for a in encoded)
-        summary = {"rows_read": rows_read, "rows_kept": sum(len(a["ids"]) for a in encoded),
-                   "rows_skipped": skipped, "rows_truncated": sum(a["truncated"] for a in encoded),
-                   "samples_in_mixture": len(picked), **packing_stats(train, d.seq_len),
-                   "eval": packing_stats(evaluation, d.seq_len) if evaluation is not None else None}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"preprocessing {d.path} into {root / key}")
+        _build(tmp, cfg, tok, log)
+        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, default=str) + "\n")
 
     path, built = build_once(root, key, build, on_wait=log)
     summary = json.loads((path / "summary.json").read_text())
     summary.update({"cache_dir": str(path), "cache_hit": not built})
+    if summary["bad_rows"] and d.on_bad_row == "error":
+        bad = [tuple(json.loads(line).values()) for line in (path / "bad_rows.jsonl").read_text().splitlines()]
+        raise DataError(bad_rows_message(bad, summary["bad_rows"], summary["bad_rows_per_reason"]))
+    if not summary["sequences"]:
+        raise DataError(f"no usable training rows in {d.path} (rows read: {summary['rows_read']}, "
+                        f"skipped: {summary['rows_skipped']})")
     evaluation = PackedSet.load(path / "eval") if (path / "eval").is_dir() else None
     return Prepared(PackedSet.load(path / "train"), evaluation, summary, path)

@@ -48,6 +48,10 @@ class GlobalBatchSampler:
 
 def rank_micro_batches(global_batch: np.ndarray, rank: int, world: int, micro: int) -> list[np.ndarray]:
     """This rank's contiguous share of a global batch, cut into micro-batches."""
-    per_rank = len(global_batch) // world
+    per_rank, extra = divmod(len(global_batch), world)
+    if extra or per_rank % micro:
+        # Silently dropping the remainder would make the run depend on the world size after all.
+        raise ValueError(f"a global batch of {len(global_batch)} sequences does not split into {world} ranks × "
+                         f"micro-batches of {micro}")
     mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
     return [mine[i:i + micro] for i in range(0, per_rank, micro)]

@@ -72,7 +72,9 @@ def _json_array_items(path: Path) -> Iterator[RawRow]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield RawRow(f"{path}:{line}", "", f"invalid_json: {exc.msg}")
+            # Nothing after a syntax error can be trusted, so the rest of the file is one bad row.
+            yield RawRow(f"{path}:{exc.lineno}", "", f"invalid_json: {exc.msg} at column {exc.colno} "
+                         "(the rest of this .json array is not read)")
             return
         yield RawRow(f"{path}:{line}", json.dumps(obj, ensure_ascii=False))
         line += text.count("\n", pos, end)
@@ -83,11 +85,11 @@ def _jsonl_rows(path: Path) -> Iterator[RawRow]:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if line.strip():
-                yield RawRow(f"{path}:{number}", line)
+                yield RawRow(f"{path}:{number}", line.rstrip("\r\n"))
 
 
 def _csv_rows(path: Path) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(fh)
         start = 2
         for row in reader:

@@ -1,0 +1,165 @@
+"""Data preparation benchmark: preprocessing throughput and packing efficiency.
+
+    .venv/bin/python bench/data_prep.py                    # 100k synthetic chat rows, 2 workers
+    .venv/bin/python bench/data_prep.py --rows 20000 --workers 1 2 --tokenizer tiny
+
+Part 1 runs the real `prepare` (read -> datasets.map with num_proc -> masks -> pack -> cache) on
+synthetic multi-turn chat rows whose lengths are shaped like instruction data. Part 2 packs
+log-normal sample lengths (median ~250 tokens, tail clipped at 2,048) into 2,048 and 4,096 token
+sequences, against one-sample-per-sequence padding. Timings on a shared machine are noisy: the CPU
+seconds (this process and its workers) and the load average before each run say how much of the
+machine the run really had.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launcher.config import load_config  # noqa: E402
+from trainer.data.packing import best_fit_decreasing  # noqa: E402
+from trainer.data.prepare import prepare  # noqa: E402
+
+SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+WORDS = ("the of and to in is that for it as with was on be by this are or from at which an have not but they "
+         "model data train answer question explain value function return list number string table error file "
+         "because however therefore example result first second finally step each when where what how why "
+         "Paris France river mountain city water energy light system user assistant code python json sort").split()
+
+
+def words(rng: random.Random, median: float, sigma: float, cap: int) -> str:
+    n = max(1, min(cap, int(rng.lognormvariate(np.log(median), sigma))))
+    out = rng.choices(WORDS, k=n)
+    for i in range(0, n, rng.randint(8, 20)):
+        out[i] = out[i] + rng.choice([".", ",", "?", ":", ""]) + (f" {rng.randint(0, 9999)}" if rng.random() < 0.2 else "")
+    return " ".join(out)
+
+
+def synthetic_chat(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows sized like instruction data: ~30% with a system prompt, 1-4 turns, long-tailed answers."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": words(rng, 12, 0.5, 60)}] if rng.random() < 0.3 else []
+        for _ in range(min(4, 1 + int(rng.expovariate(1.5)))):
+            msgs.append({"role": "user", "content": words(rng, 25, 0.9, 600)})
+            msgs.append({"role": "assistant", "content": words(rng, 90, 0.9, 1500)})
+        rows.append({"messages": msgs})
+    return rows
+
+
+def pick_tokenizer(choice: str, work: Path) -> tuple[str, str]:
+    """(directory, description): SmolLM2's real tokenizer when converted locally, else the tiny test one."""
+    if choice == "auto":
+        choice = "smollm2" if (SMOLLM2 / "tokenizer.json").exists() else "tiny"
+    if choice == "smollm2":
+        return str(SMOLLM2), f"SmolLM2-135M-Instruct (49,152-token BPE, its own chat template) from {SMOLLM2}"
+    if choice == "tiny":
+        from trainer.tiny import make_tokenizer
+
+        out = work / "tiny-tokenizer"
+        make_tokenizer().save_pretrained(out)
+        return str(out), "trainer.tiny.make_tokenizer() (512-token byte-level BPE, ChatML)"
+    return choice, choice
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (datasets' workers): unaffected by other users' load."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work: Path) -> dict:
+    cache = work / f"cache-{workers}"
+    shutil.rmtree(cache, ignore_errors=True)
+    raw = {"model": {"name_or_path": tokenizer},
+           "data": {"path": str(rows_path), "format": "messages", "seq_len": seq_len, "num_proc": workers,
+                    "cache_dir": str(cache), "on_bad_row": "skip"},
+           "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0},
+           "launch": {"nodes": 1, "procs_per_node": 1}, "output_dir": str(work / "run")}
+    cfg_path = work / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    load = os.getloadavg()[0]
+    cpu, started = cpu_seconds(), time.perf_counter()
+    s = prepare(cfg, log=lambda _: None).summary
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    return {"workers": workers, "cpu": cpu, "load": load, "rows": s["rows_read"], "seconds": wall, "rows_per_s": s["rows_read"] / wall,
+            "tokens_per_s": s["tokens"] / wall, "tokens": s["tokens"], "kept": s["rows_kept"],
+            "skipped": s["rows_skipped"], "efficiency": s["packing_efficiency"], "sequences": s["sequences"]}
+
+
+def packing_table(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(250), 1.0, n), 16, 2048).astype(np.int64)
+    out = []
+    for seq_len in (2048, 4096):
+        started = time.perf_counter()
+        groups = best_fit_decreasing(lengths, seq_len)
+        seconds = time.perf_counter() - started
+        out.append({"seq_len": seq_len, "samples": n, "median": int(np.median(lengths)),
+                    "p99": int(np.percentile(lengths, 99)), "sequences": len(groups),
+                    "packed": lengths.sum() / (len(groups) * seq_len), "unpacked": lengths.mean() / seq_len,
+                    "seconds": seconds})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tokenizer", default="auto", help="auto (SmolLM2 if converted, else tiny), smollm2, tiny, or a path")
+    parser.add_argument("--pack-samples", type=int, default=200_000)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    work = Path(tempfile.mkdtemp(prefix="shardtune-bench-data-"))
+    try:
+        tokenizer, described = pick_tokenizer(args.tokenizer, work)
+        rows_path = work / "chat.jsonl"
+        started = time.perf_counter()
+        with open(rows_path, "w") as fh:
+            for row in synthetic_chat(args.rows):
+                fh.write(json.dumps(row) + "\n")
+        print(f"# data preparation benchmark ({platform.node()}, {os.cpu_count()} cores, python {platform.python_version()})")
+        print(f"tokenizer: {described}")
+        print(f"synthetic rows: {args.rows:,} multi-turn chats written in {time.perf_counter() - started:.1f} s "
+              f"({rows_path.stat().st_size / 1e6:.0f} MB)\n")
+        print(f"## preprocessing: prepare() end to end, seq_len {args.seq_len}, cold cache")
+        print("| workers | rows | wall s | rows/s | tokens/s | CPU s | load before | tokens | kept | skipped | sequences "
+              "| packing eff. |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        warm = work / "warm.jsonl"  # imports, tokenizer load and template compilation, outside the timings
+        warm.write_text("".join(json.dumps(row) + "\n" for row in synthetic_chat(200, seed=1)))
+        throughput(warm, tokenizer, 1, args.seq_len, work)
+        for workers in args.workers:
+            r = throughput(rows_path, tokenizer, workers, args.seq_len, work)
+            print(f"| {workers} | {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['cpu']:.0f} | {r['load']:.1f} | {r['tokens']:,} | {r['kept']:,} | {json.dumps(r['skipped'])} | {r['sequences']:,} | "
+                  f"{r['efficiency']:.4f} |", flush=True)
+        print(f"\n## packing: best-fit decreasing, {args.pack_samples:,} log-normal lengths (median 250, clipped 16..2048)")
+        print("| seq_len | median | p99 | sequences | packed eff. | one sample per sequence | packing s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in packing_table(args.pack_samples):
+            print(f"| {r['seq_len']} | {r['median']} | {r['p99']} | {r['sequences']:,} | {r['packed']:.4f} | "
+                  f"{r['unpacked']:.4f} | {r['seconds']:.2f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Preprocess once: the cache key follows exactly the inputs that change the data, and one process builds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, tiny_config
+from launcher.config import load_config
+from trainer.data.cache import BuildFailed, build_once, cache_key
+from trainer.data.prepare import DataError, cache_inputs, load_tokenizer, prepare
+
+
+def prep(cfg, log: list | None = None):
+    return prepare(cfg, log=(log.append if log is not None else (lambda _: None)))
+
+
+def entries(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_second_prepare_reuses_the_cache(tmp_path, tiny_model):
+    cfg = load_config(tiny_config(tmp_path, tiny_model, data={"cache_dir": str(tmp_path / "cache")}))
+    built_log, hit_log = [], []
+    first = prep(cfg, built_log)
+    complete = (first.cache_dir / "COMPLETE").read_text()
+    second = prep(load_config(tiny_config(tmp_path, tiny_model, data={"cache_dir": str(tmp_path / "cache")})), hit_log)
+    assert not first.summary["cache_hit"] and second.summary["cache_hit"]
+    assert second.cache_dir == first.cache_dir and (second.cache_dir / "COMPLETE").read_text() == complete
+    assert any(m.startswith("preprocessing") for m in built_log) and hit_log == []  # nothing re-tokenized
+    assert entries(tmp_path / "cache") == [first.cache_dir.name]  # no lock or temporary directory left
+    assert (second.train.tokens == first.train.tokens).all()
+
+
+def test_seq_len_or_tokenizer_change_rebuilds(tmp_path, tiny_model):
+    from trainer.tiny import make_tokenizer
+
+    other_tok = tmp_path / "other-tokenizer"
+    make_tokenizer(vocab_size=600).save_pretrained(other_tok)
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    base = prep(load_config(tiny_config(tmp_path, tiny_model, data=cache)))
+    longer = prep(load_config(tiny_config(tmp_path, tiny_model, data={**cache, "seq_len": 256})))
+    retok = prep(load_config(tiny_config(tmp_path, tiny_model, data=cache), [f"model.tokenizer={other_tok}"]))
+    assert not longer.summary["cache_hit"] and not retok.summary["cache_hit"]
+    assert len({base.cache_dir, longer.cache_dir, retok.cache_dir}) == 3
+    assert longer.summary["sequences"] < base.summary["sequences"]
+    assert retok.summary["tokens"] != base.summary["tokens"]
+
+
+def test_key_changes_exactly_when_the_prepared_data_would(tmp_path, tiny_model):
+    # Rows valid as both `text` and `messages`, so the format alone can change.
+    rows = [{"text": f"doc {i}", "body": f"other {i}", "messages": [{"role": "user", "content": f"q {i}"},
+                                                                    {"role": "assistant", "content": f"a {i}"}]}
+            for i in range(20)]
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = tmp_path / "other.jsonl"
+    other.write_text(data_file.read_text())
+    cfg_path = tiny_config(tmp_path, tiny_model, data={"path": str(data_file), "format": "messages", "seq_len": 128})
+
+    def key(*overrides: str) -> str:
+        cfg = load_config(cfg_path, list(overrides))
+        return cache_key(cache_inputs(cfg, load_tokenizer(cfg)))
+
+    def mix(weight: float, other_weight: float) -> list[str]:
+        return [f"data.weight={weight}", f"data.mix=[{{path: {other}, weight: {other_weight}}}]"]
+
+    reference = key()
+    same = ["train.lr=1e-5", "train.max_steps=99", "train.seed=123", "data.num_proc=2", "data.on_bad_row=skip",
+            "data.shuffle=false", "data.weight=5.0", "data.fields.text=body", "launch.procs_per_node=1",
+            "zero.stage=3", f"output_dir={tmp_path / 'elsewhere'}"]
+    for override in same:
+        assert key(override) == reference, override
+    assert key(*mix(1.0, 3.0)) == key(*mix(2.0, 6.0)), "only the weights' ratio matters"
+    changed = {
+        name: key(name) for name in [
+            "data.seq_len=256", "data.packing=false", "data.truncation=truncate", "data.train_on=all",
+            "data.format=text", "data.fields.messages=msgs", "data.chat_template={{ messages[0]['content'] }}",
+            "data.eval_fraction=0.1", f"data.eval_path={other}", f"data.mix=[{{path: {other}}}]",
+        ]}
+    changed["mixture weights"] = key(*mix(1.0, 3.0))
+    changed["seed with an eval split"] = key("data.eval_fraction=0.1", "train.seed=123")
+    assert reference not in changed.values() and len(set(changed.values())) == len(changed), changed
+    with open(data_file, "a") as fh:  # the data itself changes
+        fh.write(json.dumps(rows[0]) + "\n")
+    assert key() != reference
+
+
+def test_switching_on_bad_row_reuses_the_entry_but_still_enforces_error(tmp_path, tiny_model):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    data = {"path": str(path), "format": "alpaca", "seq_len": 64, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid_json"):
+        prep(load_config(tiny_config(tmp_path, tiny_model, data=data)))
+    skipped = prep(load_config(tiny_config(tmp_path, tiny_model, data={**data, "on_bad_row": "skip"})))
+    assert skipped.summary["cache_hit"] and skipped.summary["rows_skipped"] == {"invalid_json": 1}
+    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid_json"):  # a cache hit does not hide bad rows
+        prep(load_config(tiny_config(tmp_path, tiny_model, data=data)))
+
+
+RACER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from launcher.config import load_config
+    from trainer.data.prepare import load_tokenizer, prepare
+
+    cfg = load_config(sys.argv[1])
+    tok = load_tokenizer(cfg)
+    barrier, me = Path(sys.argv[2]), sys.argv[3]
+    (barrier / me).touch()
+    deadline = time.time() + 120
+    while len(list(barrier.iterdir())) < 2 and time.time() < deadline:  # start prepare together
+        time.sleep(0.005)
+    log = []
+    p = prepare(cfg, tok, log=log.append)
+    print(json.dumps({"hit": p.summary["cache_hit"], "dir": str(p.cache_dir), "log": log,
+                      "sequences": len(p.train)}))
+""")
+
+
+def test_two_processes_racing_on_an_empty_cache_build_once(tmp_path, tiny_model):
+    words = "the a of cat dog bird red blue green tree river city".split()
+    rows = [{"instruction": " ".join(words[(i + j) % len(words)] for j in range(i % 9 + 2)), "output": f"{i}"}
+            for i in range(4000)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path, tiny_model, data={"path": str(path), "format": "alpaca", "seq_len": 256,
+                                                  "cache_dir": str(tmp_path / "cache"), "num_proc": 1})
+    (tmp_path / "barrier").mkdir()
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(cfg), str(tmp_path / "barrier"), name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for name in ("a", "b")]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    builders = [o for o in outs if not o["hit"]]
+    waiters = [o for o in outs if o["hit"]]
+    assert len(builders) == 1 and len(waiters) == 1, outs
+    assert any(m.startswith("preprocessing") for m in builders[0]["log"])
+    assert [m for m in waiters[0]["log"] if m.startswith("waiting for")], waiters[0]["log"]  # it really waited
+    assert not any(m.startswith("preprocessing") for m in waiters[0]["log"])
+    assert builders[0]["dir"] == waiters[0]["dir"] and builders[0]["sequences"] == waiters[0]["sequences"]
+    assert entries(tmp_path / "cache") == [os.path.basename(builders[0]["dir"])]
+
+
+def _write_marker(tmp) -> None:
+    tmp.mkdir()
+    (tmp / "data").write_text("built")
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_is_waited_for(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    lock = root / "k1.lock"
+    lock.write_text("deadhost 1\n")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))  # its builder died an hour ago
+    path, built = build_once(root, "k1", _write_marker)
+    assert built and (path / "data").read_text() == "built" and not lock.exists()
+
+    (root / "k2.lock").write_text("otherhost 2\n")  # a live builder elsewhere
+    waits = []
+    with pytest.raises(TimeoutError):
+        build_once(root, "k2", _write_marker, on_wait=waits.append, timeout_s=1.0)
+    assert waits and "otherhost 2" in waits[0] and not (root / "k2").exists()
+
+
+def test_a_failed_build_fails_the_waiters_too(tmp_path):
+    root = tmp_path / "cache"
+    started, release = threading.Event(), threading.Event()
+    errors = {}
+
+    def failing_build(tmp) -> None:
+        started.set()
+        release.wait(10)
+        raise RuntimeError("template exploded")
+
+    def builder() -> None:
+        try:
+            build_once(root, "k", failing_build)
+        except RuntimeError as exc:
+            errors["builder"] = exc
+
+    thread = threading.Thread(target=builder)
+    thread.start()
+    assert started.wait(10)
+    waiter_waits = []
+
+    def waiter() -> None:
+        try:
+            build_once(root, "k", _write_marker, on_wait=waiter_waits.append)
+        except BuildFailed as exc:
+            errors["waiter"] = exc
+
+    other = threading.Thread(target=waiter)
+    other.start()
+    deadline = time.time() + 10
+    while not waiter_waits and time.time() < deadline:
+        time.sleep(0.01)
+    release.set()
+    thread.join(10)
+    other.join(10)
+    assert waiter_waits and "template exploded" in str(errors["builder"]) and "template exploded" in str(errors["waiter"])
+    assert not (root / "k").exists() and not (root / "k.lock").exists()

@@ -1,0 +1,135 @@
+"""Packing: samples share a sequence without seeing each other, and almost nothing is padding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EXAMPLES, tiny_config
+from launcher.config import load_config
+from trainer.data.collate import collate
+from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, packing_stats
+from trainer.data.prepare import prepare
+from trainer.data.render import IGNORE
+
+
+@pytest.fixture(scope="module")
+def chat_prepared(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("packing")
+    return prepare(load_config(tiny_config(tmp, tiny_model)), log=lambda _: None)  # the shipped tiny_chat.jsonl
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def token_losses(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits.float()
+    return F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE, reduction="none")
+
+
+def alone(data: PackedSet, k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, labels, lens = data.sequence(k)
+    a = int(np.sum(lens[:s]))
+    return np.asarray(ids[a:a + lens[s]]), np.asarray(labels[a:a + lens[s]])
+
+
+def test_positions_restart_and_targets_stay_inside_each_sample(chat_prepared):
+    data = chat_prepared.train
+    picks = np.array([k for k in range(len(data)) if len(data.sequence(k)[2]) >= 3][:2] + [0])
+    batch = collate(data, picks, pad_id=3)
+    assert batch.input_ids.shape[1] % 8 == 0
+    for row, k in enumerate(picks):
+        ids, labels, lens = data.sequence(k)
+        n = len(ids)
+        expected = np.concatenate([np.arange(length) for length in lens])
+        assert np.array_equal(batch.position_ids[row, :n].numpy(), expected)
+        targets = batch.targets[row].numpy()
+        ends = np.cumsum(lens) - 1
+        assert (targets[ends] == IGNORE).all(), "a sample's last token must not predict the next sample's first"
+        inner = np.setdiff1d(np.arange(n - 1), ends)
+        assert np.array_equal(targets[inner], np.asarray(labels)[inner + 1])
+        assert (targets[n:] == IGNORE).all() and (batch.input_ids[row, n:] == 3).all()
+        mask = batch.attention_mask[row, 0].numpy()
+        starts = np.cumsum(lens) - lens
+        for a, b in zip(starts, starts + lens):  # block-diagonal: a sample sees its own past only
+            assert mask[a:b, a:b].sum() == (b - a) * (b - a + 1) // 2
+            assert not mask[a:b, :a].any()
+    assert batch.real_tokens == sum(len(data.sequence(k)[0]) for k in picks)
+
+
+def test_packed_losses_equal_each_sample_alone(chat_prepared, model):
+    """The proof that packing changes nothing: per-token losses match running every sample by itself."""
+    data = chat_prepared.train
+    multi = [k for k in range(len(data)) if len(data.sequence(k)[2]) >= 3]
+    picks = np.array([multi[0], multi[-1], 0])  # three sequences of different lengths: padding too
+    batch = collate(data, picks, pad_id=0)
+    packed = token_losses(model, batch)
+    compared = 0
+    for row, k in enumerate(picks):
+        lens = data.sequence(k)[2]
+        start = 0
+        for s in range(len(lens)):
+            ids, labels = alone(data, k, s)
+            single = PackedSet(ids.astype(np.int32), labels.astype(np.int32), np.array([0, len(ids)]),
+                               np.array([len(ids)], np.int32), np.array([0, 1]), np.array([0]))
+            one = collate(single, np.array([0]), 0, block_mask=False, multiple_of=1)
+            with torch.no_grad():  # plain causal attention, no mask or positions given
+                logits = model(input_ids=one.input_ids).logits.float()
+            ref = F.cross_entropy(logits[0], one.targets[0], ignore_index=IGNORE, reduction="none")
+            trained = one.targets[0] != IGNORE
+            got = packed[row, start:start + len(ids)]
+            assert torch.equal(batch.targets[row, start:start + len(ids)], one.targets[0])
+            torch.testing.assert_close(got[trained], ref[trained], atol=1e-5, rtol=1e-5)
+            compared += int(trained.sum())
+            start += len(ids)
+    assert compared > 50
+
+
+def test_without_the_block_mask_samples_leak_into_each_other(chat_prepared, model):
+    """Control for the test above: position ids alone (no mask) do not keep samples apart on sdpa."""
+    data = chat_prepared.train
+    k = next(k for k in range(len(data)) if len(data.sequence(k)[2]) >= 2)
+    masked = token_losses(model, collate(data, np.array([k]), 0, block_mask=True))
+    unmasked = token_losses(model, collate(data, np.array([k]), 0, block_mask=False))
+    first = int(data.sequence(k)[2][0])
+    assert torch.allclose(masked[0, :first], unmasked[0, :first], atol=1e-5)  # the first sample sees nothing else
+    assert (masked[0, first:] - unmasked[0, first:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("seq_len", [128, 256, 512])
+def test_packing_efficiency_on_shipped_example_data(tmp_path, tiny_model, seq_len):
+    data = {"path": str(EXAMPLES / "data" / "tiny_chat.jsonl"), "format": "messages", "seq_len": seq_len}
+    s = prepare(load_config(tiny_config(tmp_path, tiny_model, data=data)), log=lambda _: None).summary
+    assert s["packing_efficiency"] >= 0.95, s
+    assert s["tokens"] + s["pad_tokens"] == s["sequences"] * seq_len and s["rows_kept"] == s["samples"] == 400
+
+
+def test_best_fit_decreasing_fills_bins_and_keeps_every_sample():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(250), 0.9, 5000).astype(int), 8, 2048)
+    groups = best_fit_decreasing(lengths, 2048)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert max(lengths[g].sum() for g in groups) <= 2048
+    assert lengths.sum() / (len(groups) * 2048) > 0.99
+    assert groups == best_fit_decreasing(lengths, 2048)  # deterministic
+
+
+def test_build_packed_counts_targets_of_the_shifted_loss(tmp_path):
+    ids = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32), np.array([6, 7, 8, 9], np.int32)]
+    labels = [np.array([1, 2, 3], np.int32), np.array([IGNORE, 5], np.int32), np.array([6, IGNORE, IGNORE, 9], np.int32)]
+    packed = build_packed(ids, labels, [[2, 1], [0]])
+    assert np.array_equal(packed.tokens, [6, 7, 8, 9, 4, 5, 1, 2, 3])
+    assert packed.seq_starts.tolist() == [0, 6, 9] and packed.sample_lens.tolist() == [4, 2, 3]
+    assert packed.n_targets.tolist() == [1 + 1, 2]  # a sample's first label is never a target
+    packed.save(tmp_path / "p")
+    loaded = PackedSet.load(tmp_path / "p")
+    assert all(np.array_equal(getattr(loaded, f), getattr(packed, f)) for f in
+               ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets"))
+    assert packing_stats(loaded, 8) == {"sequences": 2, "tokens": 9, "trained_tokens": 4, "pad_tokens": 7,
+                                        "packing_efficiency": round(9 / 16, 6)}
