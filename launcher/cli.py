@@ -147,6 +147,17 @@ def status(run_dir: str, json: bool = False) -> None:
     print(_json.dumps(info, indent=2) if json else format_status(info))
 
 
+def report(run_dir: str) -> None:
+    """PNG plots of loss, lr, throughput and memory from metrics.jsonl, and a short summary (no wandb needed)."""
+    from trainer.report import format_summary, read_rows, summarize, write_plots
+
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        raise ConfigError([f"{run_dir}: no metrics.jsonl (has the run logged a step yet?)"], title="cannot report")
+    print(format_summary(summarize(read_rows(Path(run_dir)))))
+    for path in write_plots(Path(run_dir)):
+        print(f"wrote {path}")
+
+
 def stop(run_dir: str) -> None:
     """Ask a running job to save a checkpoint and stop (every rank sees the STOP file within a step)."""
     from launcher.layout import STOP_FILE
@@ -168,7 +179,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
-            "prepare": prepare_command}
+            "prepare": prepare_command, "report": report}
 
 
 # fire reads the word after a bare `--json` as its value, so `plan c.yaml --json train.lr=1` would lose

@@ -196,7 +196,9 @@ class LaunchConfig(Section):
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one device, used by the planner to check fit and choose `auto` settings."""
     env: dict[str, str] = {}
-    """Extra environment variables for the training processes."""
+    """Extra environment variables for the training processes (not secrets: they are written to launch scripts)."""
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs (none on CPU: no MFU)."""
 
 
 class SlurmConfig(Section):
@@ -383,6 +385,10 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
     if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
         problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
+    secrets = [k for k in cfg.launch.env if any(word in k.upper() for word in ("API_KEY", "TOKEN", "SECRET", "PASSWORD"))]
+    for key in secrets:
+        problems.append(f"launch.env.{key}: secrets are not allowed in the config (it is written to the run directory "
+                        "and launch scripts); export it in the environment that runs shardtune or the job instead")
     literal = {"slurm.partition": cfg.slurm.partition, "slurm.account": cfg.slurm.account, "slurm.qos": cfg.slurm.qos,
                "slurm.constraint": cfg.slurm.constraint, "slurm.job_name": cfg.slurm.job_name,
                **{f"slurm.extra_sbatch[{i}]": line for i, line in enumerate(cfg.slurm.extra_sbatch)}}

@@ -6,20 +6,19 @@ the packed data). That is what an unsharded run computes, for any world size and
 """
 from __future__ import annotations
 
-import resource
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import psutil
 import torch
 
 from trainer import faults
 from trainer.data.collate import collate
 from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
-from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
+from trainer.distributed import Dist, all_reduce_sum
+from trainer.flops import ModelFlops
+from trainer.metrics import Window
 from trainer.model import token_loss_sum
 
 
@@ -42,42 +41,17 @@ class TrainState:
     def from_json(cls, d: dict) -> "TrainState":
         return cls(**{**d, "position": DataPosition(**d["position"])})
 
+    def advance(self, position: DataPosition, targets: int, sequences: int, skipped: bool) -> None:
+        self.step += 1
+        self.position = position
+        self.trained_tokens += 0 if skipped else targets
+        self.samples += sequences
+        self.skipped_steps += skipped
+        self.bad_streak = self.bad_streak + 1 if skipped else 0
+
 
 class TooManyBadSteps(Exception):
     """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
-
-
-class _Window:
-    """Sums over the steps since the last log; one all-reduce and one host sync when logging."""
-
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.targets = self.tokens = self.steps = self.skipped = 0
-        self.start = time.perf_counter()
-
-    def metrics(self, dist: Dist) -> dict:
-        loss, tokens = all_reduce_sum([self.loss.item(), float(self.tokens)], dist.device)
-        elapsed = time.perf_counter() - self.start
-        kept = self.targets if self.steps > self.skipped else 0
-        return {"loss": loss / kept if kept else None, "tokens_per_sec": self.targets / elapsed,
-                "total_tokens_per_sec": tokens / elapsed, "step_time": elapsed / max(self.steps, 1),
-                **memory_metrics(dist)}
-
-
-def memory_metrics(dist: Dist) -> dict:
-    """Peaks over all ranks (the rank closest to running out is the one that matters), in GB (1e9 bytes)."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    rss = psutil.Process().memory_info().rss
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's own high-water mark
-    values = all_reduce_max([acc.max_memory_allocated(), acc.max_memory_reserved(), rss, peak_rss], dist.device)
-    names = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
-    return {name: round(v / 1e9, 4) for name, v in zip(names, values)}
 
 
 @dataclass
@@ -95,40 +69,42 @@ class Loop:
     on_log: Callable[[int, dict], None]
     on_step_end: Callable[[TrainState], bool]
     """Called after every optimizer step (eval, checkpoints, stop requests); True stops the loop."""
+    flops: Optional[ModelFlops] = None
+    peak_tflops: Optional[float] = None
+    recompute: bool = False
 
-    def forward_loss(self, indices: np.ndarray, step: int) -> tuple[torch.Tensor, int]:
-        batch = collate(self.data, indices, self.pad_id, self.block_mask).to(self.dist.device)
-        logits = self.engine(**batch.model_inputs()).logits
-        return faults.corrupt_loss(token_loss_sum(logits, batch.targets), step, self.dist.rank), batch.real_tokens
+    def batch(self, indices: np.ndarray):
+        return collate(self.data, indices, self.pad_id, self.block_mask).to(self.dist.device)
 
     def run(self, state: TrainState) -> TrainState:
-        window = _Window(self.dist.device)
+        window = Window(self.dist, self.flops, self.peak_tflops, self.recompute)
+        rank, world = self.dist.rank, self.dist.world
         while state.step < self.max_steps:
             step = state.step + 1
-            faults.maybe_kill("crash", step, self.dist.rank)
+            faults.maybe_kill("crash", step, rank)
+            logs = step % self.log_every == 0 or step == self.max_steps
             indices, next_position = self.sampler.next_batch(state.position)
-            targets = int(self.data.n_targets[indices].sum())
+            targets, lengths = int(self.data.n_targets[indices].sum()), self.data.sample_lengths(indices)
             lr, skipped_before = self.engine.get_lr()[0], self.engine.skipped_steps
-            step_loss, step_tokens = torch.zeros_like(window.loss), 0
-            for micro in rank_micro_batches(indices, self.dist.rank, self.dist.world, self.micro_batch_size):
-                loss_sum, real = self.forward_loss(micro, step)
+            step_loss = torch.zeros_like(window.loss)
+            window.start_step()
+            micros = rank_micro_batches(indices, rank, world, self.micro_batch_size)
+            for i, micro in enumerate(micros):
+                batch = window.timed_batch(lambda: self.batch(micro))
+                loss_sum = faults.corrupt_loss(token_loss_sum(self.engine(**batch.model_inputs()).logits, batch.targets),
+                                               step, rank)
+                if i == len(micros) - 1:
+                    window.local_work_done(sync=logs)
                 # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
-                self.engine.backward(loss_sum * (self.dist.world / targets), scale_wrt_gas=False)
+                self.engine.backward(loss_sum * (world / targets), scale_wrt_gas=False)
                 self.engine.step()
                 step_loss += loss_sum.detach().double()
-                step_tokens += real
             skipped = self.engine.skipped_steps != skipped_before  # DeepSpeed agreed on it across ranks
-            state.step, state.position = step, next_position
-            state.trained_tokens += 0 if skipped else targets
-            state.samples += len(indices)
-            state.skipped_steps += skipped
-            state.bad_streak = state.bad_streak + 1 if skipped else 0
-            window.steps, window.skipped, window.tokens = window.steps + 1, window.skipped + skipped, window.tokens + step_tokens
-            if not skipped:
-                window.loss += step_loss
-                window.targets += targets
-            if skipped or step % self.log_every == 0 or step == self.max_steps:
-                self.on_log(step, {**window.metrics(self.dist), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
+            window.end_step(step_loss, targets, int(lengths.sum()), len(lengths), int((lengths.astype(np.int64) ** 2).sum()),
+                            skipped)
+            state.advance(next_position, targets, len(indices), skipped)
+            if skipped or logs:
+                self.on_log(step, {**window.metrics(), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
                                    "skipped_steps": state.skipped_steps, "trained_tokens": state.trained_tokens,
                                    "epoch": state.position.epoch})
                 window.reset()

@@ -25,7 +25,9 @@ from trainer.distributed import Dist, barrier, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
 from trainer.loop import Loop, TrainState, evaluate
 from trainer.control import StopRequest, write_status
+from trainer.flops import model_flops_of, peak_tflops
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
+from trainer.report import run_summary
 from trainer.tracking import NullTracker, make_tracker
 
 
@@ -38,6 +40,15 @@ def setup_logging(is_main: bool) -> None:
 
     hf_logging.set_verbosity(level)
     hf_logging.disable_progress_bar()
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's marketing name (for the peak-FLOPs table), e.g. 'NVIDIA H100 80GB HBM3'."""
+    backend = getattr(torch, device.type, None)
+    try:
+        return backend.get_device_name(device) if hasattr(backend, "get_device_name") else device.type
+    except Exception:  # noqa: BLE001 - only used to look up a peak; unknown means no MFU
+        return device.type
 
 
 def _rank_env() -> int:
@@ -92,12 +103,20 @@ class Session:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
         nonfinite.install_guard(self.engine)
+        flops = model_flops_of(self.engine.module, self.engine.module.config)
+        peak = peak_tflops(device_name(self.dist.device), cfg.train.precision, cfg.launch.peak_tflops)
         t = cfg.train
         self.block_mask = attention_implementation(cfg, self.dist.device) != "flash_attention_2"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
         self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
-                         self.block_mask, t.max_steps, t.log_every, t.max_bad_steps, self.tracker.log, self.on_step_end)
+                         self.block_mask, t.max_steps, t.log_every, t.max_bad_steps, self.on_log, self.on_step_end,
+                         flops, peak, t.activation_checkpointing is True)
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        self.tracker.log(step, metrics)
+        self.tracker.progress(step, {"loss": f"{metrics['loss']:.4f}" if metrics.get("loss") is not None else "skipped",
+                                     "tok/s": f"{metrics['tokens_per_sec']:,.0f}"})
 
     def resume(self) -> TrainState:
         state = TrainState()
@@ -168,7 +187,7 @@ class Session:
         release_zero3_init()
         if self.dist.is_main:
             export_checkpoint(ckpt, final)
-            self.tracker.message(f"final model: {final} (step {state.step}, {time.time() - started:.0f} s)")
+            self.tracker.message(run_summary(self.run_dir, started, final, ckpt))
             if self.cfg.train.sample_prompt:
                 from trainer.chat import generate
 

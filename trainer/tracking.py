@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from launcher.config import RunConfig
 
+WANDB_ID_FILE = "wandb_run_id"
+
 
 class NullTracker:
     """What every rank but global rank 0 gets."""
@@ -79,6 +81,8 @@ class Tracker(NullTracker):
             return
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         os.environ.setdefault("WANDB_SILENT", "true")
+        # wandb-core flushes its offline log every 15 s by default; a killed job would lose up to that much.
+        os.environ.setdefault("WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL", "1")
         try:
             import wandb
 
@@ -97,11 +101,15 @@ class Tracker(NullTracker):
             self.wandb = None
 
     def _init_wandb(self, wandb, cfg: RunConfig, mode: str, run_id: Optional[str]):
+        # One run per job: the id outlives crashes that happen before the first checkpoint too.
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
                          name=cfg.wandb.name or Path(cfg.output_dir).name, group=cfg.wandb.group,
                          tags=cfg.wandb.tags or None, config=cfg.model_dump(mode="json"), mode=mode,
                          id=run_id, resume="allow" if run_id else None, dir=str(self.run_dir))
         self.run_id = run.id
+        id_file.write_text(run.id + "\n")
         return run
 
     def log_with_next(self, metrics: dict[str, Any]) -> None:

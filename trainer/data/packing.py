@@ -57,6 +57,10 @@ class PackedSet:
         a, b = self.seq_starts[k], self.seq_starts[k + 1]
         return self.tokens[a:b], self.labels[a:b], self.sample_lens[self.sample_starts[k]:self.sample_starts[k + 1]]
 
+    def sample_lengths(self, indices: np.ndarray) -> np.ndarray:
+        """Lengths of every sample packed into the given sequences (for token, sample and FLOP counts)."""
+        return np.concatenate([self.sample_lens[self.sample_starts[k]:self.sample_starts[k + 1]] for k in indices])
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for name in ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets"):

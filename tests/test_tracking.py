@@ -1,0 +1,121 @@
+"""Observability: metrics.jsonl and the wandb run agree, one run per job, no secrets on disk, honest FLOPs."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from conftest import read_metrics, shardtune, tiny_config
+from trainer.flops import ModelFlops, model_flops_of, peak_tflops
+from trainer.wandb_offline import find_runs, read_history_for_id
+
+SENTINEL = "sentinel-key-0123456789abcdef0123456789abcdef"
+
+
+def wandb_history(run_dir, run_id) -> dict[int, dict]:
+    history = {}
+    for row in read_history_for_id(run_dir / "wandb", run_id):  # later attempts replace rolled-back steps
+        history[row["_step"]] = row
+    return history
+
+
+def assert_history_matches(history: dict, rows: list[dict]) -> None:
+    for row in rows:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_device", "mem_host_rss_gb"):
+            assert history[row["step"]][key] == pytest.approx(row[key], rel=1e-12), (row["step"], key)
+
+
+def test_one_wandb_run_whose_history_equals_metrics_and_no_key_on_disk(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 10}, wandb={"mode": "offline", "tags": ["ci"]})
+    shardtune("launch", str(cfg), env={"WANDB_API_KEY": SENTINEL})
+    run = tmp_path / "run"
+    runs = find_runs(run / "wandb")
+    assert len(runs) == 1, runs
+    run_id = (run / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics] == list(range(1, 11))
+    assert_history_matches(wandb_history(run, run_id), metrics)
+    leaked = [p for p in run.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
+
+
+def test_crash_and_relaunch_continue_the_same_wandb_run(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 10, "save_every": 4}, wandb={"mode": "offline"})
+    failed = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "crash@7:0"}, check=False)
+    assert failed.returncode != 0
+    run = tmp_path / "run"
+    run_id = (run / "wandb_run_id").read_text().strip()
+    shardtune("launch", str(cfg))
+    assert (run / "wandb_run_id").read_text().strip() == run_id, "the relaunch started a new wandb run"
+    runs = find_runs(run / "wandb")
+    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs  # one run, one directory per attempt
+    resumed = [r for r in read_metrics(run) if r["step"] > 4]
+    assert [r["step"] for r in resumed] == list(range(5, 11))
+    assert_history_matches(wandb_history(run, run_id), resumed)
+
+
+def test_throughput_times_step_time_is_the_step_tokens(tmp_path, tiny_model):
+    shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 6})))
+    rows = read_metrics(tmp_path / "run")
+    previous = 0
+    for r in rows:
+        step_tokens = r["trained_tokens"] - previous
+        previous = r["trained_tokens"]
+        assert r["tokens_per_sec"] * r["step_time"] == pytest.approx(step_tokens, rel=1e-9)
+        assert r["tokens_per_sec_per_device"] == pytest.approx(r["tokens_per_sec"] / 2)
+        assert r["total_tokens_per_sec"] >= r["tokens_per_sec"] > 0 and r["samples_per_sec"] > 0
+        assert r["rank_time_min"] <= r["rank_time_max"] and r["slowest_rank"] in (0, 1)
+        assert "mfu" not in r, "no MFU on CPU without a configured peak"
+    assert rows[0]["data/rows_read"] == 400 and rows[0]["data/packing_efficiency"] > 0.9
+
+
+def test_flops_formula_matches_a_hand_computation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    flops = model_flops_of(model, config)
+    # per layer: q 64·64 + k 64·32 + v 64·32 + o 64·64 + MLP 3·64·128 + 2 norms·64 = 36,992
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert flops == ModelFlops(matmul_params=2 * per_layer + 64 + 512 * 64, layers=2, attention_width=64)
+    model_flops, hardware = flops.step(tokens=30, sum_sq_lengths=10 ** 2 + 20 ** 2)
+    assert model_flops == 6 * 106_816 * 30 + 6 * 2 * 64 * 500 == 19_610_880
+    assert flops.step(30, 500, recompute=True)[1] == pytest.approx(model_flops * 8 / 6)
+    config.tie_word_embeddings = True
+    with torch.device("meta"):
+        tied = LlamaForCausalLM(config)
+    assert model_flops_of(tied, config).matmul_params == flops.matmul_params, "a tied LM head still computes"
+
+
+def test_peak_table_and_override():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16", None) == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", None) == 19.5
+    assert peak_tflops("cpu", "fp32", None) is None
+    assert peak_tflops("cpu", "fp32", 1.5) == 1.5
+
+
+def test_secrets_in_launch_env_are_refused(tmp_path, tiny_model):
+    proc = shardtune("plan", str(tiny_config(tmp_path, tiny_model)), "launch.env={WANDB_API_KEY: x}", check=False)
+    assert proc.returncode == 2 and "launch.env.WANDB_API_KEY: secrets are not allowed" in proc.stderr
+
+
+def test_report_writes_readable_pngs(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 8, "eval_every": 4},
+                      data={"eval_path": str(tiny_config.__globals__["EXAMPLES"] / "data" / "tiny_chat_eval.jsonl")})
+    shardtune("launch", str(cfg))
+    out = shardtune("report", str(tmp_path / "run")).stdout
+    assert "== run summary ==" in out and "steps            8" in out
+    for name in ("loss", "lr", "throughput", "memory"):
+        png = tmp_path / "run" / f"report_{name}.png"
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == (700, 400) and len(data) > 10_000, name
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 8] or [r["step"] for r in rows if "eval_loss" in r] == [4, 8]

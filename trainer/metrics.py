@@ -1,0 +1,106 @@
+"""What the loop measures between two log steps, turned into one metrics row.
+
+Sums stay on the device or in host integers during the window; only a log step pays for the
+all-reduces (loss and token counts, memory peaks, per-rank timings) and the one device sync that
+makes the per-rank timing honest on asynchronous devices. Steps that do not log add no collective
+and no sync.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Optional
+
+import psutil
+import torch
+
+from trainer.distributed import Dist, all_gather_objects, all_reduce_max, all_reduce_sum
+from trainer.flops import ModelFlops
+
+
+def memory_metrics(dist: Dist) -> dict:
+    """Peaks over all ranks (the rank closest to running out is the one that matters), in GB (1e9 bytes)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    rss = psutil.Process().memory_info().rss
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's own high-water mark
+    values = all_reduce_max([acc.max_memory_allocated(), acc.max_memory_reserved(), rss, peak_rss], dist.device)
+    names = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
+    return {name: round(v / 1e9, 4) for name, v in zip(names, values)}
+
+
+class Window:
+    def __init__(self, dist: Dist, flops: Optional[ModelFlops], peak_tflops: Optional[float], recompute: bool):
+        self.dist, self.flops, self.peak, self.recompute = dist, flops, peak_tflops, recompute
+        self.loss = torch.zeros((), dtype=torch.float64, device=dist.device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.targets = self.real_tokens = self.samples = self.steps = self.skipped = 0
+        self.model_flops = self.hardware_flops = 0.0
+        self.step_times: list[float] = []
+        self.data_wait = 0.0
+        self.local_work: Optional[float] = None
+
+    def start_step(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def timed_batch(self, make):
+        """Time spent preparing a batch (collate, copy to device): the step waiting on data."""
+        t0 = time.perf_counter()
+        batch = make()
+        self.data_wait += time.perf_counter() - t0
+        return batch
+
+    def local_work_done(self, sync: bool) -> None:
+        """Before the last backward (where gradients are reduced), a rank's time is its own work alone."""
+        if sync:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().synchronize()
+            self.local_work = time.perf_counter() - self.step_start
+
+    def end_step(self, loss_sum: torch.Tensor, targets: int, real_tokens: int, samples: int, sum_sq: int,
+                 skipped: bool) -> None:
+        self.steps += 1
+        self.step_times.append(time.perf_counter() - self.step_start)
+        self.samples += samples
+        if skipped:
+            self.skipped += 1
+            return
+        self.loss += loss_sum
+        self.targets += targets
+        self.real_tokens += real_tokens
+        if self.flops is not None:
+            model, hardware = self.flops.step(real_tokens, sum_sq, self.recompute)
+            self.model_flops += model
+            self.hardware_flops += hardware
+
+    def metrics(self) -> dict:
+        """Rates are over the time spent in steps: a checkpoint save or an eval between steps is not training."""
+        dist = self.dist
+        elapsed = sum(self.step_times) or 1e-9
+        (loss,) = all_reduce_sum([self.loss.item()], dist.device)
+        data_wait = all_reduce_max([self.data_wait / max(self.steps, 1)], dist.device)[0]
+        world = dist.world
+        row = {"loss": loss / self.targets if self.targets else None,
+               "tokens_per_sec": self.targets / elapsed,
+               "tokens_per_sec_per_device": self.targets / elapsed / world,
+               "total_tokens_per_sec": self.real_tokens / elapsed,
+               "samples_per_sec": self.samples / elapsed,
+               "step_time": statistics.median(self.step_times) if self.step_times else None,
+               "data_wait": data_wait}
+        if self.flops is not None:
+            tflops = self.model_flops / elapsed / world / 1e12
+            row["tflops_per_device"] = tflops
+            if self.peak:
+                row["mfu"] = tflops / self.peak
+                row["hfu"] = self.hardware_flops / elapsed / world / 1e12 / self.peak
+        if self.local_work is not None:
+            times = all_gather_objects(self.local_work)
+            row.update({"rank_time_min": min(times), "rank_time_max": max(times),
+                        "slowest_rank": max(range(world), key=times.__getitem__)})
+        return {**row, **memory_metrics(dist)}
