@@ -96,6 +96,33 @@ def submit_job(run_dir: Path, wait: bool) -> None:
             raise SystemExit(1)
 
 
+def preflight(config: str, *overrides: str, wait: bool = True) -> None:
+    """Run the start-up checks of a job (versions, shared run directory, collectives, bandwidth) without training.
+
+    It runs as its own small job in OUTPUT_DIR/preflight: on this machine, or on SLURM like the real run.
+    """
+    cfg = load_config(config, [str(o) for o in overrides])
+    cfg.output_dir = str(Path(cfg.output_dir) / "preflight")
+    cfg.slurm.max_requeues = 0
+    p = build_plan(cfg, trainer_args=("--preflight",))
+    run_dir = write_run_files(p)
+    (run_dir / "preflight.json").unlink(missing_ok=True)
+    if p.config.launch.backend == "slurm":
+        submit_job(run_dir, wait=True)
+    elif p.config.launch.nodes > 1:
+        print(f"start `bash {run_dir}/launch.sh` on each of the {p.config.launch.nodes} nodes")
+        return
+    else:
+        code = run_foreground(["bash", str(run_dir / "launch.sh")])
+        if code:
+            print(f"shardtune: preflight failed (exit {code}); messages above", file=sys.stderr)
+            raise SystemExit(code)
+    result = _json.loads((run_dir / "preflight.json").read_text())
+    hosts = sorted({r["host"] for r in result["ranks"]})
+    print(f"preflight passed: {len(result['ranks'])} ranks on {', '.join(hosts)}; "
+          f"all-reduce bus bandwidth {result['bandwidth']['busbw_gbps']:.2f} GB/s")
+
+
 def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
     """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest)."""
     from trainer.export import export_checkpoint, resolve_checkpoint  # needs torch: imported only for this command
@@ -179,7 +206,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
-            "prepare": prepare_command, "report": report}
+            "prepare": prepare_command, "report": report, "preflight": preflight}
 
 
 # fire reads the word after a bare `--json` as its value, so `plan c.yaml --json train.lr=1` would lose

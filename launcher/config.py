@@ -193,6 +193,14 @@ class LaunchConfig(Section):
     """host:port of the first node for multi-node torchrun; default: this host, port 29400."""
     max_restarts: int = Field(0, ge=0)
     """torchrun restarts all workers this many times after a worker failure."""
+    rdzv_timeout_s: int = Field(600, gt=0)
+    """Seconds torchrun waits for all nodes to join the rendezvous before failing."""
+    collective_timeout_s: int = Field(1800, gt=0)
+    """Seconds any collective (all-reduce, barrier, ...) may wait before the process group fails it."""
+    stall_timeout_s: int = Field(300, gt=0)
+    """A rank that makes no progress for this long dumps its stacks and exits (steady-state steps)."""
+    startup_timeout_s: int = Field(1200, gt=0)
+    """The same allowance before the first step completes and during saves, evals and export."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one device, used by the planner to check fit and choose `auto` settings."""
     env: dict[str, str] = {}

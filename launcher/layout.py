@@ -16,6 +16,8 @@ STATUS_FILE = "status.json"
 STOP_FILE = "STOP"
 METRICS = "metrics.jsonl"
 SLURM_JOBS = "slurm_jobs.json"
+HEARTBEATS = "heartbeats"
+STACKS = "stacks"
 
 
 def tag_for(step: int) -> str:

@@ -93,8 +93,8 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     return cfg, notes
 
 
-def build_plan(cfg: RunConfig) -> Plan:
-    """Everything `plan` shows and `launch` writes, from a validated config."""
+def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = ()) -> Plan:
+    """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     cfg, notes = resolve(cfg)
     t = cfg.train
     world = cfg.launch.nodes * cfg.launch.procs_per_node
@@ -103,10 +103,10 @@ def build_plan(cfg: RunConfig) -> Plan:
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden)
     if cfg.launch.backend == "slurm":
-        script = render_sbatch(cfg, process_env(cfg))
+        script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
         argv = ["sbatch", str(Path(cfg.output_dir) / "launch.sbatch")]
     else:
-        argv = torchrun_argv(cfg)
+        argv = torchrun_argv(cfg, trainer_args=trainer_args)
         script = launch_script(cfg, argv)
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,

@@ -55,15 +55,17 @@ def sbatch_lines(cfg: RunConfig) -> list[str]:
     return [f"#SBATCH {o}" for o in opts]
 
 
-def per_node_torchrun(cfg: RunConfig, python: str) -> str:
+def per_node_torchrun(cfg: RunConfig, python: str, trainer_args: tuple[str, ...] = ()) -> str:
     """The command every node runs; $SLURM_JOB_NUM_NODES, $RDZV_ENDPOINT, $SLURM_JOB_ID are the same on all nodes."""
     argv = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_JOB_NUM_NODES",
             f"--nproc_per_node={cfg.launch.procs_per_node}", "--rdzv_backend=c10d", "--rdzv_endpoint=$RDZV_ENDPOINT",
-            "--rdzv_id=$SLURM_JOB_ID", f"--max_restarts={cfg.launch.max_restarts}", "-m", "trainer", cfg.output_dir]
+            "--rdzv_id=$SLURM_JOB_ID", f"--max_restarts={cfg.launch.max_restarts}",
+            f"--rdzv_conf=join_timeout={cfg.launch.rdzv_timeout_s}", "-m", "trainer", cfg.output_dir, *trainer_args]
     return "exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
 
 
-def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable) -> str:
+def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable,
+                  trainer_args: tuple[str, ...] = ()) -> str:
     """The batch script text for a resolved config; env is what every training process gets (launch.env last)."""
     template = (data_dir("slurm") / "launch.sbatch.template").read_text()
     defaults = {**DEFAULT_ENV, **{k: v for k, v in env.items() if k not in cfg.launch.env}}
@@ -75,7 +77,7 @@ def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executa
         "DEFAULT_ENV": "\n".join(f'export {k}="${{{k}:-{v}}}"' for k, v in defaults.items()),
         "USER_ENV": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cfg.launch.env.items()) or ":",
         "PYTHON": shlex.quote(python),
-        "TORCHRUN": per_node_torchrun(cfg, python).replace('"', '\\"'),
+        "TORCHRUN": per_node_torchrun(cfg, python, trainer_args).replace('"', '\\"'),
     }
     for key, value in values.items():
         template = template.replace(f"@@{key}@@", value)

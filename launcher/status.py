@@ -36,6 +36,10 @@ def collect(run_dir: Path) -> dict[str, Any]:
         out["last_step"] = {k: last.get(k) for k in ("step", "loss", "tokens_per_sec", "lr", "time")}
     ckpts = layout.complete_checkpoints(run_dir / layout.CHECKPOINTS)
     out["newest_checkpoint"] = str(ckpts[0]) if ckpts else None
+    beats = [layout.read_json(p) for p in sorted((run_dir / layout.HEARTBEATS).glob("rank_*.json"))]
+    out["heartbeats"] = [b for b in beats if b]
+    out["stack_dumps"] = [str(p) for p in sorted((run_dir / layout.STACKS).glob("rank_*.txt"),
+                                                  key=lambda p: p.stat().st_mtime, reverse=True)]
     config = run_dir / "resolved_config.yaml"
     if config.exists():
         import yaml
@@ -64,4 +68,22 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"progress    step {last['step']}/{info.get('max_steps')}, loss {loss}, "
                      f"{last['tokens_per_sec']:,.0f} tokens/s ({_age(now - last['time'])})")
     lines.append(f"checkpoint  {info['newest_checkpoint'] or 'none yet'}")
+    beats = info.get("heartbeats") or []
+    if beats:
+        ages = [now - b["time"] for b in beats]
+        phases = ", ".join(f"{p}×{n}" for p, n in sorted(_count(b["phase"] for b in beats).items()))
+        lines.append(f"heartbeats  {len(beats)} ranks, last written {_age(min(ages))} to {_age(max(ages))}; phases {phases}")
+        for b in beats:
+            if b.get("state") not in ("alive", "finished") or b.get("since_progress_s", 0) > 60:
+                lines.append(f"            rank {b['rank']} on {b['host']}: {b.get('state')} in '{b['phase']}' at step "
+                             f"{b['step']}, no progress for {b.get('since_progress_s')} s ({_age(now - b['time'])})")
+    for path in info.get("stack_dumps") or []:
+        lines.append(f"stacks      {path}")
     return "\n".join(lines)
+
+
+def _count(items) -> dict:
+    counts: dict = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts

@@ -18,7 +18,7 @@ def rdzv_endpoint(cfg: RunConfig) -> str:
     return cfg.launch.rdzv_endpoint or f"{socket.getfqdn()}:{DEFAULT_RDZV_PORT}"
 
 
-def torchrun_argv(cfg: RunConfig, python: str = sys.executable) -> list[str]:
+def torchrun_argv(cfg: RunConfig, python: str = sys.executable, trainer_args: tuple[str, ...] = ()) -> list[str]:
     """torchrun for this run. One node: --standalone (a free local port). Several: a c10d rendezvous."""
     argv = [python, "-m", "torch.distributed.run"]
     if cfg.launch.nodes == 1:
@@ -27,7 +27,7 @@ def torchrun_argv(cfg: RunConfig, python: str = sys.executable) -> list[str]:
         argv += [f"--nnodes={cfg.launch.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint(cfg)}",
                  f"--rdzv_id={rdzv_id(cfg)}"]
     argv += [f"--nproc_per_node={cfg.launch.procs_per_node}", f"--max_restarts={cfg.launch.max_restarts}",
-             "-m", "trainer", cfg.output_dir]
+             f"--rdzv_conf=join_timeout={cfg.launch.rdzv_timeout_s}", "-m", "trainer", cfg.output_dir, *trainer_args]
     return argv
 
 

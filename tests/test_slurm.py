@@ -155,3 +155,8 @@ def test_two_torchrun_agents_from_the_rendered_multi_node_command(tmp_path, tiny
     codes = [a.wait(timeout=300) for a in agents]
     assert codes == [0, 0], [a.stderr.read()[-2000:] for a in agents]
     assert losses(tmp_path / "run") == reference
+
+
+def test_preflight_on_two_slurm_nodes(tmp_path, tiny_model, cluster):
+    out = shardtune("preflight", str(job_config(tmp_path, tiny_model))).stdout
+    assert "COMPLETED" in out and "preflight passed: 2 ranks" in out and "GB/s" in out

@@ -16,25 +16,33 @@ from trainer.data.prepare import DataError
 from trainer.data.render import TemplateError
 from trainer.data.sources import SourceError
 from trainer.loop import TooManyBadSteps
+from trainer.preflight import PreflightError
+from trainer.control import write_status
 from trainer.session import Session, setup_logging
 
-USER_ERRORS = (DataError, BuildFailed, TemplateError, SourceError, CheckpointError, TooManyBadSteps)
+USER_ERRORS = (DataError, BuildFailed, TemplateError, SourceError, CheckpointError, TooManyBadSteps, PreflightError)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m trainer RUN_DIR  (normally started by `shardtune launch`)", file=sys.stderr)
+    if len(argv) not in (1, 2) or argv[1:] not in ([], ["--preflight"]):
+        print("usage: python -m trainer RUN_DIR [--preflight]  (normally started by shardtune launch / preflight)",
+              file=sys.stderr)
         return 2
     started = time.time()
     rank = os.environ.get("RANK", "0")
+    preflight_only = argv[1:] == ["--preflight"]
     try:
-        session = Session.from_run_dir(Path(argv[0]))
+        session = Session.from_run_dir(Path(argv[0]), preflight_only)
     except USER_ERRORS as exc:
         if rank == "0":
             print(f"shardtune: {exc}", file=sys.stderr)
         return 1
     setup_logging(session.dist.is_main)
     try:
+        session.preflight()
+        if preflight_only:
+            write_status(session.run_dir, session.dist, "completed", None, reason="preflight only")
+            return 0
         session.build()
         state = session.resume()
         state = session.loop.run(state)

@@ -25,7 +25,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float = 600.0) -> Dist:
+def init_distributed(timeout_s: float) -> Dist:
     """Join the job's process group (torchrun's environment) on this rank's device."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator

@@ -3,10 +3,11 @@
 Real failures (a NaN on one rank, a kill in the middle of a save, a rank stuck in its data loader)
 cannot be timed from outside a process, so tests set SHARDTUNE_FAULTS, e.g.
 
-    SHARDTUNE_FAULTS="nan_loss@5:1,kill_in_save@6:0"
+    SHARDTUNE_FAULTS="nan_loss@5:1,kill_in_save@6:0,fake_version@0:1=transformers/0.0.1"
 
 meaning: at optimizer step 5 rank 1's loss becomes NaN; while saving step 6, rank 0 SIGKILLs
-itself after the shards are written and before the checkpoint is committed. A fault fires only in
+itself after the shards are written and before the checkpoint is committed; rank 1's preflight
+reports transformers 0.0.1 (step 0: at start-up). A fault fires only in
 the first attempt of a run (torchrun's restart count 0), so a restarted job can show recovery.
 Without the variable every hook is a no-op.
 """
@@ -16,6 +17,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,16 @@ class Fault:
     kind: str
     step: int
     rank: int
+    arg: str = ""
 
 
 def _parse(text: str) -> list[Fault]:
     faults = []
     for item in filter(None, (part.strip() for part in text.split(","))):
+        item, _, arg = item.partition("=")
         kind, _, where = item.partition("@")
         step, _, rank = where.partition(":")
-        faults.append(Fault(kind, int(step), int(rank or 0)))
+        faults.append(Fault(kind, int(step), int(rank or 0), arg))
     return faults
 
 
@@ -61,3 +65,13 @@ def maybe_hang(kind: str, step: int, rank: int) -> None:
     if fires(kind, step, rank):
         while True:
             time.sleep(3600)
+
+
+def fake_versions(rank: int) -> dict[str, str]:
+    """fake_version@0:RANK=package/version: that rank's preflight reports another library version."""
+    return dict(f.arg.split("/", 1) for f in ACTIVE if f.kind == "fake_version" and f.rank == rank)
+
+
+def unwritable_dir(rank: int) -> Path | None:
+    """unwritable_output@0:RANK: that rank's write check targets a directory the OS refuses to create."""
+    return Path("/proc/shardtune-unwritable") if any(f.kind == "unwritable_output" and f.rank == rank for f in ACTIVE) else None

@@ -72,8 +72,12 @@ class Loop:
     flops: Optional[ModelFlops] = None
     peak_tflops: Optional[float] = None
     recompute: bool = False
+    beat: Callable[..., None] = lambda phase, step=None: None
+    """Heartbeat: the watchdog's evidence that this rank is making progress."""
 
-    def batch(self, indices: np.ndarray):
+    def batch(self, indices: np.ndarray, step: int):
+        self.beat("data", step)
+        faults.maybe_hang("hang_in_data", step, self.dist.rank)
         return collate(self.data, indices, self.pad_id, self.block_mask).to(self.dist.device)
 
     def run(self, state: TrainState) -> TrainState:
@@ -90,13 +94,16 @@ class Loop:
             window.start_step()
             micros = rank_micro_batches(indices, rank, world, self.micro_batch_size)
             for i, micro in enumerate(micros):
-                batch = window.timed_batch(lambda: self.batch(micro))
+                batch = window.timed_batch(lambda: self.batch(micro, step))
+                self.beat("forward")
                 loss_sum = faults.corrupt_loss(token_loss_sum(self.engine(**batch.model_inputs()).logits, batch.targets),
                                                step, rank)
                 if i == len(micros) - 1:
                     window.local_work_done(sync=logs)
+                self.beat("backward")
                 # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
                 self.engine.backward(loss_sum * (world / targets), scale_wrt_gas=False)
+                self.beat("step")
                 self.engine.step()
                 step_loss += loss_sum.detach().double()
             skipped = self.engine.skipped_steps != skipped_before  # DeepSpeed agreed on it across ranks

@@ -21,14 +21,16 @@ from trainer import checkpoint, nonfinite
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.show import format_summary, summary_metrics
-from trainer.distributed import Dist, barrier, init_distributed
+from trainer.distributed import Dist, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
 from trainer.loop import Loop, TrainState, evaluate
 from trainer.control import StopRequest, write_status
 from trainer.flops import model_flops_of, peak_tflops
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
 from trainer.report import run_summary
+from trainer.preflight import run_preflight
 from trainer.tracking import NullTracker, make_tracker
+from trainer.watchdog import Heartbeat, NoHeartbeat
 
 
 def setup_logging(is_main: bool) -> None:
@@ -65,23 +67,29 @@ class Session:
         self.last_saved_step = -1
         self.last_checkpoint: Optional[Path] = None
         self.stopped = False
+        self.heartbeat = NoHeartbeat()
 
     @classmethod
-    def from_run_dir(cls, run_dir: Path) -> "Session":
+    def from_run_dir(cls, run_dir: Path, preflight_only: bool = False) -> "Session":
         """Config and data before the process group: a bad row fails here, before any GPU waits on a peer."""
         run_dir = run_dir.resolve()
         cfg = validate_config(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
         ds_config = json.loads((run_dir / "ds_config.json").read_text())
-        torch.manual_seed(cfg.train.seed)
-        tokenizer = load_tokenizer(cfg)
-        quiet = (lambda _msg: None) if _rank_env() else print
-        data = prepare(cfg, tokenizer, log=quiet)
-        dist = init_distributed()
-        expected = cfg.launch.nodes * cfg.launch.procs_per_node
-        if dist.world != expected:
-            raise RuntimeError(f"started with {dist.world} processes but the plan says {expected} "
-                               f"(launch.nodes × launch.procs_per_node); relaunch with `shardtune launch`")
-        return cls(run_dir, cfg, ds_config, tokenizer, data, dist)
+        tokenizer = data = None
+        if not preflight_only:
+            torch.manual_seed(cfg.train.seed)
+            tokenizer = load_tokenizer(cfg)
+            data = prepare(cfg, tokenizer, log=(lambda _msg: None) if _rank_env() else print)
+        return cls(run_dir, cfg, ds_config, tokenizer, data, init_distributed(cfg.launch.collective_timeout_s))
+
+    def preflight(self) -> dict:
+        """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
+        launch = self.cfg.launch
+        self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
+        result = run_preflight(self.run_dir, self.dist, launch.nodes * launch.procs_per_node, self.tracker.message)
+        if self.dist.is_main:
+            checkpoint.atomic_write(self.run_dir / "preflight.json", json.dumps(result, indent=1) + "\n")
+        return result
 
     def build(self) -> None:
         """Find the checkpoint to resume from first: a different world size changes how DeepSpeed must load it."""
@@ -111,7 +119,7 @@ class Session:
         sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
         self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
                          self.block_mask, t.max_steps, t.log_every, t.max_bad_steps, self.on_log, self.on_step_end,
-                         flops, peak, t.activation_checkpointing is True)
+                         flops, peak, t.activation_checkpointing is True, self.heartbeat.beat)
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -159,6 +167,7 @@ class Session:
         return False
 
     def evaluate(self) -> dict:
+        self.heartbeat.beat("eval")
         return evaluate(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
                         self.block_mask)
 
@@ -168,6 +177,7 @@ class Session:
         def extras(ckpt: Path) -> None:
             write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None), self.tokenizer)
 
+        self.heartbeat.beat("save")
         ckpt = checkpoint.save(self.engine, self.run_dir / "checkpoints", state.step, state.to_json(), self.dist,
                                self.cfg.train.keep_last, extras, self.tracker.message)
         self.last_saved_step = state.step
@@ -185,6 +195,7 @@ class Session:
             ckpt = self.save(state)
         final = self.run_dir / "final"
         release_zero3_init()
+        self.heartbeat.beat("export")
         if self.dist.is_main:
             export_checkpoint(ckpt, final)
             self.tracker.message(run_summary(self.run_dir, started, final, ckpt))
@@ -193,7 +204,6 @@ class Session:
 
                 self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {generate(str(final), self.cfg.train.sample_prompt, max_new_tokens=64)!r}")
         write_status(self.run_dir, self.dist, "completed", state.step, ckpt)
-        barrier()
         return 0
 
     def fail(self, exc: BaseException) -> None:
@@ -202,8 +212,10 @@ class Session:
         hint = f"; the last good checkpoint is {last}" if last else "; there is no checkpoint yet"
         self.tracker.message(f"training stopped: {exc}{hint}")
         write_status(self.run_dir, self.dist, "failed", None, last, reason=str(exc))
+        self.heartbeat.stop("failed")
 
     def close(self) -> None:
+        self.heartbeat.stop()
         self.tracker.finish()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

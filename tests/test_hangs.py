@@ -1,0 +1,53 @@
+"""Hangs never eat a reservation: preflight fails in seconds, a stuck rank is detected, dumped and restarted."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from conftest import losses, shardtune, tiny_config
+
+
+def test_preflight_passes_and_measures_bandwidth(tmp_path, tiny_model):
+    started = time.time()
+    out = shardtune("preflight", str(tiny_config(tmp_path, tiny_model))).stdout
+    assert "preflight passed: 2 ranks" in out and "all-reduce bus bandwidth" in out
+    result = json.loads((tmp_path / "run" / "preflight" / "preflight.json").read_text())
+    assert result["bandwidth"]["busbw_gbps"] > 0 and {r["rank"] for r in result["ranks"]} == {0, 1}
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "preflight must not train"
+    assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("fake_version@0:1=transformers/0.0.1", "rank 1 on {host} has transformers 0.0.1, rank 0 on {host} has"),
+    ("unwritable_output@0:1", "rank 1 on {host} cannot write to the run directory"),
+], ids=["injected_version_mismatch", "injected_unwritable_dir"])
+def test_preflight_failure_names_rank_and_problem_before_training(tmp_path, tiny_model, fault, message):
+    cfg = tiny_config(tmp_path, tiny_model)
+    started = time.time()
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": fault}, check=False)
+    assert proc.returncode != 0
+    assert message.format(host=os.uname().nodename) in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert time.time() - started < 120
+
+
+def test_rank_stuck_in_data_loading_is_dumped_and_the_job_restarts(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 12, "save_every": 2},
+                      launch={"max_restarts": 1, "stall_timeout_s": 10, "startup_timeout_s": 120})
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    shardtune("launch", str(tiny_config(reference_dir, tiny_model, train={"max_steps": 12, "save_every": 2})))
+    started = time.time()
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "hang_in_data@5:1"}, timeout=300)
+    run = tmp_path / "run"
+    assert "rank 1 stuck in 'data' at step 5" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000004 at step 4" in proc.stderr
+    assert losses(run) == losses(reference_dir / "run")
+    dump = (run / "stacks" / "rank_00001.txt").read_text()
+    assert "made no progress" in dump and "in maybe_hang" in dump and "in batch" in dump
+    status = shardtune("status", str(run)).stdout
+    assert str(run / "stacks" / "rank_00001.txt") in status and "heartbeats  2 ranks" in status
+    assert time.time() - started < 200

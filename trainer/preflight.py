@@ -1,0 +1,128 @@
+"""Checks every rank runs together at job start, before the model loads, so a broken node fails the
+job in seconds instead of hanging a reservation.
+
+Each rank reports where it runs and what it has; the reports are gathered and compared on every
+rank: world size, library versions, a writable run directory, and an all-reduce that must give the
+expected value. A rank's own failure is caught and reported rather than raised, so one bad rank
+cannot leave the others waiting in the gather. The bandwidth of a larger all-reduce is measured.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from trainer import faults
+from trainer.distributed import Dist, all_gather_objects
+
+PACKAGES = ("torch", "deepspeed", "transformers")
+BANDWIDTH_BYTES = 16 << 20
+
+
+class PreflightError(Exception):
+    """A preflight check failed; the message names the node, the rank and what differs."""
+
+
+def versions(rank: int) -> dict[str, str]:
+    import deepspeed
+    import transformers
+
+    found = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    found.update(faults.fake_versions(rank))
+    return found
+
+
+def can_write(run_dir: Path, rank: int) -> Optional[str]:
+    """None when this rank can create, fsync and remove a file in the run directory; else why not."""
+    target = faults.unwritable_dir(rank) or run_dir / ".preflight"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f"rank_{rank:05d}.{os.getpid()}"
+        with open(probe, "w") as fh:
+            fh.write("ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+        return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def report(run_dir: Path, d: Dist) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    try:
+        free_device = acc.available_memory(d.local_rank)
+    except Exception:  # noqa: BLE001 - not every accelerator can tell
+        free_device = None
+    return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
+            "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
+            "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
+            "write_error": can_write(run_dir, d.rank)}
+
+
+def compare(reports: list[dict], expected_world: int) -> list[str]:
+    """Every problem, each naming the rank and host it concerns."""
+    problems = []
+    if len(reports) != expected_world:
+        problems.append(f"world size is {len(reports)}, the plan says {expected_world}")
+    reference = reports[0]["versions"]
+    for r in reports:
+        where = f"rank {r['rank']} on {r['host']}"
+        for pkg in PACKAGES:
+            if r["versions"][pkg] != reference[pkg]:
+                problems.append(f"{where} has {pkg} {r['versions'][pkg]}, rank 0 on {reports[0]['host']} has {reference[pkg]}")
+        if r["write_error"]:
+            problems.append(f"{where} cannot write to the run directory: {r['write_error']}")
+    return problems
+
+
+def all_reduce_check(d: Dist) -> Optional[str]:
+    """The sum of (rank + 1) over ranks is known in advance; anything else means a broken transport."""
+    t = torch.full((1024,), float(d.rank + 1), device=d.device)
+    dist.all_reduce(t)
+    expected = d.world * (d.world + 1) / 2
+    return None if torch.all(t == expected).item() else f"all-reduce gave {t[0].item()}, expected {expected}"
+
+
+def bandwidth(d: Dist, nbytes: int = BANDWIDTH_BYTES, iterations: int = 3) -> dict:
+    """Bus bandwidth of an fp32 all-reduce (the NCCL-tests convention: algbw × 2(n-1)/n)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    t = torch.ones(nbytes // 4, dtype=torch.float32, device=d.device)
+    dist.all_reduce(t)  # warm-up: connection setup is not bandwidth
+    acc.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        dist.all_reduce(t)
+    acc.synchronize()
+    seconds = (time.perf_counter() - start) / iterations
+    algbw = nbytes / seconds
+    return {"bytes": nbytes, "seconds": seconds, "busbw_gbps": algbw * 2 * (d.world - 1) / d.world / 1e9}
+
+
+def run_preflight(run_dir: Path, d: Dist, expected_world: int, log) -> dict:
+    """All checks; raises PreflightError on every rank when any rank has a problem."""
+    started = time.perf_counter()
+    reports = all_gather_objects(report(run_dir, d))
+    problems = compare(reports, expected_world)
+    bad_sum = all_reduce_check(d)
+    if bad_sum:
+        problems.append(bad_sum)
+    if problems:
+        raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
+    bw = bandwidth(d)
+    hosts = sorted({r["host"] for r in reports})
+    log(f"preflight ok in {time.perf_counter() - started:.1f} s: {len(reports)} ranks on {len(hosts)} host(s) "
+        f"({', '.join(hosts[:8])}{' ...' if len(hosts) > 8 else ''}); torch {reports[0]['versions']['torch']}, "
+        f"deepspeed {reports[0]['versions']['deepspeed']}, transformers {reports[0]['versions']['transformers']}; "
+        f"all-reduce bus bandwidth {bw['busbw_gbps']:.2f} GB/s ({bw['bytes'] >> 20} MiB)")
+    return {"ranks": reports, "bandwidth": bw}

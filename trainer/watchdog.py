@@ -1,0 +1,107 @@
+"""Heartbeats and a per-rank watchdog: a stuck rank dumps its stacks and exits instead of hanging the job.
+
+The loop marks its phase (data, forward, backward, step, save, eval) in memory, which costs an
+attribute write. A thread writes the heartbeat file every few seconds and checks how long ago the
+phase last changed. Past the allowance (longer until the first step is done: model loading, first
+gathers and compilation are slow) it writes every thread's Python stack to
+OUTPUT_DIR/stacks/rank_XXXXX.txt with faulthandler and ends the process with STUCK_EXIT_CODE, so
+torchrun's restarts or the SLURM requeue take over and the run resumes from its last checkpoint.
+A rank waiting in a collective for a stuck peer trips its own watchdog too: its stack shows the
+collective, the stuck rank's shows where it really is.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from launcher.layout import HEARTBEATS, STACKS
+
+STUCK_EXIT_CODE = 86
+
+
+class Heartbeat:
+    def __init__(self, run_dir: Path, rank: int, stall_timeout_s: float, startup_timeout_s: float,
+                 write_every_s: float = 5.0):
+        self.run_dir, self.rank = run_dir, rank
+        self.stall, self.startup, self.write_every = stall_timeout_s, startup_timeout_s, write_every_s
+        self.step, self.phase, self.changed = 0, "start", time.monotonic()
+        self.first_step_done = False
+        self.path = run_dir / HEARTBEATS / f"rank_{rank:05d}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="shardtune-watchdog", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._write()
+        self._thread.start()
+        return self
+
+    def beat(self, phase: str, step: int | None = None) -> None:
+        """Progress: the loop entered a new phase (cheap enough to call several times per step)."""
+        self.phase, self.changed = phase, time.monotonic()
+        if step is not None:
+            if step > self.step and self.step > 0:
+                self.first_step_done = True
+            self.step = step
+
+    def _allowance(self) -> float:
+        return self.stall if self.first_step_done else self.startup
+
+    def _write(self, state: str = "alive") -> None:
+        record = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
+                  "phase": self.phase, "state": state, "time": time.time(),
+                  "since_progress_s": round(time.monotonic() - self.changed, 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.write_every, max(self._allowance() / 4, 0.5))):
+            idle = time.monotonic() - self.changed
+            try:
+                self._write()
+            except OSError:
+                pass  # a full or flaky filesystem must not kill a healthy rank
+            if idle > self._allowance():
+                self._dump_and_exit(idle)
+
+    def _dump_and_exit(self, idle: float) -> None:
+        stacks = self.run_dir / STACKS / f"rank_{self.rank:05d}.txt"
+        stacks.parent.mkdir(parents=True, exist_ok=True)
+        with open(stacks, "w") as fh:
+            fh.write(f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}) made no progress for "
+                     f"{idle:.0f} s (allowance {self._allowance():.0f} s) in phase '{self.phase}' of step {self.step}\n\n")
+            fh.flush()
+            faulthandler.dump_traceback(file=fh, all_threads=True)
+        try:
+            self._write(state="stuck")
+        except OSError:
+            pass
+        print(f"shardtune: rank {self.rank} stuck in '{self.phase}' at step {self.step} for {idle:.0f} s; "
+              f"stacks in {stacks}; exiting with {STUCK_EXIT_CODE} so the job can restart", flush=True)
+        os._exit(STUCK_EXIT_CODE)
+
+    def stop(self, state: str = "finished") -> None:
+        if self._stop.is_set():
+            return  # the first reason to stop (e.g. "failed") is the one to keep
+        self._stop.set()
+        self.phase = state
+        try:
+            self._write(state=state)
+        except OSError:
+            pass
+
+
+class NoHeartbeat:
+    """Before the watchdog starts (and in tools that reuse the loop)."""
+
+    def beat(self, phase: str, step: int | None = None) -> None:
+        pass
+
+    def stop(self, state: str = "finished") -> None:
+        pass
