@@ -119,3 +119,12 @@ def test_report_writes_readable_pngs(tmp_path, tiny_model):
         assert (width, height) == (700, 400) and len(data) > 10_000, name
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 8] or [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+
+
+def test_wandb_failure_never_stops_training(tmp_path, tiny_model):
+    """Online without any API key fails at init: the run goes on offline, with one warning."""
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, wandb={"mode": "online"})
+    proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path)})
+    assert proc.stderr.count("wandb: online init failed") == 1
+    assert len(find_runs(tmp_path / "run" / "wandb")) == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
