@@ -98,7 +98,7 @@ def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, referen
     assert "submitted job" in proc.stdout and "COMPLETED" in proc.stdout
     run = tmp_path / "run"
     assert losses(run) == reference
-    log = (run / f"slurm-{submitted_job(run)}.out").read_text()
+    log = (run / f"slurm-{submitted_job(run)}.out").read_text(errors="replace")
     assert re.search(r"^0: == node 0 \(n1\) starting torchrun", log, re.M)
     assert re.search(r"^1: == node 1 \(n2\) starting torchrun", log, re.M)
     status = shardtune("status", str(run)).stdout
@@ -122,7 +122,7 @@ def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     state = slurm.wait_for(job, poll_s=1.0, on_change=lambda _: None)
     info = slurm.job_info(job)
-    log = (run / f"slurm-{job}.out").read_text()
+    log = (run / f"slurm-{job}.out").read_text(errors="replace")
     assert state == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "1"
     assert "caught USR1" in log and "requeueing job" in log and "run state 'stopped'" in log
@@ -137,7 +137,7 @@ def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, clus
     assert proc.returncode != 0 and "FAILED" in proc.stdout + proc.stderr
     run = tmp_path / "run"
     job = submitted_job(run)
-    log = (run / f"slurm-{job}.out").read_text()
+    log = (run / f"slurm-{job}.out").read_text(errors="replace")
     assert log.count("resumed from") == 1, "the second attempt should resume from the periodic checkpoint"
     assert "giving up: attempt 1 ended" in log and "slurm.max_requeues=1" in log
     assert slurm.job_info(job)["Restarts"] == "1"

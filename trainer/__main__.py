@@ -23,7 +23,16 @@ from trainer.session import Session, setup_logging
 USER_ERRORS = (DataError, BuildFailed, TemplateError, SourceError, CheckpointError, TooManyBadSteps, PreflightError)
 
 
+MIN_TORCH = "2.6"  # torch.load(weights_only=True) can run code in older versions (CVE-2025-32434)
+
+
 def main(argv: list[str]) -> int:
+    import torch
+
+    if torch.__version__ < MIN_TORCH:
+        print(f"shardtune: torch {torch.__version__} is older than {MIN_TORCH}; loading checkpoints with it is unsafe "
+              "(CVE-2025-32434). Upgrade torch.", file=sys.stderr)
+        return 2
     if len(argv) not in (1, 2) or argv[1:] not in ([], ["--preflight"]):
         print("usage: python -m trainer RUN_DIR [--preflight]  (normally started by shardtune launch / preflight)",
               file=sys.stderr)

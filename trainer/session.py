@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -18,17 +19,17 @@ import yaml
 
 from launcher.config import RunConfig, validate_config
 from trainer import checkpoint, nonfinite
+from trainer.control import StopRequest, write_status
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.show import format_summary, summary_metrics
 from trainer.distributed import Dist, init_distributed
 from trainer.export import export_checkpoint, write_hf_metadata
-from trainer.loop import Loop, TrainState, evaluate
-from trainer.control import StopRequest, write_status
 from trainer.flops import model_flops_of, peak_tflops
+from trainer.loop import Loop, TrainState, evaluate
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
-from trainer.report import run_summary
 from trainer.preflight import run_preflight
+from trainer.report import run_summary
 from trainer.tracking import NullTracker, make_tracker
 from trainer.watchdog import Heartbeat, NoHeartbeat
 
@@ -36,6 +37,8 @@ from trainer.watchdog import Heartbeat, NoHeartbeat
 def setup_logging(is_main: bool) -> None:
     """Rank 0 speaks; other ranks only report errors (a quiet log at 1,000 GPUs is a readable one)."""
     level = logging.WARNING if is_main else logging.ERROR
+    # DeepSpeed calls torch.distributed functions torch has deprecated; one warning per call is noise.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     for name in ("DeepSpeed", "deepspeed", "transformers", "datasets", "torch.distributed"):
         logging.getLogger(name).setLevel(level)
     from transformers.utils import logging as hf_logging

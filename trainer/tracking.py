@@ -62,8 +62,9 @@ class Tracker(NullTracker):
         self._start_wandb(cfg, resume_step, run_id)
         from tqdm import tqdm
 
+        # In a batch log (not a terminal) every redraw is a line: redraw rarely there.
         self.bar = tqdm(total=self.max_steps, initial=resume_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0)
+                        file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
     def _trim_metrics(self, resume_step: int) -> None:
         """Rows after the step we resume from belong to a rolled-back attempt; keep the file one timeline."""
