@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
 DEMO_EVAL := examples/data/demo_eval.jsonl
 
-.PHONY: demo test install
+.PHONY: demo test install slurm-packages
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,16 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# The SLURM tests run on a local 2-node cluster; as root, install its Debian packages first
+# (without root the tests are skipped and say why).
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing slurm-wlm and munge for the SLURM tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null \
+			|| echo "could not install slurm-wlm/munge: the SLURM tests will be skipped"; \
+	fi
+
+test: $(VENV)/.installed slurm-packages
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # Convert the embedded model once, score it, fine-tune it, score it again.

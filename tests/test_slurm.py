@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -61,6 +62,10 @@ def test_variables_in_sbatch_values_are_refused():
 
 @pytest.fixture(scope="module")
 def cluster():
+    """The local 2-node cluster; stopped again afterwards if this fixture started it."""
+    default_conf = "/tmp/shardtune-slurm/slurm.conf"
+    was_running = subprocess.run(["scontrol", "ping"], capture_output=True, env={**os.environ, "SLURM_CONF": default_conf},
+                                 ).returncode == 0 if os.path.exists(default_conf) and shutil.which("scontrol") else False
     proc = subprocess.run([str(CLUSTER / "up")], capture_output=True, text=True)
     if proc.returncode == 3:
         pytest.skip(f"no local SLURM cluster: {proc.stderr.strip()}")
@@ -71,6 +76,8 @@ def cluster():
     yield conf
     if old is None:
         os.environ.pop("SLURM_CONF", None)
+    if not was_running:
+        subprocess.run([str(CLUSTER / "down")], capture_output=True)
 
 
 STEPS = 30
