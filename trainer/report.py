@@ -103,7 +103,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         if name == "loss" and values and max(values) / min(values) > 20:
             ax.set_yscale("log")  # fine-tuning losses fall by orders of magnitude
         elif name in ("throughput", "memory"):
-            ax.set_ylim(bottom=0)  # from zero: a 1% drift must not look like a leak or a collapse
+            ax.set_ylim(0, max(values) * 1.4 if values else 1)  # from zero: a 1% drift is not a leak; room for the legend
         ax.set_title(f"{Path(run_dir).name}: {name}")
         ax.grid(alpha=0.3)
         ax.legend()
