@@ -31,10 +31,11 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "psutil",
+        "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (ZeRO-3 sharded loading) requires it
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib"],
-        "demo": ["gguf", "accelerate"],
+        "demo": ["gguf"],
         "report": ["matplotlib"],
     },
     entry_points={"console_scripts": ["shardtune=launcher.cli:main"]},
