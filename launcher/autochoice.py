@@ -9,7 +9,7 @@ earlier: towards less sharding, no checkpointing and bigger micro batches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.errors import ConfigError
@@ -26,23 +26,31 @@ VARIANTS: tuple[tuple[int, bool, bool], ...] = (
 
 @dataclass(frozen=True)
 class Choice:
-    """The chosen configuration, its estimate, and the reasons to show in the plan."""
+    """The chosen configuration, its estimate, and the reasons to show in the plan.
+
+    `why` holds the same reasons by setting ("variant", "activation_checkpointing", "micro_batch_size",
+    "grad_accum_steps"), so the planner can put each next to the config field it decided;
+    `skipped` says why each faster variant was passed over.
+    """
 
     setup: Setup
     grad_accum_steps: int
     global_batch_size: int
     estimate: MemoryEstimate
     reasons: list[str]
+    why: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
 
 class DoesNotFit(Exception):
     """Nothing allowed fits; the message carries the component table and what would make it fit."""
 
     def __init__(self, message: str, estimate: Optional[MemoryEstimate] = None,
-                 suggestions: Optional[list[str]] = None):
+                 suggestions: Optional[list[str]] = None, reasons: Optional[list[str]] = None):
         super().__init__(message)
         self.estimate = estimate
         self.suggestions = list(suggestions or [])
+        self.reasons = list(reasons or [])  # why each allowed variant does not fit
 
 
 def short_label(setup: Setup) -> str:
@@ -67,8 +75,9 @@ def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: float,
     if host_memory_gb is not None:
         lines.append(row(f"host fits {host_memory_gb:g} GB", ["yes" if e.host_total <= host_memory_gb * GB
                                                              else "NO" for e in estimates]))
-    lines.append("  peak per device = model states + fragmentation + cuda_runtime + max(optimizer_step_buffers,\n"
-                 "                    activations + logits + reduce_buckets + zero3_live_params)")
+    lines.append("  peak per device = model states + offload_staging + fragmentation + cuda_runtime\n"
+                 "                    + max(optimizer_step_buffers, activations + logits + gradient_in_flight\n"
+                 "                          + reduce_buckets + zero3_live_params)")
     return "\n".join(lines)
 
 
@@ -108,8 +117,11 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None,
                          gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
-                         margins: Margins = Margins()) -> Choice:
-    """The fastest configuration that fits; None for any setting means "choose it for me"."""
+                         margins: Margins = Margins(), optimizer: str = "fused") -> Choice:
+    """The fastest configuration that fits; None for any setting means "choose it for me".
+
+    `optimizer` is memory.Setup's: "torch" when torch's AdamW will step (CPU runs), else "fused".
+    """
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
         raise ConfigError([f"launch.gpu_memory_gb: must be a positive number of GB, got {gpu_memory_gb!r}"])
     if stage is not None and stage not in (0, 1, 2, 3):
@@ -126,7 +138,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
         s, opt, par = variant
         setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
                       seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
-                      activation_checkpointing=ckpt, attention=attention)
+                      activation_checkpointing=ckpt, attention=attention, optimizer=optimizer)
         return estimate_memory(counts, setup, zero, margins)
 
     reasons: list[str] = []
@@ -148,7 +160,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                + f"\nsmallest allowed configuration, component by component:\n"
                + component_table([frugal], gpu_memory_gb, host_memory_gb)
                + "\nwhat would make it fit:\n" + "\n".join(f"  - {s}" for s in suggestions))
-    raise DoesNotFit(message, frugal, suggestions)
+    raise DoesNotFit(message, frugal, suggestions, reasons)
 
 
 def _ckpt_words(ckpt: bool) -> str:
@@ -166,28 +178,30 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], world_
     s = est.setup
     variant = (s.stage, s.offload_optimizer, s.offload_params)
     spare = gpu_memory_gb - est.device_total / GB
-    reasons.append(f"{s.label()} fits: {est.device_total / GB:.1f} GB of {gpu_memory_gb:g} GB per device "
-                   f"({spare:.1f} GB to spare; model states {est.model_states / GB:.1f} GB)")
+    skipped = list(reasons)
+    why = {"variant": f"{s.label()} fits: {est.device_total / GB:.1f} GB of {gpu_memory_gb:g} GB per device "
+                      f"({spare:.1f} GB to spare; model states {est.model_states / GB:.1f} GB)"}
     if ckpt_auto:
         if s.activation_checkpointing:
             without = estimate(variant, False, micros[-1]).device_total / GB
-            reasons.append(f"activation checkpointing on: without it even micro batch {micros[-1]} "
-                           f"needs {without:.1f} GB")
+            why["activation_checkpointing"] = (f"activation checkpointing on: without it even micro batch "
+                                               f"{micros[-1]} needs {without:.1f} GB")
         else:
-            reasons.append("activation checkpointing off: not needed to fit (it would cost ~1/3 more compute)")
+            why["activation_checkpointing"] = ("activation checkpointing off: not needed to fit "
+                                               "(it would cost ~1/3 more compute)")
     bigger = [m for m in micros if m > s.micro_batch_size]
     if bigger:
         nxt = estimate(variant, s.activation_checkpointing, bigger[-1])
-        reasons.append(f"micro batch {s.micro_batch_size}: the next divisor of the per-rank share {share}, "
-                       f"{bigger[-1]}, would need {nxt.device_total / GB:.1f} GB")
+        why["micro_batch_size"] = (f"micro batch {s.micro_batch_size}: the next divisor of the per-rank share "
+                                   f"{share}, {bigger[-1]}, would need {nxt.device_total / GB:.1f} GB")
     elif share is not None and len(micros) > 1:
-        reasons.append(f"micro batch {s.micro_batch_size}: the whole per-rank share fits at once")
+        why["micro_batch_size"] = f"micro batch {s.micro_batch_size}: the whole per-rank share fits at once"
     accum = 1 if share is None else share // s.micro_batch_size
     global_batch = s.micro_batch_size * accum * world_size
     if share is not None:
-        reasons.append(f"gradient accumulation {accum}: global batch = micro {s.micro_batch_size} × accumulation "
-                       f"{accum} × world {world_size} = {global_batch}")
-    return Choice(s, accum, global_batch, est, reasons)
+        why["grad_accum_steps"] = (f"gradient accumulation {accum}: global batch = micro {s.micro_batch_size} × "
+                                   f"accumulation {accum} × world {world_size} = {global_batch}")
+    return Choice(s, accum, global_batch, est, skipped + list(why.values()), why, skipped)
 
 
 def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
@@ -201,13 +215,17 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
     seqs = [s.seq_len // 2 ** i for i in range(1, 12) if s.seq_len // 2 ** i >= 64]
     offloads = [v for v in ((3, True, False), (3, True, True)) if v not in variants]
     if s.stage > 0 and (world := next((w for w in worlds if fits(variants[-1], world=w)), None)):
-        out.append(f"more GPUs: {world} devices ({-(-world // per_node)} nodes of {per_node}) fit {s.label()}")
+        nodes = -(-world // per_node)
+        out.append(f"more GPUs: {world} devices ({nodes} nodes of {per_node}, launch.nodes: {nodes}) fit {s.label()}")
     if (variant := next((v for v in offloads if fits(v)), None)):
         what = "optimizer and parameters" if variant[2] else "optimizer"
         out.append(f"offload: ZeRO-3 with the {what} offloaded to CPU fits (zero.offload_optimizer: cpu"
-                   f"{', zero.offload_params: cpu' if variant[2] else ''})")
+                   f"{', zero.offload_params: cpu' if variant[2] else ''}; or auto to let the planner decide)")
     if not s.activation_checkpointing and estimate(variants[-1], True, micros[-1]).fits(gpu_memory_gb, host_memory_gb):
         out.append("activation checkpointing: train.activation_checkpointing: true fits")
+    if s.micro_batch_size > 1 and estimate(variants[-1], ckpts[-1], 1).fits(gpu_memory_gb, host_memory_gb):
+        out.append(f"a smaller micro batch: train.micro_batch_size 1 fits {s.label()} (or auto, with "
+                   f"train.global_batch_size set)")
     if (seq := next((q for q in seqs if fits(variants[-1], seq=q)), None)):
         out.append(f"shorter sequences: data.seq_len {seq} fits {s.label()}")
     if not out:  # no single change is enough: the longest sequence that some GPU count and full offload fit

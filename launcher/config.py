@@ -170,10 +170,10 @@ class TrainConfig(Section):
 class ZeroConfig(Section):
     stage: Union[Literal[0, 1, 2, 3], Literal["auto"]] = 2
     """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters; `auto` picks by memory."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer state (and its step) in host RAM."""
-    offload_params: Literal["none", "cpu"] = "none"
-    """Keep parameters in host RAM (stage 3 only)."""
+    offload_optimizer: Literal["none", "cpu", "auto"] = "none"
+    """Keep optimizer state (and its step) in host RAM; `auto` lets the memory planner offload only when nothing fits without it."""
+    offload_params: Literal["none", "cpu", "auto"] = "none"
+    """Keep parameters in host RAM (stage 3 only); `auto` lets the memory planner decide."""
     config: Optional[str] = None
     """Your own DeepSpeed JSON instead of the template; its "auto" values are filled and checked."""
     overlap_comm: Optional[bool] = None
@@ -370,8 +370,10 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     problems = []
     t, z = cfg.train, cfg.zero
     world = cfg.launch.nodes * cfg.launch.procs_per_node
-    if z.offload_params == "cpu" and z.stage not in (3, "auto"):
-        problems.append(f"zero.offload_params: 'cpu' needs zero.stage 3, got stage {z.stage}")
+    if z.offload_params != "none" and z.stage not in (3, "auto"):
+        problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        problems.append(f"zero.offload_optimizer: {z.offload_optimizer!r} needs zero.stage 1, 2, 3 or auto, got stage 0")
     if t.grad_accum_steps is None and t.global_batch_size is None:
         problems.append("train.grad_accum_steps: required unless train.global_batch_size is set")
     if t.micro_batch_size == "auto" and t.global_batch_size is None:

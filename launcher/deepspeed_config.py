@@ -139,13 +139,13 @@ def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -
             _set(ds, dotted, value)
         elif current == "auto":
             _set(ds, dotted, value)
-        elif not _same(current, value) and cfg.zero.config:
+        elif not _same(current, value):  # a user's JSON, or a shipped template that would silently win
             problems.append(f"{source}: {dotted} is {current!r} but {origin} gives {value!r}")
     if "scheduler" in ds:
         problems.append(f"{source}: remove 'scheduler'; shardtune drives the learning rate from "
                         "train.lr_schedule, train.warmup_steps and train.min_lr_ratio")
     offload = _get(ds, "zero_optimization.offload_optimizer.device")[1] or "none"
-    if offload != cfg.zero.offload_optimizer and cfg.zero.config:
+    if offload != cfg.zero.offload_optimizer:
         problems.append(f"{source}: zero_optimization.offload_optimizer.device is {offload!r} but "
                         f"zero.offload_optimizer is {cfg.zero.offload_optimizer!r}")
     problems += [f"{source}: {key} is still \"auto\" and shardtune has no value for it" for key in _remaining_autos(ds)]

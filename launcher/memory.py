@@ -7,9 +7,14 @@ tensor by tensor on the Hugging Face modules (tests/test_memory.py), and the fix
 
 Units: bytes internally, GB = 1e9 bytes in everything shown. The peak is
 
-    model states + max(forward/backward working set, optimizer-step buffers) + fragmentation + runtime
+    model states + buffers kept for the whole run (offload staging)
+    + max(forward/backward working set, optimizer-step buffers) + fragmentation + runtime
 
-because activations are freed before the optimizer step allocates its fp32 gradient copy.
+because activations are freed before the optimizer step allocates its fp32 gradient copy. Every DeepSpeed
+buffer below was read from its ZeRO code and checked against the real trainer on CPU (bench/memory.py,
+numbers in bench/RESULTS.md, within 5% per rank). What only holds on CPU stays out of the GPU figures:
+torch's AdamW temporaries count only with `Setup(optimizer="torch")`, and the CPU margins (glibc's heap,
+no CUDA) live in launcher.autoplan.
 """
 from __future__ import annotations
 
@@ -22,11 +27,17 @@ from launcher.model_size import ModelCounts
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+# fused: FusedAdam on GPUs, DeepSpeedCPUAdam with offload (both update in place); torch: torch.optim.AdamW,
+# which the launcher picks on CPU (`torch_adam`), whose update allocates temporaries (see optimizer_temporaries).
+OPTIMIZERS = ("fused", "torch")
 # Bytes per parameter (ZeRO paper §3.1): mixed precision keeps 2-byte params and grads and K = 12 bytes
-# of fp32 master weights + Adam moments; fp32 training has no master copy, so K = 8.
+# of fp32 master weights + Adam moments. fp32 training without ZeRO has no master copy (K = 8), but every
+# ZeRO optimizer clones its partition as the master copy even in fp32 (measured: bench/memory.py), so K = 12.
 PARAM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"bf16": 12, "fp16": 12, "fp32": 8}
-# On the host, CPU Adam keeps an fp32 copy of the partition, two moments and the fp32 gradient.
+# On the host, offloading keeps an fp32 copy of the partition, two moments and the fp32 gradient (16 bytes),
+# plus a low-precision partition buffer (stages 1-2: the updated weights on their way back; stage 3: the
+# gradient partition), p bytes: (16 + p)·Ψ/N per rank.
 HOST_OPTIMIZER_BYTES = 16
 DS_STAGE0_ALLREDUCE = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE: stage 0 flattens grads in such buckets
 
@@ -78,6 +89,7 @@ class Setup:
     offload_params: bool = False
     activation_checkpointing: bool = False
     attention: str = "auto"
+    optimizer: str = "fused"
 
     @property
     def nodes(self) -> int:
@@ -94,8 +106,11 @@ class Setup:
         return f"ZeRO-{self.stage}{off}"
 
 
-DEVICE_KEYS = ("params", "gradients", "optimizer_states", "activations", "logits", "reduce_buckets",
-               "zero3_live_params", "optimizer_step_buffers", "fragmentation", "cuda_runtime")
+DEVICE_KEYS = ("params", "gradients", "optimizer_states", "offload_staging", "activations", "logits",
+               "gradient_in_flight", "reduce_buckets", "zero3_live_params", "optimizer_step_buffers",
+               "fragmentation", "cuda_runtime")
+# The working set of forward and backward, freed before the optimizer step allocates its buffers.
+FORWARD_BACKWARD_KEYS = ("activations", "logits", "gradient_in_flight", "reduce_buckets", "zero3_live_params")
 HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "checkpoint_loading", "process_runtime")
 
 
@@ -113,6 +128,11 @@ class MemoryEstimate:
     @property
     def model_states(self) -> int:
         return self.device["params"] + self.device["gradients"] + self.device["optimizer_states"]
+
+    @property
+    def forward_backward(self) -> int:
+        """The transient working set of forward and backward (freed before the optimizer step)."""
+        return sum(self.device[key] for key in FORWARD_BACKWARD_KEYS)
 
     def fits(self, gpu_memory_gb: float, host_memory_gb: Optional[float] = None) -> bool:
         ok = self.device_total <= gpu_memory_gb * GB
@@ -237,12 +257,19 @@ def _check(setup: Setup) -> None:
         problems.append(f"dtype: must be one of {', '.join(DTYPES)}, got {setup.dtype!r}")
     if setup.attention not in ATTENTIONS:
         problems.append(f"attention: must be one of {', '.join(ATTENTIONS)}, got {setup.attention!r}")
+    if setup.optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {setup.optimizer!r}")
     if setup.offload_optimizer and setup.stage == 0:
         problems.append("offload_optimizer: needs ZeRO stage 1, 2 or 3, got stage 0")
     if setup.offload_params and setup.stage != 3:
         problems.append(f"offload_params: needs ZeRO stage 3, got stage {setup.stage}")
     if problems:
         raise ConfigError(problems, title="cannot estimate memory")
+
+
+def optimizer_bytes_per_param(setup: Setup) -> int:
+    """K of the ZeRO paper: 12 with a master copy (mixed precision, or any ZeRO stage), 8 without."""
+    return OPTIMIZER_BYTES["bf16"] if setup.stage >= 1 else OPTIMIZER_BYTES[setup.dtype]
 
 
 def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
@@ -258,9 +285,42 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
     if setup.offload_optimizer and setup.stage >= 2:
         grads = 0
     params_dev = p * params // n if setup.stage == 3 else p * params
-    optimizer = OPTIMIZER_BYTES[setup.dtype] * params // (1 if setup.stage == 0 else n)
+    optimizer = optimizer_bytes_per_param(setup) * params // (1 if setup.stage == 0 else n)
     return {"params": 0 if setup.offload_params else params_dev, "gradients": grads,
             "optimizer_states": 0 if setup.offload_optimizer else optimizer}
+
+
+def optimizer_temporaries(counts: ModelCounts, setup: Setup) -> int:
+    """torch.optim.AdamW's update allocates sqrt(v) and its quotient: two fp32 tensors the size of the
+    largest tensor it steps (the flat partition under ZeRO, the largest parameter without). FusedAdam and
+    DeepSpeedCPUAdam update in place. Measured on CPU (bench/memory.py), where the launcher uses torch's."""
+    if setup.optimizer != "torch":
+        return 0
+    stepped = counts.largest_tensor if setup.stage == 0 else counts.total // setup.world_size
+    return 2 * 4 * stepped
+
+
+def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
+    """Device bytes the optimizer step needs beyond the model states, after activations are freed (read
+    from deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, 0.19, and measured on CPU):
+      stage 0: the gradients flattened for the all-reduce (buckets of at most 5e8 elements), freed before
+        the step; with mixed precision also an fp32 gradient copy;
+      stage 1: after backward the gradient partition is gathered (p·Ψ/N) while the full gradients still
+        exist; then those are freed and the step holds the partition, its fp32 copy (mixed precision)
+        and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted;
+      stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy.
+    Offloaded, the step and its buffers are on the host.
+    """
+    n, p, mixed = setup.world_size, PARAM_BYTES[setup.dtype], setup.dtype != "fp32"
+    if setup.offload_optimizer:
+        return 0
+    if setup.stage == 0:
+        return max((min(psi, DS_STAGE0_ALLREDUCE) * p if n > 1 else 0) + (4 * psi if mixed else 0), temporaries)
+    fp32_copy = 4 * psi // n if mixed else 0
+    if setup.stage == 1:
+        partition = p * psi // n
+        return max(partition, partition + fp32_copy + temporaries - p * psi)
+    return fp32_copy + temporaries
 
 
 def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings(),
@@ -268,11 +328,18 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     """The full estimate for one configuration; the benchmark compares `device` with measurements."""
     _check(setup)
     psi, n, p = counts.total, setup.world_size, PARAM_BYTES[setup.dtype]
-    mixed = setup.dtype != "fp32"
+    largest = counts.largest_tensor
     dev = model_state_bytes(psi, setup)
+    # With optimizer offload at stages 1-2, DeepSpeed keeps one largest-tensor buffer on the device for
+    # gradients on their way to the host (temp_grad_buffer_for_gpu_offload), for the whole run.
+    dev["offload_staging"] = largest * p if setup.offload_optimizer and setup.stage in (1, 2) else 0
     dev["activations"] = activation_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype,
                                           setup.activation_checkpointing, setup.attention)
     dev["logits"] = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype)
+    # Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one
+    # waiting for its bucket is whole: the largest (the lm_head's comes first, at the activation peak).
+    # Stages 0-1 keep all gradients whole, which `gradients` already counts.
+    dev["gradient_in_flight"] = largest * p if (setup.stage >= 2 or setup.offload_optimizer) else 0
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
@@ -283,33 +350,29 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
 
     # ZeRO-3 gathers each module's parameters before use, prefetches up to prefetch_bucket_size ahead
     # and keeps up to max_live_parameters gathered (parameters reused soon, i.e. the last layers,
-    # are not released between forward and backward); plus the gathered module's full gradient.
+    # are not released between forward and backward).
     live = 0
     if setup.stage == 3:
-        live = min(psi, max(zero.max_live_parameters, counts.largest_tensor + zero.prefetch_bucket_size))
-        live = (live + counts.largest_tensor) * p
+        live = min(psi, max(zero.max_live_parameters, largest + zero.prefetch_bucket_size)) * p
     dev["zero3_live_params"] = live
 
-    # The optimizer step converts the gradient partition to fp32 for the master weights (4·Ψ/N; all
-    # of Ψ at stage 0), after activations are freed. Offloaded, that copy lives on the host.
-    step = 0
-    if mixed and not setup.offload_optimizer:
-        step = 4 * psi // (1 if setup.stage == 0 else n)
-    if setup.stage == 0 and n > 1:
-        step += min(psi, DS_STAGE0_ALLREDUCE) * p
-    dev["optimizer_step_buffers"] = step
+    temporaries = optimizer_temporaries(counts, setup)
+    dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries)
 
-    forward_backward = dev["activations"] + dev["logits"] + dev["reduce_buckets"] + live
-    transient = max(forward_backward, step)
+    forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
+    transient = max(forward_backward, dev["optimizer_step_buffers"])
     dev["fragmentation"] = int(margins.fragmentation * transient)
     dev["cuda_runtime"] = int((margins.cuda_context_gb + (margins.nccl_gb if n > 1 else 0)) * GB)
-    states = dev["params"] + dev["gradients"] + dev["optimizer_states"]
-    device_total = states + transient + dev["fragmentation"] + dev["cuda_runtime"]
+    persistent = dev["params"] + dev["gradients"] + dev["optimizer_states"] + dev["offload_staging"]
+    device_total = persistent + transient + dev["fragmentation"] + dev["cuda_runtime"]
     device = {key: int(dev[key]) for key in DEVICE_KEYS}
 
     ranks = min(setup.gpus_per_node, n)
+    # Offloaded: (16 + p)·Ψ/N per rank (see HOST_OPTIMIZER_BYTES), at stages 1-2 also a largest-tensor
+    # pinned staging buffer, and the torch optimizer's temporaries when it is the one stepping on the host.
+    offloaded = (HOST_OPTIMIZER_BYTES + p) * psi // n + (largest * p if setup.stage in (1, 2) else 0) + temporaries
     host = {
-        "offloaded_optimizer": ranks * HOST_OPTIMIZER_BYTES * psi // n if setup.offload_optimizer else 0,
+        "offloaded_optimizer": ranks * offloaded if setup.offload_optimizer else 0,
         "offloaded_params": ranks * p * psi // n if setup.offload_params else 0,
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
@@ -321,6 +384,6 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     host_total = (host["process_runtime"] + host["offloaded_params"]
                   + max(host["checkpoint_loading"], host["offloaded_optimizer"]))
     notes = [counts.note] if counts.note else []
-    if step > forward_backward:
+    if dev["optimizer_step_buffers"] > forward_backward:
         notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
     return MemoryEstimate(setup, device, host, device_total, host_total, notes)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher.autoplan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
 from launcher.config import RunConfig
 from launcher.deepspeed_config import render_deepspeed_config
 from launcher.errors import ConfigError
@@ -78,9 +79,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     if cfg.train.precision == "auto":
         cfg.train.precision = "bf16" if cfg.launch.device == "cuda" else "fp32"
         notes.append(f"train.precision=auto -> {cfg.train.precision} ({'GPUs train in bf16' if cfg.launch.device == 'cuda' else 'CPUs train in fp32'})")
-    needs_planner = "auto" in (cfg.zero.stage, cfg.train.micro_batch_size, cfg.train.activation_checkpointing)
-    if needs_planner:
-        from launcher.autoplan import apply_auto_choice  # the memory planner, only when asked for
+    if auto_fields(cfg):
         notes += apply_auto_choice(cfg, read_model_config(cfg.model.name_or_path))
     t = cfg.train
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
@@ -102,6 +101,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = ()) -> Plan:
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden)
+    check_fit(cfg, model_cfg, ds)
     if cfg.launch.backend == "slurm":
         script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
         argv = ["sbatch", str(Path(cfg.output_dir) / "launch.sbatch")]
@@ -115,7 +115,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = ()) -> Plan:
                           f"world {world} ({cfg.launch.nodes} node{'s' if cfg.launch.nodes > 1 else ''} × "
                           f"{cfg.launch.procs_per_node}) = {global_batch} sequences"),
         tokens_per_step=global_batch * cfg.data.seq_len, deepspeed=ds, command=argv,
-        script=script, notes=notes)
+        script=script, notes=notes, memory=memory_summary(cfg, model_cfg, ds))
 
 
 def format_plan(plan: Plan) -> str:
@@ -132,6 +132,7 @@ def format_plan(plan: Plan) -> str:
         f"{cfg.train.max_steps} steps, clip {cfg.train.grad_clip:g}, precision {cfg.train.precision}",
         f"zero       stage {cfg.zero.stage}, offload optimizer {cfg.zero.offload_optimizer}, params {cfg.zero.offload_params}",
     ]
+    lines.append(format_memory(plan.memory))
     if plan.notes:
         lines.append("decisions")
         lines += [f"  - {n}" for n in plan.notes]

@@ -32,7 +32,7 @@ def autos(tree) -> list:
 
 
 TEMPLATE_CHOICES = [("0", "none", "none"), ("1", "none", "none"), ("2", "none", "none"), ("3", "none", "none"),
-                    ("2", "cpu", "none"), ("3", "cpu", "none"), ("3", "cpu", "cpu")]
+                    ("1", "cpu", "none"), ("2", "cpu", "none"), ("3", "cpu", "none"), ("3", "cpu", "cpu")]
 
 
 @pytest.mark.parametrize("stage,opt,params", TEMPLATE_CHOICES)

@@ -1,0 +1,358 @@
+"""Memory benchmark: the planner's per-rank estimate against the real trainer's memory, on CPU.
+
+    .venv/bin/python bench/memory.py --markdown        # 2 baselines + 7 variants × 2 allocators, ~15 min on 2 cores
+    .venv/bin/python bench/memory.py --variants 2 3 --save m.json
+    .venv/bin/python bench/memory.py --replay m.json   # recompute the estimates against saved measurements
+
+Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
+(134.5 M parameters, tied embeddings) for ZeRO 0-3 and stages 1-3 with `zero.offload_optimizer: cpu`, one
+run at a time, and reads every rank's kernel counters in /proc: once step 1 has been logged (the Adam
+moments exist), the peak RSS is reset (`echo 5 > /proc/PID/clear_refs`) and read again when step 3 has
+been logged, so the peak covers steps 2 and 3 whole: the steady state of a long run.
+
+Each variant runs twice, because CPU RAM is not a GPU's caching allocator:
+- with `MALLOC_MMAP_THRESHOLD_=65536`, glibc maps every block over 64 KiB on its own and unmaps it when
+  freed, so RSS follows the bytes allocated, like `max_memory_allocated` on a GPU. This validates the GPU
+  estimate (default margins, the measured process runtime instead of `cuda_runtime`).
+- with glibc's defaults, freed blocks below its dynamic threshold (up to 32 MiB: activations, per-layer
+  gradients) stay in the heap, and the optimizer step's large buffers are mapped on top of them. This is
+  what a CPU run really uses; `launcher.autoplan.CPU_MARGINS` (fragmentation = 100% of the transient) is
+  compared with it.
+
+On CPU the device and the host are the same RAM, so a rank's estimate is the device estimate plus this
+rank's share of the offloaded optimizer. The runtime is measured: the same trainer on a 1-layer, 64-wide
+model with SmolLM2's tokenizer (same imports, gloo, data, DeepSpeed), minus that model's own estimate.
+Waits until the 1-minute load average is below --max-load before each run (2 shared cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launcher.autoplan import CPU_MARGINS  # noqa: E402
+from launcher.memory import (GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory,  # noqa: E402
+                             optimizer_temporaries)
+from launcher.model_size import ModelCounts, counts_from_path  # noqa: E402
+
+SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+DATA = REPO / "examples" / "data" / "demo_train.jsonl"
+PYTHON = Path(sys.executable)
+SHARDTUNE = PYTHON.parent / "shardtune"
+# name -> (zero.stage, zero.offload_optimizer: cpu); offload needs a ZeRO optimizer, so stage 0 has none.
+VARIANTS = {"0": (0, False), "1": (1, False), "2": (2, False), "3": (3, False),
+            "1+opt": (1, True), "2+opt": (2, True), "3+opt": (3, True)}
+MODES = {"returned": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
+# The baseline model: SmolLM2's tokenizer and vocabulary, one layer of width 64 (3.2 M parameters).
+SKELETON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "head_dim": 64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json")
+
+
+@dataclass
+class Measurement:
+    """Worst rank's bytes from /proc/PID/status for one run."""
+
+    variant: str
+    mode: str
+    train_peak: int = 0  # VmHWM over steps 2-3
+    init_peak: int = 0  # VmHWM from start to the end of step 1 (loading, deepspeed.initialize, first step)
+    ds_config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    load_before: float = 0.0
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process in bytes ({} once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in text.splitlines())
+            if k in ("VmRSS", "VmHWM")}
+
+
+def rank_pids(root: int, run_dir: Path) -> list[int]:
+    """The `python -m trainer RUN_DIR` processes under our launch (not torchrun's agent)."""
+    import psutil
+
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    pids = []
+    for child in children:
+        try:
+            cmd = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "trainer" in cmd and str(run_dir) in cmd and "torch.distributed.run" not in cmd:
+            pids.append(child.pid)
+    return pids
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and '"loss"' in line)
+
+
+def wait_for_quiet(max_load: float, timeout: float = 3600) -> float:
+    """Block until the 1-minute load average is below max_load; returns it (others share these cores)."""
+    start = time.time()
+    while (load := os.getloadavg()[0]) >= max_load:
+        if time.time() - start > timeout:
+            raise SystemExit(f"load average still {load:.2f} >= {max_load} after {timeout:.0f} s; try later")
+        print(f"  load average {load:.2f} >= {max_load}: waiting", file=sys.stderr, flush=True)
+        time.sleep(30)
+    return load
+
+
+def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq_len: int) -> dict:
+    stage, offload = VARIANTS.get(name, (2, False))
+    return {
+        "model": {"name_or_path": str(model)},
+        "data": {"path": str(DATA), "format": "messages", "seq_len": seq_len},
+        "train": {"max_steps": steps, "micro_batch_size": 1, "global_batch_size": 2, "lr": 1e-5, "seed": 0,
+                  "precision": "fp32"},
+        "zero": {"stage": stage, "offload_optimizer": "cpu" if offload else "none"},
+        "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu", "env": MODES[mode]},
+        "wandb": {"mode": "disabled"},
+        "output_dir": str(run_dir),
+    }
+
+
+def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: int, max_load: float) -> Measurement:
+    """One `shardtune launch` in its own process group; nothing it started survives this function."""
+    run_dir = work / f"run-{name}-{mode}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg_path = work / f"{name}-{mode}.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run_dir, steps, seq_len)))
+    result = Measurement(name, mode, load_before=wait_for_quiet(max_load))
+    log_path = work / f"{name}-{mode}.log"
+    started = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg_path)], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        pids: list[int] = []
+        try:
+            while proc.poll() is None:
+                pids = pids if len(pids) == 2 else rank_pids(proc.pid, run_dir)
+                done = logged_steps(run_dir)
+                if done >= 1 and not result.init_peak and len(pids) == 2:
+                    result.init_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
+                    for pid in pids:
+                        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+                if done >= 3 and result.init_peak and not result.train_peak:
+                    result.train_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=120)
+    result.seconds = time.time() - started
+    if proc.returncode != 0 or not result.train_peak:
+        raise SystemExit(f"{name} ({mode}): exit code {proc.returncode}, steps 2-3 "
+                         f"{'measured' if result.train_peak else 'not measured'}\n{log_path.read_text()[-3000:]}")
+    result.ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # a 135M model's checkpoint and export: ~2 GB per run
+    return result
+
+
+def make_skeleton(work: Path) -> Path:
+    """SmolLM2's tokenizer with a 1-layer, 64-wide random model: the baseline's model without weights to speak of."""
+    out = work / "skeleton"
+    if not (out / "model.safetensors").is_file():
+        code = ("import json, sys, torch, transformers\n"
+                "cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])\n"
+                "for k, v in json.loads(sys.argv[3]).items(): setattr(cfg, k, v)\n"
+                "torch.manual_seed(0)\n"
+                "transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(sys.argv[2])\n")
+        subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out), json.dumps(SKELETON)], check=True, cwd=REPO,
+                       capture_output=True)
+    for name in TOKENIZER_FILES:
+        if (SMOLLM2 / name).is_file():
+            shutil.copy(SMOLLM2 / name, out / name)
+    return out
+
+
+def estimate_for(counts: ModelCounts, ds_config: dict, seq_len: int, margins: Margins) -> MemoryEstimate:
+    """The planner's estimate of what ran, read from the DeepSpeed config the launcher rendered (its stage wins)."""
+    z = ds_config["zero_optimization"]
+    torch_adam = bool(ds_config.get("optimizer", {}).get("params", {}).get("torch_adam"))
+    setup = Setup(stage=int(z["stage"]), world_size=2, gpus_per_node=2, micro_batch_size=1, seq_len=seq_len,
+                  dtype="fp32", offload_optimizer=(z.get("offload_optimizer") or {}).get("device") == "cpu",
+                  optimizer="torch" if torch_adam else "fused")
+    return estimate_memory(counts, setup, ZeroSettings.from_deepspeed(ds_config), margins)
+
+
+@dataclass
+class RankEstimate:
+    """A GPU estimate folded onto one CPU rank: device and host are the same RAM, and there is no CUDA."""
+
+    kept: int  # device model states + staging + this rank's share of the offloaded optimizer
+    forward_backward: int
+    step: int  # the optimizer step's buffers wherever they run (torch AdamW temporaries on the host if offloaded)
+    fragmentation: int
+
+    @classmethod
+    def of(cls, counts: ModelCounts, est: MemoryEstimate) -> "RankEstimate":
+        d, s = est.device, est.setup
+        temps = optimizer_temporaries(counts, s) if s.offload_optimizer else 0
+        host = (est.host["offloaded_optimizer"] + est.host["offloaded_params"]) // s.gpus_per_node - temps
+        kept = d["params"] + d["gradients"] + d["optimizer_states"] + d["offload_staging"] + host
+        return cls(kept, est.forward_backward, d["optimizer_step_buffers"] + temps, d["fragmentation"])
+
+    def total(self, runtime: int) -> int:
+        return self.kept + max(self.forward_backward, self.step) + self.fragmentation + runtime
+
+
+def runtime_of(base: Measurement, seq_len: int, margins: Margins, skeleton_counts: ModelCounts) -> int:
+    own = RankEstimate.of(skeleton_counts, estimate_for(skeleton_counts, base.ds_config, seq_len, margins))
+    return base.train_peak - own.total(0)
+
+
+def _gb(b: float) -> str:
+    return f"{b / GB:.2f}"
+
+
+HEADERS = ("variant", "ran as", "model states", "staging + host", "fwd/bwd", "step", "runtime", "estimate",
+           "measured", "ratio", "CPU estimate", "measured (glibc)", "ratio", "kept by glibc", "init peak")
+
+
+def table_rows(results: dict, counts: ModelCounts, seq_len: int) -> list[list[str]]:
+    """One row per variant: the GPU-rules estimate against allocated-like RSS, the CPU margins against default RSS."""
+    skel = ModelCounts(**results["skeleton_counts"])
+    gpu_rt = runtime_of(Measurement(**results["baseline"]["returned"]), seq_len, Margins(), skel)
+    cpu_rt = runtime_of(Measurement(**results["baseline"]["glibc"]), seq_len, CPU_MARGINS, skel)
+    rows = []
+    for name, runs in results["variants"].items():
+        ret, lib = Measurement(**runs["returned"]), Measurement(**runs["glibc"])
+        gpu = RankEstimate.of(counts, est := estimate_for(counts, ret.ds_config, seq_len, Margins()))
+        cpu = RankEstimate.of(counts, estimate_for(counts, lib.ds_config, seq_len, CPU_MARGINS))
+        d = est.device
+        rows.append([f"ZeRO-{name}", est.setup.label(), _gb(d["params"] + d["gradients"] + d["optimizer_states"]),
+                     _gb(gpu.kept - est.model_states), _gb(gpu.forward_backward), _gb(gpu.step), _gb(gpu_rt),
+                     _gb(gpu.total(gpu_rt)), _gb(ret.train_peak), f"{ret.train_peak / gpu.total(gpu_rt):.2f}",
+                     _gb(cpu.total(cpu_rt)), _gb(lib.train_peak), f"{lib.train_peak / cpu.total(cpu_rt):.2f}",
+                     _gb(lib.train_peak - ret.train_peak), _gb(lib.init_peak)])
+    return rows
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(HEADERS), *(line(r) for r in rows)])
+
+
+def footer(results: dict, seq_len: int) -> str:
+    """Where the runtimes come from, and how quiet the machine was."""
+    skel = ModelCounts(**results["skeleton_counts"])
+    base = {mode: Measurement(**m) for mode, m in results["baseline"].items()}
+    gpu_rt = runtime_of(base["returned"], seq_len, Margins(), skel)
+    cpu_rt = runtime_of(base["glibc"], seq_len, CPU_MARGINS, skel)
+    loads = [m["load_before"] for runs in [results["baseline"], *results["variants"].values()] for m in runs.values()]
+    return (f"runtime per rank: the trainer on the {skel.total / 1e6:.1f} M skeleton peaks at "
+            f"{_gb(base['returned'].train_peak)} GB (64 KiB threshold) / {_gb(base['glibc'].train_peak)} GB (glibc), "
+            f"minus its own estimate: {_gb(gpu_rt)} / {_gb(cpu_rt)} GB; a process that only imports torch, deepspeed, "
+            f"transformers and datasets and joins gloo: {_gb(results['import_only_rss'])} GB. "
+            f"{results['when']}, {results['machine']}; 1-min load average before each run "
+            f"{min(loads):.2f}-{max(loads):.2f}.")
+
+
+def markdown(rows: list[list[str]], results: dict) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join([*lines, "", footer(results, results["seq_len"])])
+
+
+def import_only_rss(work: Path) -> int:
+    """RSS of a process that imports torch, deepspeed, transformers and datasets and joins a 1-rank gloo group."""
+    code = ("import resource, sys, torch, deepspeed, transformers, datasets, torch.distributed as d\n"
+            "d.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    out = subprocess.run([str(PYTHON), "-c", code, str(work / "gloo-init")], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def collect(args, work: Path) -> dict:
+    """Run the baselines and the variants, one at a time, and return everything measured (JSON-able)."""
+    if not (SMOLLM2 / "config.json").is_file():
+        subprocess.run([str(PYTHON), "-m", "trainer.embedded_model", str(SMOLLM2)], check=True, cwd=REPO)
+    skeleton = make_skeleton(work)
+    results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, Python "
+                          f"{platform.python_version()}, glibc {platform.libc_ver()[1]}",
+               "seq_len": args.seq_len, "steps": args.steps, "import_only_rss": import_only_rss(work),
+               "skeleton_counts": counts_from_path(skeleton).to_dict(), "baseline": {}, "variants": {}}
+    for mode in MODES:
+        results["baseline"][mode] = asdict(measure("baseline", mode, skeleton, work, args.steps, args.seq_len, args.max_load))
+        print(f"baseline ({mode}): {_gb(results['baseline'][mode]['train_peak'])} GB", flush=True)
+    for name in args.variants:
+        results["variants"][name] = {}
+        for mode in MODES:
+            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load)
+            results["variants"][name][mode] = asdict(m)
+            print(f"ZeRO-{name} ({mode}): {_gb(m.train_peak)} GB over steps 2-3, {_gb(m.init_peak)} GB up to step 1, "
+                  f"{m.seconds:.0f} s, load {m.load_before:.2f}", flush=True)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps (>= 4: steps 2-3 are measured, then the save)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--save", type=Path, default=None, help="write the measurements as JSON")
+    ap.add_argument("--replay", type=Path, default=None, help="skip running: compare with saved measurements")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown for RESULTS.md")
+    args = ap.parse_args()
+    if args.steps < 4:
+        ap.error("--steps must be at least 4: step 1 allocates the optimizer, steps 2-3 are measured, the save follows")
+    if args.replay:
+        results = json.loads(args.replay.read_text())
+    else:
+        work = args.work or Path(tempfile.mkdtemp(prefix="shardtune-bench-memory-"))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            results = collect(args, work)
+        finally:
+            if args.work is None:
+                shutil.rmtree(work, ignore_errors=True)
+        if args.save:
+            args.save.write_text(json.dumps(results, indent=1) + "\n")
+    counts = counts_from_path(SMOLLM2 if (SMOLLM2 / "config.json").is_file()
+                              else REPO / "tests" / "data" / "model_configs" / "smollm2_135m.json")
+    rows = table_rows(results, counts, results["seq_len"])
+    print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, fp32, micro batch 1, seq_len {results['seq_len']}; "
+          f"GB = 1e9 bytes per rank, worst rank; {results['when']}, {results['machine']}")
+    print(table(rows))
+    print(footer(results, results["seq_len"]))
+    if args.markdown:
+        print()
+        print(markdown(rows, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The memory planner inside `plan` and `launch`: fill every `auto` it owns, show per-device memory, refuse
+what does not fit, all before anything is queued.
+
+`apply_auto_choice` gives `zero.stage`, `zero.offload_optimizer`, `zero.offload_params`,
+`train.micro_batch_size` (and with it `train.grad_accum_steps`) and `train.activation_checkpointing`
+their values when they are `auto`, using autochoice's order: less communication and no offload first,
+then no activation checkpointing, then the largest micro batch that divides each rank's share of
+`train.global_batch_size`. Every decision comes back as a note that says why.
+
+Offload is a choice only when the config says so: `zero.offload_optimizer: auto` (and
+`zero.offload_params: auto`) let the planner offload when nothing fits without it; `none` always means
+none, also under `zero.stage: auto`. Offloading moves the optimizer step to the CPU and typically costs
+several times the step time, so it is opted into, not slipped in; when only offload would fit, the
+refusal says so with the numbers.
+
+`memory_summary` estimates the resolved run (for every plan, auto or not) and `check_fit` refuses a
+run whose estimate exceeds `launch.gpu_memory_gb`. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from textwrap import indent
+from typing import Any, Optional
+
+from launcher.autochoice import DoesNotFit, choose_configuration, component_table
+from launcher.config import RunConfig
+from launcher.deepspeed_config import DEFAULT_BUCKET
+from launcher.errors import ConfigError
+from launcher.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.model_size import ModelCounts, counts_from_config
+
+# On CPU the "device" is the process's own RAM, measured by bench/memory.py: no CUDA context or NCCL, but
+# 0.4 GB of process runtime (imports, gloo, tokenizer, data) in their place; and glibc's malloc keeps the
+# freed forward/backward memory in its heap while the optimizer step maps its large buffers on top, so
+# the transient counts about twice (fragmentation = 100% of it) instead of a GPU allocator's 10%.
+CPU_MARGINS = Margins(cuda_context_gb=0.4, nccl_gb=0.0, fragmentation=1.0)
+
+
+def auto_fields(cfg: RunConfig) -> list[str]:
+    """The config fields the memory planner is asked to choose, by dotted name."""
+    fields = {"zero.stage": cfg.zero.stage, "zero.offload_optimizer": cfg.zero.offload_optimizer,
+              "zero.offload_params": cfg.zero.offload_params, "train.micro_batch_size": cfg.train.micro_batch_size,
+              "train.activation_checkpointing": cfg.train.activation_checkpointing}
+    return [name for name, value in fields.items() if value == "auto"]
+
+
+def margins_for(cfg: RunConfig) -> Margins:
+    return CPU_MARGINS if cfg.launch.device == "cpu" else Margins()
+
+
+def optimizer_for(cfg: RunConfig) -> str:
+    """memory.Setup's optimizer: the launcher steps with torch's AdamW on CPU, FusedAdam/CPUAdam on GPUs."""
+    return "torch" if cfg.launch.device == "cpu" else "fused"
+
+
+def precision_of(cfg: RunConfig) -> str:
+    """The resolved precision; `auto` follows resolve()'s rule, so a direct caller gets the same answer."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "fp32" if cfg.launch.device == "cpu" else "bf16"
+
+
+def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
+    """The bucket settings render_deepspeed_config will write, known before the stage is.
+
+    Mirrors deepspeed_config.derived_values: the templates' "auto" buckets become hidden² (0.9·hidden²
+    for ZeRO-3 prefetch) and overlap_comm is on for GPUs; a user's `zero.config` keeps its own numbers.
+    """
+    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+    ours = {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket),
+            "overlap_comm": cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else cfg.launch.device == "cuda"}
+    zero = dict(ours)
+    if cfg.zero.config:
+        try:
+            user = json.loads(Path(cfg.zero.config).read_text()).get("zero_optimization") or {}
+        except (OSError, ValueError, AttributeError):
+            user = {}  # render_deepspeed_config reports an unreadable zero.config, naming the field
+        zero = {key: ours.get(key) if value == "auto" else value for key, value in user.items()}
+    return ZeroSettings.from_deepspeed({"zero_optimization": zero})
+
+
+def _counts(cfg: RunConfig, model_config: Optional[dict], why: str) -> ModelCounts:
+    if model_config is None:
+        name = cfg.model.name_or_path
+        raise ConfigError([
+            f"model.name_or_path: {name!r} has no config.json on this disk, and {why} needs the model's shape "
+            f"from it. Download the model first (e.g. `huggingface-cli download {name} --local-dir DIR`) and "
+            f"set model.name_or_path to DIR, or set the fields yourself (`shardtune estimate --params=N "
+            f"--gpus=G --gpu_memory_gb=M` shows what fits for a parameter count)"], title="cannot plan memory")
+    return counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
+
+
+def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]:
+    """Replace every `auto` the memory planner owns in `cfg` (a copy, mutated in place); one note per decision.
+
+    Raises ConfigError naming launch.gpu_memory_gb when it is missing, model.name_or_path when its
+    config.json is not local, and, titled "does not fit", when nothing allowed fits: with the reasons,
+    the component table of the most frugal allowed configuration and what would make it fit.
+    """
+    autos = auto_fields(cfg)
+    if not autos:
+        return []
+    asked = ", ".join(f"{name}: auto" for name in autos)
+    gpu_memory_gb = cfg.launch.gpu_memory_gb
+    if gpu_memory_gb is None:
+        raise ConfigError([f"launch.gpu_memory_gb: required when {asked}: the planner chooses what fits in one "
+                           f"device's memory; set it in GB (1e9 bytes), e.g. 80 for an 80 GB A100/H100"],
+                          title="cannot plan memory")
+    counts = _counts(cfg, model_config, f"the memory planner ({asked})")
+    t, z = cfg.train, cfg.zero
+    if t.micro_batch_size == "auto" and t.grad_accum_steps is not None:
+        raise ConfigError([f"train.grad_accum_steps: leave it unset when train.micro_batch_size is auto; the "
+                           f"planner derives it from train.global_batch_size (got {t.grad_accum_steps})"])
+    if z.stage == 0 and z.offload_optimizer == "cpu":
+        raise ConfigError(["zero.offload_optimizer: 'cpu' needs zero.stage 1, 2, 3 or auto, got stage 0"])
+    offload_params = None if z.offload_params == "auto" else z.offload_params == "cpu"
+    offload_optimizer = None if z.offload_optimizer == "auto" else z.offload_optimizer == "cpu"
+    if offload_params and offload_optimizer is False:
+        offload_optimizer = True  # the parameter-offload template offloads the optimizer too: plan what runs
+    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    dtype = precision_of(cfg)
+    try:
+        choice = choose_configuration(
+            counts, world, float(gpu_memory_gb), cfg.data.seq_len, t.global_batch_size, dtype,
+            stage=None if z.stage == "auto" else int(z.stage),
+            micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
+            activation_checkpointing=None if t.activation_checkpointing == "auto" else bool(t.activation_checkpointing),
+            offload_optimizer=offload_optimizer, offload_params=offload_params,
+            gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
+            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
+    except DoesNotFit as exc:
+        raise ConfigError(_does_not_fit(cfg, counts, exc, asked), title="does not fit") from None
+    return _apply(cfg, choice)
+
+
+def _apply(cfg: RunConfig, choice) -> list[str]:
+    """Write the choice into the auto fields and say why, one note per field (the fit goes with the stage)."""
+    s, why, notes = choice.setup, choice.why, []
+    decided = []
+    if cfg.zero.stage == "auto":
+        cfg.zero.stage = s.stage
+        decided.append(f"zero.stage=auto -> {s.stage}")
+    if cfg.zero.offload_optimizer == "auto":
+        cfg.zero.offload_optimizer = "cpu" if s.offload_optimizer else "none"
+        decided.append(f"zero.offload_optimizer=auto -> {cfg.zero.offload_optimizer}")
+    if cfg.zero.offload_params == "auto":
+        cfg.zero.offload_params = "cpu" if s.offload_params else "none"
+        decided.append(f"zero.offload_params=auto -> {cfg.zero.offload_params}")
+    fit = "; ".join([*choice.skipped, why["variant"]])
+    notes.append(f"{', '.join(decided)}: {fit}" if decided else fit)
+    if cfg.train.activation_checkpointing == "auto":
+        cfg.train.activation_checkpointing = s.activation_checkpointing
+        notes.append(f"train.activation_checkpointing=auto -> {str(s.activation_checkpointing).lower()}: "
+                     f"{why['activation_checkpointing'].split(': ', 1)[1]}")
+    if cfg.train.micro_batch_size == "auto":
+        cfg.train.micro_batch_size = s.micro_batch_size
+        reason = why.get("micro_batch_size", f"micro batch {s.micro_batch_size}: the only divisor").split(": ", 1)[1]
+        notes.append(f"train.micro_batch_size=auto -> {s.micro_batch_size}: {reason}")
+        cfg.train.grad_accum_steps = choice.grad_accum_steps
+        world = cfg.launch.nodes * cfg.launch.procs_per_node
+        notes.append(f"train.grad_accum_steps = global {cfg.train.global_batch_size} / (micro {s.micro_batch_size} × "
+                     f"world {world}) = {choice.grad_accum_steps}")
+    return notes
+
+
+def _does_not_fit(cfg: RunConfig, counts: ModelCounts, exc: DoesNotFit, asked: str) -> list[str]:
+    gb = cfg.launch.gpu_memory_gb
+    problems = [f"launch.gpu_memory_gb: nothing the config allows ({asked}) fits in {gb:g} GB per device on "
+                f"{cfg.launch.nodes * cfg.launch.procs_per_node} devices ({counts.total / 1e9:.2f}B parameters, "
+                f"data.seq_len {cfg.data.seq_len}, {precision_of(cfg)})"]
+    problems += [f"tried: {reason}" for reason in exc.reasons]
+    if exc.estimate is not None:
+        problems.append(f"the smallest allowed configuration, {exc.estimate.setup.label()} at micro batch "
+                        f"{exc.estimate.setup.micro_batch_size}, component by component:\n"
+                        + indent(component_table([exc.estimate], float(gb)), "  "))
+    problems += [f"would fit: {s}" for s in exc.suggestions]
+    return problems
+
+
+# ---------------------------------------------------------------- every resolved run
+
+
+def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
+    """The Setup of a resolved config; the rendered DeepSpeed config wins, because that is what will run."""
+    left = auto_fields(cfg)
+    if left:
+        raise ValueError(f"memory_summary needs a resolved config, {', '.join(left)} still auto (call plan.resolve)")
+    stage, opt, par = int(cfg.zero.stage), cfg.zero.offload_optimizer == "cpu", cfg.zero.offload_params == "cpu"
+    optimizer = optimizer_for(cfg)
+    if ds_config:
+        z = ds_config.get("zero_optimization") or {}
+        stage = int(z.get("stage", stage))
+        opt = (z.get("offload_optimizer") or {}).get("device") == "cpu"
+        par = (z.get("offload_param") or {}).get("device") == "cpu"
+        torch_adam = ((ds_config.get("optimizer") or {}).get("params") or {}).get("torch_adam")
+        optimizer = "torch" if torch_adam is True else "fused"
+    return Setup(stage=stage, world_size=cfg.launch.nodes * cfg.launch.procs_per_node,
+                 gpus_per_node=cfg.launch.procs_per_node, micro_batch_size=int(cfg.train.micro_batch_size),
+                 seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
+                 activation_checkpointing=cfg.train.activation_checkpointing is True,
+                 attention=cfg.model.attn_implementation, optimizer=optimizer)
+
+
+def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
+                      ds_config: Optional[dict]) -> Optional[tuple[ModelCounts, MemoryEstimate]]:
+    """The estimate of what will run; None when the model's config.json is not on local disk."""
+    if model_config is None:
+        return None
+    counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
+    zero = ZeroSettings.from_deepspeed(ds_config) if ds_config else zero_settings(cfg, counts.hidden_size)
+    return counts, estimate_memory(counts, _resolved_setup(cfg, ds_config), zero, margins_for(cfg))
+
+
+def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[dict]) -> Optional[dict]:
+    """Per-device memory of the resolved run, for the plan text and `--json` (GB = 1e9 bytes).
+
+    None when the model's config.json is not on local disk (a hub id): no shape, no estimate.
+    """
+    try:
+        found = resolved_estimate(cfg, model_config, ds_config)
+    except ConfigError:
+        return None  # a config.json we cannot size (no hidden size ...): the trainer will say more
+    if found is None:
+        return None
+    counts, est = found
+    gb = cfg.launch.gpu_memory_gb
+    return {"label": est.setup.label(), "params": counts.total, "params_exact": counts.exact,
+            "device": cfg.launch.device, **est.to_dict(), "gpu_memory_gb": gb,
+            "fits": None if gb is None else est.fits(gb),
+            "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3)}
+
+
+def format_memory(summary: Optional[dict]) -> str:
+    """A few lines for the plan text, aligned with its other sections."""
+    pad = " " * 11
+    if summary is None:
+        return ("memory     not estimated: the model's config.json is not on local disk "
+                "(`shardtune estimate --params=N` sizes a model by its parameter count)")
+    s, d = summary["setup"], summary["device_gb"]
+    where = "per process (CPU RAM)" if summary.get("device") == "cpu" else "per device"
+    if summary["gpu_memory_gb"] is None:
+        verdict = "launch.gpu_memory_gb not set: fit not checked"
+    elif summary["fits"]:
+        verdict = f"fits {summary['gpu_memory_gb']:g} GB, {summary['spare_gb']:.1f} GB to spare"
+    else:
+        verdict = f"DOES NOT FIT {summary['gpu_memory_gb']:g} GB"
+    buffers = d["gradient_in_flight"] + d["reduce_buckets"] + d["zero3_live_params"]
+    forward_backward = d["activations"] + d["logits"] + buffers
+    runtime = "process runtime" if summary.get("device") == "cpu" else "CUDA/NCCL"
+    staging = f" + offload staging {d['offload_staging']:.1f}" if d["offload_staging"] else ""
+    lines = [
+        f"memory     {summary['total_gb']:.1f} GB {where} ({summary['label']}, micro batch {s['micro_batch_size']}, "
+        f"seq_len {s['seq_len']}, {s['dtype']}, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}): "
+        f"{verdict}",
+        f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, gradients {d['gradients']:.1f}, "
+        f"optimizer {d['optimizer_states']:.1f}){staging}",
+        f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, logits {d['logits']:.1f}, "
+        f"buffers {buffers:.1f}), optimizer step {d['optimizer_step_buffers']:.1f})"
+        f" + fragmentation {d['fragmentation']:.1f} + {runtime} {d['cuda_runtime']:.1f}",
+    ]
+    h = summary["host_per_node_gb"]
+    if summary.get("device") != "cpu":
+        lines.append(f"{pad}host RAM per node {summary['host_total_gb']:.1f} GB (offloaded optimizer "
+                     f"{h['offloaded_optimizer']:.1f}, params {h['offloaded_params']:.1f}, checkpoint loading "
+                     f"{h['checkpoint_loading']:.1f}, processes {h['process_runtime']:.1f})")
+    lines += [f"{pad}note: {note}" for note in summary.get("notes", [])]
+    return "\n".join(lines)
+
+
+def check_fit(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[dict]) -> None:
+    """Refuse, before anything is queued, a run whose estimate exceeds launch.gpu_memory_gb.
+
+    The same estimate the planner chooses by, so an `auto` choice always passes. Without
+    launch.gpu_memory_gb, or without a local config.json, there is nothing to check against.
+    """
+    gb = cfg.launch.gpu_memory_gb
+    if gb is None:
+        return
+    try:
+        found = resolved_estimate(cfg, model_config, ds_config)
+    except ConfigError:
+        return
+    if found is None:
+        return
+    counts, est = found
+    if est.fits(gb):
+        return
+    s = est.setup
+    problems = [f"launch.gpu_memory_gb: {s.label()} at micro batch {s.micro_batch_size}, data.seq_len {s.seq_len}, "
+                f"{s.dtype}, activation checkpointing {'on' if s.activation_checkpointing else 'off'} needs "
+                f"{est.device_total / GB:.1f} GB per device > {gb:g} GB",
+                "component by component:\n" + indent(component_table([est], float(gb)), "  ")]
+    problems += _what_would_fit(cfg, counts)
+    problems.append("to launch anyway, remove launch.gpu_memory_gb (the check runs only when it is set)")
+    raise ConfigError(problems, title="does not fit")
+
+
+def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
+    """Ask the planner with every memory setting free: the fastest configuration that fits, or its remedies."""
+    t = cfg.train
+    free_micro = t.global_batch_size is not None
+    try:
+        choice = choose_configuration(
+            counts, cfg.launch.nodes * cfg.launch.procs_per_node, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
+            t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
+            gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
+            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
+    except DoesNotFit as exc:
+        return [f"would fit: {s}" for s in exc.suggestions]
+    except ConfigError:
+        return []
+    s = choice.setup
+    fields = [f"zero.stage: {s.stage}", f"zero.offload_optimizer: {'cpu' if s.offload_optimizer else 'none'}"]
+    if s.offload_params:
+        fields.append("zero.offload_params: cpu")
+    if free_micro:
+        fields.append(f"train.micro_batch_size: {s.micro_batch_size}")
+    fields.append(f"train.activation_checkpointing: {str(s.activation_checkpointing).lower()}")
+    return [f"would fit: {', '.join(fields)} ({choice.why['variant']}); `auto` in these fields lets the "
+            f"planner choose within launch.gpu_memory_gb"]

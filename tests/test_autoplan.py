@@ -1,0 +1,249 @@
+"""The memory planner inside `plan`: `auto` settings chosen and explained, every plan's memory shown, and runs
+that do not fit refused before anything starts (issue 7). Config arithmetic only: no torch, milliseconds."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.autochoice import VARIANTS
+from launcher.autoplan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
+from launcher.cli import main as cli_main
+from launcher.config import validate_config
+from launcher.errors import ConfigError
+from launcher.plan import build_plan, format_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "tests" / "data" / "model_configs"
+
+
+def model_dir(tmp_path: Path, fixture: str = "llama3_8b") -> Path:
+    """A model directory holding only a config.json, as the planner sees a downloaded model."""
+    out = tmp_path / fixture
+    out.mkdir(exist_ok=True)
+    shutil.copy(CONFIGS / f"{fixture}.json", out / "config.json")
+    return out
+
+
+def run_config(tmp_path: Path, model: Path | str, **sections) -> dict:
+    """8 GPUs as 2 nodes × 4 (so no local-GPU check applies), bf16, seq 2048, global batch 64; sections merged in."""
+    raw = {
+        "model": {"name_or_path": str(model)},
+        "data": {"path": "data.jsonl", "format": "messages", "seq_len": 2048},
+        "train": {"max_steps": 10, "global_batch_size": 64, "lr": 1e-5, "seed": 0, "precision": "bf16",
+                  "micro_batch_size": "auto"},
+        "zero": {"stage": "auto"},
+        "launch": {"nodes": 2, "procs_per_node": 4, "device": "cuda", "gpu_memory_gb": 80,
+                   "rdzv_endpoint": "node1:29400"},
+        "wandb": {"mode": "disabled"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def plan_for(tmp_path: Path, model: Path | str, **sections):
+    return build_plan(validate_config(run_config(tmp_path, model, **sections)))
+
+
+def summary_of(plan, fixture: str = "llama3_8b") -> dict:
+    """memory_summary of a plan's resolved config and rendered DeepSpeed config, as build_plan computes it."""
+    return memory_summary(plan.config, json.loads((CONFIGS / f"{fixture}.json").read_text()), plan.deepspeed)
+
+
+def variant_rank(cfg) -> int:
+    return VARIANTS.index((cfg.zero.stage, cfg.zero.offload_optimizer == "cpu", cfg.zero.offload_params == "cpu"))
+
+
+def test_auto_plan_chooses_and_explains(tmp_path):
+    plan = plan_for(tmp_path, model_dir(tmp_path))
+    cfg, notes = plan.config, "\n".join(plan.notes)
+    assert isinstance(cfg.zero.stage, int) and isinstance(cfg.train.micro_batch_size, int)
+    assert f"zero.stage=auto -> {cfg.zero.stage}: ZeRO-0 needs" in notes and "> 80 GB" in notes
+    assert f"ZeRO-{cfg.zero.stage} fits" in notes and "to spare" in notes
+    assert f"train.micro_batch_size=auto -> {cfg.train.micro_batch_size}: " in notes
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    assert f"train.grad_accum_steps = global 64 / (micro {micro} × world 8) = {accum}" in notes
+    assert micro * accum * 8 == 64 == plan.deepspeed["train_batch_size"] == plan.global_batch_size
+    assert plan.deepspeed["zero_optimization"]["stage"] == cfg.zero.stage
+    memory = summary_of(plan)
+    assert memory["fits"] is True and memory["total_gb"] <= 80
+    text = format_plan(plan)
+    assert "decisions" in text and f"zero.stage=auto -> {cfg.zero.stage}" in text
+
+
+def test_more_device_memory_means_less_sharding_and_bigger_micro_batches(tmp_path):
+    model = model_dir(tmp_path)
+    chosen = []
+    for gb in (32, 40, 80, 141, 192, 400):
+        cfg = plan_for(tmp_path, model, launch={"gpu_memory_gb": gb}, train={"activation_checkpointing": "auto"}).config
+        chosen.append((gb, variant_rank(cfg), cfg.train.micro_batch_size, cfg.train.activation_checkpointing))
+    for (_, rank_a, micro_a, ckpt_a), (_, rank_b, micro_b, ckpt_b) in zip(chosen, chosen[1:]):
+        assert rank_b <= rank_a, chosen  # never more sharding or offload with a bigger device
+        if rank_b == rank_a:
+            assert micro_b >= micro_a and ckpt_b <= ckpt_a, chosen
+    assert chosen[0][1] > chosen[-1][1] and chosen[-1][2] > chosen[0][2], chosen  # it really moves
+    assert VARIANTS[chosen[-1][1]] == (0, False, False)
+
+
+def test_offload_only_when_allowed_and_needed(tmp_path):
+    model = model_dir(tmp_path)
+    small = {"gpu_memory_gb": 30}  # ZeRO-3 needs ~40 GB, ZeRO-3 with the optimizer offloaded ~26 GB
+    with pytest.raises(ConfigError) as info:  # offload_optimizer defaults to none: honoured, never slipped in
+        plan_for(tmp_path, model, launch=small)
+    assert "zero.offload_optimizer: cpu" in str(info.value) and "or auto" in str(info.value)
+    plan = plan_for(tmp_path, model, launch=small, zero={"offload_optimizer": "auto"})
+    assert plan.config.zero.offload_optimizer == "cpu" and plan.config.zero.stage == 3
+    assert any(n.startswith("zero.stage=auto -> 3, zero.offload_optimizer=auto -> cpu: ") for n in plan.notes)
+    assert plan.deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    roomy = plan_for(tmp_path, model, zero={"offload_optimizer": "auto"}).config
+    assert roomy.zero.offload_optimizer == "none"
+
+
+def test_fixed_settings_are_kept(tmp_path):
+    plan = plan_for(tmp_path, model_dir(tmp_path), zero={"stage": 3}, train={"activation_checkpointing": "auto"})
+    cfg = plan.config
+    assert cfg.zero.stage == 3 and cfg.train.activation_checkpointing in (True, False)
+    assert any(n.startswith("train.activation_checkpointing=auto -> ") for n in plan.notes)
+    assert not auto_fields(cfg)
+
+
+def test_nothing_fits_lists_components_and_remedies(tmp_path):
+    raw = run_config(tmp_path, model_dir(tmp_path), launch={"nodes": 1, "procs_per_node": 2, "gpu_memory_gb": 24,
+                                                            "rdzv_endpoint": None})
+    raw["train"]["global_batch_size"] = 16
+    with pytest.raises(ConfigError) as info:
+        build_plan(validate_config(raw))
+    err = info.value
+    assert err.title == "does not fit"
+    text = str(err)
+    assert "launch.gpu_memory_gb: nothing the config allows (zero.stage: auto, train.micro_batch_size: auto)" in text
+    assert "tried: ZeRO-0 needs" in text
+    for component in ("params", "optimizer_states", "activations", "logits", "peak per device"):
+        assert component in text
+    assert "would fit: more GPUs" in text and "launch.nodes" in text
+    assert "would fit: offload" in text
+
+
+def test_nothing_fits_fails_plan_and_launch_before_anything_is_written(tmp_path, capsys):
+    raw = run_config(tmp_path, model_dir(tmp_path), launch={"gpu_memory_gb": 8})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["plan", str(path)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert cli_main(["launch", str(path), "--dry_run"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_gpu_memory_names_the_field(tmp_path):
+    raw = run_config(tmp_path, model_dir(tmp_path))
+    del raw["launch"]["gpu_memory_gb"]
+    with pytest.raises(ConfigError) as info:
+        build_plan(validate_config(raw))
+    assert "launch.gpu_memory_gb: required when zero.stage: auto, train.micro_batch_size: auto" in str(info.value)
+
+
+def test_hub_model_needs_a_local_config_json(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        plan_for(tmp_path, "some-org/some-model")
+    text = str(info.value)
+    assert "model.name_or_path: 'some-org/some-model' has no config.json" in text
+    assert "--local-dir" in text and "shardtune estimate --params" in text
+
+
+def test_auto_micro_batch_with_fixed_accumulation_is_refused(tmp_path):
+    cfg = validate_config(run_config(tmp_path, model_dir(tmp_path), train={"grad_accum_steps": 2}))
+    with pytest.raises(ConfigError, match="train.grad_accum_steps: leave it unset"):
+        apply_auto_choice(cfg.model_copy(deep=True), json.loads((CONFIGS / "llama3_8b.json").read_text()))
+
+
+def test_explicit_config_that_does_not_fit_is_refused(tmp_path):
+    plan = plan_for(tmp_path, model_dir(tmp_path), zero={"stage": 0}, train={"micro_batch_size": 8},
+                    launch={"gpu_memory_gb": 400})
+    model_config = json.loads((CONFIGS / "llama3_8b.json").read_text())
+    check_fit(plan.config, model_config, plan.deepspeed)  # fits 400 GB
+    plan.config.launch.gpu_memory_gb = 80
+    with pytest.raises(ConfigError) as info:
+        check_fit(plan.config, model_config, plan.deepspeed)
+    text = str(info.value)
+    assert info.value.title == "does not fit"
+    assert "launch.gpu_memory_gb: ZeRO-0 at micro batch 8, data.seq_len 2048, bf16" in text and "> 80 GB" in text
+    assert "optimizer_states" in text and "peak per device" in text
+    assert "would fit: zero.stage: " in text and "train.micro_batch_size: " in text
+    assert "remove launch.gpu_memory_gb" in text
+    plan.config.launch.gpu_memory_gb = None
+    check_fit(plan.config, model_config, plan.deepspeed)  # nothing to check against
+    assert summary_of(plan)["fits"] is None and summary_of(plan)["total_gb"] > 80
+
+
+def test_every_plan_has_a_memory_summary(tmp_path):
+    plan = plan_for(tmp_path, model_dir(tmp_path), zero={"stage": 3}, train={"micro_batch_size": 1})
+    memory = summary_of(plan)
+    assert memory["label"] == "ZeRO-3" and memory["params"] == 8_030_261_248 and memory["fits"] is True
+    assert {"params", "gradients", "optimizer_states", "activations", "logits"} <= set(memory["device_gb"])
+    json.dumps(memory)  # goes into the --json output as it is
+    text = format_memory(memory)
+    assert text.startswith("memory     ") and "model states" in text and "fits 80 GB" in text
+    assert memory_summary(plan.config, None, plan.deepspeed) is None  # hub id: no config.json, no estimate
+    assert format_memory(None).startswith("memory     not estimated")
+
+
+def test_plan_shows_memory_and_refuses_what_does_not_fit(tmp_path):
+    """build_plan wires the summary into the plan, its text and --json, and refuses before anything runs."""
+    plan = plan_for(tmp_path, model_dir(tmp_path), zero={"stage": 3}, train={"micro_batch_size": 1})
+    assert plan.memory is not None, "launcher/plan.py does not call autoplan.memory_summary yet (see the issue-7 diff)"
+    assert plan.memory == summary_of(plan)
+    assert plan.to_json()["memory"]["total_gb"] == plan.memory["total_gb"]
+    assert "\nmemory     " in format_plan(plan)
+    hub = build_plan(validate_config(run_config(tmp_path, "some-org/some-model", zero={"stage": 2},
+                                                train={"micro_batch_size": 1})))
+    assert hub.memory is None and "memory     not estimated" in format_plan(hub)
+    with pytest.raises(ConfigError, match="launch.gpu_memory_gb: ZeRO-0 at micro batch 8"):
+        plan_for(tmp_path, model_dir(tmp_path), zero={"stage": 0}, train={"micro_batch_size": 8})
+
+
+def test_summary_of_the_rendered_config_matches_the_choice(tmp_path):
+    """The planner's mirror of the DeepSpeed buckets and the rendered config agree to the byte."""
+    model = model_dir(tmp_path, "qwen2_0_5b")
+    for gb in (16, 24, 80):
+        plan = plan_for(tmp_path, model, launch={"gpu_memory_gb": gb}, train={"activation_checkpointing": "auto"})
+        note = next(n for n in plan.notes if n.startswith("zero.stage=auto"))
+        chosen = note.rsplit(" fits: ", 1)[1].split(" GB of ")[0]
+        total = summary_of(plan, "qwen2_0_5b")["total_gb"]
+        assert f"{total:.1f}" == chosen, (gb, note, total)
+
+
+def test_cpu_runs_are_estimated_per_process(tmp_path):
+    raw = run_config(tmp_path, model_dir(tmp_path, "smollm2_135m"), zero={"stage": 2},
+                     train={"micro_batch_size": 1, "precision": "fp32", "global_batch_size": 2},
+                     launch={"nodes": 1, "procs_per_node": 2, "device": "cpu", "rdzv_endpoint": None})
+    del raw["launch"]["gpu_memory_gb"]
+    plan = build_plan(validate_config(raw))
+    s = summary_of(plan, "smollm2_135m")
+    assert s["setup"]["optimizer"] == "torch" and s["device_gb"]["optimizer_step_buffers"] > 0  # AdamW temporaries
+    assert s["device_gb"]["cuda_runtime"] == 0.4  # the process runtime measured by bench/memory.py, no CUDA
+    assert "per process (CPU RAM)" in format_memory(s)
+
+
+def test_memory_summary_wants_a_resolved_config(tmp_path):
+    cfg = validate_config(run_config(tmp_path, model_dir(tmp_path)))
+    with pytest.raises(ValueError, match="zero.stage, train.micro_batch_size still auto"):
+        memory_summary(cfg, json.loads((CONFIGS / "llama3_8b.json").read_text()), None)
+
+
+def test_auto_plan_imports_no_heavy_library(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(tmp_path, model_dir(tmp_path))))
+    code = ("import sys; from launcher.cli import main; rc = main(['plan', %r, '--json']);"
+            "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'trainer') if m in sys.modules];"
+            "print('HEAVY', heavy); sys.exit(rc)") % str(path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
