@@ -133,3 +133,24 @@ def test_build_packed_counts_targets_of_the_shifted_loss(tmp_path):
                ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets"))
     assert packing_stats(loaded, 8) == {"sequences": 2, "tokens": 9, "trained_tokens": 4, "pad_tokens": 7,
                                         "packing_efficiency": round(9 / 16, 6)}
+
+
+def test_rows_of_one_sample_skip_the_mask_and_keep_their_losses(chat_prepared, model):
+    """One sample per row (packing off, or fixed-length data) needs causal attention only; padding stays inert."""
+    data = chat_prepared.train
+    samples = [alone(data, k, 0) for k in range(3)]
+    assert len({len(ids) for ids, _ in samples}) > 1, "need different lengths so that some rows are padded"
+    ids = np.concatenate([s[0] for s in samples]).astype(np.int32)
+    labels = np.concatenate([s[1] for s in samples]).astype(np.int32)
+    offsets = np.cumsum([0] + [len(s[0]) for s in samples])
+    unpacked = PackedSet(ids, labels, offsets, np.array([len(s[0]) for s in samples], np.int32),
+                         np.arange(len(samples) + 1), np.arange(len(samples)))
+    batch = collate(unpacked, np.arange(len(samples)), pad_id=0)
+    assert batch.attention_mask is None
+    losses = token_losses(model, batch)
+    for row, (sample_ids, _) in enumerate(samples):
+        one = collate(unpacked, np.array([row]), 0, multiple_of=1)
+        assert one.input_ids.shape[1] == len(sample_ids)  # alone: no padding at all
+        ref = token_losses(model, one)[0]
+        trained = one.targets[0] != IGNORE
+        torch.testing.assert_close(losses[row, :len(sample_ids)][trained], ref[trained], atol=1e-5, rtol=1e-5)

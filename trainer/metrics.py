@@ -1,8 +1,8 @@
 """What the loop measures between two log steps, turned into one metrics row.
 
-Sums stay on the device or in host integers during the window; only a log step pays for the
-all-reduces (loss and token counts, memory peaks, per-rank timings) and the one device sync that
-makes the per-rank timing honest on asynchronous devices. Steps that do not log add no collective
+Sums stay on the device or in host integers during the window; only a log step pays for one
+all-gather of every rank's numbers (loss, data wait, timing, memory peaks) and the one device sync
+that makes the per-rank timing honest on asynchronous devices. Steps that do not log add no collective
 and no sync.
 """
 from __future__ import annotations
@@ -15,20 +15,20 @@ from typing import Optional
 import psutil
 import torch
 
-from trainer.distributed import Dist, all_gather_objects, all_reduce_max, all_reduce_sum
+from trainer.distributed import Dist, all_gather_floats
 from trainer.flops import ModelFlops
 
 
-def memory_metrics(dist: Dist) -> dict:
-    """Peaks over all ranks (the rank closest to running out is the one that matters), in GB (1e9 bytes)."""
+MEMORY_NAMES = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
+
+
+def local_memory() -> list[float]:
+    """This rank's device peaks, host RSS and the kernel's RSS high-water mark in bytes, MEMORY_NAMES order."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    rss = psutil.Process().memory_info().rss
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's own high-water mark
-    values = all_reduce_max([acc.max_memory_allocated(), acc.max_memory_reserved(), rss, peak_rss], dist.device)
-    names = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
-    return {name: round(v / 1e9, 4) for name, v in zip(names, values)}
+    return [acc.max_memory_allocated(), acc.max_memory_reserved(), psutil.Process().memory_info().rss,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
 
 
 class Window:
@@ -83,8 +83,10 @@ class Window:
         """Rates are over the time spent in steps: a checkpoint save or an eval between steps is not training."""
         dist = self.dist
         elapsed = sum(self.step_times) or 1e-9
-        (loss,) = all_reduce_sum([self.loss.item()], dist.device)
-        data_wait = all_reduce_max([self.data_wait / max(self.steps, 1)], dist.device)[0]
+        local_work = self.local_work if self.local_work is not None else 0.0
+        ranks = all_gather_floats([self.loss.item(), self.data_wait / max(self.steps, 1), local_work,
+                                   *local_memory()], dist.device)
+        loss, data_wait = sum(r[0] for r in ranks), max(r[1] for r in ranks)
         world = dist.world
         row = {"loss": loss / self.targets if self.targets else None,
                "tokens_per_sec": self.targets / elapsed,
@@ -100,7 +102,9 @@ class Window:
                 row["mfu"] = tflops / self.peak
                 row["hfu"] = self.hardware_flops / elapsed / world / 1e12 / self.peak
         if self.local_work is not None:
-            times = all_gather_objects(self.local_work)
+            times = [r[2] for r in ranks]
             row.update({"rank_time_min": min(times), "rank_time_max": max(times),
                         "slowest_rank": max(range(world), key=times.__getitem__)})
-        return {**row, **memory_metrics(dist)}
+        # Peaks over all ranks: the rank closest to running out is the one that matters (GB = 1e9 bytes).
+        memory = {name: round(max(r[3 + i] for r in ranks) / 1e9, 4) for i, name in enumerate(MEMORY_NAMES)}
+        return {**row, **memory}

@@ -155,7 +155,7 @@ class Session:
     def on_step_end(self, state: TrainState) -> bool:
         """Eval and periodic saves; a stop request (signal, STOP file, train.stop_at_step) saves and ends."""
         t = self.cfg.train
-        self.tracker.progress(state.step, {})
+        self.tracker.progress(state.step)
         if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
             self.tracker.log(state.step, self.evaluate())
         stop = self.stop.agreed(self.dist) or (t.stop_at_step is not None and state.step >= t.stop_at_step)

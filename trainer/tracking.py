@@ -31,7 +31,7 @@ class NullTracker:
     def log_with_next(self, metrics: dict[str, Any]) -> None:
         """Values to add to the next logged row (e.g. data statistics, known once per launch)."""
 
-    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+    def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
         pass
 
     def message(self, text: str) -> None:
@@ -128,10 +128,12 @@ class Tracker(NullTracker):
                 self.message(f"wandb: log failed ({exc}); disabling wandb, metrics continue in {self.metrics_path}")
                 self.wandb = None
 
-    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+    def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
+        """Move the bar; the postfix (loss, tok/s) changes only on log steps and stays put between them."""
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(postfix, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix(postfix, refresh=False)
             self.bar.refresh()
 
     def message(self, text: str) -> None:

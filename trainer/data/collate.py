@@ -64,7 +64,9 @@ def collate(data: PackedSet, indices: np.ndarray, pad_id: int, block_mask: bool 
     same_sample = segments[:, 1:] == segments[:, :-1]
     targets[:, :-1] = np.where(same_sample, labels[:, 1:], IGNORE)
     mask = None
-    if block_mask:
+    # Rows that each hold one sample need only causal attention (trailing padding carries no loss): without
+    # a mask sdpa can take its fastest kernel, and no rows × width² tensor is built and copied.
+    if block_mask and any(len(lens) > 1 for _, _, lens in seqs):
         seg = torch.from_numpy(segments)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal
