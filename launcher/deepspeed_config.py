@@ -120,6 +120,18 @@ _FILL_ONLY_IF_PRESENT = ("zero_optimization.offload_optimizer.", "zero_optimizat
                          "zero_optimization.allgather_bucket_size", "zero_optimization.overlap_comm")
 
 
+# Our defaults for tuning knobs, not facts of the run config: a number in the user's own JSON wins.
+_TUNABLE = ("zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
+            "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+            "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory")
+
+
+def _tunable(dotted: str, cfg: RunConfig) -> bool:
+    if dotted == "zero_optimization.overlap_comm":
+        return cfg.zero.overlap_comm is None  # set in the run config, it must agree
+    return dotted in _TUNABLE
+
+
 def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -> dict:
     """The final DeepSpeed dict for a resolved run config (no "auto" left), or every contradiction at once."""
     template, source = load_template(cfg)
@@ -139,7 +151,8 @@ def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -
             _set(ds, dotted, value)
         elif current == "auto":
             _set(ds, dotted, value)
-        elif not _same(current, value):  # a user's JSON, or a shipped template that would silently win
+        elif not _same(current, value) and not (cfg.zero.config and _tunable(dotted, cfg)):
+            # a user's JSON, or a shipped template that would silently win
             problems.append(f"{source}: {dotted} is {current!r} but {origin} gives {value!r}")
     if "scheduler" in ds:
         problems.append(f"{source}: remove 'scheduler'; shardtune drives the learning rate from "
