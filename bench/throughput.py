@@ -173,7 +173,16 @@ def run_contender(cell: Cell, contender: str, rep: int, args, work: Path) -> dic
                                             "--out", str(out / "result.json")]
     load = os.getloadavg()[0]
     for attempt in range(args.retries + 1):
-        done = run_tree(argv, out / "log.txt", code_dir or REPO, child_env(code_dir), timeout=args.timeout)
+        try:
+            done = run_tree(argv, out / "log.txt", code_dir or REPO, child_env(code_dir), timeout=args.timeout)
+        except RunFailed as exc:
+            # Seen once: the minimal loop at ZeRO-3 aborted in teardown ("terminate called without an active
+            # exception") after its last step. A failed run is reported and measured again, never kept.
+            if attempt == args.retries:
+                raise
+            print(f"  {name}: failed ({str(exc).splitlines()[0][:200]}); measuring it again", flush=True)
+            shutil.rmtree(out / "run", ignore_errors=True)
+            continue
         if args.max_other_cores is None or done.other_cores <= args.max_other_cores or attempt == args.retries:
             break
         print(f"  {name}: other processes used {done.other_cores:.2f} cores during the run; measuring it again",

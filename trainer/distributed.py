@@ -58,7 +58,8 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     """Every rank's few numbers in one collective (one host sync); callers take sums and maxima locally."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)
     out = torch.empty(dist.get_world_size() * len(values), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(out, mine)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where it exists
+    gather(out, mine)
     return out.view(-1, len(values)).tolist()
 
 
