@@ -123,7 +123,8 @@ _FILL_ONLY_IF_PRESENT = ("zero_optimization.offload_optimizer.", "zero_optimizat
 # Our defaults for tuning knobs, not facts of the run config: a number in the user's own JSON wins.
 _TUNABLE = ("zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
             "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
-            "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory")
+            "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory",
+            "optimizer.params.torch_adam")
 
 
 def _tunable(dotted: str, cfg: RunConfig) -> bool:

@@ -110,11 +110,14 @@ def test_global_batch_size_derives_accumulation():
 
 def test_user_json_tuning_numbers_win_over_our_defaults(tmp_path):
     """Bucket sizes and overlap are tuning knobs, not facts of the run: a GPU user's own numbers are kept."""
-    user = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 500_000_000, "overlap_comm": False,
+    user = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": 500_000_000, "overlap_comm": False,
                                   "stage3_prefetch_bucket_size": 50_000_000}}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    z = render_deepspeed_config(config(f"zero.config={path}", "zero.stage=3"), hidden_size=1024)["zero_optimization"]
+    ds = render_deepspeed_config(config(f"zero.config={path}", "zero.stage=3"), hidden_size=1024)
+    z = ds["zero_optimization"]
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # launch.device is cuda here: FusedAdam by default
     assert (z["reduce_bucket_size"], z["overlap_comm"], z["stage3_prefetch_bucket_size"]) == (500_000_000, False, 50_000_000)
     with pytest.raises(ConfigError, match="overlap_comm is False but zero.overlap_comm gives True"):
         render_deepspeed_config(config(f"zero.config={path}", "zero.stage=3", "zero.overlap_comm=true"))
