@@ -196,6 +196,7 @@ class Session:
         ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(state.step)
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
+        self.tracker.end_progress()
         final = self.run_dir / "final"
         release_zero3_init()
         self.heartbeat.beat("export")

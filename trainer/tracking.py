@@ -34,6 +34,9 @@ class NullTracker:
     def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
         pass
 
+    def end_progress(self) -> None:
+        pass
+
     def message(self, text: str) -> None:
         pass
 
@@ -131,10 +134,18 @@ class Tracker(NullTracker):
     def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
         """Move the bar; the postfix (loss, tok/s) changes only on log steps and stays put between them."""
         if self.bar is not None:
+            if postfix is None and self.bar.n == step:
+                return  # this step's log already drew it
             self.bar.n = step
             if postfix is not None:
                 self.bar.set_postfix(postfix, refresh=False)
             self.bar.refresh()
+
+    def end_progress(self) -> None:
+        """Training is over: later messages (export, summary, sample) print plainly, without the bar redrawn."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def message(self, text: str) -> None:
         if self.bar is not None:
@@ -143,9 +154,7 @@ class Tracker(NullTracker):
             print(text, file=sys.stderr, flush=True)
 
     def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.end_progress()
         if self.wandb is not None:
             try:
                 if summary:
