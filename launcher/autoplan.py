@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from launcher.autochoice import DoesNotFit, choose_configuration, component_table
 from launcher.config import RunConfig
-from launcher.deepspeed_config import DEFAULT_BUCKET
+from launcher.deepspeed_config import zero_defaults
 from launcher.errors import ConfigError
 from launcher.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
 from launcher.model_size import ModelCounts, counts_from_config
@@ -62,14 +62,9 @@ def precision_of(cfg: RunConfig) -> str:
 
 
 def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
-    """The bucket settings render_deepspeed_config will write, known before the stage is.
-
-    Mirrors deepspeed_config.derived_values: the templates' "auto" buckets become hidden² (0.9·hidden²
-    for ZeRO-3 prefetch) and overlap_comm is on for GPUs; a user's `zero.config` keeps its own numbers.
-    """
-    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
-    ours = {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket),
-            "overlap_comm": cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else cfg.launch.device == "cuda"}
+    """The bucket settings render_deepspeed_config will write, known before the stage is: our defaults,
+    or the numbers in the user's `zero.config` where it has them."""
+    ours = zero_defaults(cfg, hidden_size)
     zero = dict(ours)
     if cfg.zero.config:
         try:
@@ -112,8 +107,6 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
     if t.micro_batch_size == "auto" and t.grad_accum_steps is not None:
         raise ConfigError([f"train.grad_accum_steps: leave it unset when train.micro_batch_size is auto; the "
                            f"planner derives it from train.global_batch_size (got {t.grad_accum_steps})"])
-    if z.stage == 0 and z.offload_optimizer == "cpu":
-        raise ConfigError(["zero.offload_optimizer: 'cpu' needs zero.stage 1, 2, 3 or auto, got stage 0"])
     offload_params = None if z.offload_params == "auto" else z.offload_params == "cpu"
     offload_optimizer = None if z.offload_optimizer == "auto" else z.offload_optimizer == "cpu"
     if offload_params and offload_optimizer is False:

@@ -45,12 +45,20 @@ def load_template(cfg: RunConfig) -> tuple[dict, str]:
     return json.loads((data_dir("ds_configs") / name).read_text()), f"ds_configs/{name}"
 
 
+def zero_defaults(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, Any]:
+    """Our values for ZeRO's tuning knobs, by zero_optimization key; the memory planner sizes buffers by them."""
+    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+    overlap = cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else cfg.launch.device == "cuda"
+    return {"overlap_comm": overlap, "reduce_bucket_size": bucket, "allgather_bucket_size": DEFAULT_BUCKET,
+            "stage3_prefetch_bucket_size": int(0.9 * bucket), "stage3_param_persistence_threshold": 10 * (hidden_size or 1000)}
+
+
 def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tuple[Any, str]]:
     """Every DeepSpeed key shardtune decides, as dotted path -> (value, the run-config field behind it)."""
     t, z, device = cfg.train, cfg.zero, cfg.launch.device
     on_gpu = device == "cuda"
     world = cfg.launch.nodes * cfg.launch.procs_per_node
-    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+    zd = zero_defaults(cfg, hidden_size)
     values: dict[str, tuple[Any, str]] = {
         "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world,
                              f"train.micro_batch_size × train.grad_accum_steps × world = {t.micro_batch_size} × {t.grad_accum_steps} × {world}"),
@@ -68,11 +76,12 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
         "zero_optimization.stage": (z.stage, "zero.stage"),
-        "zero_optimization.overlap_comm": (z.overlap_comm if z.overlap_comm is not None else on_gpu, "zero.overlap_comm"),
-        "zero_optimization.reduce_bucket_size": (bucket, "model hidden size²"),
-        "zero_optimization.allgather_bucket_size": (DEFAULT_BUCKET, "DeepSpeed default"),
-        "zero_optimization.stage3_prefetch_bucket_size": (int(0.9 * bucket), "0.9 × model hidden size²"),
-        "zero_optimization.stage3_param_persistence_threshold": (10 * (hidden_size or 1000), "10 × model hidden size"),
+        "zero_optimization.overlap_comm": (zd["overlap_comm"], "zero.overlap_comm"),
+        "zero_optimization.reduce_bucket_size": (zd["reduce_bucket_size"], "model hidden size²"),
+        "zero_optimization.allgather_bucket_size": (zd["allgather_bucket_size"], "DeepSpeed default"),
+        "zero_optimization.stage3_prefetch_bucket_size": (zd["stage3_prefetch_bucket_size"], "0.9 × model hidden size²"),
+        "zero_optimization.stage3_param_persistence_threshold": (zd["stage3_param_persistence_threshold"],
+                                                                 "10 × model hidden size"),
         "zero_optimization.offload_optimizer.pin_memory": (on_gpu, "launch.device"),
         "zero_optimization.offload_param.pin_memory": (on_gpu, "launch.device"),
         # On CPU the "offloaded" optimizer is torch's AdamW; DeepSpeed insists on its CPUAdam unless told.

@@ -134,3 +134,11 @@ def test_every_example_loads_validates_and_says_how_to_run_it(example):
 
     plan = build_plan(load_config(example))
     assert plan.deepspeed["train_batch_size"] == plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
+
+
+def test_offload_needs_a_sharding_stage_and_auto_is_allowed():
+    found = "\n".join(problems(apply_overrides(base(), ["zero.stage=0", "zero.offload_optimizer=auto"])))
+    assert "zero.offload_optimizer: 'auto' needs zero.stage 1, 2, 3 or auto, got stage 0" in found
+    cfg = validate_config(apply_overrides(base(), ["zero.stage=auto", "zero.offload_optimizer=auto",
+                                                   "zero.offload_params=auto"]))
+    assert (cfg.zero.offload_optimizer, cfg.zero.offload_params) == ("auto", "auto")
