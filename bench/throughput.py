@@ -1,6 +1,6 @@
 r"""Throughput of shardtune against the floor (a minimal DeepSpeed loop) and the peer (the HF Trainer).
 
-    .venv/bin/python bench/throughput.py --wait_for_load 1.0   # the full comparison: ~11 min on 2 quiet cores
+    .venv/bin/python bench/throughput.py                       # the full comparison: ~12 min on 2 cores
     .venv/bin/python bench/throughput.py --quick               # a smoke run: one cell, small model, ~40 s
     .venv/bin/python bench/throughput.py --workloads fixed --stages 2 --contenders shardtune minimal \
         --variant nomask=/tmp/copy-with-a-change              # A/B a change made in a copy of the repository
