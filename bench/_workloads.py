@@ -164,7 +164,7 @@ def packed_schedule(cfg, data, steps: int) -> Schedule:
         for rank in range(WORLD):
             micros = []
             for m in rank_micro_batches(indices, rank, WORLD, t.micro_batch_size):
-                batch = collate(data, m, 0, block_mask=False)
+                batch = collate(data, m, 0, separation="none")
                 micros.append(Micro(rows=len(m), width=batch.input_ids.shape[1], real=batch.real_tokens,
                                     useful=int(data.n_targets[m].sum()), ids=[int(k) for k in m]))
             per_rank.append(micros)
@@ -249,7 +249,7 @@ def save_minimal_batches(out_dir: Path, data, schedule: Schedule, pad_id: int, w
         for step in schedule.micro:
             micros = []
             for m in step[rank]:
-                b = collate(data, np.array(m.ids), pad_id, block_mask=with_mask)
+                b = collate(data, np.array(m.ids), pad_id, separation="mask" if with_mask else "none")
                 micro = {"input_ids": b.input_ids, "targets": b.targets}
                 if with_mask:
                     micro.update(position_ids=b.position_ids, attention_mask=b.attention_mask)

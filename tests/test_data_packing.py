@@ -78,7 +78,7 @@ def test_packed_losses_equal_each_sample_alone(chat_prepared, model):
             ids, labels = alone(data, k, s)
             single = PackedSet(ids.astype(np.int32), labels.astype(np.int32), np.array([0, len(ids)]),
                                np.array([len(ids)], np.int32), np.array([0, 1]), np.array([0]))
-            one = collate(single, np.array([0]), 0, block_mask=False, multiple_of=1)
+            one = collate(single, np.array([0]), 0, separation="none", multiple_of=1)
             with torch.no_grad():  # plain causal attention, no mask or positions given
                 logits = model(input_ids=one.input_ids).logits.float()
             ref = F.cross_entropy(logits[0], one.targets[0], ignore_index=IGNORE, reduction="none")
@@ -95,8 +95,8 @@ def test_without_the_block_mask_samples_leak_into_each_other(chat_prepared, mode
     """Control for the test above: position ids alone (no mask) do not keep samples apart on sdpa."""
     data = chat_prepared.train
     k = next(k for k in range(len(data)) if len(data.sequence(k)[2]) >= 2)
-    masked = token_losses(model, collate(data, np.array([k]), 0, block_mask=True))
-    unmasked = token_losses(model, collate(data, np.array([k]), 0, block_mask=False))
+    masked = token_losses(model, collate(data, np.array([k]), 0, separation="mask"))
+    unmasked = token_losses(model, collate(data, np.array([k]), 0, separation="none"))
     first = int(data.sequence(k)[2][0])
     assert torch.allclose(masked[0, :first], unmasked[0, :first], atol=1e-5)  # the first sample sees nothing else
     assert (masked[0, first:] - unmasked[0, first:]).abs().max() > 1e-2

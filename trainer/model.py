@@ -18,13 +18,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _hf_ds_config = None
 
 
+def flash_attention_usable(precision: str, device: torch.device) -> bool:
+    """flash-attention-2 runs only in bf16/fp16, on CUDA GPUs of compute capability 8.0+ (Ampere and newer)."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16") or importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
-    """flash_attention_2 where its kernels exist (CUDA + flash_attn installed), else PyTorch's sdpa."""
+    """flash_attention_2 where its kernels can run (see flash_attention_usable), else PyTorch's sdpa."""
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if flash_attention_usable(cfg.train.precision, device) else "sdpa"
 
 
 def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):

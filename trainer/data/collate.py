@@ -1,13 +1,22 @@
 """Packed sequences -> the tensors one forward pass needs.
 
-Position ids restart at every sample. Where flash-attention's variable-length kernels are used,
-that alone keeps samples apart; every other attention path (sdpa, eager) gets a block-diagonal
-causal mask, because position ids alone do not stop a token attending to the previous sample.
-Targets are shifted inside each sample, so no sample learns to predict the start of the next.
+Position ids restart at every sample, and targets are shifted inside each sample, so no sample
+learns to predict the start of the next. Position ids alone do not stop a token attending to the
+previous sample, so every batch also says where its samples begin, in the form its attention kernel
+reads (`separation`):
+
+- "mask": a block-diagonal causal mask (batch, 1, L, L) for sdpa and eager, built only when a row
+  holds more than one sample;
+- "varlen": flash-attention's variable-length arguments (`cu_seq_lens_q/k`, `max_length_q/k`) over
+  the batch flattened row by row, so every sample (and every row's padding) is its own sequence at
+  any micro batch size. transformers infers these from position ids only when the batch has one row,
+  so a collator that relies on that leaks attention across samples at micro batch 2 and up;
+- "none": plain causal attention (for showing sequences, never for training packed rows).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -15,6 +24,7 @@ import torch
 from trainer.data.packing import PackedSet
 
 IGNORE = -100
+Separation = Literal["mask", "varlen", "none"]
 
 
 @dataclass
@@ -22,22 +32,40 @@ class Batch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor
-    attention_mask: torch.Tensor | None
+    attention_mask: Optional[torch.Tensor]
     real_tokens: int
+    varlen: dict = field(default_factory=dict)
+    """flash-attention varlen kwargs (cu_seq_lens_q/k on the batch's device, max_length_q/k as ints)."""
 
     def to(self, device) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     self.real_tokens)
+                     self.real_tokens, {k: move(v) for k, v in self.varlen.items()})
 
     def model_inputs(self) -> dict:
-        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **self.varlen}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         return inputs
 
 
-def collate(data: PackedSet, indices: np.ndarray, pad_id: int, block_mask: bool = True, multiple_of: int = 8) -> Batch:
+def varlen_kwargs(segments: np.ndarray) -> dict:
+    """flash-attention varlen arguments for (rows, width) segment ids, over the rows flattened in order.
+
+    A new sequence starts wherever the segment id changes, and at the start of every row.
+    """
+    flat = segments.reshape(-1)
+    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+    row_starts = np.arange(0, flat.size, segments.shape[1])
+    cu = np.union1d(starts, row_starts).astype(np.int32)
+    cu = np.concatenate([cu, [flat.size]]).astype(np.int32)
+    longest = int(np.diff(cu).max())
+    cu_t = torch.from_numpy(cu)
+    return {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t.clone(), "max_length_q": longest, "max_length_k": longest}
+
+
+def collate(data: PackedSet, indices: np.ndarray, pad_id: int, separation: Separation = "mask",
+            multiple_of: int = 8) -> Batch:
     """Pad the chosen sequences to the longest (rounded up to multiple_of) and build ids, positions, targets."""
     seqs = [data.sequence(int(k)) for k in indices]
     longest = max(len(tokens) for tokens, _, _ in seqs)
@@ -63,12 +91,16 @@ def collate(data: PackedSet, indices: np.ndarray, pad_id: int, block_mask: bool 
     targets = np.full_like(labels, IGNORE)
     same_sample = segments[:, 1:] == segments[:, :-1]
     targets[:, :-1] = np.where(same_sample, labels[:, 1:], IGNORE)
-    mask = None
+    mask, varlen = None, {}
+    if separation == "varlen":
+        varlen = varlen_kwargs(segments)
     # Rows that each hold one sample need only causal attention (trailing padding carries no loss): without
     # a mask sdpa can take its fastest kernel, and no rows × width² tensor is built and copied.
-    if block_mask and any(len(lens) > 1 for _, _, lens in seqs):
+    elif separation == "mask" and any(len(lens) > 1 for _, _, lens in seqs):
         seg = torch.from_numpy(segments)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal
         mask = mask[:, None]
-    return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets), mask, real)
+    elif separation not in ("mask", "varlen", "none"):
+        raise ValueError(f"separation must be mask, varlen or none, got {separation!r}")
+    return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets), mask, real, varlen)

@@ -30,7 +30,7 @@ def first_in_training_order(data: PackedSet, n: int, seed: int, shuffle: bool) -
 
 def sequence_record(data: PackedSet, k: int, pad_id: int) -> dict:
     """One stored sequence as the model sees it (one JSON line of `--show N --json`)."""
-    batch = collate(data, np.array([k]), pad_id, block_mask=False, multiple_of=1)
+    batch = collate(data, np.array([k]), pad_id, separation="none", multiple_of=1)
     targets = batch.targets[0].numpy()
     labels = np.concatenate([[IGNORE], targets[:-1]])
     _, _, lens = data.sequence(k)
