@@ -33,7 +33,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust the model's authors."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel. `auto`: flash_attention_2 when installed on CUDA, else sdpa."""
+    """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa."""
 
 
 class DataFields(Section):
@@ -146,7 +146,9 @@ class TrainConfig(Section):
     seed: int
     """Seeds weights init of new layers, data order and dropout; same seed, same run."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Training precision. `auto`: bf16 on GPUs, fp32 on CPU."""
+    """Training precision. `auto`: bf16 on GPUs, fp32 on CPU. With bf16/fp16 and accumulation, gradients accumulate in fp32."""
+    optimizer: Literal["auto", "fused", "torch"] = "auto"
+    """AdamW kernel: `fused` is DeepSpeed's FusedAdam (CUDA; needs its op prebuilt or a CUDA compiler), `torch` is torch.optim.AdamW (fused kernels on GPUs); `auto`: fused when it can be built, else torch."""
     activation_checkpointing: Union[bool, Literal["auto"]] = False
     """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit."""
     log_every: int = Field(1, gt=0)
@@ -162,7 +164,7 @@ class TrainConfig(Section):
     stop_at_step: Optional[int] = Field(None, gt=0)
     """End this launch after this step with a checkpoint; relaunching continues the run (to split it over allocations)."""
     max_bad_steps: int = Field(3, gt=0)
-    """Stop after this many consecutive steps skipped for non-finite loss or gradient norm."""
+    """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are not counted)."""
     sample_prompt: Optional[str] = None
     """A user message answered by the final model at the end, to eyeball the result."""
 
@@ -188,7 +190,7 @@ class LaunchConfig(Section):
     procs_per_node: int = Field(gt=0)
     """Training processes per machine: one per GPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where training runs. `auto`: cuda when this machine (or slurm.gpus_per_node) has GPUs, else cpu."""
+    """Where training runs. `auto`: on SLURM from slurm.gpus_per_node (cuda unless 0); one-node torchrun: cuda when this machine has visible GPUs; multi-node torchrun needs it set."""
     rdzv_endpoint: Optional[str] = None
     """host:port of the first node for multi-node torchrun; default: this host, port 29400."""
     max_restarts: int = Field(0, ge=0)
@@ -220,10 +222,10 @@ class SlurmConfig(Section):
     """Time limit per attempt (minutes, HH:MM:SS or D-HH:MM:SS); a requeued attempt gets it again."""
     gpus_per_node: Optional[int] = Field(None, ge=0)
     """GPUs to request per node; default: launch.procs_per_node on cuda, 0 on cpu."""
-    cpus_per_task: Optional[int] = Field(None, gt=0)
-    """CPU cores per node (one task per node runs all its training processes)."""
-    mem: Optional[str] = Field(None, pattern=r"^\d+[KMGT]?$")
-    """Memory per node, e.g. 500G; 0 means all of it."""
+    cpus_per_task: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = "auto"
+    """CPU cores per node (one task per node runs all its training processes); `auto`: all of a node's CPUs (from sinfo at launch)."""
+    mem: Union[Annotated[str, Field(pattern=r"^\d+[KMGT]?$")], Literal["auto"]] = "auto"
+    """Host memory per node, e.g. 500G; 0 means all of it; `auto`: 0 (all of it: 8 ranks load a model on the host)."""
     constraint: Optional[str] = None
     """Node features required (--constraint)."""
     exclusive: bool = False

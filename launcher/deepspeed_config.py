@@ -71,8 +71,10 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
         "optimizer.params.betas": (list(t.adam_betas), "train.adam_betas"),
         "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),
         "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
-        # FusedAdam and DeepSpeedCPUAdam need compiled ops; torch's AdamW runs anywhere.
-        "optimizer.params.torch_adam": (not on_gpu, "launch.device"),
+        # FusedAdam needs a compiled CUDA op (train.optimizer decides, from whether it can be built); with the
+        # optimizer offloaded on GPUs DeepSpeedCPUAdam steps on the host instead.
+        "optimizer.params.torch_adam": (t.optimizer == "torch" and not (on_gpu and z.offload_optimizer == "cpu"),
+                                        "train.optimizer"),
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
         "zero_optimization.stage": (z.stage, "zero.stage"),
@@ -87,6 +89,11 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
         # On CPU the "offloaded" optimizer is torch's AdamW; DeepSpeed insists on its CPUAdam unless told.
         "zero_force_ds_cpu_optimizer": (on_gpu, "launch.device"),
     }
+    if on_gpu and values["optimizer.params.torch_adam"][0]:
+        values["optimizer.params.fused"] = (True, "train.optimizer (torch's fused AdamW kernels on GPUs)")
+    if t.precision in ("bf16", "fp16") and z.stage != 0 and t.grad_accum_steps > 1:
+        values["data_types.grad_accum_dtype"] = ("fp32", f"train.precision {t.precision} with accumulation "
+                                                          f"{t.grad_accum_steps} (sums kept in fp32)")
     return values
 
 
@@ -133,7 +140,7 @@ _FILL_ONLY_IF_PRESENT = ("zero_optimization.offload_optimizer.", "zero_optimizat
 _TUNABLE = ("zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size",
             "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
             "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory",
-            "optimizer.params.torch_adam")
+            "optimizer.params.torch_adam", "optimizer.params.fused", "data_types.grad_accum_dtype")
 
 
 def _tunable(dotted: str, cfg: RunConfig) -> bool:

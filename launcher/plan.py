@@ -15,8 +15,11 @@ from launcher.autoplan import apply_auto_choice, auto_fields, check_fit, format_
 from launcher.config import RunConfig
 from launcher.deepspeed_config import render_deepspeed_config
 from launcher.errors import ConfigError
+from launcher.host import HostFacts
 from launcher.slurm import render_sbatch
 from launcher.torchrun import launch_script, process_env, torchrun_argv
+
+DEFAULT_CPUS_PER_RANK = 8  # when SLURM cannot say how many CPUs a node has: a common GPU node has 8-16 per GPU
 
 
 @dataclass
@@ -42,12 +45,6 @@ class Plan:
         return out
 
 
-def local_gpu_count() -> int:
-    """NVIDIA GPUs on this machine, from the driver's /proc entries (no torch, no subprocess)."""
-    root = Path("/proc/driver/nvidia/gpus")
-    return len(list(root.iterdir())) if root.is_dir() else 0
-
-
 def read_model_config(name_or_path: str) -> Optional[dict]:
     """The model's config.json when it is on local disk (directory or file); None for hub ids."""
     p = Path(name_or_path)
@@ -60,25 +57,76 @@ def read_model_config(name_or_path: str) -> Optional[dict]:
     return None
 
 
-def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+def _resolve_device(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
+    """`launch.device: auto` is decided from facts about the machines that will train, never a login node's."""
+    launch = cfg.launch
+    if launch.device == "auto" and launch.backend == "slurm":
+        launch.device = "cpu" if cfg.slurm.gpus_per_node == 0 else "cuda"
+        notes.append(f"launch.device=auto -> {launch.device} (slurm.gpus_per_node={cfg.slurm.gpus_per_node})")
+    elif launch.device == "auto" and launch.nodes > 1:
+        raise ConfigError([f"launch.device: 'auto' cannot be decided for a {launch.nodes}-node torchrun run from "
+                           f"this machine (its GPUs say nothing about the nodes'); set launch.device to cuda or cpu"])
+    elif launch.device == "auto":
+        launch.device = "cuda" if host.visible_gpus else "cpu"
+        notes.append(f"launch.device=auto -> {launch.device} ({host.visible_gpus} visible NVIDIA GPUs on this machine)")
+    if launch.device == "cuda" and launch.backend == "torchrun" and launch.nodes == 1:
+        if host.visible_gpus and launch.procs_per_node > host.visible_gpus:
+            raise ConfigError([f"launch.procs_per_node: {launch.procs_per_node} processes but this machine has "
+                               f"{host.visible_gpus} visible GPUs (one process per GPU; CUDA_VISIBLE_DEVICES counts)"])
+
+
+def _resolve_kernels(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
+    """Precision, attention kernel and optimizer: choices that fail at the first step when wrong."""
+    t, device = cfg.train, cfg.launch.device
+    if t.precision == "auto":
+        t.precision = "bf16" if device == "cuda" else "fp32"
+        notes.append(f"train.precision=auto -> {t.precision} ({'GPUs train in bf16' if device == 'cuda' else 'CPUs train in fp32'})")
+    if cfg.model.attn_implementation == "flash_attention_2" and (device != "cuda" or t.precision == "fp32"):
+        raise ConfigError([f"model.attn_implementation: 'flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, "
+                           f"not {device} in {t.precision}; use sdpa (or auto)"])
+    if t.optimizer == "auto":
+        if device != "cuda":
+            t.optimizer = "torch"
+        elif host.fused_adam.usable:
+            t.optimizer = "fused"
+            notes.append(f"train.optimizer=auto -> fused (DeepSpeed's FusedAdam: {host.fused_adam.reason} on this "
+                         f"machine; every node checks again at start-up)")
+        else:
+            t.optimizer = "torch"
+            notes.append(f"train.optimizer=auto -> torch (torch.optim.AdamW with fused kernels): "
+                         f"{host.fused_adam.reason}")
+    elif t.optimizer == "fused" and device != "cuda":
+        raise ConfigError([f"train.optimizer: 'fused' (DeepSpeed's FusedAdam) needs CUDA GPUs, not {device}; use torch or auto"])
+
+
+def _resolve_slurm_resources(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
+    """A batch job that asks for no CPUs or memory may get one core and a small default per node."""
+    s = cfg.slurm
+    if cfg.launch.backend != "slurm":
+        return
+    if s.cpus_per_task == "auto":
+        if host.slurm_node_cpus:
+            s.cpus_per_task = host.slurm_node_cpus
+            notes.append(f"slurm.cpus_per_task=auto -> {s.cpus_per_task} (all CPUs of a node of partition "
+                         f"{s.partition or '(default)'}, from sinfo)")
+        else:
+            s.cpus_per_task = DEFAULT_CPUS_PER_RANK * cfg.launch.procs_per_node
+            notes.append(f"slurm.cpus_per_task=auto -> {s.cpus_per_task} ({DEFAULT_CPUS_PER_RANK} per training "
+                         f"process: sinfo did not answer here; set it to your nodes' CPU count)")
+    if s.mem == "auto":
+        s.mem = "0"
+        notes.append("slurm.mem=auto -> 0 (all of each node's memory: every rank loads the model on the host)")
+
+
+def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config with every `auto` replaced, and one note per decision saying why."""
     cfg = cfg.model_copy(deep=True)
+    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm")
     notes: list[str] = []
     world = cfg.launch.nodes * cfg.launch.procs_per_node
-    if cfg.launch.device == "auto" and cfg.launch.backend == "slurm":
-        cfg.launch.device = "cpu" if cfg.slurm.gpus_per_node == 0 else "cuda"
-        notes.append(f"launch.device=auto -> {cfg.launch.device} (slurm.gpus_per_node={cfg.slurm.gpus_per_node})")
-    elif cfg.launch.device == "auto":
-        gpus = local_gpu_count()
-        cfg.launch.device = "cuda" if gpus else "cpu"
-        notes.append(f"launch.device=auto -> {cfg.launch.device} ({gpus} NVIDIA GPUs on this machine)")
-    if cfg.launch.device == "cuda" and cfg.launch.backend == "torchrun" and cfg.launch.nodes == 1:
-        gpus = local_gpu_count()
-        if gpus and cfg.launch.procs_per_node > gpus:
-            raise ConfigError([f"launch.procs_per_node: {cfg.launch.procs_per_node} processes but this machine has {gpus} GPUs (one process per GPU)"])
-    if cfg.train.precision == "auto":
-        cfg.train.precision = "bf16" if cfg.launch.device == "cuda" else "fp32"
-        notes.append(f"train.precision=auto -> {cfg.train.precision} ({'GPUs train in bf16' if cfg.launch.device == 'cuda' else 'CPUs train in fp32'})")
+    _resolve_device(cfg, host, notes)
+    _resolve_kernels(cfg, host, notes)
+    _resolve_slurm_resources(cfg, host, notes)
     if auto_fields(cfg):
         notes += apply_auto_choice(cfg, read_model_config(cfg.model.name_or_path))
     t = cfg.train
@@ -89,12 +137,19 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
         notes.append(f"train.grad_accum_steps = global {t.global_batch_size} / (micro {t.micro_batch_size} × world {world}) = {t.grad_accum_steps}")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * t.grad_accum_steps * world
+    if t.precision in ("bf16", "fp16") and t.grad_accum_steps > 1:
+        if cfg.zero.stage == 0:
+            notes.append(f"warning: zero.stage 0 in {t.precision} accumulates gradients in {t.precision} "
+                         f"(DeepSpeed has no fp32 accumulation without ZeRO); use zero.stage 1 or higher")
+        else:
+            notes.append(f"gradients accumulate in fp32 over {t.grad_accum_steps} micro-batches "
+                         f"(data_types.grad_accum_dtype; {t.precision} sums lose precision as they grow)")
     return cfg, notes
 
 
-def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = ()) -> Plan:
+def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
-    cfg, notes = resolve(cfg)
+    cfg, notes = resolve(cfg, host)
     t = cfg.train
     world = cfg.launch.nodes * cfg.launch.procs_per_node
     global_batch = t.micro_batch_size * t.grad_accum_steps * world

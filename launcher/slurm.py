@@ -17,14 +17,8 @@ from typing import Optional
 from launcher.config import RunConfig
 from launcher.layout import SLURM_JOBS
 from launcher.resources import data_dir
+from launcher.torchrun import default_env
 
-# NCCL settings that make failures fail fast and be explained; the user's environment overrides them.
-DEFAULT_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    "NCCL_DEBUG": "WARN",
-    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-}
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}
 
@@ -45,6 +39,8 @@ def sbatch_lines(cfg: RunConfig) -> list[str]:
     gpus = gpus_per_node(cfg)
     if gpus:
         opts.append(f"--gpus-per-node={gpus}")
+    if s.cpus_per_task == "auto" or s.mem == "auto":
+        raise ValueError("sbatch_lines needs a resolved config (slurm.cpus_per_task and slurm.mem decided by plan.resolve)")
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                         ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("constraint", s.constraint)):
         if value is not None:
@@ -68,7 +64,7 @@ def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executa
                   trainer_args: tuple[str, ...] = ()) -> str:
     """The batch script text for a resolved config; env is what every training process gets (launch.env last)."""
     template = (data_dir("slurm") / "launch.sbatch.template").read_text()
-    defaults = {**DEFAULT_ENV, **{k: v for k, v in env.items() if k not in cfg.launch.env}}
+    defaults = {**default_env("$RUN_DIR"), **{k: v for k, v in env.items() if k not in cfg.launch.env}}
     values = {
         "SBATCH_LINES": "\n".join(sbatch_lines(cfg)),
         "RUN_DIR": shlex.quote(cfg.output_dir),

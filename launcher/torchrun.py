@@ -9,6 +9,7 @@ import socket
 import sys
 
 from launcher.config import RunConfig
+from launcher.host import installed_version
 
 DEFAULT_RDZV_PORT = 29400
 
@@ -36,6 +37,24 @@ def rdzv_id(cfg: RunConfig) -> str:
     return "shardtune-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.output_dir.strip("/"))[-48:]
 
 
+def double_quoted(text: str) -> str:
+    """text escaped for the inside of a bash double-quoted string."""
+    return "".join("\\" + ch if ch in '\\"$`' else ch for ch in text)
+
+
+def default_env(run_dir: str) -> dict[str, str]:
+    """Settings that make failures fail fast and be explained; the environment a job starts in overrides them.
+
+    NCCL's flight recorder records only with a trace buffer, and its dumps go to the run directory (which
+    every node can read afterwards), not to each node's own /tmp. `run_dir` may be a shell expression.
+    torch 2.7 renamed the flight recorder's variables (the old names still work, with a warning per rank).
+    """
+    fr_names = (("TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE") if installed_version("torch") >= (2, 7)
+                else ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"))
+    return {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", fr_names[0]: "2000", fr_names[1]: f"{run_dir}/nccl_traces/rank_"}
+
+
 def process_env(cfg: RunConfig) -> dict[str, str]:
     """Environment for the training processes: the accelerator choice, then the user's launch.env."""
     env = {"DS_ACCELERATOR": cfg.launch.device}
@@ -49,6 +68,10 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
              "set -euo pipefail"]
     if cfg.launch.nodes > 1:
         lines.append(f"# Start this same script on each of the {cfg.launch.nodes} nodes; they meet at {rdzv_endpoint(cfg)}.")
+    if cfg.launch.device == "cuda":
+        lines.append(f"mkdir -p {shlex.quote(cfg.output_dir + '/nccl_traces')}")
+        lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()
+                  if k != "OMP_NUM_THREADS"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"

@@ -64,7 +64,14 @@ def test_launch_dry_run_writes_the_run_files(tmp_path):
 def test_multi_node_torchrun_renders_rendezvous(tmp_path):
     out = tmp_path / "run"
     proc = shardtune("launch", str(EXAMPLES / "tiny.yaml"), f"output_dir={out}", "launch.nodes=2",
-                     "launch.rdzv_endpoint=10.0.0.1:29400")
+                     "launch.rdzv_endpoint=10.0.0.1:29400", "launch.device=cpu")
     script = (out / "launch.sh").read_text()
     assert "--nnodes=2" in script and "--rdzv_endpoint=10.0.0.1:29400" in script and "--rdzv_backend=c10d" in script
     assert "each of the 2 nodes" in proc.stdout
+
+
+def test_multi_node_torchrun_never_takes_its_device_from_this_machine(tmp_path):
+    """A GPU-less login node must not render a multi-node run for CPU (fp32, gloo, torch AdamW)."""
+    proc = shardtune("plan", str(EXAMPLES / "tiny.yaml"), f"output_dir={tmp_path}", "launch.nodes=2",
+                     "launch.rdzv_endpoint=10.0.0.1:29400", check=False)
+    assert proc.returncode == 2 and "launch.device: 'auto' cannot be decided for a 2-node torchrun run" in proc.stderr

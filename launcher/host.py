@@ -1,0 +1,136 @@
+"""What the machine that plans a run can tell about where it will run, without importing torch.
+
+The plan is a pure function of the run config and these facts; the CLI detects them once
+(`HostFacts.detect`) and tests pass their own. Each fact says where it came from, because the
+planning machine (a login node) is often not the machine that trains: whatever only the compute
+nodes can know is checked again there by the trainer's preflight.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class FusedAdamStatus:
+    """Whether DeepSpeed's FusedAdam can run here: its op is prebuilt, already JIT-built, or buildable."""
+
+    usable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    visible_gpus: int
+    """NVIDIA GPUs this process may use: the driver's count, limited by CUDA_VISIBLE_DEVICES."""
+    fused_adam: FusedAdamStatus
+    slurm_node_cpus: Optional[int] = None
+    """CPUs of one node of the partition the job goes to (sinfo), when SLURM answers."""
+
+    @classmethod
+    def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> "HostFacts":
+        return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None)
+
+
+def driver_gpu_count() -> int:
+    """NVIDIA GPUs the driver exposes, from its /proc entries (no torch, no subprocess)."""
+    root = Path("/proc/driver/nvidia/gpus")
+    return len(list(root.iterdir())) if root.is_dir() else 0
+
+
+def visible_gpus(environ: Optional[dict] = None, driver_count: Optional[int] = None) -> int:
+    """The GPUs CUDA will enumerate: CUDA_VISIBLE_DEVICES, when set, lists them (indices, GPU-/MIG- UUIDs).
+
+    CUDA stops at the first entry that is not a valid device, so "0,-1,1" means one GPU and "" or "-1" none.
+    """
+    env = os.environ if environ is None else environ
+    total = driver_gpu_count() if driver_count is None else driver_count
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return total
+    count = 0
+    for entry in (e.strip() for e in listed.split(",")):
+        valid = entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < total)
+        if not valid:
+            break
+        count += 1
+    return min(count, total)
+
+
+def _installed_ops(package_dir: Path) -> dict:
+    """DeepSpeed's record of the ops it was built with (git_version_info_installed.py), read without importing it."""
+    path = package_dir / "git_version_info_installed.py"
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "installed_ops" for t in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+    return {}
+
+
+def nvcc_path() -> Optional[str]:
+    """The CUDA compiler a JIT build would use: $CUDA_HOME/bin/nvcc, then nvcc on PATH, then /usr/local/cuda."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+
+
+def fused_adam_status() -> FusedAdamStatus:
+    """Can DeepSpeed's FusedAdam be loaded here without failing after the model has loaded?"""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return FusedAdamStatus(False, "deepspeed is not installed on this machine")
+    package = Path(list(spec.submodule_search_locations)[0])
+    if _installed_ops(package).get("fused_adam"):
+        return FusedAdamStatus(True, "DeepSpeed was installed with its fused_adam op prebuilt")
+    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    if any(extensions.glob("*/fused_adam/fused_adam*.so")):
+        return FusedAdamStatus(True, f"fused_adam was JIT-built before ({extensions})")
+    nvcc = nvcc_path()
+    if nvcc:
+        return FusedAdamStatus(True, f"fused_adam can be JIT-built with {nvcc}")
+    return FusedAdamStatus(False, "DeepSpeed's fused_adam op is not prebuilt and no CUDA compiler (nvcc) was "
+                                  "found to build it")
+
+
+def slurm_node_cpus(partition: Optional[str]) -> Optional[int]:
+    """CPUs per node of a partition (the smallest node, so the request fits any of them); None if sinfo fails."""
+    if not shutil.which("sinfo"):
+        return None
+    args = ["sinfo", "--noheader", "--Node", "--format=%c"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(x) for x in proc.stdout.split() if x.isdigit()]
+    return min(counts) if proc.returncode == 0 and counts else None
+
+
+def installed_version(package: str) -> tuple[int, ...]:
+    """(major, minor) of an installed package from its metadata, without importing it; (0,) when absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version(package)
+    except PackageNotFoundError:
+        return (0,)
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
