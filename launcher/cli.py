@@ -134,6 +134,25 @@ def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
     print(f"exported {ckpt} -> {export_checkpoint(ckpt, out_dir, dtype)}")
 
 
+def convert(checkpoint: str, workers: int | None = None) -> None:
+    """Convert a checkpoint (a step directory, or a run directory for its newest) to DeepSpeed's universal format.
+
+    A run that resumes on a different number of GPUs needs it; converting ahead of the job (e.g. on a CPU
+    node) saves that time on the GPUs. The job finds and reuses the result.
+    """
+    from trainer.checkpoint import universal_copy, verify
+    from trainer.export import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError([str(exc)], title="cannot convert") from None
+    problems = verify(ckpt, None)
+    if problems:
+        raise ConfigError([f"{ckpt} fails verification: {p}" for p in problems[:5]], title="cannot convert")
+    print(f"{ckpt} -> {universal_copy(ckpt, print, workers=workers)}")
+
+
 def eval(target: str, data: str, json: bool = False, out: str | None = None, compare_to: str | None = None,
          max_new_tokens: int = 48) -> None:
     """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file."""
@@ -204,7 +223,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
     return run
 
 
-COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export,
+COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export, "convert": convert,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
             "prepare": prepare_command, "report": report, "preflight": preflight}
 

@@ -26,7 +26,7 @@ def prepare_command(config: str, *overrides: str, json: bool = False, show: int 
     where no loss is taken, position_ids, sample_lengths), and the summary goes to stderr.
     """
     cfg = load_config(config, [str(o) for o in overrides])
-    from trainer.data.cache import BuildFailed
+    from trainer.build_once import BuildFailed
     from trainer.data.prepare import DataError, load_tokenizer, prepare
     from trainer.data.render import TemplateError
     from trainer.data.show import first_in_training_order, format_record, format_summary, sequence_record

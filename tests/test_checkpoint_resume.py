@@ -87,11 +87,16 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     assert_same_losses(run, reference)
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, before, after):
+@pytest.mark.parametrize("before,after,ahead", [(2, 1, False), (1, 2, True)])
+def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, before, after, ahead):
+    """ahead: `shardtune convert` makes the universal copy before the job, which then reuses it."""
     launch(config(tmp_path, tiny_model, procs=before), "train.stop_at_step=10")
+    if ahead:
+        out = shardtune("convert", str(tmp_path / "run"), "--workers=2").stdout
+        assert "step_00000010 ->" in out and ".universal-" in out
     proc = launch(config(tmp_path, tiny_model, procs=after))
     assert f"written by {before} ranks, resuming on {after}" in proc.stderr
+    assert ("converted step_00000010 to DeepSpeed's universal format" in proc.stderr) is not ahead
     assert_same_losses(tmp_path / "run", reference, rel=1e-6)
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import REPO, tiny_config
 from launcher.config import load_config
-from trainer.data.cache import BuildFailed, build_once, cache_key
+from trainer.build_once import BuildFailed, build_once
+from trainer.data.cache import cache_key
 from trainer.data.prepare import DataError, cache_inputs, load_tokenizer, prepare
 
 

@@ -5,6 +5,7 @@ Jobs run 2 nodes × 1 process with gloo on this host; their per-step losses must
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -153,7 +154,7 @@ def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, clus
 def test_two_torchrun_agents_from_the_rendered_multi_node_command(tmp_path, tiny_model, reference):
     port = 29500 + os.getpid() % 300
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 5},
-                      launch={"nodes": 2, "procs_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{port}"})
+                      launch={"nodes": 2, "procs_per_node": 1, "device": "cpu", "rdzv_endpoint": f"127.0.0.1:{port}"})
     out = shardtune("launch", str(cfg)).stdout
     assert "on each of the 2 nodes" in out
     script = tmp_path / "run" / "launch.sh"
@@ -167,3 +168,22 @@ def test_two_torchrun_agents_from_the_rendered_multi_node_command(tmp_path, tiny
 def test_preflight_on_two_slurm_nodes(tmp_path, tiny_model, cluster):
     out = shardtune("preflight", str(job_config(tmp_path, tiny_model))).stdout
     assert "COMPLETED" in out and "preflight passed: 2 ranks" in out and "GB/s" in out
+
+
+def test_two_node_job_survives_an_end_of_run_export_slower_than_a_minute(tmp_path, tiny_model, cluster):
+    """Only rank 0 exports, so the other node's ranks finish first. torchrun's agents wait for each other at
+    exit for up to 300 s (its fixed exit barrier), and then `srun --wait=60` used to kill the head node
+    mid-export: for exports over ~6 minutes (a 70B model), no final/, status 'running', a requeue that
+    resumed at max_steps. Here the export is slowed to 90 s, which the exit barrier alone still covers, so
+    this checks the end of a slow run completes; the script itself no longer bounds a working rank
+    (tests/test_gpu_paths.py checks srun has no --wait)."""
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, launch=SLURM,
+                      slurm={"time": "10", "max_requeues": 0})
+    proc = shardtune("launch", str(cfg), "--wait", env={"SHARDTUNE_FAULTS": "slow_export@0:0=90"}, timeout=900)
+    assert "COMPLETED" in proc.stdout
+    run = tmp_path / "run"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 3
+    assert (run / "final" / "config.json").is_file() and list((run / "final").glob("*.safetensors"))
+    log = (run / f"slurm-{submitted_job(run)}.out").read_text(errors="replace")
+    assert "attempt 0" in log and "attempt 1" not in log

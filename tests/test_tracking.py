@@ -93,8 +93,15 @@ def test_flops_formula_matches_a_hand_computation():
 
 
 def test_peak_table_and_override():
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.0
-    assert peak_tflops("NVIDIA H100 PCIe", "bf16", None) == 756.0
+    # Data sheets quote bf16 with sparsity (H100 SXM 1,979, PCIe 1,513, NVL 1,671, L40 362.1, L4 242); dense is half.
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.5
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16", None) == 756.5
+    assert peak_tflops("NVIDIA H100 NVL", "bf16", None) == 835.5
+    assert peak_tflops("NVIDIA H800", "bf16", None) == 989.5
+    assert peak_tflops("NVIDIA L40", "bf16", None) == 181.05
+    assert peak_tflops("NVIDIA L4", "bf16", None) == 121.0
+    assert peak_tflops("NVIDIA L40S", "bf16", None) == 362.05
+    assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16", None) is None  # not in the table: no guess
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", None) == 19.5
     assert peak_tflops("cpu", "fp32", None) is None
     assert peak_tflops("cpu", "fp32", 1.5) == 1.5

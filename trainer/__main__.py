@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from trainer.checkpoint import CheckpointError
-from trainer.data.cache import BuildFailed
+from trainer.build_once import BuildFailed
 from trainer.data.prepare import DataError
 from trainer.data.render import TemplateError
 from trainer.data.sources import SourceError

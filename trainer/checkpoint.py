@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +28,8 @@ import torch
 
 from launcher.layout import LATEST, MANIFEST, TAG_PREFIX, complete_checkpoints, is_step_dir, step_of, tag_for
 from trainer import faults
-from trainer.distributed import Dist, all_gather_objects, barrier
+from trainer.build_once import build_once
+from trainer.distributed import Dist, all_gather_objects, barrier, broadcast_object
 
 STATE = "trainer_state.json"
 UNIVERSAL_SUFFIX = ".universal"
@@ -148,37 +150,70 @@ def prune(root: Path, keep_last: int) -> None:
         _remove(old)
     newest = step_of(complete[0]) if complete else -1
     kept = {p.name for p in complete[:keep_last]}
-    for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}"):
-        if p.name[:-len(UNIVERSAL_SUFFIX)] not in kept:
-            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}*"):
+        if p.name.split(UNIVERSAL_SUFFIX)[0] not in kept:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     for p in root.iterdir():
         if is_step_dir(p) and not (p / MANIFEST).exists() and step_of(p) < newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def universal_copy(ckpt: Path, dist: Dist, log: Callable[[str], None]) -> Path:
+def conversion_workers() -> int:
+    """Worker processes for the universal conversion: every CPU this process may use, at most 16.
+
+    Each extract worker holds one rank's optimizer shard in memory (for a 70B model on 64 ranks about 13 GB),
+    so the cap keeps a converting GPU node's host RAM in reach.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus))
+
+
+def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -> None:
+    """DeepSpeed's ds_to_universal into `out`, beating while its output grows (progress, not a phase)."""
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers)]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        seen = None
+        while proc.poll() is None:
+            time.sleep(1.0)
+            progress = sum(1 for _ in out.rglob("*")) if out.exists() else 0
+            if progress != seen:
+                seen = progress
+                beat("convert")
+        if proc.returncode != 0:
+            log.seek(0)
+            raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{log.read()[-4000:]}")
+    for f in ckpt.glob("*model_states.pt"):  # module weights, LR schedule and counters stay where DeepSpeed looks
+        shutil.copy2(f, out / f.name)
+    (out / "converted.json").write_text(json.dumps({"from": str(ckpt), "workers": workers,
+                                                    "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+
+
+def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str], None] = lambda phase: None,
+                   workers: Optional[int] = None) -> Path:
     """DeepSpeed's universal form of a ZeRO checkpoint, next to it, for resuming on another number of ranks.
 
-    Built once by rank 0 (into a temporary directory renamed when done) and reused by later resumes.
+    Built once, by whichever process asks first (a rank of the job or `shardtune convert` ahead of it), with
+    parallel workers; everyone else waits on the filesystem, not in a collective, so a long conversion
+    never meets a collective timeout. The copy is named after the source's manifest, so a step saved again
+    gets a fresh conversion instead of a stale one.
     """
-    target = ckpt.with_name(ckpt.name + UNIVERSAL_SUFFIX)
-    if dist.is_main and not (target / "COMPLETE").exists():
-        started = time.perf_counter()
-        tmp = ckpt.with_name(f"{ckpt.name}{UNIVERSAL_SUFFIX}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-                               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-        for f in ckpt.glob("*model_states.pt"):  # module weights, LR schedule and counters stay where DeepSpeed looks
-            shutil.copy2(f, tmp / f.name)
-        (tmp / "COMPLETE").write_text(json.dumps({"from": str(ckpt)}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        log(f"converted {ckpt.name} to DeepSpeed's universal format in {time.perf_counter() - started:.1f} s")
-    barrier()
-    return target
+    source = hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:12]
+    workers = workers or conversion_workers()
+    started = time.perf_counter()
+    path, built = build_once(ckpt.parent, f"{ckpt.name}{UNIVERSAL_SUFFIX}-{source}",
+                             lambda tmp: _convert(ckpt, tmp, workers, beat), on_wait=log,
+                             on_poll=lambda: beat("convert"), what="convert to the universal format")
+    if built:
+        log(f"converted {ckpt.name} to DeepSpeed's universal format in {time.perf_counter() - started:.1f} s "
+            f"({workers} workers)")
+    return path
 
 
 def rng_state() -> dict:
@@ -223,7 +258,11 @@ def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], Non
             raise CheckpointError(f"train.resume: {ckpt} fails verification: " + "; ".join(problems[:5]))
         return ckpt
     chosen = None
-    for ckpt in complete_checkpoints(root):
+    # On a shared filesystem nodes can list a directory differently for a while (NFS attribute caches):
+    # rank 0 lists, and every rank verifies the same candidates in the same order.
+    listed = [str(p) for p in complete_checkpoints(root)] if dist.is_main else None
+    candidates = [Path(p) for p in broadcast_object(listed)]
+    for ckpt in candidates:
         problems = verify(ckpt, dist)
         if not problems:
             chosen = ckpt

@@ -75,3 +75,15 @@ def fake_versions(rank: int) -> dict[str, str]:
 def unwritable_dir(rank: int) -> Path | None:
     """unwritable_output@0:RANK: that rank's write check targets a directory the OS refuses to create."""
     return Path("/proc/shardtune-unwritable") if any(f.kind == "unwritable_output" and f.rank == rank for f in ACTIVE) else None
+
+
+def unbuildable_ops(rank: int) -> list[str]:
+    """unbuildable_op@0:RANK=fused_adam: that rank's preflight reports the op cannot be built (no GPU here)."""
+    return [f"{f.arg}: simulated by SHARDTUNE_FAULTS" for f in ACTIVE if f.kind == "unbuildable_op" and f.rank == rank]
+
+
+def slow_down(kind: str, step: int, rank: int) -> None:
+    """slow_export@0:RANK=SECONDS (and the like): that rank sleeps this long at that point, working slowly."""
+    for f in ACTIVE:
+        if f.kind == kind and f.step == step and f.rank == rank:
+            time.sleep(float(f.arg or 60))

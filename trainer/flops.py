@@ -15,32 +15,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-# Dense peak TFLOPs per device by dtype (vendor data sheets). Order matters: first substring match wins.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4}),
-    ("MI250X", {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9}),
-]
+# Dense (no sparsity) peak TFLOPs per device from the vendors' data sheets, by the exact names
+# torch.cuda.get_device_name reports. Exact names, because a substring match sends "NVIDIA L40" to the L4's
+# entry and "NVIDIA H100 NVL" to the SXM part's. Data sheets quote bf16/fp16 with sparsity; dense is half.
+_H100_SXM = {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}
+_H100_PCIE = {"bf16": 756.5, "fp16": 756.5, "fp32": 51.0}
+_H100_NVL = {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}
+_A100 = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    **dict.fromkeys(("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB", "NVIDIA H100 SXM5 64GB", "NVIDIA H100",
+                     "NVIDIA H800", "NVIDIA H800 80GB HBM3"), _H100_SXM),
+    **dict.fromkeys(("NVIDIA H100 PCIe", "NVIDIA H800 PCIe"), _H100_PCIE),
+    "NVIDIA H100 NVL": _H100_NVL,
+    **dict.fromkeys(("NVIDIA H200", "NVIDIA H200 141GB HBM3e"), _H100_SXM),
+    "NVIDIA H20": {"bf16": 148.0, "fp16": 148.0, "fp32": 44.0},
+    "NVIDIA H200 NVL": _H100_NVL,
+    **dict.fromkeys(("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e", "NVIDIA GH200 120GB"), _H100_SXM),
+    **dict.fromkeys(("NVIDIA B200", "NVIDIA B200 180GB HBM3e"), {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0}),
+    "NVIDIA GB200": {"bf16": 2500.0, "fp16": 2500.0, "fp32": 80.0},
+    **dict.fromkeys(("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-40GB",
+                     "NVIDIA A100-PCIE-80GB", "NVIDIA A800-SXM4-80GB", "NVIDIA A800 80GB PCIe"), _A100),
+    "NVIDIA L40S": {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6},
+    "NVIDIA L40": {"bf16": 181.05, "fp16": 181.05, "fp32": 90.5},
+    "NVIDIA L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "NVIDIA A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    "NVIDIA A40": {"bf16": 149.7, "fp16": 149.7, "fp32": 37.4},
+    "NVIDIA RTX 6000 Ada Generation": {"bf16": 364.2, "fp16": 364.2, "fp32": 91.1},
+    **dict.fromkeys(("Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB"), {"fp16": 125.0, "fp32": 15.7}),
+    **dict.fromkeys(("Tesla V100-PCIE-16GB", "Tesla V100-PCIE-32GB"), {"fp16": 112.0, "fp32": 14.0}),
+    "AMD Instinct MI300X": {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
+    "AMD Instinct MI325X": {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
+    "AMD Instinct MI250X": {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9},
+}
 
 
 def peak_tflops(device_name: str, precision: str, configured: Optional[float]) -> Optional[float]:
-    """The configured peak, else the table's for this device and dtype; None when unknown (no MFU then)."""
+    """The configured peak, else the table's for this exact device name and dtype; None when unknown (no MFU)."""
     if configured:
         return configured
-    for key, by_dtype in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return by_dtype.get(precision)
-    return None
+    return PEAK_TFLOPS.get(device_name.strip(), {}).get(precision)
 
 
 @dataclass(frozen=True)

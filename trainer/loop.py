@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from trainer import faults
-from trainer.data.collate import collate
+from trainer.data.collate import Separation, collate
 from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
-from trainer.distributed import Dist, all_reduce_sum
+from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
 from trainer.flops import ModelFlops
 from trainer.metrics import Window
 from trainer.model import token_loss_sum
+from trainer.nonfinite import SkipJudge
 
 
 @dataclass
@@ -31,6 +32,9 @@ class TrainState:
     trained_tokens: int = 0
     samples: int = 0
     skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient that no loss scaling absorbed."""
+    loss_scale_skips: int = 0
+    """fp16 steps skipped while the dynamic loss scale found its level (normal, not counted as bad)."""
     bad_streak: int = 0
     wandb_run_id: Optional[str] = None
 
@@ -41,13 +45,15 @@ class TrainState:
     def from_json(cls, d: dict) -> "TrainState":
         return cls(**{**d, "position": DataPosition(**d["position"])})
 
-    def advance(self, position: DataPosition, targets: int, sequences: int, skipped: bool) -> None:
+    def advance(self, position: DataPosition, targets: int, sequences: int, outcome: str = "ok") -> None:
+        """One optimizer step done; outcome is SkipJudge's: "ok", "loss_scale" or "bad"."""
         self.step += 1
         self.position = position
-        self.trained_tokens += 0 if skipped else targets
+        self.trained_tokens += targets if outcome == "ok" else 0
         self.samples += sequences
-        self.skipped_steps += skipped
-        self.bad_streak = self.bad_streak + 1 if skipped else 0
+        self.skipped_steps += outcome == "bad"
+        self.loss_scale_skips += outcome == "loss_scale"
+        self.bad_streak = self.bad_streak + 1 if outcome == "bad" else 0
 
 
 class TooManyBadSteps(Exception):
@@ -62,7 +68,7 @@ class Loop:
     dist: Dist
     micro_batch_size: int
     pad_id: int
-    block_mask: bool
+    separation: Separation
     max_steps: int
     log_every: int
     max_bad_steps: int
@@ -74,11 +80,12 @@ class Loop:
     recompute: bool = False
     beat: Callable[..., None] = lambda phase, step=None: None
     """Heartbeat: the watchdog's evidence that this rank is making progress."""
+    skip_judge: SkipJudge = field(default_factory=SkipJudge)
 
     def batch(self, indices: np.ndarray, step: int):
         self.beat("data", step)
         faults.maybe_hang("hang_in_data", step, self.dist.rank)
-        return collate(self.data, indices, self.pad_id, self.block_mask).to(self.dist.device)
+        return collate(self.data, indices, self.pad_id, self.separation).to(self.dist.device)
 
     def run(self, state: TrainState) -> TrainState:
         window = Window(self.dist, self.flops, self.peak_tflops, self.recompute)
@@ -92,6 +99,7 @@ class Loop:
             lr, skipped_before = self.engine.get_lr()[0], self.engine.skipped_steps
             step_loss = torch.zeros_like(window.loss)
             window.start_step()
+            self.skip_judge.before_step()
             micros = rank_micro_batches(indices, rank, world, self.micro_batch_size)
             for i, micro in enumerate(micros):
                 batch = window.timed_batch(lambda: self.batch(micro, step))
@@ -107,13 +115,20 @@ class Loop:
                 self.engine.step()
                 step_loss += loss_sum.detach().double()
             skipped = self.engine.skipped_steps != skipped_before  # DeepSpeed agreed on it across ranks
+            # Only a skipped step asks every rank whether its loss was finite (all ranks skip together).
+            loss_finite = not skipped or all_reduce_max([float(not torch.isfinite(step_loss).item())],
+                                                        self.dist.device)[0] == 0
+            outcome = self.skip_judge.judge(skipped, loss_finite)
             window.end_step(step_loss, targets, int(lengths.sum()), len(lengths), int((lengths.astype(np.int64) ** 2).sum()),
                             skipped)
-            state.advance(next_position, targets, len(indices), skipped)
-            if skipped or logs:
+            state.advance(next_position, targets, len(indices), outcome)
+            if outcome == "bad" or logs:
+                scale = self.skip_judge.loss_scale
                 self.on_log(step, {**window.metrics(), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
                                    "skipped_steps": state.skipped_steps, "trained_tokens": state.trained_tokens,
-                                   "epoch": state.position.epoch})
+                                   "epoch": state.position.epoch,
+                                   **({"loss_scale": scale, "loss_scale_skips": state.loss_scale_skips}
+                                      if scale is not None else {})})
                 window.reset()
             if state.bad_streak >= self.max_bad_steps:
                 raise TooManyBadSteps(f"step {step}: {state.bad_streak} consecutive steps with a non-finite loss or "
@@ -129,7 +144,7 @@ def _float(value) -> Optional[float]:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def evaluate(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, block_mask: bool) -> dict:
+def evaluate(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation) -> dict:
     """Token-weighted loss and perplexity over the whole eval set, each rank taking every world-th batch."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
@@ -141,7 +156,7 @@ def evaluate(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id:
     with torch.no_grad():
         for r in range(rounds):
             indices = mine[r] if r < len(mine) else batches[0]
-            batch = collate(data, indices, pad_id, block_mask).to(dist.device)
+            batch = collate(data, indices, pad_id, separation).to(dist.device)
             logits = engine(**batch.model_inputs()).logits
             if r < len(mine):
                 total[0] += token_loss_sum(logits, batch.targets).double()

@@ -18,7 +18,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from trainer import faults
+from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
 
 PACKAGES = ("torch", "deepspeed", "transformers")
@@ -54,7 +54,7 @@ def can_write(run_dir: Path, rank: int) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def report(run_dir: Path, d: Dist) -> dict:
+def report(run_dir: Path, d: Dist, ds_config: Optional[dict] = None) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -65,7 +65,8 @@ def report(run_dir: Path, d: Dist) -> dict:
     return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
             "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
-            "write_error": can_write(run_dir, d.rank)}
+            "write_error": can_write(run_dir, d.rank),
+            "op_errors": ops.unavailable(ds_config or {}, d.device.type) + faults.unbuildable_ops(d.rank)}
 
 
 def compare(reports: list[dict], expected_world: int) -> list[str]:
@@ -81,6 +82,7 @@ def compare(reports: list[dict], expected_world: int) -> list[str]:
                 problems.append(f"{where} has {pkg} {r['versions'][pkg]}, rank 0 on {reports[0]['host']} has {reference[pkg]}")
         if r["write_error"]:
             problems.append(f"{where} cannot write to the run directory: {r['write_error']}")
+        problems += [f"{where} cannot load a compiled op the run needs: {e}" for e in r.get("op_errors", [])]
     return problems
 
 
@@ -109,10 +111,10 @@ def bandwidth(d: Dist, nbytes: int = BANDWIDTH_BYTES, iterations: int = 3) -> di
     return {"bytes": nbytes, "seconds": seconds, "busbw_gbps": algbw * 2 * (d.world - 1) / d.world / 1e9}
 
 
-def run_preflight(run_dir: Path, d: Dist, expected_world: int, log) -> dict:
+def run_preflight(run_dir: Path, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None) -> dict:
     """All checks; raises PreflightError on every rank when any rank has a problem."""
     started = time.perf_counter()
-    reports = all_gather_objects(report(run_dir, d))
+    reports = all_gather_objects(report(run_dir, d, ds_config))
     problems = compare(reports, expected_world)
     bad_sum = all_reduce_check(d)
     if bad_sum:

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from launcher.config import RunConfig, validate_config
-from trainer import checkpoint, nonfinite
+from trainer import checkpoint, faults, nonfinite, ops
 from trainer.control import StopRequest, write_status
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
@@ -89,7 +89,8 @@ class Session:
         """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
         launch = self.cfg.launch
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
-        result = run_preflight(self.run_dir, self.dist, launch.nodes * launch.procs_per_node, self.tracker.message)
+        result = run_preflight(self.run_dir, self.dist, launch.nodes * launch.procs_per_node, self.tracker.message,
+                               self.ds_config)
         if self.dist.is_main:
             checkpoint.atomic_write(self.run_dir / "preflight.json", json.dumps(result, indent=1) + "\n")
         return result
@@ -100,6 +101,7 @@ class Session:
         from torch.optim.lr_scheduler import LambdaLR
 
         cfg = self.cfg
+        ops.build_once_per_node(self.ds_config, self.dist, self.heartbeat.beat, self.tracker.message)
         self.resume_from = checkpoint.find_resume(self.run_dir, cfg.train.resume, self.dist, self.tracker.message)
         self.load_tag = self.resume_from
         if self.resume_from is not None:
@@ -107,7 +109,7 @@ class Session:
             if saved_world != self.dist.world and self.ds_config["zero_optimization"]["stage"] > 0:
                 self.tracker.message(f"{self.resume_from.name} was written by {saved_world} ranks, resuming on "
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
-                self.load_tag = checkpoint.universal_copy(self.resume_from, self.dist, self.tracker.message)
+                self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat)
                 self.ds_config["checkpoint"] = {"load_universal": True}
         model = load_model(cfg, self.ds_config, self.dist.device)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -117,12 +119,13 @@ class Session:
         flops = model_flops_of(self.engine.module, self.engine.module.config)
         peak = peak_tflops(device_name(self.dist.device), cfg.train.precision, cfg.launch.peak_tflops)
         t = cfg.train
-        self.block_mask = attention_implementation(cfg, self.dist.device) != "flash_attention_2"
+        self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
         self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
-                         self.block_mask, t.max_steps, t.log_every, t.max_bad_steps, self.on_log, self.on_step_end,
-                         flops, peak, t.activation_checkpointing is True, self.heartbeat.beat)
+                         self.separation, t.max_steps, t.log_every, t.max_bad_steps, self.on_log, self.on_step_end,
+                         flops, peak, t.activation_checkpointing is True, self.heartbeat.beat,
+                         nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)))
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -172,7 +175,7 @@ class Session:
     def evaluate(self) -> dict:
         self.heartbeat.beat("eval")
         return evaluate(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
-                        self.block_mask)
+                        self.separation)
 
     def save(self, state: TrainState) -> Path:
         module = self.engine.module
@@ -201,6 +204,7 @@ class Session:
         release_zero3_init()
         self.heartbeat.beat("export")
         if self.dist.is_main:
+            faults.slow_down("slow_export", 0, self.dist.rank)
             export_checkpoint(ckpt, final)
             self.tracker.message(run_summary(self.run_dir, started, final, ckpt))
             if self.cfg.train.sample_prompt:

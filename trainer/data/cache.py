@@ -1,27 +1,17 @@
 """Preprocessed data lives in a cache keyed by everything that changes its content.
 
-Several processes (every rank of every node) may ask for the same key at once. One of them takes
-an exclusive lock file and builds into a private directory that is renamed into place only when
-complete; the others wait for it. On a shared filesystem that means one builder for the whole job;
-with node-local cache directories, one per node. A builder that dies leaves a stale lock that the
-others notice from its heartbeat and take over.
+Every rank of every node may ask for the same key at once; `trainer.build_once` makes one of them
+build it while the others wait. On a shared filesystem that means one builder for the whole job; with
+node-local cache directories, one per node.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 PREP_VERSION = 2  # bump when the preprocessing code changes what it produces
-STALE_AFTER_S = 120.0
-HEARTBEAT_S = 10.0
 
 
 def default_cache_root() -> Path:
@@ -32,104 +22,3 @@ def cache_key(parts: dict) -> str:
     """A short stable hash of the preprocessing inputs (JSON-serialisable)."""
     blob = json.dumps({"version": PREP_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-class BuildFailed(Exception):
-    """Another process failed to build this cache entry; its message is repeated here."""
-
-
-@contextmanager
-def _heartbeat(lock: Path) -> Iterator[None]:
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(lock)
-            except FileNotFoundError:
-                return
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-
-
-def _try_lock(lock: Path) -> bool:
-    """Create the lock file exclusively; take over a lock whose builder stopped beating."""
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            stale = time.time() - lock.stat().st_mtime > STALE_AFTER_S
-        except FileNotFoundError:  # released between our open and stat
-            return _try_lock(lock)
-        if not stale:
-            return False
-        # Rename is atomic: of several waiters that all saw it stale, exactly one moves it away.
-        grave = lock.with_name(f"{lock.name}.stale-{socket.gethostname()}-{os.getpid()}")
-        try:
-            os.rename(lock, grave)
-        except FileNotFoundError:
-            return False
-        if time.time() - grave.stat().st_mtime <= STALE_AFTER_S:
-            # Another waiter took over between our stat and rename, and we moved its fresh lock: give it back.
-            try:
-                os.link(grave, lock)
-            except FileExistsError:
-                pass
-            grave.unlink(missing_ok=True)
-            return False
-        grave.unlink(missing_ok=True)
-        return _try_lock(lock)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-    return True
-
-
-def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Optional[Callable[[str], None]] = None,
-               timeout_s: float = 24 * 3600) -> tuple[Path, bool]:
-    """The complete directory for key, building it with build(tmp_dir) if nobody has; (path, built_here)."""
-    root.mkdir(parents=True, exist_ok=True)
-    final, lock, failed = root / key, root / f"{key}.lock", root / f"{key}.failed"
-    started = time.time()
-    announced = False
-    while True:
-        if (final / "COMPLETE").exists():
-            return final, False
-        if failed.exists() and failed.stat().st_mtime >= started - 5:
-            raise BuildFailed(failed.read_text())
-        if _try_lock(lock):
-            try:
-                if (final / "COMPLETE").exists():
-                    return final, False
-                failed.unlink(missing_ok=True)
-                tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                with _heartbeat(lock):
-                    try:
-                        build(tmp)
-                    except BaseException as exc:
-                        failed.write_text(str(exc))
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        raise
-                (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
-                                                           "time": time.time()}))
-                # Two builders happen only if a stalled (not dead) builder's lock was judged stale; keep the
-                # first result, which readers may already have open.
-                if (final / "COMPLETE").exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return final, False
-                shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from a crash
-                os.rename(tmp, final)
-                return final, True
-            finally:
-                lock.unlink(missing_ok=True)
-        if not announced and on_wait:
-            on_wait(f"waiting for {lock.read_text().strip() if lock.exists() else 'another process'} to preprocess {final}")
-            announced = True
-        if time.time() - started > timeout_s:
-            raise TimeoutError(f"gave up waiting for {final} after {timeout_s:.0f} s")
-        time.sleep(0.5)

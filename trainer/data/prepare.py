@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from launcher.config import DataFields, RunConfig
-from trainer.data.cache import build_once, cache_key, default_cache_root
+from trainer.build_once import build_once
+from trainer.data.cache import cache_key, default_cache_root
 from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_sample
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
 from trainer.data.render import Renderer, fit_length, install_template, num_targets
@@ -311,7 +312,7 @@ def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) 
         _build(tmp, cfg, tok, log)
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, default=str) + "\n")
 
-    path, built = build_once(root, key, build, on_wait=log)
+    path, built = build_once(root, key, build, on_wait=log, what="preprocess")
     summary = json.loads((path / "summary.json").read_text())
     summary.update({"cache_dir": str(path), "cache_hit": not built})
     if summary["bad_rows"] and d.on_bad_row == "error":

@@ -1,0 +1,57 @@
+"""DeepSpeed's compiled ops a run needs, checked at start-up and built once per node before the model loads.
+
+`deepspeed.initialize` JIT-builds FusedAdam (CUDA) or DeepSpeedCPUAdam (optimizer offload) on first use,
+which is after every rank has loaded the whole model: a missing compiler then fails every rank at once,
+late, and ranks that build together queue on one lock in ~/.cache/torch_extensions. Here local rank 0 of
+each node builds (or finds) the op first while its peers wait, then they load the cached build.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from launcher.host import fused_adam_status
+from trainer.distributed import Dist, barrier
+
+
+def ops_needed(ds_config: dict, device_type: str) -> list[str]:
+    """The compiled ops the rendered DeepSpeed config will load on this device."""
+    if device_type != "cuda":
+        return []  # the launcher renders torch's AdamW on CPU
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu"
+    if offload:
+        return ["cpu_adam"]
+    return [] if params.get("torch_adam") else ["fused_adam"]
+
+
+def unavailable(ds_config: dict, device_type: str) -> list[str]:
+    """Why a needed op cannot be loaded on this node ([] when it can): preflight's check, before anything loads."""
+    if "fused_adam" in ops_needed(ds_config, device_type):
+        status = fused_adam_status()
+        if not status.usable:
+            return [f"fused_adam: {status.reason}; set train.optimizer: torch (torch's fused AdamW) or install "
+                    f"a CUDA toolkit matching torch"]
+    return []
+
+
+def _builder(name: str):
+    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+
+    return {"fused_adam": FusedAdamBuilder, "cpu_adam": CPUAdamBuilder}[name]()
+
+
+def build_once_per_node(ds_config: dict, dist: Dist, beat: Callable[[str], None], log: Callable[[str], None]) -> None:
+    """Local rank 0 builds or loads each needed op first; the node's other ranks then load its cached build."""
+    needed = ops_needed(ds_config, dist.device.type)
+    if not needed:
+        return
+    beat("build ops")
+    if dist.local_rank == 0:
+        for name in needed:
+            _builder(name).load(verbose=False)
+        log(f"compiled ops ready on this node: {', '.join(needed)}")
+    barrier()
+    if dist.local_rank != 0:
+        for name in needed:
+            _builder(name).load(verbose=False)
+    beat("build ops")
