@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
 DEMO_EVAL := examples/data/demo_eval.jsonl
 
-.PHONY: demo test install slurm-packages
+.PHONY: demo test lint install slurm-packages
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,13 @@ slurm-packages:
 test: $(VENV)/.installed slurm-packages
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# ruff with the settings in .ruff.toml (line length 120, pyflakes, pycodestyle, import order, bugbear).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
 # Convert the embedded model once, score it, fine-tune it, score it again.
 demo: $(VENV)/.installed-demo
-	$(PY) -m trainer.embedded_model $(DEMO_MODEL)
+	$(PY) -m examples.demo_model $(DEMO_MODEL)
 	rm -rf runs/demo
 	$(SHARDTUNE) eval $(DEMO_MODEL) --data $(DEMO_EVAL) --out runs/demo/eval_before.json
 	$(SHARDTUNE) launch examples/demo.yaml

@@ -3,7 +3,7 @@
 torch is pinned loosely on purpose: on CPU-only machines the Makefile installs the CPU wheel first,
 so that this requirement is already satisfied and pip never pulls a multi-GB CUDA build.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="shardtune",
@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["launcher", "trainer", "trainer.data"],
+    packages=find_packages(include=["launcher", "launcher.*", "trainer", "trainer.*"]),
     data_files=[
         ("share/shardtune/ds_configs", ["ds_configs/zero0.json", "ds_configs/zero1.json", "ds_configs/zero2.json",
                                         "ds_configs/zero3.json", "ds_configs/zero2_offload.json",
@@ -34,7 +34,7 @@ setup(
         "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (ZeRO-3 sharded loading) requires it
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib"],
+        "test": ["pytest>=8", "matplotlib", "ruff>=0.6"],
         "demo": ["gguf"],
         "report": ["matplotlib"],
     },

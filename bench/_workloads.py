@@ -71,7 +71,7 @@ class Schedule:
 
 def make_model(out: Path, quick: bool) -> Path:
     """The tiny Llama of NOTES.md (hidden 256, 4 layers, 8 heads); --quick uses a smaller one."""
-    from trainer.tiny import make_tiny_llama
+    from examples.tiny_model import make_tiny_llama
 
     if quick:
         return make_tiny_llama(out, hidden=64, layers=2, heads=4, kv_heads=4, intermediate=172)
@@ -142,7 +142,7 @@ def shardtune_yaml(path: Path, model: Path, data: Path, workload: str, cache: Pa
 
 def load_prepared(run_dir: Path):
     """What shardtune's ranks load at start-up: (resolved config, tokenizer, Prepared) - the same cache entry."""
-    from launcher.config import validate_config
+    from launcher.contract.config import validate_config
     from trainer.data.prepare import load_tokenizer, prepare
 
     cfg = validate_config(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))

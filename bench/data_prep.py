@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.config import load_config  # noqa: E402
+from launcher.contract.config import load_config  # noqa: E402
 from trainer.data.packing import best_fit_decreasing  # noqa: E402
 from trainer.data.prepare import prepare  # noqa: E402
 
@@ -69,11 +69,11 @@ def pick_tokenizer(choice: str, work: Path) -> tuple[str, str]:
     if choice == "smollm2":
         return str(SMOLLM2), f"SmolLM2-135M-Instruct (49,152-token BPE, its own chat template) from {SMOLLM2}"
     if choice == "tiny":
-        from trainer.tiny import make_tokenizer
+        from examples.tiny_model import make_tokenizer
 
         out = work / "tiny-tokenizer"
         make_tokenizer().save_pretrained(out)
-        return str(out), "trainer.tiny.make_tokenizer() (512-token byte-level BPE, ChatML)"
+        return str(out), "examples.tiny_model.make_tokenizer() (512-token byte-level BPE, ChatML)"
     return choice, choice
 
 

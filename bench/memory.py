@@ -16,7 +16,7 @@ Each variant runs twice, because CPU RAM is not a GPU's caching allocator:
   estimate (default margins, the measured process runtime instead of `cuda_runtime`).
 - with glibc's defaults, freed blocks below its dynamic threshold (up to 32 MiB: activations, per-layer
   gradients) stay in the heap, and the optimizer step's large buffers are mapped on top of them. This is
-  what a CPU run really uses; `launcher.autoplan.CPU_MARGINS` (fragmentation = 100% of the transient) is
+  what a CPU run really uses; `launcher.planning.memory_plan.CPU_MARGINS` (fragmentation = 100% of the transient) is
   compared with it.
 
 On CPU the device and the host are the same RAM, so a rank's estimate is the device estimate plus this
@@ -45,10 +45,17 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.autoplan import CPU_MARGINS  # noqa: E402
-from launcher.memory import (GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory,  # noqa: E402
-                             optimizer_temporaries)
-from launcher.model_size import ModelCounts, counts_from_path  # noqa: E402
+from launcher.planning.memory import (  # noqa: E402
+    GB,
+    Margins,
+    MemoryEstimate,
+    Setup,
+    ZeroSettings,
+    estimate_memory,
+    optimizer_temporaries,
+)
+from launcher.planning.memory_plan import CPU_MARGINS  # noqa: E402
+from launcher.planning.model_size import ModelCounts, counts_from_path  # noqa: E402
 
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DATA = REPO / "examples" / "data" / "demo_train.jsonl"
@@ -213,7 +220,7 @@ class RankEstimate:
     fragmentation: int
 
     @classmethod
-    def of(cls, counts: ModelCounts, est: MemoryEstimate) -> "RankEstimate":
+    def of(cls, counts: ModelCounts, est: MemoryEstimate) -> RankEstimate:
         d, s = est.device, est.setup
         temps = optimizer_temporaries(counts, s) if s.offload_optimizer else 0
         host = (est.host["offloaded_optimizer"] + est.host["offloaded_params"]) // s.gpus_per_node - temps
@@ -296,7 +303,7 @@ def import_only_rss(work: Path) -> int:
 def collect(args, work: Path) -> dict:
     """Run the baselines and the variants, one at a time, and return everything measured (JSON-able)."""
     if not (SMOLLM2 / "config.json").is_file():
-        subprocess.run([str(PYTHON), "-m", "trainer.embedded_model", str(SMOLLM2)], check=True, cwd=REPO)
+        subprocess.run([str(PYTHON), "-m", "examples.demo_model", str(SMOLLM2)], check=True, cwd=REPO)
     skeleton = make_skeleton(work)
     results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, Python "

@@ -1,7 +1,7 @@
-"""`shardtune` command line: each command is a few lines that call into the launcher's modules.
+"""`shardtune` command line: one function per command, each a few lines calling into the layers below.
 
-Commands that need torch (prepare, export, eval, ...) import the trainer inside the command, so
-`plan` and `launch` stay instant on a login node.
+Commands that need torch (prepare, export, convert, eval, ...) import the trainer inside the command, so
+`plan` and `launch` stay instant on a login node. Only the CLI writes run files and starts processes.
 """
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import fire
 
-from launcher import slurm
-from launcher.config import dump_config, load_config
-from launcher.errors import ConfigError
-from launcher.estimate import estimate_command
-from launcher.prepare_cmd import prepare_command
-from launcher.plan import build_plan, format_plan
-from launcher.torchrun import rdzv_endpoint
+from launcher.backends import slurm
+from launcher.backends.torchrun import rdzv_endpoint
+from launcher.contract.config import dump_config, load_config
+from launcher.contract.errors import ConfigError, UserError
+from launcher.contract.run_dir import RunDir
+from launcher.planning.estimate import estimate_command
+from launcher.planning.plan import Plan, build_plan, format_plan
 
 
 def plan(config: str, *overrides: str, json: bool = False) -> None:
@@ -31,15 +31,10 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
     print(_json.dumps(p.to_json(), indent=2) if json else format_plan(p))
 
 
-def write_run_files(p) -> Path:
-    """resolved_config.yaml, ds_config.json and launch.sh or launch.sbatch in the run directory."""
-    run_dir = Path(p.config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(dump_config(p.config))
-    (run_dir / "ds_config.json").write_text(_json.dumps(p.deepspeed, indent=2) + "\n")
-    script = run_dir / ("launch.sbatch" if p.config.launch.backend == "slurm" else "launch.sh")
-    script.write_text(p.script)
-    script.chmod(0o755)
+def write_run_files(p: Plan) -> RunDir:
+    """The run as planned (resolved config, DeepSpeed config, launch script) in its run directory."""
+    run_dir = RunDir(p.config.output_dir)
+    run_dir.write_plan(dump_config(p.config), p.deepspeed, p.config.launch.backend, p.script)
     return run_dir
 
 
@@ -65,34 +60,37 @@ def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = Fal
     """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job."""
     p = build_plan(load_config(config, [str(o) for o in overrides]))
     run_dir = write_run_files(p)
+    backend = p.config.launch.backend
+    script = run_dir.script(backend)
     print(format_plan(p).split("deepspeed config")[0].rstrip())
-    print(f"wrote {run_dir}/resolved_config.yaml, ds_config.json, {Path(p.command[-1]).name if p.config.launch.backend == 'slurm' else 'launch.sh'}")
+    print(f"wrote {run_dir.config_file}, {run_dir.ds_config_file.name}, {script.name}")
     if dry_run:
         return
-    if p.config.launch.backend == "slurm":
+    if backend == "slurm":
         return submit_job(run_dir, wait)
     if p.config.launch.nodes > 1:
-        print(f"start `bash {run_dir}/launch.sh` on each of the {p.config.launch.nodes} nodes "
+        print(f"start `bash {script}` on each of the {p.config.launch.nodes} nodes "
               f"(they meet at {rdzv_endpoint(p.config)})")
         return
-    code = run_foreground(["bash", str(run_dir / "launch.sh")])
+    code = run_foreground(["bash", str(script)])
     if code:
-        print(f"shardtune: training exited with code {code}; logs above, run directory {run_dir}", file=sys.stderr)
+        print(f"shardtune: training exited with code {code}; logs above, run directory {run_dir.path}", file=sys.stderr)
         raise SystemExit(code)
 
 
-def submit_job(run_dir: Path, wait: bool) -> None:
+def submit_job(run_dir: RunDir, wait: bool) -> None:
     try:
-        job_id = slurm.submit(run_dir / "launch.sbatch")
+        job_id = slurm.submit(run_dir.script("slurm"))
     except (OSError, RuntimeError) as exc:
         print(f"shardtune: could not submit: {exc}", file=sys.stderr)
-        raise SystemExit(1)
-    slurm.record_job(run_dir, job_id)
-    print(f"submitted job {job_id}\n  follow it:  tail -f {run_dir}/slurm-{job_id}.out\n  status:     shardtune status {run_dir}")
+        raise SystemExit(1) from None
+    run_dir.record_job(job_id)
+    log = run_dir.slurm_log(job_id)
+    print(f"submitted job {job_id}\n  follow it:  tail -f {log}\n  status:     shardtune status {run_dir.path}")
     if wait:
         state = slurm.wait_for(job_id)
         if state != "COMPLETED":
-            print(f"shardtune: job {job_id} ended {state}; see {run_dir}/slurm-{job_id}.out", file=sys.stderr)
+            print(f"shardtune: job {job_id} ended {state}; see {log}", file=sys.stderr)
             raise SystemExit(1)
 
 
@@ -106,32 +104,58 @@ def preflight(config: str, *overrides: str, wait: bool = True) -> None:
     cfg.slurm.max_requeues = 0
     p = build_plan(cfg, trainer_args=("--preflight",))
     run_dir = write_run_files(p)
-    (run_dir / "preflight.json").unlink(missing_ok=True)
+    run_dir.preflight_file.unlink(missing_ok=True)
     if p.config.launch.backend == "slurm":
         submit_job(run_dir, wait=True)
     elif p.config.launch.nodes > 1:
-        print(f"start `bash {run_dir}/launch.sh` on each of the {p.config.launch.nodes} nodes")
+        print(f"start `bash {run_dir.script('torchrun')}` on each of the {p.config.launch.nodes} nodes")
         return
     else:
-        code = run_foreground(["bash", str(run_dir / "launch.sh")])
+        code = run_foreground(["bash", str(run_dir.script("torchrun"))])
         if code:
             print(f"shardtune: preflight failed (exit {code}); messages above", file=sys.stderr)
             raise SystemExit(code)
-    result = _json.loads((run_dir / "preflight.json").read_text())
+    result = _json.loads(run_dir.preflight_file.read_text())
     hosts = sorted({r["host"] for r in result["ranks"]})
     print(f"preflight passed: {len(result['ranks'])} ranks on {', '.join(hosts)}; "
           f"all-reduce bus bandwidth {result['bandwidth']['busbw_gbps']:.2f} GB/s")
 
 
+def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> None:
+    """Tokenize, mask, pack and cache a run config's data ahead of a job; print the summary, or N sequences.
+
+    Run it on a CPU node before a GPU job: the job's ranks then find the cache built (same key), and a bad
+    row fails here instead of after a day in the queue. --show N prints the first N sequences of epoch 0
+    exactly as the model will see them. --json: one JSON object (the summary); with --show N, N JSON lines
+    instead (input_ids, labels with -100 where no loss is taken, position_ids, sample_lengths), and the
+    summary goes to stderr.
+    """
+    cfg = load_config(config, [str(o) for o in overrides])
+    from trainer.data.collate import pad_id_of
+    from trainer.data.prepare import load_tokenizer
+    from trainer.data.prepare import prepare as prepare_data
+    from trainer.data.show import first_in_training_order, format_data_summary, format_record, sequence_record
+
+    tokenizer = load_tokenizer(cfg)
+    prepared = prepare_data(cfg, tokenizer, log=lambda message: print(message, file=sys.stderr))
+    summary = prepared.summary
+    if not show:
+        print(_json.dumps(summary, indent=2) if json else format_data_summary(summary))
+        return
+    print(format_data_summary(summary), file=sys.stderr if json else sys.stdout)
+    color = sys.stdout.isatty()
+    order = first_in_training_order(prepared.train, int(show), cfg.train.seed, cfg.data.shuffle)
+    for n, k in enumerate(order, start=1):
+        record = sequence_record(prepared.train, int(k), pad_id_of(tokenizer))
+        print(_json.dumps(record) if json else "\n" + format_record(record, tokenizer, n, cfg.data.seq_len, color))
+
+
 def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
     """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest)."""
-    from trainer.export import export_checkpoint, resolve_checkpoint  # needs torch: imported only for this command
+    from trainer.tools.export import export_command  # needs torch: imported only for this command
 
-    try:
-        ckpt = resolve_checkpoint(checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError([str(exc)], title="cannot export") from None
-    print(f"exported {ckpt} -> {export_checkpoint(ckpt, out_dir, dtype)}")
+    ckpt, out = export_command(checkpoint, out_dir, dtype)
+    print(f"exported {ckpt} -> {out}")
 
 
 def convert(checkpoint: str, workers: int | None = None) -> None:
@@ -141,12 +165,9 @@ def convert(checkpoint: str, workers: int | None = None) -> None:
     node) saves that time on the GPUs. The job finds and reuses the result.
     """
     from trainer.checkpoint import universal_copy, verify
-    from trainer.export import resolve_checkpoint
+    from trainer.tools.export import resolve_checkpoint
 
-    try:
-        ckpt = resolve_checkpoint(checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError([str(exc)], title="cannot convert") from None
+    ckpt = resolve_checkpoint(checkpoint)
     problems = verify(ckpt, None)
     if problems:
         raise ConfigError([f"{ckpt} fails verification: {p}" for p in problems[:5]], title="cannot convert")
@@ -156,8 +177,8 @@ def convert(checkpoint: str, workers: int | None = None) -> None:
 def eval(target: str, data: str, json: bool = False, out: str | None = None, compare_to: str | None = None,
          max_new_tokens: int = 48) -> None:
     """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file."""
-    from trainer.chat import model_dir_of
-    from trainer.evaluate import evaluate_model, format_report
+    from trainer.tools.chat import model_dir_of
+    from trainer.tools.exact_match import evaluate_model, format_report
 
     result = evaluate_model(str(model_dir_of(target)), data, max_new_tokens=max_new_tokens)
     if compare_to:
@@ -170,46 +191,48 @@ def eval(target: str, data: str, json: bool = False, out: str | None = None, com
 
 def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256) -> None:
     """One answer to one prompt, for scripts."""
-    from trainer.chat import generate as generate_reply
+    from trainer.tools.chat import generate as generate_reply
 
     print(generate_reply(target, prompt, system, max_new_tokens))
 
 
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256) -> None:
     """Talk to a model (or a run's final/) in the terminal, with its chat template."""
-    from trainer.chat import chat as chat_loop
+    from trainer.tools.chat import chat as chat_loop
 
     chat_loop(target, system, max_new_tokens)
 
 
 def status(run_dir: str, json: bool = False) -> None:
     """Job state, restarts, last step, loss and throughput, and the newest complete checkpoint of a run."""
-    from launcher.status import collect, format_status
+    from launcher.backends.status import collect, format_status
 
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError([f"{run_dir}: no such run directory"], title="cannot show status")
-    info = collect(path)
+    info = collect(RunDir(path))
     print(_json.dumps(info, indent=2) if json else format_status(info))
 
 
 def report(run_dir: str) -> None:
     """PNG plots of loss, lr, throughput and memory from metrics.jsonl, and a short summary (no wandb needed)."""
-    from trainer.report import format_summary, read_rows, summarize, write_plots
+    from trainer.summary import format_run_summary, summarize
+    from trainer.tools.report import write_plots
 
-    if not (Path(run_dir) / "metrics.jsonl").exists():
-        raise ConfigError([f"{run_dir}: no metrics.jsonl (has the run logged a step yet?)"], title="cannot report")
-    print(format_summary(summarize(read_rows(Path(run_dir)))))
-    for path in write_plots(Path(run_dir)):
+    run = RunDir(run_dir)
+    if not run.metrics_file.exists():
+        raise ConfigError([f"{run_dir}: no {run.metrics_file.name} (has the run logged a step yet?)"],
+                          title="cannot report")
+    print(format_run_summary(summarize(run.read_metrics())))
+    for path in write_plots(run):
         print(f"wrote {path}")
 
 
 def stop(run_dir: str) -> None:
     """Ask a running job to save a checkpoint and stop (every rank sees the STOP file within a step)."""
-    from launcher.layout import STOP_FILE
-
-    (Path(run_dir) / STOP_FILE).touch()
-    print(f"asked {run_dir} to stop; it saves a checkpoint first (status.json will say 'stopped')")
+    run = RunDir(run_dir)
+    run.request_stop()
+    print(f"asked {run_dir} to stop; it saves a checkpoint first ({run.status_file.name} will say 'stopped')")
 
 
 def _exits(command: Callable[..., int]) -> Callable[..., None]:
@@ -225,7 +248,7 @@ def _exits(command: Callable[..., int]) -> Callable[..., None]:
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export, "convert": convert,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
-            "prepare": prepare_command, "report": report, "preflight": preflight}
+            "prepare": prepare, "report": report, "preflight": preflight}
 
 
 # fire reads the word after a bare `--json` as its value, so `plan c.yaml --json train.lr=1` would lose
@@ -238,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [f"{a}=True" if a in SWITCHES else a for a in (sys.argv[1:] if argv is None else argv)]
     try:
         fire.Fire(COMMANDS, command=argv, name="shardtune")
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"shardtune: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
     except BrokenPipeError:  # `shardtune plan ... | head` is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny real Llama with a real tokenizer, isolated caches, and a way to run the CLI."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.contract.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
@@ -17,7 +18,7 @@ EXAMPLES = REPO / "examples"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-layer Llama (untied) with a trained byte-level BPE tokenizer and a ChatML template."""
-    from trainer.tiny import make_tiny_llama
+    from examples.tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -62,8 +63,9 @@ def shardtune(*args: str, timeout: float = 600, env: dict | None = None, check: 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The run's metrics rows, through the product's own reader."""
+    return RunDir(run_dir).read_metrics()
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
+    return RunDir(run_dir).losses()

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.autochoice import VARIANTS
-from launcher.autoplan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
 from launcher.cli import main as cli_main
-from launcher.config import validate_config
-from launcher.errors import ConfigError
-from launcher.plan import build_plan, format_plan
+from launcher.contract.config import validate_config
+from launcher.contract.errors import ConfigError
+from launcher.planning.fastest_fit import VARIANTS
+from launcher.planning.memory_plan import auto_fields, check_fit, format_memory, memory_summary
+from launcher.planning.plan import build_plan, format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "model_configs"
@@ -159,9 +159,9 @@ def test_hub_model_needs_a_local_config_json(tmp_path):
 
 
 def test_auto_micro_batch_with_fixed_accumulation_is_refused(tmp_path):
-    cfg = validate_config(run_config(tmp_path, model_dir(tmp_path), train={"grad_accum_steps": 2}))
+    """A cross-field rule, so config validation refuses it before any planning."""
     with pytest.raises(ConfigError, match="train.grad_accum_steps: leave it unset"):
-        apply_auto_choice(cfg.model_copy(deep=True), json.loads((CONFIGS / "llama3_8b.json").read_text()))
+        validate_config(run_config(tmp_path, model_dir(tmp_path), train={"grad_accum_steps": 2}))
 
 
 def test_explicit_config_that_does_not_fit_is_refused(tmp_path):
@@ -241,9 +241,9 @@ def test_memory_summary_wants_a_resolved_config(tmp_path):
 def test_auto_plan_imports_no_heavy_library(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(tmp_path, model_dir(tmp_path))))
-    code = ("import sys; from launcher.cli import main; rc = main(['plan', %r, '--json']);"
+    code = (f"import sys; from launcher.cli import main; rc = main(['plan', {str(path)!r}, '--json']);"
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'trainer') if m in sys.modules];"
-            "print('HEAVY', heavy); sys.exit(rc)") % str(path)
+            "print('HEAVY', heavy); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout

@@ -42,11 +42,12 @@ def test_quick_run_reports_all_three_contenders(tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_workload(tmp_path_factory):
-    from bench import _workloads as W
-    from launcher.config import validate_config
-    from launcher.plan import build_plan
-    from trainer.data.prepare import load_tokenizer, prepare
     import yaml
+
+    from bench import _workloads as W
+    from launcher.contract.config import validate_config
+    from launcher.planning.plan import build_plan
+    from trainer.data.prepare import load_tokenizer, prepare
 
     work = tmp_path_factory.mktemp("chat")
     model = W.make_model(work / "model", quick=True)

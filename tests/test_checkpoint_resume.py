@@ -6,12 +6,13 @@ per-step losses of one uninterrupted reference run.
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from launcher.contract.run_dir import RunDir
 
 from conftest import losses, read_metrics, shardtune, tiny_config
 
@@ -45,8 +46,8 @@ def assert_same_losses(run_dir, reference_dir, rel=0.0):
 def test_stop_and_relaunch_gives_identical_losses(tmp_path, tiny_model, reference):
     cfg = config(tmp_path, tiny_model)
     launch(cfg, "train.stop_at_step=10")
-    status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["state"] == "stopped" and status["step"] == 10 and not (tmp_path / "run" / "final").exists()
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["state"] == "stopped" and status["step"] == 10 and not (RunDir(tmp_path / "run").final).exists()
     proc = launch(cfg)
     assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
     assert_same_losses(tmp_path / "run", reference)
@@ -63,7 +64,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
     cfg = config(tmp_path, tiny_model)
     proc = launch(cfg, env={"SHARDTUNE_FAULTS": "kill_in_save@10:0"}, check=False)
     assert proc.returncode != 0
-    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts = RunDir(tmp_path / "run").checkpoints
     assert (ckpts / "LATEST").read_text().strip() == "step_00000005"
     assert not (ckpts / "step_00000010" / "COMPLETE.json").exists()
     proc = launch(cfg)
@@ -75,7 +76,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
 def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path, tiny_model, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    newest = run / "checkpoints" / "step_00000016"
+    newest = RunDir(run).checkpoints / "step_00000016"
     shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 can tell
@@ -104,12 +105,12 @@ def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):
     proc = launch(config(tmp_path, tiny_model), f"train.resume={tmp_path}/nope/step_00000005", check=False)
     assert proc.returncode != 0
     assert "train.resume:" in proc.stderr and "does not exist" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not RunDir(tmp_path / "run").metrics_file.exists()
 
 
 def test_incomplete_resume_path_is_refused_by_the_trainer(tmp_path, tiny_model, reference):
     partial = tmp_path / "partial" / "step_00000005"
-    shutil.copytree(reference / "checkpoints" / "step_00000015", partial)
+    shutil.copytree(RunDir(reference).checkpoints / "step_00000015", partial)
     (partial / "COMPLETE.json").unlink()
     proc = launch(config(tmp_path, tiny_model), f"train.resume={partial}", check=False)
     assert proc.returncode != 0 and "is not a complete shardtune checkpoint" in proc.stderr
@@ -133,7 +134,7 @@ def test_nan_on_one_rank_skips_the_step_on_all_ranks(tmp_path, tiny_model):
     assert rows[6]["skipped_steps"] == 1 and rows[6]["loss"] is None
     assert rows[5]["skipped_steps"] == 0 and rows[8]["skipped_steps"] == 1
     assert rows[7]["lr"] == rows[6]["lr"], "the LR schedule advanced on a skipped step"
-    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts = RunDir(tmp_path / "run").checkpoints
     before, after = fp32_state_dict(ckpts / "step_00000005"), fp32_state_dict(ckpts / "step_00000006")
     assert all(torch.equal(before[k], after[k]) for k in before), "weights changed on a skipped step"
     opt_before, opt_after = _optimizer_tensors(ckpts / "step_00000005"), _optimizer_tensors(ckpts / "step_00000006")
@@ -148,31 +149,31 @@ def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(tmp_path, ti
     assert proc.returncode != 0
     assert "step 6: 2 consecutive steps with a non-finite loss" in proc.stderr
     assert "the last good checkpoint is" in proc.stderr and "step_00000004" in proc.stderr
-    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    status = RunDir(tmp_path / "run").read_status()
     assert status["state"] == "failed" and status["checkpoint"].endswith("step_00000004")
 
 
 def test_export_of_last_checkpoint_equals_final(tmp_path, reference):
     out = tmp_path / "exported"
     shardtune("export", str(reference), str(out))
-    exported, final = load_file(out / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    exported, final = load_file(out / "model.safetensors"), load_file(RunDir(reference).final / "model.safetensors")
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
     assert AutoTokenizer.from_pretrained(out).chat_template
 
 
 def test_export_keeps_tied_weights_tied_at_zero3(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.tiny import make_tiny_llama
+    from examples.tiny_model import make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "tied", tie_embeddings=True)
     cfg = tiny_config(tmp_path, model_dir, train={"max_steps": 4}, zero={"stage": 3})
     launch(cfg)
-    final = tmp_path / "run" / "final"
+    final = RunDir(tmp_path / "run").final
     weights = load_file(final / "model.safetensors")
     assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights
     model = AutoModelForCausalLM.from_pretrained(final)

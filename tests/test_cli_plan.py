@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from launcher.contract.run_dir import RunDir
+
 from conftest import EXAMPLES, REPO, shardtune
 
 
@@ -25,9 +27,9 @@ def test_plan_overrides_change_the_plan():
 
 
 def test_plan_does_not_import_torch():
-    code = ("import sys; from launcher.cli import main; rc = main(['plan', %r, '--json']);"
+    code = (f"import sys; from launcher.cli import main; rc = main(['plan', {str(EXAMPLES / 'tiny.yaml')!r}, '--json']);"
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'trainer') if m in sys.modules];"
-            "print('HEAVY', heavy); sys.exit(rc)") % str(EXAMPLES / "tiny.yaml")
+            "print('HEAVY', heavy); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
@@ -53,8 +55,8 @@ def test_launch_refuses_bad_config_without_writing_anything(tmp_path):
 def test_launch_dry_run_writes_the_run_files(tmp_path):
     out = tmp_path / "run"
     shardtune("launch", str(EXAMPLES / "tiny.yaml"), f"output_dir={out}", "--dry_run")
-    assert (out / "resolved_config.yaml").is_file()
-    ds = json.loads((out / "ds_config.json").read_text())
+    assert RunDir(out).config_file.is_file()
+    ds = json.loads(RunDir(out).ds_config_file.read_text())
     assert ds["train_batch_size"] == 8
     script = (out / "launch.sh").read_text()
     assert script.startswith("#!/usr/bin/env bash") and "torch.distributed.run" in script and str(out) in script

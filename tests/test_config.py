@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import RunConfig, apply_overrides, field_docs, load_config, validate_config
-from launcher.errors import ConfigError
+from launcher.contract.config import RunConfig, apply_overrides, field_docs, load_config, validate_config
+from launcher.contract.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,7 +130,7 @@ def test_every_field_is_documented():
 def test_every_example_loads_validates_and_says_how_to_run_it(example):
     first = example.read_text().splitlines()[0]
     assert first.startswith("# Run:") and "shardtune" in first, f"{example.name} must open with the command that runs it"
-    from launcher.plan import build_plan
+    from launcher.planning.plan import build_plan
 
     plan = build_plan(load_config(example))
     assert plan.deepspeed["train_batch_size"] == plan.micro_batch_size * plan.grad_accum_steps * plan.world_size

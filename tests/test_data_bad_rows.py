@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shardtune, tiny_config
 from launcher import cli
-from launcher.config import load_config
+from launcher.contract.config import load_config
 from trainer.data.prepare import DataError, prepare
+
+from conftest import shardtune, tiny_config
 
 GOOD = {"instruction": "sort: b a", "output": "a b"}
 

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from conftest import REPO, tiny_config
-from launcher.config import load_config
+from launcher.contract.config import load_config
 from trainer.build_once import BuildFailed, build_once
 from trainer.data.cache import cache_key
 from trainer.data.prepare import DataError, cache_inputs, load_tokenizer, prepare
+
+from conftest import REPO, tiny_config
 
 
 def prep(cfg, log: list | None = None):
@@ -40,7 +41,7 @@ def test_second_prepare_reuses_the_cache(tmp_path, tiny_model):
 
 
 def test_seq_len_or_tokenizer_change_rebuilds(tmp_path, tiny_model):
-    from trainer.tiny import make_tokenizer
+    from examples.tiny_model import make_tokenizer
 
     other_tok = tmp_path / "other-tokenizer"
     make_tokenizer(vocab_size=600).save_pretrained(other_tok)
@@ -108,7 +109,7 @@ def test_switching_on_bad_row_reuses_the_entry_but_still_enforces_error(tmp_path
 RACER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from launcher.config import load_config
+    from launcher.contract.config import load_config
     from trainer.data.prepare import load_tokenizer, prepare
 
     cfg = load_config(sys.argv[1])

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import tiny_config
-from launcher.config import load_config
-from launcher.prepare_cmd import prepare_command
+from launcher.cli import prepare as prepare_command
+from launcher.contract.config import load_config
 from trainer.data.collate import collate
 from trainer.data.prepare import prepare
 from trainer.data.render import IGNORE, Renderer
+
+from conftest import tiny_config
 
 # The same conversations in other layouts: multi-token text headers instead of special tokens, a BOS,
 # trimmed content; and a Mistral-style one with no assistant header, the system prompt folded into

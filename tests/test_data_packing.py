@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EXAMPLES, tiny_config
-from launcher.config import load_config
+from launcher.contract.config import load_config
 from trainer.data.collate import collate
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, packing_stats
 from trainer.data.prepare import prepare
 from trainer.data.render import IGNORE
+
+from conftest import EXAMPLES, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config
 from launcher.cli import main
+
+from conftest import REPO, tiny_config
 
 REQUIRED = {"rows_read", "rows_kept", "rows_skipped", "sequences", "tokens", "trained_tokens", "pad_tokens",
             "packing_efficiency", "cache_dir", "cache_hit", "eval"}
@@ -52,14 +53,14 @@ def test_bad_rows_exit_non_zero_with_every_position_on_stderr(tmp_path, tiny_mod
 
 
 def test_importing_the_command_loads_no_trainer_or_torch():
-    code = ("import sys, launcher.prepare_cmd; "
+    code = ("import sys, launcher.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'trainer', 'transformers', 'datasets'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_summary_metrics_carry_per_reason_skip_counts(tmp_path, tiny_model):
-    from launcher.config import load_config
+    from launcher.contract.config import load_config
     from trainer.data.prepare import prepare
     from trainer.data.show import summary_metrics
 

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import tiny_config
-from launcher.config import load_config
+from launcher.contract.config import load_config
 from trainer.data.prepare import DataError, prepare
 from trainer.data.sources import SourceError
+
+from conftest import tiny_config
 
 ROWS = [{"instruction": f"sort: {' '.join(random.Random(i).sample('abcdefgh', 4))}", "input": "x" if i % 3 == 0 else "",
          "output": f"answer {i}"} for i in range(40)]

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from launcher.config import apply_overrides, validate_config
-from launcher.deepspeed_config import render_deepspeed_config
-from launcher.errors import ConfigError
-from launcher.plan import build_plan, resolve
-from launcher.resources import data_dir
+from launcher.contract.config import apply_overrides, validate_config
+from launcher.contract.errors import ConfigError
+from launcher.contract.resources import data_dir
+from launcher.planning.deepspeed_config import render_deepspeed_config
+from launcher.planning.plan import build_plan, resolve
 
 
 def config(*overrides: str):
@@ -51,7 +51,7 @@ def test_every_template_renders_without_auto(stage, opt, params):
 
 
 def test_every_shipped_template_is_covered():
-    from launcher.deepspeed_config import template_name
+    from launcher.planning.deepspeed_config import template_name
 
     used = {template_name(int(s), o, p) for s, o, p in TEMPLATE_CHOICES}
     shipped = {p.name for p in data_dir("ds_configs").glob("*.json")}

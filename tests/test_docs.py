@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import re
 
+from launcher.contract.config import fields_markdown
+
 from conftest import REPO
-from launcher.config import fields_markdown
 
 START, END = "<!-- config-fields:start -->", "<!-- config-fields:end -->"
 
@@ -21,6 +22,21 @@ def test_quick_start_is_exactly_two_commands():
     commands = re.findall(r"^(make \w+)", quick.split("```bash", 1)[1].split("```", 1)[0], flags=re.M)
     assert commands == ["make demo", "make test"]
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_layout_section_matches_the_tree():
+    """Every package and top-level directory is described, and everything described exists."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    described = set(re.findall(r"^([\w/.]+)\s", block, flags=re.M))
+    packages = {f"{p.parent.relative_to(REPO)}/" for p in REPO.glob("*/**/__init__.py")
+                if p.parent.relative_to(REPO).parts[0] in ("launcher", "trainer")}
+    top = {f"{d}/" for d in ("ds_configs", "slurm", "examples", "tests", "bench")}
+    assert (packages - {"trainer/data/"}) | top <= described | {"launcher/"}, described
+    for entry in described:
+        assert (REPO / entry.rstrip("/")).exists(), f"README's layout names {entry}, which does not exist"
+    for module in re.findall(r"\b([a-z_]+\.py)\b", block):
+        assert list(REPO.glob(f"**/{module}")), f"README's layout names {module}, which does not exist"
 
 
 if __name__ == "__main__":  # regenerate the README's config reference

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from launcher.contract.run_dir import RunDir
+
 from conftest import read_metrics, shardtune, tiny_config
 
 
@@ -15,7 +17,7 @@ def final_logits_match_checkpoint(run_dir, model_dir):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ckpts = run_dir / "checkpoints"
+    ckpts = RunDir(run_dir).checkpoints
     recovered = run_dir / "zero_to_fp32"
     proc = subprocess.run([sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(recovered),
                            "--safe_serialization"], capture_output=True, text=True)
@@ -26,8 +28,8 @@ def final_logits_match_checkpoint(run_dir, model_dir):
     reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
-    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
-    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    final = AutoModelForCausalLM.from_pretrained(RunDir(run_dir).final)
+    tok = AutoTokenizer.from_pretrained(RunDir(run_dir).final)
     ids = tok.apply_chat_template([{"role": "user", "content": "reverse: cat dog"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():

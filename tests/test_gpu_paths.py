@@ -12,15 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import shardtune, tiny_config
-from launcher.config import apply_overrides, validate_config
-from launcher.errors import ConfigError
-from launcher.host import FusedAdamStatus, HostFacts, visible_gpus
-from launcher.plan import build_plan
+from launcher.contract.config import apply_overrides, validate_config
+from launcher.contract.errors import ConfigError
+from launcher.planning.host import FusedAdamStatus, HostFacts, visible_gpus
+from launcher.planning.plan import build_plan
 from trainer.data.collate import IGNORE, collate
 from trainer.data.packing import build_packed
 from trainer.nonfinite import SkipJudge
 from trainer.ops import ops_needed
+
+from conftest import shardtune, tiny_config
 
 GPU_NODE = HostFacts(visible_gpus=8, fused_adam=FusedAdamStatus(True, "prebuilt (simulated)"), slurm_node_cpus=96)
 NO_COMPILER = HostFacts(visible_gpus=8, fused_adam=FusedAdamStatus(False, "no nvcc (simulated)"))
@@ -230,9 +231,9 @@ def test_fp16_loss_scale_skips_do_not_count_as_bad_steps(one_rank_group):
     # The fp16 section the launcher renders: initial scale 2^16, hysteresis 2, minimum 1.
     scaler = DynamicLossScaler(init_scale=2 ** 16, scale_window=1000, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False, raise_error_at_min_scale=False)
-    judge, state, max_bad_steps = SkipJudge(scaler), TrainState(), 3
+    judge, state = SkipJudge(scaler), TrainState()
     outcomes = []
-    for _ in range(6):  # six overflows in a row at start-up: more than max_bad_steps
+    for _ in range(6):  # six overflows in a row at start-up: more than train.max_bad_steps (3)
         judge.before_step()
         scaler.update_scale(True)  # what DeepSpeed's fp16 optimizer does on an overflow
         outcomes.append(judge.judge(skipped=True, loss_finite=True))

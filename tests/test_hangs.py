@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from launcher.contract.run_dir import RunDir
+
 from conftest import losses, shardtune, tiny_config
 
 
@@ -16,7 +18,7 @@ def test_preflight_passes_and_measures_bandwidth(tmp_path, tiny_model):
     assert "preflight passed: 2 ranks" in out and "all-reduce bus bandwidth" in out
     result = json.loads((tmp_path / "run" / "preflight" / "preflight.json").read_text())
     assert result["bandwidth"]["busbw_gbps"] > 0 and {r["rank"] for r in result["ranks"]} == {0, 1}
-    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "preflight must not train"
+    assert not RunDir(tmp_path / "run").metrics_file.exists(), "preflight must not train"
     assert time.time() - started < 120
 
 
@@ -30,7 +32,7 @@ def test_preflight_failure_names_rank_and_problem_before_training(tmp_path, tiny
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": fault}, check=False)
     assert proc.returncode != 0
     assert message.format(host=os.uname().nodename) in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not RunDir(tmp_path / "run").metrics_file.exists() and not (RunDir(tmp_path / "run").checkpoints).exists()
     assert time.time() - started < 120
 
 

@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from launcher.autochoice import VARIANTS, DoesNotFit, choose_configuration
-from launcher.errors import ConfigError
-from launcher.estimate import estimate_command
-from launcher.memory import (Setup, ZeroSettings, estimate_memory, layer_activation_bytes, logits_bytes,
-                             model_state_bytes, optimizer_temporaries)
-from launcher.model_size import counts_from_config, counts_from_params, counts_from_path
+from launcher.contract.errors import ConfigError
+from launcher.planning.estimate import estimate_command
+from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration
+from launcher.planning.memory import (
+    Setup,
+    ZeroSettings,
+    estimate_memory,
+    layer_activation_bytes,
+    logits_bytes,
+    model_state_bytes,
+    optimizer_temporaries,
+)
+from launcher.planning.model_size import counts_from_config, counts_from_params, counts_from_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "model_configs"
@@ -428,10 +435,10 @@ def test_estimate_imports_no_heavy_library_and_is_fast():
     code = (
         "import sys, time, io, contextlib\n"
         "t = time.perf_counter()\n"
-        "import launcher.estimate\n"
+        "import launcher.planning.estimate\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    rc = launcher.estimate.estimate_command(params=7.5e9, gpus=64, json=True)\n"
-        "    rc |= launcher.estimate.estimate_command(model='tests/data/model_configs/llama3_8b.json', gpus=8)\n"
+        "    rc = launcher.planning.estimate.estimate_command(params=7.5e9, gpus=64, json=True)\n"
+        "    rc |= launcher.planning.estimate.estimate_command(model='tests/data/model_configs/llama3_8b.json', gpus=8)\n"
         "elapsed = time.perf_counter() - t\n"
         "heavy = sorted({'torch', 'deepspeed', 'transformers', 'datasets'} & set(sys.modules))\n"
         "print(rc, elapsed, heavy)\n"

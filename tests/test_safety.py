@@ -7,6 +7,8 @@ import torch
 from torch.torch_version import TorchVersion
 
 import trainer.__main__ as entry
+from launcher.contract.run_dir import RunDir
+
 from conftest import shardtune, tiny_config
 
 
@@ -19,7 +21,7 @@ def test_refuses_old_torch_with_faked_version(monkeypatch, capsys):
 
 def test_our_checkpoint_files_load_without_pickle(tmp_path, tiny_model):
     shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 2, "warmup_steps": 0})))
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt = RunDir(tmp_path / "run").checkpoints / "step_00000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["position"]["offset"] > 0
     for rng in (ckpt / "rng").glob("rank_*.pt"):

@@ -5,7 +5,6 @@ Jobs run 2 nodes × 1 process with gloo on this host; their per-step losses must
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -14,11 +13,13 @@ import time
 
 import pytest
 
+from launcher.backends import slurm
+from launcher.contract.config import apply_overrides, validate_config
+from launcher.contract.errors import ConfigError
+from launcher.contract.run_dir import RunDir
+from launcher.planning.plan import build_plan
+
 from conftest import REPO, losses, shardtune, tiny_config
-from launcher import slurm
-from launcher.config import apply_overrides, validate_config
-from launcher.errors import ConfigError
-from launcher.plan import build_plan
 
 CLUSTER = REPO / "slurm" / "local-cluster"
 SLURM = {"backend": "slurm", "nodes": 2, "procs_per_node": 1, "device": "cpu"}
@@ -116,7 +117,7 @@ def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, referen
 def wait_for_step(run_dir, step: int, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(s >= step for s in losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else False:
+        if any(s >= step for s in losses(run_dir)) if RunDir(run_dir).metrics_file.exists() else False:
             return
         time.sleep(0.2)
     raise AssertionError(f"step {step} never logged")
@@ -182,8 +183,8 @@ def test_two_node_job_survives_an_end_of_run_export_slower_than_a_minute(tmp_pat
     proc = shardtune("launch", str(cfg), "--wait", env={"SHARDTUNE_FAULTS": "slow_export@0:0=90"}, timeout=900)
     assert "COMPLETED" in proc.stdout
     run = tmp_path / "run"
-    status = json.loads((run / "status.json").read_text())
+    status = RunDir(run).read_status()
     assert status["state"] == "completed" and status["step"] == 3
-    assert (run / "final" / "config.json").is_file() and list((run / "final").glob("*.safetensors"))
+    assert (RunDir(run).final / "config.json").is_file() and list((RunDir(run).final).glob("*.safetensors"))
     log = (run / f"slurm-{submitted_job(run)}.out").read_text(errors="replace")
     assert "attempt 0" in log and "attempt 1" not in log

@@ -1,15 +1,16 @@
 """Observability: metrics.jsonl and the wandb run agree, one run per job, no secrets on disk, honest FLOPs."""
 from __future__ import annotations
 
-import json
 import struct
 
 import pytest
 import torch
 
-from conftest import read_metrics, shardtune, tiny_config
+from launcher.contract.run_dir import RunDir
 from trainer.flops import ModelFlops, model_flops_of, peak_tflops
-from trainer.wandb_offline import find_runs, read_history_for_id
+
+from conftest import read_metrics, shardtune, tiny_config
+from wandb_reader import find_runs, read_history_for_id
 
 SENTINEL = "sentinel-key-0123456789abcdef0123456789abcdef"
 
@@ -33,7 +34,7 @@ def test_one_wandb_run_whose_history_equals_metrics_and_no_key_on_disk(tmp_path,
     run = tmp_path / "run"
     runs = find_runs(run / "wandb")
     assert len(runs) == 1, runs
-    run_id = (run / "wandb_run_id").read_text().strip()
+    run_id = RunDir(run).read_wandb_id()
     assert runs[0].name.endswith(run_id)
     metrics = read_metrics(run)
     assert [r["step"] for r in metrics] == list(range(1, 11))
@@ -47,9 +48,9 @@ def test_crash_and_relaunch_continue_the_same_wandb_run(tmp_path, tiny_model):
     failed = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "crash@7:0"}, check=False)
     assert failed.returncode != 0
     run = tmp_path / "run"
-    run_id = (run / "wandb_run_id").read_text().strip()
+    run_id = RunDir(run).read_wandb_id()
     shardtune("launch", str(cfg))
-    assert (run / "wandb_run_id").read_text().strip() == run_id, "the relaunch started a new wandb run"
+    assert RunDir(run).read_wandb_id() == run_id, "the relaunch started a new wandb run"
     runs = find_runs(run / "wandb")
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs  # one run, one directory per attempt
     resumed = [r for r in read_metrics(run) if r["step"] > 4]

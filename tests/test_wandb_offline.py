@@ -6,14 +6,14 @@ trainer relies on: one new directory per init of the same id, and how ``_step`` 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from trainer.wandb_offline import (  # noqa: E402
+from wandb_reader import (  # noqa: E402
     CorruptRunError,
     find_runs,
     iter_records,

@@ -10,18 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError
-from trainer.build_once import BuildFailed
-from trainer.data.prepare import DataError
-from trainer.data.render import TemplateError
-from trainer.data.sources import SourceError
-from trainer.loop import TooManyBadSteps
-from trainer.preflight import PreflightError
-from trainer.control import write_status
+from launcher.contract.errors import UserError
 from trainer.session import Session, setup_logging
-
-USER_ERRORS = (DataError, BuildFailed, TemplateError, SourceError, CheckpointError, TooManyBadSteps, PreflightError)
-
 
 MIN_TORCH = "2.6"  # torch.load(weights_only=True) can run code in older versions (CVE-2025-32434)
 
@@ -42,7 +32,7 @@ def main(argv: list[str]) -> int:
     preflight_only = argv[1:] == ["--preflight"]
     try:
         session = Session.from_run_dir(Path(argv[0]), preflight_only)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if rank == "0":
             print(f"shardtune: {exc}", file=sys.stderr)
         return 1
@@ -50,13 +40,13 @@ def main(argv: list[str]) -> int:
     try:
         session.preflight()
         if preflight_only:
-            write_status(session.run_dir, session.dist, "completed", None, reason="preflight only")
+            session.tracker.status("completed", None, reason="preflight only")
             return 0
         session.build()
         state = session.resume()
         state = session.loop.run(state)
         return session.finish(state, started)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         session.fail(exc)
         return 1
     except BaseException as exc:

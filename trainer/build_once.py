@@ -15,15 +15,18 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
+
+from launcher.contract.errors import UserError
 
 STALE_AFTER_S = 120.0
 HEARTBEAT_S = 10.0
 
 
-class BuildFailed(Exception):
+class BuildFailed(UserError):
     """Another process failed to build this cache entry; its message is repeated here."""
 
 

@@ -21,41 +21,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from launcher.layout import LATEST, MANIFEST, TAG_PREFIX, complete_checkpoints, is_step_dir, step_of, tag_for
-from trainer import faults
+from launcher.contract.errors import UserError
+from launcher.contract.run_dir import (
+    DS_LATEST,
+    HF,
+    LATEST,
+    MANIFEST,
+    TAG_PREFIX,
+    TRAINER_STATE,
+    UNIVERSAL_SUFFIX,
+    RunDir,
+    atomic_write,
+    complete_checkpoints,
+    fsync_dir,
+    partial_checkpoints,
+    rng_file,
+    step_of,
+    tag_for,
+)
 from trainer.build_once import build_once
 from trainer.distributed import Dist, all_gather_objects, barrier, broadcast_object
-
-STATE = "trainer_state.json"
-UNIVERSAL_SUFFIX = ".universal"
+from trainer.faults import FaultHooks
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that was asked for by path cannot be used."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write, fsync, rename, fsync the directory: the file is either the old one or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
@@ -104,12 +100,12 @@ def _remove(ckpt: Path) -> None:
     """Delete the manifest first, so a crash halfway never leaves a 'complete' partial checkpoint."""
     (ckpt / MANIFEST).unlink(missing_ok=True)
     if ckpt.parent.exists():
-        _fsync_dir(ckpt)
+        fsync_dir(ckpt)
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
-         write_extras: Callable[[Path], None], log: Callable[[str], None]) -> Path:
+         write_extras: Callable[[Path], None], log: Callable[[str], None], faults: Optional[FaultHooks] = None) -> Path:
     """Write and commit checkpoint `step`; returns its directory. Every rank must call it."""
     tag = tag_for(step)
     ckpt = root / tag
@@ -120,13 +116,14 @@ def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
     barrier()
     started = time.perf_counter()
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    rng_dir = ckpt / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_dir / f"rank_{dist.rank:05d}.pt")
+    rng_path = rng_file(ckpt, dist.rank)
+    rng_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), rng_path)
     if dist.is_main:
-        (ckpt / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        (ckpt / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         write_extras(ckpt)
-    faults.maybe_kill("kill_in_save", step, dist.rank)
+    if faults is not None:
+        faults.saving(step)
     barrier()
     files = _files(ckpt)
     mine = {rel: dict(zip(("size", "sha256"), _hash_file(ckpt / rel))) for rel in files[dist.rank::dist.world]}
@@ -136,7 +133,7 @@ def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
                     "files": {rel: meta for share in shares for rel, meta in share.items()}}
         atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         atomic_write(root / LATEST, tag + "\n")
-        atomic_write(root / "latest", tag)  # DeepSpeed's pointer, for zero_to_fp32.py and load_checkpoint(tag=None)
+        atomic_write(root / DS_LATEST, tag)
         prune(root, keep_last)
         log(f"checkpoint {ckpt} committed ({len(files)} files, {time.perf_counter() - started:.1f} s)")
     barrier()
@@ -156,8 +153,8 @@ def prune(root: Path, keep_last: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-    for p in root.iterdir():
-        if is_step_dir(p) and not (p / MANIFEST).exists() and step_of(p) < newest:
+    for p in partial_checkpoints(root):
+        if step_of(p) < newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -216,6 +213,15 @@ def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str],
     return path
 
 
+def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer) -> None:
+    """config, generation config and tokenizer inside a checkpoint, so it can be exported on its own."""
+    hf = ckpt / HF
+    model_config.save_pretrained(hf)
+    if generation_config is not None:
+        generation_config.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+
+
 def rng_state() -> dict:
     from deepspeed.accelerator import get_accelerator
 
@@ -226,7 +232,7 @@ def restore_rng(ckpt: Path, dist: Dist) -> bool:
     """Restore this rank's RNG streams when the checkpoint has them (same world size)."""
     from deepspeed.accelerator import get_accelerator
 
-    path = ckpt / "rng" / f"rank_{dist.rank:05d}.pt"
+    path = rng_file(ckpt, dist.rank)
     if not path.is_file():
         return False
     state = torch.load(path, weights_only=True)
@@ -240,12 +246,12 @@ def manifest(ckpt: Path) -> dict:
 
 
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE).read_text())
+    return json.loads((ckpt / TRAINER_STATE).read_text())
 
 
-def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
+def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
     """The checkpoint to resume from per train.resume, verified on every rank; None to start fresh."""
-    root = run_dir / "checkpoints"
+    root = run_dir.checkpoints
     if resume == "never":
         return None
     if resume != "auto":
@@ -269,8 +275,7 @@ def find_resume(run_dir: Path, resume: str, dist: Dist, log: Callable[[str], Non
             break
         log(f"checkpoint {ckpt.name} is damaged ({'; '.join(problems[:3])}); falling back to the previous one")
     newest = step_of(chosen) if chosen else -1
-    partial = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*")
-                     if is_step_dir(p) and not (p / MANIFEST).exists() and step_of(p) > newest) if root.is_dir() else []
+    partial = [p.name for p in partial_checkpoints(root) if step_of(p) > newest]
     if partial:
         log(f"ignoring incomplete checkpoint(s) {', '.join(partial)} (a save that did not finish)")
     return chosen

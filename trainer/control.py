@@ -1,28 +1,27 @@
-"""Requests from outside a running job, and what the job tells the outside when it ends.
+"""Stop requests from outside a running job.
 
-A stop request is a SIGUSR1 or SIGTERM to any training process, or a file named STOP in the run
-directory (a SLURM batch script on one node can reach every node through the shared filesystem;
-`shardtune stop RUN_DIR` writes it too). Ranks agree on it once per step with one tiny collective,
-save a complete checkpoint together, and exit 0 with status.json saying "stopped", so torchrun does
-not restart them and the launch script can requeue.
+A stop request is a SIGUSR1 or SIGTERM to any training process, or the run directory's STOP file (a
+SLURM batch script on one node can reach every node through the shared filesystem; `shardtune stop
+RUN_DIR` writes it too). Ranks agree on it once per step with one tiny collective, save a complete
+checkpoint together, and exit 0 with the status saying "stopped", so torchrun does not restart them and
+the launch script can requeue.
 """
 from __future__ import annotations
 
-import json
 import signal
-import time
-from pathlib import Path
 from typing import Optional
 
-from launcher.layout import STATUS_FILE, STOP_FILE
-from trainer.checkpoint import atomic_write
+from launcher.contract.run_dir import RunDir
 from trainer.distributed import Dist, all_reduce_max
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path):
-        self.file = run_dir / STOP_FILE
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
         self.signalled: Optional[str] = None
+
+    def listen(self) -> None:
+        """From now on SIGUSR1 and SIGTERM ask for a stop instead of ending the process (once training runs)."""
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
@@ -31,19 +30,9 @@ class StopRequest:
 
     def agreed(self, dist: Dist) -> bool:
         """True on every rank when any rank was signalled or rank 0 sees the STOP file."""
-        local = self.signalled is not None or (dist.is_main and self.file.exists())
+        local = self.signalled is not None or (dist.is_main and self.run_dir.stop_requested())
         return all_reduce_max([1.0 if local else 0.0], dist.device)[0] > 0
 
     def clear(self, dist: Dist) -> None:
         if dist.is_main:
-            self.file.unlink(missing_ok=True)
-
-
-def write_status(run_dir: Path, dist: Dist, state: str, step: Optional[int], checkpoint: Optional[Path] = None,
-                 reason: str = "") -> None:
-    """status.json: running | stopped | completed | failed, read by launch.sh, sbatch scripts and `shardtune status`."""
-    if not dist.is_main:
-        return
-    status = {"state": state, "step": step, "checkpoint": str(checkpoint) if checkpoint else None,
-              "reason": reason, "time": time.time()}
-    atomic_write(run_dir / STATUS_FILE, json.dumps(status) + "\n")
+            self.run_dir.clear_stop()

@@ -15,18 +15,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import MANIFEST, complete_checkpoints
+from launcher.contract.run_dir import HF, MANIFEST
+from trainer.checkpoint import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer) -> None:
-    """config, generation config and tokenizer inside a checkpoint, so it can be exported on its own."""
-    hf = ckpt / "hf"
-    model_config.save_pretrained(hf)
-    if generation_config is not None:
-        generation_config.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
 
 
 def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -40,27 +32,14 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint step directory from itself, a run directory or its checkpoints/ directory (newest complete)."""
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        found = complete_checkpoints(root)
-        if found:
-            return found[0]
-    raise FileNotFoundError(f"{p}: no complete shardtune checkpoint here (a step_* directory with {MANIFEST}, "
-                            "or a run directory that has one under checkpoints/)")
-
-
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
     """Write a Hugging Face model directory from a checkpoint; the directory appears only when complete."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ckpt, out = Path(ckpt), Path(out_dir)
     if not (ckpt / MANIFEST).is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
-    config = AutoConfig.from_pretrained(ckpt / "hf")
+        raise CheckpointError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
+    config = AutoConfig.from_pretrained(ckpt / HF)
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if dtype == "auto":
@@ -80,7 +59,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    for item in (ckpt / "hf").iterdir():
+    for item in (ckpt / HF).iterdir():
         if item.name not in ("config.json",) and not (tmp / item.name).exists():
             shutil.copy2(item, tmp / item.name)
     (tmp / "shardtune_export.json").write_text(json.dumps({"checkpoint": str(ckpt), "dtype": str(target)}) + "\n")

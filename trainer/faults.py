@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,3 +88,34 @@ def slow_down(kind: str, step: int, rank: int) -> None:
     for f in ACTIVE:
         if f.kind == kind and f.step == step and f.rank == rank:
             time.sleep(float(f.arg or 60))
+
+
+class FaultHooks:
+    """The training loop's fault-injection points for one rank: each does nothing unless a fault is armed.
+
+    Made once per rank, it says so on that rank's stderr when SHARDTUNE_FAULTS arms something for it, so a
+    run with injected faults can never pass for a normal one.
+    """
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        armed = [f for f in ACTIVE if f.rank == rank]
+        if armed:
+            listed = ", ".join(f"{f.kind}@{f.step}" + (f"={f.arg}" if f.arg else "") for f in armed)
+            print(f"shardtune: fault injection armed on rank {rank}: {listed} (SHARDTUNE_FAULTS)", file=sys.stderr,
+                  flush=True)
+
+    def step_started(self, step: int) -> None:
+        maybe_kill("crash", step, self.rank)
+
+    def loading_batch(self, step: int) -> None:
+        maybe_hang("hang_in_data", step, self.rank)
+
+    def loss(self, loss, step: int):
+        return corrupt_loss(loss, step, self.rank)
+
+    def saving(self, step: int) -> None:
+        maybe_kill("kill_in_save", step, self.rank)
+
+    def exporting(self) -> None:
+        slow_down("slow_export", 0, self.rank)

@@ -6,21 +6,23 @@ the packed data). That is what an unsharded run computes, for any world size and
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from trainer import faults
-from trainer.data.collate import Separation, collate
+from launcher.contract.errors import UserError
+from trainer.data.collate import Batch, Separation, collate
 from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
 from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
-from trainer.flops import ModelFlops
+from trainer.faults import FaultHooks
 from trainer.metrics import Window
 from trainer.model import token_loss_sum
 from trainer.nonfinite import SkipJudge
+from trainer.watchdog import NoHeartbeat
 
 
 @dataclass
@@ -42,7 +44,7 @@ class TrainState:
         return {**asdict(self), "position": self.position.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "TrainState":
+    def from_json(cls, d: dict) -> TrainState:
         return cls(**{**d, "position": DataPosition(**d["position"])})
 
     def advance(self, position: DataPosition, targets: int, sequences: int, outcome: str = "ok") -> None:
@@ -56,13 +58,15 @@ class TrainState:
         self.bad_streak = self.bad_streak + 1 if outcome == "bad" else 0
 
 
-class TooManyBadSteps(Exception):
+class TooManyBadSteps(UserError):
     """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Loop:
-    engine: object
+    """One optimizer step after another until max_steps or a stop; everything around a step is a hook."""
+
+    engine: Any
     data: PackedSet
     sampler: GlobalBatchSampler
     dist: Dist
@@ -72,70 +76,79 @@ class Loop:
     max_steps: int
     log_every: int
     max_bad_steps: int
+    window: Window
     on_log: Callable[[int, dict], None]
     on_step_end: Callable[[TrainState], bool]
     """Called after every optimizer step (eval, checkpoints, stop requests); True stops the loop."""
-    flops: Optional[ModelFlops] = None
-    peak_tflops: Optional[float] = None
-    recompute: bool = False
-    beat: Callable[..., None] = lambda phase, step=None: None
-    """Heartbeat: the watchdog's evidence that this rank is making progress."""
-    skip_judge: SkipJudge = field(default_factory=SkipJudge)
-
-    def batch(self, indices: np.ndarray, step: int):
-        self.beat("data", step)
-        faults.maybe_hang("hang_in_data", step, self.dist.rank)
-        return collate(self.data, indices, self.pad_id, self.separation).to(self.dist.device)
+    heartbeat: NoHeartbeat
+    """The watchdog's evidence that this rank is making progress."""
+    faults: FaultHooks
+    skip_judge: SkipJudge
 
     def run(self, state: TrainState) -> TrainState:
-        window = Window(self.dist, self.flops, self.peak_tflops, self.recompute)
-        rank, world = self.dist.rank, self.dist.world
         while state.step < self.max_steps:
             step = state.step + 1
-            faults.maybe_kill("crash", step, rank)
+            self.faults.step_started(step)
             logs = step % self.log_every == 0 or step == self.max_steps
             indices, next_position = self.sampler.next_batch(state.position)
-            targets, lengths = int(self.data.n_targets[indices].sum()), self.data.sample_lengths(indices)
             lr, skipped_before = self.engine.get_lr()[0], self.engine.skipped_steps
-            step_loss = torch.zeros_like(window.loss)
-            window.start_step()
+            self.window.start_step()
             self.skip_judge.before_step()
-            micros = rank_micro_batches(indices, rank, world, self.micro_batch_size)
-            for i, micro in enumerate(micros):
-                batch = window.timed_batch(lambda: self.batch(micro, step))
-                self.beat("forward")
-                loss_sum = faults.corrupt_loss(token_loss_sum(self.engine(**batch.model_inputs()).logits, batch.targets),
-                                               step, rank)
-                if i == len(micros) - 1:
-                    window.local_work_done(sync=logs)
-                self.beat("backward")
-                # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
-                self.engine.backward(loss_sum * (world / targets), scale_wrt_gas=False)
-                self.beat("step")
-                self.engine.step()
-                step_loss += loss_sum.detach().double()
+            step_loss = self.train_step(step, indices, sync=logs)
             skipped = self.engine.skipped_steps != skipped_before  # DeepSpeed agreed on it across ranks
-            # Only a skipped step asks every rank whether its loss was finite (all ranks skip together).
-            loss_finite = not skipped or all_reduce_max([float(not torch.isfinite(step_loss).item())],
-                                                        self.dist.device)[0] == 0
-            outcome = self.skip_judge.judge(skipped, loss_finite)
-            window.end_step(step_loss, targets, int(lengths.sum()), len(lengths), int((lengths.astype(np.int64) ** 2).sum()),
-                            skipped)
-            state.advance(next_position, targets, len(indices), outcome)
+            outcome = self.skip_judge.judge(skipped, self.loss_finite_everywhere(step_loss, skipped))
+            self.window.end_step(step_loss, self.data, indices, skipped)
+            state.advance(next_position, int(self.data.n_targets[indices].sum()), len(indices), outcome)
             if outcome == "bad" or logs:
-                scale = self.skip_judge.loss_scale
-                self.on_log(step, {**window.metrics(), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
-                                   "skipped_steps": state.skipped_steps, "trained_tokens": state.trained_tokens,
-                                   "epoch": state.position.epoch,
-                                   **({"loss_scale": scale, "loss_scale_skips": state.loss_scale_skips}
-                                      if scale is not None else {})})
-                window.reset()
+                self.on_log(step, self.step_metrics(state, lr))
             if state.bad_streak >= self.max_bad_steps:
                 raise TooManyBadSteps(f"step {step}: {state.bad_streak} consecutive steps with a non-finite loss or "
                                       f"gradient norm (train.max_bad_steps={self.max_bad_steps})")
             if self.on_step_end(state):
                 break
         return state
+
+    def train_step(self, step: int, indices: np.ndarray, sync: bool) -> torch.Tensor:
+        """Forward, backward and step over this rank's micro-batches of the global batch; its summed token loss."""
+        targets = int(self.data.n_targets[indices].sum())
+        micros = rank_micro_batches(indices, self.dist.rank, self.dist.world, self.micro_batch_size)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        for i, micro in enumerate(micros):
+            batch = self.window.timed_batch(lambda micro=micro: self.batch(micro, step))
+            self.heartbeat.beat("forward")
+            logits = self.engine(**batch.model_inputs()).logits
+            loss_sum = self.faults.loss(token_loss_sum(logits, batch.targets), step)
+            if i == len(micros) - 1:
+                self.window.local_work_done(sync=sync)
+            self.heartbeat.beat("backward")
+            # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
+            self.engine.backward(loss_sum * (self.dist.world / targets), scale_wrt_gas=False)
+            self.heartbeat.beat("step")
+            self.engine.step()
+            step_loss += loss_sum.detach().double()
+        return step_loss
+
+    def batch(self, indices: np.ndarray, step: int) -> Batch:
+        self.heartbeat.beat("data", step)
+        self.faults.loading_batch(step)
+        return collate(self.data, indices, self.pad_id, self.separation).to(self.dist.device)
+
+    def loss_finite_everywhere(self, step_loss: torch.Tensor, skipped: bool) -> bool:
+        """Only a skipped step asks every rank whether its loss was finite (all ranks skip together)."""
+        if not skipped:
+            return True
+        return all_reduce_max([float(not torch.isfinite(step_loss).item())], self.dist.device)[0] == 0
+
+    def step_metrics(self, state: TrainState, lr: float) -> dict:
+        """The window's rates and memory, and the optimizer's view of this step."""
+        scale = self.skip_judge.loss_scale
+        row = {**self.window.metrics(), "lr": lr, "grad_norm": _float(self.engine.get_global_grad_norm()),
+               "skipped_steps": state.skipped_steps, "trained_tokens": state.trained_tokens,
+               "epoch": state.position.epoch}
+        if scale is not None:
+            row.update(loss_scale=scale, loss_scale_skips=state.loss_scale_skips)
+        self.window.reset()
+        return row
 
 
 def _float(value) -> Optional[float]:
@@ -144,7 +157,7 @@ def _float(value) -> Optional[float]:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def evaluate(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation) -> dict:
+def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation) -> dict:
     """Token-weighted loss and perplexity over the whole eval set, each rank taking every world-th batch."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)

@@ -12,12 +12,13 @@ import statistics
 import time
 from typing import Optional
 
+import numpy as np
 import psutil
 import torch
 
+from trainer.data.packing import PackedSet
 from trainer.distributed import Dist, all_gather_floats
 from trainer.flops import ModelFlops
-
 
 MEMORY_NAMES = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
 
@@ -63,19 +64,22 @@ class Window:
             get_accelerator().synchronize()
             self.local_work = time.perf_counter() - self.step_start
 
-    def end_step(self, loss_sum: torch.Tensor, targets: int, real_tokens: int, samples: int, sum_sq: int,
-                 skipped: bool) -> None:
+    def end_step(self, loss_sum: torch.Tensor, data: PackedSet, indices: np.ndarray, skipped: bool) -> None:
+        """Count one optimizer step over the global batch `indices` of `data` (a skipped step adds only time)."""
+        lengths = data.sample_lengths(indices).astype(np.int64)
         self.steps += 1
         self.step_times.append(time.perf_counter() - self.step_start)
-        self.samples += samples
+        self.samples += len(lengths)
         if skipped:
             self.skipped += 1
             return
         self.loss += loss_sum
-        self.targets += targets
+        self.targets += int(data.n_targets[indices].sum())
+        real_tokens = int(lengths.sum())
         self.real_tokens += real_tokens
         if self.flops is not None:
-            model, hardware = self.flops.step(real_tokens, sum_sq, self.recompute)
+            # Attention costs grow with each sample's own length squared: packing keeps samples apart.
+            model, hardware = self.flops.step(real_tokens, int((lengths ** 2).sum()), self.recompute)
             self.model_flops += model
             self.hardware_flops += hardware
 

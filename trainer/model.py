@@ -10,7 +10,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from launcher.config import RunConfig
+from launcher.contract.config import RunConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -7,9 +7,9 @@ each node builds (or finds) the op first while its peers wait, then they load th
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from launcher.host import fused_adam_status
+from launcher.planning.host import fused_adam_status
 from trainer.distributed import Dist, barrier
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Optional
 
 import psutil
 import torch
 import torch.distributed as dist
 
+from launcher.contract.errors import UserError
+from launcher.contract.run_dir import RunDir
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
 
@@ -25,7 +26,7 @@ PACKAGES = ("torch", "deepspeed", "transformers")
 BANDWIDTH_BYTES = 16 << 20
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """A preflight check failed; the message names the node, the rank and what differs."""
 
 
@@ -38,9 +39,9 @@ def versions(rank: int) -> dict[str, str]:
     return found
 
 
-def can_write(run_dir: Path, rank: int) -> Optional[str]:
+def can_write(run_dir: RunDir, rank: int) -> Optional[str]:
     """None when this rank can create, fsync and remove a file in the run directory; else why not."""
-    target = faults.unwritable_dir(rank) or run_dir / ".preflight"
+    target = faults.unwritable_dir(rank) or run_dir.preflight_probes
     try:
         target.mkdir(parents=True, exist_ok=True)
         probe = target / f"rank_{rank:05d}.{os.getpid()}"
@@ -54,7 +55,7 @@ def can_write(run_dir: Path, rank: int) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def report(run_dir: Path, d: Dist, ds_config: Optional[dict] = None) -> dict:
+def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -111,7 +112,7 @@ def bandwidth(d: Dist, nbytes: int = BANDWIDTH_BYTES, iterations: int = 3) -> di
     return {"bytes": nbytes, "seconds": seconds, "busbw_gbps": algbw * 2 * (d.world - 1) / d.world / 1e9}
 
 
-def run_preflight(run_dir: Path, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None) -> dict:
+def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None) -> dict:
     """All checks; raises PreflightError on every rank when any rank has a problem."""
     started = time.perf_counter()
     reports = all_gather_objects(report(run_dir, d, ds_config))

@@ -6,30 +6,31 @@ entry point reads as the list above.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
-from launcher.config import RunConfig, validate_config
-from trainer import checkpoint, faults, nonfinite, ops
-from trainer.control import StopRequest, write_status
+from launcher.contract.config import RunConfig, validate_config
+from launcher.contract.run_dir import RunDir
+from trainer import checkpoint, nonfinite, ops
+from trainer.control import StopRequest
+from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
-from trainer.data.show import format_summary, summary_metrics
+from trainer.data.show import format_data_summary, summary_metrics
 from trainer.distributed import Dist, init_distributed
-from trainer.export import export_checkpoint, write_hf_metadata
+from trainer.export import export_checkpoint
+from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of, peak_tflops
-from trainer.loop import Loop, TrainState, evaluate
+from trainer.loop import Loop, TrainState, held_out_loss
+from trainer.metrics import Window
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
 from trainer.preflight import run_preflight
-from trainer.report import run_summary
+from trainer.summary import end_of_run_summary
 from trainer.tracking import NullTracker, make_tracker
 from trainer.watchdog import Heartbeat, NoHeartbeat
 
@@ -61,23 +62,34 @@ def _rank_env() -> int:
 
 
 class Session:
-    def __init__(self, run_dir: Path, cfg: RunConfig, ds_config: dict, tokenizer, data: Prepared, dist: Dist):
+    """One rank's run: the objects the loop needs, and the steps before and after it."""
+
+    def __init__(self, run_dir: RunDir, cfg: RunConfig, ds_config: dict, tokenizer, data: Optional[Prepared],
+                 dist: Dist):
         self.run_dir, self.cfg, self.ds_config = run_dir, cfg, ds_config
         self.tokenizer, self.data, self.dist = tokenizer, data, dist
         self.tracker: NullTracker = make_tracker(dist.is_main, run_dir, cfg.train.max_steps)
+        self.heartbeat: NoHeartbeat = NoHeartbeat()
+        self.faults = FaultHooks(dist.rank)
+        self.stop = StopRequest(run_dir)
         self.engine = None
         self.loop: Optional[Loop] = None
+        self.resume_from: Optional[Path] = None
+        """The complete checkpoint this launch continues from (None: the pretrained weights)."""
+        self.load_tag: Optional[Path] = None
+        """Where DeepSpeed loads it from: the checkpoint itself, or its universal copy on a new world size."""
+        self.separation: Separation = "mask"
+        self.pad_id: Optional[int] = None
         self.last_saved_step = -1
         self.last_checkpoint: Optional[Path] = None
         self.stopped = False
-        self.heartbeat = NoHeartbeat()
 
     @classmethod
-    def from_run_dir(cls, run_dir: Path, preflight_only: bool = False) -> "Session":
+    def from_run_dir(cls, path: Path, preflight_only: bool = False) -> Session:
         """Config and data before the process group: a bad row fails here, before any GPU waits on a peer."""
-        run_dir = run_dir.resolve()
-        cfg = validate_config(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
-        ds_config = json.loads((run_dir / "ds_config.json").read_text())
+        run_dir = RunDir(path.resolve())
+        cfg = validate_config(run_dir.read_config())
+        ds_config = run_dir.read_ds_config()
         tokenizer = data = None
         if not preflight_only:
             torch.manual_seed(cfg.train.seed)
@@ -89,10 +101,8 @@ class Session:
         """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
         launch = self.cfg.launch
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
-        result = run_preflight(self.run_dir, self.dist, launch.nodes * launch.procs_per_node, self.tracker.message,
-                               self.ds_config)
-        if self.dist.is_main:
-            checkpoint.atomic_write(self.run_dir / "preflight.json", json.dumps(result, indent=1) + "\n")
+        result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config)
+        self.tracker.preflight_result(result)
         return result
 
     def build(self) -> None:
@@ -100,9 +110,9 @@ class Session:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.train
         ops.build_once_per_node(self.ds_config, self.dist, self.heartbeat.beat, self.tracker.message)
-        self.resume_from = checkpoint.find_resume(self.run_dir, cfg.train.resume, self.dist, self.tracker.message)
+        self.resume_from = checkpoint.find_resume(self.run_dir, t.resume, self.dist, self.tracker.message)
         self.load_tag = self.resume_from
         if self.resume_from is not None:
             saved_world = checkpoint.manifest(self.resume_from)["world_size"]
@@ -116,16 +126,18 @@ class Session:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
         nonfinite.install_guard(self.engine)
-        flops = model_flops_of(self.engine.module, self.engine.module.config)
-        peak = peak_tflops(device_name(self.dist.device), cfg.train.precision, cfg.launch.peak_tflops)
-        t = cfg.train
         self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle)
-        self.loop = Loop(self.engine, self.data.train, sampler, self.dist, t.micro_batch_size, self.pad_id,
-                         self.separation, t.max_steps, t.log_every, t.max_bad_steps, self.on_log, self.on_step_end,
-                         flops, peak, t.activation_checkpointing is True, self.heartbeat.beat,
-                         nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)))
+        self.pad_id = pad_id_of(self.tokenizer)
+        peak = peak_tflops(device_name(self.dist.device), t.precision, cfg.launch.peak_tflops)
+        window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), peak,
+                        recompute=t.activation_checkpointing is True)
+        self.loop = Loop(
+            engine=self.engine, data=self.data.train, dist=self.dist, micro_batch_size=t.micro_batch_size,
+            sampler=GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle),
+            pad_id=self.pad_id, separation=self.separation, max_steps=t.max_steps, log_every=t.log_every,
+            max_bad_steps=t.max_bad_steps, window=window, on_log=self.on_log, on_step_end=self.on_step_end,
+            heartbeat=self.heartbeat, faults=self.faults,
+            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)))
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -148,11 +160,11 @@ class Session:
         elif self.cfg.train.resume == "auto":
             self.tracker.message("no complete checkpoint in this run directory: starting from the pretrained weights")
         self.tracker.start(self.cfg, state.step, state.wandb_run_id)
-        self.tracker.message(format_summary(self.data.summary))
+        self.tracker.message(format_data_summary(self.data.summary))
         self.tracker.log_with_next(summary_metrics(self.data.summary))
         state.wandb_run_id = self.tracker.run_id
-        self.stop = StopRequest(self.run_dir)
-        write_status(self.run_dir, self.dist, "running", state.step)
+        self.stop.listen()
+        self.tracker.status("running", state.step)
         return state
 
     def on_step_end(self, state: TrainState) -> bool:
@@ -160,7 +172,7 @@ class Session:
         t = self.cfg.train
         self.tracker.progress(state.step)
         if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
-            self.tracker.log(state.step, self.evaluate())
+            self.tracker.log(state.step, self.eval_held_out())
         stop = self.stop.agreed(self.dist) or (t.stop_at_step is not None and state.step >= t.stop_at_step)
         if stop and state.step < t.max_steps:
             self.save(state)
@@ -172,54 +184,55 @@ class Session:
             self.save(state)
         return False
 
-    def evaluate(self) -> dict:
+    def eval_held_out(self) -> dict:
         self.heartbeat.beat("eval")
-        return evaluate(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
-                        self.separation)
+        return held_out_loss(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
+                             self.separation)
 
     def save(self, state: TrainState) -> Path:
         module = self.engine.module
 
         def extras(ckpt: Path) -> None:
-            write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None), self.tokenizer)
+            checkpoint.write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None),
+                                         self.tokenizer)
 
         self.heartbeat.beat("save")
-        ckpt = checkpoint.save(self.engine, self.run_dir / "checkpoints", state.step, state.to_json(), self.dist,
-                               self.cfg.train.keep_last, extras, self.tracker.message)
+        ckpt = checkpoint.save(self.engine, self.run_dir.checkpoints, state.step, state.to_json(), self.dist,
+                               self.cfg.train.keep_last, extras, self.tracker.message, self.faults)
         self.last_saved_step = state.step
         self.last_checkpoint = ckpt
         return ckpt
 
     def finish(self, state: TrainState, started: float) -> int:
         if self.stopped:
-            write_status(self.run_dir, self.dist, "stopped", state.step, self.last_checkpoint)
+            self.tracker.status("stopped", state.step, self.last_checkpoint)
             return 0
         if self.data.eval is not None:
-            self.tracker.log(state.step, self.evaluate())
-        ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(state.step)
+            self.tracker.log(state.step, self.eval_held_out())
+        ckpt = self.run_dir.checkpoint(state.step)
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
         self.tracker.end_progress()
-        final = self.run_dir / "final"
         release_zero3_init()
         self.heartbeat.beat("export")
         if self.dist.is_main:
-            faults.slow_down("slow_export", 0, self.dist.rank)
-            export_checkpoint(ckpt, final)
-            self.tracker.message(run_summary(self.run_dir, started, final, ckpt))
+            self.faults.exporting()
+            export_checkpoint(ckpt, self.run_dir.final)
+            self.tracker.message(end_of_run_summary(self.run_dir, started, self.run_dir.final, ckpt))
             if self.cfg.train.sample_prompt:
-                from trainer.chat import generate
+                from trainer.generation import generate_reply
 
-                self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {generate(str(final), self.cfg.train.sample_prompt, max_new_tokens=64)!r}")
-        write_status(self.run_dir, self.dist, "completed", state.step, ckpt)
+                reply = generate_reply(str(self.run_dir.final), self.cfg.train.sample_prompt, max_new_tokens=64)
+                self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {reply!r}")
+        self.tracker.status("completed", state.step, ckpt)
         return 0
 
     def fail(self, exc: BaseException) -> None:
         """Record why the run ended, pointing at the checkpoint a relaunch would resume from."""
-        last = self.last_checkpoint or (checkpoint.complete_checkpoints(self.run_dir / "checkpoints") or [None])[0]
+        last = self.last_checkpoint or (self.run_dir.complete_checkpoints() or [None])[0]
         hint = f"; the last good checkpoint is {last}" if last else "; there is no checkpoint yet"
         self.tracker.message(f"training stopped: {exc}{hint}")
-        write_status(self.run_dir, self.dist, "failed", None, last, reason=str(exc))
+        self.tracker.status("failed", None, last, reason=str(exc))
         self.heartbeat.stop("failed")
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
-"""Where metrics go: metrics.jsonl, Weights & Biases and the progress bar, from global rank 0 only.
+"""What a run tells the world, from global rank 0 only: metrics (the run directory's metrics file and Weights &
+Biases), the progress bar, messages, the run's status and its preflight result.
 
-Other ranks get a NullTracker that does nothing, so the training loop never asks which rank it is.
+Other ranks get a NullTracker that does nothing, so neither the loop nor the session asks which rank it is.
 A wandb failure never stops training: the run falls back to offline, then to disabled, saying so once.
 """
 from __future__ import annotations
@@ -12,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.config import RunConfig
-
-WANDB_ID_FILE = "wandb_run_id"
+from launcher.contract.config import RunConfig
+from launcher.contract.run_dir import RunDir, atomic_write
 
 
 class NullTracker:
@@ -43,6 +43,13 @@ class NullTracker:
     def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
         pass
 
+    def status(self, state: str, step: Optional[int], checkpoint: Optional[Path] = None, reason: str = "",
+               **extra: Any) -> None:
+        """The run's state for launch scripts and `shardtune status`: running, stopped, completed or failed."""
+
+    def preflight_result(self, result: dict) -> None:
+        """What the job's preflight found, for `shardtune preflight` to report."""
+
 
 def wandb_mode(configured: str) -> str:
     """`auto` is online only when an API key is in the environment; otherwise offline."""
@@ -52,16 +59,16 @@ def wandb_mode(configured: str) -> str:
 
 
 class Tracker(NullTracker):
-    def __init__(self, run_dir: Path, max_steps: int):
+    def __init__(self, run_dir: RunDir, max_steps: int):
         self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
         self.max_steps = max_steps
         self.wandb = None
         self.bar = None
         self.pending: dict[str, Any] = {}
 
     def start(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
-        self._trim_metrics(resume_step)
+        # Rows after the step we resume from belong to a rolled-back attempt; keep the file one timeline.
+        self.run_dir.trim_metrics(resume_step)
         self._start_wandb(cfg, resume_step, run_id)
         from tqdm import tqdm
 
@@ -69,21 +76,11 @@ class Tracker(NullTracker):
         self.bar = tqdm(total=self.max_steps, initial=resume_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-    def _trim_metrics(self, resume_step: int) -> None:
-        """Rows after the step we resume from belong to a rolled-back attempt; keep the file one timeline."""
-        if not self.metrics_path.exists():
-            return
-        rows = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
-
     def _start_wandb(self, cfg: RunConfig, resume_step: int, run_id: Optional[str]) -> None:
         mode = wandb_mode(cfg.wandb.mode)
         if mode == "disabled":
             return
-        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir.path))
         os.environ.setdefault("WANDB_SILENT", "true")
         # wandb-core flushes its offline log every 15 s by default; a killed job would lose up to that much.
         os.environ.setdefault("WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL", "1")
@@ -101,19 +98,18 @@ class Tracker(NullTracker):
                     return
                 except Exception as exc2:
                     exc = exc2
-            self.message(f"wandb: disabled for this run ({exc}); metrics are still in {self.metrics_path}")
+            self.message(f"wandb: disabled for this run ({exc}); metrics are still in {self.run_dir.metrics_file}")
             self.wandb = None
 
     def _init_wandb(self, wandb, cfg: RunConfig, mode: str, run_id: Optional[str]):
         # One run per job: the id outlives crashes that happen before the first checkpoint too.
-        id_file = self.run_dir / WANDB_ID_FILE
-        run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
+        run_id = run_id or self.run_dir.read_wandb_id()
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
                          name=cfg.wandb.name or Path(cfg.output_dir).name, group=cfg.wandb.group,
                          tags=cfg.wandb.tags or None, config=cfg.model_dump(mode="json"), mode=mode,
-                         id=run_id, resume="allow" if run_id else None, dir=str(self.run_dir))
+                         id=run_id, resume="allow" if run_id else None, dir=str(self.run_dir.path))
         self.run_id = run.id
-        id_file.write_text(run.id + "\n")
+        self.run_dir.write_wandb_id(run.id)
         return run
 
     def log_with_next(self, metrics: dict[str, Any]) -> None:
@@ -121,14 +117,12 @@ class Tracker(NullTracker):
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         metrics, self.pending = {**metrics, **self.pending}, {}
-        row = {"step": step, **metrics, "time": round(time.time(), 3)}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.run_dir.append_metrics({"step": step, **metrics, "time": round(time.time(), 3)})
         if self.wandb is not None:
             try:
                 self.wandb.log(metrics, step=step)
             except Exception as exc:
-                self.message(f"wandb: log failed ({exc}); disabling wandb, metrics continue in {self.metrics_path}")
+                self.message(f"wandb: log failed ({exc}); disabling wandb, metrics continue in {self.run_dir.metrics_file}")
                 self.wandb = None
 
     def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
@@ -165,5 +159,13 @@ class Tracker(NullTracker):
             self.wandb = None
 
 
-def make_tracker(is_main: bool, run_dir: Path, max_steps: int) -> NullTracker:
+    def status(self, state: str, step: Optional[int], checkpoint: Optional[Path] = None, reason: str = "",
+               **extra: Any) -> None:
+        self.run_dir.write_status(state, step, checkpoint, reason, **extra)
+
+    def preflight_result(self, result: dict) -> None:
+        atomic_write(self.run_dir.preflight_file, json.dumps(result, indent=1) + "\n")
+
+
+def make_tracker(is_main: bool, run_dir: RunDir, max_steps: int) -> NullTracker:
     return Tracker(run_dir, max_steps) if is_main else NullTracker()

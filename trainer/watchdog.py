@@ -17,26 +17,25 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
-from launcher.layout import HEARTBEATS, STACKS
+from launcher.contract.run_dir import RunDir
 
 STUCK_EXIT_CODE = 86
 
 
 class Heartbeat:
-    def __init__(self, run_dir: Path, rank: int, stall_timeout_s: float, startup_timeout_s: float,
+    def __init__(self, run_dir: RunDir, rank: int, stall_timeout_s: float, startup_timeout_s: float,
                  write_every_s: float = 5.0):
         self.run_dir, self.rank = run_dir, rank
         self.stall, self.startup, self.write_every = stall_timeout_s, startup_timeout_s, write_every_s
         self.step, self.phase, self.changed = 0, "start", time.monotonic()
         self.first_step_done = False
-        self.path = run_dir / HEARTBEATS / f"rank_{rank:05d}.json"
+        self.path = run_dir.heartbeat_file(rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="shardtune-watchdog", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._write()
         self._thread.start()
         return self
@@ -71,7 +70,7 @@ class Heartbeat:
                 self._dump_and_exit(idle)
 
     def _dump_and_exit(self, idle: float) -> None:
-        stacks = self.run_dir / STACKS / f"rank_{self.rank:05d}.txt"
+        stacks = self.run_dir.stack_file(self.rank)
         stacks.parent.mkdir(parents=True, exist_ok=True)
         with open(stacks, "w") as fh:
             fh.write(f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}) made no progress for "

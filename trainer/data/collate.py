@@ -37,7 +37,7 @@ class Batch:
     varlen: dict = field(default_factory=dict)
     """flash-attention varlen kwargs (cu_seq_lens_q/k on the batch's device, max_length_q/k as ints)."""
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
                      self.real_tokens, {k: move(v) for k, v in self.varlen.items()})
@@ -47,6 +47,11 @@ class Batch:
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         return inputs
+
+
+def pad_id_of(tokenizer) -> int | None:
+    """The id that fills rows up to a common width: the tokenizer's pad token, else its EOS (never trained on)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def varlen_kwargs(segments: np.ndarray) -> dict:

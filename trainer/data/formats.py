@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any, Union
 
-from launcher.config import DataFields
+from launcher.contract.config import DataFields
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

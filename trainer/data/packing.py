@@ -67,7 +67,7 @@ class PackedSet:
             np.save(directory / f"{name}.npy", getattr(self, name))
 
     @classmethod
-    def load(cls, directory: Path) -> "PackedSet":
+    def load(cls, directory: Path) -> PackedSet:
         arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
                   for name in ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets")}
         return cls(**arrays)

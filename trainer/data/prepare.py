@@ -15,13 +15,15 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from launcher.config import DataFields, RunConfig
+from launcher.contract.config import DataFields, RunConfig
+from launcher.contract.errors import UserError
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, default_cache_root
 from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_sample
@@ -35,7 +37,7 @@ POLICY_DROPS = ("too_long", "no_trained_tokens")
 """Reasons that follow a data setting (data.truncation), not malformed input: counted, never an error."""
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad rows with data.on_bad_row=error, or data that cannot make a single training sequence."""
 
 

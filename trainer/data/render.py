@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from launcher.contract.errors import UserError
 from trainer.data.formats import BadRow, Conversation
 
 IGNORE = -100
@@ -28,7 +29,7 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 
-class TemplateError(Exception):
+class TemplateError(UserError):
     """The chat template cannot give exact masks (missing, or not prefix-stable)."""
 
 

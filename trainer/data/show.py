@@ -8,7 +8,7 @@ sample has no label: nothing in its own sample comes before it.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def _reasons(counts: dict) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none"
 
 
-def format_summary(s: dict) -> str:
+def format_data_summary(s: dict) -> str:
     """The human form of the `--json` summary."""
     skipped = sum(s["rows_skipped"].values())
     lines = [f"rows: {s['rows_read']:,} read, {s['rows_kept']:,} kept, {skipped:,} skipped "

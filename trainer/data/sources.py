@@ -10,9 +10,11 @@ import csv
 import glob
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from launcher.contract.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -27,7 +29,7 @@ class RawRow:
     """Set when the reader already knows the row is unreadable (e.g. a broken JSON array)."""
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A data path that names nothing readable."""
 
 

@@ -4,7 +4,7 @@ Nothing can be downloaded on a compute node without network (or in CI), so the s
 Hugging Face causal LM is built here: a real LlamaForCausalLM and a real fast BPE tokenizer with a
 ChatML chat template, saved with save_pretrained like any hub model.
 
-    python -m trainer.tiny OUT_DIR [--hidden 64 --layers 2]
+    python -m examples.tiny_model OUT_DIR [--hidden 64 --layers 2]
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from launcher.errors import ConfigError
+from launcher.contract.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -210,6 +210,11 @@ class LaunchConfig(Section):
     peak_tflops: Optional[float] = Field(None, gt=0)
     """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs (none on CPU: no MFU)."""
 
+    @property
+    def world_size(self) -> int:
+        """Training processes in the job: nodes × processes per node."""
+        return self.nodes * self.procs_per_node
+
 
 class SlurmConfig(Section):
     partition: Optional[str] = None
@@ -367,11 +372,25 @@ def validate_config(raw: dict) -> RunConfig:
     return cfg
 
 
+def batch_split_problems(global_batch_size: int, micro_batch_size: Optional[int], world: int) -> list[str]:
+    """Every rank takes the same whole number of micro-batches from each global batch (micro None: any micro)."""
+    if micro_batch_size is None:
+        if global_batch_size % world:
+            return [f"train.global_batch_size: {global_batch_size} is not a multiple of the world size {world}; "
+                    "every rank needs the same share"]
+        return []
+    per_step = micro_batch_size * world
+    if global_batch_size % per_step:
+        return [f"train.global_batch_size: {global_batch_size} is not a multiple of micro {micro_batch_size} × "
+                f"world {world} = {per_step}"]
+    return []
+
+
 def check_consistency(cfg: RunConfig) -> list[str]:
     """Rules that span fields; pydantic checks each field alone."""
     problems = []
     t, z = cfg.train, cfg.zero
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.world_size
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -380,6 +399,11 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("train.grad_accum_steps: required unless train.global_batch_size is set")
     if t.micro_batch_size == "auto" and t.global_batch_size is None:
         problems.append("train.micro_batch_size: 'auto' needs train.global_batch_size")
+    if t.micro_batch_size == "auto" and t.global_batch_size is not None:
+        problems += batch_split_problems(t.global_batch_size, None, world)
+    if t.micro_batch_size == "auto" and t.grad_accum_steps is not None:
+        problems.append(f"train.grad_accum_steps: leave it unset when train.micro_batch_size is auto; the planner "
+                        f"derives it from train.global_batch_size (got {t.grad_accum_steps})")
     if t.global_batch_size is not None and isinstance(t.micro_batch_size, int):
         per_step = t.micro_batch_size * world
         if t.grad_accum_steps is not None and per_step * t.grad_accum_steps != t.global_batch_size:
@@ -387,10 +411,8 @@ def check_consistency(cfg: RunConfig) -> list[str]:
                 f"train.global_batch_size: {t.global_batch_size} contradicts micro {t.micro_batch_size} × "
                 f"accumulation {t.grad_accum_steps} × world {world} = {per_step * t.grad_accum_steps}; "
                 "set only one of grad_accum_steps and global_batch_size")
-        elif t.global_batch_size % per_step:
-            problems.append(
-                f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro {t.micro_batch_size} × "
-                f"world {world} = {per_step}")
+        else:
+            problems += batch_split_problems(t.global_batch_size, t.micro_batch_size, world)
     if t.warmup_steps >= t.max_steps and t.warmup_steps:
         problems.append(f"train.warmup_steps: {t.warmup_steps} must be less than train.max_steps ({t.max_steps})")
     if cfg.data.eval_path and cfg.data.eval_fraction:
@@ -482,7 +504,7 @@ def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
 
 
 def fields_markdown() -> str:
-    """The README's config reference table (`python -m launcher.config` prints it)."""
+    """The README's config reference table (`python -m launcher.contract.config` prints it)."""
     rows = ["| field | default | what it does |", "|---|---|---|"]
     for name, default, doc in field_docs():
         shown = "**required**" if default == "required" else f"`{default[len('default '):]}`"

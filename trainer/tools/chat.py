@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.evaluate import generate_answers
+from launcher.contract.run_dir import FINAL, RunDir
+from trainer.generation import generate_answers, generate_reply
 
 HELP = "commands: /reset starts a new conversation, /system TEXT sets a system prompt, /exit (or Ctrl-D) quits"
 
@@ -20,9 +21,10 @@ def model_dir_of(target: str | Path) -> Path:
     p = Path(target)
     if (p / "config.json").is_file():
         return p
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    raise FileNotFoundError(f"{p}: neither a Hugging Face model directory nor a run directory with final/")
+    final = RunDir(p).final
+    if (final / "config.json").is_file():
+        return final
+    raise FileNotFoundError(f"{p}: neither a Hugging Face model directory nor a run directory with {FINAL}/")
 
 
 def load(target: str | Path):
@@ -34,9 +36,7 @@ def load(target: str | Path):
 
 
 def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256) -> str:
-    model, tokenizer = load(target)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return generate_answers(model, tokenizer, [messages], max_new_tokens, batch_size=1)[0].strip()
+    return generate_reply(str(model_dir_of(target)), prompt, system, max_new_tokens)
 
 
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256, stdin=sys.stdin, stdout=sys.stdout) -> None:

@@ -11,15 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.autoplan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.config import RunConfig
-from launcher.deepspeed_config import render_deepspeed_config
-from launcher.errors import ConfigError
-from launcher.host import HostFacts
-from launcher.slurm import render_sbatch
-from launcher.torchrun import launch_script, process_env, torchrun_argv
-
-DEFAULT_CPUS_PER_RANK = 8  # when SLURM cannot say how many CPUs a node has: a common GPU node has 8-16 per GPU
+from launcher.backends.slurm import render_sbatch
+from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
+from launcher.contract.config import RunConfig
+from launcher.contract.errors import ConfigError
+from launcher.contract.run_dir import RunDir
+from launcher.planning.deepspeed_config import render_deepspeed_config
+from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
+from launcher.planning.host import HostFacts
+from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
+from launcher.planning.model_size import read_model_config
 
 
 @dataclass
@@ -45,88 +46,15 @@ class Plan:
         return out
 
 
-def read_model_config(name_or_path: str) -> Optional[dict]:
-    """The model's config.json when it is on local disk (directory or file); None for hub ids."""
-    p = Path(name_or_path)
-    candidate = p / "config.json" if p.is_dir() else p
-    if candidate.is_file() and candidate.suffix == ".json":
-        try:
-            return json.loads(candidate.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    return None
-
-
-def _resolve_device(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
-    """`launch.device: auto` is decided from facts about the machines that will train, never a login node's."""
-    launch = cfg.launch
-    if launch.device == "auto" and launch.backend == "slurm":
-        launch.device = "cpu" if cfg.slurm.gpus_per_node == 0 else "cuda"
-        notes.append(f"launch.device=auto -> {launch.device} (slurm.gpus_per_node={cfg.slurm.gpus_per_node})")
-    elif launch.device == "auto" and launch.nodes > 1:
-        raise ConfigError([f"launch.device: 'auto' cannot be decided for a {launch.nodes}-node torchrun run from "
-                           f"this machine (its GPUs say nothing about the nodes'); set launch.device to cuda or cpu"])
-    elif launch.device == "auto":
-        launch.device = "cuda" if host.visible_gpus else "cpu"
-        notes.append(f"launch.device=auto -> {launch.device} ({host.visible_gpus} visible NVIDIA GPUs on this machine)")
-    if launch.device == "cuda" and launch.backend == "torchrun" and launch.nodes == 1:
-        if host.visible_gpus and launch.procs_per_node > host.visible_gpus:
-            raise ConfigError([f"launch.procs_per_node: {launch.procs_per_node} processes but this machine has "
-                               f"{host.visible_gpus} visible GPUs (one process per GPU; CUDA_VISIBLE_DEVICES counts)"])
-
-
-def _resolve_kernels(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
-    """Precision, attention kernel and optimizer: choices that fail at the first step when wrong."""
-    t, device = cfg.train, cfg.launch.device
-    if t.precision == "auto":
-        t.precision = "bf16" if device == "cuda" else "fp32"
-        notes.append(f"train.precision=auto -> {t.precision} ({'GPUs train in bf16' if device == 'cuda' else 'CPUs train in fp32'})")
-    if cfg.model.attn_implementation == "flash_attention_2" and (device != "cuda" or t.precision == "fp32"):
-        raise ConfigError([f"model.attn_implementation: 'flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, "
-                           f"not {device} in {t.precision}; use sdpa (or auto)"])
-    if t.optimizer == "auto":
-        if device != "cuda":
-            t.optimizer = "torch"
-        elif host.fused_adam.usable:
-            t.optimizer = "fused"
-            notes.append(f"train.optimizer=auto -> fused (DeepSpeed's FusedAdam: {host.fused_adam.reason} on this "
-                         f"machine; every node checks again at start-up)")
-        else:
-            t.optimizer = "torch"
-            notes.append(f"train.optimizer=auto -> torch (torch.optim.AdamW with fused kernels): "
-                         f"{host.fused_adam.reason}")
-    elif t.optimizer == "fused" and device != "cuda":
-        raise ConfigError([f"train.optimizer: 'fused' (DeepSpeed's FusedAdam) needs CUDA GPUs, not {device}; use torch or auto"])
-
-
-def _resolve_slurm_resources(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
-    """A batch job that asks for no CPUs or memory may get one core and a small default per node."""
-    s = cfg.slurm
-    if cfg.launch.backend != "slurm":
-        return
-    if s.cpus_per_task == "auto":
-        if host.slurm_node_cpus:
-            s.cpus_per_task = host.slurm_node_cpus
-            notes.append(f"slurm.cpus_per_task=auto -> {s.cpus_per_task} (all CPUs of a node of partition "
-                         f"{s.partition or '(default)'}, from sinfo)")
-        else:
-            s.cpus_per_task = DEFAULT_CPUS_PER_RANK * cfg.launch.procs_per_node
-            notes.append(f"slurm.cpus_per_task=auto -> {s.cpus_per_task} ({DEFAULT_CPUS_PER_RANK} per training "
-                         f"process: sinfo did not answer here; set it to your nodes' CPU count)")
-    if s.mem == "auto":
-        s.mem = "0"
-        notes.append("slurm.mem=auto -> 0 (all of each node's memory: every rank loads the model on the host)")
-
-
 def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config with every `auto` replaced, and one note per decision saying why."""
     cfg = cfg.model_copy(deep=True)
     host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm")
     notes: list[str] = []
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
-    _resolve_device(cfg, host, notes)
-    _resolve_kernels(cfg, host, notes)
-    _resolve_slurm_resources(cfg, host, notes)
+    world = cfg.launch.world_size
+    resolve_device(cfg, host, notes)
+    resolve_kernels(cfg, host, notes)
+    resolve_slurm_resources(cfg, host, notes)
     if auto_fields(cfg):
         notes += apply_auto_choice(cfg, read_model_config(cfg.model.name_or_path))
     t = cfg.train
@@ -151,7 +79,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     cfg, notes = resolve(cfg, host)
     t = cfg.train
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.world_size
     global_batch = t.micro_batch_size * t.grad_accum_steps * world
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
@@ -159,7 +87,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     check_fit(cfg, model_cfg, ds)
     if cfg.launch.backend == "slurm":
         script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
-        argv = ["sbatch", str(Path(cfg.output_dir) / "launch.sbatch")]
+        argv = ["sbatch", str(RunDir(cfg.output_dir).script("slurm"))]
     else:
         argv = torchrun_argv(cfg, trainer_args=trainer_args)
         script = launch_script(cfg, argv)

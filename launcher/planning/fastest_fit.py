@@ -12,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launcher.errors import ConfigError
-from launcher.memory import (DEVICE_KEYS, GB, HOST_KEYS, Margins, MemoryEstimate, Setup, ZeroSettings,
-                             estimate_memory)
-from launcher.model_size import ModelCounts
+from launcher.contract.config import batch_split_problems
+from launcher.contract.errors import ConfigError
+from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
+from launcher.planning.memory import (
+    DEVICE_KEYS,
+    GB,
+    HOST_KEYS,
+    Margins,
+    MemoryEstimate,
+    Setup,
+    ZeroSettings,
+    estimate_memory,
+)
+from launcher.planning.model_size import ModelCounts
 
 # (stage, offload optimizer, offload params), fastest first.
 VARIANTS: tuple[tuple[int, bool, bool], ...] = (
@@ -97,16 +107,15 @@ def _batch_shapes(world_size: int, global_batch_size: Optional[int],
     if micro_batch_size is not None:
         if isinstance(micro_batch_size, bool) or micro_batch_size < 1:
             raise ConfigError([f"train.micro_batch_size: must be a positive integer or auto, got {micro_batch_size!r}"])
-        if global_batch_size is not None and global_batch_size % (micro_batch_size * world_size):
-            raise ConfigError([f"train.global_batch_size: {global_batch_size} is not a multiple of micro batch × "
-                               f"world size = {micro_batch_size} × {world_size} = {micro_batch_size * world_size}"])
+        if global_batch_size is not None and (problems := batch_split_problems(global_batch_size, micro_batch_size,
+                                                                                 world_size)):
+            raise ConfigError(problems)
         return [micro_batch_size], None if global_batch_size is None else global_batch_size // world_size
     if global_batch_size is None:
         raise ConfigError(["train.global_batch_size: needed when train.micro_batch_size is auto "
                            "(the micro batch must divide each rank's share of it)"])
-    if global_batch_size % world_size:
-        raise ConfigError([f"train.global_batch_size: {global_batch_size} is not a multiple of the world size "
-                           f"{world_size}; every rank needs the same share"])
+    if problems := batch_split_problems(global_batch_size, None, world_size):
+        raise ConfigError(problems)
     share = global_batch_size // world_size
     return [m for m in range(share, 0, -1) if share % m == 0], share
 
@@ -132,7 +141,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                            f"offload_params={offload_params} (parameter offload needs stage 3 and optimizer offload)"])
     micros, share = _batch_shapes(world_size, global_batch_size, micro_batch_size)
     ckpts = [False, True] if activation_checkpointing is None else [bool(activation_checkpointing)]
-    per_node = gpus_per_node or min(world_size, 8)
+    per_node = gpus_per_node or min(world_size, DEFAULT_GPUS_PER_NODE)
 
     def estimate(variant, ckpt, micro, seq=seq_len, world=world_size) -> MemoryEstimate:
         s, opt, par = variant
@@ -157,7 +166,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
     message = (f"nothing fits in {gpu_memory_gb:g} GB per device on {world_size} devices "
                f"({counts.total / 1e9:.2f}B parameters, seq_len {seq_len}, {dtype}):\n"
                + "\n".join(f"  - {r}" for r in reasons)
-               + f"\nsmallest allowed configuration, component by component:\n"
+               + "\nsmallest allowed configuration, component by component:\n"
                + component_table([frugal], gpu_memory_gb, host_memory_gb)
                + "\nwhat would make it fit:\n" + "\n".join(f"  - {s}" for s in suggestions))
     raise DoesNotFit(message, frugal, suggestions, reasons)

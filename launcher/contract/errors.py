@@ -1,8 +1,16 @@
-"""Errors the launcher reports to the user: every problem at once, no traceback."""
+"""Errors a user can act on: printed as one clear message, never as a traceback.
+
+Everything that should end a command or a run with a message (a bad config, a bad data row, a damaged
+checkpoint, a failed preflight) derives from UserError, so each entry point catches exactly one type.
+"""
 from __future__ import annotations
 
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+class ConfigError(UserError):
     """Invalid run configuration; `problems` holds one line per problem, each naming its field."""
 
     def __init__(self, problems: list[str], title: str = "invalid config"):

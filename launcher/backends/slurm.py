@@ -6,18 +6,19 @@ the script when it runs, and anything that differs per node is escaped so each n
 """
 from __future__ import annotations
 
-import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from launcher.config import RunConfig
-from launcher.layout import SLURM_JOBS
-from launcher.resources import data_dir
-from launcher.torchrun import default_env
+from launcher.backends.torchrun import default_env
+from launcher.contract import run_dir
+from launcher.contract.config import RunConfig
+from launcher.contract.resources import data_dir
+from launcher.contract.run_dir import RunDir
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}
@@ -32,9 +33,9 @@ def gpus_per_node(cfg: RunConfig) -> int:
 def sbatch_lines(cfg: RunConfig) -> list[str]:
     """Every #SBATCH option, literal values only."""
     s = cfg.slurm
-    run_dir = cfg.output_dir
-    opts = [f"--job-name={s.job_name or Path(run_dir).name}", f"--nodes={cfg.launch.nodes}", "--ntasks-per-node=1",
-            f"--time={s.time}", f"--output={run_dir}/slurm-%j.out", "--open-mode=append", "--requeue",
+    run = RunDir(cfg.output_dir)
+    opts = [f"--job-name={s.job_name or run.path.name}", f"--nodes={cfg.launch.nodes}", "--ntasks-per-node=1",
+            f"--time={s.time}", f"--output={run.slurm_log()}", "--open-mode=append", "--requeue",
             f"--signal=B:USR1@{s.signal_lead_s}"]
     gpus = gpus_per_node(cfg)
     if gpus:
@@ -68,6 +69,8 @@ def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executa
     values = {
         "SBATCH_LINES": "\n".join(sbatch_lines(cfg)),
         "RUN_DIR": shlex.quote(cfg.output_dir),
+        "STOP_FILE": run_dir.STOP, "STATUS_FILE": run_dir.STATUS, "NCCL_TRACES": run_dir.NCCL_TRACES,
+        "CHECKPOINTS": run_dir.CHECKPOINTS,
         "MAX_REQUEUES": str(cfg.slurm.max_requeues),
         "SETUP": "\n".join(cfg.slurm.setup) or ":",
         "DEFAULT_ENV": "\n".join(f'export {k}="${{{k}:-{v}}}"' for k, v in defaults.items()),
@@ -128,14 +131,14 @@ def wait_for(job_id: str, poll_s: float = 2.0, on_change=print) -> str:
         time.sleep(poll_s)
 
 
-def read_jobs(run_dir: Path) -> list[dict]:
-    """Jobs submitted for a run, oldest first."""
-    path = run_dir / SLURM_JOBS
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def record_job(run_dir: Path, job_id: str) -> None:
-    """Every job submitted for a run, for `shardtune status`."""
-    jobs = read_jobs(run_dir)
-    jobs.append({"job_id": job_id, "submitted": time.time()})
-    (run_dir / SLURM_JOBS).write_text(json.dumps(jobs, indent=1) + "\n")
+def slurm_node_cpus(partition: Optional[str]) -> Optional[int]:
+    """CPUs per node of a partition (the smallest node, so the request fits any of them); None if sinfo fails."""
+    if not shutil.which("sinfo"):
+        return None
+    args = ["sinfo", "--noheader", "--Node", "--format=%c"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(x) for x in proc.stdout.split() if x.isdigit()]
+    return min(counts) if proc.returncode == 0 and counts else None

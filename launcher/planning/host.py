@@ -11,10 +11,11 @@ import ast
 import importlib.util
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from launcher.backends.slurm import slurm_node_cpus
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class HostFacts:
     """CPUs of one node of the partition the job goes to (sinfo), when SLURM answers."""
 
     @classmethod
-    def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> "HostFacts":
+    def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> HostFacts:
         return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None)
 
 
@@ -106,31 +107,3 @@ def fused_adam_status() -> FusedAdamStatus:
         return FusedAdamStatus(True, f"fused_adam can be JIT-built with {nvcc}")
     return FusedAdamStatus(False, "DeepSpeed's fused_adam op is not prebuilt and no CUDA compiler (nvcc) was "
                                   "found to build it")
-
-
-def slurm_node_cpus(partition: Optional[str]) -> Optional[int]:
-    """CPUs per node of a partition (the smallest node, so the request fits any of them); None if sinfo fails."""
-    if not shutil.which("sinfo"):
-        return None
-    args = ["sinfo", "--noheader", "--Node", "--format=%c"] + ([f"--partition={partition}"] if partition else [])
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    counts = [int(x) for x in proc.stdout.split() if x.isdigit()]
-    return min(counts) if proc.returncode == 0 and counts else None
-
-
-def installed_version(package: str) -> tuple[int, ...]:
-    """(major, minor) of an installed package from its metadata, without importing it; (0,) when absent."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version(package)
-    except PackageNotFoundError:
-        return (0,)
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)

@@ -9,12 +9,12 @@ import re
 import sys
 from typing import Any, Optional
 
-from launcher.autochoice import VARIANTS, DoesNotFit, choose_configuration, component_table
-from launcher.errors import ConfigError
-from launcher.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
-from launcher.model_size import ModelCounts, counts_from_params, counts_from_path
+from launcher.contract.errors import ConfigError
+from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
+from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration, component_table
+from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.planning.model_size import ModelCounts, counts_from_params, counts_from_path
 
-DEFAULT_GPUS_PER_NODE = 8  # assumed when only --gpus is given: the common HGX/DGX node
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
@@ -175,21 +175,3 @@ def to_json(counts: ModelCounts, estimates: list[MemoryEstimate], gpu_memory_gb:
         "reasons": advice if best is not None else [],
         "what_would_fit": advice if best is None else [],
     }
-
-
-def _main() -> None:
-    import functools
-
-    import fire  # only here: the library functions above need nothing beyond the stdlib
-
-    @functools.wraps(estimate_command)  # fire reads the flags from the wrapped signature
-    def run(*args: Any, **kwargs: Any) -> None:
-        code = estimate_command(*args, **kwargs)
-        if code:  # fire would print a returned value; an exit code belongs to the process
-            raise SystemExit(code)
-
-    fire.Fire(run, name="estimate")
-
-
-if __name__ == "__main__":
-    _main()

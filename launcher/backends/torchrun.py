@@ -8,8 +8,8 @@ import shlex
 import socket
 import sys
 
-from launcher.config import RunConfig
-from launcher.host import installed_version
+from launcher.contract.config import RunConfig
+from launcher.contract.run_dir import NCCL_TRACES, RunDir
 
 DEFAULT_RDZV_PORT = 29400
 
@@ -52,7 +52,7 @@ def default_env(run_dir: str) -> dict[str, str]:
     fr_names = (("TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE") if installed_version("torch") >= (2, 7)
                 else ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"))
     return {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
-            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", fr_names[0]: "2000", fr_names[1]: f"{run_dir}/nccl_traces/rank_"}
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", fr_names[0]: "2000", fr_names[1]: f"{run_dir}/{NCCL_TRACES}/rank_"}
 
 
 def process_env(cfg: RunConfig) -> dict[str, str]:
@@ -69,9 +69,24 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
     if cfg.launch.nodes > 1:
         lines.append(f"# Start this same script on each of the {cfg.launch.nodes} nodes; they meet at {rdzv_endpoint(cfg)}.")
     if cfg.launch.device == "cuda":
-        lines.append(f"mkdir -p {shlex.quote(cfg.output_dir + '/nccl_traces')}")
+        lines.append(f"mkdir -p {shlex.quote(str(RunDir(cfg.output_dir).nccl_traces))}")
         lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()
                   if k != "OMP_NUM_THREADS"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
+
+
+def installed_version(package: str) -> tuple[int, ...]:
+    """(major, minor) of an installed package from its metadata, without importing it; (0,) when absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version(package)
+    except PackageNotFoundError:
+        return (0,)
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)

@@ -14,15 +14,15 @@ because activations are freed before the optimizer step allocates its fp32 gradi
 buffer below was read from its ZeRO code and checked against the real trainer on CPU (bench/memory.py,
 numbers in bench/RESULTS.md, within 5% per rank). What only holds on CPU stays out of the GPU figures:
 torch's AdamW temporaries count only with `Setup(optimizer="torch")`, and the CPU margins (glibc's heap,
-no CUDA) live in launcher.autoplan.
+no CUDA) live in launcher.planning.memory_plan.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from launcher.errors import ConfigError
-from launcher.model_size import ModelCounts
+from launcher.contract.errors import ConfigError
+from launcher.planning.model_size import ModelCounts
 
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
@@ -53,7 +53,7 @@ class ZeroSettings:
     overlap_comm: Optional[bool] = None  # DeepSpeed's default: on at stage 3 only (two reduce buffers)
 
     @classmethod
-    def from_deepspeed(cls, ds_config: dict[str, Any]) -> "ZeroSettings":
+    def from_deepspeed(cls, ds_config: dict[str, Any]) -> ZeroSettings:
         """Read the settings a rendered DeepSpeed config will use; "auto" or missing keeps the default."""
         z = ds_config.get("zero_optimization") or {}
         keys = {"reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
@@ -192,7 +192,7 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
     e = PARAM_BYTES[dtype]
     b, s = micro_batch_size, seq_len
-    t, h, a, k, I = b * s, counts.hidden_size, counts.num_heads, counts.num_kv_heads, counts.intermediate_size
+    t, h, a, k, I = b * s, counts.hidden_size, counts.num_heads, counts.num_kv_heads, counts.intermediate_size  # noqa: E741
     q, kv = a * counts.head_dim, k * counts.head_dim
     rstd = 8 if lay.gemma_norm else 4
     norm_linear = (8 + e) if lay.gemma_norm else (4 + 2 * e)

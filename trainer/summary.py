@@ -1,22 +1,15 @@
-"""Reading a run back from metrics.jsonl: the end-of-run summary and `shardtune report` plots.
+"""A run's summary from its metrics rows: printed at the end of training and by `shardtune report`.
 
-For people who cannot reach wandb from the cluster, and for the last lines of every run's log.
-Needs no torch (matplotlib only for the plots).
+Rank-side (the end of a run prints it) and torch-free, so the report tool reuses it.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Optional
 
-from launcher.layout import METRICS
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from launcher.contract.run_dir import RunDir
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -43,7 +36,7 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def format_summary(s: dict, final: Optional[Path] = None, checkpoint: Optional[Path] = None) -> str:
+def format_run_summary(s: dict, final: Optional[Path] = None, checkpoint: Optional[Path] = None) -> str:
     lines = ["== run summary ==",
              f"steps            {s['steps']} ({s.get('skipped_steps', 0)} skipped)",
              f"trained tokens   {s.get('trained_tokens') or 0:,}"]
@@ -67,49 +60,7 @@ def format_summary(s: dict, final: Optional[Path] = None, checkpoint: Optional[P
     return "\n".join(lines)
 
 
-def run_summary(run_dir: Path, started: float, final: Path, checkpoint: Path) -> str:
+def end_of_run_summary(run_dir: RunDir, started: float, final: Path, checkpoint: Path) -> str:
     """The table printed at the end of training (rows of earlier attempts included: it is one run)."""
-    return format_summary(summarize(read_rows(run_dir)), final, checkpoint) + f"\n(this launch: {time.time() - started:.0f} s)"
-
-
-PLOTS = [("loss", ["loss", "eval_loss"], "loss"), ("lr", ["lr"], "learning rate"),
-         ("throughput", ["tokens_per_sec", "total_tokens_per_sec"], "tokens/s"),
-         ("memory", ["mem_device_allocated_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb"], "GB")]
-
-
-def write_plots(run_dir: Path) -> list[Path]:
-    """One PNG per panel next to metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_rows(run_dir)
-    written = []
-    for name, keys, ylabel in PLOTS:
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        drawn = False
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
-                drawn = True
-        if not drawn:
-            plt.close(fig)
-            continue
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        values = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
-        if name == "loss" and values and max(values) / min(values) > 20:
-            ax.set_yscale("log")  # fine-tuning losses fall by orders of magnitude
-        elif name in ("throughput", "memory"):
-            ax.set_ylim(0, max(values) * 1.4 if values else 1)  # from zero: a 1% drift is not a leak; room for the legend
-        ax.set_title(f"{Path(run_dir).name}: {name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(run_dir) / f"report_{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
+    return (format_run_summary(summarize(run_dir.read_metrics()), final, checkpoint)
+            + f"\n(this launch: {time.time() - started:.0f} s)")

@@ -5,10 +5,10 @@ Torch-free and read-only, so it answers instantly on a login node while the job 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-from launcher import layout, slurm
+from launcher.backends import slurm
+from launcher.contract.run_dir import STATUS, RunDir
 
 
 def _age(seconds: float) -> str:
@@ -20,31 +20,26 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def collect(run_dir: Path) -> dict[str, Any]:
+def collect(run_dir: RunDir) -> dict[str, Any]:
     """Everything status shows, as one JSON-able object."""
-    out: dict[str, Any] = {"run_dir": str(run_dir)}
-    out["status"] = layout.read_json(run_dir / layout.STATUS_FILE)
-    jobs = slurm.read_jobs(run_dir)
+    out: dict[str, Any] = {"run_dir": str(run_dir.path)}
+    out["status"] = run_dir.read_status()
+    jobs = run_dir.read_jobs()
     if jobs:
         job_id = jobs[-1]["job_id"]
         info = slurm.job_info(job_id)
         out["slurm"] = {"job_id": job_id, "state": info.get("JobState") or slurm.accounting_state(job_id),
                         "restarts": int(info["Restarts"]) if "Restarts" in info else None,
                         "reason": info.get("Reason"), "nodes": info.get("NodeList"), "jobs_submitted": len(jobs)}
-    last = layout.last_metrics(run_dir)
-    if last:
-        out["last_step"] = {k: last.get(k) for k in ("step", "loss", "tokens_per_sec", "lr", "time")}
-    ckpts = layout.complete_checkpoints(run_dir / layout.CHECKPOINTS)
+    train = run_dir.train_metrics()
+    if train:
+        out["last_step"] = {k: train[-1].get(k) for k in ("step", "loss", "tokens_per_sec", "lr", "time")}
+    ckpts = run_dir.complete_checkpoints()
     out["newest_checkpoint"] = str(ckpts[0]) if ckpts else None
-    beats = [layout.read_json(p) for p in sorted((run_dir / layout.HEARTBEATS).glob("rank_*.json"))]
-    out["heartbeats"] = [b for b in beats if b]
-    out["stack_dumps"] = [str(p) for p in sorted((run_dir / layout.STACKS).glob("rank_*.txt"),
-                                                  key=lambda p: p.stat().st_mtime, reverse=True)]
-    config = run_dir / "resolved_config.yaml"
-    if config.exists():
-        import yaml
-
-        out["max_steps"] = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps")
+    out["heartbeats"] = run_dir.read_heartbeats()
+    out["stack_dumps"] = [str(p) for p in run_dir.stack_dumps()]
+    if run_dir.config_file.exists():
+        out["max_steps"] = run_dir.read_config().get("train", {}).get("max_steps")
     return out
 
 
@@ -56,7 +51,7 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"state       {status['state']} at step {status.get('step')} ({_age(now - status['time'])})"
                      + (f": {status['reason']}" if status.get("reason") else ""))
     else:
-        lines.append("state       not started (no status.json)")
+        lines.append(f"state       not started (no {STATUS})")
     if "slurm" in info:
         s = info["slurm"]
         lines.append(f"slurm       job {s['job_id']} {s['state'] or 'unknown to SLURM'}, restarts {s['restarts']}"

@@ -1,0 +1,278 @@
+"""The run directory: every file in it is named here, and read and written only through here.
+
+The launcher writes the plan, the trainer on every rank writes progress, and `shardtune status`, the
+sbatch script, tests and benchmarks read them back, often on different machines. One module that names
+each file and owns its format keeps them agreeing. Torch-free, so a login node can inspect a run.
+
+    resolved_config.yaml, ds_config.json, launch.sh | launch.sbatch    the run as planned
+    metrics.jsonl, status.json, STOP, wandb_run_id, preflight.json       progress and control
+    heartbeats/rank_R.json, stacks/rank_R.txt, nccl_traces/             liveness and post-mortems
+    checkpoints/step_XXXXXXXX/ (+ LATEST, latest), final/, slurm-JOB.out, slurm_jobs.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+# The run as planned.
+CONFIG = "resolved_config.yaml"
+DS_CONFIG = "ds_config.json"
+SCRIPTS = {"torchrun": "launch.sh", "slurm": "launch.sbatch"}
+# Progress and control.
+METRICS = "metrics.jsonl"
+STATUS = "status.json"
+STOP = "STOP"
+WANDB_ID = "wandb_run_id"
+PREFLIGHT = "preflight.json"
+PREFLIGHT_PROBES = ".preflight"
+SLURM_JOBS = "slurm_jobs.json"
+SLURM_LOG = "slurm-{job}.out"
+# Liveness and post-mortems.
+HEARTBEATS = "heartbeats"
+STACKS = "stacks"
+NCCL_TRACES = "nccl_traces"
+# Checkpoints and the result.
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+LATEST = "LATEST"
+DS_LATEST = "latest"  # DeepSpeed's own pointer, for zero_to_fp32.py and load_checkpoint(tag=None)
+TAG_PREFIX = "step_"
+UNIVERSAL_SUFFIX = ".universal"
+# Inside a checkpoint.
+MANIFEST = "COMPLETE.json"
+TRAINER_STATE = "trainer_state.json"
+RNG = "rng"
+HF = "hf"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: readers see the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """A JSON file's content, or None when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---- checkpoints: names of step directories and of the files inside one
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def is_step_dir(path: Path) -> bool:
+    return path.is_dir() and path.name.startswith(TAG_PREFIX) and path.name[len(TAG_PREFIX):].isdigit()
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(TAG_PREFIX):])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints with a manifest, newest first (their files are not verified here)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_step_dir(p) and (p / MANIFEST).is_file()), key=step_of, reverse=True)
+
+
+def partial_checkpoints(root: Path) -> list[Path]:
+    """Step directories without a manifest: saves that did not finish."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_step_dir(p) and not (p / MANIFEST).exists()), key=step_of)
+
+
+def rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / RNG / f"rank_{rank:05d}.pt"
+
+
+class RunDir:
+    """One run directory and the files in it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- the run as planned
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def ds_config_file(self) -> Path:
+        return self.path / DS_CONFIG
+
+    def script(self, backend: str) -> Path:
+        """launch.sh (torchrun) or launch.sbatch (slurm)."""
+        return self.path / SCRIPTS[backend]
+
+    def write_plan(self, config_yaml: str, ds_config: dict, backend: str, script_text: str) -> Path:
+        """The resolved config, the DeepSpeed config and the launch script; returns the script's path."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(config_yaml)
+        self.ds_config_file.write_text(json.dumps(ds_config, indent=2) + "\n")
+        script = self.script(backend)
+        script.write_text(script_text)
+        script.chmod(0o755)
+        return script
+
+    def read_config(self) -> dict:
+        import yaml
+
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    def read_ds_config(self) -> dict:
+        return json.loads(self.ds_config_file.read_text())
+
+    # -- metrics: one JSON object per logged step
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_file, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def train_metrics(self) -> list[dict]:
+        """Rows of training steps (eval rows and the like have no throughput)."""
+        return [row for row in self.read_metrics() if "tokens_per_sec" in row]
+
+    def losses(self) -> dict[int, float]:
+        """step -> training loss (None for a skipped step)."""
+        return {row["step"]: row["loss"] for row in self.read_metrics() if "loss" in row}
+
+    def trim_metrics(self, last_step: int) -> None:
+        """Drop rows after last_step: they belong to an attempt that was rolled back, not to this timeline."""
+        if not self.metrics_file.exists():
+            return
+        rows = [line for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        tmp = self.metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, self.metrics_file)
+
+    # -- status and stop requests
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS
+
+    def write_status(self, state: str, step: Optional[int], checkpoint: Optional[Path] = None, reason: str = "",
+                     **extra: Any) -> None:
+        """status.json: running | stopped | completed | failed, read by launch scripts and `shardtune status`."""
+        status = {"state": state, "step": step, "checkpoint": str(checkpoint) if checkpoint else None,
+                  "reason": reason, "time": time.time(), **extra}
+        atomic_write(self.status_file, json.dumps(status) + "\n")
+
+    def read_status(self) -> Optional[dict]:
+        return read_json(self.status_file)
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP
+
+    def request_stop(self) -> None:
+        self.stop_file.touch()
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def clear_stop(self) -> None:
+        self.stop_file.unlink(missing_ok=True)
+
+    # -- wandb, preflight, SLURM jobs
+
+    def read_wandb_id(self) -> Optional[str]:
+        path = self.path / WANDB_ID
+        return path.read_text().strip() or None if path.exists() else None
+
+    def write_wandb_id(self, run_id: str) -> None:
+        (self.path / WANDB_ID).write_text(run_id + "\n")
+
+    @property
+    def preflight_file(self) -> Path:
+        return self.path / PREFLIGHT
+
+    @property
+    def preflight_probes(self) -> Path:
+        """Where each rank proves it can write to the run directory."""
+        return self.path / PREFLIGHT_PROBES
+
+    def read_jobs(self) -> list[dict]:
+        """Jobs submitted for a run, oldest first."""
+        return read_json(self.path / SLURM_JOBS) or []
+
+    def record_job(self, job_id: str) -> None:
+        jobs = self.read_jobs() + [{"job_id": job_id, "submitted": time.time()}]
+        (self.path / SLURM_JOBS).write_text(json.dumps(jobs, indent=1) + "\n")
+
+    def slurm_log(self, job_id: str = "%j") -> Path:
+        """The batch job's output file (`%j` in the #SBATCH line, the job id when reading it)."""
+        return self.path / SLURM_LOG.format(job=job_id)
+
+    # -- liveness
+
+    def heartbeat_file(self, rank: int) -> Path:
+        return self.path / HEARTBEATS / f"rank_{rank:05d}.json"
+
+    def read_heartbeats(self) -> list[dict]:
+        beats = [read_json(p) for p in sorted((self.path / HEARTBEATS).glob("rank_*.json"))]
+        return [b for b in beats if b]
+
+    def stack_file(self, rank: int) -> Path:
+        return self.path / STACKS / f"rank_{rank:05d}.txt"
+
+    def stack_dumps(self) -> list[Path]:
+        """Stack dumps of stuck ranks, newest first."""
+        return sorted((self.path / STACKS).glob("rank_*.txt"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    @property
+    def nccl_traces(self) -> Path:
+        return self.path / NCCL_TRACES
+
+    # -- checkpoints and the result
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / tag_for(step)
+
+    def complete_checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.checkpoints)
+
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL
