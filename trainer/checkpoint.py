@@ -179,7 +179,7 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
         seen = None
         while proc.poll() is None:
             time.sleep(1.0)
-            progress = sum(1 for _ in out.rglob("*")) if out.exists() else 0
+            progress = sum(len(files) for _, _, files in os.walk(out))  # os.walk skips what vanishes meanwhile
             if progress != seen:
                 seen = progress
                 beat("convert")
