@@ -58,9 +58,15 @@ class DataFields(Section):
     conversations: str = "conversations"
     """`sharegpt` format: the list of turns."""
     speaker: str = "from"
-    """`sharegpt` format: the speaker key inside a turn (human / gpt / system)."""
+    """`sharegpt` format: the speaker key inside a turn (human / gpt / system / function_call / observation)."""
     value: str = "value"
     """`sharegpt` format: the text key inside a turn."""
+    tools: str = "tools"
+    """`messages`, `sharegpt` formats: the optional per-row tool definitions (a list, or a JSON string of one)."""
+    function_call: str = "function_call"
+    """`sharegpt` format: speaker of a turn calling tools; its value is JSON {"name", "arguments"} or a list."""
+    observation: str = "observation"
+    """`sharegpt` format: the speaker of a tool result (never trained)."""
 
 
 DataFormat = Literal["text", "alpaca", "messages", "sharegpt"]
