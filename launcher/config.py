@@ -105,7 +105,16 @@ class DataConfig(Section):
     chat_template: Optional[str] = None
     """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
-    """Which tokens carry loss: every assistant turn, only the last one, or all tokens."""
+    """Which tokens carry loss: every assistant turn (tool calls too, never tool results), the last one, or all."""
+    multi_turn: Literal["auto", "per_turn", "whole"] = "auto"
+    ("Exact masks where a template renders a turn differently inside the conversation than as its last one "
+     "(Qwen3 drops earlier reasoning). `per_turn`: each assistant turn is its own sample, in the context the model "
+     "sees at inference (the conversation up to it with the generation prompt); `whole`: the conversation rendered "
+     "once, each turn located in it with sentinels; `auto`: rendered once where the conversation renders "
+     "prefix-stably, per_turn where not.")
+    train_on_reasoning: bool = True
+    ("Reasoning (`reasoning_content` rendered by the template, or inline <think>…</think>) carries loss; "
+     "false masks the reasoning text and still trains the rest of the turn.")
     packing: bool = True
     """Pack several samples into each sequence; attention never crosses samples."""
     truncation: Literal["drop", "truncate"] = "drop"
