@@ -425,6 +425,9 @@ def test_acceptance_reasoning_content_reaches_the_template_and_is_trained_unless
     assert_samples(off, tokenizer, {text: ["<think>\n", f"\n</think>\n\ncat dog{EOS}"]})
     with pytest.raises(DataError, match=r"rows.jsonl:1: template_ignores_reasoning: turn 1 has reasoning_content"):
         prepared_for(tmp_path / "chatml", tiny_model, [row])  # ChatML would drop it silently
+    row["messages"][1]["reasoning_content"] = ""  # nothing to drop: mixed datasets carry "" on turns without
+    plain = f"<|im_start|>user\n{Q2}{EOS}\n<|im_start|>assistant\ncat dog{EOS}\n"
+    assert_samples(prepared_for(tmp_path / "empty", tiny_model, [row]), tokenizer, {plain: [f"cat dog{EOS}"]})
 
 
 def test_inline_think_in_a_template_that_renders_content_verbatim(tmp_path, tiny_model, tokenizer):

@@ -23,7 +23,8 @@ def alias_reasoning(message: dict) -> dict:
 
 
 def has_reasoning_field(message: dict) -> bool:
-    return any(message.get(k) is not None for k in REASONING_KEYS)
+    """Reasoning next to the content; an empty one (mixed datasets carry "" for turns without) is none."""
+    return any(isinstance(message.get(k), str) and message[k].strip() for k in REASONING_KEYS)
 
 
 def inline_reasoning(content: str) -> Optional[tuple[int, int]]:
