@@ -75,7 +75,8 @@ REASON_LINES = [
     (json.dumps({"messages": [{"role": ["user"], "content": "x"}]}), "wrong_type"),
     (chat(("user", "   "), ("assistant", "yo")), "empty_content"),
     (json.dumps({"messages": []}), "empty_content"),
-    (chat(("user", "hi"), ("tool", "{}"), ("assistant", "yo")), "unknown_role"),
+    (chat(("user", "hi"), ("function", "{}"), ("assistant", "yo")), "unknown_role"),
+    (chat(("user", "hi"), ("tool", "{}"), ("assistant", "yo")), "tool_without_call"),
     (chat(("user", "hi"), ("system", "be nice"), ("assistant", "yo")), "system_not_first"),
     (chat(("system", "be nice"), ("assistant", "yo"), ("user", "hi")), "assistant_before_user"),
     (chat(("user", "a"), ("user", "b"), ("assistant", "c")), "consecutive_user"),
@@ -105,12 +106,14 @@ def test_every_reason_is_named_by_line_and_counted(tmp_path, tiny_model):
 
 def test_sharegpt_unknown_speaker_and_wrong_types(tmp_path, tiny_model):
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "{}"}]},
             {"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{}"}]},
             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]},
             {"conversations": {"from": "human"}}]
     path = write_lines(tmp_path / "s.jsonl", [json.dumps(r) for r in rows])
     s = prepare(config(tmp_path, tiny_model, path, "sharegpt", on_bad_row="skip"), log=lambda _: None).summary
-    assert s["rows_skipped"] == {"unknown_role": 1, "missing_field": 1, "wrong_type": 1} and s["rows_kept"] == 1
+    assert s["rows_skipped"] == {"unknown_role": 1, "bad_tool_call": 1, "missing_field": 1, "wrong_type": 1}
+    assert s["rows_kept"] == 1
 
 
 def test_more_than_twenty_bad_rows_lists_twenty_then_a_count(tmp_path, tiny_model):

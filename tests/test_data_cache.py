@@ -83,6 +83,8 @@ def test_key_changes_exactly_when_the_prepared_data_would(tmp_path, tiny_model):
     changed = {
         name: key(name) for name in [
             "data.seq_len=256", "data.packing=false", "data.truncation=truncate", "data.train_on=all",
+            "data.multi_turn=per_turn", "data.multi_turn=whole", "data.train_on_reasoning=false",
+            "data.fields.tools=tl",
             "data.format=text", "data.fields.messages=msgs", "data.chat_template={{ messages[0]['content'] }}",
             "data.eval_fraction=0.1", f"data.eval_path={other}", f"data.mix=[{{path: {other}}}]",
         ]}

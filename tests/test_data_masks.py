@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from launcher.cli import prepare as prepare_command
 from launcher.contract.config import load_config
 from trainer.data.collate import collate
-from trainer.data.prepare import prepare
+from trainer.data.prepare import DataError, prepare
 from trainer.data.render import IGNORE, Renderer
 
 from conftest import tiny_config
@@ -224,20 +224,31 @@ def test_direct_rendering_matches_apply_chat_template(tokenizer):
             for gp in (False, True):
                 m = row["messages"]
                 assert renderer._render(m, gp) == tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gp)
-        assert renderer._template is not None, "the fast path was not used"
+        assert renderer._compiled[False] is not None, "the fast path was not used"
 
 
-def test_template_that_is_not_prefix_stable_is_refused(tmp_path, tiny_model):
-    # Drops earlier assistant turns' content like some reasoning templates do: masks cannot be exact.
+def test_template_that_drops_earlier_answers_trains_per_turn_or_refuses_whole(tmp_path, tiny_model, tokenizer):
+    # Drops earlier assistant turns' content, as some reasoning templates drop earlier reasoning: one rendering
+    # cannot hold the earlier answers, but each answer as the last turn can be trained exactly (per_turn).
     unstable = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n' }}"
                 "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    data = {"path": write_jsonl(tmp_path / "c.jsonl", chat_rows(3)), "format": "messages", "seq_len": 256,
+    rows = chat_rows(3)  # 1, 2 and 3 assistant turns
+    data = {"path": write_jsonl(tmp_path / "c.jsonl", rows), "format": "messages", "seq_len": 256,
             "chat_template": unstable}
-    from trainer.data.render import TemplateError
+    prepared = prepare(load_config(tiny_config(tmp_path, tiny_model, data=data)), log=lambda _: None)
+    trained = sorted(run for ids, labels in samples_of(prepared.train) for run in labelled_runs(ids, labels, tokenizer))
+    answers = sorted(m["content"] + EOS for r in rows for m in r["messages"] if m["role"] == "assistant")
+    assert trained == answers  # every answer exactly once, each in its own sample
+    assert prepared.summary["masks"]["rows"] == {"prefix_stable": 1, "per_turn": 2}
+    assert prepared.summary["masks"]["samples"] == {"prefix_stable": 1, "per_turn": 5}
 
-    with pytest.raises(TemplateError, match="prefix-stably"):
-        prepare(load_config(tiny_config(tmp_path, tiny_model, data=data)), log=lambda _: None)
+    whole = {**data, "multi_turn": "whole"}
+    with pytest.raises(DataError) as err:
+        prepare(load_config(tiny_config(tmp_path, tiny_model, data=whole)), log=lambda _: None)
+    for line in (2, 3):  # the multi-turn rows, by file:line, saying which turn is missing
+        assert f"c.jsonl:{line}: turn_not_located: assistant turn 1 (message " in str(err.value)
+    assert "leaves its answer out of the whole conversation" in str(err.value)
 
 
 def test_a_token_overlapping_a_trained_span_is_labelled():

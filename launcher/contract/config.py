@@ -58,9 +58,15 @@ class DataFields(Section):
     conversations: str = "conversations"
     """`sharegpt` format: the list of turns."""
     speaker: str = "from"
-    """`sharegpt` format: the speaker key inside a turn (human / gpt / system)."""
+    """`sharegpt` format: the speaker key inside a turn (human / gpt / system / function_call / observation)."""
     value: str = "value"
     """`sharegpt` format: the text key inside a turn."""
+    tools: str = "tools"
+    """`messages`, `sharegpt` formats: the optional per-row tool definitions (a list, or a JSON string of one)."""
+    function_call: str = "function_call"
+    """`sharegpt` format: speaker of a turn calling tools; its value is JSON {"name", "arguments"} or a list."""
+    observation: str = "observation"
+    """`sharegpt` format: the speaker of a tool result (never trained)."""
 
 
 DataFormat = Literal["text", "alpaca", "messages", "sharegpt"]
@@ -99,7 +105,16 @@ class DataConfig(Section):
     chat_template: Optional[str] = None
     """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
-    """Which tokens carry loss: every assistant turn, only the last one, or all tokens."""
+    """Which tokens carry loss: every assistant turn (tool calls too, never tool results), the last one, or all."""
+    multi_turn: Literal["auto", "per_turn", "whole"] = "auto"
+    ("Exact masks where a template renders a turn differently inside the conversation than as its last one "
+     "(Qwen3 drops earlier reasoning). `per_turn`: each assistant turn is its own sample, in the context the model "
+     "sees at inference (the conversation up to it with the generation prompt); `whole`: the conversation rendered "
+     "once, each turn located in it with sentinels; `auto`: rendered once where the conversation renders "
+     "prefix-stably, per_turn where not.")
+    train_on_reasoning: bool = True
+    ("Reasoning (`reasoning_content` rendered by the template, or inline <think>…</think>) carries loss; "
+     "false masks the reasoning text and still trains the rest of the turn.")
     packing: bool = True
     """Pack several samples into each sequence; attention never crosses samples."""
     truncation: Literal["drop", "truncate"] = "drop"

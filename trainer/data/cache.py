@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-PREP_VERSION = 2  # bump when the preprocessing code changes what it produces
+PREP_VERSION = 3  # bump when the preprocessing code changes what it produces
 
 
 def default_cache_root() -> Path:

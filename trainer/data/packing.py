@@ -10,6 +10,7 @@ import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,6 +39,10 @@ def one_per_sequence(lengths: list[int] | np.ndarray) -> list[list[int]]:
     return [[i] for i in range(len(lengths))]
 
 
+ARRAYS = ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets")
+OPTIONAL_ARRAYS = ("sample_method", "sample_turn")
+
+
 @dataclass
 class PackedSet:
     """Packed sequences: sequence k holds tokens[seq_starts[k]:seq_starts[k+1]], made of samples whose
@@ -49,6 +54,10 @@ class PackedSet:
     sample_lens: np.ndarray
     sample_starts: np.ndarray
     n_targets: np.ndarray
+    sample_method: Optional[np.ndarray] = None
+    """Per sample: how its trained spans were found (an index into trainer.data.render.METHODS), for --show."""
+    sample_turn: Optional[np.ndarray] = None
+    """Per sample: the assistant turn a per_turn sample trains (1-based), else 0."""
 
     def __len__(self) -> int:
         return len(self.seq_starts) - 1
@@ -63,18 +72,24 @@ class PackedSet:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        for name in ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets"):
-            np.save(directory / f"{name}.npy", getattr(self, name))
+        for name in ARRAYS + OPTIONAL_ARRAYS:
+            if getattr(self, name) is not None:
+                np.save(directory / f"{name}.npy", getattr(self, name))
 
     @classmethod
     def load(cls, directory: Path) -> PackedSet:
-        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
-                  for name in ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets")}
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        arrays.update({name: np.load(directory / f"{name}.npy") for name in OPTIONAL_ARRAYS
+                       if (directory / f"{name}.npy").is_file()})
         return cls(**arrays)
 
 
-def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray], groups: list[list[int]]) -> PackedSet:
-    """Concatenate each group's samples into one sequence; count the targets of the shifted loss."""
+def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray], groups: list[list[int]],
+                 sample_method: Optional[np.ndarray] = None, sample_turn: Optional[np.ndarray] = None) -> PackedSet:
+    """Concatenate each group's samples into one sequence; count the targets of the shifted loss.
+
+    sample_method / sample_turn (per input sample, optional) describe each sample for `prepare --show`.
+    """
     order = [i for g in groups for i in g]
     lens = np.array([len(samples_ids[i]) for i in order], dtype=np.int64)
     if not order:
@@ -91,8 +106,10 @@ def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray]
     is_target = labels != -100
     is_target[token_starts[:-1][lens > 0]] = False
     n_targets = np.add.reduceat(is_target.astype(np.int64), seq_starts[:-1])
+    described = {name: np.asarray(values)[order] for name, values in
+                 (("sample_method", sample_method), ("sample_turn", sample_turn)) if values is not None}
     return PackedSet(tokens, labels, seq_starts.astype(np.int64), lens.astype(np.int32), sample_starts.astype(np.int64),
-                     n_targets.astype(np.int64))
+                     n_targets.astype(np.int64), **described)
 
 
 def packing_stats(packed: PackedSet, seq_len: int) -> dict:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -26,9 +26,9 @@ from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, default_cache_root
-from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_sample
+from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_chat
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
-from trainer.data.render import Renderer, fit_length, install_template, num_targets
+from trainer.data.render import METHODS, Rendered, Renderer, fit_length, install_template, num_targets
 from trainer.data.sources import fingerprint_files, read_rows
 
 MAX_LISTED_BAD_ROWS = 20
@@ -60,15 +60,27 @@ class Prepared:
 
 @dataclass
 class Encoded:
-    """One source after tokenization: its usable samples and what happened to the other rows."""
+    """One source after tokenization: its usable samples and what happened to the other rows.
+
+    A row gives one sample, or one per assistant turn where it is rendered per_turn.
+    """
 
     ids: list[np.ndarray]
     labels: list[np.ndarray]
+    rows: np.ndarray
+    """The row each sample comes from (an eval holdout takes whole rows, never some turns of one)."""
+    methods: np.ndarray
+    """Per sample: index into render.METHODS of how its trained spans were found."""
+    turns: np.ndarray
+    """Per sample: the assistant turn a per_turn sample trains (1-based), else 0."""
     rows_read: int
     skipped: Counter
+    """Rows left without any sample, per reason."""
     truncated: int
     bad: list[tuple[str, str, str]]
     """(file:line, reason, detail) of malformed rows, in file order (policy drops are only counted)."""
+    turns_dropped: Counter
+    """per_turn samples dropped (too long, nothing trained) from rows whose other samples were kept."""
 
 
 def sources_of(cfg: RunConfig) -> list[Source]:
@@ -125,38 +137,58 @@ def cache_inputs(cfg: RunConfig, tok) -> dict:
         "tokenizer": tokenizer_fingerprint(tok),
         "chat_template": tok.chat_template if chat else None,
         "train_on": d.train_on if chat else None,
+        "multi_turn": d.multi_turn if chat else None,
+        "train_on_reasoning": d.train_on_reasoning if chat else None,
         "seq_len": d.seq_len, "packing": d.packing, "truncation": d.truncation,
         # The seed only draws the eval holdout and the mixture's subsets.
         "seed": cfg.train.seed if (mixing or d.eval_fraction) else None,
     }
 
 
-def _encode_batch(batch: dict, fmt: str, fields: dict, renderer: Renderer, seq_len: int, truncation: str) -> dict:
-    """datasets.map worker: rows -> token ids and labels, or the reason a row is dropped."""
-    f = DataFields(**fields)
-    n = len(batch["text"])
-    reason, detail, truncated = [""] * n, [""] * n, [False] * n
-    rendered, at = [], []
-    for i, (text, error) in enumerate(zip(batch["text"], batch["error"])):
+COLUMNS = ("where", "row", "input_ids", "labels", "reason", "detail", "truncated", "method", "turn")
+
+
+def _render_rows(batch: dict, fmt: str, f: DataFields, renderer: Renderer) -> list[Union[BadRow, list[Rendered]]]:
+    out: list[Union[BadRow, list[Rendered]]] = []
+    for text, error in zip(batch["text"], batch["error"]):
         try:
             if error:
                 raise BadRow(*error.split(": ", 1))
-            rendered.append(renderer.render(to_sample(parse_json(text), fmt, f)))
-            at.append(i)
+            out.append(renderer.render_samples(to_chat(parse_json(text), fmt, f)))
         except BadRow as exc:
-            reason[i], detail[i] = exc.reason, exc.detail
+            out.append(exc)
+    return out
+
+
+def _encode_batch(batch: dict, indices: list[int], fmt: str, fields: dict, renderer: Renderer, seq_len: int,
+                  truncation: str) -> dict:
+    """datasets.map worker: rows -> an output per sample (token ids and labels), or per row why it is dropped."""
+    rendered = _render_rows(batch, fmt, DataFields(**fields), renderer)
+    encoded = iter(renderer.encode_many([s for r in rendered if isinstance(r, list) for s in r]))
+    out: dict[str, list] = {c: [] for c in COLUMNS}
     empty = np.zeros(0, dtype=np.int32)
-    ids_out, labels_out = [empty] * n, [empty] * n
-    for i, (ids, labels) in zip(at, renderer.encode_many(rendered)):
-        try:
-            ids, labels, cut = fit_length(ids, labels, seq_len, truncation)
-            if num_targets(labels) == 0:
-                raise BadRow("no_trained_tokens", "no token carries loss" + (" after truncation" if cut else ""))
-        except BadRow as exc:
-            reason[i], detail[i] = exc.reason, exc.detail
+
+    def emit(i: int, ids=empty, labels=empty, reason="", detail="", cut=False, sample: Optional[Rendered] = None):
+        values = (batch["where"][i], indices[i], ids, labels, reason, detail, cut,
+                  METHODS.index(sample.method) if sample else -1, sample.turn if sample else 0)
+        for column, value in zip(COLUMNS, values):
+            out[column].append(value)
+
+    for i, samples in enumerate(rendered):
+        if isinstance(samples, BadRow):
+            emit(i, reason=samples.reason, detail=samples.detail)
             continue
-        ids_out[i], labels_out[i], truncated[i] = ids, labels, cut
-    return {"input_ids": ids_out, "labels": labels_out, "reason": reason, "detail": detail, "truncated": truncated}
+        for sample in samples:
+            ids, labels = next(encoded)
+            try:
+                ids, labels, cut = fit_length(ids, labels, seq_len, truncation)
+                if num_targets(labels) == 0:
+                    raise BadRow("no_trained_tokens", "no token carries loss" + (" after truncation" if cut else ""))
+            except BadRow as exc:
+                emit(i, reason=exc.reason, detail=exc.detail, sample=sample)
+                continue
+            emit(i, ids, labels, cut=cut, sample=sample)
+    return out
 
 
 def _workers(cfg: RunConfig, rows: int) -> Optional[int]:
@@ -169,7 +201,6 @@ def _workers(cfg: RunConfig, rows: int) -> Optional[int]:
 def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
     """One source through datasets.map (batched, num_proc); results come back as Arrow, read as numpy."""
     import datasets
-    import pyarrow.compute as pc
 
     where, text, error = [], [], []
     for row in read_rows(src.path, src.split):
@@ -179,30 +210,47 @@ def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
     raw = datasets.Dataset.from_dict({"where": where, "text": text, "error": error})
     del where, text, error
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    features = datasets.Features({"where": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
+    features = datasets.Features({"where": datasets.Value("string"), "row": datasets.Value("int64"),
+                                  "input_ids": datasets.List(datasets.Value("int32")),
                                   "labels": datasets.List(datasets.Value("int32")), "reason": datasets.Value("string"),
-                                  "detail": datasets.Value("string"), "truncated": datasets.Value("bool")})
-    encoded = raw.map(_encode_batch, batched=True, batch_size=500, num_proc=_workers(cfg, len(raw)),
-                      remove_columns=["text", "error"], features=features, keep_in_memory=True,
+                                  "detail": datasets.Value("string"), "truncated": datasets.Value("bool"),
+                                  "method": datasets.Value("int8"), "turn": datasets.Value("int16")})
+    # A row may give several samples (per_turn), so every input column goes and the worker writes all outputs.
+    encoded = raw.map(_encode_batch, batched=True, batch_size=500, num_proc=_workers(cfg, len(raw)), with_indices=True,
+                      remove_columns=raw.column_names, features=features, keep_in_memory=True,
                       fn_kwargs={"fmt": src.format, "fields": src.fields.model_dump(), "renderer": renderer,
                                  "seq_len": cfg.data.seq_len, "truncation": cfg.data.truncation},
                       new_fingerprint=hashlib.sha256(f"{src.path}{time.time_ns()}".encode()).hexdigest()[:16],
                       desc=f"tokenizing {Path(src.path).name}")
-    table = encoded.data.table
-    reasons = table.column("reason")
-    good = np.asarray(pc.equal(reasons, "").to_numpy(zero_copy_only=False), dtype=bool)
-    bad_table = table.filter(pc.invert(pc.equal(reasons, ""))).select(["where", "reason", "detail"])
-    skipped = Counter(bad_table.column("reason").to_pylist())
-    bad = [(w, r, d) for w, r, d in zip(*(bad_table.column(c).to_pylist() for c in ("where", "reason", "detail")))
-           if r not in POLICY_DROPS]
+    return _encoded_from(encoded.data.table, len(raw))
+
+
+def _column(table, name: str) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
+
+
+def _encoded_from(table, rows_read: int) -> Encoded:
+    """Samples kept, and per row what became of it: a row counts as kept when any of its samples is."""
+    reasons = _column(table, "reason")
+    rows = _column(table, "row").astype(np.int64)
+    good = reasons == ""
+    kept_rows = np.unique(rows[good])
+    first = np.unique(rows, return_index=True)[1]  # each row's first output: its reason when nothing is kept
+    lost = first[~np.isin(rows[first], kept_rows)]
+    where, details = table.column("where").to_pylist(), table.column("detail").to_pylist()
+    bad = [(where[k], reasons[k], details[k]) for k in lost if reasons[k] not in POLICY_DROPS]
+    partly = ~good & np.isin(rows, kept_rows)
+    keep = np.flatnonzero(good)
     ids, labels = table.column("input_ids").combine_chunks(), table.column("labels").combine_chunks()
     id_at, flat_ids = ids.offsets.to_numpy(), ids.values.to_numpy()
     label_at, flat_labels = labels.offsets.to_numpy(), labels.values.to_numpy()
-    keep = np.flatnonzero(good)
-    truncated = np.asarray(table.column("truncated").to_numpy(zero_copy_only=False), dtype=bool)
+    truncated = _column(table, "truncated").astype(bool)
     return Encoded(ids=[flat_ids[id_at[i]:id_at[i + 1]] for i in keep],
                    labels=[flat_labels[label_at[i]:label_at[i + 1]] for i in keep],
-                   rows_read=len(table), skipped=skipped, truncated=int(truncated[keep].sum()), bad=bad)
+                   rows=rows[keep], methods=_column(table, "method")[keep].astype(np.int8),
+                   turns=_column(table, "turn")[keep].astype(np.int16), rows_read=rows_read,
+                   skipped=Counter(reasons[lost].tolist()), truncated=len(np.unique(rows[keep][truncated[keep]])),
+                   bad=bad, turns_dropped=Counter(reasons[partly].tolist()))
 
 
 def bad_rows_message(bad: list[tuple[str, str, str]], total: int, counts: dict[str, int]) -> str:
@@ -213,21 +261,28 @@ def bad_rows_message(bad: list[tuple[str, str, str]], total: int, counts: dict[s
             f"{listed}{more}\nper reason: {per_reason}")
 
 
+def _holdout(enc: Encoded, eval_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) sample indices of one source; whole rows are held out, so no turn of a held-out
+    conversation is trained on."""
+    rows = np.unique(enc.rows)
+    order = rng.permutation(len(rows))
+    held = np.isin(enc.rows, rows[order[:int(round(eval_fraction * len(rows)))]])
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction: float, seed: int):
-    """Hold out eval_fraction of every source, then mix the rest in proportion to the weights.
+    """Hold out eval_fraction of every source's rows, then mix the rest in proportion to the weights.
 
     Returns (training samples, held-out samples, training samples per source); a sample is
-    (source index, row index). The mixture has as many samples as the sources' training rows
-    together; a source with more weight than rows is repeated, one with less is subsampled.
+    (source index, sample index). The mixture has as many samples as the sources' training samples
+    together; a source with more weight than samples is repeated, one with less is subsampled.
     """
     rng = np.random.default_rng([seed, 17])
     train, held = [], []
     for s, enc in enumerate(per_source):
-        n = len(enc.ids)
-        order = rng.permutation(n)
-        n_eval = int(round(eval_fraction * n))
-        held += [(s, int(i)) for i in np.sort(order[:n_eval])]
-        train.append(np.sort(order[n_eval:]))
+        kept, out = _holdout(enc, eval_fraction, rng)
+        held += [(s, int(i)) for i in out]
+        train.append(kept)
     if len(train) == 1:
         return [(0, int(i)) for i in train[0]], held, [len(train[0])]
     total = sum(len(idx) for idx in train)
@@ -247,21 +302,39 @@ def _pack(per_source: list[Encoded], samples: list[tuple[int, int]], seq_len: in
     labels = [per_source[s].labels[i] for s, i in samples]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     groups = best_fit_decreasing(lengths, seq_len) if packing else one_per_sequence(lengths)
-    return build_packed(ids, labels, groups)
+    methods = np.array([per_source[s].methods[i] for s, i in samples], dtype=np.int8)
+    turns = np.array([per_source[s].turns[i] for s, i in samples], dtype=np.int16)
+    return build_packed(ids, labels, groups, methods, turns)
 
 
 def _counts(encoded: list[Encoded]) -> dict:
     skipped = sum((e.skipped for e in encoded), Counter())
+    dropped = sum((e.turns_dropped for e in encoded), Counter())
     read = sum(e.rows_read for e in encoded)
-    return {"rows_read": read, "rows_kept": sum(len(e.ids) for e in encoded), "rows_skipped": dict(sorted(skipped.items())),
-            "rows_truncated": sum(e.truncated for e in encoded)}
+    out = {"rows_read": read, "rows_kept": sum(len(np.unique(e.rows)) for e in encoded),
+           "rows_skipped": dict(sorted(skipped.items())), "rows_truncated": sum(e.truncated for e in encoded)}
+    if dropped:
+        out["turns_dropped"] = dict(sorted(dropped.items()))
+    return out
+
+
+def _masks(encoded: list[Encoded], multi_turn: str) -> dict:
+    """How many rows and samples each method of finding trained spans gave (a row has one method)."""
+    rows: Counter = Counter()
+    samples: Counter = Counter()
+    for e in encoded:
+        for code in np.unique(e.methods):
+            of_method = e.methods == code
+            rows[METHODS[code]] += len(np.unique(e.rows[of_method]))
+            samples[METHODS[code]] += int(of_method.sum())
+    return {"multi_turn": multi_turn, "rows": dict(sorted(rows.items())), "samples": dict(sorted(samples.items()))}
 
 
 def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     d = cfg.data
     started = time.perf_counter()
     sources, eval_src = sources_of(cfg), eval_source_of(cfg)
-    renderer = Renderer(tok, d.train_on)
+    renderer = Renderer(tok, d.train_on, d.multi_turn, d.train_on_reasoning)
     encoded = [encode_source(src, renderer, cfg) for src in sources]
     eval_encoded = encode_source(eval_src, renderer, cfg) if eval_src else None
     picked, held, per_source = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
@@ -284,7 +357,7 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
         for w, r, detail in bad[:MAX_STORED_BAD_ROWS]:
             fh.write(json.dumps({"where": w, "reason": r, "detail": detail}) + "\n")
     empty = {"sequences": 0, "tokens": 0, "trained_tokens": 0, "pad_tokens": 0, "packing_efficiency": 0.0}
-    summary = {**_counts(encoded), "samples": len(picked), "seq_len": d.seq_len,
+    summary = {**_counts(encoded), "samples": len(picked), "seq_len": d.seq_len, "masks": _masks(encoded, d.multi_turn),
                **(packing_stats(train, d.seq_len) if train is not None else empty),
                "sources": [{"path": s.path, "format": s.format, "weight": s.weight, **_counts([e]), "samples": n}
                            for s, e, n in zip(sources, encoded, per_source)],

@@ -1,12 +1,10 @@
 """Render samples with the tokenizer's chat template and mark, token by token, what carries loss.
 
-The trained spans come from the template itself: the text of the conversation up to an assistant
-turn (with the generation prompt) and up to the end of that turn are both prefixes of the full
-rendering, so the characters between them are exactly the assistant's content and end-of-turn
-token. Tokens are then labelled through the tokenizer's character offsets: a token carries loss when
-it covers any character of a trained span, so no part of an answer is ever left unlabelled. No role
-strings are searched for, so it holds for any template that renders conversations prefix-stably,
-and says so when one does not.
+Which characters of a rendering are trained is decided in `turn_spans` from the template itself
+(prefix-stable conversations in one sample, others per turn or located with sentinels); this module
+renders, keeps each row's tools and extra per-message keys on their way to the template, and labels
+tokens through the tokenizer's character offsets: a token carries loss when it covers any character
+of a trained span, so no part of an answer is ever left unlabelled.
 """
 from __future__ import annotations
 
@@ -16,7 +14,18 @@ from typing import Optional, Union
 import numpy as np
 
 from launcher.contract.errors import UserError
-from trainer.data.formats import BadRow, Conversation
+from trainer.data.formats import BadRow, Chat, Conversation
+from trainer.data.template_support import Support, check_support, probe
+from trainer.data.turn_spans import (
+    Renders,
+    Span,
+    assistant_turns,
+    per_turn_samples,
+    prefix_stable_spans,
+    reasoning_spans,
+    whole_spans,
+    without,
+)
 
 IGNORE = -100
 
@@ -30,7 +39,7 @@ BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 
 class TemplateError(UserError):
-    """The chat template cannot give exact masks (missing, or not prefix-stable)."""
+    """The chat template cannot give exact masks (missing, or a conversation that needs several samples)."""
 
 
 def install_template(tokenizer, template: str | None, needs_template: bool) -> None:
@@ -45,11 +54,19 @@ def install_template(tokenizer, template: str | None, needs_template: bool) -> N
         raise TemplateError("exact loss masks need a fast (Rust) tokenizer with character offsets")
 
 
+METHODS = ("document", "all", "prefix_stable", "per_turn", "whole")
+"""How a sample's trained spans were found (stored per sample as the index into this tuple)."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     text: str
     spans: Optional[tuple[tuple[int, int], ...]]
     """Sorted, disjoint character spans that carry loss; None for a plain document (every token)."""
+    method: str = "document"
+    """One of METHODS."""
+    turn: int = 0
+    """per_turn: the assistant turn (1-based) this sample trains; 0 when a sample trains all of its row's turns."""
 
 
 def labels_from_offsets(ids: np.ndarray, offsets: np.ndarray, spans: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -67,85 +84,109 @@ def labels_from_offsets(ids: np.ndarray, offsets: np.ndarray, spans: tuple[tuple
     return np.where(inside, ids, IGNORE).astype(np.int32)
 
 
-def _compiled_template(tokenizer):
-    """The tokenizer's compiled template (transformers caches it), or None where that internal API is gone."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        return _compile_jinja_template(tokenizer.get_chat_template())
-    except Exception:  # noqa: BLE001 - any failure just means the public (slower) path is used
-        return None
-
-
 class Renderer:
-    """Sample -> (input_ids, labels) with labels = IGNORE wherever no loss is taken.
+    """Sample -> one or more (input_ids, labels), with labels = IGNORE wherever no loss is taken.
 
-    A row renders 1 + 2 × (assistant turns) times, so rendering dominates preprocessing. Rows are
-    already plain dicts of strings, so they go to the compiled template directly, skipping the deep
-    copy apply_chat_template makes of every input; the first conversation is rendered both ways,
-    and any difference switches back to apply_chat_template for good.
+    Rendering dominates preprocessing (a row renders 1 + 2 x its assistant turns times), so rows, which
+    are already plain JSON data, go to the compiled template directly, skipping the deep copy
+    apply_chat_template makes of every input. The first conversation (with and without tools) is
+    rendered both ways, and any difference switches back to apply_chat_template for good.
     """
 
-    def __init__(self, tokenizer, train_on: str = "assistant"):
+    def __init__(self, tokenizer, train_on: str = "assistant", multi_turn: str = "auto",
+                 train_on_reasoning: bool = True):
         self.tok = tokenizer
-        self.train_on = train_on
+        self.train_on, self.multi_turn, self.train_on_reasoning = train_on, multi_turn, train_on_reasoning
         self.eos = tokenizer.eos_token_id
-        self._template = None
-        self._checked = False
+        self._compiled: dict[bool, object] = {}
         self._special: dict = {}
+        self._support: Optional[Support] = None
 
     def __getstate__(self) -> dict:  # datasets ships the renderer to its workers; compiled templates do not pickle
-        return {**self.__dict__, "_template": None, "_checked": False}
+        return {**self.__dict__, "_compiled": {}}
 
-    def _slow(self, messages: Conversation, generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def _render(self, messages: Conversation, generation_prompt: bool) -> str:
-        if not self._checked:
-            self._checked = True
-            self._template = _compiled_template(self.tok)
-            self._special = dict(self.tok.special_tokens_map)
-            if self._template is not None and any(
-                    self._fast(messages, gp) != self._slow(messages, gp) for gp in (False, True)):
-                self._template = None
-        if self._template is None:
-            return self._slow(messages, generation_prompt)
-        return self._fast(messages, generation_prompt)
-
-    def _fast(self, messages: Conversation, generation_prompt: bool) -> str:
+    def _slow(self, messages: Conversation, generation_prompt: bool, tools: Optional[list]) -> str:
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=generation_prompt, **self._special)
-        except Exception:  # noqa: BLE001 - let the public path raise the template's own error
-            return self._slow(messages, generation_prompt)
+            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - a template that fails on a row makes that row bad, not the run
+            raise BadRow("template_error",
+                         f"the chat template fails on this row: {type(exc).__name__}: {exc}") from None
 
-    def trained_spans(self, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        """The full rendering and the character spans that carry loss."""
-        full = self._render(messages, False)
-        if self.train_on == "all":
-            return full, [(0, len(full))]
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.train_on == "last_assistant":
-            turns = turns[-1:]
-        spans = []
-        for i in turns:
-            before = self._render(messages[:i], True)
-            # A conversation usually ends with its last answer: then that turn's prefix is the whole thing.
-            through = full if i + 1 == len(messages) else self._render(messages[: i + 1], False)
-            if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
-                raise TemplateError(
-                    "the chat template does not render conversations prefix-stably (turn "
-                    f"{i} renders differently inside the whole conversation), so exact masks cannot be derived; "
-                    "set data.chat_template to a template that does")
-            # The turn ends with its end-of-turn token; whitespace after it is layout, not something to learn.
-            spans.append((len(before), len(through.rstrip())))
-        return full, spans
+    def _check_fast_path(self, messages: Conversation, tools: Optional[list]) -> None:
+        """Compile the template for rows with (or without) tools and keep it if it renders like the public API.
 
-    def render(self, sample: Union[str, Conversation]) -> Rendered:
+        Decided on the first conversation that renders at all: one the template fails on decides nothing.
+        """
+        self._special = dict(self.tok.special_tokens_map)
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            template = _compile_jinja_template(self.tok.get_chat_template(None, tools))
+            direct = [self._direct(template, messages, gp, tools) for gp in (False, True)]
+        except Exception:  # noqa: BLE001 - the internal API is gone, or this row fails: the public path decides
+            template, direct = None, None
+        public = [self._slow(messages, gp, tools) for gp in (False, True)]  # raises BadRow for a failing row
+        self._compiled[tools is not None] = template if direct == public else None
+
+    def _direct(self, template, messages: Conversation, generation_prompt: bool, tools: Optional[list]) -> str:
+        return template.render(messages=messages, tools=tools, documents=None,
+                               add_generation_prompt=generation_prompt, **self._special)
+
+    def _render(self, messages: Conversation, generation_prompt: bool, tools: Optional[list] = None) -> str:
+        if (tools is not None) not in self._compiled:
+            self._check_fast_path(messages, tools)
+        template = self._compiled[tools is not None]
+        if template is not None:
+            try:
+                return self._direct(template, messages, generation_prompt, tools)
+            except Exception:  # noqa: BLE001 - let the public path raise the template's own error
+                pass
+        return self._slow(messages, generation_prompt, tools)
+
+    @property
+    def support(self) -> Support:
+        """What the template renders beyond roles and content (probed once per process)."""
+        if self._support is None:
+            self._support = probe(self._render)
+        return self._support
+
+    def render_samples(self, sample: Union[str, Conversation, Chat]) -> list[Rendered]:
+        """A row's training samples: one, or one per assistant turn where it renders per_turn."""
         if isinstance(sample, str):
-            return Rendered(sample, None)
-        text, spans = self.trained_spans(sample)
-        return Rendered(text, tuple(spans))
+            return [Rendered(sample, None)]
+        chat = sample if isinstance(sample, Chat) else Chat(list(sample))
+        check_support(chat.messages, chat.tools, self.support)
+        r = Renders(lambda messages, gp: self._render(messages, gp, chat.tools), chat.messages)
+        if self.train_on == "all":
+            return [Rendered(r.full, ((0, len(r.full)),), "all")]
+        turns = assistant_turns(chat.messages, last_only=self.train_on == "last_assistant")
+        if self.multi_turn == "whole":
+            return [self._masked(r, len(chat.messages), r.full, list(zip(turns, whole_spans(r, turns))), "whole")]
+        if self.multi_turn == "auto":
+            spans = prefix_stable_spans(r, turns)
+            if spans is not None:
+                return [self._masked(r, len(chat.messages), r.full, list(zip(turns, spans)), "prefix_stable")]
+        numbers = {i: k for k, i in enumerate(assistant_turns(chat.messages, last_only=False), start=1)}
+        return [self._masked(r, i + 1, text, [(i, span)], "per_turn", numbers[i])
+                for i, (text, span) in zip(turns, per_turn_samples(r, turns))]
+
+    def _masked(self, r: Renders, n: int, text: str, turn_spans: list[tuple[int, Span]], method: str,
+                turn: int = 0) -> Rendered:
+        """The sample with its turns' spans, reasoning cut out of them under data.train_on_reasoning=false."""
+        spans = []
+        for i, span in turn_spans:
+            holes = [] if self.train_on_reasoning else reasoning_spans(r, n, i, text)
+            spans.extend(without([span], holes))
+        return Rendered(text, tuple(spans), method, turn)
+
+    def render(self, sample: Union[str, Conversation, Chat]) -> Rendered:
+        """The one sample a row renders to (evaluation scores whole conversations)."""
+        samples = self.render_samples(sample)
+        if len(samples) != 1:
+            raise TemplateError(f"the conversation renders as {len(samples)} samples (one per assistant turn: the "
+                                "chat template does not render it prefix-stably); use render_samples")
+        return samples[0]
 
     def encode_many(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tokenize a batch in one call into the Rust tokenizer; labels come from offsets, not Python loops."""
@@ -167,7 +208,7 @@ class Renderer:
                                                    rendered[i].spans))
         return out
 
-    def encode(self, sample: Union[str, Conversation]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, sample: Union[str, Conversation, Chat]) -> tuple[np.ndarray, np.ndarray]:
         return self.encode_many([self.render(sample)])[0]
 
 

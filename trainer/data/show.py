@@ -14,7 +14,7 @@ import numpy as np
 
 from trainer.data.collate import collate
 from trainer.data.packing import PackedSet
-from trainer.data.render import IGNORE
+from trainer.data.render import IGNORE, METHODS
 from trainer.data.sampler import GlobalBatchSampler
 
 TRAINED_TTY = ("\033[1;32m", "\033[0m")
@@ -34,8 +34,21 @@ def sequence_record(data: PackedSet, k: int, pad_id: int) -> dict:
     targets = batch.targets[0].numpy()
     labels = np.concatenate([[IGNORE], targets[:-1]])
     _, _, lens = data.sequence(k)
-    return {"sequence": int(k), "input_ids": batch.input_ids[0].tolist(), "labels": labels.tolist(),
-            "position_ids": batch.position_ids[0].tolist(), "sample_lengths": [int(x) for x in lens]}
+    record = {"sequence": int(k), "input_ids": batch.input_ids[0].tolist(), "labels": labels.tolist(),
+              "position_ids": batch.position_ids[0].tolist(), "sample_lengths": [int(x) for x in lens]}
+    if data.sample_method is not None:
+        at = slice(int(data.sample_starts[k]), int(data.sample_starts[k + 1]))
+        record["sample_methods"] = [METHODS[int(m)] for m in data.sample_method[at]]
+        record["sample_turns"] = [int(t) for t in data.sample_turn[at]]
+    return record
+
+
+def _how(record: dict, n: int) -> str:
+    """How sample n's trained spans were found, for its header line (nothing for documents)."""
+    if "sample_methods" not in record or record["sample_methods"][n] == "document":
+        return ""
+    method, turn = record["sample_methods"][n], record["sample_turns"][n]
+    return f", {method}" + (f" (trains assistant turn {turn})" if turn else "")
 
 
 def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
@@ -59,7 +72,7 @@ def format_record(record: dict, tokenizer, order_index: int, seq_len: int, color
     for n, length in enumerate(lens, start=1):
         end = start + length
         out.append(f"--- sample {n}/{len(lens)}: {length} tokens, position_ids {positions[start]}..{positions[end - 1]}, "
-                   f"{int(trained[start:end].sum())} trained ---")
+                   f"{int(trained[start:end].sum())} trained{_how(record, n - 1)} ---")
         text = []
         for a, b, on in _runs(trained[start:end]):
             piece = tokenizer.decode(ids[start + a:start + b].tolist(), skip_special_tokens=False,
@@ -79,16 +92,35 @@ def _reasons(counts: dict) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none"
 
 
+MASK_WORDS = {"prefix_stable": "rendered once (prefix-stable)", "per_turn": "per_turn (a sample per assistant turn)",
+              "whole": "whole (turns located in one rendering)", "all": "all tokens", "document": "documents"}
+
+
+def _masks_line(m: dict) -> str:
+    """Which method gave the trained spans, per row: what `prepare` says about the chat template."""
+    order = sorted(m["rows"], key=lambda k: METHODS.index(k) if k in METHODS else len(METHODS))
+    parts = [f"{m['rows'][k]:,} rows {MASK_WORDS.get(k, k)}"
+             + (f" -> {m['samples'][k]:,} samples" if k == "per_turn" else "") for k in order]
+    line = f"masks (data.multi_turn={m['multi_turn']}): {'; '.join(parts) or 'none'}"
+    if m["multi_turn"] == "auto" and m["rows"].get("per_turn"):
+        line += ("\n  the chat template renders those per_turn rows differently once later turns follow (not "
+                 "prefix-stably), so each of their assistant turns is trained in its own sample")
+    return line
+
+
 def format_data_summary(s: dict) -> str:
     """The human form of the `--json` summary."""
     skipped = sum(s["rows_skipped"].values())
+    dropped = (f"; per_turn samples dropped: {_reasons(s['turns_dropped'])}" if s.get("turns_dropped") else "")
     lines = [f"rows: {s['rows_read']:,} read, {s['rows_kept']:,} kept, {skipped:,} skipped "
-             f"({_reasons(s['rows_skipped'])}), {s['rows_truncated']:,} truncated",
+             f"({_reasons(s['rows_skipped'])}), {s['rows_truncated']:,} truncated{dropped}",
              f"train: {s['samples']:,} samples -> {_stats_line(s)} (seq_len {s['seq_len']})"]
     if len(s.get("sources", [])) > 1:
         for src in s["sources"]:
             lines.append(f"  {src['path']} (weight {src['weight']}): {src['rows_kept']:,} rows kept, "
                          f"{src['samples']:,} samples in the mixture")
+    if s.get("masks"):
+        lines.append(_masks_line(s["masks"]))
     e = s.get("eval")
     if e:
         rows = (f"{e['rows_read']:,} rows read, {e['rows_kept']:,} kept, skipped: {_reasons(e['rows_skipped'])}; "
@@ -107,5 +139,6 @@ def summary_metrics(s: dict) -> dict:
     out = {f"data/{k}": s[k] for k in ("rows_read", "rows_kept", "rows_truncated", "samples", "sequences", "tokens",
                                       "trained_tokens", "pad_tokens", "packing_efficiency")}
     out.update({f"data/skipped/{reason}": n for reason, n in s["rows_skipped"].items()})
+    out.update({f"data/masks/{method}": n for method, n in s.get("masks", {}).get("rows", {}).items()})
     out["data/cache_hit"] = int(bool(s.get("cache_hit")))
     return out
