@@ -150,11 +150,15 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
         print(_json.dumps(record) if json else "\n" + format_record(record, tokenizer, n, cfg.data.seq_len, color))
 
 
-def export(checkpoint: str, out_dir: str, dtype: str = "auto") -> None:
-    """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest)."""
+def export(checkpoint: str, out_dir: str, dtype: str = "auto", max_shard_size: str = "5GB") -> None:
+    """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest).
+
+    It reads the checkpoint one tensor at a time and writes safetensors shards of at most --max_shard_size
+    (e.g. 5GB, 200MB) as it goes, so memory stays at about one tensor whatever the model's size.
+    """
     from trainer.tools.export import export_command  # needs torch: imported only for this command
 
-    ckpt, out = export_command(checkpoint, out_dir, dtype)
+    ckpt, out = export_command(checkpoint, out_dir, dtype, str(max_shard_size))
     print(f"exported {ckpt} -> {out}")
 
 

@@ -6,10 +6,11 @@ Layout (DeepSpeed's standard one, so its zero_to_fp32.py keeps working):
     OUTPUT_DIR/checkpoints/step_00000010/COMPLETE.json   manifest: every file, its size and sha256
     OUTPUT_DIR/checkpoints/LATEST, latest   the newest complete tag (ours, and DeepSpeed's name for it)
 
-Commit protocol: every rank writes its shards; after a barrier every rank fsyncs and hashes a share
-of the files; rank 0 then writes the manifest (temp file, fsync, rename) and only after that replaces
-the pointers the same way. A checkpoint without a manifest, or whose files do not match it, is never
-loaded. DeepSpeed's optimizer shards are pickles: a checkpoint directory must be trusted like code.
+Commit protocol: every rank writes its files through the checkpoint writer (trainer/shard_writer.py), which
+hashes the bytes as they are written and makes each file durable (fsync, rename); once every rank's writes
+are durable, rank 0 writes the manifest from those digests (temp file, fsync, rename) and only after that
+replaces the pointers the same way. In the background mode training goes on between the two. A checkpoint
+without a manifest, or whose files do not match it, is never loaded.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +48,7 @@ from launcher.contract.run_dir import (
     tag_for,
 )
 from trainer.build_once import build_once
-from trainer.distributed import Dist, all_gather_objects, barrier, broadcast_object
+from trainer.distributed import Dist, all_gather_objects, all_reduce_max, barrier, broadcast_object
 from trainer.faults import FaultHooks
 
 
@@ -55,10 +57,9 @@ class CheckpointError(UserError):
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
-    """fsync (the data must be on disk before the manifest says so) and sha256 of one file."""
+    """Size and sha256 of a file on disk (verification, and files written outside our writer)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
         for block in iter(lambda: fh.read(8 << 20), b""):
             h.update(block)
     return path.stat().st_size, h.hexdigest()
@@ -104,9 +105,20 @@ def _remove(ckpt: Path) -> None:
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
-         write_extras: Callable[[Path], None], log: Callable[[str], None], faults: Optional[FaultHooks] = None) -> Path:
-    """Write and commit checkpoint `step`; returns its directory. Every rank must call it."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written; it counts only once committed."""
+
+    step: int
+    ckpt: Path
+    started: float
+    stall: float = 0.0
+    """Seconds training waited for this save (all of it when synchronous; the snapshot when in the background)."""
+
+
+def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
+               write_extras: Callable[[Path, Callable], None], progress: Callable[[int], None]) -> PendingSave:
+    """Hand checkpoint `step` to the writer on every rank; returns once training may go on. Collective."""
     tag = tag_for(step)
     ckpt = root / tag
     if dist.is_main:
@@ -115,29 +127,77 @@ def save(engine, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
             _remove(ckpt)  # a leftover of an attempt that died while saving this step
     barrier()
     started = time.perf_counter()
+    writer.begin(progress)
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    rng_path = rng_file(ckpt, dist.rank)
-    rng_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_path)
+    rng = rng_file(ckpt, dist.rank)
+    rng.parent.mkdir(parents=True, exist_ok=True)
+    rng_now = rng_state()
+    writer.write_file(rng, lambda w: torch.save(rng_now, w))
     if dist.is_main:
-        (ckpt / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-        write_extras(ckpt)
+        text = json.dumps(state, indent=2) + "\n"
+        writer.write_file(ckpt / TRAINER_STATE, lambda w: w.write(text.encode()))
+        write_extras(ckpt, writer.write_file)
+    return PendingSave(step, ckpt, started, stall=time.perf_counter() - started)
+
+
+def durable_everywhere(writer, dist: Dist) -> bool:
+    """True on every rank once every rank's background writes have finished (one tiny collective)."""
+    return all_reduce_max([0.0 if writer.done() else 1.0], dist.device)[0] == 0
+
+
+def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
+           log: Callable[[str], None], faults: Optional[FaultHooks] = None) -> dict:
+    """Make a pending checkpoint the one in charge, once every rank's files are durable. Collective.
+
+    The manifest lists what every rank's writer recorded (size and sha256 of the bytes as written); a file
+    no writer recorded (DeepSpeed writing around its engine) is hashed from disk and reported. Returns the
+    save's measurements for the metrics.
+    """
+    error = None
+    try:
+        writer.wait()
+    except Exception as exc:  # noqa: BLE001 - every rank must learn that some rank's write failed
+        error = f"rank {dist.rank}: {type(exc).__name__}: {exc}"
     if faults is not None:
-        faults.saving(step)
-    barrier()
-    files = _files(ckpt)
-    mine = {rel: dict(zip(("size", "sha256"), _hash_file(ckpt / rel))) for rel in files[dist.rank::dist.world]}
-    shares = all_gather_objects(mine)
+        faults.saving(pending.step)
+    shares = all_gather_objects({"error": error, "files": {str(Path(p).relative_to(pending.ckpt)): meta
+                                                           for p, meta in writer.written.items()}})
+    errors = [s["error"] for s in shares if s["error"]]
+    if errors:
+        raise CheckpointError(f"saving {pending.ckpt.name} failed ({'; '.join(errors)}); the previous checkpoint "
+                              f"stays in charge")
+    files = {rel: dict(zip(("size", "sha256"), meta)) for share in shares for rel, meta in share["files"].items()}
+    measured = {}
     if dist.is_main:
-        manifest = {"step": step, "world_size": dist.world, "time": time.time(),
-                    "files": {rel: meta for share in shares for rel, meta in share.items()}}
-        atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        atomic_write(root / LATEST, tag + "\n")
-        atomic_write(root / DS_LATEST, tag)
+        unrecorded = [rel for rel in _files(pending.ckpt) if rel not in files]
+        for rel in unrecorded:
+            files[rel] = dict(zip(("size", "sha256"), _hash_file(pending.ckpt / rel)))
+        manifest = {"step": pending.step, "world_size": dist.world, "time": time.time(), "files": files}
+        atomic_write(pending.ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        atomic_write(root / LATEST, pending.ckpt.name + "\n")
+        atomic_write(root / DS_LATEST, pending.ckpt.name)
         prune(root, keep_last)
-        log(f"checkpoint {ckpt} committed ({len(files)} files, {time.perf_counter() - started:.1f} s)")
+        seconds = time.perf_counter() - pending.started
+        size = sum(meta["size"] for meta in files.values())
+        measured = {"save_seconds": round(seconds, 3), "save_gb": round(size / 1e9, 4),
+                    "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4), "save_stall_seconds": round(pending.stall, 3)}
+        log(f"checkpoint {pending.ckpt} committed: {len(files)} files, {size / 1e9:.3f} GB in {seconds:.1f} s "
+            f"({measured['save_gbps']:.2f} GB/s), training waited {pending.stall:.1f} s"
+            + (f"; hashed {len(unrecorded)} file(s) written outside the writer: {', '.join(unrecorded[:3])}"
+               if unrecorded else ""))
     barrier()
-    return ckpt
+    return measured
+
+
+def save(engine, writer, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
+         write_extras: Callable[[Path, Callable], None], log: Callable[[str], None],
+         progress: Callable[[int], None] = lambda n: None, faults: Optional[FaultHooks] = None
+         ) -> tuple[Path, dict]:
+    """Write and commit checkpoint `step`, waiting for it; (its directory, the save's measurements)."""
+    pending = begin_save(engine, writer, root, step, state, dist, write_extras, progress)
+    writer.wait()
+    pending.stall = time.perf_counter() - pending.started
+    return pending.ckpt, commit(pending, writer, root, dist, keep_last, log, faults)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -213,13 +273,23 @@ def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str],
     return path
 
 
-def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer) -> None:
-    """config, generation config and tokenizer inside a checkpoint, so it can be exported on its own."""
-    hf = ckpt / HF
-    model_config.save_pretrained(hf)
-    if generation_config is not None:
-        generation_config.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
+def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer,
+                      write_file: Callable[[Path, Callable], None]) -> None:
+    """config, generation config and tokenizer inside a checkpoint, so it can be exported on its own.
+
+    Saved by transformers into a scratch directory first, then copied in through the checkpoint's writer, so
+    their bytes are hashed on the way in like every other file of the checkpoint.
+    """
+    with tempfile.TemporaryDirectory(prefix="shardtune-hf-") as scratch:
+        model_config.save_pretrained(scratch)
+        if generation_config is not None:
+            generation_config.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        hf = ckpt / HF
+        hf.mkdir(parents=True, exist_ok=True)
+        for item in sorted(Path(scratch).iterdir()):
+            data = item.read_bytes()
+            write_file(hf / item.name, lambda w, data=data: w.write(data))
 
 
 def rng_state() -> dict:

@@ -1,69 +1,159 @@
-"""Turn any shardtune checkpoint into a plain Hugging Face model directory.
+"""A plain Hugging Face model directory, from a checkpoint on disk or from the ranks of a running job.
 
-The fp32 weights are assembled from every ZeRO shard by DeepSpeed's own zero_to_fp32 logic, on
-the CPU of one process: no GPU and not the original number of processes. The model skeleton is
-built on the meta device (no memory, no random init), the weights are assigned into it, tied
-weights are re-tied, and save_pretrained writes safetensors next to the checkpoint's config and
-tokenizer (with its chat template).
+Both ways stream: one fp32 tensor at a time is cast to the export dtype and written straight into its planned
+safetensors shard (trainer/hf_writer.py), so no process ever holds the whole model. At the end of a run all
+ranks take part (each parameter gathered with DeepSpeed's `safe_get_full_fp32_param`, rank 0 writing), so no
+rank waits idle at a barrier while one process reads a terabyte back. `shardtune export` reads a checkpoint
+lazily instead (trainer/zero_reader.py): any ZeRO stage, any original world size, no GPU.
+
+What is written is what `save_pretrained` writes: transformers' own tied-weight removal and (for models whose
+layout on disk differs from their modules, e.g. fused MoE experts) its own reverse weight conversion decide
+the tensor names; config (with the export dtype), generation config, tokenizer and chat template come from
+the checkpoint's copy of them.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from launcher.contract.run_dir import HF, MANIFEST
 from trainer.checkpoint import CheckpointError
+from trainer.hf_writer import Entry, ShardedSafetensorsWriter
+from trainer.zero_reader import ZeroCheckpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_RECORD = "shardtune_export.json"
+_NOT_COPIED = ("config.json",)  # written from the model config with the export dtype instead
 
 
-def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, whatever its ZeRO stage and world size."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if any(ckpt.glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    # ZeRO stage 0 keeps the whole module in the model-states file (a DeepSpeed pickle).
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
-    """Write a Hugging Face model directory from a checkpoint; the directory appears only when complete."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    ckpt, out = Path(ckpt), Path(out_dir)
-    if not (ckpt / MANIFEST).is_file():
-        raise CheckpointError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
-    config = AutoConfig.from_pretrained(ckpt / HF)
+def export_dtype(config, dtype: str) -> torch.dtype:
+    """`auto`: the model's own dtype (its config's), else fp32; or fp32 / bf16 / fp16."""
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if dtype == "auto":
-        target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        target = getattr(torch, target) if isinstance(target, str) else target
-    else:
-        target = DTYPES[dtype]
-    state = fp32_state_dict(ckpt)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match its model: missing {still_meta[:5]}, unexpected {unexpected[:5]}")
-    model = model.to(target)
+    if dtype != "auto":
+        return DTYPES[dtype]
+    target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, target) if isinstance(target, str) else target
+
+
+class Layout:
+    """Which tensors a Hugging Face directory of this model holds, and under which names, decided by transformers."""
+
+    def __init__(self, config, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.dtype = dtype
+        self.kept = set(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
+
+    def outputs(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The tensor(s) a module tensor becomes on disk (usually itself; split or renamed for some models)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return list(revert_weight_conversion(self.model, {name: tensor}).items())
+
+    def entries(self, source: Iterable[tuple[str, tuple[int, ...]]]) -> list[Entry]:
+        """The planned files' contents, in the order the source will produce its tensors."""
+        out = []
+        for name, shape in source:
+            if name in self.kept:
+                meta = torch.empty(shape, dtype=self.dtype, device="meta")
+                out += [Entry(n, tuple(t.shape), t.dtype) for n, t in self.outputs(name, meta)]
+        return out
+
+
+def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, entries: list[Entry],
+                    tensors: Iterator[tuple[str, torch.Tensor]], max_shard_size: str,
+                    progress: Callable[[int], None] = lambda n: None, record: Optional[dict] = None) -> Path:
+    """Stream tensors into `out` (which appears whole, or not at all: built next to it, then renamed)."""
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for item in (ckpt / HF).iterdir():
-        if item.name not in ("config.json",) and not (tmp / item.name).exists():
-            shutil.copy2(item, tmp / item.name)
-    (tmp / "shardtune_export.json").write_text(json.dumps({"checkpoint": str(ckpt), "dtype": str(target)}) + "\n")
+    tmp.mkdir(parents=True)
+    writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, progress)
+    for name, tensor in tensors:
+        if name in layout.kept:
+            for out_name, part in layout.outputs(name, tensor.to(layout.dtype)):
+                writer.write(out_name, part)
+    writer.close()
+    config.architectures = [type(layout.model).__name__]
+    config.dtype = layout.dtype
+    config.save_pretrained(tmp)
+    if hf_dir is not None:
+        for item in sorted(Path(hf_dir).iterdir()):
+            if item.name not in _NOT_COPIED and not (tmp / item.name).exists():
+                shutil.copy2(item, tmp / item.name)
+    (tmp / EXPORT_RECORD).write_text(json.dumps({**(record or {}), "dtype": str(layout.dtype),
+                                                 "max_shard_size": max_shard_size}) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB",
+                      progress: Callable[[int], None] = lambda n: None) -> Path:
+    """A Hugging Face directory from a complete checkpoint, reading it lazily (about one tensor in memory)."""
+    from transformers import AutoConfig
+
+    ckpt = Path(ckpt)
+    if not (ckpt / MANIFEST).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
+    config = AutoConfig.from_pretrained(ckpt / HF)
+    layout = Layout(config, export_dtype(config, dtype))
+    source = ZeroCheckpoint(ckpt)
+    return write_model_dir(Path(out_dir), config, ckpt / HF, layout, layout.entries(source.entries()),
+                           source.tensors(), max_shard_size, progress, {"checkpoint": str(ckpt)})
+
+
+def _full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """One parameter, whole and in fp32, on every rank: the optimizer's master copy where there is one."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)  # a collective at ZeRO-1/2/3: every rank calls it in the same order
+    return (full if full is not None else param.detach()).float()
+
+
+def export_engine(engine, hf_dir: Path, out_dir: Path, is_writer: bool, dtype: str = "auto",
+                  max_shard_size: str = "5GB", progress: Callable[[int], None] = lambda n: None) -> Optional[Path]:
+    """The running model as a Hugging Face directory. Collective: every rank calls it; `is_writer` writes.
+
+    Parameters are gathered one at a time on every rank, so each holds about one parameter at a time; the
+    writer casts it and streams it into its shard.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    layout = Layout(config, export_dtype(config, dtype))
+    module = engine.module
+    params = list(module.named_parameters())
+    buffers = [(n, b) for n, b in module.named_buffers() if n in layout.kept]
+    source = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in params] + [(n, tuple(b.shape)) for n, b in buffers]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in params:
+            full = _full_fp32(param).cpu()
+            progress(0)
+            yield name, full
+        for name, buf in buffers:
+            yield name, buf.detach().cpu()
+
+    if not is_writer:
+        for _ in tensors():  # take part in every gather
+            pass
+        return None
+    return write_model_dir(Path(out_dir), config, hf_dir, layout, layout.entries(source), tensors(), max_shard_size,
+                           progress, {"exported_by": "the run's ranks"})
+
+
+def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in one dict (for tests and small models; exports stream instead)."""
+    return dict(ZeroCheckpoint(ckpt).tensors())

@@ -99,11 +99,15 @@ class FaultHooks:
 
     def __init__(self, rank: int = 0):
         self.rank = rank
+        self._slowed, self._stalled = 0.0, False
         armed = [f for f in ACTIVE if f.rank == rank]
         if armed:
             listed = ", ".join(f"{f.kind}@{f.step}" + (f"={f.arg}" if f.arg else "") for f in armed)
             print(f"shardtune: fault injection armed on rank {rank}: {listed} (SHARDTUNE_FAULTS)", file=sys.stderr,
                   flush=True)
+
+    def _arg(self, kind: str, step: int) -> float:
+        return next(float(f.arg or 60) for f in ACTIVE if f.kind == kind and f.step == step and f.rank == self.rank)
 
     def step_started(self, step: int) -> None:
         maybe_kill("crash", step, self.rank)
@@ -116,6 +120,20 @@ class FaultHooks:
 
     def saving(self, step: int) -> None:
         maybe_kill("kill_in_save", step, self.rank)
+
+    def writing(self, step: int, nbytes: int) -> None:
+        """Called as checkpoint bytes are written (also from the background writer).
+
+        kill_in_write: die in the middle of writing the checkpoint; slow_save=S: write slowly, sleeping 1 s at a
+        time until S seconds have passed (progress continues); stall_save=S: stop for S seconds without progress.
+        """
+        maybe_kill("kill_in_write", step, self.rank)
+        if fires("slow_save", step, self.rank) and self._slowed < self._arg("slow_save", step):
+            time.sleep(1.0)
+            self._slowed += 1.0
+        if fires("stall_save", step, self.rank) and not self._stalled:
+            self._stalled = True
+            time.sleep(self._arg("stall_save", step))
 
     def exporting(self) -> None:
         slow_down("slow_export", 0, self.rank)

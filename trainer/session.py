@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from launcher.contract.config import RunConfig, validate_config
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import HF, RunDir
 from trainer import checkpoint, nonfinite, ops
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
@@ -23,13 +23,14 @@ from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.show import format_data_summary, summary_metrics
 from trainer.distributed import Dist, init_distributed
-from trainer.export import export_checkpoint
+from trainer.export import export_engine
 from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of, peak_tflops
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.metrics import Window
 from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
 from trainer.preflight import run_preflight
+from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
 from trainer.tracking import NullTracker, make_tracker
 from trainer.watchdog import Heartbeat, NoHeartbeat
@@ -80,6 +81,10 @@ class Session:
         """Where DeepSpeed loads it from: the checkpoint itself, or its universal copy on a new world size."""
         self.separation: Separation = "mask"
         self.pad_id: Optional[int] = None
+        self.writer = None
+        """The checkpoint engine every save goes through (trainer/shard_writer.py), installed in build()."""
+        self.pending: Optional[checkpoint.PendingSave] = None
+        """A checkpoint being written in the background (train.async_save), not yet committed."""
         self.last_saved_step = -1
         self.last_checkpoint: Optional[Path] = None
         self.stopped = False
@@ -126,6 +131,8 @@ class Session:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
         nonfinite.install_guard(self.engine)
+        self.writer = ShardWriter(self.engine._config, background=t.async_save)
+        self.engine.checkpoint_engine = self.writer
         self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
         self.pad_id = pad_id_of(self.tokenizer)
         peak = peak_tflops(device_name(self.dist.device), t.precision, cfg.launch.peak_tflops)
@@ -171,6 +178,8 @@ class Session:
         """Eval and periodic saves; a stop request (signal, STOP file, train.stop_at_step) saves and ends."""
         t = self.cfg.train
         self.tracker.progress(state.step)
+        if self.pending is not None and checkpoint.durable_everywhere(self.writer, self.dist):
+            self.commit_pending()
         if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
             self.tracker.log(state.step, self.eval_held_out())
         stop = self.stop.agreed(self.dist) or (t.stop_at_step is not None and state.step >= t.stop_at_step)
@@ -178,10 +187,14 @@ class Session:
             self.save(state)
             self.stop.clear(self.dist)
             self.stopped = True
-            self.tracker.message(f"stopped at step {state.step} on request; relaunch to continue from {self.last_checkpoint}")
+            self.tracker.message(f"stopped at step {state.step} on request; relaunch to continue from "
+                                 f"{self.last_checkpoint}")
             return True
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-            self.save(state)
+            if t.async_save:
+                self.begin_save(state)
+            else:
+                self.save(state)
         return False
 
     def eval_held_out(self) -> dict:
@@ -189,16 +202,46 @@ class Session:
         return held_out_loss(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
                              self.separation)
 
-    def save(self, state: TrainState) -> Path:
+    def _write_extras(self, ckpt: Path, write_file) -> None:
         module = self.engine.module
+        checkpoint.write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None), self.tokenizer,
+                                     write_file)
 
-        def extras(ckpt: Path) -> None:
-            checkpoint.write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None),
-                                         self.tokenizer)
+    def _save_progress(self, step: int):
+        def progress(nbytes: int) -> None:
+            self.heartbeat.beat("save")
+            self.faults.writing(step, nbytes)
 
+        return progress
+
+    def begin_save(self, state: TrainState) -> None:
+        """Start writing a checkpoint in the background; it is committed at a later step end once durable."""
+        self.commit_pending()
         self.heartbeat.beat("save")
-        ckpt = checkpoint.save(self.engine, self.run_dir.checkpoints, state.step, state.to_json(), self.dist,
-                               self.cfg.train.keep_last, extras, self.tracker.message, self.faults)
+        self.pending = checkpoint.begin_save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
+                                             state.to_json(), self.dist, self._write_extras,
+                                             self._save_progress(state.step))
+        self.last_saved_step = state.step
+
+    def commit_pending(self) -> None:
+        """Wait for the background save (if any) to be durable on every rank, then make it the one in charge."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self.heartbeat.beat("save")
+        measured = checkpoint.commit(pending, self.writer, self.run_dir.checkpoints, self.dist,
+                                     self.cfg.train.keep_last, self.tracker.message, self.faults)
+        self.tracker.log_with_next(measured)
+        self.last_checkpoint = pending.ckpt
+
+    def save(self, state: TrainState) -> Path:
+        """Write and commit a checkpoint now (stop requests, the end, and every save without async_save)."""
+        self.commit_pending()
+        self.heartbeat.beat("save")
+        ckpt, measured = checkpoint.save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
+                                         state.to_json(), self.dist, self.cfg.train.keep_last, self._write_extras,
+                                         self.tracker.message, self._save_progress(state.step), self.faults)
+        self.tracker.log_with_next(measured)
         self.last_saved_step = state.step
         self.last_checkpoint = ckpt
         return ckpt
@@ -210,14 +253,19 @@ class Session:
         if self.data.eval is not None:
             self.tracker.log(state.step, self.eval_held_out())
         ckpt = self.run_dir.checkpoint(state.step)
+        self.commit_pending()
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
         self.tracker.end_progress()
-        release_zero3_init()
+        # Every rank takes part in the export (each parameter is gathered once, rank 0 writes it), so no rank
+        # waits at a collective for longer than the work it waits for.
+        self.faults.exporting()
         self.heartbeat.beat("export")
+        release_zero3_init()  # the export's model skeleton must be built whole, not partitioned by zero.Init
+        export_engine(self.engine, ckpt / HF, self.run_dir.final, self.dist.is_main, dtype="auto",
+                      max_shard_size=self.cfg.train.export_max_shard_size,
+                      progress=lambda n: self.heartbeat.beat("export"))
         if self.dist.is_main:
-            self.faults.exporting()
-            export_checkpoint(ckpt, self.run_dir.final)
             self.tracker.message(end_of_run_summary(self.run_dir, started, self.run_dir.final, ckpt))
             if self.cfg.train.sample_prompt:
                 from trainer.generation import generate_reply
@@ -236,6 +284,8 @@ class Session:
         self.heartbeat.stop("failed")
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         self.heartbeat.stop()
         self.tracker.finish()
         if torch.distributed.is_initialized():

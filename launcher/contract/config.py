@@ -178,6 +178,10 @@ class TrainConfig(Section):
     """`auto`: continue from the newest complete checkpoint if any; `never`; or a checkpoint path."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """End this launch after this step with a checkpoint; relaunching continues the run (to split it over allocations)."""
+    async_save: bool = False
+    """Write periodic checkpoints in the background: training waits only for an in-memory copy of the state; the checkpoint counts once every rank's files are durable."""
+    export_max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B)?$")
+    """Largest safetensors file of the exported model (final/ and `shardtune export`), e.g. 5GB or 500MB."""
     max_bad_steps: int = Field(3, gt=0)
     """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are not counted)."""
     sample_prompt: Optional[str] = None
@@ -222,6 +226,8 @@ class LaunchConfig(Section):
     """Memory of one device, used by the planner to check fit and choose `auto` settings."""
     env: dict[str, str] = {}
     """Extra environment variables for the training processes (not secrets: they are written to launch scripts)."""
+    storage_gbps: float = Field(1.0, gt=0)
+    """Aggregate write bandwidth of the run's storage in GB/s, for the checkpoint write time in the plan (measured values are logged after each save)."""
     peak_tflops: Optional[float] = Field(None, gt=0)
     """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs (none on CPU: no MFU)."""
 

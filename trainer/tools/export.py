@@ -21,7 +21,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           f"or a run directory that has one under {CHECKPOINTS}/)")
 
 
-def export_command(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto") -> tuple[Path, Path]:
+def export_command(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto",
+                   max_shard_size: str = "5GB") -> tuple[Path, Path]:
     """(the checkpoint used, the model directory written)."""
     ckpt = resolve_checkpoint(checkpoint)
-    return ckpt, export_checkpoint(ckpt, out_dir, dtype)
+    return ckpt, export_checkpoint(ckpt, out_dir, dtype, max_shard_size)

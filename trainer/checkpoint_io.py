@@ -1,0 +1,138 @@
+"""How checkpoint bytes reach the disk: hashed as they are written, durable before they count.
+
+`write_hashed` serializes into a writer that feeds a sha256 as the bytes pass, to a temporary name, fsyncs
+and renames: the manifest is built from those digests, so a save never reads back what it wrote (which
+doubled its I/O on the shared filesystem every node writes to at once). `snapshot` copies a state that
+training would otherwise change while it is written in the background. Torch only (no DeepSpeed), so the
+offline tools use it too.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes just written: heartbeats and fault injection hang off it."""
+
+REPORT_EVERY = 1 << 20  # progress is reported every MB written: cheap, and fine-grained for the watchdog
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file object that hashes and counts every byte on its way to the real file."""
+
+    def __init__(self, fh, progress: Optional[Progress] = None):
+        self._fh = fh
+        self._progress = progress
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+        self._unreported = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        written = self._fh.write(view)
+        self.nbytes += view.nbytes
+        self._unreported += view.nbytes
+        if self._progress is not None and self._unreported >= REPORT_EVERY:
+            self._progress(self._unreported)
+            self._unreported = 0
+        return written
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def write_hashed(path: Path, write: Callable[[HashingWriter], None], progress: Optional[Progress] = None
+                 ) -> tuple[int, str]:
+    """Write a file through `write(writer)`: temporary name, fsync, rename. Returns (size, sha256) of its bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as fh:
+            writer = HashingWriter(fh, progress)
+            write(writer)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return writer.nbytes, writer.sha.hexdigest()
+
+
+def copy_hashed(src: Path, dst: Path, progress: Optional[Progress] = None) -> tuple[int, str]:
+    """Copy a file into a checkpoint, hashing the bytes as they are written there."""
+    def write(writer: HashingWriter) -> None:
+        with open(src, "rb") as fh:
+            for block in iter(lambda: fh.read(8 << 20), b""):
+                writer.write(block)
+
+    return write_hashed(dst, write, progress)
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a state (dicts, lists, tensors, small objects) that later training steps cannot change.
+
+    Tensors are copied to host memory; accelerator copies are issued asynchronously and waited for once.
+    """
+    copied_from_device = False
+
+    def walk(x: Any) -> Any:
+        nonlocal copied_from_device
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            copied_from_device = True
+            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+            return out.copy_(x.detach(), non_blocking=True)
+        if isinstance(x, dict):
+            return type(x)((k, walk(v)) for k, v in x.items())
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            return type(x)(walk(v) for v in x)
+        return copy.deepcopy(x)
+
+    out = walk(obj)
+    if copied_from_device:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+    return out
+
+
+def deepspeed_allowlist() -> list[type]:
+    """The only types outside torch's own weights_only set that DeepSpeed's checkpoints hold (0.19, stages 0-3,
+    fp32/bf16, with and without offload; found by scanning every pickle's globals): optimizer shards keep
+    the loss scaler, the ZeRO stage and, at stages 1-2, fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+_ALLOWED = False
+
+
+def allow_deepspeed_types() -> None:
+    """Register the allowlist for this process (once; torch's safe_globals context would drop it on exit)."""
+    global _ALLOWED
+    if not _ALLOWED:
+        torch.serialization.add_safe_globals(deepspeed_allowlist())
+        _ALLOWED = True
+
+
+def safe_load(source, mmap: bool = False, map_location="cpu"):
+    """torch.load that runs no code: weights_only, with DeepSpeed's three types allowed and nothing else."""
+    allow_deepspeed_types()
+    return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
