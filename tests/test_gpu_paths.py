@@ -161,7 +161,7 @@ def test_bf16_with_accumulation_accumulates_in_fp32():
     assert "data_types" not in fp32.deepspeed
     stage0 = build_plan(run_config("launch.device=cuda", "zero.stage=0"), host=GPU_NODE)
     assert "data_types" not in stage0.deepspeed  # DeepSpeed refuses fp32 accumulation without ZeRO: say so
-    assert any(n.startswith("warning: zero.stage 0 in bf16 accumulates gradients in bf16") for n in stage0.notes)
+    assert any(w.startswith("zero.stage 0 in bf16 accumulates gradients in bf16") for w in stage0.warnings)
 
 
 def test_multi_node_torchrun_planned_on_a_gpu_less_machine_is_refused_not_rendered_for_cpu():

@@ -48,7 +48,7 @@ from launcher.contract.run_dir import (
     tag_for,
 )
 from trainer.build_once import build_once
-from trainer.distributed import Dist, all_gather_objects, all_reduce_max, barrier, broadcast_object
+from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks
 
 
@@ -112,22 +112,26 @@ class PendingSave:
     step: int
     ckpt: Path
     started: float
+    peers: PeerProgress
+    """How the ranks wait for each other's writes (progress-aware, no collective timeout)."""
     stall: float = 0.0
     """Seconds training waited for this save (all of it when synchronous; the snapshot when in the background)."""
 
 
 def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
-               write_extras: Callable[[Path, Callable], None], progress: Callable[[int], None]) -> PendingSave:
-    """Hand checkpoint `step` to the writer on every rank; returns once training may go on. Collective."""
+               write_extras: Callable[[Path, Callable], None], progress: Callable[[int], None],
+               beat: Callable[[str], None]) -> PendingSave:
+    """Hand checkpoint `step` to every rank's writer; returns once the files are queued. Collective."""
     tag = tag_for(step)
     ckpt = root / tag
+    peers = PeerProgress(f"save/{tag}", dist.world)
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():
             _remove(ckpt)  # a leftover of an attempt that died while saving this step
-    barrier()
+    peers.wait_all("cleared", beat)
     started = time.perf_counter()
-    writer.begin(progress)
+    writer.begin(lambda n: (progress(n), peers.add(n)))
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
     rng = rng_file(ckpt, dist.rank)
     rng.parent.mkdir(parents=True, exist_ok=True)
@@ -137,16 +141,16 @@ def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
         text = json.dumps(state, indent=2) + "\n"
         writer.write_file(ckpt / TRAINER_STATE, lambda w: w.write(text.encode()))
         write_extras(ckpt, writer.write_file)
-    return PendingSave(step, ckpt, started, stall=time.perf_counter() - started)
+    return PendingSave(step, ckpt, started, peers, stall=time.perf_counter() - started)
 
 
 def durable_everywhere(writer, dist: Dist) -> bool:
-    """True on every rank once every rank's background writes have finished (one tiny collective)."""
+    """True on every rank once every rank's queued writes have finished (one tiny collective)."""
     return all_reduce_max([0.0 if writer.done() else 1.0], dist.device)[0] == 0
 
 
-def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
-           log: Callable[[str], None], faults: Optional[FaultHooks] = None) -> dict:
+def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int, log: Callable[[str], None],
+           beat: Callable[[str], None], faults: Optional[FaultHooks] = None) -> dict:
     """Make a pending checkpoint the one in charge, once every rank's files are durable. Collective.
 
     The manifest lists what every rank's writer recorded (size and sha256 of the bytes as written); a file
@@ -160,6 +164,7 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
         error = f"rank {dist.rank}: {type(exc).__name__}: {exc}"
     if faults is not None:
         faults.saving(pending.step)
+    pending.peers.wait_all("written", beat)
     shares = all_gather_objects({"error": error, "files": {str(Path(p).relative_to(pending.ckpt)): meta
                                                            for p, meta in writer.written.items()}})
     errors = [s["error"] for s in shares if s["error"]]
@@ -176,35 +181,37 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
         atomic_write(pending.ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         atomic_write(root / LATEST, pending.ckpt.name + "\n")
         atomic_write(root / DS_LATEST, pending.ckpt.name)
-        prune(root, keep_last)
         seconds = time.perf_counter() - pending.started
+        prune(root, keep_last, progress=pending.peers.add)
         size = sum(meta["size"] for meta in files.values())
         measured = {"save_seconds": round(seconds, 3), "save_gb": round(size / 1e9, 4),
-                    "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4), "save_stall_seconds": round(pending.stall, 3)}
+                    "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4),
+                    "save_stall_seconds": round(pending.stall, 3)}
         log(f"checkpoint {pending.ckpt} committed: {len(files)} files, {size / 1e9:.3f} GB in {seconds:.1f} s "
             f"({measured['save_gbps']:.2f} GB/s), training waited {pending.stall:.1f} s"
             + (f"; hashed {len(unrecorded)} file(s) written outside the writer: {', '.join(unrecorded[:3])}"
                if unrecorded else ""))
-    barrier()
+    pending.peers.wait_all("committed", beat)
     return measured
 
 
 def save(engine, writer, root: Path, step: int, state: dict, dist: Dist, keep_last: int,
          write_extras: Callable[[Path, Callable], None], log: Callable[[str], None],
-         progress: Callable[[int], None] = lambda n: None, faults: Optional[FaultHooks] = None
+         progress: Callable[[int], None], beat: Callable[[str], None], faults: Optional[FaultHooks] = None
          ) -> tuple[Path, dict]:
     """Write and commit checkpoint `step`, waiting for it; (its directory, the save's measurements)."""
-    pending = begin_save(engine, writer, root, step, state, dist, write_extras, progress)
+    pending = begin_save(engine, writer, root, step, state, dist, write_extras, progress, beat)
     writer.wait()
     pending.stall = time.perf_counter() - pending.started
-    return pending.ckpt, commit(pending, writer, root, dist, keep_last, log, faults)
+    return pending.ckpt, commit(pending, writer, root, dist, keep_last, log, beat, faults)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, progress: Callable[[int], None] = lambda n: None) -> None:
     """Keep the newest keep_last complete checkpoints; drop older ones and stale partial directories."""
     complete = complete_checkpoints(root)
     for old in complete[keep_last:]:
         _remove(old)
+        progress(1)
     newest = step_of(complete[0]) if complete else -1
     kept = {p.name for p in complete[:keep_last]}
     for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}*"):

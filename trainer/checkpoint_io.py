@@ -52,6 +52,12 @@ class HashingWriter(io.RawIOBase):
     def flush(self) -> None:
         self._fh.flush()
 
+    def report(self) -> None:
+        """Report the bytes written since the last report (the end of a file is progress too)."""
+        if self._progress is not None and self._unreported:
+            self._progress(self._unreported)
+        self._unreported = 0
+
 
 def write_hashed(path: Path, write: Callable[[HashingWriter], None], progress: Optional[Progress] = None
                  ) -> tuple[int, str]:
@@ -64,6 +70,7 @@ def write_hashed(path: Path, write: Callable[[HashingWriter], None], progress: O
             write(writer)
             fh.flush()
             os.fsync(fh.fileno())
+            writer.report()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

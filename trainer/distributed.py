@@ -6,6 +6,8 @@ here is the code that runs on CUDA with NCCL.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,3 +86,42 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class PeerProgress:
+    """Waiting for peers that are busy with long I/O without a collective, and without looking stuck.
+
+    A rank that has finished its part of a save (or of a commit) would otherwise sit in a barrier while a peer
+    still writes: its watchdog sees no progress and kills it, and a save longer than the collective timeout
+    fails the process group. Instead every rank adds the bytes it writes to one counter in the job's key-value
+    store (the one torchrun set up), and a rank that is done waits on the store, beating its heartbeat for as
+    long as that counter keeps moving. A peer that really stalls stops the counter, and the waiters' watchdogs
+    then do their job.
+    """
+
+    def __init__(self, name: str, world: int, report_every_s: float = 1.0):
+        self.name, self.world, self.report_every_s = f"shardtune/{name}", world, report_every_s
+        self.store = dist.distributed_c10d._get_default_store()
+        self._pending, self._last_report = 0, 0.0
+
+    def add(self, nbytes: int) -> None:
+        """Progress of this rank (rate-limited: one store round trip per second at most)."""
+        self._pending += nbytes
+        now = time.monotonic()
+        if now - self._last_report >= self.report_every_s:
+            self.store.add(f"{self.name}/bytes", max(self._pending, 1))
+            self._pending, self._last_report = 0, now
+
+    def wait_all(self, stage: str, beat: Callable[[str], None], poll_s: float = 0.2) -> None:
+        """Mark this rank done with `stage`; return once every rank is, beating while anyone makes progress."""
+        if self._pending:
+            self.store.add(f"{self.name}/bytes", self._pending)
+            self._pending = 0
+        self.store.add(f"{self.name}/{stage}", 1)
+        seen = None
+        while self.store.add(f"{self.name}/{stage}", 0) < self.world:
+            progress = self.store.add(f"{self.name}/bytes", 0)
+            if progress != seen:
+                beat(stage)
+                seen = progress
+            time.sleep(poll_s)

@@ -157,7 +157,8 @@ def _float(value) -> Optional[float]:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation) -> dict:
+def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation,
+                  heartbeat: Optional[NoHeartbeat] = None) -> dict:
     """Token-weighted loss and perplexity over the whole eval set, each rank taking every world-th batch."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
@@ -168,6 +169,8 @@ def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pa
     rounds = -(-len(batches) // dist.world)
     with torch.no_grad():
         for r in range(rounds):
+            if heartbeat is not None:
+                heartbeat.beat("eval")  # progress: a long evaluation is not a stall
             indices = mine[r] if r < len(mine) else batches[0]
             batch = collate(data, indices, pad_id, separation).to(dist.device)
             logits = engine(**batch.model_inputs()).logits

@@ -33,7 +33,7 @@ from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
 from trainer.tracking import NullTracker, make_tracker
-from trainer.watchdog import Heartbeat, NoHeartbeat
+from trainer.watchdog import Heartbeat, IOProgress, NoHeartbeat
 
 
 def setup_logging(is_main: bool) -> None:
@@ -126,12 +126,13 @@ class Session:
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
                 self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat)
                 self.ds_config["checkpoint"] = {"load_universal": True}
-        model = load_model(cfg, self.ds_config, self.dist.device)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
-            lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+        with IOProgress(self.heartbeat, "load model"):
+            model = load_model(cfg, self.ds_config, self.dist.device)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
         nonfinite.install_guard(self.engine)
-        self.writer = ShardWriter(self.engine._config, background=t.async_save)
+        self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer
         self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
         self.pad_id = pad_id_of(self.tokenizer)
@@ -155,8 +156,9 @@ class Session:
         state = TrainState()
         ckpt = self.resume_from
         if ckpt is not None:
-            self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+            with IOProgress(self.heartbeat, "load checkpoint"):
+                self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
+                                            load_optimizer_states=True, load_lr_scheduler_states=True)
             state = TrainState.from_json(checkpoint.read_state(ckpt))
             same_world = checkpoint.manifest(ckpt)["world_size"] == self.dist.world
             if same_world:
@@ -200,7 +202,7 @@ class Session:
     def eval_held_out(self) -> dict:
         self.heartbeat.beat("eval")
         return held_out_loss(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
-                             self.separation)
+                             self.separation, self.heartbeat)
 
     def _write_extras(self, ckpt: Path, write_file) -> None:
         module = self.engine.module
@@ -220,7 +222,7 @@ class Session:
         self.heartbeat.beat("save")
         self.pending = checkpoint.begin_save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
                                              state.to_json(), self.dist, self._write_extras,
-                                             self._save_progress(state.step))
+                                             self._save_progress(state.step), self.heartbeat.beat)
         self.last_saved_step = state.step
 
     def commit_pending(self) -> None:
@@ -230,7 +232,7 @@ class Session:
         pending, self.pending = self.pending, None
         self.heartbeat.beat("save")
         measured = checkpoint.commit(pending, self.writer, self.run_dir.checkpoints, self.dist,
-                                     self.cfg.train.keep_last, self.tracker.message, self.faults)
+                                     self.cfg.train.keep_last, self.tracker.message, self.heartbeat.beat, self.faults)
         self.tracker.log_with_next(measured)
         self.last_checkpoint = pending.ckpt
 
@@ -240,7 +242,8 @@ class Session:
         self.heartbeat.beat("save")
         ckpt, measured = checkpoint.save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
                                          state.to_json(), self.dist, self.cfg.train.keep_last, self._write_extras,
-                                         self.tracker.message, self._save_progress(state.step), self.faults)
+                                         self.tracker.message, self._save_progress(state.step), self.heartbeat.beat,
+                                         self.faults)
         self.tracker.log_with_next(measured)
         self.last_saved_step = state.step
         self.last_checkpoint = ckpt

@@ -21,19 +21,23 @@ from trainer.checkpoint_io import HashingWriter, Progress, snapshot, write_hashe
 
 
 class ShardWriter(TorchCheckpointEngine):
-    """DeepSpeed's checkpoint engine, writing through write_hashed, in the foreground or in the background.
+    """DeepSpeed's checkpoint engine, writing through write_hashed on a writer thread.
 
+    Writes always happen on the thread, so `engine.save_checkpoint` returns (and passes DeepSpeed's own
+    barrier) at once, and the ranks then wait for each other through PeerProgress, which tells a slow write
+    from a stuck one. `snapshot_first` (train.async_save) copies each state before queueing it, so training
+    may go on while it is written; without it, the caller waits (`wait()`) before the next step.
     `written` maps every path this rank wrote (DeepSpeed's shards and our own files) to (size, sha256).
-    Errors of a background write surface in `wait()`.
+    Errors of a write surface in `wait()`.
     """
 
-    def __init__(self, config_params=None, background: bool = False):
+    def __init__(self, config_params=None, snapshot_first: bool = False):
         super().__init__(config_params)
         self.name = "ShardWriter"
-        self.background = background
+        self.snapshot_first = snapshot_first
         self.written: dict[str, tuple[int, str]] = {}
         self.progress: Optional[Progress] = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt") if background else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
         self._futures: list[Future] = []
 
     def begin(self, progress: Optional[Progress] = None) -> None:
@@ -42,17 +46,12 @@ class ShardWriter(TorchCheckpointEngine):
         self.written, self.progress, self._futures = {}, progress, []
 
     def save(self, state_dict, path: str) -> None:
-        if self._pool is None:
-            self._write(state_dict, path)
-        else:
-            self._futures.append(self._pool.submit(self._write, snapshot(state_dict), path))
+        state = snapshot(state_dict) if self.snapshot_first else state_dict
+        self._futures.append(self._pool.submit(self._write, state, path))
 
     def write_file(self, path: Path, write: Callable[[HashingWriter], None]) -> None:
-        """One of our own files (RNG state, counters, model metadata), in the same mode as DeepSpeed's shards."""
-        if self._pool is None:
-            self.written[str(path)] = write_hashed(path, write, self.progress)
-        else:
-            self._futures.append(self._pool.submit(self._record, path, write))
+        """One of our own files (RNG state, counters, model metadata), queued like DeepSpeed's shards."""
+        self._futures.append(self._pool.submit(self._record, path, write))
 
     def _record(self, path: Path, write: Callable[[HashingWriter], None]) -> None:
         self.written[str(path)] = write_hashed(path, write, self.progress)
@@ -77,5 +76,4 @@ class ShardWriter(TorchCheckpointEngine):
         return True  # the checkpoint's commit (manifest, pointers) is shardtune's, after every rank is durable
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)

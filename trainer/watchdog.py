@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 from launcher.contract.run_dir import RunDir
 
@@ -104,3 +105,41 @@ class NoHeartbeat:
 
     def stop(self, state: str = "finished") -> None:
         pass
+
+
+def io_counters(pid: str = "self") -> tuple[int, ...]:
+    """Bytes this process read and wrote (any file, cached or not) and its page faults (memory-mapped reads)."""
+    try:
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(io["rchar"]), int(io["wchar"]), int(stat[7]), int(stat[9])  # minflt, majflt
+    except (OSError, KeyError, ValueError, IndexError):
+        return ()
+
+
+class IOProgress:
+    """While a long read or write runs inside code we do not control (from_pretrained, DeepSpeed's checkpoint
+    load), beat whenever the process has read, written or faulted in more pages since the last look: the
+    watchdog's stall limit then means "no I/O progress for that long", not "this phase took long"."""
+
+    def __init__(self, heartbeat, phase: str, every_s: float = 2.0):
+        self.heartbeat, self.phase, self.every_s = heartbeat, phase, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"shardtune-io-{phase}", daemon=True)
+
+    def __enter__(self) -> "IOProgress":
+        self.heartbeat.beat(self.phase)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        last = io_counters()
+        while not self._stop.wait(self.every_s):
+            now = io_counters()
+            if now != last:
+                self.heartbeat.beat(self.phase)
+                last = now
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

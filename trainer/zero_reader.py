@@ -90,7 +90,7 @@ def _assemble(pieces: list[torch.Tensor], n: int, shape) -> torch.Tensor:
 class ZeroCheckpoint:
     """A checkpoint directory written by DeepSpeed (any ZeRO stage, any world size)."""
 
-    def __init__(self, ckpt: Path, remap_bytes: int = 256 << 20):
+    def __init__(self, ckpt: Path, remap_bytes: int = 64 << 20):
         self.ckpt, self.remap_bytes = Path(ckpt), remap_bytes
         self.optim_files = sorted(self.ckpt.glob("*_optim_states.pt"), key=_natural)
         self.model_files = sorted(self.ckpt.glob("*_model_states.pt"), key=_natural)

@@ -10,6 +10,7 @@ import sys
 from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
+from launcher.planning.checkpoint_size import checkpoint_bytes
 from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
 from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration, component_table
 from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
@@ -150,6 +151,8 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
     print(f"  {world} devices = {-(-world // per_node)} node(s) × {per_node}, {gpu_memory_gb:g} GB each; "
           f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}")
     print(component_table(estimates, float(gpu_memory_gb)))
+    sizes = ", ".join(f"ZeRO-{stage} {checkpoint_bytes(counts.total, stage, dtype) / 1e9:,.1f} GB" for stage in range(4))
+    print(f"  one checkpoint on disk (all ranks): {sizes}")
     if best is None:
         print("nothing fits; what would:\n" + "\n".join(f"  - {s}" for s in advice))
     else:
@@ -161,7 +164,8 @@ def to_json(counts: ModelCounts, estimates: list[MemoryEstimate], gpu_memory_gb:
             per_node: int, best: Optional[Setup], advice: list[str], source: str) -> dict[str, Any]:
     """`stages` holds the no-offload figures per stage; `offload` the variants keyed like "3_optimizer"."""
     def entry(e: MemoryEstimate) -> dict[str, Any]:
-        return {**e.to_dict(), "fits": e.fits(gpu_memory_gb)}
+        size = checkpoint_bytes(counts.total, e.setup.stage, e.setup.dtype) / 1e9
+        return {**e.to_dict(), "fits": e.fits(gpu_memory_gb), "checkpoint_gb": round(size, 3)}
     return {
         "params": counts.total,
         "params_exact": counts.exact,
@@ -169,6 +173,8 @@ def to_json(counts: ModelCounts, estimates: list[MemoryEstimate], gpu_memory_gb:
         "world_size": world, "nodes": -(-world // per_node), "gpus_per_node": per_node,
         "gpu_memory_gb": gpu_memory_gb, "gb": "1e9 bytes",
         "stages": {str(e.setup.stage): entry(e) for e in estimates if e.setup.offload == "none"},
+        "checkpoint_gb": {str(stage): round(checkpoint_bytes(counts.total, stage, estimates[0].setup.dtype) / 1e9, 3)
+                          for stage in range(4)},
         "offload": {variant_key(e.setup): entry(e) for e in estimates if e.setup.offload != "none"},
         "recommended": None if best is None else {"stage": best.stage, "offload_optimizer": best.offload_optimizer,
                                                   "offload_params": best.offload_params, "label": best.label()},

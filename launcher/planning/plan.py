@@ -16,6 +16,7 @@ from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
+from launcher.planning.checkpoint_size import plan_checkpoint
 from launcher.planning.deepspeed_config import render_deepspeed_config
 from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
 from launcher.planning.host import HostFacts
@@ -37,9 +38,14 @@ class Plan:
     script: str
     notes: list[str] = field(default_factory=list)
     memory: Optional[dict] = None
+    checkpoint: Optional[dict] = None
+    """Size of one checkpoint and its write time at launch.storage_gbps (when the model's size is known)."""
+    warnings: list[str] = field(default_factory=list)
+    """Things that will work, but probably not as the user wants: shown by plan and launch."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out.update(self.checkpoint or {"checkpoint_gb": None, "checkpoint_write_s": None})
         out["config"] = self.config.model_dump(mode="json")
         out["command"] = " ".join(self.command)
         out["argv"] = self.command
@@ -91,6 +97,15 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     else:
         argv = torchrun_argv(cfg, trainer_args=trainer_args)
         script = launch_script(cfg, argv)
+    memory = memory_summary(cfg, model_cfg, ds)
+    warnings = [n[len("warning: "):] for n in notes if n.startswith("warning: ")]
+    notes = [n for n in notes if not n.startswith("warning: ")]
+    ckpt = None
+    if memory is not None:
+        lead = cfg.slurm.signal_lead_s if cfg.launch.backend == "slurm" else None
+        planned = plan_checkpoint(memory["params"], int(cfg.zero.stage), t.precision, cfg.launch.storage_gbps, lead)
+        ckpt = planned.to_json()
+        warnings += [planned.warning] if planned.warning else []
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
@@ -98,7 +113,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
                           f"world {world} ({cfg.launch.nodes} node{'s' if cfg.launch.nodes > 1 else ''} × "
                           f"{cfg.launch.procs_per_node}) = {global_batch} sequences"),
         tokens_per_step=global_batch * cfg.data.seq_len, deepspeed=ds, command=argv,
-        script=script, notes=notes, memory=memory_summary(cfg, model_cfg, ds))
+        script=script, notes=notes, memory=memory, checkpoint=ckpt, warnings=warnings)
 
 
 def format_plan(plan: Plan) -> str:
@@ -116,6 +131,13 @@ def format_plan(plan: Plan) -> str:
         f"zero       stage {cfg.zero.stage}, offload optimizer {cfg.zero.offload_optimizer}, params {cfg.zero.offload_params}",
     ]
     lines.append(format_memory(plan.memory))
+    if plan.checkpoint:
+        lines.append(f"checkpoint {plan.checkpoint['checkpoint_gb']:,.2f} GB each, about "
+                     f"{plan.checkpoint['checkpoint_write_s']:,.0f} s to write at {cfg.launch.storage_gbps:g} GB/s "
+                     f"(launch.storage_gbps){'; in the background' if cfg.train.async_save else ''}")
+    if plan.warnings:
+        lines.append("warnings")
+        lines += [f"  - {w}" for w in plan.warnings]
     if plan.notes:
         lines.append("decisions")
         lines += [f"  - {n}" for n in plan.notes]

@@ -1,0 +1,133 @@
+"""Large-model I/O with real torchrun processes: streaming exports, hash-while-writing, background saves that a
+kill cannot corrupt, a watchdog that tells a slow save from a stuck one, and checkpoints planned against the
+preemption window.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, losses, shardtune, tiny_config
+from launcher.contract.config import apply_overrides, validate_config
+from launcher.contract.run_dir import RunDir
+from launcher.planning.host import FusedAdamStatus, HostFacts
+from launcher.planning.plan import build_plan
+from trainer.hf_writer import INDEX_FILE
+
+STEPS = 12
+TRAIN = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}
+
+
+def config(tmp_path, model, zero_stage=2, **train):
+    return tiny_config(tmp_path, model, train={**TRAIN, **train}, zero={"stage": zero_stage})
+
+
+def safetensors_dir(directory) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_model):
+    """One uninterrupted ZeRO-3 run whose end-of-run export writes many small shards."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    shardtune("launch", str(config(tmp, tiny_model, zero_stage=3, export_max_shard_size="100KB")))
+    return tmp / "run"
+
+
+def test_final_and_offline_exports_stream_the_same_weights_deepspeed_reconstructs(zero3_run, tmp_path):
+    """final/ (every rank gathering, rank 0 writing) and `shardtune export` (reading the checkpoint lazily)
+    hold exactly the weights DeepSpeed's own zero_to_fp32 reconstructs (what the old whole-model export wrote)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    run = RunDir(zero3_run)
+    ckpt = run.checkpoint(STEPS)
+    offline = tmp_path / "offline"
+    shardtune("export", str(ckpt), str(offline), "--max_shard_size=100KB")
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    for directory in (run.final, offline):
+        got = safetensors_dir(directory)
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in reference), directory
+        index = json.loads((directory / INDEX_FILE).read_text())
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        assert len(files) >= 4 and sorted(set(index["weight_map"].values())) == files
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
+        assert all(p.stat().st_size <= 100_000 + 20_000 or len(load_file(p)) == 1 for p in directory.glob("*.safetensors"))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    models = [AutoModelForCausalLM.from_pretrained(d).eval() for d in (run.final, offline)]
+    with torch.no_grad():
+        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
+    assert models[0].generation_config is not None
+
+
+def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):
+    ckpt = RunDir(zero3_run).checkpoint(STEPS)
+    manifest = json.loads((ckpt / "COMPLETE.json").read_text())["files"]
+    on_disk = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE.json")
+    assert sorted(manifest) == on_disk and any("optim_states" in f for f in on_disk)
+    for rel, meta in manifest.items():
+        data = (ckpt / rel).read_bytes()
+        assert meta["size"] == len(data) and meta["sha256"] == hashlib.sha256(data).hexdigest(), rel
+    rows = [r for r in RunDir(zero3_run).read_metrics() if "save_gbps" in r]
+    assert rows and all(r["save_gb"] > 0 and r["save_seconds"] > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """Synchronous saves, never interrupted: the losses every other run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    shardtune("launch", str(config(tmp, tiny_model)))
+    return losses(tmp / "run")
+
+
+def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_in_charge(tmp_path, tiny_model, reference):
+    cfg = config(tmp_path, tiny_model, async_save=True)
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "kill_in_write@10:1"}, check=False)
+    assert proc.returncode != 0
+    run = RunDir(tmp_path / "run")
+    assert (run.checkpoints / "LATEST").read_text().strip() == "step_00000005"
+    assert not (run.checkpoint(10) / "COMPLETE.json").exists()
+    proc = shardtune("launch", str(cfg))
+    assert "step_00000005 at step 5" in proc.stderr
+    assert losses(run.path) == reference  # the background save's snapshot held the state of its own step
+
+
+def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does_not(tmp_path, tiny_model):
+    launch = {"stall_timeout_s": 4, "startup_timeout_s": 300, "max_restarts": 1}
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "stalled").mkdir()
+    slow = tiny_config(tmp_path / "slow", tiny_model, train={"max_steps": 6, "save_every": 3}, launch=launch)
+    proc = shardtune("launch", str(slow), env={"SHARDTUNE_FAULTS": "slow_save@3:0=12"})
+    assert "stuck" not in proc.stdout + proc.stderr and "resumed from" not in proc.stderr
+    assert RunDir(tmp_path / "slow" / "run").read_status()["state"] == "completed"
+    stalled = tiny_config(tmp_path / "stalled", tiny_model, train={"max_steps": 6, "save_every": 3}, launch=launch)
+    proc = shardtune("launch", str(stalled), env={"SHARDTUNE_FAULTS": "stall_save@3:0=30"})
+    assert "rank 0 stuck in 'save' at step 3" in proc.stdout + proc.stderr
+    assert RunDir(tmp_path / "stalled" / "run").read_status()["state"] == "completed"  # restarted, then finished
+
+
+def _slurm_plan(**launch):
+    raw = {"model": {"name_or_path": str(REPO / "tests" / "data" / "model_configs" / "llama3_8b.json")},
+           "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 4096},
+           "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0},
+           "zero": {"stage": 3}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
+           "output_dir": "/scratch/run"}
+    host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96)
+    return build_plan(validate_config(apply_overrides(raw, [])), host=host)
+
+
+def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_preemption_window():
+    # Llama-3-8B: 8,030,261,248 parameters (its published count); ZeRO-3 saves fp32 master + Adam moments.
+    expected_gb = (12 * 8_030_261_248 + 5_000_000) / 1e9
+    fits = _slurm_plan().to_json()
+    assert fits["checkpoint_gb"] == pytest.approx(expected_gb, abs=1e-3) and not fits["warnings"]
+    slow = _slurm_plan(storage_gbps=0.25).to_json()
+    assert slow["checkpoint_write_s"] == pytest.approx(expected_gb / 0.25, abs=0.1)
+    (warning,) = slow["warnings"]
+    assert f"{expected_gb:,.1f} GB" in warning and f"{expected_gb / 0.25:,.0f} s" in warning
+    assert "slurm.signal_lead_s gives it 300 s" in warning
