@@ -222,7 +222,7 @@ class Session:
         self.heartbeat.beat("save")
         self.pending = checkpoint.begin_save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
                                              state.to_json(), self.dist, self._write_extras,
-                                             self._save_progress(state.step), self.heartbeat.beat)
+                                             self._save_progress(state.step), self.heartbeat.beat, background=True)
         self.last_saved_step = state.step
 
     def commit_pending(self) -> None:
@@ -251,6 +251,7 @@ class Session:
 
     def finish(self, state: TrainState, started: float) -> int:
         if self.stopped:
+            self.tracker.flush(state.step)
             self.tracker.status("stopped", state.step, self.last_checkpoint)
             return 0
         if self.data.eval is not None:
@@ -259,6 +260,7 @@ class Session:
         self.commit_pending()
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
+        self.tracker.flush(state.step)
         self.tracker.end_progress()
         # Every rank takes part in the export (each parameter is gathered once, rank 0 writes it), so no rank
         # waits at a collective for longer than the work it waits for.
