@@ -205,6 +205,9 @@ class LaunchConfig(Section):
     """The same allowance before the first step completes and during saves, evals and export."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one device, used by the planner to check fit and choose `auto` settings."""
+    force_approximate_fit: bool = False
+    """Check fit against gpu_memory_gb even for a mixture-of-experts model whose size is only approximate
+    (refused otherwise)."""
     env: dict[str, str] = {}
     """Extra environment variables for the training processes (not secrets: they are written to launch scripts)."""
     peak_tflops: Optional[float] = Field(None, gt=0)
@@ -499,7 +502,7 @@ def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
             rows.extend(field_docs(ann, dotted + "."))
             continue
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        rows.append((dotted, default, field.description or ""))
+        rows.append((dotted, default, " ".join((field.description or "").split())))  # docstrings may wrap
     return rows
 
 
