@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.contract.config import validate_config
 from launcher.contract.errors import ConfigError
@@ -172,6 +173,19 @@ def test_formula_matches_transformers_modules(name, variant):
     assert counts.moe.block_params == block
 
 
+@pytest.mark.parametrize("name", ALL_MOE)
+def test_trainer_flops_count_the_active_parameters(name):
+    """trainer/flops.py reads the live model; it must agree with the launcher's formula: 6 FLOPs per active weight."""
+    from trainer.flops import model_flops_of
+
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    model, config = _meta_model(cfg)
+    counts = counts_from_config(cfg)
+    flops = model_flops_of(model, config)
+    assert flops.matmul_params == counts.moe.active_matmul
+    assert flops.matmul_params < counts.total / 3  # all of them would overstate MFU 3.6× (Mixtral) to 18× (V3)
+
+
 # ---------------------------------------------------------------- architectures without a formula
 
 
@@ -286,3 +300,30 @@ def test_moe_layer_activations_match_saved_tensors(model_type, extra):
                 - saved_bytes(hf, cfg, 1, b, s, torch.bfloat16, "sdpa"))
     estimated = layer_activation_bytes(counts_from_config({**cfg, "num_hidden_layers": 1}), b, s, "bf16", "sdpa")
     assert abs(estimated - measured) / measured < 0.005, (estimated, measured)
+
+
+def test_plan_explains_the_moe_machinery_and_refuses_a_loss_the_model_lacks(tmp_path):
+    mixtral = model_dir(tmp_path, "mixtral_8x7b")
+    plan = build_plan(validate_config(plan_config(tmp_path, mixtral, launch={"gpu_memory_gb": None})))
+    text = format_plan(plan)
+    assert "router aux loss × 0.02 (config.json's router_aux_loss_coef)" in text
+    assert "ZeRO-3 gathers each MoE block whole as a leaf module" in text and "1.41B parameters at a time" in text
+    assert plan.memory["params_active"] == counts_from_path(mixtral).active
+    deepseek = model_dir(tmp_path, "deepseek_v3")
+    with pytest.raises(ConfigError, match=r"model.router_aux_loss_coef: 0.01 is not allowed for deepseek_v3"):
+        build_plan(validate_config(plan_config(tmp_path, deepseek, model={"router_aux_loss_coef": 0.01},
+                                               launch={"gpu_memory_gb": None})))
+    dense = model_dir(tmp_path, "llama3_8b")
+    with pytest.raises(ConfigError, match=r"model.router_aux_loss_coef: 0.01 is not allowed: .* has no experts"):
+        build_plan(validate_config(plan_config(tmp_path, dense, model={"router_aux_loss_coef": 0.01})))
+
+
+def test_bad_moe_settings_fail_validation_naming_field_value_and_allowed(tmp_path):
+    raw = plan_config(tmp_path, tmp_path, model={"router_aux_loss_coef": -0.1, "moe_leaf_modules": ["My Block"],
+                                                  "experts_implementation": "fastest"})
+    with pytest.raises(ConfigError) as info:
+        validate_config(yaml.safe_load(yaml.safe_dump(raw)))
+    message = str(info.value)
+    assert "model.router_aux_loss_coef: -0.1 is not allowed: input should be greater than or equal to 0" in message
+    assert "model.moe_leaf_modules.0: 'My Block' is not allowed" in message
+    assert "model.experts_implementation: 'fastest' is not allowed: input should be 'auto'" in message

@@ -34,6 +34,15 @@ class ModelConfig(Section):
     """Run Python code shipped with the model. Off unless you trust the model's authors."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa."""
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    """Mixture of experts: kernel of the fused experts. `auto`: transformers' default (grouped_mm); `eager`
+    loops over the experts a batch hits."""
+    router_aux_loss_coef: Optional[float] = Field(None, ge=0)
+    """Mixture of experts: weight of the router load-balancing loss added to the training objective (logged as
+    aux_loss, apart from loss); default: the model config's router_aux_loss_coef; 0 disables."""
+    moe_leaf_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]] = []
+    """ZeRO-3: class names of more MoE blocks to gather as one unit (known blocks, and parents of an `experts`
+    module, are found without this)."""
 
 
 class DataFields(Section):
