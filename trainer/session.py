@@ -16,7 +16,7 @@ import torch
 
 from launcher.contract.config import RunConfig, validate_config
 from launcher.contract.run_dir import HF, RunDir
-from trainer import checkpoint, nonfinite, ops
+from trainer import checkpoint, moe, nonfinite, ops
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
@@ -128,6 +128,13 @@ class Session:
                 self.ds_config["checkpoint"] = {"load_universal": True}
         with IOProgress(self.heartbeat, "load model"):
             model = load_model(cfg, self.ds_config, self.dist.device)
+            stage = self.ds_config["zero_optimization"]["stage"]
+            # DeepSpeed reads ZeRO-3 leaf flags inside initialize: set them between building and initialize.
+            blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
+                      else moe.moe_block_classes(model))
+            router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
+            if (line := moe.describe(blocks, router_aux, stage)) is not None:
+                self.tracker.message(line)
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
@@ -145,7 +152,7 @@ class Session:
             pad_id=self.pad_id, separation=self.separation, max_steps=t.max_steps, log_every=t.log_every,
             max_bad_steps=t.max_bad_steps, window=window, on_log=self.on_log, on_step_end=self.on_step_end,
             heartbeat=self.heartbeat, faults=self.faults,
-            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)))
+            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux)
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)

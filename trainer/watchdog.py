@@ -127,7 +127,7 @@ class IOProgress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"shardtune-io-{phase}", daemon=True)
 
-    def __enter__(self) -> "IOProgress":
+    def __enter__(self) -> IOProgress:
         self.heartbeat.beat(self.phase)
         self._thread.start()
         return self
