@@ -90,9 +90,8 @@ def test_stop_and_resume_is_exact(runs):
         assert metric(runs["resumed"], name) == metric(runs["two"], name), name
 
 
+@pytest.mark.parametrize("runs", ["mixtral"], indirect=True)  # one family covers the fused-expert universal checkpoint
 def test_resume_on_another_world_size(runs):
-    if runs["type"] != "mixtral":
-        pytest.skip("one world-size change (Mixtral) covers the fused-expert universal checkpoint")
     assert "written by 2 ranks, resuming on 1" in runs["resized_stderr"]
     got, want = losses(runs["resized"]), losses(runs["two"])
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -105,11 +104,10 @@ def test_export_loads_and_generates(runs):
     final_logits_match_checkpoint(runs["two"], runs["model"])
 
 
+@pytest.mark.parametrize("runs", ["mixtral"], indirect=True)
 def test_aux_loss_trains_the_routers_but_stays_out_of_the_lm_loss(tmp_path, runs):
     """With the coefficient at 0 the first step's LM loss is the same (the aux loss is logged apart) and later
-    steps differ (it was part of what the optimizer minimised)."""
-    if runs["type"] != "mixtral":
-        pytest.skip("the coefficient's effect is the same code for every family")
+    steps differ (it was part of what the optimizer minimised). The same code for every family: Mixtral's runs."""
     proc = launch(config(tmp_path, runs["model"], procs=1, micro=4), "model.router_aux_loss_coef=0")
     assert "router aux loss" not in proc.stderr
     off, on = losses(tmp_path / "run"), losses(runs["one"])
