@@ -6,6 +6,7 @@ integration), so each rank only ever holds its shard of the parameters, never th
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,9 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     return "flash_attention_2" if flash_attention_usable(cfg.train.precision, device) else "sdpa"
 
 
-def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
-    """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3)."""
+def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_implementation: Optional[str] = None):
+    """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3); attn_implementation
+    overrides the usual choice (sequence parallelism brings its own)."""
     global _hf_ds_config
     from transformers import AutoModelForCausalLM
 
@@ -43,9 +45,10 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attention_implementation(cfg, device))
+        dtype=DTYPES[cfg.train.precision],
+        attn_implementation=attn_implementation or attention_implementation(cfg, device))
     model.config.use_cache = False
-    if cfg.train.activation_checkpointing is True:
+    if cfg.train.recomputes:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
