@@ -144,6 +144,31 @@ def attention_for(cfg: RunConfig, flash_usable: bool) -> str:
     return PACKED_ATTENTION
 
 
+def record_checkpoints_without_tensor_parallelism() -> None:
+    """Make DeepSpeed describe our checkpoints as what they are: no tensor parallelism.
+
+    DeepSpeed's SP parallel-state module aliases "model parallel" to the SP group, so every checkpoint it
+    saves claims tp_degree = N, and its universal conversion (a resume on another world size) then refuses
+    the checkpoint for having one model-state file instead of N. The files are laid out exactly as without
+    SP (ZeRO partitions over all ranks; rank 0 writes the one model-state file), so tp_degree 1 is the truth.
+    """
+    import deepspeed.runtime.engine as engine
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
+
+    describe = getattr(engine, "_checkpoint_parallel_metadata", None)
+    if describe is None or getattr(describe, "shardtune_sp", False):
+        return  # a DeepSpeed without it writes no such metadata; or already done in this process
+
+    def without_tensor_parallelism(mpu):
+        metadata = describe(mpu)
+        if hasattr(mpu, "initialize_sequence_parallel"):  # how DeepSpeed itself tells an SP mpu apart
+            metadata[CHECKPOINT_PARALLEL_DIMS][CHECKPOINT_TP_DEGREE] = 1
+        return metadata
+
+    without_tensor_parallelism.shardtune_sp = True
+    engine._checkpoint_parallel_metadata = without_tensor_parallelism
+
+
 def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
     """Create the groups and register the attention, before the model is loaded; size 1 does nothing.
 
@@ -169,4 +194,5 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=SimpleNamespace(config=config), core_attn_implementation=attention,
         sequence_parallel_size=size, micro_batch_size=cfg.train.micro_batch_size, seq_length_is_variable=True)
+    record_checkpoints_without_tensor_parallelism()
     return SequenceParallel(size=size, rank=mpu.get_sequence_parallel_rank(), mpu=mpu, attention=attention)
