@@ -284,7 +284,7 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
 
 
 SEQ_LEN_STEP = 128
-"""longest_seq_len answers in multiples of this (times the sequence-parallel size): what people set."""
+"""longest_seq_len answers in multiples of this (and of the sequence-parallel size): what people set."""
 
 
 def longest_seq_len(counts: ModelCounts, setup: Setup, gpu_memory_gb: float, zero: ZeroSettings = ZeroSettings(),
@@ -293,7 +293,7 @@ def longest_seq_len(counts: ModelCounts, setup: Setup, gpu_memory_gb: float, zer
     """The longest data.seq_len at which `setup` (its seq_len ignored) fits; None when not even the shortest step.
 
     Memory grows with the sequence length in every term that depends on it, so a doubling search followed by
-    bisection finds the boundary; the answer is a multiple of SEQ_LEN_STEP × sequence_parallel.
+    bisection finds the boundary; the answer is a multiple of SEQ_LEN_STEP that sequence_parallel divides.
     """
     step = math.lcm(SEQ_LEN_STEP, setup.sequence_parallel)
     fits = lambda k: estimate_memory(counts, replace(setup, seq_len=k * step), zero, margins).fits(  # noqa: E731
