@@ -50,7 +50,7 @@ def test_a_rank_of_a_group_holds_the_activations_of_its_slice():
 def test_the_chunked_loss_holds_one_chunk_not_the_logits():
     e, v, h = PARAM_BYTES["bf16"], LLAMA.vocab_size, LLAMA.hidden_size
     chunk = loss_chunk_tokens(v)
-    assert chunk == 512 and chunk * v * 4 <= 256 * 2 ** 20  # one chunk's fp32 logits within the budget
+    assert chunk == 128 and chunk * v * 4 <= 64 * 2 ** 20  # one chunk's fp32 logits within the budget
     full = logits_bytes(LLAMA, 4, 4096, "bf16")
     assert full == 4 * 4096 * v * (e + 12)  # the 4 × 4096 × 128k: ~8.6 GB of fp32 logits and more
     chunked = logits_bytes(LLAMA, 4, 4096, "bf16", chunk_tokens=chunk)
@@ -146,7 +146,7 @@ def _setup_of(plan) -> Setup:
 def test_chunked_loss_auto_is_on_where_exact_and_shown_in_the_plan(tmp_path):
     plan = build_plan(validate_config(_raw(tmp_path, sequence_parallel=8)))
     assert plan.config.train.chunked_loss is True
-    assert "loss chunked (chunks of 512 positions" in format_plan(plan)
+    assert "loss chunked (chunks of 128 positions" in format_plan(plan)
     raw = _raw(tmp_path, sequence_parallel=8)
     config = json.loads((CONFIGS / "llama3_8b.json").read_text())
     Path(raw["model"]["name_or_path"], "config.json").write_text(json.dumps({**config, "logit_scale": 0.25}))

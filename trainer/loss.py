@@ -34,7 +34,8 @@ class ChunkedLMHeadCE(torch.autograd.Function):
     """Σ_t CE(h_t · Wᵀ, y_t) over the positions with y_t ≠ -100, a chunk of them at a time.
 
     Per chunk: logits in the weight's dtype upcast to fp32 (as the full-logits loss computes them), their
-    log-sum-exp and loss; when gradients are needed, the logits turn into softmax − one-hot in place and give
+    log-sum-exp and loss, all in one chunk-sized buffer; when gradients are needed, it turns into softmax −
+    one-hot in place and gives
     dh = dlogits · W and dW += dlogitsᵀ · h (accumulated in fp32). Backward multiplies both by the incoming
     gradient, in place.
     """
@@ -53,10 +54,13 @@ class ChunkedLMHeadCE(torch.autograd.Function):
             rows = trained[start:start + chunk]
             hc, yc = h.index_select(0, rows), y.index_select(0, rows)
             logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate two more chunk-sized temporaries)
+            peak = logits.amax(dim=-1)
+            sums = logits.sub_(peak[:, None]).exp_().sum(dim=-1)
+            total += (peak + sums.log() - target).sum()
             if need_dh or need_dw:
-                logits.sub_(lse[:, None]).exp_()
+                logits.div_(sums[:, None])  # softmax
                 logits[torch.arange(rows.numel(), device=rows.device), yc] -= 1.0
                 grad = logits.to(weight.dtype)
                 if dh is not None:

@@ -74,6 +74,9 @@ class Margins:
     nccl_gb: float = 0.5  # NCCL communicators and channel buffers (only when world_size > 1)
     fragmentation: float = 0.10  # of the transient working set: the caching allocator cannot reuse every block
     host_per_rank_gb: float = 3.0  # RSS of a Python + torch + CUDA + DeepSpeed process before any tensor
+    mapped_above: Optional[int] = None
+    """CPU only: glibc gives blocks above this size (its largest mmap threshold) their own mapping and unmaps
+    them when freed, so such buffers never stay behind as fragmentation."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,19 @@ def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype
     return t * per_token
 
 
+def mapped_loss_bytes(counts: ModelCounts, setup: Setup, threshold: int) -> int:
+    """The part of the loss's buffers (logits_bytes) made of tensors larger than `threshold` bytes each."""
+    e, v, h = PARAM_BYTES[setup.dtype], counts.vocab_size, counts.hidden_size
+    t = setup.micro_batch_size * setup.local_seq_len
+    if not setup.chunked_loss:
+        total = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype, None, setup.sequence_parallel)
+        return total if 4 * t * v > threshold else 0
+    chunk = min(loss_chunk_tokens(v), t) * v
+    narrow = e if e < 4 else 0
+    parts = [(4 * chunk, 4 * chunk + narrow * chunk), (4 * v * h, (4 + narrow) * v * h), (e * t * h, e * t * h)]
+    return sum(bytes_ for largest, bytes_ in parts if largest > threshold)
+
+
 def _check(setup: Setup) -> None:
     problems = []
     if setup.stage not in (0, 1, 2, 3):
@@ -429,7 +445,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])
-    dev["fragmentation"] = int(margins.fragmentation * transient)
+    mapped = mapped_loss_bytes(counts, setup, margins.mapped_above) if margins.mapped_above else 0
+    dev["fragmentation"] = int(margins.fragmentation * max(forward_backward - mapped, dev["optimizer_step_buffers"]))
     dev["cuda_runtime"] = int((margins.cuda_context_gb + (margins.nccl_gb if n > 1 else 0)) * GB)
     persistent = dev["params"] + dev["gradients"] + dev["optimizer_states"] + dev["offload_staging"]
     device_total = persistent + transient + dev["fragmentation"] + dev["cuda_runtime"]
