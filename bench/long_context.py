@@ -260,8 +260,9 @@ def format_section(report: dict, command: str, info: str) -> str:
         best = report["longest"][name]
         mark = " (search limit)" if report["search_limit_reached"][name] else ""
         r = report["at_common"].get(name) or {}
+        estimate = "-" if name == "trainer" else (r.get("estimate_gb") or "-")  # shardtune's plan, not the Trainer's
         lines.append(f"| {name} | {f'{best:,}' if best else 'none'}{mark} | {r.get('max_rss_gb', '-')} | "
-                     f"{r.get('estimate_gb') or '-'} | {r.get('tokens_per_s', '-')} |")
+                     f"{estimate} | {r.get('tokens_per_s', '-')} |")
     if report["allocated_like"]:
         lines += ["", f"The shardtune runs again at seq_len {common}, with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows "
                   "the bytes allocated; glibc's default heap keeps freed blocks below 32 MiB): "
@@ -272,8 +273,9 @@ def format_section(report: dict, command: str, info: str) -> str:
     for name, rs in report["runs"].items():
         for r in rs:
             result = "ok" if r["ok"] else r["why"]
+            estimate = "-" if name == "trainer" else (r["estimate_gb"] or "-")
             lines.append(f"| {name} | {r['seq_len']:,} | {result} | {r.get('max_rss_gb', '-')} | "
-                         f"{r['estimate_gb'] or '-'} | {r.get('step_s', '-')} | {r['wall_s']} |")
+                         f"{estimate} | {r.get('step_s', '-')} | {r['wall_s']} |")
     lines += [""] + [f"- {'met' if ok else '**missed**'}: {what}: {value}" for what, ok, value in report["goals"]]
     return "\n".join(lines)
 
@@ -301,14 +303,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a fresh temporary one)")
     p.add_argument("--no_write", action="store_true", help="print the section instead of writing RESULTS.md")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="rewrite the RESULTS.md section from a run's report.json (its header line and command kept)")
     args = p.parse_args(argv)
     if args.quick:
         args.cap_gb, args.start, args.max_len = min(args.cap_gb, 1.5), 256, 1024
     return args
 
 
+def replay(path: Path) -> int:
+    """Re-render the section from a saved report (after a change to the table's layout), measuring nothing."""
+    saved = json.loads(path.read_text())
+    report = {**saved, "goals": [tuple(g) for g in saved["goals"]]}
+    head = RESULTS.read_text().split(START, 1)[1].split(END, 1)[0].strip().split("\n")
+    info, command = head[0], head[3]
+    write_results(format_section(report, command, info))
+    print(f"rewrote the long-context section of {RESULTS} from {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replay:
+        return replay(args.replay)
     started = time.time()
 
     def log(msg: str) -> None:
