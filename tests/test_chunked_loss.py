@@ -122,7 +122,8 @@ def test_tiled_mlp_equals_the_whole_mlp(tiny_model):
     whole, tiled = load(), load()
     assert tile_mlps(tiled, 3) == tiled.config.num_hidden_layers
     calls = []
-    tiled.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].numel() // i[0].shape[-1]))
+    down = tiled.model.layers[0].mlp.down_proj
+    down.register_forward_hook(lambda m, i, o: calls.append(i[0].numel() // i[0].shape[-1]))
     ids = torch.randint(0, 500, (2, 37), generator=torch.Generator().manual_seed(5))
     a = whole(input_ids=ids, use_cache=False).logits
     b = tiled(input_ids=ids, use_cache=False).logits
