@@ -21,6 +21,10 @@ class RunFailed(Exception):
     pass
 
 
+class OverCap(RunFailed):
+    """A process of the tree went over the RSS cap and the tree was stopped."""
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (all processes, all cores)."""
     with open("/proc/stat") as fh:
@@ -80,8 +84,13 @@ def _rank_of(proc: psutil.Process) -> int | None:
         return None
 
 
-def run_tree(argv: list[str], log: Path, cwd: Path, env: dict[str, str], timeout: float, poll: float = 0.25) -> Finished:
-    """Run argv in its own session; raise RunFailed (with the log's tail) on a non-zero exit or timeout."""
+def run_tree(argv: list[str], log: Path, cwd: Path, env: dict[str, str], timeout: float, poll: float = 0.25,
+             rss_cap: int | None = None) -> Finished:
+    """Run argv in its own session; raise RunFailed (with the log's tail) on a non-zero exit or timeout.
+
+    rss_cap (bytes): stop the tree and raise OverCap as soon as any of its processes has had a larger RSS
+    (VmHWM never decreases, so a peak between two readings is still seen at the next one).
+    """
     busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     started = time.time()
     with open(log, "w") as out:
@@ -106,6 +115,11 @@ def run_tree(argv: list[str], log: Path, cwd: Path, env: dict[str, str], timeout
             reading = {rank: v for pid, rank in ranks.items() if (v := _vmhwm(pid)) is not None}
             if reading:
                 done.rss.append((time.time(), reading))
+            if rss_cap is not None:
+                over = [(pid, v) for pid in checked if (v := _vmhwm(pid)) is not None and v > rss_cap]
+                if over:
+                    pid, v = max(over, key=lambda x: x[1])
+                    raise OverCap(f"process {pid} reached {v / 1e9:.2f} GB > cap {rss_cap / 1e9:.2f} GB")
             time.sleep(poll)
     finally:
         if proc.poll() is None:

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     args = parser.parse_args()
 
     from transformers import (
@@ -65,6 +66,7 @@ def main() -> None:
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="cosine", max_grad_norm=ds_config["gradient_clipping"], weight_decay=0.0,
         seed=args.seed, data_seed=args.seed, train_sampling_strategy="sequential", dataloader_drop_last=True,
+        gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", report_to="none", disable_tqdm=True, ddp_backend="gloo",
         # Without use_cpu, accelerate finds no GPU backend and sets up a world of 1 under torchrun.
         use_cpu=not torch.cuda.is_available(),

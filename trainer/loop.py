@@ -6,7 +6,9 @@ the packed data). That is what an unsharded run computes, for any world size and
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -19,10 +21,11 @@ from trainer.data.packing import PackedSet
 from trainer.data.sampler import DataPosition, GlobalBatchSampler, rank_micro_batches
 from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
 from trainer.faults import FaultHooks
+from trainer.loss import LossFn, full_logits_loss
 from trainer.metrics import Window
-from trainer.model import token_loss_sum
 from trainer.moe import NoRouterAuxLoss
 from trainer.nonfinite import SkipJudge
+from trainer.sequence_parallel import SequenceParallel
 from trainer.watchdog import NoHeartbeat
 
 
@@ -87,6 +90,12 @@ class Loop:
     skip_judge: SkipJudge
     router_aux: NoRouterAuxLoss = field(default_factory=NoRouterAuxLoss)
     """MoE models: the router load-balancing loss added to the backward pass (not to `loss`)."""
+    loss: LossFn = full_logits_loss
+    """(engine, batch) -> the batch's summed token loss: full logits or chunked (trainer/loss.py)."""
+    sp: SequenceParallel = field(default_factory=SequenceParallel)
+    """This rank's sequence-parallel group: which rows it takes, which slice of them, how its loss is scaled."""
+    activation_offload: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    """Context around each micro-batch's forward and backward (checkpointed inputs offloaded to the host)."""
 
     def run(self, state: TrainState) -> TrainState:
         while state.step < self.max_steps:
@@ -114,21 +123,23 @@ class Loop:
     def train_step(self, step: int, indices: np.ndarray, sync: bool) -> torch.Tensor:
         """Forward, backward and step over this rank's micro-batches of the global batch; its summed token loss."""
         targets = int(self.data.n_targets[indices].sum())
-        micros = rank_micro_batches(indices, self.dist.rank, self.dist.world, self.micro_batch_size)
+        micros = rank_micro_batches(indices, self.sp.replica(self.dist), self.sp.replicas(self.dist),
+                                    self.micro_batch_size)
+        # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
+        factor = self.sp.gradient_factor(self.engine.zero_optimization_stage(), self.dist.world)
         step_loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for i, micro in enumerate(micros):
             batch = self.window.timed_batch(lambda micro=micro: self.batch(micro, step))
             self.heartbeat.beat("forward")
-            with self.router_aux.recording():
-                logits = self.engine(**batch.model_inputs()).logits
-            loss_sum = self.faults.loss(token_loss_sum(logits, batch.targets), step)
-            aux = self.router_aux.loss_share(batch.token_mask, len(micros))
-            if i == len(micros) - 1:
-                self.window.local_work_done(sync=sync)
-            self.heartbeat.beat("backward")
-            # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
-            objective = loss_sum * (self.dist.world / targets)
-            self.engine.backward(objective if aux is None else objective + aux, scale_wrt_gas=False)
+            with self.activation_offload():
+                with self.router_aux.recording():
+                    loss_sum = self.faults.loss(self.loss(self.engine, batch), step)
+                aux = self.router_aux.loss_share(batch.token_mask, len(micros))
+                if i == len(micros) - 1:
+                    self.window.local_work_done(sync=sync)
+                self.heartbeat.beat("backward")
+                objective = loss_sum * (factor / targets)
+                self.engine.backward(objective if aux is None else objective + aux, scale_wrt_gas=False)
             self.heartbeat.beat("step")
             self.engine.step()
             step_loss += loss_sum.detach().double()
@@ -137,7 +148,8 @@ class Loop:
     def batch(self, indices: np.ndarray, step: int) -> Batch:
         self.heartbeat.beat("data", step)
         self.faults.loading_batch(step)
-        return collate(self.data, indices, self.pad_id, self.separation).to(self.dist.device)
+        batch = collate(self.data, indices, self.pad_id, self.separation, multiple_of=self.sp.multiple_of)
+        return self.sp.shard(batch).to(self.dist.device)
 
     def loss_finite_everywhere(self, step_loss: torch.Tensor, skipped: bool) -> bool:
         """Only a skipped step asks every rank whether its loss was finite (all ranks skip together)."""
@@ -165,24 +177,28 @@ def _float(value) -> Optional[float]:
 
 
 def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation,
+                  loss: LossFn = full_logits_loss, sp: SequenceParallel = SequenceParallel(),
                   heartbeat: Optional[NoHeartbeat] = None) -> dict:
-    """Token-weighted loss and perplexity over the whole eval set, each rank taking every world-th batch."""
+    """Token-weighted loss and perplexity over the whole eval set, each data-parallel replica taking every
+    replicas-th batch (the ranks of a sequence-parallel group each compute their slice of the same batch)."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     order = np.arange(len(data))
     batches = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    mine = batches[dist.rank::dist.world]
-    # Under ZeRO-3 every forward is a collective: all ranks must run the same number of them.
-    rounds = -(-len(batches) // dist.world)
+    replicas = sp.replicas(dist)
+    mine = batches[sp.replica(dist)::replicas]
+    # Under ZeRO-3 (and sequence parallelism) every forward is a collective: all ranks must run the same number.
+    rounds = -(-len(batches) // replicas)
     with torch.no_grad():
         for r in range(rounds):
             if heartbeat is not None:
                 heartbeat.beat("eval")  # progress: a long evaluation is not a stall
             indices = mine[r] if r < len(mine) else batches[0]
-            batch = collate(data, indices, pad_id, separation).to(dist.device)
-            logits = engine(**batch.model_inputs()).logits
+            batch = collate(data, indices, pad_id, separation, multiple_of=sp.multiple_of)
+            batch = sp.shard(sp.fill_rows(batch, micro_batch_size)).to(dist.device)
+            loss_sum = loss(engine, batch)
             if r < len(mine):
-                total[0] += token_loss_sum(logits, batch.targets).double()
+                total[0] += loss_sum.double()
                 total[1] += (batch.targets != -100).sum()
     engine.train()
     loss_sum, count = all_reduce_sum(total.tolist(), dist.device)

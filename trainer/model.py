@@ -6,6 +6,7 @@ integration), so each rank only ever holds its shard of the parameters, never th
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,9 @@ def _sdpa_supported(cfg: RunConfig) -> bool:
     return getattr(model_class, "_supports_sdpa", True) is not False
 
 
-def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
-    """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3)."""
+def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_implementation: Optional[str] = None):
+    """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3); attn_implementation
+    overrides the usual choice (sequence parallelism brings its own)."""
     global _hf_ds_config
     from transformers import AutoModelForCausalLM
 
@@ -59,9 +61,9 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
         attention = "eager"  # the same 4D masks keep packed samples apart
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, **experts)
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attn_implementation or attention, **experts)
     model.config.use_cache = False
-    if cfg.train.activation_checkpointing is True:
+    if cfg.train.recomputes:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

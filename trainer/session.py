@@ -16,7 +16,7 @@ import torch
 
 from launcher.contract.config import RunConfig, validate_config
 from launcher.contract.run_dir import HF, RunDir
-from trainer import checkpoint, moe, nonfinite, ops
+from trainer import activation_memory, checkpoint, moe, nonfinite, ops, sequence_parallel
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
@@ -27,8 +27,9 @@ from trainer.export import export_engine
 from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of, peak_tflops
 from trainer.loop import Loop, TrainState, held_out_loss
+from trainer.loss import LossFn, full_logits_loss, prepare_loss
 from trainer.metrics import Window
-from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
+from trainer.model import attention_implementation, flash_attention_usable, load_model, lr_lambda, release_zero3_init
 from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
@@ -80,6 +81,8 @@ class Session:
         self.load_tag: Optional[Path] = None
         """Where DeepSpeed loads it from: the checkpoint itself, or its universal copy on a new world size."""
         self.separation: Separation = "mask"
+        self.sp = sequence_parallel.SequenceParallel()
+        self.loss: LossFn = full_logits_loss
         self.pad_id: Optional[int] = None
         self.writer = None
         """The checkpoint engine every save goes through (trainer/shard_writer.py), installed in build()."""
@@ -126,8 +129,11 @@ class Session:
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
                 self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat)
                 self.ds_config["checkpoint"] = {"load_universal": True}
+        self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(t.precision, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
-            model = load_model(cfg, self.ds_config, self.dist.device)
+            model = load_model(cfg, self.ds_config, self.dist.device, self.sp.attention)
+            self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
+            offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
             # DeepSpeed reads ZeRO-3 leaf flags inside initialize: set them between building and initialize.
             blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
@@ -137,22 +143,25 @@ class Session:
                 self.tracker.message(line)
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+                config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer
         self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
+        if self.sp.size > 1:
+            self.separation = "none"  # the attention finds the samples in the position ids (sequence_parallel.py)
         self.pad_id = pad_id_of(self.tokenizer)
         peak = peak_tflops(device_name(self.dist.device), t.precision, cfg.launch.peak_tflops)
         window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), peak,
-                        recompute=t.activation_checkpointing is True)
+                        recompute=t.recomputes)
         self.loop = Loop(
             engine=self.engine, data=self.data.train, dist=self.dist, micro_batch_size=t.micro_batch_size,
             sampler=GlobalBatchSampler(len(self.data.train), t.global_batch_size, t.seed, cfg.data.shuffle),
             pad_id=self.pad_id, separation=self.separation, max_steps=t.max_steps, log_every=t.log_every,
             max_bad_steps=t.max_bad_steps, window=window, on_log=self.on_log, on_step_end=self.on_step_end,
             heartbeat=self.heartbeat, faults=self.faults,
-            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux)
+            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux,
+            loss=self.loss, sp=self.sp, activation_offload=offload)
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -209,7 +218,7 @@ class Session:
     def eval_held_out(self) -> dict:
         self.heartbeat.beat("eval")
         return held_out_loss(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
-                             self.separation, self.heartbeat)
+                             self.separation, self.loss, self.sp, self.heartbeat)
 
     def _write_extras(self, ckpt: Path, write_file) -> None:
         module = self.engine.module

@@ -173,8 +173,21 @@ class TrainConfig(Section):
     """Training precision. `auto`: bf16 on GPUs, fp32 on CPU. With bf16/fp16 and accumulation, gradients accumulate in fp32."""
     optimizer: Literal["auto", "fused", "torch"] = "auto"
     """AdamW kernel: `fused` is DeepSpeed's FusedAdam (CUDA; needs its op prebuilt or a CUDA compiler), `torch` is torch.optim.AdamW (fused kernels on GPUs); `auto`: fused when it can be built, else torch."""
-    activation_checkpointing: Union[bool, Literal["auto"]] = False
-    """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit."""
+    activation_checkpointing: Union[bool, Literal["auto", "offload"]] = False
+    """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit;
+    `offload` also keeps each layer's checkpointed input in host RAM until backward (GPUs; on CPU the host
+    is the device, so it changes nothing)."""
+    sequence_parallel: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 1
+    """Ulysses sequence parallelism: every sequence is split over this many ranks (attention exchanges heads
+    between them), so activations per device shrink N-fold; data-parallel degree = world / N. `auto`: the
+    smallest N that fits launch.gpu_memory_gb."""
+    chunked_loss: Union[bool, Literal["auto"]] = "auto"
+    """Compute the LM head and cross-entropy a chunk of tokens at a time, never holding the tokens × vocab
+    logits; `auto`: on for models whose logits are a plain linear head (off, e.g., with logit soft-capping)."""
+    tiled_mlp: bool = False
+    """Run each MLP over tiles of the sequence and recompute them in backward (DeepSpeed's TiledMLP): its
+    intermediate activations never exist for the whole sequence. For the longest sequences; costs one more
+    MLP forward."""
     log_every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
@@ -195,6 +208,11 @@ class TrainConfig(Section):
     """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are not counted)."""
     sample_prompt: Optional[str] = None
     """A user message answered by the final model at the end, to eyeball the result."""
+
+    @property
+    def recomputes(self) -> bool:
+        """Activation checkpointing is on, plainly or with its checkpointed inputs offloaded."""
+        return self.activation_checkpointing in (True, "offload")
 
 
 class ZeroConfig(Section):
@@ -405,18 +423,61 @@ def validate_config(raw: dict) -> RunConfig:
     return cfg
 
 
-def batch_split_problems(global_batch_size: int, micro_batch_size: Optional[int], world: int) -> list[str]:
-    """Every rank takes the same whole number of micro-batches from each global batch (micro None: any micro)."""
+def replicas_words(world: int, sequence_parallel: int = 1) -> str:
+    """How the batch arithmetic names the number of model replicas: the world, or world / sequence parallel."""
+    if sequence_parallel == 1:
+        return f"world {world}"
+    return f"data-parallel {world // sequence_parallel} (world {world} / sequence_parallel {sequence_parallel})"
+
+
+def batch_split_problems(global_batch_size: int, micro_batch_size: Optional[int], world: int,
+                         sequence_parallel: int = 1) -> list[str]:
+    """Every data-parallel replica takes the same whole number of micro-batches from each global batch (micro None:
+    any micro). Under sequence parallelism the ranks of one group share their rows, so replicas = world / N."""
+    replicas = world // sequence_parallel
     if micro_batch_size is None:
-        if global_batch_size % world:
-            return [f"train.global_batch_size: {global_batch_size} is not a multiple of the world size {world}; "
+        if global_batch_size % replicas:
+            what = f"the world size {world}" if sequence_parallel == 1 else replicas_words(world, sequence_parallel)
+            return [f"train.global_batch_size: {global_batch_size} is not a multiple of {what}; "
                     "every rank needs the same share"]
         return []
-    per_step = micro_batch_size * world
+    per_step = micro_batch_size * replicas
     if global_batch_size % per_step:
         return [f"train.global_batch_size: {global_batch_size} is not a multiple of micro {micro_batch_size} × "
-                f"world {world} = {per_step}"]
+                f"{replicas_words(world, sequence_parallel)} = {per_step}"]
     return []
+
+
+def sequence_parallel_problems(cfg: RunConfig) -> list[str]:
+    """What the config alone says about train.sequence_parallel (the model's heads are checked by the planner).
+
+    A kernel that cannot keep packed samples apart under sequence parallelism is refused here: DeepSpeed's
+    Ulysses attention drops the attention mask (it was built for one rank's slice), so only kernels that read
+    sample boundaries from the gathered position ids stay exact.
+    """
+    t, world, attn = cfg.train, cfg.launch.world_size, cfg.model.attn_implementation
+    sp = t.sequence_parallel
+    if sp == "auto" or sp == 1:
+        return []
+    problems = []
+    if world % sp:
+        divisors = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+        problems.append(f"train.sequence_parallel: {sp} does not divide the world size {world} (launch.nodes × "
+                        f"launch.procs_per_node); allowed: {divisors}")
+    if cfg.data.seq_len % sp:
+        problems.append(f"data.seq_len: {cfg.data.seq_len} is not a multiple of train.sequence_parallel {sp}; every "
+                        f"rank of a sequence-parallel group takes an equal slice")
+    if attn == "eager":
+        problems.append(f"model.attn_implementation: 'eager' cannot run under train.sequence_parallel {sp}: it keeps "
+                        "packed samples apart only with an L×L mask, and sequence parallelism cannot hand the "
+                        "attention one (each rank builds it for its own slice); use sdpa or auto")
+    if attn == "flash_attention_2" and cfg.data.packing and t.micro_batch_size != 1:
+        problems.append(f"model.attn_implementation: 'flash_attention_2' under train.sequence_parallel {sp} keeps "
+                        f"packed samples apart only with one row per micro-batch (it finds samples in the gathered "
+                        f"position ids only then), got train.micro_batch_size {t.micro_batch_size!r}; set "
+                        "train.micro_batch_size: 1, data.packing: false, or model.attn_implementation: sdpa "
+                        "(exact for any micro batch)")
+    return problems
 
 
 def check_consistency(cfg: RunConfig) -> list[str]:
@@ -424,6 +485,10 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     problems = []
     t, z = cfg.train, cfg.zero
     world = cfg.launch.world_size
+    problems += sequence_parallel_problems(cfg)
+    # train.sequence_parallel: auto is checked against the batch once the planner has chosen it.
+    sp = t.sequence_parallel if isinstance(t.sequence_parallel, int) and world % t.sequence_parallel == 0 else 1
+    replicas = world // sp
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -433,19 +498,19 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     if t.micro_batch_size == "auto" and t.global_batch_size is None:
         problems.append("train.micro_batch_size: 'auto' needs train.global_batch_size")
     if t.micro_batch_size == "auto" and t.global_batch_size is not None:
-        problems += batch_split_problems(t.global_batch_size, None, world)
+        problems += batch_split_problems(t.global_batch_size, None, world, sp)
     if t.micro_batch_size == "auto" and t.grad_accum_steps is not None:
         problems.append(f"train.grad_accum_steps: leave it unset when train.micro_batch_size is auto; the planner "
                         f"derives it from train.global_batch_size (got {t.grad_accum_steps})")
     if t.global_batch_size is not None and isinstance(t.micro_batch_size, int):
-        per_step = t.micro_batch_size * world
+        per_step = t.micro_batch_size * replicas
         if t.grad_accum_steps is not None and per_step * t.grad_accum_steps != t.global_batch_size:
             problems.append(
                 f"train.global_batch_size: {t.global_batch_size} contradicts micro {t.micro_batch_size} × "
-                f"accumulation {t.grad_accum_steps} × world {world} = {per_step * t.grad_accum_steps}; "
+                f"accumulation {t.grad_accum_steps} × {replicas_words(world, sp)} = {per_step * t.grad_accum_steps}; "
                 "set only one of grad_accum_steps and global_batch_size")
         else:
-            problems += batch_split_problems(t.global_batch_size, t.micro_batch_size, world)
+            problems += batch_split_problems(t.global_batch_size, t.micro_batch_size, world, sp)
     if t.warmup_steps >= t.max_steps and t.warmup_steps:
         problems.append(f"train.warmup_steps: {t.warmup_steps} must be less than train.max_steps ({t.max_steps})")
     if cfg.data.eval_path and cfg.data.eval_fraction:
@@ -541,7 +606,7 @@ def fields_markdown() -> str:
     rows = ["| field | default | what it does |", "|---|---|---|"]
     for name, default, doc in field_docs():
         shown = "**required**" if default == "required" else f"`{default[len('default '):]}`"
-        rows.append(f"| `{name}` | {shown} | {doc.replace('|', '/')} |")
+        rows.append(f"| `{name}` | {shown} | {' '.join(doc.split()).replace('|', '/')} |")
     return "\n".join(rows)
 
 

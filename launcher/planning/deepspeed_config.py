@@ -55,11 +55,14 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
     """Every DeepSpeed key shardtune decides, as dotted path -> (value, the run-config field behind it)."""
     t, z, device = cfg.train, cfg.zero, cfg.launch.device
     on_gpu = device == "cuda"
-    world = cfg.launch.world_size
+    world, sp = cfg.launch.world_size, t.sequence_parallel
+    replicas = world // sp  # the ranks of a sequence-parallel group train the same rows
+    replicas_name = "world" if sp == 1 else "data-parallel (world / train.sequence_parallel)"
     zd = zero_defaults(cfg, hidden_size)
     values: dict[str, tuple[Any, str]] = {
-        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * world,
-                             f"train.micro_batch_size × train.grad_accum_steps × world = {t.micro_batch_size} × {t.grad_accum_steps} × {world}"),
+        "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * replicas,
+                             f"train.micro_batch_size × train.grad_accum_steps × {replicas_name} = "
+                             f"{t.micro_batch_size} × {t.grad_accum_steps} × {replicas}"),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
         # DeepSpeed checks gradients for inf/NaN (and skips the step) only when clipping is on, so "no
@@ -87,6 +90,9 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
         # On CPU the "offloaded" optimizer is torch's AdamW; DeepSpeed insists on its CPUAdam unless told.
         "zero_force_ds_cpu_optimizer": (on_gpu, "launch.device"),
     }
+    if sp > 1:
+        # zero.Init reads it (it builds its DeepSpeed config without our mpu) to divide the world into replicas.
+        values["sequence_parallel_size"] = (sp, "train.sequence_parallel")
     if on_gpu and values["optimizer.params.torch_adam"][0]:
         values["optimizer.params.fused"] = (True, "train.optimizer (torch's fused AdamW kernels on GPUs)")
     if t.precision in ("bf16", "fp16") and z.stage != 0 and t.grad_accum_steps > 1:
@@ -147,6 +153,26 @@ def _tunable(dotted: str, cfg: RunConfig) -> bool:
     return dotted in _TUNABLE
 
 
+def sequence_parallel_reduction_problems(ds: dict, cfg: RunConfig, source: str) -> list[str]:
+    """Settings that change how DeepSpeed reduces gradients under sequence parallelism, which the trainer's loss
+    scaling (trainer/sequence_parallel.py) is derived for: DeepSpeed's defaults, and reduce-scatter at ZeRO-3."""
+    if cfg.train.sequence_parallel == 1:
+        return []
+    problems = []
+    z = ds.get("zero_optimization") or {}
+    if z.get("stage") == 3 and z.get("reduce_scatter", True) is not True:
+        problems.append(f"{source}: zero_optimization.reduce_scatter must stay true at ZeRO-3 with "
+                        f"train.sequence_parallel {cfg.train.sequence_parallel} (without it, DeepSpeed reduces "
+                        f"gradients larger than its bucket differently from smaller ones)")
+    for key, default in (("prescale_gradients", False), ("gradient_predivide_factor", 1.0),
+                         ("data_parallel_size", None)):
+        if key in ds and ds[key] != default:
+            problems.append(f"{source}: remove {key} ({ds[key]!r}) with train.sequence_parallel "
+                            f"{cfg.train.sequence_parallel}: the loss scaling under sequence parallelism assumes "
+                            f"DeepSpeed's default")
+    return problems
+
+
 def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -> dict:
     """The final DeepSpeed dict for a resolved run config (no "auto" left), or every contradiction at once."""
     template, source = load_template(cfg)
@@ -177,6 +203,7 @@ def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -
         problems.append(f"{source}: zero_optimization.offload_optimizer.device is {offload!r} but "
                         f"zero.offload_optimizer is {cfg.zero.offload_optimizer!r}")
     problems += [f"{source}: {key} is still \"auto\" and shardtune has no value for it" for key in _remaining_autos(ds)]
+    problems += sequence_parallel_reduction_problems(ds, cfg, source)
     if problems:
         raise ConfigError(problems, title="DeepSpeed config contradicts the run config")
     return ds

@@ -12,9 +12,18 @@ from typing import Any, Optional
 from launcher.contract.errors import ConfigError
 from launcher.planning.checkpoint_size import checkpoint_bytes
 from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
-from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration, component_table
+from launcher.planning.fastest_fit import (
+    VARIANTS,
+    DoesNotFit,
+    LongContext,
+    choose_configuration,
+    component_table,
+    longest_seq_len,
+    short_label,
+)
 from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_params, counts_from_path
+from launcher.planning.sequence_parallel import split_problems
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -27,12 +36,13 @@ def variant_key(setup: Setup) -> str:
 def estimate_all(counts: ModelCounts, world_size: int, gpus_per_node: int, seq_len: int = 2048,
                  micro_batch_size: int = 1, dtype: str = "bf16", activation_checkpointing: bool = False,
                  attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
-                 margins: Margins = Margins()) -> list[MemoryEstimate]:
+                 margins: Margins = Margins(), long_context: LongContext = LongContext()) -> list[MemoryEstimate]:
     """One estimate per stage/offload variant, in autochoice's order of preference."""
     return [estimate_memory(counts, Setup(stage=s, world_size=world_size, gpus_per_node=gpus_per_node,
                                           micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype,
                                           offload_optimizer=opt, offload_params=par,
-                                          activation_checkpointing=activation_checkpointing, attention=attention),
+                                          activation_checkpointing=activation_checkpointing, attention=attention,
+                                          **long_context.setup_fields(activation_checkpointing)),
                             zero, margins)
             for s, opt, par in VARIANTS]
 
@@ -81,7 +91,7 @@ def resolve_world(gpus: Optional[int], nodes: int, gpus_per_node: Optional[int],
 
 
 def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len, micro_batch_size,
-              dtype) -> tuple[ModelCounts, int, int]:
+              dtype, sequence_parallel=1) -> tuple[ModelCounts, int, int]:
     problems: list[str] = []
     if (model is None) == (params is None):
         problems.append("--model / --params: give exactly one: --model=DIR (or a config.json) or --params=N")
@@ -91,11 +101,16 @@ def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len,
     per_node = _positive_int("gpus_per_node", gpus_per_node, problems)
     for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         _positive_int(name, value, problems)
+    sp = _positive_int("sequence_parallel", sequence_parallel, problems)
     if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or not gpu_memory_gb > 0:
         problems.append(f"--gpu_memory_gb: must be a positive number of GB (1e9 bytes), got {gpu_memory_gb!r}")
     if dtype not in DTYPES:
         problems.append(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
     world, per_node = resolve_world(gpus, nodes_i, per_node, problems)
+    if sp and world % sp:
+        problems.append(f"--sequence_parallel: {sp} does not divide the {world} devices")
+    if sp and isinstance(seq_len, int) and seq_len % sp:
+        problems.append(f"--seq_len: {seq_len} is not a multiple of --sequence_parallel {sp}")
     counts = None
     try:
         if model is not None and params is None:
@@ -104,6 +119,8 @@ def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len,
             counts = counts_from_params(n)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    if counts is not None and sp:
+        problems += [p.replace("train.sequence_parallel", "--sequence_parallel") for p in split_problems(sp, counts)]
     if problems:
         raise ConfigError(problems, title="invalid arguments")
     return counts, world, per_node
@@ -125,44 +142,61 @@ def _describe(counts: ModelCounts, source: str) -> str:
 def estimate_command(model: str | None = None, params: float | None = None, gpus: int | None = None,
                      nodes: int = 1, gpus_per_node: int | None = None, gpu_memory_gb: float = 80.0,
                      seq_len: int = 2048, micro_batch_size: int = 1, dtype: str = "bf16",
-                     activation_checkpointing: bool = False, json: bool = False,
-                     force_approximate_fit: bool = False) -> int:
+                     activation_checkpointing: bool = False, sequence_parallel: int = 1, chunked_loss: bool = True,
+                     tiled_mlp: bool = False, offload_checkpoints: bool = False, max_seq_len: bool = False,
+                     json: bool = False, force_approximate_fit: bool = False) -> int:
     """Print per-device memory for every ZeRO stage and offload choice; returns the exit code.
 
     --gpus alone assumes nodes of 8 devices (host RAM is per node); --nodes and --gpus_per_node say otherwise.
+    --sequence_parallel N splits every sequence over N devices; --chunked_loss=False prices the full logits;
+    --max_seq_len adds the longest seq_len that fits each variant (with the other settings as given).
     A mixture-of-experts model that could only be sized approximately gets no fit verdict against
     --gpu_memory_gb (the numbers are still shown) unless --force_approximate_fit.
     """
     try:
         counts, world, per_node = _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb,
-                                            seq_len, micro_batch_size, dtype)
+                                            seq_len, micro_batch_size, dtype, sequence_parallel)
     except ConfigError as exc:
         print(f"shardtune estimate: {exc}", file=sys.stderr)
         return 2
     seq_len, micro, ckpt = int(seq_len), int(micro_batch_size), bool(activation_checkpointing)
-    estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt)
+    lc = LongContext(sequence_parallel=int(sequence_parallel), chunked_loss=bool(chunked_loss),
+                     tiled_mlp=bool(tiled_mlp), offload_checkpoints=bool(offload_checkpoints))
+    estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt, long_context=lc)
     unchecked = None if force_approximate_fit else approximate_moe_reason(counts)
+    longest = ({variant_key(e.setup): longest_seq_len(counts, e.setup, float(gpu_memory_gb)) for e in estimates}
+               if max_seq_len and unchecked is None else None)
     best, advice = None, []
     if unchecked is None:
         try:
             choice = choose_configuration(counts, world, float(gpu_memory_gb), seq_len, None, dtype,
                                           micro_batch_size=micro, activation_checkpointing=ckpt,
-                                          gpus_per_node=per_node)
+                                          gpus_per_node=per_node, long_context=lc)
             best, advice = choice.setup, choice.reasons
         except DoesNotFit as exc:
             best, advice = None, exc.suggestions
     refusal = (f"fit against {gpu_memory_gb:g} GB not checked: {unchecked}; --force_approximate_fit compares "
                f"anyway" if unchecked else None)
     if json:
-        print(_json.dumps(to_json(counts, estimates, gpu_memory_gb, world, per_node, best, advice,
-                                  source=str(model) if model is not None else "--params", refusal=refusal), indent=2))
+        out = to_json(counts, estimates, gpu_memory_gb, world, per_node, best, advice,
+                      source=str(model) if model is not None else "--params", refusal=refusal)
+        if longest is not None:
+            out["longest_seq_len"] = longest
+        print(_json.dumps(out, indent=2))
         return 0
     print(_describe(counts, str(model) if model is not None else f"--params={params}"))
+    sp = f", sequence parallel {lc.sequence_parallel}" if lc.sequence_parallel > 1 else ""
     print(f"  {world} devices = {-(-world // per_node)} node(s) × {per_node}, {gpu_memory_gb:g} GB each; "
-          f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}")
+          f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}{sp}, "
+          f"loss {'chunked' if lc.chunked_loss else 'on full logits'}{', tiled MLP' if lc.tiled_mlp else ''}")
     print(component_table(estimates, None if refusal else float(gpu_memory_gb)))
     sizes = ", ".join(f"ZeRO-{stage} {checkpoint_bytes(counts.total, stage, dtype) / 1e9:,.1f} GB" for stage in range(4))
     print(f"  one checkpoint on disk (all ranks): {sizes}")
+    if longest is not None:
+        print(f"longest seq_len that fits {gpu_memory_gb:g} GB (the other settings as above):")
+        for e in estimates:
+            value = longest[variant_key(e.setup)]
+            print(f"  {short_label(e.setup):<10} {'nothing fits' if value is None else f'{value:,}'}")
     if refusal:
         print(refusal)
     elif best is None:

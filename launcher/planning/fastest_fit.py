@@ -9,10 +9,11 @@ earlier: towards less sharding, no checkpointing and bigger micro batches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from launcher.contract.config import batch_split_problems
+from launcher.contract.config import batch_split_problems, replicas_words
 from launcher.contract.errors import ConfigError
 from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
 from launcher.planning.memory import (
@@ -32,6 +33,23 @@ VARIANTS: tuple[tuple[int, bool, bool], ...] = (
     (0, False, False), (1, False, False), (2, False, False), (3, False, False),
     (1, True, False), (2, True, False), (3, True, False), (3, True, True),
 )
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """Long-sequence settings the planner takes as given while it chooses the rest (see memory.Setup)."""
+
+    sequence_parallel: int = 1
+    chunked_loss: bool = False
+    tiled_mlp: bool = False
+    offload_checkpoints: bool = False
+    allowed_sequence_parallel: tuple[int, ...] = ()
+    """Group sizes the world, data.seq_len and the model's heads allow; suggestions try the larger ones."""
+
+    def setup_fields(self, checkpointing: bool) -> dict:
+        """memory.Setup's fields (offloading checkpoints means nothing without checkpointing)."""
+        return {"sequence_parallel": self.sequence_parallel, "chunked_loss": self.chunked_loss,
+                "tiled_mlp": self.tiled_mlp, "offload_checkpoints": self.offload_checkpoints and checkpointing}
 
 
 @dataclass(frozen=True)
@@ -101,23 +119,24 @@ def _variants(stage: Optional[int], offload_optimizer: Optional[bool],
 
 
 def _batch_shapes(world_size: int, global_batch_size: Optional[int],
-                  micro_batch_size: Optional[int]) -> tuple[list[int], Optional[int]]:
-    """Micro batches to try, largest first, and the per-rank share they must divide."""
+                  micro_batch_size: Optional[int], sequence_parallel: int = 1) -> tuple[list[int], Optional[int]]:
+    """Micro batches to try, largest first, and the per-replica share they must divide."""
+    replicas = world_size // sequence_parallel
     if global_batch_size is not None and (isinstance(global_batch_size, bool) or global_batch_size < 1):
         raise ConfigError([f"train.global_batch_size: must be a positive integer, got {global_batch_size!r}"])
     if micro_batch_size is not None:
         if isinstance(micro_batch_size, bool) or micro_batch_size < 1:
             raise ConfigError([f"train.micro_batch_size: must be a positive integer or auto, got {micro_batch_size!r}"])
         if global_batch_size is not None and (problems := batch_split_problems(global_batch_size, micro_batch_size,
-                                                                                 world_size)):
+                                                                                 world_size, sequence_parallel)):
             raise ConfigError(problems)
-        return [micro_batch_size], None if global_batch_size is None else global_batch_size // world_size
+        return [micro_batch_size], None if global_batch_size is None else global_batch_size // replicas
     if global_batch_size is None:
         raise ConfigError(["train.global_batch_size: needed when train.micro_batch_size is auto "
                            "(the micro batch must divide each rank's share of it)"])
-    if problems := batch_split_problems(global_batch_size, None, world_size):
+    if problems := batch_split_problems(global_batch_size, None, world_size, sequence_parallel):
         raise ConfigError(problems)
-    share = global_batch_size // world_size
+    share = global_batch_size // replicas
     return [m for m in range(share, 0, -1) if share % m == 0], share
 
 
@@ -127,11 +146,14 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None,
                          gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
-                         margins: Margins = Margins(), optimizer: str = "fused") -> Choice:
+                         margins: Margins = Margins(), optimizer: str = "fused",
+                         long_context: Optional[LongContext] = None) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
     `optimizer` is memory.Setup's: "torch" when torch's AdamW will step (CPU runs), else "fused".
+    `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
     """
+    lc = long_context or LongContext()
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
         raise ConfigError([f"launch.gpu_memory_gb: must be a positive number of GB, got {gpu_memory_gb!r}"])
     if stage is not None and stage not in (0, 1, 2, 3):
@@ -140,15 +162,16 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
     if not variants:
         raise ConfigError([f"zero: stage {stage} cannot combine offload_optimizer={offload_optimizer} with "
                            f"offload_params={offload_params} (parameter offload needs stage 3 and optimizer offload)"])
-    micros, share = _batch_shapes(world_size, global_batch_size, micro_batch_size)
+    micros, share = _batch_shapes(world_size, global_batch_size, micro_batch_size, lc.sequence_parallel)
     ckpts = [False, True] if activation_checkpointing is None else [bool(activation_checkpointing)]
     per_node = gpus_per_node or min(world_size, DEFAULT_GPUS_PER_NODE)
 
-    def estimate(variant, ckpt, micro, seq=seq_len, world=world_size) -> MemoryEstimate:
+    def estimate(variant, ckpt, micro, seq=seq_len, world=world_size, lc=lc) -> MemoryEstimate:
         s, opt, par = variant
         setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
                       seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
-                      activation_checkpointing=ckpt, attention=attention, optimizer=optimizer)
+                      activation_checkpointing=ckpt, attention=attention, optimizer=optimizer,
+                      **lc.setup_fields(ckpt))
         return estimate_memory(counts, setup, zero, margins)
 
     reasons: list[str] = []
@@ -157,13 +180,14 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
             fitting = next((est for micro in micros
                             if (est := estimate(variant, ckpt, micro)).fits(gpu_memory_gb, host_memory_gb)), None)
             if fitting is not None:
-                return _chosen(fitting, micros, share, world_size, gpu_memory_gb, reasons, estimate, len(ckpts) > 1)
+                return _chosen(fitting, micros, share, world_size // lc.sequence_parallel, gpu_memory_gb, reasons,
+                               estimate, len(ckpts) > 1)
         smallest = estimate(variant, ckpts[-1], micros[-1])
         reasons.append(f"{smallest.setup.label()} needs {_shortfall(smallest, gpu_memory_gb, host_memory_gb)} "
                        f"even at micro batch {micros[-1]} {_ckpt_words(ckpts[-1])}")
     frugal = estimate(variants[-1], ckpts[-1], micros[-1])
     suggestions = _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
-                               offload_optimizer, offload_params, per_node)
+                               offload_optimizer, offload_params, per_node, lc)
     message = (f"nothing fits in {gpu_memory_gb:g} GB per device on {world_size} devices "
                f"({counts.total / 1e9:.2f}B parameters, seq_len {seq_len}, {dtype}):\n"
                + "\n".join(f"  - {r}" for r in reasons)
@@ -183,7 +207,7 @@ def _shortfall(est: MemoryEstimate, gpu_memory_gb: float, host_memory_gb: Option
     return f"{est.host_total / GB:.1f} GB host RAM per node > {host_memory_gb:g} GB"
 
 
-def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], world_size: int,
+def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replicas: int,
             gpu_memory_gb: float, reasons: list[str], estimate, ckpt_auto: bool) -> Choice:
     s = est.setup
     variant = (s.stage, s.offload_optimizer, s.offload_params)
@@ -207,22 +231,23 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], world_
     elif share is not None and len(micros) > 1:
         why["micro_batch_size"] = f"micro batch {s.micro_batch_size}: the whole per-rank share fits at once"
     accum = 1 if share is None else share // s.micro_batch_size
-    global_batch = s.micro_batch_size * accum * world_size
+    global_batch = s.micro_batch_size * accum * replicas
     if share is not None:
         why["grad_accum_steps"] = (f"gradient accumulation {accum}: global batch = micro {s.micro_batch_size} × "
-                                   f"accumulation {accum} × world {world_size} = {global_batch}")
+                                   f"accumulation {accum} × "
+                                   f"{replicas_words(s.world_size, s.sequence_parallel)} = {global_batch}")
     return Choice(s, accum, global_batch, est, skipped + list(why.values()), why, skipped)
 
 
 def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
-                 offload_optimizer, offload_params, per_node) -> list[str]:
+                 offload_optimizer, offload_params, per_node, lc: LongContext) -> list[str]:
     """Concrete changes that would make the smallest configuration fit, each checked with the model."""
     out: list[str] = []
     s = frugal.setup
     fits = lambda variant, world=s.world_size, seq=s.seq_len: estimate(  # noqa: E731
         variant, ckpts[-1], micros[-1], seq=seq, world=world).fits(gpu_memory_gb, host_memory_gb)
-    worlds = [per_node * 2 ** i for i in range(14) if per_node * 2 ** i > s.world_size]
-    seqs = [s.seq_len // 2 ** i for i in range(1, 12) if s.seq_len // 2 ** i >= 64]
+    worlds = [w for i in range(14) if (w := per_node * 2 ** i) > s.world_size and w % s.sequence_parallel == 0]
+    seqs = [q for i in range(1, 12) if (q := s.seq_len // 2 ** i) >= 64 and q % s.sequence_parallel == 0]
     offloads = [v for v in ((3, True, False), (3, True, True)) if v not in variants]
     if s.stage > 0 and (world := next((w for w in worlds if fits(variants[-1], world=w)), None)):
         nodes = -(-world // per_node)
@@ -238,6 +263,14 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
                    f"train.global_batch_size set)")
     if (seq := next((q for q in seqs if fits(variants[-1], seq=q)), None)):
         out.append(f"shorter sequences: data.seq_len {seq} fits {s.label()}")
+    if not lc.chunked_loss and estimate(variants[-1], ckpts[-1], micros[-1], lc=replace(lc, chunked_loss=True)).fits(
+            gpu_memory_gb, host_memory_gb):
+        out.append("the chunked loss: train.chunked_loss: true (or auto) fits")
+    bigger = [n for n in lc.allowed_sequence_parallel if n > lc.sequence_parallel]
+    if (n := next((n for n in bigger if estimate(variants[-1], ckpts[-1], micros[-1],
+                                                 lc=replace(lc, sequence_parallel=n)).fits(gpu_memory_gb,
+                                                                                          host_memory_gb)), None)):
+        out.append(f"sequence parallelism: train.sequence_parallel {n} fits {s.label()} (or auto)")
     if not out:  # no single change is enough: the longest sequence that some GPU count and full offload fit
         most = (3, True, True)
         combo = next(((w, q) for q in [s.seq_len, *seqs] for w in [s.world_size, *worlds] if fits(most, w, q)), None)
@@ -249,3 +282,31 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
     else:
         out.append(f"bigger devices: {s.label()} needs {frugal.device_total / GB:.1f} GB per device")
     return out
+
+
+SEQ_LEN_STEP = 128
+"""longest_seq_len answers in multiples of this (and of the sequence-parallel size): what people set."""
+
+
+def longest_seq_len(counts: ModelCounts, setup: Setup, gpu_memory_gb: float, zero: ZeroSettings = ZeroSettings(),
+                    margins: Margins = Margins(), host_memory_gb: Optional[float] = None,
+                    limit: int = 1 << 24) -> Optional[int]:
+    """The longest data.seq_len at which `setup` (its seq_len ignored) fits; None when not even the shortest step.
+
+    Memory grows with the sequence length in every term that depends on it, so a doubling search followed by
+    bisection finds the boundary; the answer is a multiple of SEQ_LEN_STEP that sequence_parallel divides.
+    """
+    step = math.lcm(SEQ_LEN_STEP, setup.sequence_parallel)
+    fits = lambda k: estimate_memory(counts, replace(setup, seq_len=k * step), zero, margins).fits(  # noqa: E731
+        gpu_memory_gb, host_memory_gb)
+    if not fits(1):
+        return None
+    low, high = 1, 2
+    while high * step <= limit and fits(high):
+        low, high = high, high * 2
+    if high * step > limit:
+        return low * step
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
+from launcher.planning.chunked_loss import loss_chunk_tokens
 from launcher.planning.model_size import ModelCounts
 from launcher.planning.moe_size import moe_mlp_activation_bytes
 
@@ -74,6 +75,9 @@ class Margins:
     nccl_gb: float = 0.5  # NCCL communicators and channel buffers (only when world_size > 1)
     fragmentation: float = 0.10  # of the transient working set: the caching allocator cannot reuse every block
     host_per_rank_gb: float = 3.0  # RSS of a Python + torch + CUDA + DeepSpeed process before any tensor
+    mapped_above: Optional[int] = None
+    """CPU only: glibc gives blocks above this size (its largest mmap threshold) their own mapping and unmaps
+    them when freed, so such buffers never stay behind as fragmentation."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,19 @@ class Setup:
     activation_checkpointing: bool = False
     attention: str = "auto"
     optimizer: str = "fused"
+    sequence_parallel: int = 1
+    """Ranks per sequence (Ulysses): activations and logits are those of seq_len / N tokens per rank."""
+    chunked_loss: bool = False
+    """The loss holds one chunk's logits (launcher.planning.chunked_loss) instead of the whole micro-batch's."""
+    tiled_mlp: bool = False
+    """MLP intermediates exist for one tile of the sequence at a time, not all of it."""
+    offload_checkpoints: bool = False
+    """Checkpointed layer inputs wait in host RAM (GPUs only: on CPU the host is the device)."""
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of each sequence that one rank holds."""
+        return self.seq_len // self.sequence_parallel
 
     @property
     def nodes(self) -> int:
@@ -104,7 +121,8 @@ class Setup:
 
     def label(self) -> str:
         off = "" if self.offload == "none" else f" + offload {self.offload}"
-        return f"ZeRO-{self.stage}{off}"
+        sp = f" + SP {self.sequence_parallel}" if self.sequence_parallel > 1 else ""
+        return f"ZeRO-{self.stage}{off}{sp}"
 
 
 DEVICE_KEYS = ("params", "gradients", "optimizer_states", "offload_staging", "activations", "logits",
@@ -112,7 +130,8 @@ DEVICE_KEYS = ("params", "gradients", "optimizer_states", "offload_staging", "ac
                "fragmentation", "cuda_runtime")
 # The working set of forward and backward, freed before the optimizer step allocates its buffers.
 FORWARD_BACKWARD_KEYS = ("activations", "logits", "gradient_in_flight", "reduce_buckets", "zero3_live_params")
-HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "checkpoint_loading", "process_runtime")
+HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "offloaded_checkpoints", "checkpoint_loading",
+             "process_runtime")
 
 
 @dataclass(frozen=True)
@@ -179,7 +198,7 @@ def _attention_kind(counts: ModelCounts, attention: str) -> str:
 
 
 def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
-                           attention: str = "auto") -> int:
+                           attention: str = "auto", sequence_parallel: int = 1, tiled_mlp: bool = False) -> int:
     """Bytes autograd keeps for one decoder layer between its forward and its backward.
 
     Korthikanti et al. (2022) give 34·s·b·h + 5·a·s²·b for GPT-3 layers; the HF Llama family differs:
@@ -192,11 +211,18 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
       SwiGLU: gate, act(gate), up and their product: 4·e·t·I (an MoE layer instead keeps its routed
         copies of every token and its router's probabilities: moe_size.moe_mlp_activation_bytes)
     This equals the saved-tensor bytes of transformers' modules to the byte for Llama/Mistral/Qwen2.
+
+    Under sequence parallelism over N ranks, t = b·s/N is the rank's slice. Attention keeps the exchanged
+    q, k, v (the whole sequence for heads/N: the same bytes as the slice with all heads, except that kv
+    heads are replicated when there are fewer than N: max(kv, N) of them count) and one more e·t·q copy of
+    the output on its way back. A tiled MLP keeps only its input, which the norm term already counts.
     """
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
     e = PARAM_BYTES[dtype]
-    b, s = micro_batch_size, seq_len
+    b, s = micro_batch_size, seq_len // sequence_parallel
     t, h, a, k, I = b * s, counts.hidden_size, counts.num_heads, counts.num_kv_heads, counts.intermediate_size  # noqa: E741
+    if sequence_parallel > 1:
+        k = max(k, sequence_parallel)
     q, kv = a * counts.head_dim, k * counts.head_dim
     rstd = 8 if lay.gemma_norm else 4
     norm_linear = (8 + e) if lay.gemma_norm else (4 + 2 * e)
@@ -209,54 +235,114 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
         total += e * scores if lay.attn_softcap else 0
     else:
         total += e * t * (2 * q + 2 * kv) + 4 * b * a * s
+    if sequence_parallel > 1:
+        total += e * t * q
     if lay.fused_qkv:
         total += e * t * (q + kv)  # the whole fused output instead of v alone
-    mlp = 4 * e * t * I
+    mlp = 0 if tiled_mlp else 4 * e * t * I
     if counts.moe is not None:  # the MoE layer; where dense layers are wider, theirs (the peak layer counts)
         mlp = max(moe_mlp_activation_bytes(counts.moe, h, t, e), mlp if counts.moe.dense_layers else 0)
     total += mlp + lay.dropout_masks * e * t * h
     return total
 
 
+def mlp_tiles(local_seq_len: int, hidden_size: int) -> int:
+    """Tiles a tiled MLP cuts each row of a rank's slice into: DeepSpeed's rule, about hidden_size positions each."""
+    return max(1, -(-local_seq_len // hidden_size))
+
+
+def tiled_mlp_problem(counts: ModelCounts, model: str) -> Optional[str]:
+    """Why train.tiled_mlp cannot apply to this model (None when it can): an MoE layer's router must see every
+    token of the sequence at once (top-k and its load-balancing loss), which tiles would split."""
+    if counts.moe is None:
+        return None
+    return (f"train.tiled_mlp: true, but {model} is a mixture-of-experts model: its router sees the whole sequence "
+            "(top-k and the aux loss over every token), which tiles would split; allowed: false (the experts' "
+            "activations already scale with top-k, not with all experts)")
+
+
 def activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
-                     checkpointing: bool = False, attention: str = "auto") -> int:
+                     checkpointing: bool = False, attention: str = "auto", sequence_parallel: int = 1,
+                     tiled_mlp: bool = False, offload_checkpoints: bool = False) -> int:
     """Activations at the start of the backward pass, the moment they peak.
 
     Without checkpointing: L layers + the final norm + a backward workspace of 2·e·t·(I + h) (gradients
     of the MLP and residual stream in flight). With HF's per-layer checkpointing: L layer inputs
     (e·t·h each) + one layer recomputed in backward + the same workspace. Summing this with the logits
     term overstates the true peak by at most the smaller of the two backward transients.
+
+    t is a rank's tokens: seq_len / N under sequence parallelism. A tiled MLP recomputes one tile at a
+    time in backward, so its intermediates count for one tile (in the recomputed layer and the workspace);
+    offloaded checkpoints leave three layer inputs on the device (the newest, and two copies in flight).
     """
     e = PARAM_BYTES[dtype]
-    t = micro_batch_size * seq_len
-    h, layers = counts.hidden_size, counts.num_layers
-    one_layer = layer_activation_bytes(counts, micro_batch_size, seq_len, dtype, attention)
+    local = seq_len // sequence_parallel
+    t = micro_batch_size * local
+    h, layers, inter = counts.hidden_size, counts.num_layers, counts.mlp_width
+    one_layer = layer_activation_bytes(counts, micro_batch_size, seq_len, dtype, attention, sequence_parallel,
+                                       tiled_mlp)
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
     final_norm = ((8 + e) if lay.gemma_norm else (4 + 2 * e)) * t * h
-    workspace = 2 * e * t * (counts.mlp_width + h)
-    stored = layers * e * t * h + one_layer if checkpointing else layers * one_layer
+    mlp_tokens = micro_batch_size * -(-local // mlp_tiles(local, h)) if tiled_mlp else t
+    if tiled_mlp:
+        one_layer += 4 * e * mlp_tokens * inter  # the tile being recomputed
+    workspace = 2 * e * (mlp_tokens * inter + t * h)
+    kept_inputs = min(layers, 3) if (checkpointing and offload_checkpoints) else layers
+    stored = kept_inputs * e * t * h + one_layer if checkpointing else layers * one_layer
     return stored + final_norm + workspace
 
 
-def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16") -> int:
+def offloaded_checkpoint_bytes(counts: ModelCounts, setup: Setup) -> int:
+    """Host bytes per rank for checkpointed layer inputs waiting for backward (all but those kept on the device)."""
+    if not (setup.offload_checkpoints and setup.activation_checkpointing):
+        return 0
+    t = setup.micro_batch_size * setup.local_seq_len
+    return max(0, counts.num_layers - 3) * PARAM_BYTES[setup.dtype] * t * counts.hidden_size
+
+
+def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
+                 chunk_tokens: Optional[int] = None, sequence_parallel: int = 1) -> int:
     """The loss's share: with a 128k vocabulary this rivals all of a layer stack's activations.
 
     transformers' ForCausalLMLoss upcasts the e-byte logits to fp32 and runs cross-entropy, which keeps
     its fp32 log-softmax output; backward then holds the fp32 gradient in and out of log-softmax while
     the model output still references the e-byte logits: (e + 4 + 4 + 4)·b·s·V bytes (14 for bf16,
     measured exactly on CPU). Gemma2's final soft-capping keeps one more e-byte copy.
+
+    The chunked loss (chunk_tokens set; trainer/loss.py) holds one chunk's fp32 logits, turned into their
+    gradient in place (plus its e-byte copy below fp32), the head's weight gradient accumulated in fp32
+    (4·V·h, plus one chunk's e-byte product below fp32) and the hidden states' gradient (e·t·h), all
+    computed in forward and kept until backward. Under sequence parallelism t = b·s/N.
     """
     e = PARAM_BYTES[dtype]
+    t = micro_batch_size * (seq_len // sequence_parallel)
+    v, h = counts.vocab_size, counts.hidden_size
+    if chunk_tokens:
+        narrow = e if e < 4 else 0
+        return min(chunk_tokens, t) * v * (4 + narrow) + (4 + narrow) * v * h + e * t * h
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
-    per_token = (e + 12 + (e if lay.logit_softcap else 0)) * counts.vocab_size
-    return micro_batch_size * seq_len * per_token
+    per_token = (e + 12 + (e if lay.logit_softcap else 0)) * v
+    return t * per_token
+
+
+def mapped_loss_bytes(counts: ModelCounts, setup: Setup, threshold: int) -> int:
+    """The part of the loss's buffers (logits_bytes) made of tensors larger than `threshold` bytes each."""
+    e, v, h = PARAM_BYTES[setup.dtype], counts.vocab_size, counts.hidden_size
+    t = setup.micro_batch_size * setup.local_seq_len
+    if not setup.chunked_loss:
+        total = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype, None, setup.sequence_parallel)
+        return total if 4 * t * v > threshold else 0
+    chunk = min(loss_chunk_tokens(v), t) * v
+    narrow = e if e < 4 else 0
+    parts = [(4 * chunk, 4 * chunk + narrow * chunk), (4 * v * h, (4 + narrow) * v * h), (e * t * h, e * t * h)]
+    return sum(bytes_ for largest, bytes_ in parts if largest > threshold)
 
 
 def _check(setup: Setup) -> None:
     problems = []
     if setup.stage not in (0, 1, 2, 3):
         problems.append(f"stage: must be 0, 1, 2 or 3, got {setup.stage!r}")
-    for name in ("world_size", "gpus_per_node", "micro_batch_size", "seq_len"):
+    for name in ("world_size", "gpus_per_node", "micro_batch_size", "seq_len", "sequence_parallel"):
         value = getattr(setup, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name}: must be a positive integer, got {value!r}")
@@ -270,6 +356,11 @@ def _check(setup: Setup) -> None:
         problems.append("offload_optimizer: needs ZeRO stage 1, 2 or 3, got stage 0")
     if setup.offload_params and setup.stage != 3:
         problems.append(f"offload_params: needs ZeRO stage 3, got stage {setup.stage}")
+    sp = setup.sequence_parallel
+    if isinstance(sp, int) and sp > 0 and isinstance(setup.world_size, int) and setup.world_size % sp:
+        problems.append(f"sequence_parallel: {sp} must divide the world size {setup.world_size}")
+    if isinstance(sp, int) and sp > 0 and isinstance(setup.seq_len, int) and setup.seq_len % sp:
+        problems.append(f"seq_len: {setup.seq_len} must be a multiple of sequence_parallel {sp}")
     if problems:
         raise ConfigError(problems, title="cannot estimate memory")
 
@@ -341,8 +432,11 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # gradients on their way to the host (temp_grad_buffer_for_gpu_offload), for the whole run.
     dev["offload_staging"] = largest * p if setup.offload_optimizer and setup.stage in (1, 2) else 0
     dev["activations"] = activation_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype,
-                                          setup.activation_checkpointing, setup.attention)
-    dev["logits"] = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype)
+                                          setup.activation_checkpointing, setup.attention, setup.sequence_parallel,
+                                          setup.tiled_mlp, setup.offload_checkpoints)
+    chunk = loss_chunk_tokens(counts.vocab_size) if setup.chunked_loss else None
+    dev["logits"] = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype, chunk,
+                                 setup.sequence_parallel)
     # Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one
     # waiting for its bucket is whole: the largest (the lm_head's comes first, at the activation peak).
     # Stages 0-1 keep all gradients whole, which `gradients` already counts.
@@ -370,7 +464,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])
-    dev["fragmentation"] = int(margins.fragmentation * transient)
+    mapped = mapped_loss_bytes(counts, setup, margins.mapped_above) if margins.mapped_above else 0
+    dev["fragmentation"] = int(margins.fragmentation * max(forward_backward - mapped, dev["optimizer_step_buffers"]))
     dev["cuda_runtime"] = int((margins.cuda_context_gb + (margins.nccl_gb if n > 1 else 0)) * GB)
     persistent = dev["params"] + dev["gradients"] + dev["optimizer_states"] + dev["offload_staging"]
     device_total = persistent + transient + dev["fragmentation"] + dev["cuda_runtime"]
@@ -383,6 +478,7 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     host = {
         "offloaded_optimizer": ranks * offloaded if setup.offload_optimizer else 0,
         "offloaded_params": ranks * p * psi // n if setup.offload_params else 0,
+        "offloaded_checkpoints": ranks * offloaded_checkpoint_bytes(counts, setup),
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
         "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
@@ -391,7 +487,7 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # The loaded copies are freed before the optimizer's host buffers are allocated; offloaded
     # parameters, placed during zero.Init, coexist with the loading.
     host_total = (host["process_runtime"] + host["offloaded_params"]
-                  + max(host["checkpoint_loading"], host["offloaded_optimizer"]))
+                  + max(host["checkpoint_loading"], host["offloaded_optimizer"] + host["offloaded_checkpoints"]))
     notes = [counts.note] if counts.note else []
     if dev["optimizer_step_buffers"] > forward_backward:
         notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")

@@ -23,26 +23,36 @@ from pathlib import Path
 from textwrap import indent
 from typing import Optional
 
-from launcher.contract.config import RunConfig
+from launcher.contract.config import RunConfig, batch_split_problems, replicas_words, sequence_parallel_problems
 from launcher.contract.errors import ConfigError
 from launcher.planning.deepspeed_config import zero_defaults
 from launcher.planning.devices import precision_for
-from launcher.planning.fastest_fit import DoesNotFit, choose_configuration, component_table
+from launcher.planning.fastest_fit import (
+    DoesNotFit,
+    LongContext,
+    choose_configuration,
+    component_table,
+    longest_seq_len,
+)
 from launcher.planning.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
+from launcher.planning.sequence_parallel import candidates, sequence_parallel_size, sliding_window_problem
 
 # On CPU the "device" is the process's own RAM, measured by bench/memory.py: no CUDA context or NCCL, but
 # 0.4 GB of process runtime (imports, gloo, tokenizer, data) in their place; and glibc's malloc keeps the
 # freed forward/backward memory in its heap while the optimizer step maps its large buffers on top, so
 # the transient counts about twice (fragmentation = 100% of it) instead of a GPU allocator's 10%.
-CPU_MARGINS = Margins(cuda_context_gb=0.4, nccl_gb=0.0, fragmentation=1.0)
+# Tensors above glibc's largest mmap threshold (32 MiB: the full loss's logits, a loss chunk's) are mapped and
+# unmapped on their own and do not count twice (bench/long_context.py: the full-logits loss at 4k tokens).
+CPU_MARGINS = Margins(cuda_context_gb=0.4, nccl_gb=0.0, fragmentation=1.0, mapped_above=32 * 2 ** 20)
 
 
 def auto_fields(cfg: RunConfig) -> list[str]:
     """The config fields the memory planner is asked to choose, by dotted name."""
     fields = {"zero.stage": cfg.zero.stage, "zero.offload_optimizer": cfg.zero.offload_optimizer,
               "zero.offload_params": cfg.zero.offload_params, "train.micro_batch_size": cfg.train.micro_batch_size,
-              "train.activation_checkpointing": cfg.train.activation_checkpointing}
+              "train.activation_checkpointing": cfg.train.activation_checkpointing,
+              "train.sequence_parallel": cfg.train.sequence_parallel}
     return [name for name, value in fields.items() if value == "auto"]
 
 
@@ -72,6 +82,29 @@ def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
             user = {}  # render_deepspeed_config reports an unreadable zero.config, naming the field
         zero = {key: ours.get(key) if value == "auto" else value for key, value in user.items()}
     return ZeroSettings.from_deepspeed({"zero_optimization": zero})
+
+
+def long_context_of(cfg: RunConfig, counts: Optional[ModelCounts], sequence_parallel: Optional[int] = None
+                    ) -> LongContext:
+    """The long-sequence settings of a config as the planner sees them (checkpoint offload only counts on GPUs:
+    on CPU the host is the device)."""
+    t = cfg.train
+    return LongContext(sequence_parallel=sequence_parallel or sequence_parallel_size(cfg),
+                       chunked_loss=t.chunked_loss is True, tiled_mlp=t.tiled_mlp,
+                       offload_checkpoints=t.activation_checkpointing == "offload" and cfg.launch.device == "cuda",
+                       allowed_sequence_parallel=tuple(candidates(cfg, counts)))
+
+
+def _sequence_parallel_options(cfg: RunConfig, counts: ModelCounts, model_config: dict) -> list[int]:
+    """Group sizes to try, smallest first: the configured one, or for `auto` every size the world, the sequence
+    length, the model's attention and the global batch allow."""
+    t = cfg.train
+    if t.sequence_parallel != "auto":
+        return [t.sequence_parallel]
+    micro = None if t.micro_batch_size == "auto" else int(t.micro_batch_size)
+    return [n for n in candidates(cfg, counts) if not sliding_window_problem(n, model_config, cfg.data.seq_len)
+            and (t.global_batch_size is None
+                 or not batch_split_problems(t.global_batch_size, micro, cfg.launch.world_size, n))]
 
 
 def _counts(cfg: RunConfig, model_config: Optional[dict], why: str) -> ModelCounts:
@@ -119,24 +152,42 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
         offload_optimizer = True  # the parameter-offload template offloads the optimizer too: plan what runs
     world = cfg.launch.world_size
     dtype = precision_of(cfg)
-    try:
-        choice = choose_configuration(
-            counts, world, float(gpu_memory_gb), cfg.data.seq_len, t.global_batch_size, dtype,
-            stage=None if z.stage == "auto" else int(z.stage),
-            micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
-            activation_checkpointing=None if t.activation_checkpointing == "auto" else bool(t.activation_checkpointing),
-            offload_optimizer=offload_optimizer, offload_params=offload_params,
-            gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
-    except DoesNotFit as exc:
-        raise ConfigError(_does_not_fit(cfg, counts, exc, asked), title="does not fit") from None
-    return _apply(cfg, choice)
+    options = _sequence_parallel_options(cfg, counts, model_config)
+    if not options:
+        raise ConfigError([f"train.sequence_parallel: 'auto' has no group size to choose from: none of the divisors "
+                           f"of the world size {world} divides data.seq_len {cfg.data.seq_len}, the model's "
+                           f"{counts.num_heads} attention heads and the global batch"], title="cannot plan memory")
+    failures: list[tuple[int, DoesNotFit]] = []
+    for n in options:  # the smallest group that fits: every larger one adds an all-to-all per layer for nothing
+        try:
+            choice = choose_configuration(
+                counts, world, float(gpu_memory_gb), cfg.data.seq_len, t.global_batch_size, dtype,
+                stage=None if z.stage == "auto" else int(z.stage),
+                micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
+                activation_checkpointing=None if t.activation_checkpointing == "auto" else t.recomputes,
+                offload_optimizer=offload_optimizer, offload_params=offload_params,
+                gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
+                zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg),
+                long_context=long_context_of(cfg, counts, n))
+        except DoesNotFit as exc:
+            failures.append((n, exc))
+            continue
+        return _apply(cfg, choice, failures)
+    raise ConfigError(_does_not_fit(cfg, counts, failures[-1][1], asked), title="does not fit") from None
 
 
-def _apply(cfg: RunConfig, choice) -> list[str]:
+def _apply(cfg: RunConfig, choice, smaller_groups: list[tuple[int, DoesNotFit]]) -> list[str]:
     """Write the choice into the auto fields and say why, one note per field (the fit goes with the stage)."""
     s, why, notes = choice.setup, choice.why, []
     decided = []
+    if cfg.train.sequence_parallel == "auto":
+        cfg.train.sequence_parallel = s.sequence_parallel
+        tried = "; ".join(f"{n} does not fit ({exc.reasons[-1] if exc.reasons else 'nothing allowed fits'})"
+                          for n, exc in smaller_groups)
+        notes.append(f"train.sequence_parallel=auto -> {s.sequence_parallel}: the smallest group size that fits"
+                     + (f" ({tried})" if tried else ""))
+        if (problems := sequence_parallel_problems(cfg)):
+            raise ConfigError(problems)
     if cfg.zero.stage == "auto":
         cfg.zero.stage = s.stage
         decided.append(f"zero.stage=auto -> {s.stage}")
@@ -157,9 +208,9 @@ def _apply(cfg: RunConfig, choice) -> list[str]:
         reason = why.get("micro_batch_size", f"micro batch {s.micro_batch_size}: the only divisor").split(": ", 1)[1]
         notes.append(f"train.micro_batch_size=auto -> {s.micro_batch_size}: {reason}")
         cfg.train.grad_accum_steps = choice.grad_accum_steps
-        world = cfg.launch.world_size
+        replicas = replicas_words(cfg.launch.world_size, s.sequence_parallel)
         notes.append(f"train.grad_accum_steps = global {cfg.train.global_batch_size} / (micro {s.micro_batch_size} × "
-                     f"world {world}) = {choice.grad_accum_steps}")
+                     f"{replicas}) = {choice.grad_accum_steps}")
     return notes
 
 
@@ -197,8 +248,9 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
     return Setup(stage=stage, world_size=cfg.launch.world_size,
                  gpus_per_node=cfg.launch.procs_per_node, micro_batch_size=int(cfg.train.micro_batch_size),
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
-                 activation_checkpointing=cfg.train.activation_checkpointing is True,
-                 attention=cfg.model.attn_implementation, optimizer=optimizer)
+                 activation_checkpointing=cfg.train.recomputes,
+                 attention=cfg.model.attn_implementation, optimizer=optimizer,
+                 **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
 
 
 def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
@@ -207,8 +259,8 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
     if model_config is None:
         return None
     counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
-    zero = ZeroSettings.from_deepspeed(ds_config) if ds_config else zero_settings(cfg, counts.hidden_size)
-    return counts, estimate_memory(counts, _resolved_setup(cfg, ds_config), zero, margins_for(cfg))
+    return counts, estimate_memory(counts, _resolved_setup(cfg, ds_config), est_zero(cfg, counts, ds_config),
+                                   margins_for(cfg))
 
 
 def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[dict]) -> Optional[dict]:
@@ -224,11 +276,18 @@ def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Opti
         return None
     counts, est = found
     gb = cfg.launch.gpu_memory_gb
+    longest = None if gb is None else longest_seq_len(counts, est.setup, gb, est_zero(cfg, counts, ds_config),
+                                                      margins_for(cfg))
     return {"label": est.setup.label(), "params": counts.total, "params_exact": counts.exact,
             "params_active": counts.active,
             "device": cfg.launch.device, **est.to_dict(), "gpu_memory_gb": gb,
             "fits": None if gb is None else est.fits(gb),
-            "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3)}
+            "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3), "longest_seq_len": longest}
+
+
+def est_zero(cfg: RunConfig, counts: ModelCounts, ds_config: Optional[dict]) -> ZeroSettings:
+    """The bucket settings the estimate uses: the rendered DeepSpeed config's, else what it will render."""
+    return ZeroSettings.from_deepspeed(ds_config) if ds_config else zero_settings(cfg, counts.hidden_size)
 
 
 def format_memory(summary: Optional[dict]) -> str:
@@ -255,7 +314,8 @@ def format_memory(summary: Optional[dict]) -> str:
         f"{verdict}",
         f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, gradients {d['gradients']:.1f}, "
         f"optimizer {d['optimizer_states']:.1f}){staging}",
-        f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, logits {d['logits']:.1f}, "
+        f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, "
+        f"{'chunked loss' if s.get('chunked_loss') else 'logits'} {d['logits']:.1f}, "
         f"buffers {buffers:.1f}), optimizer step {d['optimizer_step_buffers']:.1f})"
         f" + fragmentation {d['fragmentation']:.1f} + {runtime} {d['cuda_runtime']:.1f}",
     ]
@@ -263,7 +323,15 @@ def format_memory(summary: Optional[dict]) -> str:
     if summary.get("device") != "cpu":
         lines.append(f"{pad}host RAM per node {summary['host_total_gb']:.1f} GB (offloaded optimizer "
                      f"{h['offloaded_optimizer']:.1f}, params {h['offloaded_params']:.1f}, checkpoint loading "
-                     f"{h['checkpoint_loading']:.1f}, processes {h['process_runtime']:.1f})")
+                     f"{h['checkpoint_loading']:.1f}, processes {h['process_runtime']:.1f}"
+                     + (f", offloaded checkpoints {h['offloaded_checkpoints']:.1f}"
+                        if h["offloaded_checkpoints"] else "")
+                     + ")")
+    if summary.get("longest_seq_len") is not None:
+        lines.append(f"{pad}longest data.seq_len that fits {summary['gpu_memory_gb']:g} GB with these settings: "
+                     f"{summary['longest_seq_len']:,}")
+    elif summary["gpu_memory_gb"] is not None:
+        lines.append(f"{pad}no data.seq_len fits {summary['gpu_memory_gb']:g} GB with these settings")
     lines += [f"{pad}note: {note}" for note in summary.get("notes", [])]
     return "\n".join(lines)
 
@@ -306,7 +374,8 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             counts, cfg.launch.world_size, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
+            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg),
+            long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
     except ConfigError:

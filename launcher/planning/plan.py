@@ -13,16 +13,20 @@ from typing import Any, Optional
 
 from launcher.backends.slurm import render_sbatch
 from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
-from launcher.contract.config import RunConfig
+from launcher.contract.config import RunConfig, replicas_words
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import plan_checkpoint
+from launcher.planning.chunked_loss import loss_chunk_tokens, resolve_chunked_loss
 from launcher.planning.deepspeed_config import render_deepspeed_config
 from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
 from launcher.planning.host import HostFacts
+from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_size import read_model_config
+from launcher.planning.model_size import ModelCounts, counts_from_config, read_model_config
 from launcher.planning.moe_settings import moe_plan_notes
+from launcher.planning.sequence_parallel import describe as describe_sequence_parallel
+from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
 
 
 @dataclass
@@ -62,16 +66,21 @@ def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig
     resolve_device(cfg, host, notes)
     resolve_kernels(cfg, host, notes)
     resolve_slurm_resources(cfg, host, notes)
+    model_config = read_model_config(cfg.model.name_or_path)
+    resolve_long_context(cfg, model_config, notes)
     if auto_fields(cfg):
-        notes += apply_auto_choice(cfg, read_model_config(cfg.model.name_or_path))
+        notes += apply_auto_choice(cfg, model_config)
     t = cfg.train
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError([f"train.resume: {t.resume} does not exist (use auto, never or an existing checkpoint directory)"])
+    sp = t.sequence_parallel
+    replicas = world // sp
     if t.grad_accum_steps is None:
-        t.grad_accum_steps = t.global_batch_size // (t.micro_batch_size * world)
-        notes.append(f"train.grad_accum_steps = global {t.global_batch_size} / (micro {t.micro_batch_size} × world {world}) = {t.grad_accum_steps}")
+        t.grad_accum_steps = t.global_batch_size // (t.micro_batch_size * replicas)
+        notes.append(f"train.grad_accum_steps = global {t.global_batch_size} / (micro {t.micro_batch_size} × "
+                     f"{replicas_words(world, sp)}) = {t.grad_accum_steps}")
     if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * t.grad_accum_steps * world
+        t.global_batch_size = t.micro_batch_size * t.grad_accum_steps * replicas
     if t.precision in ("bf16", "fp16") and t.grad_accum_steps > 1:
         if cfg.zero.stage == 0:
             notes.append(f"warning: zero.stage 0 in {t.precision} accumulates gradients in {t.precision} "
@@ -82,12 +91,31 @@ def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig
     return cfg, notes
 
 
+def resolve_long_context(cfg: RunConfig, model_config: Optional[dict], notes: list[str]) -> None:
+    """The chunked loss (auto: on where it is exact) and whether the model's heads split over the sequence-parallel
+    group; both need the model's config.json, so without it the trainer checks them on the loaded model."""
+    t = cfg.train
+    t.chunked_loss, note = resolve_chunked_loss(t.chunked_loss, model_config)
+    if note:
+        notes.append(note)
+    if model_config is None:
+        return
+    counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
+    problems = [p for p in [tiled_mlp_problem(counts, cfg.model.name_or_path)] if p and t.tiled_mlp]
+    if isinstance(t.sequence_parallel, int):
+        problems += split_problems(t.sequence_parallel, counts)
+        window = sliding_window_problem(t.sequence_parallel, model_config, cfg.data.seq_len)
+        problems += [window] if window else []
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     cfg, notes = resolve(cfg, host)
     t = cfg.train
-    world = cfg.launch.world_size
-    global_batch = t.micro_batch_size * t.grad_accum_steps * world
+    world, sp = cfg.launch.world_size, t.sequence_parallel
+    global_batch = t.micro_batch_size * t.grad_accum_steps * (world // sp)
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden)
@@ -112,10 +140,35 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
         batch_arithmetic=(f"global batch = micro {t.micro_batch_size} × accumulation {t.grad_accum_steps} × "
-                          f"world {world} ({cfg.launch.nodes} node{'s' if cfg.launch.nodes > 1 else ''} × "
-                          f"{cfg.launch.procs_per_node}) = {global_batch} sequences"),
+                          f"{replicas_words(world, sp)} ({cfg.launch.nodes} node{'s' if cfg.launch.nodes > 1 else ''}"
+                          f" × {cfg.launch.procs_per_node}) = {global_batch} sequences"),
         tokens_per_step=global_batch * cfg.data.seq_len, deepspeed=ds, command=argv,
         script=script, notes=notes, memory=memory, checkpoint=ckpt, warnings=warnings)
+
+
+def _counts_or_none(cfg: RunConfig) -> Optional[ModelCounts]:
+    model_config = read_model_config(cfg.model.name_or_path)
+    try:
+        return counts_from_config(model_config) if model_config else None
+    except ConfigError:
+        return None
+
+
+def _long_context_line(cfg: RunConfig) -> str:
+    """The loss and the memory savers for long sequences, as they will run."""
+    t = cfg.train
+    model_config = read_model_config(cfg.model.name_or_path) or {}
+    vocab = model_config.get("vocab_size")
+    if t.chunked_loss is True:
+        chunk = f" of {loss_chunk_tokens(vocab):,} positions" if vocab else ""
+        loss = f"loss chunked (chunks{chunk}: never the tokens × vocab logits)"
+    else:
+        loss = ("loss on the full logits" if t.chunked_loss is False
+                else "loss chunked where exact (decided on the loaded model)")
+    mlp = "tiled MLP" if t.tiled_mlp else "MLP whole"
+    ckpt = {"offload": "checkpoint inputs offloaded to host", True: "checkpointing on"}.get(
+        t.activation_checkpointing, "checkpointing off")
+    return f"{loss}; {mlp}; {ckpt}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -131,6 +184,8 @@ def format_plan(plan: Plan) -> str:
         f"optimizer  AdamW lr {cfg.train.lr:g}, {cfg.train.lr_schedule} schedule, warmup {cfg.train.warmup_steps}, "
         f"{cfg.train.max_steps} steps, clip {cfg.train.grad_clip:g}, precision {cfg.train.precision}",
         f"zero       stage {cfg.zero.stage}, offload optimizer {cfg.zero.offload_optimizer}, params {cfg.zero.offload_params}",
+        f"sequence   {describe_sequence_parallel(cfg, _counts_or_none(cfg))}",
+        f"long       {_long_context_line(cfg)}",
     ]
     lines.append(format_memory(plan.memory))
     if plan.checkpoint:
