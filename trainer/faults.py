@@ -135,5 +135,14 @@ class FaultHooks:
             self._stalled = True
             time.sleep(self._arg("stall_save", step))
 
+    def verified(self, ckpt: Path, rank: int) -> None:
+        """flip_after_verify@0:RANK: after the checkpoint was verified and before it is loaded, one byte of this
+        rank's optimizer shard changes (a disk fault or someone else's write in the gap between the two)."""
+        if fires("flip_after_verify", 0, rank):
+            shard = sorted(ckpt.glob(f"*rank_{rank}_*optim_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
+            data = bytearray(shard[0].read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard[0].write_bytes(bytes(data))
+
     def exporting(self) -> None:
         slow_down("slow_export", 0, self.rank)
