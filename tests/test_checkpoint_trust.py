@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.backends import monitor
 from launcher.contract.run_dir import RunDir
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -133,24 +135,41 @@ def test_a_second_launch_into_a_live_run_is_refused_and_a_relaunch_after_it_resu
     assert "resumed from" in proc.stderr
 
 
-def test_a_frozen_rank_is_killed_from_outside_and_the_job_completes_unchanged(tmp_path, tiny_model, reference):
-    cfg = config(tmp_path, tiny_model, launch={"max_restarts": 1, "stall_timeout_s": 6, "startup_timeout_s": 300})
-    launcher = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO)
+def test_a_frozen_rank_is_killed_from_outside_and_the_job_completes(tmp_path, tiny_model):
+    """The one rank SIGSTOPs itself at step 5, watchdog thread included: no peer's watchdog notices and torchrun
+    waits for it forever, so only the node's monitor can end it."""
+    cfg = config(tmp_path, tiny_model, procs=1, launch={"max_restarts": 1, "stall_timeout_s": 6})
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "freeze@5:0"}, timeout=600)
+    assert "rank 0" in proc.stderr and "is frozen" in proc.stderr and "killed by the node's monitor" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
     run = RunDir(tmp_path / "run")
-    deadline, stopped = time.time() + 300, None
-    while time.time() < deadline and stopped is None:
-        beat = next((b for b in run.read_heartbeats() if b["rank"] == 1 and b["step"] >= 5), None)
-        if beat is not None:
-            os.kill(beat["pid"], signal.SIGSTOP)  # frozen: its watchdog thread stops with it
-            stopped = time.time()
-        time.sleep(0.2)
-    assert stopped is not None
-    out, err = launcher.communicate(timeout=400)
-    assert launcher.returncode == 0, err[-3000:]
-    assert "is frozen" in err and "killed by the node's monitor" in err and "resumed from" in err
-    assert losses(run.path) == losses(reference)
-    assert any(e["event"] == "frozen" and e["rank"] == 1 for e in run.read_events())
+    assert sorted(losses(run.path)) == list(range(1, STEPS + 1)) and run.read_status()["state"] == "completed"
+    assert [e["rank"] for e in run.read_events() if e["event"] == "frozen"] == [0]
+
+
+def test_a_rank_frozen_after_it_finished_is_killed_too(tmp_path):
+    """A process hung in teardown (its heartbeat says finished, it never exits) keeps torchrun waiting forever."""
+    run = RunDir(tmp_path / "run")
+    run.heartbeat_file(1).parent.mkdir(parents=True)
+    host = socket.gethostname()
+    workers = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+    try:
+        for rank, worker in enumerate(workers):
+            os.kill(worker.pid, signal.SIGSTOP)
+            beat = {"rank": rank, "host": host, "pid": worker.pid, "step": 8, "phase": "finished",
+                    "state": "finished", "time": time.time(), "allowance_s": 6, "write_every_s": 1}
+            run.heartbeat_file(rank).write_text(json.dumps(beat) + "\n")
+        assert monitor.sweep(run, host, time.time() + 5) == []  # within its allowance: left alone
+        beat_0 = {**json.loads(run.heartbeat_file(0).read_text()), "state": "alive", "time": time.time() + 60}
+        run.heartbeat_file(0).write_text(json.dumps(beat_0) + "\n")  # rank 0 keeps beating; rank 1 never exits
+        assert [b["rank"] for b in monitor.sweep(run, host, time.time() + 60)] == [1]
+        assert workers[1].wait(timeout=10) == -signal.SIGKILL and workers[0].poll() is None
+        event = run.read_events()[-1]
+        assert event["event"] == "frozen" and "when it finished, and the process never exited" in event["reason"]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
 
 
 def test_when_restarts_are_spent_the_last_line_names_the_rank_and_the_cause(tmp_path, tiny_model):

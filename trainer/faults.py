@@ -61,6 +61,13 @@ def maybe_kill(kind: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_freeze(kind: str, step: int, rank: int) -> None:
+    """freeze / freeze_at_exit: SIGSTOP this whole process, watchdog thread included, as a wedged driver call or
+    an uninterruptible read would freeze it; only something outside the process can end it."""
+    if fires(kind, step, rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def maybe_hang(kind: str, step: int, rank: int) -> None:
     """hang_in_data: sleep forever, as a rank stuck on a dead filesystem would."""
     if fires(kind, step, rank):
@@ -111,6 +118,10 @@ class FaultHooks:
 
     def step_started(self, step: int) -> None:
         maybe_kill("crash", step, self.rank)
+        maybe_freeze("freeze", step, self.rank)
+
+    def exiting(self) -> None:
+        maybe_freeze("freeze_at_exit", 0, self.rank)
 
     def loading_batch(self, step: int) -> None:
         maybe_hang("hang_in_data", step, self.rank)

@@ -338,6 +338,7 @@ class Session:
         if self.dist.is_main and self.finished:
             owner.release(self.run_dir)
         self.heartbeat.stop()
+        self.faults.exiting()
         self.tracker.finish()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -22,12 +22,23 @@ import psutil
 from launcher.contract.run_dir import RunDir
 
 
+EXIT_GRACE_S = 60.0
+"""How long an ended rank may take to close its tracker (a wandb upload) and process group before it counts as hung."""
+
+
 def frozen(beat: dict, now: float) -> bool:
-    """A live-looking rank whose heartbeat file stopped changing for longer than it may."""
-    if beat.get("state") != "alive":
-        return False
+    """A rank whose heartbeat file stopped changing for longer than it may.
+
+    Alive, its watchdog thread rewrites the file every write_every_s. Ended (finished, stopped, failed, stuck),
+    the process has nothing left but closing the tracker and the process group, and a process still there an
+    allowance (at least EXIT_GRACE_S) later is hung in that teardown: torchrun waits for it forever, so it is
+    frozen too.
+    """
     slack = 2 * float(beat.get("write_every_s", 5.0))
-    return now - float(beat.get("time", now)) > float(beat.get("allowance_s", 300.0)) + slack
+    allowance = float(beat.get("allowance_s", 300.0))
+    if beat.get("state") != "alive":
+        allowance = max(allowance, EXIT_GRACE_S)
+    return now - float(beat.get("time", now)) > allowance + slack
 
 
 def _same_process(pid: int, beat: dict) -> bool:
@@ -46,7 +57,9 @@ def sweep(run_dir: RunDir, host: str, now: float, kill=os.kill) -> list[dict]:
         if beat.get("host") != host or pid is None or not frozen(beat, now) or not _same_process(int(pid), beat):
             continue
         age = now - float(beat["time"])
-        reason = (f"frozen: its heartbeat stopped {age:.0f} s ago in '{beat.get('phase')}' at step {beat.get('step')} "
+        where = (f"in '{beat.get('phase')}'" if beat.get("state") == "alive"
+                 else f"when it {beat.get('state')}, and the process never exited")
+        reason = (f"frozen: its heartbeat stopped {age:.0f} s ago {where} at step {beat.get('step')} "
                   f"(allowance {float(beat.get('allowance_s', 0)):.0f} s); killed by the node's monitor")
         try:
             kill(int(pid), signal.SIGKILL)
