@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, losses, shardtune, tiny_config
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.run_dir import RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
 from launcher.planning.plan import build_plan
 from trainer.hf_writer import INDEX_FILE
+
+from conftest import REPO, losses, shardtune, tiny_config
 
 STEPS = 12
 TRAIN = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from launcher.contract import run_dir
+
+from conftest import REPO
 
 PRODUCT = ("launcher", "trainer")
 

@@ -136,7 +136,7 @@ class PendingSave:
 
 def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
                write_extras: Callable[[Path, Callable], None], progress: Callable[[int], None],
-               beat: Callable[[str], None]) -> PendingSave:
+               beat: Callable[[str], None], background: bool = False) -> PendingSave:
     """Hand checkpoint `step` to every rank's writer; returns once the files are queued. Collective."""
     tag = tag_for(step)
     ckpt = root / tag
@@ -147,7 +147,7 @@ def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
             _remove(ckpt)  # a leftover of an attempt that died while saving this step
     peers.wait_all("cleared", beat)
     started = time.perf_counter()
-    writer.begin(lambda n: (progress(n), peers.add(n)))
+    writer.begin(lambda n: (progress(n), peers.add(n)), snapshot_first=background)
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
     rng = rng_file(ckpt, dist.rank)
     rng.parent.mkdir(parents=True, exist_ok=True)

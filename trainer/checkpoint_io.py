@@ -93,21 +93,36 @@ def copy_hashed(src: Path, dst: Path, progress: Optional[Progress] = None) -> tu
     return write_hashed(dst, write, progress)
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of a state (dicts, lists, tensors, small objects) that later training steps cannot change.
+def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> tuple[Any, list[torch.Tensor]]:
+    """A copy of a state (dicts, lists, tensors, small objects) that later training steps cannot change, and the
+    host tensors it copied into.
 
-    Tensors are copied to host memory; accelerator copies are issued asynchronously and waited for once.
+    `reuse`: the tensors of the previous snapshot of the same file (no longer being written): copying into
+    them skips the allocation, and the page faults of first touching fresh memory cost more than the copy
+    itself (measured on CPU: about 2 s of a 2.9 s snapshot of a 1.6 GB shard). Accelerator copies are issued
+    asynchronously and waited for once.
     """
     copied_from_device = False
+    buffers: list[torch.Tensor] = []
+    previous = list(reuse or [])
+
+    def host_copy(x: torch.Tensor) -> torch.Tensor:
+        nonlocal copied_from_device
+        i = len(buffers)
+        old = previous[i] if i < len(previous) else None
+        if old is not None and old.shape == x.shape and old.dtype == x.dtype:
+            out = old
+        else:
+            pinned = x.device.type != "cpu" and torch.cuda.is_available()
+            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pinned)
+        copied_from_device |= x.device.type != "cpu"
+        out.copy_(x.detach(), non_blocking=x.device.type != "cpu")
+        buffers.append(out)
+        return out
 
     def walk(x: Any) -> Any:
-        nonlocal copied_from_device
         if isinstance(x, torch.Tensor):
-            if x.device.type == "cpu":
-                return x.detach().clone()
-            copied_from_device = True
-            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-            return out.copy_(x.detach(), non_blocking=True)
+            return host_copy(x)
         if isinstance(x, dict):
             return type(x)((k, walk(v)) for k, v in x.items())
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -119,7 +134,7 @@ def snapshot(obj: Any) -> Any:
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().synchronize()
-    return out
+    return out, buffers
 
 
 def deepspeed_allowlist() -> list[type]:

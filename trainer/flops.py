@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from launcher.planning.meta_size import expert_blocks
+
 # Dense (no sparsity) peak TFLOPs per device from the vendors' data sheets, by the exact names
 # torch.cuda.get_device_name reports. Exact names, because a substring match sends "NVIDIA L40" to the L4's
 # entry and "NVIDIA H100 NVL" to the SXM part's. Data sheets quote bf16/fp16 with sparsity; dense is half.
@@ -73,7 +75,12 @@ class ModelFlops:
 
 
 def model_flops_of(model, config) -> ModelFlops:
-    """From the live model (exact for any architecture; ZeRO-3 shards report their full size)."""
+    """From the live model (exact for any architecture; ZeRO-3 shards report their full size).
+
+    Mixture of experts: a token multiplies only its top-k experts, so the (E − k)/E of every expert
+    block it skips is not counted; counting all of them would overstate MFU by total/active (3.6× for
+    Mixtral-8x7B, 18× for DeepSeek-V3).
+    """
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -83,7 +90,10 @@ def model_flops_of(model, config) -> ModelFlops:
     out = model.get_output_embeddings()
     embed_n = getattr(embed, "ds_numel", embed.numel())
     tied = out is not None and out.weight is embed
-    matmul = total - embed_n + (embed_n if tied else 0)
+    matmul = total - embed_n + (embed_n if tied else 0) - sum(b.inactive_params for b in expert_blocks(model, config))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return ModelFlops(matmul, config.num_hidden_layers, heads * head_dim)
+    if getattr(config, "qk_nope_head_dim", None) and getattr(config, "v_head_dim", None):
+        # DeepSeek's latent attention: QK^T is nope + rope wide, AV v_head_dim (config.head_dim is the rope part)
+        head_dim = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
+    return ModelFlops(matmul, config.num_hidden_layers, int(heads * head_dim))

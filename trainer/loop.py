@@ -21,6 +21,7 @@ from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
 from trainer.faults import FaultHooks
 from trainer.metrics import Window
 from trainer.model import token_loss_sum
+from trainer.moe import NoRouterAuxLoss
 from trainer.nonfinite import SkipJudge
 from trainer.watchdog import NoHeartbeat
 
@@ -84,6 +85,8 @@ class Loop:
     """The watchdog's evidence that this rank is making progress."""
     faults: FaultHooks
     skip_judge: SkipJudge
+    router_aux: NoRouterAuxLoss = field(default_factory=NoRouterAuxLoss)
+    """MoE models: the router load-balancing loss added to the backward pass (not to `loss`)."""
 
     def run(self, state: TrainState) -> TrainState:
         while state.step < self.max_steps:
@@ -116,13 +119,16 @@ class Loop:
         for i, micro in enumerate(micros):
             batch = self.window.timed_batch(lambda micro=micro: self.batch(micro, step))
             self.heartbeat.beat("forward")
-            logits = self.engine(**batch.model_inputs()).logits
+            with self.router_aux.recording():
+                logits = self.engine(**batch.model_inputs()).logits
             loss_sum = self.faults.loss(token_loss_sum(logits, batch.targets), step)
+            aux = self.router_aux.loss_share(batch.token_mask, len(micros))
             if i == len(micros) - 1:
                 self.window.local_work_done(sync=sync)
             self.heartbeat.beat("backward")
             # DeepSpeed averages gradients over ranks; scale so the sum is the global token mean.
-            self.engine.backward(loss_sum * (self.dist.world / targets), scale_wrt_gas=False)
+            objective = loss_sum * (self.dist.world / targets)
+            self.engine.backward(objective if aux is None else objective + aux, scale_wrt_gas=False)
             self.heartbeat.beat("step")
             self.engine.step()
             step_loss += loss_sum.detach().double()
@@ -147,6 +153,7 @@ class Loop:
                "epoch": state.position.epoch}
         if scale is not None:
             row.update(loss_scale=scale, loss_scale_skips=state.loss_scale_skips)
+        row.update(self.router_aux.metrics())
         self.window.reset()
         return row
 

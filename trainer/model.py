@@ -32,6 +32,17 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     return "flash_attention_2" if flash_attention_usable(cfg.train.precision, device) else "sdpa"
 
 
+def _sdpa_supported(cfg: RunConfig) -> bool:
+    """False for model classes transformers refuses to run with sdpa (gpt-oss: its attention sinks)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return getattr(model_class, "_supports_sdpa", True) is not False
+
+
 def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
     """The model to hand to deepspeed.initialize (sharded at creation under ZeRO-3)."""
     global _hf_ds_config
@@ -41,9 +52,14 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device):
         from transformers.integrations import HfDeepSpeedConfig
 
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
+    experts = {} if cfg.model.experts_implementation == "auto" else {
+        "experts_implementation": cfg.model.experts_implementation}
+    attention = attention_implementation(cfg, device)
+    if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(cfg):
+        attention = "eager"  # the same 4D masks keep packed samples apart
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attention_implementation(cfg, device))
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, **experts)
     model.config.use_cache = False
     if cfg.train.activation_checkpointing is True:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

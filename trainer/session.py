@@ -18,7 +18,7 @@ import torch
 from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
 from launcher.contract.run_dir import HF, RunDir
-from trainer import checkpoint, nonfinite, ops
+from trainer import checkpoint, moe, nonfinite, ops
 from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
@@ -153,6 +153,13 @@ class Session:
                 self.ds_config["checkpoint"] = {"load_universal": True}
         with IOProgress(self.heartbeat, "load model"):
             model = load_model(cfg, self.ds_config, self.dist.device)
+            stage = self.ds_config["zero_optimization"]["stage"]
+            # DeepSpeed reads ZeRO-3 leaf flags inside initialize: set them between building and initialize.
+            blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
+                      else moe.moe_block_classes(model))
+            router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
+            if (line := moe.describe(blocks, router_aux, stage)) is not None:
+                self.tracker.message(line)
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
@@ -170,7 +177,7 @@ class Session:
             pad_id=self.pad_id, separation=self.separation, max_steps=t.max_steps, log_every=t.log_every,
             max_bad_steps=t.max_bad_steps, window=window, on_log=self.on_log, on_step_end=self.on_step_end,
             heartbeat=self.heartbeat, faults=self.faults,
-            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)))
+            skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux)
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -260,7 +267,7 @@ class Session:
         self.heartbeat.beat("save")
         self.pending = checkpoint.begin_save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
                                              self.saved_state(state), self.dist, self._write_extras,
-                                             self._save_progress(state.step), self.heartbeat.beat)
+                                             self._save_progress(state.step), self.heartbeat.beat, background=True)
         self.last_saved_step = state.step
 
     def commit_pending(self) -> None:
@@ -289,6 +296,7 @@ class Session:
 
     def finish(self, state: TrainState, started: float) -> int:
         if self.stopped:
+            self.tracker.flush(state.step)
             self.tracker.status("stopped", state.step, self.last_checkpoint)
             self.finished = True
             return 0
@@ -298,6 +306,7 @@ class Session:
         self.commit_pending()
         if self.last_saved_step != state.step:
             ckpt = self.save(state)
+        self.tracker.flush(state.step)
         self.tracker.end_progress()
         # Every rank takes part in the export (each parameter is gathered once, rank 0 writes it), so no rank
         # waits at a collective for longer than the work it waits for.

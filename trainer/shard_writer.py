@@ -44,6 +44,8 @@ class ShardWriter(TorchCheckpointEngine):
         super().__init__(config_params)
         self.name = "ShardWriter"
         self.snapshot_first = snapshot_first
+        self._snapshots: dict[str, list[torch.Tensor]] = {}
+        """Host buffers of each file's last snapshot (by file name, the same at every step), reused by the next."""
         self.written: dict[str, tuple[int, str]] = {}
         self.progress: Optional[Progress] = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
@@ -51,13 +53,20 @@ class ShardWriter(TorchCheckpointEngine):
         self.manifests: Optional[Manifests] = None
         """The manifests of the checkpoint being loaded (set by the resume)."""
 
-    def begin(self, progress: Optional[Progress] = None) -> None:
-        """A new checkpoint: forget what the previous one wrote."""
+    def begin(self, progress: Optional[Progress] = None, snapshot_first: Optional[bool] = None) -> None:
+        """A new checkpoint: forget what the previous one wrote. snapshot_first: copy states before queueing
+        them (saves training goes on from); a save the caller waits for needs no copy."""
         self.wait()
         self.written, self.progress, self._futures = {}, progress, []
+        if snapshot_first is not None:
+            self.snapshot_first = snapshot_first
 
     def save(self, state_dict, path: str) -> None:
-        state = snapshot(state_dict) if self.snapshot_first else state_dict
+        if self.snapshot_first:
+            name = Path(path).name
+            state, self._snapshots[name] = snapshot(state_dict, self._snapshots.get(name))
+        else:
+            state = state_dict
         self._futures.append(self._pool.submit(self._write, state, path))
 
     def write_file(self, path: Path, write: Callable[[HashingWriter], None]) -> None:

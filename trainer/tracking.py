@@ -31,6 +31,9 @@ class NullTracker:
     def log_with_next(self, metrics: dict[str, Any]) -> None:
         """Values to add to the next logged row (e.g. data statistics, known once per launch)."""
 
+    def flush(self, step: int) -> None:
+        """Log what waits for a next row that will not come (e.g. the measurements of the last save)."""
+
     def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:
         pass
 
@@ -114,6 +117,10 @@ class Tracker(NullTracker):
 
     def log_with_next(self, metrics: dict[str, Any]) -> None:
         self.pending.update(metrics)
+
+    def flush(self, step: int) -> None:
+        if self.pending:
+            self.log(step, {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         metrics, self.pending = {**metrics, **self.pending}, {}

@@ -35,6 +35,15 @@ class ModelConfig(Section):
     """Run Python code shipped with the model. Off unless you trust the model's authors."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa."""
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    """Mixture of experts: kernel of the fused experts. `auto`: transformers' default (grouped_mm); `eager`
+    loops over the experts a batch hits."""
+    router_aux_loss_coef: Optional[float] = Field(None, ge=0)
+    """Mixture of experts: weight of the router load-balancing loss added to the training objective (logged as
+    aux_loss, apart from loss); default: the model config's router_aux_loss_coef; 0 disables."""
+    moe_leaf_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]] = []
+    """ZeRO-3: class names of more MoE blocks to gather as one unit (known blocks, and parents of an `experts`
+    module, are found without this)."""
 
 
 class DataFields(Section):
@@ -227,6 +236,9 @@ class LaunchConfig(Section):
     """The same allowance before the first step completes and during saves, evals and export."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one device, used by the planner to check fit and choose `auto` settings."""
+    force_approximate_fit: bool = False
+    """Check fit against gpu_memory_gb even for a mixture-of-experts model whose size is only approximate
+    (refused otherwise)."""
     env: dict[str, str] = {}
     """Extra environment variables for the training processes (not secrets: they are written to launch scripts)."""
     storage_gbps: float = Field(1.0, gt=0)
@@ -522,7 +534,7 @@ def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
             rows.extend(field_docs(ann, dotted + "."))
             continue
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        rows.append((dotted, default, field.description or ""))
+        rows.append((dotted, default, " ".join((field.description or "").split())))  # docstrings may wrap
     return rows
 
 

@@ -164,9 +164,20 @@ class RunDir:
             fh.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """One row per logged step, as wandb's history shows it: rows logged one after another at the same step
+        (the last save's measurements after the last training step, a final eval) are merged, later keys winning."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        rows: list[dict] = []
+        for line in self.metrics_file.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if rows and rows[-1].get("step") == row.get("step"):
+                rows[-1].update(row)
+            else:
+                rows.append(row)
+        return rows
 
     def train_metrics(self) -> list[dict]:
         """Rows of training steps (eval rows and the like have no throughput)."""

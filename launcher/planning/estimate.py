@@ -14,7 +14,7 @@ from launcher.planning.checkpoint_size import checkpoint_bytes
 from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
 from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration, component_table
 from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
-from launcher.planning.model_size import ModelCounts, counts_from_params, counts_from_path
+from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_params, counts_from_path
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -111,7 +111,8 @@ def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len,
 
 def _describe(counts: ModelCounts, source: str) -> str:
     kind = "exact" if counts.exact else "approximate"
-    head = (f"{source}: {counts.total:,} parameters ({counts.total / 1e9:.2f}B, {kind}; "
+    active = f"{counts.active / 1e9:.2f}B active per token, " if counts.moe is not None else ""
+    head = (f"{source}: {counts.total:,} parameters ({counts.total / 1e9:.2f}B, {kind}; {active}"
             f"embedding {counts.embedding / 1e6:.1f}M, per layer {counts.per_layer / 1e6:.1f}M, "
             f"largest tensor {counts.largest_tensor / 1e6:.1f}M)")
     shape = (f"  {counts.architecture}: {counts.num_layers} layers, hidden {counts.hidden_size}, "
@@ -124,10 +125,13 @@ def _describe(counts: ModelCounts, source: str) -> str:
 def estimate_command(model: str | None = None, params: float | None = None, gpus: int | None = None,
                      nodes: int = 1, gpus_per_node: int | None = None, gpu_memory_gb: float = 80.0,
                      seq_len: int = 2048, micro_batch_size: int = 1, dtype: str = "bf16",
-                     activation_checkpointing: bool = False, json: bool = False) -> int:
+                     activation_checkpointing: bool = False, json: bool = False,
+                     force_approximate_fit: bool = False) -> int:
     """Print per-device memory for every ZeRO stage and offload choice; returns the exit code.
 
     --gpus alone assumes nodes of 8 devices (host RAM is per node); --nodes and --gpus_per_node say otherwise.
+    A mixture-of-experts model that could only be sized approximately gets no fit verdict against
+    --gpu_memory_gb (the numbers are still shown) unless --force_approximate_fit.
     """
     try:
         counts, world, per_node = _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb,
@@ -137,23 +141,31 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
         return 2
     seq_len, micro, ckpt = int(seq_len), int(micro_batch_size), bool(activation_checkpointing)
     estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt)
-    try:
-        choice = choose_configuration(counts, world, float(gpu_memory_gb), seq_len, None, dtype,
-                                      micro_batch_size=micro, activation_checkpointing=ckpt, gpus_per_node=per_node)
-        best, advice = choice.setup, choice.reasons
-    except DoesNotFit as exc:
-        best, advice = None, exc.suggestions
+    unchecked = None if force_approximate_fit else approximate_moe_reason(counts)
+    best, advice = None, []
+    if unchecked is None:
+        try:
+            choice = choose_configuration(counts, world, float(gpu_memory_gb), seq_len, None, dtype,
+                                          micro_batch_size=micro, activation_checkpointing=ckpt,
+                                          gpus_per_node=per_node)
+            best, advice = choice.setup, choice.reasons
+        except DoesNotFit as exc:
+            best, advice = None, exc.suggestions
+    refusal = (f"fit against {gpu_memory_gb:g} GB not checked: {unchecked}; --force_approximate_fit compares "
+               f"anyway" if unchecked else None)
     if json:
         print(_json.dumps(to_json(counts, estimates, gpu_memory_gb, world, per_node, best, advice,
-                                  source=str(model) if model is not None else "--params"), indent=2))
+                                  source=str(model) if model is not None else "--params", refusal=refusal), indent=2))
         return 0
     print(_describe(counts, str(model) if model is not None else f"--params={params}"))
     print(f"  {world} devices = {-(-world // per_node)} node(s) × {per_node}, {gpu_memory_gb:g} GB each; "
           f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}")
-    print(component_table(estimates, float(gpu_memory_gb)))
+    print(component_table(estimates, None if refusal else float(gpu_memory_gb)))
     sizes = ", ".join(f"ZeRO-{stage} {checkpoint_bytes(counts.total, stage, dtype) / 1e9:,.1f} GB" for stage in range(4))
     print(f"  one checkpoint on disk (all ranks): {sizes}")
-    if best is None:
+    if refusal:
+        print(refusal)
+    elif best is None:
         print("nothing fits; what would:\n" + "\n".join(f"  - {s}" for s in advice))
     else:
         print(f"fastest that fits: {best.label()}\n" + "\n".join(f"  - {r}" for r in advice))
@@ -161,14 +173,25 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
 
 
 def to_json(counts: ModelCounts, estimates: list[MemoryEstimate], gpu_memory_gb: float, world: int,
-            per_node: int, best: Optional[Setup], advice: list[str], source: str) -> dict[str, Any]:
-    """`stages` holds the no-offload figures per stage; `offload` the variants keyed like "3_optimizer"."""
+            per_node: int, best: Optional[Setup], advice: list[str], source: str,
+            refusal: Optional[str] = None) -> dict[str, Any]:
+    """`stages` holds the no-offload figures per stage; `offload` the variants keyed like "3_optimizer".
+
+    `params` is the total (what memory is made of); `params_active` what one token touches and
+    `params_active_matmul` the same without the input embedding (what FLOPs count), equal to `params` for
+    dense models. With `refusal` (an MoE sized only approximately) `fits` is null and nothing is recommended.
+    """
     def entry(e: MemoryEstimate) -> dict[str, Any]:
         size = checkpoint_bytes(counts.total, e.setup.stage, e.setup.dtype) / 1e9
-        return {**e.to_dict(), "fits": e.fits(gpu_memory_gb), "checkpoint_gb": round(size, 3)}
+        return {**e.to_dict(), "fits": None if refusal else e.fits(gpu_memory_gb), "checkpoint_gb": round(size, 3)}
+    moe = counts.moe
     return {
         "params": counts.total,
         "params_exact": counts.exact,
+        "params_active": counts.active,
+        "params_active_matmul": moe.active_matmul if moe is not None else counts.total - (
+            0 if counts.tied_embeddings else counts.vocab_size * counts.hidden_size),
+        "fit_not_checked": refusal,
         "model": {**counts.to_dict(), "source": source},
         "world_size": world, "nodes": -(-world // per_node), "gpus_per_node": per_node,
         "gpu_memory_gb": gpu_memory_gb, "gb": "1e9 bytes",

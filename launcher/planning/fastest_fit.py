@@ -68,9 +68,9 @@ def short_label(setup: Setup) -> str:
     return f"Z{setup.stage}{extra}"
 
 
-def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: float,
+def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: Optional[float],
                     host_memory_gb: Optional[float] = None) -> str:
-    """Rows are components (GB per device, then per node), columns the configurations."""
+    """Rows are components (GB per device, then per node), columns the configurations (no fit row without a size)."""
     width = max(9, *(len(short_label(e.setup)) + 1 for e in estimates))
     row = lambda name, cells: f"  {name:<26}" + "".join(f"{c:>{width}}" for c in cells)  # noqa: E731
     lines = [row("GB (1e9 bytes)", [short_label(e.setup) for e in estimates])]
@@ -78,7 +78,8 @@ def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: float,
         lines.append(row(key, [f"{e.device[key] / GB:.2f}" for e in estimates]))
     lines.append(row("= model states", [f"{e.model_states / GB:.2f}" for e in estimates]))
     lines.append(row("= peak per device", [f"{e.device_total / GB:.2f}" for e in estimates]))
-    lines.append(row(f"fits {gpu_memory_gb:g} GB", ["yes" if e.fits(gpu_memory_gb) else "NO" for e in estimates]))
+    if gpu_memory_gb is not None:
+        lines.append(row(f"fits {gpu_memory_gb:g} GB", ["yes" if e.fits(gpu_memory_gb) else "NO" for e in estimates]))
     for key in HOST_KEYS:
         lines.append(row(f"host {key}", [f"{e.host[key] / GB:.1f}" for e in estimates]))
     lines.append(row("= host RAM per node", [f"{e.host_total / GB:.1f}" for e in estimates]))

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
 from launcher.planning.model_size import ModelCounts
+from launcher.planning.moe_size import moe_mlp_activation_bytes
 
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
@@ -161,6 +162,8 @@ class _ActivationLayout:
 
 ACTIVATION_LAYOUTS: dict[str, _ActivationLayout] = {
     "qwen3": _ActivationLayout(qk_norm=True),
+    "qwen3_moe": _ActivationLayout(qk_norm=True),
+    "olmoe": _ActivationLayout(qk_norm=True),
     "gemma": _ActivationLayout(gemma_norm=True),
     "gemma2": _ActivationLayout(gemma_norm=True, post_norms=2, attn_softcap=True, logit_softcap=True),
     "gemma3_text": _ActivationLayout(gemma_norm=True, post_norms=2, qk_norm=True),
@@ -170,8 +173,8 @@ ACTIVATION_LAYOUTS: dict[str, _ActivationLayout] = {
 
 def _attention_kind(counts: ModelCounts, attention: str) -> str:
     """"eager" materialises the s×s scores; sdpa and flash-attention keep only a logsumexp per row."""
-    if attention == "auto":  # transformers has no sdpa path for Gemma2 (soft-capping): it runs eager
-        return "eager" if counts.architecture == "gemma2" else "sdpa"
+    if attention == "auto":  # transformers has no sdpa path for Gemma2 (soft-capping) or gpt-oss (sinks): eager
+        return "eager" if counts.architecture in ("gemma2", "gpt_oss") else "sdpa"
     return "eager" if attention == "eager" else "sdpa"
 
 
@@ -186,7 +189,8 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
       q, k, v after RoPE (kept by the attention kernel) and its output o: e·t·(2·a·d + 2·kv·d),
         plus a 4-byte logsumexp per head and row (sdpa/flash) — eager instead keeps the fp32 softmax
         and its e-byte copy, (4 + e)·b·a·s², and k, v repeated to all a heads
-      SwiGLU: gate, act(gate), up and their product: 4·e·t·I
+      SwiGLU: gate, act(gate), up and their product: 4·e·t·I (an MoE layer instead keeps its routed
+        copies of every token and its router's probabilities: moe_size.moe_mlp_activation_bytes)
     This equals the saved-tensor bytes of transformers' modules to the byte for Llama/Mistral/Qwen2.
     """
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
@@ -207,7 +211,10 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
         total += e * t * (2 * q + 2 * kv) + 4 * b * a * s
     if lay.fused_qkv:
         total += e * t * (q + kv)  # the whole fused output instead of v alone
-    total += 4 * e * t * I + lay.dropout_masks * e * t * h
+    mlp = 4 * e * t * I
+    if counts.moe is not None:  # the MoE layer; where dense layers are wider, theirs (the peak layer counts)
+        mlp = max(moe_mlp_activation_bytes(counts.moe, h, t, e), mlp if counts.moe.dense_layers else 0)
+    total += mlp + lay.dropout_masks * e * t * h
     return total
 
 
@@ -226,7 +233,7 @@ def activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, d
     one_layer = layer_activation_bytes(counts, micro_batch_size, seq_len, dtype, attention)
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
     final_norm = ((8 + e) if lay.gemma_norm else (4 + 2 * e)) * t * h
-    workspace = 2 * e * t * (counts.intermediate_size + h)
+    workspace = 2 * e * t * (counts.mlp_width + h)
     stored = layers * e * t * h + one_layer if checkpointing else layers * one_layer
     return stored + final_norm + workspace
 
@@ -339,7 +346,9 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one
     # waiting for its bucket is whole: the largest (the lm_head's comes first, at the activation peak).
     # Stages 0-1 keep all gradients whole, which `gradients` already counts.
-    dev["gradient_in_flight"] = largest * p if (setup.stage >= 2 or setup.offload_optimizer) else 0
+    # At stage 3 an MoE block is a leaf module: its parameters are gathered, and its gradients reduced, together.
+    unit = counts.gather_unit if setup.stage == 3 else largest
+    dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) else 0
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
@@ -353,7 +362,7 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # are not released between forward and backward).
     live = 0
     if setup.stage == 3:
-        live = min(psi, max(zero.max_live_parameters, largest + zero.prefetch_bucket_size)) * p
+        live = min(psi, max(zero.max_live_parameters, unit + zero.prefetch_bucket_size)) * p
     dev["zero3_live_params"] = live
 
     temporaries = optimizer_temporaries(counts, setup)

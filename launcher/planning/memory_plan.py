@@ -29,7 +29,7 @@ from launcher.planning.deepspeed_config import zero_defaults
 from launcher.planning.devices import precision_for
 from launcher.planning.fastest_fit import DoesNotFit, choose_configuration, component_table
 from launcher.planning.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
-from launcher.planning.model_size import ModelCounts, counts_from_config
+from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
 
 # On CPU the "device" is the process's own RAM, measured by bench/memory.py: no CUDA context or NCCL, but
 # 0.4 GB of process runtime (imports, gloo, tokenizer, data) in their place; and glibc's malloc keeps the
@@ -85,6 +85,15 @@ def _counts(cfg: RunConfig, model_config: Optional[dict], why: str) -> ModelCoun
     return counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
 
 
+def refuse_approximate_moe(cfg: RunConfig, counts: ModelCounts) -> None:
+    """A mixture of experts sized only approximately could be off by a third: no fit verdict on it unless forced."""
+    reason = approximate_moe_reason(counts)
+    if reason and not cfg.launch.force_approximate_fit:
+        raise ConfigError([f"launch.gpu_memory_gb: {cfg.launch.gpu_memory_gb:g} GB cannot be checked: {reason}. "
+                           f"Set launch.force_approximate_fit: true to plan with this estimate anyway, or remove "
+                           f"launch.gpu_memory_gb (and the `auto` settings that need it)"], title="cannot plan memory")
+
+
 def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]:
     """Replace every `auto` the memory planner owns in `cfg` (a copy, mutated in place); one note per decision.
 
@@ -102,6 +111,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                            f"device's memory; set it in GB (1e9 bytes), e.g. 80 for an 80 GB A100/H100"],
                           title="cannot plan memory")
     counts = _counts(cfg, model_config, f"the memory planner ({asked})")
+    refuse_approximate_moe(cfg, counts)
     t, z = cfg.train, cfg.zero
     offload_params = None if z.offload_params == "auto" else z.offload_params == "cpu"
     offload_optimizer = None if z.offload_optimizer == "auto" else z.offload_optimizer == "cpu"
@@ -215,6 +225,7 @@ def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Opti
     counts, est = found
     gb = cfg.launch.gpu_memory_gb
     return {"label": est.setup.label(), "params": counts.total, "params_exact": counts.exact,
+            "params_active": counts.active,
             "device": cfg.launch.device, **est.to_dict(), "gpu_memory_gb": gb,
             "fits": None if gb is None else est.fits(gb),
             "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3)}
@@ -273,6 +284,7 @@ def check_fit(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[
     if found is None:
         return
     counts, est = found
+    refuse_approximate_moe(cfg, counts)
     if est.fits(gb):
         return
     s = est.setup

@@ -1,18 +1,22 @@
 """Parameter counts from a Hugging Face `config.json` alone, so the planner never needs weights or torch.
 
 The count is exact for the decoder-only families whose module layout we mirror below (checked against
-transformers' own modules built on the meta device in tests/test_memory.py). Anything else gets a
-documented approximation flagged `exact=False`, so callers can say "about" instead of lying.
+transformers' own modules built on the meta device in tests/test_memory.py) and for the mixture-of-experts
+families of moe_size.py. Any other model with experts is counted by building it on the meta device
+(meta_size.py), never by a dense formula. Anything else gets a documented approximation flagged
+`exact=False`, so callers can say "about" instead of lying.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
+from launcher.planning.meta_size import count_on_meta_device
+from launcher.planning.moe_size import MOE_FAMILIES, DenseShape, MoeCounts, approximate_moe, count_moe, has_experts
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,8 @@ class ModelCounts:
     total: int
     embedding: int  # input embedding + the untied lm_head (0 extra when tied)
     non_embedding: int
-    per_layer: int  # one decoder layer (all layers are identical in the supported families)
-    largest_tensor: int  # ZeRO-3 must gather at least this many elements at once
+    per_layer: int  # one decoder layer (the mean over layers where MoE and dense layers mix)
+    largest_tensor: int  # the largest single parameter: ZeRO-3 must gather at least this many elements at once
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -35,6 +39,26 @@ class ModelCounts:
     exact: bool = True
     architecture: str = "unknown"  # HF model_type; memory.py keys its activation layouts on it
     note: str = ""
+    moe: Optional[MoeCounts] = None  # set for mixture-of-experts models
+
+    @property
+    def active(self) -> int:
+        """Parameters one token touches (memory needs `total`, FLOPs this); `total` for dense models."""
+        return self.moe.active if self.moe is not None and self.moe.active is not None else self.total
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP width one token passes through: top-k experts plus shared ones in an MoE layer, or the dense
+        layers' width where that is larger; the activation estimate scales with it."""
+        if self.moe is None:
+            return self.intermediate_size
+        routed = (self.moe.top_k or self.moe.num_experts) * self.moe.expert_intermediate + self.moe.shared_intermediate
+        return max(routed, self.intermediate_size if self.moe.dense_layers else 0)
+
+    @property
+    def gather_unit(self) -> int:
+        """Elements ZeRO-3 fetches at once: the largest tensor, or a whole MoE block (a leaf module)."""
+        return max(self.largest_tensor, self.moe.block_params if self.moe is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,13 +172,70 @@ def _approximate_counts(cfg: dict[str, Any], model_type: str, source: str) -> Mo
     )
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def moe_summary(total: int, moe: MoeCounts) -> str:
+    """One line on what an MoE's two sizes mean for the plan."""
+    layers = f"{moe.moe_layers} MoE layers" + (f" + {moe.dense_layers} dense" if moe.dense_layers else "")
+    routing = f"{moe.top_k} of {moe.num_experts} experts per token" if moe.top_k else f"{moe.num_experts} experts"
+    if moe.active is None:
+        return f"mixture of experts ({routing}, {layers}): memory counts all {_size(total)} parameters"
+    return (f"mixture of experts ({routing}, {layers}): memory counts all {_size(total)} parameters, "
+            f"FLOPs the {_size(moe.active_matmul)} a token multiplies ({_size(moe.active)} active with "
+            f"the input embedding)")
+
+
+def approximate_moe_reason(counts: ModelCounts) -> Optional[str]:
+    """Why a fit verdict on these counts would be a guess (an MoE only sized by the generic layout), else None."""
+    if counts.moe is None or counts.moe.counted_by != "approximate":
+        return None
+    return (f"{counts.architecture!r} is a mixture of experts whose size is only approximate "
+            f"({counts.total / 1e9:.2f}B parameters, may be off by ±{counts.moe.uncertainty:.0%})")
+
+
+def _from_moe(shape: DenseShape, moe: MoeCounts, model_type: str, exact: bool, note: str = "") -> ModelCounts:
+    layers = shape.num_layers
+    note = "; ".join(part for part in (note, moe_summary(shape.total, moe)) if part)
+    return ModelCounts(
+        total=shape.total, embedding=shape.embedding, non_embedding=shape.total - shape.embedding,
+        per_layer=(shape.total - shape.embedding - shape.hidden_size) // layers, largest_tensor=shape.largest_tensor,
+        hidden_size=shape.hidden_size, num_layers=layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size,
+        tied_embeddings=shape.tied_embeddings, exact=exact, architecture=model_type, note=note, moe=moe)
+
+
+def _unknown_moe(cfg: dict[str, Any], model_type: str, source: str) -> ModelCounts:
+    """An MoE layout without a formula here: built on the meta device if we can, else a flagged approximation."""
+    found = count_on_meta_device(cfg)
+    if found.shape is not None:
+        note = (f"counted exactly by building {model_type!r} on the meta device with transformers "
+                f"{found.version} (no formula here; formulas for: {', '.join(MOE_FAMILIES)})")
+        return _from_moe(found.shape, found.moe, model_type, exact=True, note=note)
+    shape, moe = approximate_moe(cfg, source)
+    note = (f"mixture of experts {model_type!r} has no formula here and could not be built on the meta device "
+            f"({found.reason}); used a generic MoE layout that may be off by ±{moe.uncertainty:.0%}: "
+            f"launch.gpu_memory_gb checks refuse it unless launch.force_approximate_fit is set")
+    return _from_moe(shape, moe, model_type, exact=False, note=note)
+
+
 def counts_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelCounts:
-    """Exact counts for the supported families, the 12·L·h² approximation for anything else."""
+    """Exact counts for the supported families, the 12·L·h² approximation for anything else.
+
+    Models with experts never get the dense approximation: without a formula they are counted on the
+    meta device (when torch and transformers are importable), else flagged approximate with a bound.
+    """
     if not isinstance(cfg, dict):
         raise _error(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     model_type = str(cfg.get("model_type", ""))
+    if model_type in MOE_FAMILIES:
+        shape, moe = count_moe(cfg, source)
+        return _from_moe(shape, moe, model_type, exact=True)
     if model_type in FAMILIES:
         return _exact_counts(cfg, model_type, source)
+    if has_experts(cfg):
+        return _unknown_moe(cfg, model_type, source)
     text = cfg.get("text_config")
     if isinstance(text, dict) and "hidden_size" not in cfg:
         # Multimodal wrappers (Gemma3, Llava, ...): the language model dominates; the vision tower is left out.
@@ -164,9 +245,7 @@ def counts_from_config(cfg: dict[str, Any], source: str = "config.json") -> Mode
 
 
 def _replace(c: ModelCounts, **changes: Any) -> ModelCounts:
-    d = c.to_dict()
-    d.update(changes)
-    return ModelCounts(**d)
+    return replace(c, **changes)
 
 
 def config_json_of(path: str | Path) -> Path:

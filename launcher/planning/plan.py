@@ -22,6 +22,7 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
 from launcher.planning.model_size import read_model_config
+from launcher.planning.moe_settings import moe_plan_notes
 
 
 @dataclass
@@ -91,6 +92,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden)
     check_fit(cfg, model_cfg, ds)
+    notes += moe_plan_notes(cfg, model_cfg)
     if cfg.launch.backend == "slurm":
         script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
         argv = ["sbatch", str(RunDir(cfg.output_dir).script("slurm"))]

@@ -36,11 +36,13 @@ class Batch:
     real_tokens: int
     varlen: dict = field(default_factory=dict)
     """flash-attention varlen kwargs (cu_seq_lens_q/k on the batch's device, max_length_q/k as ints)."""
+    token_mask: Optional[torch.Tensor] = None
+    """(rows, width) bool, False on padding: the tokens an MoE router's load-balancing loss averages over."""
 
     def to(self, device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     self.real_tokens, {k: move(v) for k, v in self.varlen.items()})
+                     self.real_tokens, {k: move(v) for k, v in self.varlen.items()}, move(self.token_mask))
 
     def model_inputs(self) -> dict:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **self.varlen}
@@ -108,4 +110,6 @@ def collate(data: PackedSet, indices: np.ndarray, pad_id: int, separation: Separ
         mask = mask[:, None]
     elif separation not in ("mask", "varlen", "none"):
         raise ValueError(f"separation must be mask, varlen or none, got {separation!r}")
-    return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets), mask, real, varlen)
+    token_mask = torch.from_numpy(np.arange(width)[None, :] < np.array([len(t) for t, _, _ in seqs])[:, None])
+    return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets), mask, real, varlen,
+                 token_mask)
