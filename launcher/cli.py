@@ -31,6 +31,23 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
     print(_json.dumps(p.to_json(), indent=2) if json else format_plan(p))
 
 
+def check_run_dir_free(cfg) -> None:
+    """Refuse, before anything is written, to start a second job in a live run's directory, or a fresh run
+    (train.resume: never) on top of an earlier run's results."""
+    from launcher.backends.owner import describe, live_owner
+
+    run_dir = RunDir(cfg.output_dir)
+    owner = live_owner(run_dir)
+    if owner is not None:
+        raise ConfigError([f"output_dir: {run_dir.path} is in use by {describe(owner)}; stop it first (`shardtune "
+                           f"stop {run_dir.path}`) or choose another output_dir"], title="cannot launch")
+    previous = run_dir.previous_results()
+    if cfg.train.resume == "never" and previous and not cfg.train.overwrite:
+        raise ConfigError([f"train.resume: 'never', but output_dir {run_dir.path} holds an earlier run's results "
+                           f"({', '.join(p.name for p in previous)}); set train.overwrite: true to move them aside "
+                           f"(into replaced-TIME/), or choose another output_dir"], title="cannot launch")
+
+
 def write_run_files(p: Plan) -> RunDir:
     """The run as planned (resolved config, DeepSpeed config, launch script) in its run directory."""
     run_dir = RunDir(p.config.output_dir)
@@ -59,6 +76,7 @@ def run_foreground(argv: list[str]) -> int:
 def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = False) -> None:
     """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job."""
     p = build_plan(load_config(config, [str(o) for o in overrides]))
+    check_run_dir_free(p.config)
     run_dir = write_run_files(p)
     backend = p.config.launch.backend
     script = run_dir.script(backend)
@@ -74,7 +92,9 @@ def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = Fal
         return
     code = run_foreground(["bash", str(script)])
     if code:
-        print(f"shardtune: training exited with code {code}; logs above, run directory {run_dir.path}", file=sys.stderr)
+        reason = (run_dir.read_status() or {}).get("reason")
+        print(f"shardtune: training exited with code {code}" + (f": {reason}" if reason else "; logs above")
+              + f" (run directory {run_dir.path})", file=sys.stderr)
         raise SystemExit(code)
 
 

@@ -25,8 +25,8 @@ ALLOWED = {
     "launcher.backends": ("launcher.contract", "launcher.backends"),
     "launcher.planning": ("launcher.contract", "launcher.backends", "launcher.planning"),
     "launcher.cli": ("launcher",),  # and the trainer, lazily inside a command (checked below)
-    "trainer.tools": ("launcher.contract", "launcher.planning", "trainer"),
-    "trainer": ("launcher.contract", "launcher.planning", "trainer"),
+    "trainer.tools": ("launcher.contract", "launcher.backends", "launcher.planning", "trainer"),
+    "trainer": ("launcher.contract", "launcher.backends", "launcher.planning", "trainer"),
 }
 
 
@@ -77,7 +77,8 @@ def _names() -> set[str]:
     return {run_dir.CONFIG, run_dir.DS_CONFIG, *run_dir.SCRIPTS.values(), run_dir.METRICS, run_dir.STATUS,
             run_dir.STOP, run_dir.WANDB_ID, run_dir.PREFLIGHT, run_dir.PREFLIGHT_PROBES, run_dir.SLURM_JOBS,
             run_dir.HEARTBEATS, run_dir.STACKS, run_dir.NCCL_TRACES, run_dir.CHECKPOINTS, run_dir.FINAL,
-            run_dir.LATEST, run_dir.DS_LATEST, run_dir.MANIFEST, run_dir.TRAINER_STATE, run_dir.RNG, run_dir.HF}
+            run_dir.LATEST, run_dir.DS_LATEST, run_dir.MANIFEST, run_dir.TRAINER_STATE, run_dir.RNG, run_dir.HF,
+            run_dir.OWNER, run_dir.EVENTS}
 
 
 def _string_literals(path: Path) -> list[tuple[int, str]]:

@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
         session.preflight()
         if preflight_only:
             session.tracker.status("completed", None, reason="preflight only")
+            session.finished = True
             return 0
         session.build()
         state = session.resume()

@@ -48,6 +48,7 @@ from launcher.contract.run_dir import (
     tag_for,
 )
 from trainer.build_once import build_once
+from trainer.checkpoint_io import Manifests, copy_hashed, load_bytes, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks
 
@@ -63,6 +64,10 @@ def _hash_file(path: Path) -> tuple[int, str]:
         for block in iter(lambda: fh.read(8 << 20), b""):
             h.update(block)
     return path.stat().st_size, h.hexdigest()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _files(ckpt: Path) -> list[str]:
@@ -88,10 +93,21 @@ def verify_share(ckpt: Path, rank: int, world: int) -> list[str]:
     return problems
 
 
+def unlisted_files(ckpt: Path) -> list[str]:
+    """Files in a checkpoint its manifest does not name: never loaded, so a checkpoint that has them is refused."""
+    try:
+        listed = set(json.loads((ckpt / MANIFEST).read_text())["files"])
+    except (OSError, json.JSONDecodeError, KeyError):
+        return []
+    return [rel for rel in _files(ckpt) if rel not in listed]
+
+
 def verify(ckpt: Path, dist: Optional[Dist]) -> list[str]:
     """Every problem any rank found with a checkpoint; [] when every file matches its manifest."""
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     mine = verify_share(ckpt, rank, world)
+    if rank == 0:
+        mine += [f"{rel}: not in the manifest" for rel in unlisted_files(ckpt)]
     if dist is None:
         return mine
     return [p for share in all_gather_objects(mine) for p in share]
@@ -182,7 +198,7 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
         atomic_write(root / LATEST, pending.ckpt.name + "\n")
         atomic_write(root / DS_LATEST, pending.ckpt.name)
         seconds = time.perf_counter() - pending.started
-        prune(root, keep_last, progress=pending.peers.add)
+        prune(root, keep_last, pending.ckpt, log, progress=pending.peers.add)
         size = sum(meta["size"] for meta in files.values())
         measured = {"save_seconds": round(seconds, 3), "save_gb": round(size / 1e9, 4),
                     "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4),
@@ -206,14 +222,39 @@ def save(engine, writer, root: Path, step: int, state: dict, dist: Dist, keep_la
     return pending.ckpt, commit(pending, writer, root, dist, keep_last, log, beat, faults)
 
 
-def prune(root: Path, keep_last: int, progress: Callable[[int], None] = lambda n: None) -> None:
-    """Keep the newest keep_last complete checkpoints; drop older ones and stale partial directories."""
-    complete = complete_checkpoints(root)
-    for old in complete[keep_last:]:
-        _remove(old)
+def sizes_match(ckpt: Path) -> bool:
+    """The cheap half of verification: every file the manifest names exists with its recorded size, no extras."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+    return (all((ckpt / rel).is_file() and (ckpt / rel).stat().st_size == meta["size"] for rel, meta in files.items())
+            and not unlisted_files(ckpt))
+
+
+def prune(root: Path, keep_last: int, committed: Path, log: Callable[[str], None] = lambda m: None,
+          progress: Callable[[int], None] = lambda n: None) -> None:
+    """Keep the checkpoint just committed and the newest keep_last - 1 sound ones before it; drop the rest.
+
+    Run after LATEST names `committed`, which is never touched, so LATEST always names a complete checkpoint.
+    Checkpoints of later steps belong to a timeline this run abandoned (it resumed from an earlier one, e.g.
+    because they were damaged) and go; older ones are kept only if their files still have their recorded
+    sizes (a full hash of every kept checkpoint at every save would reread terabytes; loads hash anyway).
+    """
+    newest = step_of(committed)
+    kept = {committed.name}
+    for ckpt in complete_checkpoints(root):
+        if ckpt.name in kept:
+            continue
+        if step_of(ckpt) > newest:
+            log(f"removing {ckpt.name}: a later step of a timeline this run did not continue")
+        elif len(kept) < keep_last and sizes_match(ckpt):
+            kept.add(ckpt.name)
+            continue
+        elif len(kept) < keep_last:
+            log(f"removing {ckpt.name}: its files no longer match its manifest")
+        _remove(ckpt)
         progress(1)
-    newest = step_of(complete[0]) if complete else -1
-    kept = {p.name for p in complete[:keep_last]}
     for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}*"):
         if p.name.split(UNIVERSAL_SUFFIX)[0] not in kept:
             if p.is_dir():
@@ -221,7 +262,7 @@ def prune(root: Path, keep_last: int, progress: Callable[[int], None] = lambda n
             else:
                 p.unlink(missing_ok=True)
     for p in partial_checkpoints(root):
-        if step_of(p) < newest:
+        if p.name != committed.name:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -238,7 +279,7 @@ def conversion_workers() -> int:
 def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -> None:
     """DeepSpeed's ds_to_universal into `out`, beating while its output grows (progress, not a phase)."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+    cmd = [sys.executable, "-m", "trainer.safe_convert", "--input_folder", str(ckpt),
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
     with tempfile.TemporaryFile("w+") as log:
@@ -254,9 +295,12 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
             log.seek(0)
             raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{log.read()[-4000:]}")
     for f in ckpt.glob("*model_states.pt"):  # module weights, LR schedule and counters stay where DeepSpeed looks
-        shutil.copy2(f, out / f.name)
-    (out / "converted.json").write_text(json.dumps({"from": str(ckpt), "workers": workers,
-                                                    "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+        copy_hashed(f, out / f.name)
+    # The copy is a checkpoint of its own: its manifest is what a resume checks every file it reads against.
+    files = {rel: dict(zip(("size", "sha256"), _hash_file(out / rel))) for rel in _files(out)}
+    atomic_write(out / MANIFEST, json.dumps({"from": str(ckpt), "source_manifest": _digest(ckpt / MANIFEST),
+                                             "workers": workers, "seconds": round(time.perf_counter() - started, 1),
+                                             "files": files}, indent=1) + "\n")
 
 
 def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str], None] = lambda phase: None,
@@ -268,7 +312,7 @@ def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str],
     never meets a collective timeout. The copy is named after the source's manifest, so a step saved again
     gets a fresh conversion instead of a stale one.
     """
-    source = hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:12]
+    source = _digest(ckpt / MANIFEST)[:12]
     workers = workers or conversion_workers()
     started = time.perf_counter()
     path, built = build_once(ckpt.parent, f"{ckpt.name}{UNIVERSAL_SUFFIX}-{source}",
@@ -312,7 +356,7 @@ def restore_rng(ckpt: Path, dist: Dist) -> bool:
     path = rng_file(ckpt, dist.rank)
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=True)
+    state = load_bytes(read_verified(path, expected(ckpt, path)), str(path))
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["device"])
     return True
@@ -322,8 +366,23 @@ def manifest(ckpt: Path) -> dict:
     return json.loads((ckpt / MANIFEST).read_text())
 
 
+def expected(ckpt: Path, path: Path) -> Optional[tuple[int, str]]:
+    """(size, sha256) the manifest of `ckpt` records for one of its files."""
+    meta = manifest(ckpt)["files"].get(str(path.relative_to(ckpt)))
+    return None if meta is None else (meta["size"], meta["sha256"])
+
+
+def manifests_of(*ckpts: Path) -> Manifests:
+    """The manifests a resume checks every file it loads against."""
+    found = Manifests()
+    for ckpt in ckpts:
+        found.add(ckpt, manifest(ckpt)["files"])
+    return found
+
+
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / TRAINER_STATE).read_text())
+    """The trainer's counters, verified like every other file of the checkpoint."""
+    return json.loads(read_verified(ckpt / TRAINER_STATE, expected(ckpt, ckpt / TRAINER_STATE)))
 
 
 def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
@@ -345,15 +404,57 @@ def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], N
     # rank 0 lists, and every rank verifies the same candidates in the same order.
     listed = [str(p) for p in complete_checkpoints(root)] if dist.is_main else None
     candidates = [Path(p) for p in broadcast_object(listed)]
+    damaged = []
     for ckpt in candidates:
         problems = verify(ckpt, dist)
         if not problems:
             chosen = ckpt
             break
+        damaged.append(f"{ckpt}: {'; '.join(problems[:3])}")
         log(f"checkpoint {ckpt.name} is damaged ({'; '.join(problems[:3])}); falling back to the previous one")
+    if candidates and chosen is None:
+        # Starting again from the pretrained weights would silently throw the run away (and its metrics).
+        raise CheckpointError("every checkpoint of this run is damaged, so it cannot resume; nothing was changed:\n  "
+                              + "\n  ".join(damaged) + "\nrestore one from a backup, or start over with "
+                              "train.resume: never and train.overwrite: true")
     newest = step_of(chosen) if chosen else -1
     partial = [p.name for p in partial_checkpoints(root) if step_of(p) > newest]
     if partial:
         log(f"ignoring incomplete checkpoint(s) {', '.join(partial)} (a save that did not finish)")
     return chosen
 
+
+
+def state_fingerprint(engine, dist: Dist) -> list[float]:
+    """Sums of the optimizer's master weights and both Adam moments over the whole job, in float64.
+
+    Written with every checkpoint and compared after every load, because DeepSpeed can return from
+    load_checkpoint without having restored the weights or the optimizer state (a missing `latest`, some
+    ZeRO-3 paths): training would then go on from the pretrained weights under the checkpoint's step counter.
+    The sums do not depend on how the state is partitioned, so they hold across world-size changes too.
+    """
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer that steps the fp32 partitions
+    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            sums[0] += torch.sum(p.detach(), dtype=torch.float64).to(sums.device)
+    for state in inner.state.values():
+        for i, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
+            if key in state:
+                sums[i] += torch.sum(state[key].detach(), dtype=torch.float64).to(sums.device)
+    if engine.zero_optimization_stage() > 0:
+        torch.distributed.all_reduce(sums)  # partitions: each rank holds a part
+    return sums.tolist()
+
+
+def check_fingerprint(ckpt: Path, saved: Optional[list[float]], loaded: list[float]) -> None:
+    """Raise when the state in memory after a load is not the state the checkpoint was written from."""
+    if saved is None:
+        return  # written before fingerprints existed
+    names = ("master weights", "first Adam moments", "second Adam moments")
+    wrong = [f"{n}: sum {got:.10g} after loading, {want:.10g} when saved" for n, want, got in zip(names, saved, loaded)
+             if abs(got - want) > 1e-6 * max(abs(want), 1e-12) + 1e-9]
+    if wrong:
+        raise CheckpointError(f"{ckpt.name} did not load: the state in memory is not the one it was saved from "
+                              f"({'; '.join(wrong)}); refusing to train on it")

@@ -12,12 +12,17 @@ import copy
 import hashlib
 import io
 import os
+import pickle
+import re
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from launcher.contract.errors import UserError
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just written: heartbeats and fault injection hang off it."""
@@ -158,3 +163,78 @@ def safe_load(source, mmap: bool = False, map_location="cpu"):
     """torch.load that runs no code: weights_only, with DeepSpeed's three types allowed and nothing else."""
     allow_deepspeed_types()
     return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
+
+
+class VerificationError(UserError):
+    """A checkpoint file does not match its manifest, is not listed in it, or holds types we refuse to load."""
+
+
+def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
+    """A file's bytes, once, checked against (size, sha256): what is hashed is exactly what will be parsed."""
+    if expected is None:
+        raise VerificationError(f"{path}: not listed in its checkpoint's manifest; refusing to load it")
+    data = Path(path).read_bytes()
+    size, sha = expected
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+        raise VerificationError(f"{path}: its bytes differ from the checkpoint's manifest (damaged or replaced "
+                                f"after the checkpoint was committed); refusing to load it")
+    return data
+
+
+def refused(where: str, exc: pickle.UnpicklingError) -> VerificationError:
+    """The error for a pickle weights_only refused: the file and the type it wanted, not torch's advice to
+    turn the protection off."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    wanted = found.group(1) if found else str(exc).split("\n")[-1][:200]
+    return VerificationError(f"{where}: refused to load: it needs {wanted}, which is not among the tensors and the "
+                             f"{len(deepspeed_allowlist())} DeepSpeed types a checkpoint holds (loading it could run "
+                             f"code)")
+
+
+def load_bytes(data: bytes, where: str, map_location="cpu"):
+    """Deserialize checkpoint bytes without running code; a pickle that needs other types is refused, named."""
+    try:
+        return safe_load(io.BytesIO(data), map_location=map_location)
+    except pickle.UnpicklingError as exc:
+        raise refused(where, exc) from None
+
+
+class Manifests:
+    """Expected (size, sha256) of every file of the checkpoint directories registered here."""
+
+    def __init__(self):
+        self._dirs: dict[Path, dict[str, tuple[int, str]]] = {}
+
+    def add(self, ckpt: Path, files: dict[str, dict]) -> None:
+        self._dirs[Path(ckpt).resolve()] = {rel: (meta["size"], meta["sha256"]) for rel, meta in files.items()}
+
+    def covering(self, path: Path) -> Optional[tuple[Path, dict]]:
+        path = Path(path).resolve()
+        for ckpt, files in self._dirs.items():
+            if ckpt in path.parents:
+                return ckpt, files
+        return None
+
+    def expected(self, path: Path) -> Optional[tuple[int, str]]:
+        found = self.covering(path)
+        return None if found is None else found[1].get(str(Path(path).resolve().relative_to(found[0])))
+
+
+@contextmanager
+def guarded_loads(manifests: Manifests):
+    """While loading a checkpoint: every torch.load in this process (DeepSpeed calls it directly on some paths,
+    e.g. universal checkpoints) reads a registered checkpoint's files verified, and nothing loads with
+    weights_only=False."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, mmap=None, weights_only=None, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and manifests.covering(Path(f)) is not None:
+            return load_bytes(read_verified(Path(f), manifests.expected(Path(f))), str(f), map_location)
+        allow_deepspeed_types()
+        return original(f, map_location, *args, mmap=mmap, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

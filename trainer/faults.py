@@ -61,6 +61,13 @@ def maybe_kill(kind: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_freeze(kind: str, step: int, rank: int) -> None:
+    """freeze / freeze_at_exit: SIGSTOP this whole process, watchdog thread included, as a wedged driver call or
+    an uninterruptible read would freeze it; only something outside the process can end it."""
+    if fires(kind, step, rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def maybe_hang(kind: str, step: int, rank: int) -> None:
     """hang_in_data: sleep forever, as a rank stuck on a dead filesystem would."""
     if fires(kind, step, rank):
@@ -111,6 +118,10 @@ class FaultHooks:
 
     def step_started(self, step: int) -> None:
         maybe_kill("crash", step, self.rank)
+        maybe_freeze("freeze", step, self.rank)
+
+    def exiting(self) -> None:
+        maybe_freeze("freeze_at_exit", 0, self.rank)
 
     def loading_batch(self, step: int) -> None:
         maybe_hang("hang_in_data", step, self.rank)
@@ -134,6 +145,15 @@ class FaultHooks:
         if fires("stall_save", step, self.rank) and not self._stalled:
             self._stalled = True
             time.sleep(self._arg("stall_save", step))
+
+    def verified(self, ckpt: Path, rank: int) -> None:
+        """flip_after_verify@0:RANK: after the checkpoint was verified and before it is loaded, one byte of this
+        rank's optimizer shard changes (a disk fault or someone else's write in the gap between the two)."""
+        if fires("flip_after_verify", 0, rank):
+            shard = sorted(ckpt.glob(f"*rank_{rank}_*optim_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
+            data = bytearray(shard[0].read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard[0].write_bytes(bytes(data))
 
     def exporting(self) -> None:
         slow_down("slow_export", 0, self.rank)

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
 from launcher.contract.run_dir import HF, RunDir
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, sequence_parallel
+from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.show import format_data_summary, summary_metrics
-from trainer.distributed import Dist, init_distributed
+from trainer.distributed import Dist, barrier, broadcast_object, init_distributed
 from trainer.export import export_engine
 from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of, peak_tflops
@@ -34,7 +37,7 @@ from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
 from trainer.tracking import NullTracker, make_tracker
-from trainer.watchdog import Heartbeat, IOProgress, NoHeartbeat
+from trainer.watchdog import ATTEMPT, Heartbeat, IOProgress, NoHeartbeat
 
 
 def setup_logging(is_main: bool) -> None:
@@ -91,6 +94,8 @@ class Session:
         self.last_saved_step = -1
         self.last_checkpoint: Optional[Path] = None
         self.stopped = False
+        self.finished = False
+        """The run ended normally (completed or stopped on request): its directory is free again."""
 
     @classmethod
     def from_run_dir(cls, path: Path, preflight_only: bool = False) -> Session:
@@ -111,7 +116,27 @@ class Session:
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config)
         self.tracker.preflight_result(result)
+        self.own_run_dir()
         return result
+
+    def own_run_dir(self) -> None:
+        """One job per run directory: rank 0 claims it for this job (requeues and restarts are the same job)."""
+        holder = owner.claim(self.run_dir, self.tracker.message) if self.dist.is_main else None
+        holder = broadcast_object(holder)
+        if holder is not None:
+            raise checkpoint.CheckpointError(f"{self.run_dir.path} is in use by {owner.describe(holder)}; this job "
+                                             f"does not start (stop the other one, or use another output_dir)")
+        t = self.cfg.train
+        if t.resume == "never":
+            previous = [p.name for p in self.run_dir.previous_results()] if self.dist.is_main else None
+            previous = broadcast_object(previous)
+            if previous and not t.overwrite:
+                raise checkpoint.CheckpointError(f"train.resume: never, but {self.run_dir.path} holds an earlier "
+                                                 f"run's results ({', '.join(previous)}); set train.overwrite: true "
+                                                 f"to move them aside, or use another output_dir")
+            if previous and self.dist.is_main:
+                self.tracker.message(f"train.overwrite: moved the earlier run's results to {self.run_dir.set_aside()}")
+            barrier()
 
     def build(self) -> None:
         """Find the checkpoint to resume from first: a different world size changes how DeepSpeed must load it."""
@@ -172,10 +197,19 @@ class Session:
         state = TrainState()
         ckpt = self.resume_from
         if ckpt is not None:
-            with IOProgress(self.heartbeat, "load checkpoint"):
-                self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
-                                            load_optimizer_states=True, load_lr_scheduler_states=True)
-            state = TrainState.from_json(checkpoint.read_state(ckpt))
+            manifests = checkpoint.manifests_of(*dict.fromkeys([ckpt, self.load_tag]))
+            self.writer.manifests = manifests
+            self.faults.verified(ckpt, self.dist.rank)
+            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(manifests):
+                loaded, _ = self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            if loaded is None:
+                raise checkpoint.CheckpointError(f"{ckpt}: DeepSpeed loaded nothing from it; refusing to train on the "
+                                                 f"pretrained weights under its step counter")
+            saved = checkpoint.read_state(ckpt)
+            checkpoint.check_fingerprint(ckpt, saved.pop("fingerprint", None),
+                                         checkpoint.state_fingerprint(self.engine, self.dist))
+            state = TrainState.from_json(saved)
             same_world = checkpoint.manifest(ckpt)["world_size"] == self.dist.world
             if same_world:
                 checkpoint.restore_rng(ckpt, self.dist)
@@ -232,12 +266,16 @@ class Session:
 
         return progress
 
+    def saved_state(self, state: TrainState) -> dict:
+        """The trainer's counters, and the fingerprint a resume checks the loaded state against."""
+        return {**state.to_json(), "fingerprint": checkpoint.state_fingerprint(self.engine, self.dist)}
+
     def begin_save(self, state: TrainState) -> None:
         """Start writing a checkpoint in the background; it is committed at a later step end once durable."""
         self.commit_pending()
         self.heartbeat.beat("save")
         self.pending = checkpoint.begin_save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
-                                             state.to_json(), self.dist, self._write_extras,
+                                             self.saved_state(state), self.dist, self._write_extras,
                                              self._save_progress(state.step), self.heartbeat.beat, background=True)
         self.last_saved_step = state.step
 
@@ -257,7 +295,7 @@ class Session:
         self.commit_pending()
         self.heartbeat.beat("save")
         ckpt, measured = checkpoint.save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
-                                         state.to_json(), self.dist, self.cfg.train.keep_last, self._write_extras,
+                                         self.saved_state(state), self.dist, self.cfg.train.keep_last, self._write_extras,
                                          self.tracker.message, self._save_progress(state.step), self.heartbeat.beat,
                                          self.faults)
         self.tracker.log_with_next(measured)
@@ -269,6 +307,7 @@ class Session:
         if self.stopped:
             self.tracker.flush(state.step)
             self.tracker.status("stopped", state.step, self.last_checkpoint)
+            self.finished = True
             return 0
         if self.data.eval is not None:
             self.tracker.log(state.step, self.eval_held_out())
@@ -294,6 +333,7 @@ class Session:
                 reply = generate_reply(str(self.run_dir.final), self.cfg.train.sample_prompt, max_new_tokens=64)
                 self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {reply!r}")
         self.tracker.status("completed", state.step, ckpt)
+        self.finished = True
         return 0
 
     def fail(self, exc: BaseException) -> None:
@@ -302,12 +342,21 @@ class Session:
         hint = f"; the last good checkpoint is {last}" if last else "; there is no checkpoint yet"
         self.tracker.message(f"training stopped: {exc}{hint}")
         self.tracker.status("failed", None, last, reason=str(exc))
-        self.heartbeat.stop("failed")
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        self.heartbeat.stop("failed", reason)
+        try:
+            self.run_dir.record_event({"rank": self.dist.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                       "attempt": ATTEMPT, "event": "failed", "reason": reason})
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.dist.is_main and self.finished:
+            owner.release(self.run_dir)
         self.heartbeat.stop()
+        self.faults.exiting()
         self.tracker.finish()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -17,7 +17,16 @@ from typing import Any, Optional
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from trainer.checkpoint_io import HashingWriter, Progress, snapshot, write_hashed
+from trainer.checkpoint_io import (
+    HashingWriter,
+    Manifests,
+    Progress,
+    VerificationError,
+    load_bytes,
+    read_verified,
+    snapshot,
+    write_hashed,
+)
 
 
 class ShardWriter(TorchCheckpointEngine):
@@ -41,6 +50,8 @@ class ShardWriter(TorchCheckpointEngine):
         self.progress: Optional[Progress] = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardtune-ckpt")
         self._futures: list[Future] = []
+        self.manifests: Optional[Manifests] = None
+        """The manifests of the checkpoint being loaded (set by the resume)."""
 
     def begin(self, progress: Optional[Progress] = None, snapshot_first: Optional[bool] = None) -> None:
         """A new checkpoint: forget what the previous one wrote. snapshot_first: copy states before queueing
@@ -80,6 +91,13 @@ class ShardWriter(TorchCheckpointEngine):
         futures, self._futures = self._futures, []
         for f in futures:
             f.result()
+
+    def load(self, path: str, map_location=None):
+        """DeepSpeed's reads: each file read once, checked against the manifest, parsed from those bytes with
+        weights_only (a crafted pickle is refused, naming the file and the type it wanted)."""
+        if self.manifests is None:
+            raise VerificationError(f"{path}: loaded before its checkpoint's manifest was registered")
+        return load_bytes(read_verified(Path(path), self.manifests.expected(Path(path))), path, map_location)
 
     def commit(self, info) -> bool:
         return True  # the checkpoint's commit (manifest, pointers) is shardtune's, after every rank is durable

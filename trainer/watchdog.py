@@ -22,6 +22,8 @@ from pathlib import Path
 from launcher.contract.run_dir import RunDir
 
 STUCK_EXIT_CODE = 86
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+"""Which of torchrun's attempts this process belongs to (0 first, then one more per restart)."""
 
 
 class Heartbeat:
@@ -52,10 +54,13 @@ class Heartbeat:
     def _allowance(self) -> float:
         return self.stall if self.first_step_done else self.startup
 
-    def _write(self, state: str = "alive") -> None:
+    def _write(self, state: str = "alive", reason: str = "") -> None:
+        # allowance_s and write_every_s let a monitor outside this process tell a frozen process (this file
+        # no longer changes) from a slow one (launcher/backends/monitor.py).
         record = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
                   "phase": self.phase, "state": state, "time": time.time(),
-                  "since_progress_s": round(time.monotonic() - self.changed, 1)}
+                  "since_progress_s": round(time.monotonic() - self.changed, 1), "allowance_s": self._allowance(),
+                  "write_every_s": self.write_every, "attempt": ATTEMPT, **({"reason": reason} if reason else {})}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, self.path)
@@ -78,21 +83,25 @@ class Heartbeat:
                      f"{idle:.0f} s (allowance {self._allowance():.0f} s) in phase '{self.phase}' of step {self.step}\n\n")
             fh.flush()
             faulthandler.dump_traceback(file=fh, all_threads=True)
+        reason = f"no progress for {idle:.0f} s in '{self.phase}' at step {self.step} (watchdog)"
         try:
-            self._write(state="stuck")
+            self._write(state="stuck", reason=reason)
+            self.run_dir.record_event({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                       "attempt": ATTEMPT, "event": "stuck", "reason": reason,
+                                       "stacks": str(stacks)})
         except OSError:
             pass
         print(f"shardtune: rank {self.rank} stuck in '{self.phase}' at step {self.step} for {idle:.0f} s; "
               f"stacks in {stacks}; exiting with {STUCK_EXIT_CODE} so the job can restart", flush=True)
         os._exit(STUCK_EXIT_CODE)
 
-    def stop(self, state: str = "finished") -> None:
+    def stop(self, state: str = "finished", reason: str = "") -> None:
         if self._stop.is_set():
             return  # the first reason to stop (e.g. "failed") is the one to keep
         self._stop.set()
         self.phase = state
         try:
-            self._write(state=state)
+            self._write(state=state, reason=reason)
         except OSError:
             pass
 
@@ -103,7 +112,7 @@ class NoHeartbeat:
     def beat(self, phase: str, step: int | None = None) -> None:
         pass
 
-    def stop(self, state: str = "finished") -> None:
+    def stop(self, state: str = "finished", reason: str = "") -> None:
         pass
 
 

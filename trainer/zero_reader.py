@@ -25,9 +25,19 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint_io import safe_load
+from trainer.checkpoint_io import refused, safe_load
 
 Shape = tuple[int, ...]
+
+
+def _load(path: Path):
+    """One shard, memory-mapped, weights only; a pickle that wants more is refused, naming the file and the type."""
+    import pickle
+
+    try:
+        return safe_load(path, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise refused(str(path), exc) from None
 
 
 def _natural(path: Path) -> list:
@@ -44,7 +54,7 @@ class _Partitions:
     def _open(self) -> None:
         self.groups, self.meta = [], []
         for f in self.files:
-            state = safe_load(f, mmap=True)["optimizer_state_dict"]
+            state = _load(f)["optimizer_state_dict"]
             state.pop("optimizer_state_dict", None)  # ZeRO-3 moments: never needed, never touched
             state.pop("base_optimizer_state", None)  # ZeRO-1/2 moments
             self.groups.append(state.pop(self.key))
@@ -96,13 +106,13 @@ class ZeroCheckpoint:
         self.model_files = sorted(self.ckpt.glob("*_model_states.pt"), key=_natural)
         if not self.model_files:
             raise FileNotFoundError(f"{self.ckpt}: no DeepSpeed model states (*_model_states.pt)")
-        states = safe_load(self.model_files[0], mmap=True)
+        states = _load(self.model_files[0])
         self.buffer_names = list(states.get("buffer_names") or [])
         self.shared = dict(states.get("shared_params") or {})
         self.frozen_shapes = dict(states.get("frozen_param_shapes") or {})
         self.stage = 0
         if self.optim_files:
-            first = safe_load(self.optim_files[0], mmap=True)["optimizer_state_dict"]
+            first = _load(self.optim_files[0])["optimizer_state_dict"]
             self.stage = int(first["zero_stage"])
             count = first["partition_count"]
             self.world = max(count) if isinstance(count, list) else int(count)
@@ -121,7 +131,7 @@ class ZeroCheckpoint:
 
     def entries(self) -> list[tuple[str, Shape]]:
         """(name, shape) of everything `tensors()` yields, in that order."""
-        states = safe_load(self.model_files[0], mmap=True)
+        states = _load(self.model_files[0])
         out = [(n, tuple(states["module"][n].shape)) for n in self.buffer_names]
         out += list(self.frozen_shapes.items()) if self.stage else []
         out += [(n, s) for group in self.param_shapes for n, s in group.items()]
@@ -130,7 +140,7 @@ class ZeroCheckpoint:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every buffer and parameter: fp32 masters for trained parameters; frozen ones and
         buffers in their saved dtype (there is no fp32 master of them); tied aliases last."""
-        states = safe_load(self.model_files[0], mmap=True)
+        states = _load(self.model_files[0])
         for name in self.buffer_names:
             yield name, states["module"][name].clone()
         kept: dict[str, torch.Tensor] = {}
@@ -156,7 +166,7 @@ class ZeroCheckpoint:
             for name in self.frozen_shapes:
                 yield name, states["frozen_param_fragments"][name].clone()
             return
-        fragments = [safe_load(f, mmap=True)["frozen_param_fragments"] for f in self.model_files]
+        fragments = [_load(f)["frozen_param_fragments"] for f in self.model_files]
         for name, shape in self.frozen_shapes.items():
             n = math.prod(shape)
             yield name, torch.cat([fr[name].reshape(-1) for fr in fragments])[:n].view(shape).clone()

@@ -58,7 +58,9 @@ def per_node_torchrun(cfg: RunConfig, python: str, trainer_args: tuple[str, ...]
             f"--nproc_per_node={cfg.launch.procs_per_node}", "--rdzv_backend=c10d", "--rdzv_endpoint=$RDZV_ENDPOINT",
             "--rdzv_id=$SLURM_JOB_ID", f"--max_restarts={cfg.launch.max_restarts}",
             f"--rdzv_conf=join_timeout={cfg.launch.rdzv_timeout_s}", "-m", "trainer", cfg.output_dir, *trainer_args]
-    return "exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
+    monitor = f"{shlex.quote(python)} -m launcher.backends.monitor {shlex.quote(cfg.output_dir)} &"
+    # exec keeps the shell's pid, so the monitor's parent stays put until torchrun ends (and the monitor with it).
+    return monitor + " exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
 
 
 def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable,

@@ -73,7 +73,16 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
         lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()
                   if k != "OMP_NUM_THREADS"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
-    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    python, run_dir = shlex.quote(argv[0]), shlex.quote(cfg.output_dir)
+    lines += ["# A monitor outside the training processes kills a frozen rank (so torchrun restarts the job); when",
+              "# torchrun gives up, the post-mortem names the rank, the cause and the checkpoint to resume from.",
+              "STARTED=$(date +%s)",
+              f"{python} -m launcher.backends.monitor {run_dir} &",
+              "trap 'kill $! 2>/dev/null || true' EXIT",
+              "CODE=0",
+              " ".join(shlex.quote(a) for a in argv) + " || CODE=$?",
+              f"{python} -m launcher.backends.postmortem {run_dir} \"$CODE\" \"$STARTED\"",
+              'exit "$CODE"']
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.contract.errors import ConfigError
+from launcher.contract.secrets import secret_problems
 
 
 class Section(BaseModel):
@@ -198,6 +199,8 @@ class TrainConfig(Section):
     """Keep the newest K complete checkpoints."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `never`; or a checkpoint path."""
+    overwrite: bool = False
+    """With resume `never`: move an earlier run's results in output_dir aside (to replaced-TIME/) instead of refusing."""
     stop_at_step: Optional[int] = Field(None, gt=0)
     """End this launch after this step with a checkpoint; relaunching continues the run (to split it over allocations)."""
     async_save: bool = False
@@ -517,10 +520,9 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
     if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
         problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
-    secrets = [k for k in cfg.launch.env if any(word in k.upper() for word in ("API_KEY", "TOKEN", "SECRET", "PASSWORD"))]
-    for key in secrets:
-        problems.append(f"launch.env.{key}: secrets are not allowed in the config (it is written to the run directory "
-                        "and launch scripts); export it in the environment that runs shardtune or the job instead")
+    problems += secret_problems(cfg.launch.env, {**{f"slurm.setup[{i}]": line for i, line in enumerate(cfg.slurm.setup)},
+                                                 **{f"slurm.extra_sbatch[{i}]": line
+                                                    for i, line in enumerate(cfg.slurm.extra_sbatch)}})
     literal = {"slurm.partition": cfg.slurm.partition, "slurm.account": cfg.slurm.account, "slurm.qos": cfg.slurm.qos,
                "slurm.constraint": cfg.slurm.constraint, "slurm.job_name": cfg.slurm.job_name,
                **{f"slurm.extra_sbatch[{i}]": line for i, line in enumerate(cfg.slurm.extra_sbatch)}}

@@ -46,6 +46,10 @@ MANIFEST = "COMPLETE.json"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng"
 HF = "hf"
+OWNER = "owner.json"
+EVENTS = "events.jsonl"
+# An earlier run's results, moved aside by train.overwrite.
+REPLACED = "replaced-{time}"
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -261,6 +265,18 @@ class RunDir:
         beats = [read_json(p) for p in sorted((self.path / HEARTBEATS).glob("rank_*.json"))]
         return [b for b in beats if b]
 
+    def record_event(self, event: dict) -> None:
+        """One line in the run's event log (a rank stuck or killed, a failure): what a post-mortem reads."""
+        with open(self.path / EVENTS, "a") as fh:
+            fh.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+    def read_events(self, since: float = 0.0) -> list[dict]:
+        path = self.path / EVENTS
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r.get("time", 0) >= since]
+
     def stack_file(self, rank: int) -> Path:
         return self.path / STACKS / f"rank_{rank:05d}.txt"
 
@@ -287,3 +303,56 @@ class RunDir:
     @property
     def final(self) -> Path:
         return self.path / FINAL
+
+    # -- who owns the directory: one job at a time
+
+    @property
+    def owner_file(self) -> Path:
+        return self.path / OWNER
+
+    def read_owner(self) -> Optional[dict]:
+        return read_json(self.owner_file)
+
+    def claim_owner(self, record: dict) -> bool:
+        """Record `record` as the owner if nobody is recorded (atomic create, safe on shared filesystems)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{OWNER}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record) + "\n")
+        try:
+            os.link(tmp, self.owner_file)  # fails if it exists: of two claimants exactly one wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def drop_owner(self, expected: dict) -> bool:
+        """Remove the owner record if it still is `expected` (a stale owner being taken over, or our own at the end)."""
+        if self.read_owner() != expected:
+            return False
+        grave = self.path / f".{OWNER}.gone-{os.getpid()}-{time.time_ns()}"
+        try:
+            os.replace(self.owner_file, grave)
+        except FileNotFoundError:
+            return False
+        moved = read_json(grave)
+        grave.unlink(missing_ok=True)
+        if moved != expected:  # someone claimed it between our read and the rename: give it back
+            if moved is not None:
+                self.claim_owner(moved)
+            return False
+        return True
+
+    def previous_results(self) -> list[Path]:
+        """What an earlier run left that a fresh one (train.resume: never) would mix with or destroy."""
+        found = [self.checkpoints] if self.complete_checkpoints() or partial_checkpoints(self.checkpoints) else []
+        return found + [p for p in (self.metrics_file, self.final) if p.exists()]
+
+    def set_aside(self) -> Path:
+        """Move an earlier run's results (and its status, ids and liveness files) into replaced-TIME/."""
+        target = self.path / REPLACED.format(time=time.strftime("%Y%m%d-%H%M%S"))
+        target.mkdir(parents=True, exist_ok=False)
+        for name in (CHECKPOINTS, METRICS, FINAL, STATUS, WANDB_ID, HEARTBEATS, STACKS, NCCL_TRACES, EVENTS):
+            if (self.path / name).exists():
+                os.replace(self.path / name, target / name)
+        return target

@@ -1,10 +1,11 @@
 """`shardtune export`: a Hugging Face model directory from any complete checkpoint, offline."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from launcher.contract.run_dir import CHECKPOINTS, MANIFEST, RunDir, complete_checkpoints
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, verify
 from trainer.export import export_checkpoint
 
 
@@ -25,4 +26,18 @@ def export_command(checkpoint: str | Path, out_dir: str | Path, dtype: str = "au
                    max_shard_size: str = "5GB") -> tuple[Path, Path]:
     """(the checkpoint used, the model directory written)."""
     ckpt = resolve_checkpoint(checkpoint)
-    return ckpt, export_checkpoint(ckpt, out_dir, dtype, max_shard_size)
+    problems = verify(ckpt, None)
+    if problems:
+        raise CheckpointError(f"{ckpt} fails verification, nothing exported: " + "; ".join(problems[:5]))
+    before = _identities(ckpt)
+    out = export_checkpoint(ckpt, out_dir, dtype, max_shard_size)
+    # The shards are read memory-mapped (a whole file in memory would defeat the streaming export), so what was
+    # verified is checked again afterwards: a file changed in between makes the export void.
+    if _identities(ckpt) != before:
+        shutil.rmtree(out, ignore_errors=True)
+        raise CheckpointError(f"{ckpt} changed while it was being exported; the export was removed")
+    return ckpt, out
+
+
+def _identities(ckpt: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt.rglob("*") if p.is_file()}
