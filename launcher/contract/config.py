@@ -181,7 +181,7 @@ class TrainConfig(Section):
     async_save: bool = False
     """Write periodic checkpoints in the background: training waits only for an in-memory copy of the state; the checkpoint counts once every rank's files are durable."""
     export_max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B)?$")
-    """Largest safetensors file of the exported model (final/ and `shardtune export`), e.g. 5GB or 500MB."""
+    """Largest safetensors file of an exported model (end of run, `shardtune export`), e.g. 5GB or 500MB."""
     max_bad_steps: int = Field(3, gt=0)
     """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are not counted)."""
     sample_prompt: Optional[str] = None
