@@ -60,10 +60,10 @@ def precision_of(cfg: RunConfig) -> str:
     return precision_for(cfg.launch.device, cfg.train.precision)
 
 
-def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
+def zero_settings(cfg: RunConfig, hidden_size: Optional[int], params: Optional[int] = None) -> ZeroSettings:
     """The bucket settings render_deepspeed_config will write, known before the stage is: our defaults,
     or the numbers in the user's `zero.config` where it has them."""
-    ours = zero_defaults(cfg, hidden_size)
+    ours = zero_defaults(cfg, hidden_size, params)
     zero = dict(ours)
     if cfg.zero.config:
         try:
@@ -117,7 +117,8 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
             activation_checkpointing=None if t.activation_checkpointing == "auto" else bool(t.activation_checkpointing),
             offload_optimizer=offload_optimizer, offload_params=offload_params,
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
+            zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
+            optimizer=optimizer_for(cfg))
     except DoesNotFit as exc:
         raise ConfigError(_does_not_fit(cfg, counts, exc, asked), title="does not fit") from None
     return _apply(cfg, choice)
@@ -197,7 +198,8 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
     if model_config is None:
         return None
     counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
-    zero = ZeroSettings.from_deepspeed(ds_config) if ds_config else zero_settings(cfg, counts.hidden_size)
+    zero = (ZeroSettings.from_deepspeed(ds_config) if ds_config
+            else zero_settings(cfg, counts.hidden_size, counts.total))
     return counts, estimate_memory(counts, _resolved_setup(cfg, ds_config), zero, margins_for(cfg))
 
 
@@ -294,7 +296,8 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             counts, cfg.launch.world_size, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg))
+            zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
+            optimizer=optimizer_for(cfg))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
     except ConfigError:

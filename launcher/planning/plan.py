@@ -21,7 +21,7 @@ from launcher.planning.deepspeed_config import render_deepspeed_config
 from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
 from launcher.planning.host import HostFacts
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_size import read_model_config
+from launcher.planning.model_size import counts_from_config, read_model_config
 
 
 @dataclass
@@ -81,6 +81,16 @@ def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig
     return cfg, notes
 
 
+def parameter_count(model_cfg: Optional[dict]) -> Optional[int]:
+    """The model's parameter count from its config.json (it caps the bucket sizes); None when it cannot be sized."""
+    if model_cfg is None:
+        return None
+    try:
+        return counts_from_config(model_cfg).total
+    except ConfigError:
+        return None
+
+
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     cfg, notes = resolve(cfg, host)
@@ -89,7 +99,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     global_batch = t.micro_batch_size * t.grad_accum_steps * world
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
-    ds = render_deepspeed_config(cfg, hidden)
+    ds = render_deepspeed_config(cfg, hidden, parameter_count(model_cfg))
     check_fit(cfg, model_cfg, ds)
     if cfg.launch.backend == "slurm":
         script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
