@@ -3,7 +3,8 @@
 The quick run starts all four contenders for real (2 CPU ranks each, a small Llama, a few steps)
 and checks the table; the numbers themselves are not judged here, timed tests on a shared machine
 would only be flaky. What is judged: each contender ran the DeepSpeed config it should (the floor
-DeepSpeed's defaults, the second minimal loop shardtune's own). The workload test checks, without training, that the chat data is what the
+DeepSpeed's defaults, the second minimal loop shardtune's own), and shardtune's own `mfu` equals the
+bench's hand computation. The workload test checks, without training, that the chat data is what the
 bench says it is and that useful tokens are counted the same way for packed and padded batches.
 """
 from __future__ import annotations
@@ -30,8 +31,11 @@ def test_quick_run_reports_all_four_contenders(tmp_path):
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["useful_per_s"] > 0 and r["ttfs_s"] > 0
         assert all(gb > 0 for gb in r["peak_rss_gb"])
+        assert 0 < r["mfu"] < 1  # hand-computed against the peak shardtune probed
     st = rows["shardtune"]
     assert st["vs_minimal"] > 0 and st["vs_minimal_same"] > 0 and st["vs_trainer"] > 0
+    assert st["peak_tflops_source"] == "probe" and all(p > 0 for p in st["peak_tflops"])
+    assert st["own_mfu_max_relative_error"] < 1e-6
     assert all(t > 0 for t in report["plan_seconds"])
     # The floor ran DeepSpeed's defaults (its own AdamW, 5e8-element buckets); the second loop shardtune's config.
     runs = report["runs"]["fixed-z2"]
