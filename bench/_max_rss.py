@@ -1,6 +1,6 @@
 """Run a command and write the largest RSS any of its processes reached, as the kernel accounts it.
 
-    python bench/_max_rss.py OUT.json COMMAND [ARGS...]
+    python -m bench._max_rss OUT.json COMMAND [ARGS...]
 
 `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` after the command ends is the maximum resident set of
 every descendant that was waited for (torchrun waits for its workers, shardtune for torchrun), so it is

@@ -1,9 +1,9 @@
 r"""Sample shardtune's ranks with py-spy in the steady state and say where a step's time goes.
 
     .venv/bin/pip install py-spy        # the one dev tool this needs
-    .venv/bin/python bench/throughput.py --steps 6 --warmup 2 --repeats 1 --contenders minimal \
+    .venv/bin/python -m bench.throughput --steps 6 --warmup 2 --repeats 1 --contenders minimal \
         --results /tmp/scratch.md     # leaves model, data and configs in its --work directory
-    .venv/bin/python bench/_profile_shardtune.py --workload fixed       # or variable; --code_dir for a patched copy
+    .venv/bin/python -m bench._profile_shardtune --workload fixed     # or variable; --code_dir for a patched copy
 
 It launches `shardtune launch` on the bench's config for --steps steps, waits until --start_after
 steps are logged, then records every rank for --duration seconds (py-spy --nonblocking, so the
@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench._runner import _rank_of, _stop_group  # noqa: E402
+from bench._runner import PYTHON, REPO, SHARDTUNE, Tree, run_tree
+from launcher.contract.run_dir import RunDir
 
 # (label, regex on one frame "function (file:line)"), inclusive: a sample counts when any frame matches.
 PARTS = [
@@ -42,7 +36,7 @@ PARTS = [
     ("    local_memory", r"^local_memory \("),
     ("  trainer collectives (all_reduce_*, all_gather_*)",
      r"^(all_reduce_sum|all_reduce_max|all_gather_objects|all_gather_floats) \(trainer/distributed"),
-    ("  metrics.jsonl, progress bar (Session.on_log)", r"^Session\.on_log \("),
+    ("  metrics file, progress bar (Session.on_log)", r"^Session\.on_log \("),
     ("  grad norm read", r"get_global_grad_norm \("),
     ("  on_step_end (Session)", r"^Session\.on_step_end \("),
     ("    stop agreement (StopRequest.agreed)", r"^StopRequest\.agreed \("),
@@ -70,7 +64,7 @@ def summarize(raw: Path) -> tuple[list[tuple[str, int, float]], int, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default="/tmp/shardtune-bench-throughput", help="a bench/throughput.py work directory")
+    p.add_argument("--work", default="/tmp/shardtune-bench-throughput", help="a bench.throughput work directory")
     p.add_argument("--workload", default="fixed", choices=("fixed", "variable"))
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)
@@ -82,54 +76,53 @@ def main() -> int:
     p.add_argument("--log_every", type=int, default=1)
     args = p.parse_args()
 
-    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    py_spy = shutil.which("py-spy", path=str(PYTHON.parent)) or shutil.which("py-spy")
     if not py_spy:
         print("py-spy not found: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     work, out = Path(args.work), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    run_dir = out / "run"
+    run = RunDir(out / "run")
     code = Path(args.code_dir).resolve() if args.code_dir else REPO
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     if args.code_dir:
         env["PYTHONPATH"] = str(code)
-    argv = [str(Path(sys.executable).parent / "shardtune"), "launch", str(work / f"{args.workload}.yaml"),
-            f"zero.stage={args.stage}", f"output_dir={run_dir}", f"train.max_steps={args.steps}",
-            f"train.log_every={args.log_every}"]
-    with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env, start_new_session=True)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        while proc.poll() is None:
-            rows = metrics.read_text().splitlines() if metrics.exists() else []
-            if rows and json.loads(rows[-1])["step"] >= args.start_after:
-                break
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            print(f"shardtune exited with {proc.returncode} before step {args.start_after}; see {out / 'log.txt'}:\n"
-                  + "\n".join((out / "log.txt").read_text().splitlines()[-15:]), file=sys.stderr)
-            return 1
-        ranks = {}
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            rank = _rank_of(child)
-            if rank is not None:
-                ranks[rank] = child.pid
-        first = json.loads(metrics.read_text().splitlines()[-1])["step"]
-        spies = {rank: subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(args.duration),
-                                         "--rate", str(args.rate), "--nonblocking", "--format", "raw",
-                                         "--output", str(out / f"rank{rank}.txt")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for rank, pid in sorted(ranks.items())}
-        for spy in spies.values():
-            spy.wait()
-        last = json.loads(metrics.read_text().splitlines()[-1])["step"]
-    finally:
-        if proc.poll() is None:
-            _stop_group(proc)
-    steps = max(1, last - first)
-    step_s = args.duration / steps
-    print(f"{args.workload}, ZeRO-{args.stage}: {steps} steps in {args.duration} s sampled "
+    argv = [str(SHARDTUNE), "launch", str(work / f"{args.workload}.yaml"), f"zero.stage={args.stage}",
+            f"output_dir={run.path}", f"train.max_steps={args.steps}", f"train.log_every={args.log_every}"]
+    spies: dict[int, subprocess.Popen] = {}
+    steps: dict[str, int] = {}
+
+    def last_step() -> int:
+        try:
+            rows = run.train_metrics()
+        except ValueError:  # a row being written right now
+            return steps.get("last", 0)
+        return rows[-1]["step"] if rows else 0
+
+    def watch(tree: Tree) -> bool:
+        """Once --start_after steps are logged, record every rank; end the run when the recordings are done."""
+        if not spies:
+            if last_step() >= args.start_after and len(tree.ranks) == 2:
+                steps["first"] = last_step()
+                for rank, pid in sorted(tree.ranks.items()):
+                    spies[rank] = subprocess.Popen(
+                        [py_spy, "record", "--pid", str(pid), "--duration", str(args.duration), "--rate",
+                         str(args.rate), "--nonblocking", "--format", "raw", "--output", str(out / f"rank{rank}.txt")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return False
+        if any(spy.poll() is None for spy in spies.values()):
+            return False
+        steps["last"] = last_step()
+        return True
+
+    run_tree(argv, out / "log.txt", code, env, timeout=3600, watch=watch)
+    if "last" not in steps:
+        print(f"shardtune ended before step {args.start_after} was profiled; see {out / 'log.txt'}", file=sys.stderr)
+        return 1
+    n_steps = max(1, steps["last"] - steps["first"])
+    step_s = args.duration / n_steps
+    print(f"{args.workload}, ZeRO-{args.stage}: {n_steps} steps in {args.duration} s sampled "
           f"({step_s * 1000:.0f} ms per step)")
     for rank in sorted(spies):
         rows, loop, total = summarize(out / f"rank{rank}.txt")

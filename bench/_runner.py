@@ -1,8 +1,16 @@
-"""Run one contender's process tree, watching each rank's peak RSS, and always clean it up.
+"""What every benchmark shares: running a process tree and watching it, a quiet machine, CPU time.
 
-The peak RSS of a rank is the kernel's own high-water mark (VmHWM in /proc/PID/status), read every
-quarter second while the rank lives. It never decreases, so the last reading before a time is the
-peak up to then (the bench takes it at the last training step, before any final save or export).
+- `run_tree` starts a command in its own session, finds the torchrun workers under it (and their
+  ranks), reads each one's peak RSS, calls the benchmark's own `watch` on every poll (to reset a
+  high-water mark at a step, sample memory while an export runs, attach a profiler), enforces a
+  timeout and always ends the process group it started, and only that one.
+- `wait_for_quiet` waits until the 1-minute load average is low: the machine is shared.
+- `busy_cpu_seconds` (the whole machine) and `own_cpu_seconds` (this process and the children it
+  waited for) give, as a difference, the CPU other users took during a run.
+
+The peak RSS of a rank is the kernel's own high-water mark (VmHWM in /proc/PID/status). It never
+decreases, so the last reading before a time is the peak up to then (the throughput bench takes it
+at the last training step, before any final save or export).
 """
 from __future__ import annotations
 
@@ -10,15 +18,22 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = Path(sys.executable)
+SHARDTUNE = PYTHON.parent / "shardtune"
+
 
 class RunFailed(Exception):
-    pass
+    """A benchmarked command exited non-zero or timed out; the message ends with its log's tail."""
 
 
 class OverCap(RunFailed):
@@ -34,44 +49,46 @@ def busy_cpu_seconds() -> float:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds of this process and every descendant it has waited for."""
+    """CPU seconds of this process and every descendant it has waited for (not affected by other users)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-@dataclass
-class Finished:
-    started: float
-    """time.time() just before the process was started."""
-    wall: float
-    other_cores: float = 0.0
-    """CPU used by processes outside this benchmark during the run, in cores (0 = the machine was ours)."""
-    rss: list[tuple[float, dict[int, int]]] = field(default_factory=list)
-    """(time, {rank: VmHWM bytes}) readings."""
+def wait_for_quiet(max_load: float, give_up_s: float, log: Callable[[str], None], fail: bool = False) -> float:
+    """Block until the 1-minute load average is below max_load; return it.
 
-    def peak_rss(self, until: float) -> dict[int, int]:
-        best: dict[int, int] = {}
-        for t, per_rank in self.rss:
-            if t > until + 0.5:
-                break
-            for rank, v in per_rank.items():
-                best[rank] = max(best.get(rank, 0), v)
-        return best
+    After give_up_s, measure anyway (fail=False, time is compared within one run) or raise
+    SystemExit (fail=True, for a benchmark whose numbers mean nothing on a busy machine).
+    """
+    start = time.time()
+    while (load := os.getloadavg()[0]) >= max_load:
+        if time.time() - start > give_up_s:
+            if fail:
+                raise SystemExit(f"load average still {load:.2f} >= {max_load} after {give_up_s:.0f} s; try later")
+            log(f"load average still {load:.2f} after {give_up_s:.0f} s; measuring anyway")
+            return load
+        log(f"1-minute load average {load:.2f} >= {max_load}; waiting")
+        time.sleep(30)
+    return load
 
 
-def _vmhwm(pid: int) -> int | None:
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process in bytes; {} once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return None
-    return None
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in text.splitlines())
+            if k in ("VmRSS", "VmHWM")}
 
 
-def _rank_of(proc: psutil.Process) -> int | None:
-    """A torchrun worker: has LOCAL_RANK in its environment and its parent (the agent) does not."""
+def reset_peak_rss(pid: int) -> None:
+    """Make VmHWM the current RSS (`echo 5 > /proc/PID/clear_refs`), to measure the peak of a later phase."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def rank_of(proc: psutil.Process) -> Optional[int]:
+    """A torchrun worker's global rank: it has LOCAL_RANK in its environment and its parent (the agent) has not."""
     try:
         env = proc.environ()
         if "LOCAL_RANK" not in env or "RANK" not in env:
@@ -84,49 +101,90 @@ def _rank_of(proc: psutil.Process) -> int | None:
         return None
 
 
-def run_tree(argv: list[str], log: Path, cwd: Path, env: dict[str, str], timeout: float, poll: float = 0.25,
-             rss_cap: int | None = None) -> Finished:
-    """Run argv in its own session; raise RunFailed (with the log's tail) on a non-zero exit or timeout.
+@dataclass
+class Tree:
+    """The running command as a watch callback sees it."""
+
+    pid: int
+    started: float
+    ranks: dict[int, int] = field(default_factory=dict)
+    """rank -> pid of the torchrun workers found so far."""
+
+
+Watch = Callable[[Tree], Optional[bool]]
+"""Called on every poll while the command runs; returning True ends the run early (not a failure)."""
+
+
+@dataclass
+class Finished:
+    started: float
+    """time.time() just before the process was started."""
+    wall: float = 0.0
+    other_cores: float = 0.0
+    """CPU used by processes outside this benchmark during the run, in cores (0 = the machine was ours)."""
+    rss: list[tuple[float, dict[int, int]]] = field(default_factory=list)
+    """(time, {rank: VmHWM bytes}) readings."""
+    stopped: bool = False
+    """The watch callback ended the run early."""
+
+    def peak_rss(self, until: float) -> dict[int, int]:
+        """Each rank's peak RSS up to a time (its last reading before it, the high-water mark never falls)."""
+        best: dict[int, int] = {}
+        for t, per_rank in self.rss:
+            if t > until + 0.5:
+                break
+            for rank, v in per_rank.items():
+                best[rank] = max(best.get(rank, 0), v)
+        return best
+
+
+def run_tree(argv: list[str], log: Path, cwd: Path = REPO, env: Optional[dict[str, str]] = None,
+             timeout: float = 3600, poll: float = 0.25, watch: Optional[Watch] = None,
+             rss_cap: Optional[int] = None) -> Finished:
+    """Run argv in its own session, watching it; raise RunFailed (with the log's tail) on a non-zero exit or timeout.
 
     rss_cap (bytes): stop the tree and raise OverCap as soon as any of its processes has had a larger RSS
     (VmHWM never decreases, so a peak between two readings is still seen at the next one).
     """
     busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
-    started = time.time()
+    done = Finished(time.time())
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
-    done = Finished(started, 0.0)
-    ranks: dict[int, int] = {}
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=env if env is not None else dict(os.environ), start_new_session=True)
+    tree = Tree(proc.pid, done.started)
     checked: set[int] = set()
     try:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            if time.time() - started > timeout:
+            if time.time() - done.started > timeout:
                 raise RunFailed(f"timed out after {timeout:.0f} s: {' '.join(argv)}\n{tail(log)}")
             try:
                 for child in root.children(recursive=True):
                     if child.pid not in checked:
                         checked.add(child.pid)
-                        rank = _rank_of(child)
+                        rank = rank_of(child)
                         if rank is not None:
-                            ranks[child.pid] = rank
+                            tree.ranks[rank] = child.pid
             except psutil.Error:
                 pass
-            reading = {rank: v for pid, rank in ranks.items() if (v := _vmhwm(pid)) is not None}
+            reading = {rank: v for rank, pid in tree.ranks.items() if (v := proc_status(pid).get("VmHWM"))}
             if reading:
                 done.rss.append((time.time(), reading))
             if rss_cap is not None:
-                over = [(pid, v) for pid in checked if (v := _vmhwm(pid)) is not None and v > rss_cap]
+                over = [(pid, v) for pid in checked if (v := proc_status(pid).get("VmHWM")) is not None and v > rss_cap]
                 if over:
                     pid, v = max(over, key=lambda x: x[1])
                     raise OverCap(f"process {pid} reached {v / 1e9:.2f} GB > cap {rss_cap / 1e9:.2f} GB")
+            if watch is not None and watch(tree):
+                done.stopped = True
+                break
             time.sleep(poll)
     finally:
         if proc.poll() is None:
             _stop_group(proc)
-    done.wall = time.time() - started
+    done.wall = time.time() - done.started
     done.other_cores = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0)) / done.wall
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not done.stopped:
         raise RunFailed(f"exit code {proc.returncode}: {' '.join(argv)}\n{tail(log)}")
     return done
 

@@ -24,15 +24,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from examples.tiny_model import WORDS
+
 SEQ_LEN = 256
 MICRO = 4
 WORLD = 2
-
-WORDS = ("the a an of to in is was for on with as by at from that this it be are or not have has had one two three "
-         "four five six seven eight nine ten red blue green cat dog bird fish tree river city house book water fire "
-         "light stone answer question please tell me what which who how why yes no hello world reverse sort list word "
-         "words number numbers capital country France Paris system user you are helpful json name age color item "
-         "items count first last").split()
+LR = 1.0e-4
 
 
 @dataclass
@@ -48,6 +45,8 @@ class Micro:
     """Loss-carrying positions (shifted targets)."""
     ids: list[int] = field(default_factory=list)
     """Which sequences (packed set) or samples (unpacked) it holds."""
+    square_lengths: int = 0
+    """Sum over its samples of length²: what causal attention's FLOPs grow with (samples attend only inside)."""
 
     @property
     def computed(self) -> int:
@@ -63,7 +62,7 @@ class Schedule:
     def step_tokens(self, step: int) -> dict:
         ms = [m for per_rank in self.micro[step] for m in per_rank]
         return {"computed": sum(m.computed for m in ms), "real": sum(m.real for m in ms),
-                "useful": sum(m.useful for m in ms)}
+                "useful": sum(m.useful for m in ms), "square_lengths": sum(m.square_lengths for m in ms)}
 
     def rank_ids(self, rank: int) -> list[list[int]]:
         return [m.ids for step in self.micro for m in step[rank]]
@@ -128,24 +127,37 @@ def shardtune_yaml(path: Path, model: Path, data: Path, workload: str, cache: Pa
     cfg = {
         "model": {"name_or_path": str(model)},
         "data": data_cfg,
-        "train": {"max_steps": 10, "micro_batch_size": MICRO, "grad_accum_steps": grad_accum, "lr": 1.0e-4,
+        "train": {"max_steps": 10, "micro_batch_size": MICRO, "grad_accum_steps": grad_accum, "lr": LR,
                   "warmup_steps": 0, "seed": seed, "log_every": 1, "precision": "fp32"},
         "zero": {"stage": 2},
         "launch": {"nodes": 1, "procs_per_node": WORLD},
         "wandb": {"mode": "disabled"},
         "output_dir": str(path.parent / "unused"),
     }
-    path.write_text(f"# Run: shardtune launch {path} zero.stage=2 output_dir=...  (written by bench/throughput.py)\n"
-                    + yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(f"# Run: shardtune launch {path} zero.stage=2 output_dir=...\n"
+                    "# (written by python -m bench.throughput)\n" + yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def handwritten_ds_config(stage: int, grad_accum: int) -> dict:
+    """The DeepSpeed config a person writes by hand for this run: the batch sizes, AdamW and the ZeRO stage.
+
+    Everything else is DeepSpeed's default: buckets of 5e8 elements, ZeRO-3 prefetch 5e7 and persistence
+    threshold 1e5, overlap_comm only at stage 3, contiguous gradients, no clipping, and its own AdamW
+    kernel (FusedAdam, JIT-built for the CPU on first use). The minimal loop and the Trainer train with
+    it, so the floor does not inherit any choice shardtune makes.
+    """
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": grad_accum,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR}}, "zero_optimization": {"stage": stage}}
 
 
 def load_prepared(run_dir: Path):
     """What shardtune's ranks load at start-up: (resolved config, tokenizer, Prepared) - the same cache entry."""
     from launcher.contract.config import validate_config
+    from launcher.contract.run_dir import RunDir
     from trainer.data.prepare import load_tokenizer, prepare
 
-    cfg = validate_config(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
+    cfg = validate_config(RunDir(run_dir).read_config())
     tok = load_tokenizer(cfg)
     return cfg, tok, prepare(cfg, tok, log=lambda _msg: None)
 
@@ -165,8 +177,10 @@ def packed_schedule(cfg, data, steps: int) -> Schedule:
             micros = []
             for m in rank_micro_batches(indices, rank, WORLD, t.micro_batch_size):
                 batch = collate(data, m, 0, separation="none")
+                lengths = data.sample_lengths(m).astype(np.int64)
                 micros.append(Micro(rows=len(m), width=batch.input_ids.shape[1], real=batch.real_tokens,
-                                    useful=int(data.n_targets[m].sum()), ids=[int(k) for k in m]))
+                                    useful=int(data.n_targets[m].sum()), ids=[int(k) for k in m],
+                                    square_lengths=int((lengths ** 2).sum())))
             per_rank.append(micros)
         out.append(per_rank)
     return Schedule(out)
@@ -198,7 +212,8 @@ def unpacked_samples(data) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(tokens[a:b], labels[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def trainer_layout(samples: list[tuple[np.ndarray, np.ndarray]], order: list[list[list[int]]]) -> tuple[list[int], Schedule]:
+def trainer_layout(samples: list[tuple[np.ndarray, np.ndarray]],
+                   order: list[list[list[int]]]) -> tuple[list[int], Schedule]:
     """Dataset order for the HF Trainer and the batches it then trains on.
 
     With `train_sampling_strategy="sequential"`, accelerate hands micro-batch j of the dataloader
@@ -215,7 +230,8 @@ def trainer_layout(samples: list[tuple[np.ndarray, np.ndarray]], order: list[lis
                 layout += rows
                 lens = [len(samples[i][0]) for i in rows]
                 useful = sum(int((samples[i][1][1:] != -100).sum()) for i in rows)
-                step[rank].append(Micro(rows=len(rows), width=max(lens), real=sum(lens), useful=useful, ids=rows))
+                step[rank].append(Micro(rows=len(rows), width=max(lens), real=sum(lens), useful=useful, ids=rows,
+                                        square_lengths=sum(n * n for n in lens)))
         sched.append(step)
     return layout, Schedule(sched)
 

@@ -1,7 +1,7 @@
 """Data preparation benchmark: preprocessing throughput and packing efficiency.
 
-    .venv/bin/python bench/data_prep.py                    # 100k synthetic chat rows, 2 workers
-    .venv/bin/python bench/data_prep.py --rows 20000 --workers 1 2 --tokenizer tiny
+    .venv/bin/python -m bench.data_prep                    # 100k synthetic chat rows, 2 workers
+    .venv/bin/python -m bench.data_prep --rows 20000 --workers 1 2 --tokenizer tiny
 
 Part 1 runs the real `prepare` (read -> datasets.map with num_proc -> masks -> pack -> cache) on
 synthetic multi-turn chat rows whose lengths are shaped like instruction data. Part 2 packs
@@ -17,9 +17,7 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +25,21 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launcher.contract.config import load_config  # noqa: E402
-from trainer.data.packing import best_fit_decreasing  # noqa: E402
-from trainer.data.prepare import prepare  # noqa: E402
+from bench._runner import REPO, own_cpu_seconds
+from examples.tiny_model import WORDS
+from launcher.contract.config import load_config
+from trainer.data.packing import best_fit_decreasing
+from trainer.data.prepare import prepare
 
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
-WORDS = ("the of and to in is that for it as with was on be by this are or from at which an have not but they "
-         "model data train answer question explain value function return list number string table error file "
-         "because however therefore example result first second finally step each when where what how why "
-         "Paris France river mountain city water energy light system user assistant code python json sort").split()
 
 
 def words(rng: random.Random, median: float, sigma: float, cap: int) -> str:
     n = max(1, min(cap, int(rng.lognormvariate(np.log(median), sigma))))
     out = rng.choices(WORDS, k=n)
     for i in range(0, n, rng.randint(8, 20)):
-        out[i] = out[i] + rng.choice([".", ",", "?", ":", ""]) + (f" {rng.randint(0, 9999)}" if rng.random() < 0.2 else "")
+        number = f" {rng.randint(0, 9999)}" if rng.random() < 0.2 else ""
+        out[i] = out[i] + rng.choice([".", ",", "?", ":", ""]) + number
     return " ".join(out)
 
 
@@ -77,12 +71,6 @@ def pick_tokenizer(choice: str, work: Path) -> tuple[str, str]:
     return choice, choice
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (datasets' workers): unaffected by other users' load."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work: Path) -> dict:
     cache = work / f"cache-{workers}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -95,12 +83,13 @@ def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work
     cfg_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(cfg_path)
     load = os.getloadavg()[0]
-    cpu, started = cpu_seconds(), time.perf_counter()
+    cpu, started = own_cpu_seconds(), time.perf_counter()
     s = prepare(cfg, log=lambda _: None).summary
-    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    return {"workers": workers, "cpu": cpu, "load": load, "rows": s["rows_read"], "seconds": wall, "rows_per_s": s["rows_read"] / wall,
-            "tokens_per_s": s["tokens"] / wall, "tokens": s["tokens"], "kept": s["rows_kept"],
-            "skipped": s["rows_skipped"], "efficiency": s["packing_efficiency"], "sequences": s["sequences"]}
+    wall, cpu = time.perf_counter() - started, own_cpu_seconds() - cpu
+    return {"workers": workers, "cpu": cpu, "load": load, "rows": s["rows_read"], "seconds": wall,
+            "rows_per_s": s["rows_read"] / wall, "tokens_per_s": s["tokens"] / wall, "tokens": s["tokens"],
+            "kept": s["rows_kept"], "skipped": s["rows_skipped"], "efficiency": s["packing_efficiency"],
+            "sequences": s["sequences"]}
 
 
 def packing_table(n: int, seed: int = 0) -> list[dict]:
@@ -123,7 +112,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--tokenizer", default="auto", help="auto (SmolLM2 if converted, else tiny), smollm2, tiny, or a path")
+    parser.add_argument("--tokenizer", default="auto",
+                        help="auto (SmolLM2 if converted, else tiny), smollm2, tiny, or a path")
     parser.add_argument("--pack-samples", type=int, default=200_000)
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -135,23 +125,25 @@ def main() -> None:
         with open(rows_path, "w") as fh:
             for row in synthetic_chat(args.rows):
                 fh.write(json.dumps(row) + "\n")
-        print(f"# data preparation benchmark ({platform.node()}, {os.cpu_count()} cores, python {platform.python_version()})")
+        print(f"# data preparation benchmark ({platform.node()}, {os.cpu_count()} cores, "
+              f"python {platform.python_version()})")
         print(f"tokenizer: {described}")
         print(f"synthetic rows: {args.rows:,} multi-turn chats written in {time.perf_counter() - started:.1f} s "
               f"({rows_path.stat().st_size / 1e6:.0f} MB)\n")
         print(f"## preprocessing: prepare() end to end, seq_len {args.seq_len}, cold cache")
-        print("| workers | rows | wall s | rows/s | tokens/s | CPU s | load before | tokens | kept | skipped | sequences "
-              "| packing eff. |")
+        print("| workers | rows | wall s | rows/s | tokens/s | CPU s | load before | tokens | kept | skipped "
+              "| sequences | packing eff. |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         warm = work / "warm.jsonl"  # imports, tokenizer load and template compilation, outside the timings
         warm.write_text("".join(json.dumps(row) + "\n" for row in synthetic_chat(200, seed=1)))
         throughput(warm, tokenizer, 1, args.seq_len, work)
         for workers in args.workers:
             r = throughput(rows_path, tokenizer, workers, args.seq_len, work)
-            print(f"| {workers} | {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['cpu']:.0f} | {r['load']:.1f} | {r['tokens']:,} | {r['kept']:,} | {json.dumps(r['skipped'])} | {r['sequences']:,} | "
-                  f"{r['efficiency']:.4f} |", flush=True)
-        print(f"\n## packing: best-fit decreasing, {args.pack_samples:,} log-normal lengths (median 250, clipped 16..2048)")
+            print(f"| {workers} | {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
+                  f"{r['tokens_per_s']:,.0f} | {r['cpu']:.0f} | {r['load']:.1f} | {r['tokens']:,} | {r['kept']:,} | "
+                  f"{json.dumps(r['skipped'])} | {r['sequences']:,} | {r['efficiency']:.4f} |", flush=True)
+        print(f"\n## packing: best-fit decreasing, {args.pack_samples:,} log-normal lengths "
+              "(median 250, clipped 16..2048)")
         print("| seq_len | median | p99 | sequences | packed eff. | one sample per sequence | packing s |")
         print("|---|---|---|---|---|---|---|")
         for r in packing_table(args.pack_samples):

@@ -1,7 +1,10 @@
-r"""The peer: the Hugging Face Trainer with its DeepSpeed integration and shardtune's DeepSpeed JSON.
+r"""The peer: the Hugging Face Trainer with its DeepSpeed integration.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 bench/hf_trainer.py \
-        --model DIR --ds_config RUN_DIR/ds_config.json --data rows.json --grad_accum 2 --steps 20 --out result.json
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.hf_trainer \
+        --model DIR --ds_config ds.json --data rows.json --grad_accum 2 --steps 20 --out result.json
+
+The bench gives it the DeepSpeed config a person writes by hand (batch sizes, AdamW, the stage; the
+rest DeepSpeed's defaults), the same one the minimal loop's floor trains with.
 
 Set up the way its documentation shows: TrainingArguments(deepspeed=...) before the model is loaded
 (so ZeRO-3 builds it sharded), DataCollatorForSeq2Seq padding each batch to its longest sample with
@@ -64,7 +67,8 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=args.out + ".trainer", deepspeed=ds_config, per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
-        lr_scheduler_type="cosine", max_grad_norm=ds_config["gradient_clipping"], weight_decay=0.0,
+        # The Trainer clips through DeepSpeed's gradient_clipping, and insists the two agree.
+        lr_scheduler_type="cosine", max_grad_norm=ds_config.get("gradient_clipping", 0.0), weight_decay=0.0,
         seed=args.seed, data_seed=args.seed, train_sampling_strategy="sequential", dataloader_drop_last=True,
         gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", report_to="none", disable_tqdm=True, ddp_backend="gloo",

@@ -1,10 +1,10 @@
-"""Large-model I/O: what a save, an export and a checkpoint cost in memory and time, against DeepSpeed's own tools.
+"""Large-model I/O: what a save, an export and a checkpoint cost in memory and time, against DeepSpeed's tools.
 
     .venv/bin/python -m bench.io            # about 15-25 min on 2 cores; writes the "## Large-model I/O" section
 
-A random-weight Llama of ~271M parameters (hidden 1024, 16 layers, 32k vocabulary, untied: 1.08 GB in fp32)
-trains for a few steps on 2 CPU ranks at ZeRO-3, saving every 2 steps, once with synchronous saves and once
-with `train.async_save`. Then:
+A random-weight Llama of ~271M parameters (hidden 1024, 16 layers, 32k vocabulary, untied: 1.08 GB in
+fp32) trains for a few steps on 2 CPU ranks at ZeRO-3, saving every 2 steps, once with synchronous saves
+and once with `train.async_save`. Then:
   - `shardtune export CKPT OUT --max_shard_size=200MB` against DeepSpeed's
     `python -m deepspeed.utils.zero_to_fp32 ROOT OUT --tag TAG --safe_serialization --max_shard_size 200MB`
     on the same checkpoint: peak RSS of any process of each command (getrusage RUSAGE_CHILDREN);
@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,12 +31,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from bench._runner import RunFailed, _rank_of, _stop_group, tail
+from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, Tree, run_tree, tail
 from launcher.contract.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = Path(sys.executable)
-SHARDTUNE = PYTHON.parent / "shardtune"
 MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
 START, END = "<!-- bench-io:start -->", "<!-- bench-io:end -->"
@@ -51,7 +47,8 @@ def make_model(out: Path, quick: bool) -> Path:
             "from examples.tiny_model import make_tokenizer; tok = make_tokenizer(512); "
             "cfg = LlamaConfig(**json.loads(sys.argv[2]), max_position_embeddings=2048, "
             "eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None); "
-            "torch.manual_seed(0); m = LlamaForCausalLM(cfg); m.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])")
+            "torch.manual_seed(0); m = LlamaForCausalLM(cfg); m.save_pretrained(sys.argv[1]); "
+            "tok.save_pretrained(sys.argv[1])")
     shape = {**MODEL, "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 688} if quick else MODEL
     subprocess.run([str(PYTHON), "-c", code, str(out), json.dumps(shape)], check=True, cwd=REPO)
     return out
@@ -59,7 +56,8 @@ def make_model(out: Path, quick: bool) -> Path:
 
 def run_config(work: Path, model: Path, name: str, async_save: bool, steps: int) -> Path:
     cfg = {"model": {"name_or_path": str(model)},
-           "data": {"path": str(REPO / "examples" / "data" / "tiny_chat.jsonl"), "format": "messages", "seq_len": 64},
+           "data": {"path": str(REPO / "examples" / "data" / "tiny_chat.jsonl"), "format": "messages",
+                    "seq_len": 64},
            "train": {"max_steps": steps, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0,
                      "save_every": 2, "keep_last": 2, "async_save": async_save, "export_max_shard_size": "200MB"},
            "zero": {"stage": 3}, "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu",
@@ -73,43 +71,34 @@ def run_config(work: Path, model: Path, name: str, async_save: bool, steps: int)
 def train(cfg: Path, run_dir: Path, log: Path, timeout: float = 3600) -> dict:
     """Launch, sampling rank 0's resident memory while final/ is being written (its temporary directory exists)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=env, start_new_session=True)
-    started, rank0, before, during = time.time(), None, None, []
-    try:
-        root = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            if time.time() - started > timeout:
-                raise RunFailed(f"timed out: {cfg}")
-            if rank0 is None:
-                rank0 = next((c for c in root.children(recursive=True) if _rank_of(c) == 0), None)
-            if rank0 is not None:
-                try:
-                    rss = rank0.memory_info().rss
-                except psutil.Error:
-                    rss = None
-                exporting = any(run_dir.glob(".final.tmp-*"))
-                if rss is not None and exporting:
-                    during.append(rss)
-                elif rss is not None and not during:
-                    before = rss
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            _stop_group(proc)
-    if proc.returncode != 0:
-        raise RunFailed(f"exit {proc.returncode}: {cfg}\n{tail(log)}")
-    return {"rank0_rss_before_export_gb": (before or 0) / 1e9, "rank0_rss_peak_during_export_gb": max(during, default=0) / 1e9,
-            "export_samples": len(during), "wall_s": time.time() - started}
+    before: list[int] = []
+    during: list[int] = []
+
+    def watch(tree: Tree) -> None:
+        if 0 not in tree.ranks:
+            return
+        try:
+            rss = psutil.Process(tree.ranks[0]).memory_info().rss
+        except psutil.Error:
+            return
+        if any(run_dir.glob(".final.tmp-*")):
+            during.append(rss)
+        elif not during:
+            before[:] = [rss]
+
+    done = run_tree([str(SHARDTUNE), "launch", str(cfg)], log, REPO, {**os.environ, "OMP_NUM_THREADS": "1"},
+                    timeout=timeout, poll=0.1, watch=watch)
+    return {"rank0_rss_before_export_gb": (before[0] if before else 0) / 1e9,
+            "rank0_rss_peak_during_export_gb": max(during, default=0) / 1e9,
+            "export_samples": len(during), "wall_s": done.wall}
 
 
 def peak_rss(argv: list[str], log: Path) -> float:
     """Peak RSS (GB) of the largest process of a command, measured by a fresh parent that waits for it."""
     code = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], 'w'), "
             "stderr=subprocess.STDOUT); print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
-    out = subprocess.run([str(PYTHON), "-c", code, str(log), *argv], capture_output=True, text=True, cwd=REPO, check=True)
+    out = subprocess.run([str(PYTHON), "-c", code, str(log), *argv], capture_output=True, text=True, cwd=REPO,
+                         check=True)
     rc, peak = out.stdout.split()
     if int(rc):
         raise RunFailed(f"exit {rc}: {' '.join(argv)}\n{tail(log)}")
@@ -118,8 +107,9 @@ def peak_rss(argv: list[str], log: Path) -> float:
 
 def hash_methods(shard: Path, work: Path) -> dict:
     """One optimizer shard saved twice (fsynced both ways): hashed while written, and read back to hash."""
-    from trainer.checkpoint_io import safe_load, write_hashed
     import torch
+
+    from trainer.checkpoint_io import safe_load, write_hashed
 
     state = safe_load(shard)
     target = work / "hash_bench.pt"
@@ -198,13 +188,15 @@ def markdown(r: dict, command: str) -> str:
     sync_save = statistics.median(s["save_s"])
     async_stall = statistics.median(a["stall_s"])
     lines = [START, "## Large-model I/O", "",
-             f"Measured {time.strftime('%Y-%m-%d')} with `{command}`: a random Llama of 271M parameters (1024 hidden, 16 "
-             f"layers, 32k vocabulary, untied; {r['fp32_gb']:.2f} GB in fp32), 2 CPU ranks, ZeRO-3, fp32.", "",
+             f"Measured {time.strftime('%Y-%m-%d')} with `{command}`: a random Llama of 271M parameters "
+             f"(1024 hidden, 16 layers, 32k vocabulary, untied; {r['fp32_gb']:.2f} GB in fp32), 2 CPU ranks, "
+             "ZeRO-3, fp32.", "",
              "| measurement | shardtune | baseline | ratio | goal |", "|---|---|---|---|---|",
              f"| peak RSS of any process, export with 200MB shards | {e['shardtune_gb']:.2f} GB (`shardtune export`) | "
              f"{e['zero_to_fp32_gb']:.2f} GB (`deepspeed.utils.zero_to_fp32`) | {ratio:.2f} | ≤ 0.5 "
              f"{'met' if ratio <= 0.5 else '**missed**'} |",
-             f"| rank 0 RSS while final/ is written (end of run) | {s['rank0_rss_peak_during_export_gb']:.2f} GB peak, "
+             "| rank 0 RSS while the final model is written (end of run) | "
+             f"{s['rank0_rss_peak_during_export_gb']:.2f} GB peak, "
              f"{s['rank0_rss_before_export_gb']:.2f} GB before | model fp32 {r['fp32_gb']:.2f} GB | "
              f"+{s['rank0_rss_peak_during_export_gb'] - s['rank0_rss_before_export_gb']:.2f} GB for the export | "
              "no whole model in one process |",
@@ -215,15 +207,18 @@ def markdown(r: dict, command: str) -> str:
              "(time), 0.50 (I/O) | no second pass over the bytes |",
              f"| training stall per periodic save (median of {len(a['stall_s'])}; each: "
              f"{', '.join(f'{x:.2f}' for x in a['stall_s'])} s) | {async_stall:.2f} s (`train.async_save`) | "
-             f"{sync_save:.2f} s (synchronous save, median) | {async_stall / sync_save:.2f} | ≤ 0.25 {'met' if async_stall <= 0.25 * sync_save else '**missed**'} |",
-             f"| checkpoint size | {c['planned_gb']:.3f} GB (plan's `checkpoint_gb`) | {c['on_disk_gb']:.3f} GB on disk | "
+             f"{sync_save:.2f} s (synchronous save, median) | {async_stall / sync_save:.2f} | ≤ 0.25 "
+             f"{'met' if async_stall <= 0.25 * sync_save else '**missed**'} |",
+             f"| checkpoint size | {c['planned_gb']:.3f} GB (plan's `checkpoint_gb`) | "
+             f"{c['on_disk_gb']:.3f} GB on disk | "
              f"{c['planned_gb'] / c['on_disk_gb']:.3f} | within 5 % "
              f"{'met' if abs(c['planned_gb'] / c['on_disk_gb'] - 1) <= 0.05 else '**missed**'} |", "",
              "On this machine storage is a local disk and the CPU is the scarce resource (2 cores for 2 ranks): "
              "hashing costs the same CPU whether it happens while writing or on a read back, so the time is "
              "close either way; what hashing while writing saves is the second pass over the bytes, the I/O that a "
              "shared filesystem under every node of a job pays for. "
-             f"Python + torch + deepspeed + transformers imported alone: {e['python_torch_deepspeed_import_gb']:.2f} GB. "
+             "Python + torch + deepspeed + transformers imported alone: "
+             f"{e['python_torch_deepspeed_import_gb']:.2f} GB. "
              f"Measured save bandwidth (the metrics' `save_gbps`): {', '.join(f'{x:.2f}' for x in s['gbps'])} GB/s "
              f"synchronous, {', '.join(f'{x:.2f}' for x in a['gbps'])} GB/s in the background (local disk, shared "
              "with the training processes' CPU).", END]
@@ -245,7 +240,10 @@ def main() -> int:
     if not args.quick:
         results = Path(args.results)
         old = results.read_text() if results.exists() else ""
-        new = (old.split(START)[0] + text + old.split(END, 1)[1]) if START in old else old.rstrip() + "\n\n" + text + "\n"
+        if START in old:
+            new = old.split(START)[0] + text + old.split(END, 1)[1]
+        else:
+            new = old.rstrip() + "\n\n" + text + "\n"
         results.write_text(new)
     return 0
 

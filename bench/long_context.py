@@ -1,7 +1,7 @@
 r"""Long context: the longest sequence that trains under a per-process memory cap, and what it costs.
 
-    .venv/bin/python bench/long_context.py                 # the full run (~35 min on 2 cores) -> bench/RESULTS.md
-    .venv/bin/python bench/long_context.py --quick         # a smoke run: small cap and lengths, ~3 min
+    .venv/bin/python -m bench.long_context            # the full run (~35 min on 2 cores) -> bench/RESULTS.md
+    .venv/bin/python -m bench.long_context --quick    # a smoke run: small cap and lengths, ~3 min
 
 Four contenders train the same Llama-shaped model (hidden 256, 4 layers, 8 heads, MLP 688, a 32,000-token
 vocabulary: the issue's example) on 2 CPU ranks (gloo), ZeRO-2, fp32, activation checkpointing on, one
@@ -10,7 +10,7 @@ sample per row of exactly seq_len tokens, every token trained (long-trace SFT), 
   sp2_chunked   shardtune, train.sequence_parallel 2, chunked loss (each rank holds half of every row)
   sp1_chunked   shardtune, sequence_parallel 1, chunked loss (each rank holds its own row)
   sp1_full      shardtune, sequence_parallel 1, full-logits loss
-  trainer       the Hugging Face Trainer with shardtune's DeepSpeed config for sp1 (bench/hf_trainer.py,
+  trainer       the Hugging Face Trainer with shardtune's DeepSpeed config for sp1 (bench.hf_trainer,
                 gradient_checkpointing=True), on the same token rows
 
 For each, seq_len doubles from --start while a 3-step run trains under --cap_gb: the bench watches every
@@ -43,10 +43,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench._runner import OverCap, RunFailed, run_tree  # noqa: E402
+from bench._runner import REPO, OverCap, RunFailed, run_tree
+from examples.tiny_model import WORDS
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- long-context:start -->", "<!-- long-context:end -->"
@@ -56,9 +54,6 @@ SETTINGS = {"sp2_chunked": {"sequence_parallel": 2, "chunked_loss": True},
             "sp1_full": {"sequence_parallel": 1, "chunked_loss": False}}
 ROWS_PER_STEP = 2
 WORLD = 2
-WORDS = ("the a of to in is was for on with as by at from that this it be are or not have one two three four five "
-         "six seven eight nine ten red blue green cat dog bird fish tree river city house book water fire light "
-         "stone answer question please tell me what which who how why yes no hello world reverse sort list").split()
 
 
 ALLOCATED_LIKE = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -160,13 +155,13 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
         ds.write_text(json.dumps(plan["deepspeed"]))
         rows = trainer_rows(config, out / "rows.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                   str(REPO / "bench" / "hf_trainer.py"), "--model", str(model), "--ds_config", str(ds),
+                   "-m", "bench.hf_trainer", "--model", str(model), "--ds_config", str(ds),
                    "--data", str(rows), "--grad_accum", "1", "--micro", "1", "--steps", str(args.steps),
                    "--lr", "1e-5", "--gradient_checkpointing", "--out", str(out / "result.json")]
     else:
         command = [shardtune_bin(), "launch", str(config)]
     max_rss_file = out / "max_rss.json"
-    argv = [sys.executable, str(REPO / "bench" / "_max_rss.py"), str(max_rss_file), *command]
+    argv = [sys.executable, "-m", "bench._max_rss", str(max_rss_file), *command]
     t0 = time.time()
     result = {"name": name, "seq_len": seq_len, "estimate_gb": (plan.get("memory") or {}).get("total_gb")}
     try:
@@ -356,7 +351,7 @@ def main(argv=None) -> int:
             f"{version('deepspeed')}, transformers {version('transformers')}; {minutes:.1f} min in all. "
             f"Cap {args.cap_gb:g} GB per process; seq_len doubled from {args.start:,} up to {args.max_len:,}, "
             f"{args.steps} steps each, {ROWS_PER_STEP} rows of seq_len tokens per step.")
-    command = "python bench/long_context.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.long_context " + " ".join(argv if argv is not None else sys.argv[1:])
     section = format_section(report, command.strip(), info)
     (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
     if args.no_write:

@@ -1,8 +1,8 @@
 """Memory benchmark: the planner's per-rank estimate against the real trainer's memory, on CPU.
 
-    .venv/bin/python bench/memory.py --markdown        # 2 baselines + 7 variants × 2 allocators, ~15 min on 2 cores
-    .venv/bin/python bench/memory.py --variants 2 3 --save m.json
-    .venv/bin/python bench/memory.py --replay m.json   # recompute the estimates against saved measurements
+    .venv/bin/python -m bench.memory --markdown      # 2 baselines + 7 variants × 2 allocators, ~15 min on 2 cores
+    .venv/bin/python -m bench.memory --variants 2 3 --save m.json
+    .venv/bin/python -m bench.memory --replay m.json # recompute the estimates against saved measurements
 
 Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
 (134.5 M parameters, tied embeddings) for ZeRO 0-3 and stages 1-3 with `zero.offload_optimizer: cpu`, one
@@ -16,8 +16,8 @@ Each variant runs twice, because CPU RAM is not a GPU's caching allocator:
   estimate (default margins, the measured process runtime instead of `cuda_runtime`).
 - with glibc's defaults, freed blocks below its dynamic threshold (up to 32 MiB: activations, per-layer
   gradients) stay in the heap, and the optimizer step's large buffers are mapped on top of them. This is
-  what a CPU run really uses; `launcher.planning.memory_plan.CPU_MARGINS` (fragmentation = 100% of the transient) is
-  compared with it.
+  what a CPU run really uses; `launcher.planning.memory_plan.CPU_MARGINS` (fragmentation = 100% of the
+  transient) is compared with it.
 
 On CPU the device and the host are the same RAM, so a rank's estimate is the device estimate plus this
 rank's share of the offloaded optimizer. The runtime is measured: the same trainer on a 1-layer, 64-wide
@@ -31,21 +31,28 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launcher.planning.memory import (  # noqa: E402
+from bench._runner import (
+    PYTHON,
+    REPO,
+    SHARDTUNE,
+    RunFailed,
+    Tree,
+    proc_status,
+    reset_peak_rss,
+    run_tree,
+    wait_for_quiet,
+)
+from launcher.contract.run_dir import RunDir
+from launcher.planning.memory import (
     GB,
     Margins,
     MemoryEstimate,
@@ -54,13 +61,11 @@ from launcher.planning.memory import (  # noqa: E402
     estimate_memory,
     optimizer_temporaries,
 )
-from launcher.planning.memory_plan import CPU_MARGINS  # noqa: E402
-from launcher.planning.model_size import ModelCounts, counts_from_path  # noqa: E402
+from launcher.planning.memory_plan import CPU_MARGINS
+from launcher.planning.model_size import ModelCounts, counts_from_path
 
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DATA = REPO / "examples" / "data" / "demo_train.jsonl"
-PYTHON = Path(sys.executable)
-SHARDTUNE = PYTHON.parent / "shardtune"
 # name -> (zero.stage, zero.offload_optimizer: cpu); offload needs a ZeRO optimizer, so stage 0 has none.
 VARIANTS = {"0": (0, False), "1": (1, False), "2": (2, False), "3": (3, False),
             "1+opt": (1, True), "2+opt": (2, True), "3+opt": (3, True)}
@@ -85,53 +90,6 @@ class Measurement:
     load_before: float = 0.0
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process in bytes ({} once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in text.splitlines())
-            if k in ("VmRSS", "VmHWM")}
-
-
-def rank_pids(root: int, run_dir: Path) -> list[int]:
-    """The `python -m trainer RUN_DIR` processes under our launch (not torchrun's agent)."""
-    import psutil
-
-    try:
-        children = psutil.Process(root).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for child in children:
-        try:
-            cmd = child.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "trainer" in cmd and str(run_dir) in cmd and "torch.distributed.run" not in cmd:
-            pids.append(child.pid)
-    return pids
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and '"loss"' in line)
-
-
-def wait_for_quiet(max_load: float, timeout: float = 3600) -> float:
-    """Block until the 1-minute load average is below max_load; returns it (others share these cores)."""
-    start = time.time()
-    while (load := os.getloadavg()[0]) >= max_load:
-        if time.time() - start > timeout:
-            raise SystemExit(f"load average still {load:.2f} >= {max_load} after {timeout:.0f} s; try later")
-        print(f"  load average {load:.2f} >= {max_load}: waiting", file=sys.stderr, flush=True)
-        time.sleep(30)
-    return load
-
-
 def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq_len: int) -> dict:
     stage, offload = VARIANTS.get(name, (2, False))
     return {
@@ -147,39 +105,39 @@ def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq
 
 
 def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: int, max_load: float) -> Measurement:
-    """One `shardtune launch` in its own process group; nothing it started survives this function."""
-    run_dir = work / f"run-{name}-{mode}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    """One `shardtune launch`, watched by bench._runner: the peak is reset once step 1 is logged, read at step 3."""
+    run = RunDir(work / f"run-{name}-{mode}")
+    shutil.rmtree(run.path, ignore_errors=True)
     cfg_path = work / f"{name}-{mode}.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run_dir, steps, seq_len)))
-    result = Measurement(name, mode, load_before=wait_for_quiet(max_load))
-    log_path = work / f"{name}-{mode}.log"
-    started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg_path)], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        pids: list[int] = []
+    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run.path, steps, seq_len)))
+    load = wait_for_quiet(max_load, 3600, lambda m: print(f"  {m}", file=sys.stderr, flush=True), fail=True)
+    result = Measurement(name, mode, load_before=load)
+
+    def watch(tree: Tree) -> None:
+        if len(tree.ranks) < 2 or result.train_peak:
+            return
         try:
-            while proc.poll() is None:
-                pids = pids if len(pids) == 2 else rank_pids(proc.pid, run_dir)
-                done = logged_steps(run_dir)
-                if done >= 1 and not result.init_peak and len(pids) == 2:
-                    result.init_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
-                    for pid in pids:
-                        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
-                if done >= 3 and result.init_peak and not result.train_peak:
-                    result.train_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=120)
-    result.seconds = time.time() - started
-    if proc.returncode != 0 or not result.train_peak:
-        raise SystemExit(f"{name} ({mode}): exit code {proc.returncode}, steps 2-3 "
-                         f"{'measured' if result.train_peak else 'not measured'}\n{log_path.read_text()[-3000:]}")
-    result.ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)  # a 135M model's checkpoint and export: ~2 GB per run
+            done = len(run.train_metrics())
+        except ValueError:  # a row being written right now
+            return
+        pids = list(tree.ranks.values())
+        if done >= 1 and not result.init_peak:
+            result.init_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
+            for pid in pids:
+                reset_peak_rss(pid)  # VmHWM := current RSS
+        elif done >= 3 and result.init_peak:
+            result.train_peak = max(proc_status(pid).get("VmHWM", 0) for pid in pids)
+
+    log_path = work / f"{name}-{mode}.log"
+    try:
+        done = run_tree([str(SHARDTUNE), "launch", str(cfg_path)], log_path, REPO, poll=0.05, watch=watch)
+    except RunFailed as exc:
+        raise SystemExit(f"{name} ({mode}): {exc}") from None
+    result.seconds = done.wall
+    if not result.train_peak:
+        raise SystemExit(f"{name} ({mode}): steps 2-3 not measured\n{log_path.read_text()[-3000:]}")
+    result.ds_config = run.read_ds_config()
+    shutil.rmtree(run.path, ignore_errors=True)  # a 135M model's checkpoint and export: ~2 GB per run
     return result
 
 
@@ -191,7 +149,8 @@ def make_skeleton(work: Path) -> Path:
                 "cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])\n"
                 "for k, v in json.loads(sys.argv[3]).items(): setattr(cfg, k, v)\n"
                 "torch.manual_seed(0)\n"
-                "transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(sys.argv[2])\n")
+                "model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)\n"
+                "model.save_pretrained(sys.argv[2])\n")
         subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out), json.dumps(SKELETON)], check=True, cwd=REPO,
                        capture_output=True)
     for name in TOKENIZER_FILES:
@@ -311,7 +270,8 @@ def collect(args, work: Path) -> dict:
                "seq_len": args.seq_len, "steps": args.steps, "import_only_rss": import_only_rss(work),
                "skeleton_counts": counts_from_path(skeleton).to_dict(), "baseline": {}, "variants": {}}
     for mode in MODES:
-        results["baseline"][mode] = asdict(measure("baseline", mode, skeleton, work, args.steps, args.seq_len, args.max_load))
+        base = measure("baseline", mode, skeleton, work, args.steps, args.seq_len, args.max_load)
+        results["baseline"][mode] = asdict(base)
         print(f"baseline ({mode}): {_gb(results['baseline'][mode]['train_peak'])} GB", flush=True)
     for name in args.variants:
         results["variants"][name] = {}
@@ -326,7 +286,8 @@ def collect(args, work: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps (>= 4: steps 2-3 are measured, then the save)")
+    ap.add_argument("--steps", type=int, default=4,
+                    help="optimizer steps (>= 4: steps 2-3 are measured, then the save)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed)")

@@ -1,11 +1,13 @@
 r"""The floor: deepspeed.initialize, then forward, backward, step - nothing else.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 bench/minimal_deepspeed.py \
-        --model DIR --ds_config RUN_DIR/ds_config.json --batches DIR --out result.json
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.minimal_deepspeed \
+        --model DIR --ds_config ds.json --batches DIR --out result.json
 
 It trains on micro-batches that were built ahead of time (bench/_workloads.py writes them per rank,
-with shardtune's own collate), with the DeepSpeed config shardtune rendered, so the only difference
-to shardtune is everything shardtune does around the step. Rank 0 writes the wall time at the end of
+with shardtune's own collate), so it sees exactly shardtune's tokens. The bench runs it with two
+DeepSpeed configs: the one a person writes by hand (batch sizes, AdamW, the stage; everything else
+DeepSpeed's default), which measures shardtune's choices, and the one shardtune rendered for the run,
+which leaves only what shardtune does around the step. Rank 0 writes the wall time at the end of
 every optimizer step.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--batches", required=True, help="directory with minimal_rank{R}.pt")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (default: all batches)")
     args = parser.parse_args()
 
     import deepspeed
@@ -44,7 +47,7 @@ def main() -> None:
     steps = torch.load(os.path.join(args.batches, f"minimal_rank{rank}.pt"), weights_only=True)
 
     ends = []
-    for micros in steps:
+    for micros in steps[:args.max_steps]:
         for batch in micros:
             targets = batch.pop("targets")
             logits = engine(**batch).logits
@@ -55,7 +58,9 @@ def main() -> None:
 
     if rank == 0:
         with open(args.out, "w") as fh:
-            json.dump({"step_end_times": ends}, fh)
+            json.dump({"step_end_times": ends, "optimizer": type(engine.optimizer).__name__,
+                       "inner_optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__},
+                      fh)
     torch.distributed.destroy_process_group()
 
 

@@ -16,18 +16,19 @@ from trainer.data.render import CHATML
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
-_WORDS = ("the a an of to in is was for on with as by at from that this it be are or not have has had "
-          "one two three four five six seven eight nine ten red blue green cat dog bird fish tree river "
-          "city house book water fire light stone answer question please tell me what which who how why "
-          "yes no hello world reverse sort list word words number numbers capital country France Paris "
-          "system user assistant you are helpful json name age color item items count first last").split()
+# The vocabulary the tokenizer is trained on; bench/ writes its synthetic text from it too (~1.1 tokens a word).
+WORDS = ("the a an of to in is was for on with as by at from that this it be are or not have has had "
+         "one two three four five six seven eight nine ten red blue green cat dog bird fish tree river "
+         "city house book water fire light stone answer question please tell me what which who how why "
+         "yes no hello world reverse sort list word words number numbers capital country France Paris "
+         "system user assistant you are helpful json name age color item items count first last").split()
 
 
 def _corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n_lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
         if rng.random() < 0.3:
             words.append(str(rng.randint(0, 999)))
         lines.append(" ".join(words) + rng.choice([".", "?", "!", ":", ",", ""]))

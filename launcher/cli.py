@@ -137,8 +137,11 @@ def preflight(config: str, *overrides: str, wait: bool = True) -> None:
             raise SystemExit(code)
     result = _json.loads(run_dir.preflight_file.read_text())
     hosts = sorted({r["host"] for r in result["ranks"]})
+    peak = result.get("peak") or {}
+    flops = (f"; peak {peak['tflops'] * 1000:,.1f} GFLOP/s per device ({peak['source']})" if peak.get("tflops")
+             else "; no peak FLOPs (no MFU)")
     print(f"preflight passed: {len(result['ranks'])} ranks on {', '.join(hosts)}; "
-          f"all-reduce bus bandwidth {result['bandwidth']['busbw_gbps']:.2f} GB/s")
+          f"all-reduce bus bandwidth {result['bandwidth']['busbw_gbps']:.2f} GB/s{flops}")
 
 
 def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> None:

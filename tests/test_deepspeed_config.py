@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,8 +47,8 @@ def test_every_template_renders_without_auto(stage, opt, params):
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     if opt == "cpu":
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    if int(stage) == 3:
-        assert ds["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024
+    if int(stage) == 3:  # no config.json on disk: the bucket rule's floor, 90 MB of bf16 gradients
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 90_000_000 // 2
 
 
 def test_every_shipped_template_is_covered():
@@ -84,7 +85,8 @@ def test_user_json_contradictions_are_all_listed(tmp_path):
     with pytest.raises(ConfigError) as info:
         render_deepspeed_config(config(f"zero.config={path}"))
     text = str(info.value)
-    assert "train_batch_size is 64 but train.micro_batch_size × train.grad_accum_steps × world = 3 × 5 × 8 gives 120" in text
+    assert ("train_batch_size is 64 but train.micro_batch_size × train.grad_accum_steps × world = 3 × 5 × 8 "
+            "gives 120") in text
     assert "zero_optimization.stage is 3 but zero.stage gives 2" in text
     assert "optimizer.params.lr is 0.001 but train.lr gives 2e-05" in text
     assert "remove 'scheduler'" in text
@@ -118,6 +120,66 @@ def test_user_json_tuning_numbers_win_over_our_defaults(tmp_path):
     ds = render_deepspeed_config(config(f"zero.config={path}", "zero.stage=3"), hidden_size=1024)
     z = ds["zero_optimization"]
     assert ds["optimizer"]["params"]["torch_adam"] is True  # launch.device is cuda here: FusedAdam by default
-    assert (z["reduce_bucket_size"], z["overlap_comm"], z["stage3_prefetch_bucket_size"]) == (500_000_000, False, 50_000_000)
+    got = (z["reduce_bucket_size"], z["overlap_comm"], z["stage3_prefetch_bucket_size"])
+    assert got == (500_000_000, False, 50_000_000)
     with pytest.raises(ConfigError, match="overlap_comm is False but zero.overlap_comm gives True"):
         render_deepspeed_config(config(f"zero.config={path}", "zero.stage=3", "zero.overlap_comm=true"))
+
+
+# The bucket rule's inputs as the README states them: a collective's fixed latency of 25 µs, a bus bandwidth
+# of 400 GB/s, and latency at most 10 % of a bucket's time.
+LATENCY_S, BUS_BANDWIDTH, LATENCY_SHARE = 25e-6, 400e9, 0.10
+CONFIGS = Path(__file__).resolve().parent / "data" / "model_configs"
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "tie_word_embeddings": False}
+
+
+def llama_parameters(c: dict) -> int:
+    """A Llama's parameters counted by hand from its config.json: embeddings, per layer q, k, v, o, the
+    SwiGLU MLP and two RMSNorms, and the final norm."""
+    h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = h // heads
+    layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * c["intermediate_size"] + 2 * h
+    return c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2) + c["num_hidden_layers"] * layer + h
+
+
+def plan_with_model(tmp_path: Path, model_config: dict, precision: str, stage: int):
+    """The plan of a run whose model directory holds only config.json, as a downloaded model looks to the planner."""
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(model_config))
+    raw = {"model": {"name_or_path": str(model)}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 512},
+           "train": {"max_steps": 10, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0,
+                     "precision": precision},
+           "zero": {"stage": stage}, "launch": {"nodes": 2, "procs_per_node": 4, "device": "cuda"},
+           "output_dir": str(tmp_path / "run")}
+    return build_plan(validate_config(raw))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bucket_sizes_follow_the_rule_for_a_tiny_and_a_70b_model(tmp_path, precision, stage):
+    """Never a bucket so small that latency dominates, never one larger than the gradients it could hold,
+    and the planner's memory estimate counts what DeepSpeed allocates for them."""
+    grad_bytes = {"bf16": 2, "fp32": 4}[precision]
+    floor_bytes = (1 - LATENCY_SHARE) / LATENCY_SHARE * LATENCY_S * BUS_BANDWIDTH  # 90 MB
+    llama_70b = json.loads((CONFIGS / "llama3_70b.json").read_text())
+    assert 70.5e9 < llama_parameters(llama_70b) < 70.6e9  # Meta's published 70.6B
+    for model_config, expected in ((llama_70b, floor_bytes / grad_bytes),
+                                   (TINY_LLAMA, llama_parameters(TINY_LLAMA))):
+        plan = plan_with_model(tmp_path, model_config, precision, stage)
+        z = plan.deepspeed["zero_optimization"]
+        bucket = z["reduce_bucket_size"]
+        if expected < floor_bytes / grad_bytes:  # the tiny model: one bucket holds all its gradients
+            assert expected <= bucket < expected + 1024 and bucket % 2 == 0
+        else:  # the 70B model: at the floor, where latency is exactly 10 % of a bucket's time
+            assert bucket == pytest.approx(expected, rel=1e-12)
+            seconds = bucket * grad_bytes / BUS_BANDWIDTH
+            assert LATENCY_S / (LATENCY_S + seconds) == pytest.approx(LATENCY_SHARE)
+        if stage == 3:
+            assert z["stage3_prefetch_bucket_size"] == bucket
+        else:
+            assert z["allgather_bucket_size"] == 500_000_000  # DeepSpeed's own: no memory, >= the floor
+        # DeepSpeed allocates the reduce bucket whole: twice at stages 1-2 with overlap_comm (on on GPUs), once at 3.
+        buffers = 2 if stage == 2 and z["overlap_comm"] else 1
+        assert plan.memory["device_gb"]["reduce_buckets"] == round(buffers * bucket * grad_bytes / 1e9, 3)

@@ -16,8 +16,11 @@ def test_preflight_passes_and_measures_bandwidth(tmp_path, tiny_model):
     started = time.time()
     out = shardtune("preflight", str(tiny_config(tmp_path, tiny_model))).stdout
     assert "preflight passed: 2 ranks" in out and "all-reduce bus bandwidth" in out
-    result = json.loads((tmp_path / "run" / "preflight" / "preflight.json").read_text())
+    result = json.loads(RunDir(tmp_path / "run" / "preflight").preflight_file.read_text())
     assert result["bandwidth"]["busbw_gbps"] > 0 and {r["rank"] for r in result["ranks"]} == {0, 1}
+    # A CPU has no data-sheet peak: every rank measured one, and preflight says so.
+    assert result["peak"]["source"] == "probe" and len(result["peak"]["per_rank"]) == 2
+    assert f"peak {result['peak']['tflops'] * 1000:,.1f} GFLOP/s per device (probe)" in out
     assert not RunDir(tmp_path / "run").metrics_file.exists(), "preflight must not train"
     assert time.time() - started < 120
 

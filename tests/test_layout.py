@@ -104,13 +104,18 @@ def _joined_names(path: Path, names: set[str]) -> list[int]:
             and isinstance(node.right, ast.Constant) and node.right.value in names]
 
 
+def bench_modules() -> list[tuple[str, Path]]:
+    """The benchmarks read run directories too, through the same reader (launcher.contract.run_dir.RunDir)."""
+    return [(".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in sorted((REPO / "bench").glob("*.py"))]
+
+
 def test_no_run_directory_file_name_is_spelled_out_outside_the_contract():
     """A name spelled out in a second place is a second owner: the two drift apart."""
     names = _names()
     pattern = re.compile("|".join(rf"(?<![\w.-]){re.escape(n)}(?![\w.])" if "." in n else
                                   rf"(?<![\w.-]){re.escape(n)}/|/{re.escape(n)}(?![\w.])" for n in names))
     found = []
-    for name, path in modules():
+    for name, path in modules() + bench_modules():
         if name == "launcher.contract.run_dir":
             continue
         found += [f"{path.relative_to(REPO)}:{line}: / a run-directory name" for line in _joined_names(path, names)]

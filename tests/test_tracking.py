@@ -36,7 +36,7 @@ def test_one_wandb_run_whose_history_equals_metrics_and_no_key_on_disk(tmp_path,
     assert len(runs) == 1, runs
     run_id = RunDir(run).read_wandb_id()
     assert runs[0].name.endswith(run_id)
-    metrics = read_metrics(run)
+    metrics = RunDir(run).train_metrics()  # the last save's measurements follow on a row of their own
     assert [r["step"] for r in metrics] == list(range(1, 11))
     assert_history_matches(wandb_history(run, run_id), metrics)
     leaked = [p for p in run.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
@@ -53,14 +53,14 @@ def test_crash_and_relaunch_continue_the_same_wandb_run(tmp_path, tiny_model):
     assert RunDir(run).read_wandb_id() == run_id, "the relaunch started a new wandb run"
     runs = find_runs(run / "wandb")
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs  # one run, one directory per attempt
-    resumed = [r for r in read_metrics(run) if r["step"] > 4]
+    resumed = [r for r in RunDir(run).train_metrics() if r["step"] > 4]
     assert [r["step"] for r in resumed] == list(range(5, 11))
     assert_history_matches(wandb_history(run, run_id), resumed)
 
 
 def test_throughput_times_step_time_is_the_step_tokens(tmp_path, tiny_model):
     shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 6})))
-    rows = read_metrics(tmp_path / "run")
+    rows = RunDir(tmp_path / "run").train_metrics()  # not the last save's measurements, logged on a row of their own
     previous = 0
     for r in rows:
         step_tokens = r["trained_tokens"] - previous
@@ -69,7 +69,7 @@ def test_throughput_times_step_time_is_the_step_tokens(tmp_path, tiny_model):
         assert r["tokens_per_sec_per_device"] == pytest.approx(r["tokens_per_sec"] / 2)
         assert r["total_tokens_per_sec"] >= r["tokens_per_sec"] > 0 and r["samples_per_sec"] > 0
         assert r["rank_time_min"] <= r["rank_time_max"] and r["slowest_rank"] in (0, 1)
-        assert "mfu" not in r, "no MFU on CPU without a configured peak"
+        assert 0 < r["mfu"] < 1 and r["hfu"] == r["mfu"]  # on CPU the peak is probed; no recomputation here
     assert rows[0]["data/rows_read"] == 400 and rows[0]["data/packing_efficiency"] > 0.9
 
 
@@ -91,6 +91,45 @@ def test_flops_formula_matches_a_hand_computation():
     with torch.device("meta"):
         tied = LlamaForCausalLM(config)
     assert model_flops_of(tied, config).matmul_params == flops.matmul_params, "a tied LM head still computes"
+
+
+def hand_model_flops(config: dict, tokens: int, square_lengths: int) -> float:
+    """A Llama's training FLOPs from its config.json, written out apart from trainer/flops.py: 2 FLOPs forward and
+    4 backward per weight a token meets (all parameters but the input embedding, a lookup), plus causal
+    attention's QK^T and AV, 6 · heads · head_dim · n² per layer for a sample of n tokens (half of 12 · w · n²)."""
+    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    d, layers = h // heads, config["num_hidden_layers"]
+    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * config["intermediate_size"] + 2 * h
+    weights = layers * per_layer + h + config["vocab_size"] * h  # layers, final norm, LM head
+    return 6 * weights * tokens + 6 * layers * heads * d * square_lengths
+
+
+def test_cpu_mfu_is_probed_reported_and_equals_flops_counted_by_hand(tmp_path, tiny_model):
+    """No data sheet has a CPU's peak: every rank probes it in preflight (logged, in preflight.json and the first
+    metrics row), and each row's mfu is hand-counted FLOPs / its step time / world / that peak."""
+    import json
+
+    seq_len, words = 64, "the cat sat on a mat by the river and the dog ran to the red house".split()
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(120))}) + "\n"
+                            for i in range(64)))
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 4, "log_every": 1},
+                      data={"path": str(rows), "format": "text", "seq_len": seq_len, "truncation": "truncate"})
+    proc = shardtune("launch", str(cfg))
+    run = RunDir(tmp_path / "run")
+    peak = json.loads(run.preflight_file.read_text())["peak"]
+    assert peak["source"] == "probe" and len(peak["per_rank"]) == 2 and all(p > 0 for p in peak["per_rank"])
+    assert min(peak["per_rank"]) <= peak["tflops"] <= max(peak["per_rank"])
+    assert "matmul probe" in proc.stderr and "GFLOP/s per device" in proc.stderr
+    metrics = run.train_metrics()
+    assert metrics[0]["peak_tflops"] == peak["tflops"] and metrics[0]["peak_tflops_source"] == "probe"
+    model_config = json.loads((tiny_model / "config.json").read_text())
+    global_batch = 2 * 2 * 2  # micro 2 × accumulation 2 × 2 ranks; every sequence one sample of seq_len tokens
+    for r in metrics:
+        assert r["trained_tokens"] - (r["step"] - 1) * global_batch * (seq_len - 1) == global_batch * (seq_len - 1)
+        flops = hand_model_flops(model_config, global_batch * seq_len, global_batch * seq_len ** 2)
+        assert r["mfu"] == pytest.approx(flops / r["step_time"] / 2 / 1e12 / peak["tflops"], rel=1e-9)
+        assert 0 < r["mfu"] < 1
 
 
 def test_peak_table_and_override():
@@ -135,4 +174,4 @@ def test_wandb_failure_never_stops_training(tmp_path, tiny_model):
     proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path)})
     assert proc.stderr.count("wandb: online init failed") == 1
     assert len(find_runs(tmp_path / "run" / "wandb")) == 1
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [r["step"] for r in RunDir(tmp_path / "run").train_metrics()] == [1, 2, 3]

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from launcher.planning.meta_size import expert_blocks
 
 # Dense (no sparsity) peak TFLOPs per device from the vendors' data sheets, by the exact names
@@ -51,8 +53,18 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's marketing name (for the peak-FLOPs table), e.g. 'NVIDIA H100 80GB HBM3'."""
+    backend = getattr(torch, device.type, None)
+    try:
+        return backend.get_device_name(device) if hasattr(backend, "get_device_name") else device.type
+    except Exception:  # noqa: BLE001 - only used to look up a peak; unknown means the peak is probed
+        return device.type
+
+
 def peak_tflops(device_name: str, precision: str, configured: Optional[float]) -> Optional[float]:
-    """The configured peak, else the table's for this exact device name and dtype; None when unknown (no MFU)."""
+    """The configured peak, else the table's for this exact device name and dtype; None when unknown (then
+    trainer/peak_probe.py measures it)."""
     if configured:
         return configured
     return PEAK_TFLOPS.get(device_name.strip(), {}).get(precision)

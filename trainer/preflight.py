@@ -4,7 +4,8 @@ job in seconds instead of hanging a reservation.
 Each rank reports where it runs and what it has; the reports are gathered and compared on every
 rank: world size, library versions, a writable run directory, and an all-reduce that must give the
 expected value. A rank's own failure is caught and reported rather than raised, so one bad rank
-cannot leave the others waiting in the gather. The bandwidth of a larger all-reduce is measured.
+cannot leave the others waiting in the gather. The bandwidth of a larger all-reduce is measured, and
+the device's peak FLOPs are looked up or, where no data sheet has them (CPUs), probed on every rank.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
+from trainer.peak_probe import Peak, device_peak
 
 PACKAGES = ("torch", "deepspeed", "transformers")
 BANDWIDTH_BYTES = 16 << 20
@@ -80,7 +82,8 @@ def compare(reports: list[dict], expected_world: int) -> list[str]:
         where = f"rank {r['rank']} on {r['host']}"
         for pkg in PACKAGES:
             if r["versions"][pkg] != reference[pkg]:
-                problems.append(f"{where} has {pkg} {r['versions'][pkg]}, rank 0 on {reports[0]['host']} has {reference[pkg]}")
+                problems.append(f"{where} has {pkg} {r['versions'][pkg]}, rank 0 on {reports[0]['host']} has "
+                                f"{reference[pkg]}")
         if r["write_error"]:
             problems.append(f"{where} cannot write to the run directory: {r['write_error']}")
         problems += [f"{where} cannot load a compiled op the run needs: {e}" for e in r.get("op_errors", [])]
@@ -112,8 +115,22 @@ def bandwidth(d: Dist, nbytes: int = BANDWIDTH_BYTES, iterations: int = 3) -> di
     return {"bytes": nbytes, "seconds": seconds, "busbw_gbps": algbw * 2 * (d.world - 1) / d.world / 1e9}
 
 
-def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None) -> dict:
-    """All checks; raises PreflightError on every rank when any rank has a problem."""
+def format_flops(tflops: float) -> str:
+    return f"{tflops:,.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1000:,.1f} GFLOP/s"
+
+
+def describe_peak(peak: Peak) -> str:
+    if peak.tflops is None:
+        return "no peak FLOPs"
+    where = {"config": "launch.peak_tflops", "table": "data sheet",
+             "probe": "matmul probe, median of " + ", ".join(format_flops(p) for p in peak.per_rank)}[peak.source]
+    return f"peak {format_flops(peak.tflops)} per device ({where})"
+
+
+def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None,
+                  precision: str = "fp32", configured_peak: Optional[float] = None) -> dict:
+    """All checks; raises PreflightError on every rank when any rank has a problem. The result's "peak" is
+    the device peak MFU is computed against (trainer/peak_probe.py)."""
     started = time.perf_counter()
     reports = all_gather_objects(report(run_dir, d, ds_config))
     problems = compare(reports, expected_world)
@@ -123,9 +140,10 @@ def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config:
     if problems:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
     bw = bandwidth(d)
+    peak = device_peak(d, precision, configured_peak)
     hosts = sorted({r["host"] for r in reports})
     log(f"preflight ok in {time.perf_counter() - started:.1f} s: {len(reports)} ranks on {len(hosts)} host(s) "
         f"({', '.join(hosts[:8])}{' ...' if len(hosts) > 8 else ''}); torch {reports[0]['versions']['torch']}, "
         f"deepspeed {reports[0]['versions']['deepspeed']}, transformers {reports[0]['versions']['transformers']}; "
-        f"all-reduce bus bandwidth {bw['busbw_gbps']:.2f} GB/s ({bw['bytes'] >> 20} MiB)")
-    return {"ranks": reports, "bandwidth": bw}
+        f"all-reduce bus bandwidth {bw['busbw_gbps']:.2f} GB/s ({bw['bytes'] >> 20} MiB); {describe_peak(peak)}")
+    return {"ranks": reports, "bandwidth": bw, "peak": peak.to_json()}

@@ -28,7 +28,7 @@ from trainer.data.show import format_data_summary, summary_metrics
 from trainer.distributed import Dist, barrier, broadcast_object, init_distributed
 from trainer.export import export_engine
 from trainer.faults import FaultHooks
-from trainer.flops import model_flops_of, peak_tflops
+from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
 from trainer.metrics import Window
@@ -51,15 +51,6 @@ def setup_logging(is_main: bool) -> None:
 
     hf_logging.set_verbosity(level)
     hf_logging.disable_progress_bar()
-
-
-def device_name(device: torch.device) -> str:
-    """The accelerator's marketing name (for the peak-FLOPs table), e.g. 'NVIDIA H100 80GB HBM3'."""
-    backend = getattr(torch, device.type, None)
-    try:
-        return backend.get_device_name(device) if hasattr(backend, "get_device_name") else device.type
-    except Exception:  # noqa: BLE001 - only used to look up a peak; unknown means no MFU
-        return device.type
 
 
 def _rank_env() -> int:
@@ -96,6 +87,8 @@ class Session:
         self.stopped = False
         self.finished = False
         """The run ended normally (completed or stopped on request): its directory is free again."""
+        self.peak: dict = {"tflops": None, "source": "none"}
+        """The device peak MFU is computed against, from preflight (configured, data sheet or probed)."""
 
     @classmethod
     def from_run_dir(cls, path: Path, preflight_only: bool = False) -> Session:
@@ -114,8 +107,10 @@ class Session:
         """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
         launch = self.cfg.launch
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
-        result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config)
+        result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
+                               self.cfg.train.precision, launch.peak_tflops)
         self.tracker.preflight_result(result)
+        self.peak = result["peak"]
         self.own_run_dir()
         return result
 
@@ -176,8 +171,9 @@ class Session:
         if self.sp.size > 1:
             self.separation = "none"  # the attention finds the samples in the position ids (sequence_parallel.py)
         self.pad_id = pad_id_of(self.tokenizer)
-        peak = peak_tflops(device_name(self.dist.device), t.precision, cfg.launch.peak_tflops)
-        window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), peak,
+        # The first metrics row says what MFU is measured against.
+        self.tracker.log_with_next({"peak_tflops": self.peak["tflops"], "peak_tflops_source": self.peak["source"]})
+        window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), self.peak["tflops"],
                         recompute=t.recomputes)
         self.loop = Loop(
             engine=self.engine, data=self.data.train, dist=self.dist, micro_batch_size=t.micro_batch_size,

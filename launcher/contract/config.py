@@ -262,7 +262,8 @@ class LaunchConfig(Section):
     storage_gbps: float = Field(1.0, gt=0)
     """Aggregate write bandwidth of the run's storage in GB/s, for the checkpoint write time in the plan (measured values are logged after each save)."""
     peak_tflops: Optional[float] = Field(None, gt=0)
-    """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs (none on CPU: no MFU)."""
+    """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs,
+    else measured at start-up by a matmul probe on every rank (CPUs, unlisted GPUs)."""
 
     @property
     def world_size(self) -> int:

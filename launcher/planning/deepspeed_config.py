@@ -14,10 +14,24 @@ from typing import Any, Optional
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import ConfigError
 from launcher.contract.resources import data_dir
+from launcher.planning.devices import precision_for
 
-# DeepSpeed's own defaults, used when the model's hidden size is unknown (a hub id not on disk).
+# DeepSpeed's own bucket default (reduce_bucket_size, allgather_bucket_size), in elements.
 DEFAULT_BUCKET = 500_000_000
 NO_CLIP = 1e30
+
+# The bucket rule. One collective costs a fixed latency α plus bytes / B. A bucket spends at most
+# LATENCY_SHARE of its time on α when its bytes take at least (1 - share) / share × α to move, i.e. it holds
+# at least 9 × α × B bytes. The α × B product is largest within a GPU node: NCCL's ring/tree start-up of
+# ~25 µs against NVLink's ~400 GB/s bus bandwidth (H100; A100 ~240 GB/s) is 10 MB; across nodes
+# (~50 µs, ~50 GB/s per GPU on 400 Gb/s InfiniBand) it is 2.5 MB, and gloo on CPU (~0.5 ms per DeepSpeed
+# bucket, ~2 GB/s) 1 MB. The floor, 9 × 10 MB = 90 MB, keeps every one of them under 10 % latency.
+COLLECTIVE_LATENCY_S = 25e-6
+BUS_BANDWIDTH_BYTES_PER_S = 400e9
+LATENCY_SHARE = 0.10
+BUCKET_FLOOR_BYTES = round(COLLECTIVE_LATENCY_S * BUS_BANDWIDTH_BYTES_PER_S * (1 - LATENCY_SHARE) / LATENCY_SHARE)
+GRADIENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+BUCKET_ALIGNMENT = 1024  # elements; DeepSpeed needs an even count (NCCL's 4-byte alignment of 16-bit shards)
 
 
 def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:
@@ -43,22 +57,47 @@ def load_template(cfg: RunConfig) -> tuple[dict, str]:
     return json.loads((data_dir("ds_configs") / name).read_text()), f"ds_configs/{name}"
 
 
-def zero_defaults(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, Any]:
-    """Our values for ZeRO's tuning knobs, by zero_optimization key; the memory planner sizes buffers by them."""
-    bucket = hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+def bucket_elements(precision: str, params: Optional[int]) -> int:
+    """Elements of one reduce bucket (and ZeRO-3 prefetch bucket): the latency floor, capped by the model.
+
+    The floor (BUCKET_FLOOR_BYTES of gradients in the training precision) keeps a collective's fixed
+    latency under 10 % of its time on any interconnect we know; a larger bucket would buy at most that 10 %
+    while costing memory (DeepSpeed allocates every reduce bucket whole, twice with overlap_comm) and
+    leaving a longer reduction after the last layer's backward that nothing overlaps. A bucket larger
+    than the model's parameter count would never fill, so the count caps it (rounded up to
+    BUCKET_ALIGNMENT): a small model reduces all its gradients in one collective, as with DeepSpeed's 5e8.
+    """
+    floor = BUCKET_FLOOR_BYTES // GRADIENT_BYTES[precision]
+    if params is None:
+        return floor
+    return min(floor, -(-params // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT)
+
+
+def zero_defaults(cfg: RunConfig, hidden_size: Optional[int], params: Optional[int] = None) -> dict[str, Any]:
+    """Our values for ZeRO's tuning knobs, by zero_optimization key; the memory planner sizes buffers by them.
+
+    Reduce and prefetch buckets follow `bucket_elements`. The all-gather bucket stays DeepSpeed's 5e8: it
+    is at or above the floor and costs no memory (DeepSpeed gathers into views of its flat parameter
+    buffer; with all_gather_into_tensor, which NCCL and gloo have, it gathers each partition whole and
+    does not read the number at all).
+    """
+    bucket = bucket_elements(precision_for(cfg.launch.device, cfg.train.precision), params)
     overlap = cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else cfg.launch.device == "cuda"
     return {"overlap_comm": overlap, "reduce_bucket_size": bucket, "allgather_bucket_size": DEFAULT_BUCKET,
-            "stage3_prefetch_bucket_size": int(0.9 * bucket), "stage3_param_persistence_threshold": 10 * (hidden_size or 1000)}
+            "stage3_prefetch_bucket_size": bucket,
+            "stage3_param_persistence_threshold": 10 * (hidden_size or 1000)}
 
 
-def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tuple[Any, str]]:
+def derived_values(cfg: RunConfig, hidden_size: Optional[int],
+                   params: Optional[int] = None) -> dict[str, tuple[Any, str]]:
     """Every DeepSpeed key shardtune decides, as dotted path -> (value, the run-config field behind it)."""
     t, z, device = cfg.train, cfg.zero, cfg.launch.device
     on_gpu = device == "cuda"
     world, sp = cfg.launch.world_size, t.sequence_parallel
     replicas = world // sp  # the ranks of a sequence-parallel group train the same rows
     replicas_name = "world" if sp == 1 else "data-parallel (world / train.sequence_parallel)"
-    zd = zero_defaults(cfg, hidden_size)
+    zd = zero_defaults(cfg, hidden_size, params)
+    bucket_rule = "the bucket rule: 90 MB of gradients (9 × 25 µs × 400 GB/s), at most the model's parameters"
     values: dict[str, tuple[Any, str]] = {
         "train_batch_size": (t.micro_batch_size * t.grad_accum_steps * replicas,
                              f"train.micro_batch_size × train.grad_accum_steps × {replicas_name} = "
@@ -80,9 +119,9 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int]) -> dict[str, tupl
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
         "zero_optimization.stage": (z.stage, "zero.stage"),
         "zero_optimization.overlap_comm": (zd["overlap_comm"], "zero.overlap_comm"),
-        "zero_optimization.reduce_bucket_size": (zd["reduce_bucket_size"], "model hidden size²"),
+        "zero_optimization.reduce_bucket_size": (zd["reduce_bucket_size"], bucket_rule),
         "zero_optimization.allgather_bucket_size": (zd["allgather_bucket_size"], "DeepSpeed default"),
-        "zero_optimization.stage3_prefetch_bucket_size": (zd["stage3_prefetch_bucket_size"], "0.9 × model hidden size²"),
+        "zero_optimization.stage3_prefetch_bucket_size": (zd["stage3_prefetch_bucket_size"], bucket_rule),
         "zero_optimization.stage3_param_persistence_threshold": (zd["stage3_param_persistence_threshold"],
                                                                  "10 × model hidden size"),
         "zero_optimization.offload_optimizer.pin_memory": (on_gpu, "launch.device"),
@@ -173,21 +212,25 @@ def sequence_parallel_reduction_problems(ds: dict, cfg: RunConfig, source: str) 
     return problems
 
 
-def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None) -> dict:
-    """The final DeepSpeed dict for a resolved run config (no "auto" left), or every contradiction at once."""
+def render_deepspeed_config(cfg: RunConfig, hidden_size: Optional[int] = None, params: Optional[int] = None) -> dict:
+    """The final DeepSpeed dict for a resolved run config (no "auto" left), or every contradiction at once.
+
+    hidden_size and params (the parameter count) come from the model's config.json when it is on disk.
+    """
     template, source = load_template(cfg)
     ds = copy.deepcopy(template)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     offloading = _get(ds, "zero_optimization.offload_optimizer.device")[1] not in (None, "none")
     problems = []
-    for dotted, (value, origin) in derived_values(cfg, hidden_size).items():
+    for dotted, (value, origin) in derived_values(cfg, hidden_size, params).items():
         present, current = _get(ds, dotted)
         if not present:
             if dotted.startswith(_FILL_ONLY_IF_PRESENT):
                 continue
             if dotted == "zero_force_ds_cpu_optimizer" and not offloading:
                 continue
-            if dotted.startswith("optimizer.params.") and ds["optimizer"].get("type", "").lower() not in ("adam", "adamw"):
+            adam = ds["optimizer"].get("type", "").lower() in ("adam", "adamw")
+            if dotted.startswith("optimizer.params.") and not adam:
                 continue
             _set(ds, dotted, value)
         elif current == "auto":

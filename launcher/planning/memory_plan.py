@@ -70,10 +70,10 @@ def precision_of(cfg: RunConfig) -> str:
     return precision_for(cfg.launch.device, cfg.train.precision)
 
 
-def zero_settings(cfg: RunConfig, hidden_size: Optional[int]) -> ZeroSettings:
+def zero_settings(cfg: RunConfig, hidden_size: Optional[int], params: Optional[int] = None) -> ZeroSettings:
     """The bucket settings render_deepspeed_config will write, known before the stage is: our defaults,
     or the numbers in the user's `zero.config` where it has them."""
-    ours = zero_defaults(cfg, hidden_size)
+    ours = zero_defaults(cfg, hidden_size, params)
     zero = dict(ours)
     if cfg.zero.config:
         try:
@@ -167,7 +167,8 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 activation_checkpointing=None if t.activation_checkpointing == "auto" else t.recomputes,
                 offload_optimizer=offload_optimizer, offload_params=offload_params,
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-                zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg),
+                zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
+                optimizer=optimizer_for(cfg),
                 long_context=long_context_of(cfg, counts, n))
         except DoesNotFit as exc:
             failures.append((n, exc))
@@ -287,7 +288,8 @@ def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Opti
 
 def est_zero(cfg: RunConfig, counts: ModelCounts, ds_config: Optional[dict]) -> ZeroSettings:
     """The bucket settings the estimate uses: the rendered DeepSpeed config's, else what it will render."""
-    return ZeroSettings.from_deepspeed(ds_config) if ds_config else zero_settings(cfg, counts.hidden_size)
+    return (ZeroSettings.from_deepspeed(ds_config) if ds_config
+            else zero_settings(cfg, counts.hidden_size, counts.total))
 
 
 def format_memory(summary: Optional[dict]) -> str:
@@ -374,7 +376,8 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             counts, cfg.launch.world_size, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-            zero=zero_settings(cfg, counts.hidden_size), margins=margins_for(cfg), optimizer=optimizer_for(cfg),
+            zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
+            optimizer=optimizer_for(cfg),
             long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]

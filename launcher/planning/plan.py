@@ -110,6 +110,16 @@ def resolve_long_context(cfg: RunConfig, model_config: Optional[dict], notes: li
         raise ConfigError(problems)
 
 
+def parameter_count(model_cfg: Optional[dict]) -> Optional[int]:
+    """The model's parameter count from its config.json (it caps the bucket sizes); None when it cannot be sized."""
+    if model_cfg is None:
+        return None
+    try:
+        return counts_from_config(model_cfg).total
+    except ConfigError:
+        return None
+
+
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     cfg, notes = resolve(cfg, host)
@@ -118,7 +128,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     global_batch = t.micro_batch_size * t.grad_accum_steps * (world // sp)
     model_cfg = read_model_config(cfg.model.name_or_path)
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
-    ds = render_deepspeed_config(cfg, hidden)
+    ds = render_deepspeed_config(cfg, hidden, parameter_count(model_cfg))
     check_fit(cfg, model_cfg, ds)
     notes += moe_plan_notes(cfg, model_cfg)
     if cfg.launch.backend == "slurm":
