@@ -45,6 +45,7 @@ import yaml
 
 from bench._runner import REPO, OverCap, RunFailed, run_tree
 from examples.tiny_model import WORDS
+from launcher.contract.run_dir import RunDir
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- long-context:start -->", "<!-- long-context:end -->"
@@ -151,7 +152,7 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
     out.mkdir(parents=True)
     plan = plan_json(config)
     if name == "trainer":
-        ds = out / "ds_config.json"
+        ds = out / "trainer_deepspeed.json"
         ds.write_text(json.dumps(plan["deepspeed"]))
         rows = trainer_rows(config, out / "rows.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
@@ -188,8 +189,7 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
 def step_end_times(name: str, out: Path) -> list[float]:
     if name == "trainer":
         return json.loads((out / "result.json.rank0").read_text())["step_end_times"]
-    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["time"] for r in sorted((r for r in rows if "tokens_per_sec" in r), key=lambda r: r["step"])]
+    return [r["time"] for r in sorted(RunDir(out / "run").train_metrics(), key=lambda r: r["step"])]
 
 
 def search(work: Path, model: Path, data: Path, name: str, args, log) -> list[dict]:

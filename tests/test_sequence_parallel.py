@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_e2e_train import final_logits_match_checkpoint
 
 from launcher.contract.config import validate_config
 from launcher.contract.errors import ConfigError
@@ -27,6 +26,7 @@ from launcher.contract.run_dir import RunDir
 from launcher.planning.plan import build_plan, format_plan
 
 from conftest import REPO, losses, read_metrics, shardtune, tiny_config
+from test_e2e_train import final_logits_match_checkpoint
 
 STEPS = 6
 # Global batch 4: SP=1 on 2 ranks is 2 replicas × micro 2 × accumulation 1; SP=2 is 1 replica × 2 × 2.

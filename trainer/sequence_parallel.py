@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.model_size import counts_from_config
-from launcher.planning.sequence_parallel import split_problems, sliding_window_problem
+from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
 from trainer.data.collate import IGNORE, Batch
 from trainer.distributed import Dist
 

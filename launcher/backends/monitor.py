@@ -21,7 +21,6 @@ import psutil
 
 from launcher.contract.run_dir import RunDir
 
-
 EXIT_GRACE_S = 60.0
 """How long an ended rank may take to close its tracker (a wandb upload) and process group before it counts as hung."""
 

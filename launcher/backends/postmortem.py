@@ -15,7 +15,6 @@ from typing import Optional
 
 from launcher.contract.run_dir import RunDir
 
-
 PEER_FAILURE = re.compile(r"connection (reset|closed|refused)|broken pipe|nccl|gloo|processgroup|timed? ?out|"
                           r"collective|peer", re.IGNORECASE)
 
