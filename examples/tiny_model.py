@@ -53,7 +53,8 @@ def make_tokenizer(vocab_size: int = 512):
 
 
 def make_tiny_llama(out_dir: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                    intermediate: int = 128, vocab_size: int = 512, tie_embeddings: bool = False, seed: int = 0) -> Path:
+                    intermediate: int = 128, vocab_size: int = 512, tie_embeddings: bool = False,
+                    seed: int = 0) -> Path:
     """Save a random LlamaForCausalLM and its tokenizer to out_dir (a normal Hugging Face directory)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

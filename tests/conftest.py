@@ -52,7 +52,8 @@ def tiny_config(tmp_path: Path, model: Path, **sections) -> Path:
     return path
 
 
-def shardtune(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def shardtune(*args: str, timeout: float = 600, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
     """Run the real `shardtune` console script in a subprocess."""
     proc = subprocess.run([str(Path(sys.executable).parent / "shardtune"), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)

@@ -27,7 +27,8 @@ def test_plan_overrides_change_the_plan():
 
 
 def test_plan_does_not_import_torch():
-    code = (f"import sys; from launcher.cli import main; rc = main(['plan', {str(EXAMPLES / 'tiny.yaml')!r}, '--json']);"
+    code = (f"import sys; from launcher.cli import main; "
+            f"rc = main(['plan', {str(EXAMPLES / 'tiny.yaml')!r}, '--json']);"
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'trainer') if m in sys.modules];"
             "print('HEAVY', heavy); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -118,7 +118,8 @@ def test_local_paths_become_absolute_and_hub_ids_stay(tmp_path, monkeypatch):
     assert cfg.model.name_or_path == str(tmp_path / "model")
     assert cfg.data.path == str(tmp_path / "data" / "*.jsonl")
     assert cfg.output_dir == str(tmp_path / "out")
-    assert load_config(path, ["model.name_or_path=HuggingFaceTB/SmolLM2-135M"]).model.name_or_path == "HuggingFaceTB/SmolLM2-135M"
+    name = "HuggingFaceTB/SmolLM2-135M"
+    assert load_config(path, [f"model.name_or_path={name}"]).model.name_or_path == name
 
 
 def test_every_field_is_documented():
@@ -129,7 +130,8 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_loads_validates_and_says_how_to_run_it(example):
     first = example.read_text().splitlines()[0]
-    assert first.startswith("# Run:") and "shardtune" in first, f"{example.name} must open with the command that runs it"
+    assert first.startswith("# Run:") and "shardtune" in first, \
+        f"{example.name} must open with the command that runs it"
     from launcher.planning.plan import build_plan
 
     plan = build_plan(load_config(example))

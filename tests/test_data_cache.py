@@ -215,5 +215,6 @@ def test_a_failed_build_fails_the_waiters_too(tmp_path):
     release.set()
     thread.join(10)
     other.join(10)
-    assert waiter_waits and "template exploded" in str(errors["builder"]) and "template exploded" in str(errors["waiter"])
+    assert waiter_waits
+    assert "template exploded" in str(errors["builder"]) and "template exploded" in str(errors["waiter"])
     assert not (root / "k").exists() and not (root / "k.lock").exists()

@@ -75,7 +75,8 @@ def labelled_runs(ids: np.ndarray, labels: np.ndarray, tok) -> list[str]:
         if t < len(ids) and on[t] and start is None:
             start = t
         elif (t == len(ids) or not on[t]) and start is not None:
-            runs.append(tok.decode(ids[start:t].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            runs.append(tok.decode(ids[start:t].tolist(), skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False))
             start = None
     return runs
 
@@ -92,11 +93,13 @@ def by_rendering(rows, tok, template):
     return {tok.apply_chat_template(r["messages"], tokenize=False, chat_template=template): r["messages"] for r in rows}
 
 
-@pytest.mark.parametrize("template", [None, LLAMA3_STYLE, MISTRAL_STYLE], ids=["chatml", "llama3-style", "mistral-style"])
+@pytest.mark.parametrize("template", [None, LLAMA3_STYLE, MISTRAL_STYLE],
+                         ids=["chatml", "llama3-style", "mistral-style"])
 @pytest.mark.parametrize("train_on", ["assistant", "last_assistant"])
 def test_labels_are_exactly_assistant_content_and_end_of_turn(tmp_path, tiny_model, tokenizer, template, train_on):
     rows = chat_rows(40)
-    data = {"path": write_jsonl(tmp_path / "chat.jsonl", rows), "format": "messages", "seq_len": 512, "train_on": train_on}
+    data = {"path": write_jsonl(tmp_path / "chat.jsonl", rows), "format": "messages", "seq_len": 512,
+            "train_on": train_on}
     if template:
         data["chat_template"] = template
     prepared = prepare(load_config(tiny_config(tmp_path, tiny_model, data=data)), log=lambda _: None)
@@ -230,8 +233,10 @@ def test_direct_rendering_matches_apply_chat_template(tokenizer):
 def test_template_that_drops_earlier_answers_trains_per_turn_or_refuses_whole(tmp_path, tiny_model, tokenizer):
     # Drops earlier assistant turns' content, as some reasoning templates drop earlier reasoning: one rendering
     # cannot hold the earlier answers, but each answer as the last turn can be trained exactly (per_turn).
-    unstable = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n' }}"
-                "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    unstable = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+                "{{ '<|im_start|>assistant\n' }}"
+                "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     rows = chat_rows(3)  # 1, 2 and 3 assistant turns
     data = {"path": write_jsonl(tmp_path / "c.jsonl", rows), "format": "messages", "seq_len": 256,

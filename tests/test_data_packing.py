@@ -123,7 +123,8 @@ def test_best_fit_decreasing_fills_bins_and_keeps_every_sample():
 
 def test_build_packed_counts_targets_of_the_shifted_loss(tmp_path):
     ids = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32), np.array([6, 7, 8, 9], np.int32)]
-    labels = [np.array([1, 2, 3], np.int32), np.array([IGNORE, 5], np.int32), np.array([6, IGNORE, IGNORE, 9], np.int32)]
+    labels = [np.array([1, 2, 3], np.int32), np.array([IGNORE, 5], np.int32),
+              np.array([6, IGNORE, IGNORE, 9], np.int32)]
     packed = build_packed(ids, labels, [[2, 1], [0]])
     assert np.array_equal(packed.tokens, [6, 7, 8, 9, 4, 5, 1, 2, 3])
     assert packed.seq_starts.tolist() == [0, 6, 9] and packed.sample_lens.tolist() == [4, 2, 3]

@@ -24,7 +24,8 @@ def run(*argv: str) -> None:
 
 def test_json_summary_and_overrides_after_the_flag(tmp_path, tiny_model, capsys):
     cfg = tiny_config(tmp_path, tiny_model)
-    run(str(cfg), "--json", "data.seq_len=256", "data.eval_fraction=0.1")  # fire would take the next word as --json's value
+    # fire would take the next word as --json's value
+    run(str(cfg), "--json", "data.seq_len=256", "data.eval_fraction=0.1")
     out = capsys.readouterr().out
     s = json.loads(out)
     assert REQUIRED <= s.keys() and s["seq_len"] == 256 and not s["cache_hit"]

@@ -109,7 +109,8 @@ def test_bad_rows_are_located_in_json_csv_and_parquet(tmp_path, tiny_model):
 
 
 def test_broken_json_array_reports_where_parsing_stopped(tmp_path, tiny_model):
-    (tmp_path / "b.json").write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n')
+    (tmp_path / "b.json").write_text('[\n  {"instruction": "a", "output": "b"},\n'
+                                     '  {"instruction": "c" "output": "d"}\n]\n')
     with pytest.raises(DataError, match=r"b\.json:3: invalid_json"):
         prep(tmp_path, tiny_model, str(tmp_path / "b.json"))
 

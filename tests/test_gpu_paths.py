@@ -135,7 +135,8 @@ def test_fused_adam_that_cannot_be_built_falls_back_to_torch_fused_adamw_simulat
     assert params["torch_adam"] is True and params["fused"] is True
     assert any("train.optimizer=auto -> torch" in n and "no nvcc" in n for n in plan.notes)
     plan = build_plan(run_config("launch.device=cuda"), host=GPU_NODE)
-    assert plan.deepspeed["optimizer"]["params"]["torch_adam"] is False and "fused" not in plan.deepspeed["optimizer"]["params"]
+    params = plan.deepspeed["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params
     assert ops_needed(plan.deepspeed, "cuda") == ["fused_adam"]
     offload = build_plan(run_config("launch.device=cuda", "zero.offload_optimizer=cpu"), host=NO_COMPILER)
     assert ops_needed(offload.deepspeed, "cuda") == ["cpu_adam"]  # DeepSpeedCPUAdam steps on the host
@@ -200,8 +201,10 @@ def test_sbatch_asks_for_cpus_and_memory_and_srun_passes_cpus_on():
 
 
 def test_flash_attention_is_refused_where_it_cannot_run():
-    with pytest.raises(ConfigError, match="flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, not cuda in fp32"):
-        build_plan(run_config("launch.device=cuda", "train.precision=fp32", "model.attn_implementation=flash_attention_2"),
+    with pytest.raises(ConfigError,
+                       match="flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, not cuda in fp32"):
+        build_plan(run_config("launch.device=cuda", "train.precision=fp32",
+                              "model.attn_implementation=flash_attention_2"),
                    host=GPU_NODE)
 
 

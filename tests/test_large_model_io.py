@@ -58,7 +58,8 @@ def test_final_and_offline_exports_stream_the_same_weights_deepspeed_reconstruct
         files = sorted(p.name for p in directory.glob("*.safetensors"))
         assert len(files) >= 4 and sorted(set(index["weight_map"].values())) == files
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
-        assert all(p.stat().st_size <= 100_000 + 20_000 or len(load_file(p)) == 1 for p in directory.glob("*.safetensors"))
+        assert all(p.stat().st_size <= 100_000 + 20_000 or len(load_file(p)) == 1
+                   for p in directory.glob("*.safetensors"))
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     models = [AutoModelForCausalLM.from_pretrained(d).eval() for d in (run.final, offline)]
     with torch.no_grad():

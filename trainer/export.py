@@ -136,7 +136,8 @@ def export_engine(engine, hf_dir: Path, out_dir: Path, is_writer: bool, dtype: s
     module = engine.module
     params = list(module.named_parameters())
     buffers = [(n, b) for n, b in module.named_buffers() if n in layout.kept]
-    source = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in params] + [(n, tuple(b.shape)) for n, b in buffers]
+    source = ([(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in params]
+              + [(n, tuple(b.shape)) for n, b in buffers])
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in params:

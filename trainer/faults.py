@@ -39,7 +39,8 @@ def _parse(text: str) -> list[Fault]:
     return faults
 
 
-ACTIVE = _parse(os.environ.get("SHARDTUNE_FAULTS", "")) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else []
+ACTIVE = (_parse(os.environ.get("SHARDTUNE_FAULTS", ""))
+          if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else [])
 
 
 def fires(kind: str, step: int, rank: int) -> bool:
@@ -82,7 +83,8 @@ def fake_versions(rank: int) -> dict[str, str]:
 
 def unwritable_dir(rank: int) -> Path | None:
     """unwritable_output@0:RANK: that rank's write check targets a directory the OS refuses to create."""
-    return Path("/proc/shardtune-unwritable") if any(f.kind == "unwritable_output" and f.rank == rank for f in ACTIVE) else None
+    unwritable = any(f.kind == "unwritable_output" and f.rank == rank for f in ACTIVE)
+    return Path("/proc/shardtune-unwritable") if unwritable else None
 
 
 def unbuildable_ops(rank: int) -> list[str]:

@@ -20,7 +20,8 @@ from trainer.data.packing import PackedSet
 from trainer.distributed import Dist, all_gather_floats
 from trainer.flops import ModelFlops
 
-MEMORY_NAMES = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb", "mem_host_peak_rss_gb")
+MEMORY_NAMES = ("mem_device_allocated_peak_gb", "mem_device_reserved_peak_gb", "mem_host_rss_gb",
+                "mem_host_peak_rss_gb")
 
 
 def local_memory() -> list[float]:

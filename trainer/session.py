@@ -106,7 +106,8 @@ class Session:
     def preflight(self) -> dict:
         """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
         launch = self.cfg.launch
-        self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
+        self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s,
+                                   launch.startup_timeout_s).start()
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
                                self.cfg.train.precision, launch.peak_tflops)
         self.tracker.preflight_result(result)
@@ -291,7 +292,8 @@ class Session:
         self.commit_pending()
         self.heartbeat.beat("save")
         ckpt, measured = checkpoint.save(self.engine, self.writer, self.run_dir.checkpoints, state.step,
-                                         self.saved_state(state), self.dist, self.cfg.train.keep_last, self._write_extras,
+                                         self.saved_state(state), self.dist, self.cfg.train.keep_last,
+                                         self._write_extras,
                                          self.tracker.message, self._save_progress(state.step), self.heartbeat.beat,
                                          self.faults)
         self.tracker.log_with_next(measured)

@@ -16,7 +16,8 @@ def summarize(rows: list[dict]) -> dict:
     """Totals and means over the training rows (eval rows only add the last eval loss)."""
     train = [r for r in rows if "tokens_per_sec" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    out: dict = {"steps": train[-1]["step"] if train else 0, "trained_tokens": train[-1].get("trained_tokens") if train else 0}
+    out: dict = {"steps": train[-1]["step"] if train else 0,
+                 "trained_tokens": train[-1].get("trained_tokens") if train else 0}
     if train:
         out["first_loss"] = next((r["loss"] for r in train if r.get("loss") is not None), None)
         out["last_loss"] = next((r["loss"] for r in reversed(train) if r.get("loss") is not None), None)
@@ -48,11 +49,14 @@ def format_run_summary(s: dict, final: Optional[Path] = None, checkpoint: Option
     if "mean_tokens_per_sec" in s:
         lines.append(f"tokens/s         {s['mean_tokens_per_sec']:,.0f} (trained tokens, all ranks)")
     if "mean_mfu" in s:
-        lines.append(f"MFU              {100 * s['mean_mfu']:.1f}% ({s['mean_tflops_per_device']:.1f} TFLOPs per device)")
+        lines.append(f"MFU              {100 * s['mean_mfu']:.1f}% "
+                     f"({s['mean_tflops_per_device']:.1f} TFLOPs per device)")
     elif "mean_tflops_per_device" in s:
-        lines.append(f"TFLOPs/device    {s['mean_tflops_per_device']:.3f} (no MFU: peak unknown; set launch.peak_tflops)")
+        lines.append(f"TFLOPs/device    {s['mean_tflops_per_device']:.3f} "
+                     f"(no MFU: peak unknown; set launch.peak_tflops)")
     if "mem_host_peak_rss_gb" in s and "mem_device_allocated_peak_gb" in s:
-        lines.append(f"peak memory      device {s['mem_device_allocated_peak_gb']:.2f} GB, host RSS {s['mem_host_peak_rss_gb']:.2f} GB")
+        lines.append(f"peak memory      device {s['mem_device_allocated_peak_gb']:.2f} GB, "
+                     f"host RSS {s['mem_host_peak_rss_gb']:.2f} GB")
     if final:
         lines.append(f"final model      {final}")
     if checkpoint:

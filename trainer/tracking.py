@@ -93,7 +93,8 @@ class Tracker(NullTracker):
             self.wandb = self._init_wandb(wandb, cfg, mode, run_id)
         except Exception as exc:  # network, bad key, disk: never a reason to stop training
             if mode == "online":
-                self.message(f"wandb: online init failed ({exc}); logging offline instead, sync later with `wandb sync`")
+                self.message(f"wandb: online init failed ({exc}); logging offline instead, "
+                             f"sync later with `wandb sync`")
                 try:
                     import wandb
 
@@ -129,7 +130,8 @@ class Tracker(NullTracker):
             try:
                 self.wandb.log(metrics, step=step)
             except Exception as exc:
-                self.message(f"wandb: log failed ({exc}); disabling wandb, metrics continue in {self.run_dir.metrics_file}")
+                self.message(f"wandb: log failed ({exc}); disabling wandb, "
+                             f"metrics continue in {self.run_dir.metrics_file}")
                 self.wandb = None
 
     def progress(self, step: int, postfix: Optional[dict[str, Any]] = None) -> None:

@@ -80,7 +80,8 @@ class Heartbeat:
         stacks.parent.mkdir(parents=True, exist_ok=True)
         with open(stacks, "w") as fh:
             fh.write(f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}) made no progress for "
-                     f"{idle:.0f} s (allowance {self._allowance():.0f} s) in phase '{self.phase}' of step {self.step}\n\n")
+                     f"{idle:.0f} s (allowance {self._allowance():.0f} s) in phase '{self.phase}' "
+                     f"of step {self.step}\n\n")
             fh.flush()
             faulthandler.dump_traceback(file=fh, all_threads=True)
         reason = f"no progress for {idle:.0f} s in '{self.phase}' at step {self.step} (watchdog)"

@@ -37,7 +37,8 @@ def main() -> None:
         "tiny_chat.jsonl": [chat_row(rng) for _ in range(400)],
         "tiny_chat_eval.jsonl": [chat_row(rng) for _ in range(40)],
         "tiny_alpaca.jsonl": [dict(zip(("instruction", "output"), task(rng)), input="") for _ in range(300)],
-        "tiny_text.jsonl": [{"text": " ".join(f"{p} -> {a}." for p, a in (task(rng) for _ in range(4)))} for _ in range(300)],
+        "tiny_text.jsonl": [{"text": " ".join(f"{p} -> {a}." for p, a in (task(rng) for _ in range(4)))}
+                            for _ in range(300)],
     }
     for name, rows in files.items():
         with open(HERE / name, "w") as fh:

@@ -34,12 +34,14 @@ def cause(run_dir: RunDir, since: float) -> Optional[str]:
     ranked = []
     for e in events:
         order = {"frozen": 0, "stuck": 1}.get(e.get("event"), 4 if PEER_FAILURE.search(e.get("reason", "")) else 3)
-        ranked.append((order, e["time"], f"rank {e.get('rank')} on {e.get('host')} (pid {e.get('pid')}): {e['reason']}"))
+        ranked.append((order, e["time"],
+                       f"rank {e.get('rank')} on {e.get('host')} (pid {e.get('pid')}): {e['reason']}"))
     for b in beats:
         if b.get("state") == "alive":
-            ranked.append((2, b.get("time", 0), f"rank {b.get('rank')} on {b.get('host')} (pid {b.get('pid')}): the "
-                                                f"process ended without a word in '{b.get('phase')}' at step "
-                                                f"{b.get('step')} (killed by a signal, e.g. SIGKILL from the OOM killer)"))
+            ranked.append((2, b.get("time", 0),
+                           f"rank {b.get('rank')} on {b.get('host')} (pid {b.get('pid')}): the process ended "
+                           f"without a word in '{b.get('phase')}' at step {b.get('step')} "
+                           f"(killed by a signal, e.g. SIGKILL from the OOM killer)"))
     return min(ranked)[2] if ranked else None
 
 

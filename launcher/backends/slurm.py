@@ -41,7 +41,8 @@ def sbatch_lines(cfg: RunConfig) -> list[str]:
     if gpus:
         opts.append(f"--gpus-per-node={gpus}")
     if s.cpus_per_task == "auto" or s.mem == "auto":
-        raise ValueError("sbatch_lines needs a resolved config (slurm.cpus_per_task and slurm.mem decided by plan.resolve)")
+        raise ValueError("sbatch_lines needs a resolved config "
+                         "(slurm.cpus_per_task and slurm.mem decided by plan.resolve)")
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                         ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("constraint", s.constraint)):
         if value is not None:
@@ -110,7 +111,8 @@ def job_info(job_id: str) -> dict[str, str]:
 
 def accounting_state(job_id: str) -> Optional[str]:
     """The final state from sacct for jobs scontrol no longer shows (needs accounting or jobcomp)."""
-    for args in (["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], ["sacct", "-c", "-n", "-P", "-o", "State", "-j", job_id]):
+    for args in (["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                 ["sacct", "-c", "-n", "-P", "-o", "State", "-j", job_id]):
         proc = subprocess.run(args, capture_output=True, text=True)
         states = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
         if proc.returncode == 0 and states:

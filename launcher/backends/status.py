@@ -67,7 +67,8 @@ def format_status(info: dict[str, Any]) -> str:
     if beats:
         ages = [now - b["time"] for b in beats]
         phases = ", ".join(f"{p}×{n}" for p, n in sorted(_count(b["phase"] for b in beats).items()))
-        lines.append(f"heartbeats  {len(beats)} ranks, last written {_age(min(ages))} to {_age(max(ages))}; phases {phases}")
+        lines.append(f"heartbeats  {len(beats)} ranks, last written {_age(min(ages))} to {_age(max(ages))}; "
+                     f"phases {phases}")
         for b in beats:
             if b.get("state") not in ("alive", "finished") or b.get("since_progress_s", 0) > 60:
                 lines.append(f"            rank {b['rank']} on {b['host']}: {b.get('state')} in '{b['phase']}' at step "

@@ -64,10 +64,12 @@ def process_env(cfg: RunConfig) -> dict[str, str]:
 
 def launch_script(cfg: RunConfig, argv: list[str]) -> str:
     """A bash script a user can rerun by hand: the environment and the exact torchrun command."""
-    lines = ["#!/usr/bin/env bash", "# Written by `shardtune launch`; rerun it to run again (it resumes from the newest checkpoint).",
+    lines = ["#!/usr/bin/env bash",
+             "# Written by `shardtune launch`; rerun it to run again (it resumes from the newest checkpoint).",
              "set -euo pipefail"]
     if cfg.launch.nodes > 1:
-        lines.append(f"# Start this same script on each of the {cfg.launch.nodes} nodes; they meet at {rdzv_endpoint(cfg)}.")
+        lines.append(f"# Start this same script on each of the {cfg.launch.nodes} nodes; "
+                     f"they meet at {rdzv_endpoint(cfg)}.")
     if cfg.launch.device == "cuda":
         lines.append(f"mkdir -p {shlex.quote(str(RunDir(cfg.output_dir).nccl_traces))}")
         lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()

@@ -17,7 +17,8 @@ def data_dir(name: str) -> Path:
         candidate = base / name
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"shardtune data directory {name!r} not found next to {_REPO} or under {sys.prefix}/share/shardtune")
+    raise FileNotFoundError(f"shardtune data directory {name!r} not found next to {_REPO} "
+                            f"or under {sys.prefix}/share/shardtune")
 
 
 def repo_root() -> Path:

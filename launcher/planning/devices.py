@@ -43,7 +43,8 @@ def resolve_kernels(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
     t, device = cfg.train, cfg.launch.device
     if t.precision == "auto":
         t.precision = precision_for(device)
-        notes.append(f"train.precision=auto -> {t.precision} ({'GPUs train in bf16' if device == 'cuda' else 'CPUs train in fp32'})")
+        why = "GPUs train in bf16" if device == "cuda" else "CPUs train in fp32"
+        notes.append(f"train.precision=auto -> {t.precision} ({why})")
     if cfg.model.attn_implementation == "flash_attention_2" and (device != "cuda" or t.precision == "fp32"):
         raise ConfigError([f"model.attn_implementation: 'flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, "
                            f"not {device} in {t.precision}; use sdpa (or auto)"])
@@ -59,7 +60,8 @@ def resolve_kernels(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
             notes.append(f"train.optimizer=auto -> torch (torch.optim.AdamW with fused kernels): "
                          f"{host.fused_adam.reason}")
     elif t.optimizer == "fused" and device != "cuda":
-        raise ConfigError([f"train.optimizer: 'fused' (DeepSpeed's FusedAdam) needs CUDA GPUs, not {device}; use torch or auto"])
+        raise ConfigError([f"train.optimizer: 'fused' (DeepSpeed's FusedAdam) needs CUDA GPUs, not {device}; "
+                           f"use torch or auto"])
 
 
 def resolve_slurm_resources(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:

@@ -190,7 +190,8 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
           f"seq_len {seq_len}, micro batch {micro}, {dtype}, activation checkpointing {'on' if ckpt else 'off'}{sp}, "
           f"loss {'chunked' if lc.chunked_loss else 'on full logits'}{', tiled MLP' if lc.tiled_mlp else ''}")
     print(component_table(estimates, None if refusal else float(gpu_memory_gb)))
-    sizes = ", ".join(f"ZeRO-{stage} {checkpoint_bytes(counts.total, stage, dtype) / 1e9:,.1f} GB" for stage in range(4))
+    sizes = ", ".join(f"ZeRO-{stage} {checkpoint_bytes(counts.total, stage, dtype) / 1e9:,.1f} GB"
+                      for stage in range(4))
     print(f"  one checkpoint on disk (all ranks): {sizes}")
     if longest is not None:
         print(f"longest seq_len that fits {gpu_memory_gb:g} GB (the other settings as above):")

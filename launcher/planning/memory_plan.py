@@ -312,9 +312,11 @@ def format_memory(summary: Optional[dict]) -> str:
     staging = f" + offload staging {d['offload_staging']:.1f}" if d["offload_staging"] else ""
     lines = [
         f"memory     {summary['total_gb']:.1f} GB {where} ({summary['label']}, micro batch {s['micro_batch_size']}, "
-        f"seq_len {s['seq_len']}, {s['dtype']}, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}): "
+        f"seq_len {s['seq_len']}, {s['dtype']}, "
+        f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}): "
         f"{verdict}",
-        f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, gradients {d['gradients']:.1f}, "
+        f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, "
+        f"gradients {d['gradients']:.1f}, "
         f"optimizer {d['optimizer_states']:.1f}){staging}",
         f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, "
         f"{'chunked loss' if s.get('chunked_loss') else 'logits'} {d['logits']:.1f}, "

@@ -72,7 +72,8 @@ def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig
         notes += apply_auto_choice(cfg, model_config)
     t = cfg.train
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
-        raise ConfigError([f"train.resume: {t.resume} does not exist (use auto, never or an existing checkpoint directory)"])
+        raise ConfigError([f"train.resume: {t.resume} does not exist "
+                           f"(use auto, never or an existing checkpoint directory)"])
     sp = t.sequence_parallel
     replicas = world // sp
     if t.grad_accum_steps is None:
@@ -187,13 +188,16 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"run        {cfg.output_dir}",
         f"model      {cfg.model.name_or_path}",
-        f"data       {cfg.data.path} ({cfg.data.format}, seq_len {cfg.data.seq_len}, packing {'on' if cfg.data.packing else 'off'})",
-        f"world      {plan.world_size} = {cfg.launch.nodes} node(s) × {cfg.launch.procs_per_node} process(es) on {cfg.launch.device}, backend {cfg.launch.backend}",
+        f"data       {cfg.data.path} ({cfg.data.format}, seq_len {cfg.data.seq_len}, "
+        f"packing {'on' if cfg.data.packing else 'off'})",
+        f"world      {plan.world_size} = {cfg.launch.nodes} node(s) × {cfg.launch.procs_per_node} process(es) "
+        f"on {cfg.launch.device}, backend {cfg.launch.backend}",
         f"batch      {plan.batch_arithmetic}",
         f"tokens     {plan.tokens_per_step:,} per optimizer step (global batch × seq_len, at most)",
         f"optimizer  AdamW lr {cfg.train.lr:g}, {cfg.train.lr_schedule} schedule, warmup {cfg.train.warmup_steps}, "
         f"{cfg.train.max_steps} steps, clip {cfg.train.grad_clip:g}, precision {cfg.train.precision}",
-        f"zero       stage {cfg.zero.stage}, offload optimizer {cfg.zero.offload_optimizer}, params {cfg.zero.offload_params}",
+        f"zero       stage {cfg.zero.stage}, offload optimizer {cfg.zero.offload_optimizer}, "
+        f"params {cfg.zero.offload_params}",
         f"sequence   {describe_sequence_parallel(cfg, _counts_or_none(cfg))}",
         f"long       {_long_context_line(cfg)}",
     ]

@@ -217,7 +217,8 @@ def num_targets(labels: np.ndarray) -> int:
     return int((np.asarray(labels[1:]) != IGNORE).sum())
 
 
-def fit_length(ids: np.ndarray, labels: np.ndarray, seq_len: int, truncation: str) -> tuple[np.ndarray, np.ndarray, bool]:
+def fit_length(ids: np.ndarray, labels: np.ndarray, seq_len: int,
+               truncation: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """Apply data.truncation; returns the (maybe cut) sample and whether it was cut. Raises BadRow to drop."""
     if len(ids) <= seq_len:
         return ids, labels, False

@@ -71,7 +71,8 @@ def format_record(record: dict, tokenizer, order_index: int, seq_len: int, color
     start = 0
     for n, length in enumerate(lens, start=1):
         end = start + length
-        out.append(f"--- sample {n}/{len(lens)}: {length} tokens, position_ids {positions[start]}..{positions[end - 1]}, "
+        out.append(f"--- sample {n}/{len(lens)}: {length} tokens, "
+                   f"position_ids {positions[start]}..{positions[end - 1]}, "
                    f"{int(trained[start:end].sum())} trained{_how(record, n - 1)} ---")
         text = []
         for a, b, on in _runs(trained[start:end]):

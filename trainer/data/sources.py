@@ -61,7 +61,8 @@ def _json_array_items(path: Path) -> Iterator[RawRow]:
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:pos + 1] == "[":
-        yield RawRow(f"{path}:1", "", "invalid_json: a .json file must hold a top-level array (use .jsonl for one object per line)")
+        yield RawRow(f"{path}:1", "", "invalid_json: a .json file must hold a top-level array "
+                                      "(use .jsonl for one object per line)")
         return
     pos += 1
     line = 1 + text.count("\n", 0, pos)

@@ -71,7 +71,8 @@ def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> flo
     return total / count
 
 
-def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_size: int = 16, examples: int = 3) -> dict:
+def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_size: int = 16,
+                   examples: int = 3) -> dict:
     """Exact match of greedy answers and assistant-token loss of a Hugging Face model on a messages file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -39,7 +39,8 @@ def write_plots(run_dir: RunDir) -> list[Path]:
         if name == "loss" and values and max(values) / min(values) > 20:
             ax.set_yscale("log")  # fine-tuning losses fall by orders of magnitude
         elif name in ("throughput", "memory"):
-            ax.set_ylim(0, max(values) * 1.4 if values else 1)  # from zero: a 1% drift is not a leak; room for the legend
+            # from zero: a 1% drift is not a leak; room for the legend
+            ax.set_ylim(0, max(values) * 1.4 if values else 1)
         ax.set_title(f"{run_dir.path.name}: {name}")
         ax.grid(alpha=0.3)
         ax.legend()
