@@ -123,3 +123,14 @@ def test_no_run_directory_file_name_is_spelled_out_outside_the_contract():
             if pattern.search(text):
                 found.append(f"{path.relative_to(REPO)}:{line}: {text}")
     assert not found, "\n".join(found)
+
+
+def test_the_readme_layout_names_every_module():
+    """A module the README's Layout does not name is one a reader cannot place in the layers."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("```", layout.index("```") + 3)]
+    missing = [str(path.relative_to(REPO)) for path in [*REPO.glob("launcher/**/*.py"), *REPO.glob("trainer/*.py"),
+                                                        *REPO.glob("trainer/tools/*.py")]
+               if path.name not in ("__init__.py", "__main__.py") and path.name not in layout]
+    assert not missing, f"README.md's Layout does not name {missing}"
