@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import LATEST, MANIFEST, TRAINER_STATE, RunDir
 
 from conftest import losses, read_metrics, shardtune, tiny_config
 
@@ -65,8 +65,8 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
     proc = launch(cfg, env={"SHARDTUNE_FAULTS": "kill_in_save@10:0"}, check=False)
     assert proc.returncode != 0
     ckpts = RunDir(tmp_path / "run").checkpoints
-    assert (ckpts / "LATEST").read_text().strip() == "step_00000005"
-    assert not (ckpts / "step_00000010" / "COMPLETE.json").exists()
+    assert (ckpts / LATEST).read_text().strip() == "step_00000005"
+    assert not (ckpts / "step_00000010" / MANIFEST).exists()
     proc = launch(cfg)
     assert "ignoring incomplete checkpoint(s) step_00000010" in proc.stderr
     assert "step_00000005 at step 5" in proc.stderr
@@ -81,7 +81,7 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 can tell
     shard.write_bytes(bytes(data))
-    (newest / "trainer_state.json").write_text("{}")  # would fail to parse if it were ever trusted
+    (newest / TRAINER_STATE).write_text("{}")  # would fail to parse if it were ever trusted
     proc = launch(config(tmp_path, tiny_model))
     assert "step_00000016 is damaged" in proc.stderr and "sha256 differs" in proc.stderr
     assert "step_00000015 at step 15" in proc.stderr
@@ -111,7 +111,7 @@ def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):
 def test_incomplete_resume_path_is_refused_by_the_trainer(tmp_path, tiny_model, reference):
     partial = tmp_path / "partial" / "step_00000005"
     shutil.copytree(RunDir(reference).checkpoints / "step_00000015", partial)
-    (partial / "COMPLETE.json").unlink()
+    (partial / MANIFEST).unlink()
     proc = launch(config(tmp_path, tiny_model), f"train.resume={partial}", check=False)
     assert proc.returncode != 0 and "is not a complete shardtune checkpoint" in proc.stderr
 

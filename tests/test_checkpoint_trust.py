@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from launcher.backends import monitor
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import MANIFEST, RunDir
 
 from conftest import REPO, losses, shardtune, tiny_config
 
@@ -57,10 +57,10 @@ def _plant(ckpt, rel, marker) -> None:
     """Replace one file with a code-running pickle and make the manifest agree: integrity holds, origin does not."""
     path = ckpt / rel
     torch.save({"optimizer_state_dict": _Evil(marker)}, path)
-    manifest = json.loads((ckpt / "COMPLETE.json").read_text())
+    manifest = json.loads((ckpt / MANIFEST).read_text())
     data = path.read_bytes()
     manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ckpt / "COMPLETE.json").write_text(json.dumps(manifest))
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_a_crafted_checkpoint_runs_no_code_on_resume_export_or_conversion(tmp_path, tiny_model, reference):
@@ -97,11 +97,11 @@ def test_every_checkpoint_damaged_stops_the_run_and_keeps_its_history(tmp_path, 
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
-    metrics = (run / "metrics.jsonl").read_bytes()
+    metrics = RunDir(run).metrics_file.read_bytes()
     proc = shardtune("launch", str(config(tmp_path, tiny_model, train={"max_steps": 12})), check=False)
     assert proc.returncode != 0 and "every checkpoint of this run is damaged" in proc.stderr
     assert "step_00000008" in proc.stderr and "step_00000004" in proc.stderr
-    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert RunDir(run).metrics_file.read_bytes() == metrics
 
 
 def test_a_fresh_start_refuses_to_overwrite_an_earlier_run_unless_told(tmp_path, tiny_model, reference):
@@ -113,7 +113,7 @@ def test_a_fresh_start_refuses_to_overwrite_an_earlier_run_unless_told(tmp_path,
     assert proc.returncode == 2 and "train.resume: 'never', but output_dir" in proc.stderr
     shardtune("launch", str(config(tmp_path, tiny_model)), "train.resume=never", "train.overwrite=true")
     aside = list(run.glob("replaced-*"))
-    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000008" / "COMPLETE.json").exists()
+    assert len(aside) == 1 and (RunDir(aside[0]).checkpoint(8) / MANIFEST).exists()
     assert losses(run) == losses(reference)  # a fresh run from the pretrained weights, its own history
 
 

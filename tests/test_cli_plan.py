@@ -59,16 +59,16 @@ def test_launch_dry_run_writes_the_run_files(tmp_path):
     assert RunDir(out).config_file.is_file()
     ds = json.loads(RunDir(out).ds_config_file.read_text())
     assert ds["train_batch_size"] == 8
-    script = (out / "launch.sh").read_text()
+    script = RunDir(out).script("torchrun").read_text()
     assert script.startswith("#!/usr/bin/env bash") and "torch.distributed.run" in script and str(out) in script
-    assert subprocess.run(["bash", "-n", str(out / "launch.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(RunDir(out).script("torchrun"))]).returncode == 0
 
 
 def test_multi_node_torchrun_renders_rendezvous(tmp_path):
     out = tmp_path / "run"
     proc = shardtune("launch", str(EXAMPLES / "tiny.yaml"), f"output_dir={out}", "launch.nodes=2",
                      "launch.rdzv_endpoint=10.0.0.1:29400", "launch.device=cpu")
-    script = (out / "launch.sh").read_text()
+    script = RunDir(out).script("torchrun").read_text()
     assert "--nnodes=2" in script and "--rdzv_endpoint=10.0.0.1:29400" in script and "--rdzv_backend=c10d" in script
     assert "each of the 2 nodes" in proc.stdout
 

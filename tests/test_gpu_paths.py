@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import ConfigError
+from launcher.contract.run_dir import NCCL_TRACES
 from launcher.planning.host import FusedAdamStatus, HostFacts, visible_gpus
 from launcher.planning.plan import build_plan
 from trainer.data.collate import IGNORE, collate
@@ -196,7 +197,7 @@ def test_sbatch_asks_for_cpus_and_memory_and_srun_passes_cpus_on():
     assert "#SBATCH --cpus-per-task=32" in own and "#SBATCH --mem=400G" in own
     # The flight recorder records only with a buffer, and dumps where every node's file can be read later
     # (torch >= 2.7 names, as installed here).
-    assert 'TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/nccl_traces/rank_}"' in script
+    assert f'TORCH_FR_DUMP_TEMP_FILE="${{TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/{NCCL_TRACES}/rank_}}"' in script
     assert 'TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"' in script
 
 

@@ -51,8 +51,8 @@ def test_rank_stuck_in_data_loading_is_dumped_and_the_job_restarts(tmp_path, tin
     assert "rank 1 stuck in 'data' at step 5" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stderr and "step_00000004 at step 4" in proc.stderr
     assert losses(run) == losses(reference_dir / "run")
-    dump = (run / "stacks" / "rank_00001.txt").read_text()
+    dump = RunDir(run).stack_file(1).read_text()
     assert "made no progress" in dump and "in maybe_hang" in dump and "in batch" in dump
     status = shardtune("status", str(run)).stdout
-    assert str(run / "stacks" / "rank_00001.txt") in status and "heartbeats  2 ranks" in status
+    assert str(RunDir(run).stack_file(1)) in status and "heartbeats  2 ranks" in status
     assert time.time() - started < 200

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.contract.config import apply_overrides, validate_config
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import LATEST, MANIFEST, RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
 from launcher.planning.plan import build_plan
 from trainer.hf_writer import INDEX_FILE
@@ -69,8 +69,8 @@ def test_final_and_offline_exports_stream_the_same_weights_deepspeed_reconstruct
 
 def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):
     ckpt = RunDir(zero3_run).checkpoint(STEPS)
-    manifest = json.loads((ckpt / "COMPLETE.json").read_text())["files"]
-    on_disk = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE.json")
+    manifest = json.loads((ckpt / MANIFEST).read_text())["files"]
+    on_disk = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
     assert sorted(manifest) == on_disk and any("optim_states" in f for f in on_disk)
     for rel, meta in manifest.items():
         data = (ckpt / rel).read_bytes()
@@ -92,8 +92,8 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_in_charg
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "kill_in_write@10:1"}, check=False)
     assert proc.returncode != 0
     run = RunDir(tmp_path / "run")
-    assert (run.checkpoints / "LATEST").read_text().strip() == "step_00000005"
-    assert not (run.checkpoint(10) / "COMPLETE.json").exists()
+    assert (run.checkpoints / LATEST).read_text().strip() == "step_00000005"
+    assert not (run.checkpoint(10) / MANIFEST).exists()
     proc = shardtune("launch", str(cfg))
     assert "step_00000005 at step 5" in proc.stderr
     assert losses(run.path) == reference  # the background save's snapshot held the state of its own step

@@ -109,13 +109,18 @@ def bench_modules() -> list[tuple[str, Path]]:
     return [(".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in sorted((REPO / "bench").glob("*.py"))]
 
 
+def suite_modules() -> list[tuple[str, Path]]:
+    """Tests read and damage run directories through the contract's names too (this file lists them)."""
+    return [(p.stem, p) for p in sorted((REPO / "tests").glob("*.py")) if p.name != "test_layout.py"]
+
+
 def test_no_run_directory_file_name_is_spelled_out_outside_the_contract():
     """A name spelled out in a second place is a second owner: the two drift apart."""
     names = _names()
     pattern = re.compile("|".join(rf"(?<![\w.-]){re.escape(n)}(?![\w.])" if "." in n else
                                   rf"(?<![\w.-]){re.escape(n)}/|/{re.escape(n)}(?![\w.])" for n in names))
     found = []
-    for name, path in modules() + bench_modules():
+    for name, path in modules() + bench_modules() + suite_modules():
         if name == "launcher.contract.run_dir":
             continue
         found += [f"{path.relative_to(REPO)}:{line}: / a run-directory name" for line in _joined_names(path, names)]

@@ -7,7 +7,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 import trainer.__main__ as entry
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import MANIFEST, RNG, TRAINER_STATE, RunDir
 
 from conftest import shardtune, tiny_config
 
@@ -22,9 +22,9 @@ def test_refuses_old_torch_with_faked_version(monkeypatch, capsys):
 def test_our_checkpoint_files_load_without_pickle(tmp_path, tiny_model):
     shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 2, "warmup_steps": 0})))
     ckpt = RunDir(tmp_path / "run").checkpoints / "step_00000002"
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
     assert state["step"] == 2 and state["position"]["offset"] > 0
-    for rng in (ckpt / "rng").glob("rank_*.pt"):
+    for rng in (ckpt / RNG).glob("rank_*.pt"):
         loaded = torch.load(rng, weights_only=True)  # would raise if it held arbitrary objects
         assert set(loaded) == {"torch", "device"}
-    assert json.loads((ckpt / "COMPLETE.json").read_text())["files"]
+    assert json.loads((ckpt / MANIFEST).read_text())["files"]

@@ -16,7 +16,7 @@ import pytest
 from launcher.backends import slurm
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import ConfigError
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import SCRIPTS, RunDir
 from launcher.planning.plan import build_plan
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -36,7 +36,7 @@ def rendered(*overrides: str) -> str:
 
 def test_script_is_valid_bash_with_literal_sbatch_lines(tmp_path):
     script = rendered()
-    path = tmp_path / "launch.sbatch"
+    path = tmp_path / SCRIPTS["slurm"]
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
@@ -166,7 +166,7 @@ def test_two_torchrun_agents_from_the_rendered_multi_node_command(tmp_path, tiny
                       launch={"nodes": 2, "procs_per_node": 1, "device": "cpu", "rdzv_endpoint": f"127.0.0.1:{port}"})
     out = shardtune("launch", str(cfg)).stdout
     assert "on each of the 2 nodes" in out
-    script = tmp_path / "run" / "launch.sh"
+    script = RunDir(tmp_path / "run").script("torchrun")
     agents = [subprocess.Popen(["bash", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
               for _ in range(2)]
     codes = [a.wait(timeout=300) for a in agents]
