@@ -28,7 +28,7 @@ from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.metrics import Window
-from trainer.model import attention_implementation, load_model, lr_lambda, release_zero3_init
+from trainer.model import attention_implementation, compile_model, load_model, lr_lambda, release_zero3_init
 from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
@@ -98,7 +98,8 @@ class Session:
     def preflight(self) -> dict:
         """Start this rank's watchdog, then check the job's ranks together before anything heavy loads."""
         launch = self.cfg.launch
-        self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s, launch.startup_timeout_s).start()
+        self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s,
+                                   launch.startup_timeout_s).start()
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
                                self.cfg.train.precision, launch.peak_tflops)
         self.tracker.preflight_result(result)
@@ -126,6 +127,11 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+        if t.compile:
+            compile_model(self.engine)
+            self.tracker.message("train.compile: the model is compiled (torch.compile through DeepSpeed); the first "
+                                 "steps include compiling it")
+            self.tracker.log_with_next({"compiled": bool(self.engine.is_compiled)})
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer

@@ -124,7 +124,8 @@ class DataConfig(Section):
     num_proc: Optional[int] = Field(None, gt=0)
     """Worker processes for tokenization; default picks by data size and CPU count."""
     cache_dir: Optional[str] = None
-    """Tokenized-data cache; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Shared filesystem: one process preprocesses for the job; node-local: one per node."""
+    """Tokenized-data cache; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Shared filesystem: one process
+    preprocesses for the job; node-local: one per node."""
     eval_path: Optional[str] = None
     """Held-out data in the same format; evaluated every train.eval_every steps."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -161,11 +162,17 @@ class TrainConfig(Section):
     seed: int
     """Seeds weights init of new layers, data order and dropout; same seed, same run."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Training precision. `auto`: bf16 on GPUs, fp32 on CPU. With bf16/fp16 and accumulation, gradients accumulate in fp32."""
+    """Training precision. `auto`: bf16 on GPUs, fp32 on CPU. With bf16/fp16 and accumulation, gradients accumulate in
+    fp32."""
     optimizer: Literal["auto", "fused", "torch"] = "auto"
-    """AdamW kernel: `fused` is DeepSpeed's FusedAdam (CUDA; needs its op prebuilt or a CUDA compiler), `torch` is torch.optim.AdamW (fused kernels on GPUs); `auto`: fused when it can be built, else torch."""
+    """AdamW kernel: `fused` is DeepSpeed's FusedAdam (CUDA; needs its op prebuilt or a CUDA compiler), `torch` is
+    torch.optim.AdamW (fused kernels on GPUs); `auto`: fused when it can be built, else torch."""
     activation_checkpointing: Union[bool, Literal["auto"]] = False
     """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile; parameter names, checkpoints and the export stay
+    the eager model's). ZeRO stages 0-2 only: ZeRO-3's per-module parameter gathers break the graph at every
+    module. Off by default until measured to help: see the README's Performance section."""
     log_every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
@@ -177,13 +184,16 @@ class TrainConfig(Section):
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `never`; or a checkpoint path."""
     stop_at_step: Optional[int] = Field(None, gt=0)
-    """End this launch after this step with a checkpoint; relaunching continues the run (to split it over allocations)."""
+    """End this launch after this step with a checkpoint; relaunching continues the run (to split it over
+    allocations)."""
     async_save: bool = False
-    """Write periodic checkpoints in the background: training waits only for an in-memory copy of the state; the checkpoint counts once every rank's files are durable."""
+    """Write periodic checkpoints in the background: training waits only for an in-memory copy of the state; the
+    checkpoint counts once every rank's files are durable."""
     export_max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B)?$")
     """Largest safetensors file of an exported model (end of run, `shardtune export`), e.g. 5GB or 500MB."""
     max_bad_steps: int = Field(3, gt=0)
-    """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are not counted)."""
+    """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are
+    not counted)."""
     sample_prompt: Optional[str] = None
     """A user message answered by the final model at the end, to eyeball the result."""
 
@@ -192,7 +202,8 @@ class ZeroConfig(Section):
     stage: Union[Literal[0, 1, 2, 3], Literal["auto"]] = 2
     """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters; `auto` picks by memory."""
     offload_optimizer: Literal["none", "cpu", "auto"] = "none"
-    """Keep optimizer state (and its step) in host RAM; `auto` lets the memory planner offload only when nothing fits without it."""
+    """Keep optimizer state (and its step) in host RAM; `auto` lets the memory planner offload only when nothing fits
+    without it."""
     offload_params: Literal["none", "cpu", "auto"] = "none"
     """Keep parameters in host RAM (stage 3 only); `auto` lets the memory planner decide."""
     config: Optional[str] = None
@@ -209,7 +220,8 @@ class LaunchConfig(Section):
     procs_per_node: int = Field(gt=0)
     """Training processes per machine: one per GPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where training runs. `auto`: on SLURM from slurm.gpus_per_node (cuda unless 0); one-node torchrun: cuda when this machine has visible GPUs; multi-node torchrun needs it set."""
+    """Where training runs. `auto`: on SLURM from slurm.gpus_per_node (cuda unless 0); one-node torchrun: cuda when this
+    machine has visible GPUs; multi-node torchrun needs it set."""
     rdzv_endpoint: Optional[str] = None
     """host:port of the first node for multi-node torchrun; default: this host, port 29400."""
     max_restarts: int = Field(0, ge=0)
@@ -227,7 +239,8 @@ class LaunchConfig(Section):
     env: dict[str, str] = {}
     """Extra environment variables for the training processes (not secrets: they are written to launch scripts)."""
     storage_gbps: float = Field(1.0, gt=0)
-    """Aggregate write bandwidth of the run's storage in GB/s, for the checkpoint write time in the plan (measured values are logged after each save)."""
+    """Aggregate write bandwidth of the run's storage in GB/s, for the checkpoint write time in the plan (measured
+    values are logged after each save)."""
     peak_tflops: Optional[float] = Field(None, gt=0)
     """Dense peak TFLOPs of one device at the training precision, for MFU; default: a table of common GPUs,
     else measured at start-up by a matmul probe on every rank (CPUs, unlisted GPUs)."""
@@ -250,7 +263,8 @@ class SlurmConfig(Section):
     gpus_per_node: Optional[int] = Field(None, ge=0)
     """GPUs to request per node; default: launch.procs_per_node on cuda, 0 on cpu."""
     cpus_per_task: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = "auto"
-    """CPU cores per node (one task per node runs all its training processes); `auto`: all of a node's CPUs (from sinfo at launch)."""
+    """CPU cores per node (one task per node runs all its training processes); `auto`: all of a node's CPUs (from sinfo
+    at launch)."""
     mem: Union[Annotated[str, Field(pattern=r"^\d+[KMGT]?$")], Literal["auto"]] = "auto"
     """Host memory per node, e.g. 500G; 0 means all of it; `auto`: 0 (all of it: 8 ranks load a model on the host)."""
     constraint: Optional[str] = None
@@ -262,7 +276,8 @@ class SlurmConfig(Section):
     setup: list[str] = []
     """Shell lines run on the batch host before training: module loads, venv activation."""
     signal_lead_s: int = Field(300, ge=30)
-    """Seconds before the time limit at which SLURM sends USR1, so the job saves and requeues (SLURM may send it up to 30 s earlier)."""
+    """Seconds before the time limit at which SLURM sends USR1, so the job saves and requeues (SLURM may send it up to
+    30 s earlier)."""
     max_requeues: int = Field(3, ge=0)
     """Requeue after a preemption, a time limit or a crash at most this many times."""
     job_name: Optional[str] = None
@@ -375,7 +390,8 @@ def _group_errors(errors: list[dict]) -> dict[tuple, list[dict]]:
     """pydantic reports a Union field once per member (with the member in the location); regroup by field."""
     grouped: dict[tuple, list[dict]] = {}
     for err in errors:
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith(("literal[", "function-")) or p in _TYPE_TAGS)))
+        loc = tuple(p for p in err["loc"]
+                    if not (isinstance(p, str) and (p.startswith(("literal[", "function-")) or p in _TYPE_TAGS)))
         grouped.setdefault(loc, []).append(err)
     return grouped
 
@@ -408,6 +424,13 @@ def batch_split_problems(global_batch_size: int, micro_batch_size: Optional[int]
     return []
 
 
+# Why train.compile and ZeRO-3 do not mix, said wherever a config is refused for it.
+COMPILE_AND_ZERO3 = ("ZeRO-3 gathers and releases each module's parameters in hooks torch.compile cannot trace, "
+                     "so the graph breaks at every module and the hooks, recompiled per module, hit torch's "
+                     "recompile limit and run eager: compile time for no compiled model (DeepSpeed's DeepCompile, "
+                     "which handles ZeRO-3, is CUDA-only and not used here)")
+
+
 def check_consistency(cfg: RunConfig) -> list[str]:
     """Rules that span fields; pydantic checks each field alone."""
     problems = []
@@ -415,8 +438,12 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     world = cfg.launch.world_size
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
+    if t.compile and z.stage == 3:
+        problems.append(f"train.compile: true needs zero.stage 0, 1, 2 or auto (auto then plans without stage 3), "
+                        f"got stage 3: {COMPILE_AND_ZERO3}; set train.compile: false to train at stage 3")
     if z.offload_optimizer != "none" and z.stage == 0:
-        problems.append(f"zero.offload_optimizer: {z.offload_optimizer!r} needs zero.stage 1, 2, 3 or auto, got stage 0")
+        problems.append(f"zero.offload_optimizer: {z.offload_optimizer!r} needs zero.stage 1, 2, 3 or auto, "
+                        "got stage 0")
     if t.grad_accum_steps is None and t.global_batch_size is None:
         problems.append("train.grad_accum_steps: required unless train.global_batch_size is set")
     if t.micro_batch_size == "auto" and t.global_batch_size is None:
@@ -441,7 +468,8 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
     if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
         problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
-    secrets = [k for k in cfg.launch.env if any(word in k.upper() for word in ("API_KEY", "TOKEN", "SECRET", "PASSWORD"))]
+    secrets = [k for k in cfg.launch.env
+               if any(word in k.upper() for word in ("API_KEY", "TOKEN", "SECRET", "PASSWORD"))]
     for key in secrets:
         problems.append(f"launch.env.{key}: secrets are not allowed in the config (it is written to the run directory "
                         "and launch scripts); export it in the environment that runs shardtune or the job instead")

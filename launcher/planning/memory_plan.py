@@ -46,6 +46,11 @@ def auto_fields(cfg: RunConfig) -> list[str]:
     return [name for name, value in fields.items() if value == "auto"]
 
 
+def stages_for(cfg: RunConfig) -> tuple[int, ...]:
+    """The ZeRO stages the planner may choose: train.compile rules out ZeRO-3 (see config.COMPILE_AND_ZERO3)."""
+    return (0, 1, 2) if cfg.train.compile else (0, 1, 2, 3)
+
+
 def margins_for(cfg: RunConfig) -> Margins:
     return CPU_MARGINS if cfg.launch.device == "cpu" else Margins()
 
@@ -118,7 +123,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
             offload_optimizer=offload_optimizer, offload_params=offload_params,
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            optimizer=optimizer_for(cfg))
+            optimizer=optimizer_for(cfg), stages=stages_for(cfg))
     except DoesNotFit as exc:
         raise ConfigError(_does_not_fit(cfg, counts, exc, asked), title="does not fit") from None
     return _apply(cfg, choice)
@@ -160,6 +165,8 @@ def _does_not_fit(cfg: RunConfig, counts: ModelCounts, exc: DoesNotFit, asked: s
                 f"{cfg.launch.world_size} devices ({counts.total / 1e9:.2f}B parameters, "
                 f"data.seq_len {cfg.data.seq_len}, {precision_of(cfg)})"]
     problems += [f"tried: {reason}" for reason in exc.reasons]
+    if cfg.zero.stage == "auto" and 3 not in stages_for(cfg):
+        problems.append("zero.stage: auto did not try ZeRO-3: train.compile is true, and the two do not mix")
     if exc.estimate is not None:
         problems.append(f"the smallest allowed configuration, {exc.estimate.setup.label()} at micro batch "
                         f"{exc.estimate.setup.micro_batch_size}, component by component:\n"
@@ -242,12 +249,12 @@ def format_memory(summary: Optional[dict]) -> str:
     staging = f" + offload staging {d['offload_staging']:.1f}" if d["offload_staging"] else ""
     lines = [
         f"memory     {summary['total_gb']:.1f} GB {where} ({summary['label']}, micro batch {s['micro_batch_size']}, "
-        f"seq_len {s['seq_len']}, {s['dtype']}, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}): "
-        f"{verdict}",
-        f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, gradients {d['gradients']:.1f}, "
-        f"optimizer {d['optimizer_states']:.1f}){staging}",
-        f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, logits {d['logits']:.1f}, "
-        f"buffers {buffers:.1f}), optimizer step {d['optimizer_step_buffers']:.1f})"
+        f"seq_len {s['seq_len']}, {s['dtype']}, activation checkpointing "
+        f"{'on' if s['activation_checkpointing'] else 'off'}): {verdict}",
+        f"{pad}= model states {summary['model_states_gb']:.1f} (params {d['params']:.1f}, "
+        f"gradients {d['gradients']:.1f}, optimizer {d['optimizer_states']:.1f}){staging}",
+        f"{pad}+ max(forward/backward {forward_backward:.1f} (activations {d['activations']:.1f}, "
+        f"logits {d['logits']:.1f}, buffers {buffers:.1f}), optimizer step {d['optimizer_step_buffers']:.1f})"
         f" + fragmentation {d['fragmentation']:.1f} + {runtime} {d['cuda_runtime']:.1f}",
     ]
     h = summary["host_per_node_gb"]
@@ -297,7 +304,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            optimizer=optimizer_for(cfg))
+            optimizer=optimizer_for(cfg), stages=stages_for(cfg))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
     except ConfigError:
