@@ -68,6 +68,15 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     return model
 
 
+def compile_model(engine) -> None:
+    """torch.compile the model DeepSpeed wraps, in place (nn.Module.compile through engine.compile), so its
+    parameters keep their names: checkpoints, resume and the export see the eager model. The first steps pay
+    for the compilation (inductor caches the kernels on disk for later runs); shapes that change from
+    micro-batch to micro-batch (packed widths, block masks) are compiled once more as dynamic. ZeRO-3 never gets
+    here: config validation refuses it (config.COMPILE_AND_ZERO3 says why)."""
+    engine.compile()
+
+
 def release_zero3_init() -> None:
     """After training, new models (the export's skeleton) must be built whole, not sharded by zero.Init."""
     global _hf_ds_config

@@ -17,7 +17,9 @@ import torch
 
 from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
+from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
+from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
@@ -32,7 +34,14 @@ from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
 from trainer.metrics import Window
-from trainer.model import attention_implementation, flash_attention_usable, load_model, lr_lambda, release_zero3_init
+from trainer.model import (
+    attention_implementation,
+    compile_model,
+    flash_attention_usable,
+    load_model,
+    lr_lambda,
+    release_zero3_init,
+)
 from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
 from trainer.summary import end_of_run_summary
@@ -159,12 +168,19 @@ class Session:
             # DeepSpeed reads ZeRO-3 leaf flags inside initialize: set them between building and initialize.
             blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
                       else moe.moe_block_classes(model))
+            if blocks and (problem := compile_problem(cfg)) is not None:
+                raise UserError(problem)  # a hub model the plan could not size
             router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
             if (line := moe.describe(blocks, router_aux, stage)) is not None:
                 self.tracker.message(line)
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
+        if t.compile:
+            compile_model(self.engine)
+            self.tracker.message("train.compile: the model is compiled (torch.compile through DeepSpeed); the first "
+                                 "steps include compiling it")
+            self.tracker.log_with_next({"compiled": bool(self.engine.is_compiled)})
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer

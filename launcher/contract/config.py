@@ -192,6 +192,10 @@ class TrainConfig(Section):
     """Run each MLP over tiles of the sequence and recompute them in backward (DeepSpeed's TiledMLP): its
     intermediate activations never exist for the whole sequence. For the longest sequences; costs one more
     MLP forward."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile; parameter names, checkpoints and the export stay
+    the eager model's). ZeRO stages 0-2 only: ZeRO-3's per-module parameter gathers break the graph at every
+    module. Off by default until measured to help: see the README's Performance section."""
     log_every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
@@ -475,6 +479,10 @@ def sequence_parallel_problems(cfg: RunConfig) -> list[str]:
     """
     t, world, attn = cfg.train, cfg.launch.world_size, cfg.model.attn_implementation
     sp = t.sequence_parallel
+    if t.compile and sp != 1:
+        return [f"train.sequence_parallel: {sp!r} with train.compile: true has not been verified (DeepSpeed's Ulysses "
+                f"all-to-all autograd functions under torch.compile); allowed with compile: 1, or set "
+                f"train.compile: false"]
     if sp == "auto" or sp == 1:
         return []
     problems = []
@@ -498,6 +506,13 @@ def sequence_parallel_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+# Why train.compile and ZeRO-3 do not mix, said wherever a config is refused for it.
+COMPILE_AND_ZERO3 = ("ZeRO-3 gathers and releases each module's parameters in hooks torch.compile cannot trace, "
+                     "so the graph breaks at every module and the hooks, recompiled per module, hit torch's "
+                     "recompile limit and run eager: compile time for no compiled model (DeepSpeed's DeepCompile, "
+                     "which handles ZeRO-3, is CUDA-only and not used here)")
+
+
 def check_consistency(cfg: RunConfig) -> list[str]:
     """Rules that span fields; pydantic checks each field alone."""
     problems = []
@@ -509,6 +524,9 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     replicas = world // sp
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
+    if t.compile and z.stage == 3:
+        problems.append(f"train.compile: true needs zero.stage 0, 1, 2 or auto (auto then plans without stage 3), "
+                        f"got stage 3: {COMPILE_AND_ZERO3}; set train.compile: false to train at stage 3")
     if z.offload_optimizer != "none" and z.stage == 0:
         problems.append(f"zero.offload_optimizer: {z.offload_optimizer!r} needs zero.stage 1, 2, 3 or auto, "
                         f"got stage 0")

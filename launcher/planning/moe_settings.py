@@ -18,6 +18,16 @@ from launcher.planning.moe_size import has_experts
 NO_AUX_LOSS = ("deepseek_v2", "deepseek_v3")
 
 
+def compile_problem(cfg: RunConfig) -> Optional[str]:
+    """Why train.compile is refused for a mixture-of-experts model (None when compile is off): compiled routing
+    (data-dependent token counts per expert) and the router-loss recorder have not been verified."""
+    if not cfg.train.compile:
+        return None
+    return (f"train.compile: true is not allowed for {cfg.model.name_or_path}, a mixture-of-experts model: compiled "
+            f"routing (a data-dependent number of tokens per expert) and the router load-balancing loss have not "
+            f"been verified; allowed: false")
+
+
 def moe_plan_notes(cfg: RunConfig, model_config: Optional[dict[str, Any]]) -> list[str]:
     """Plan notes on the MoE machinery; ConfigError for a router loss the model does not define."""
     coef = cfg.model.router_aux_loss_coef
@@ -31,6 +41,8 @@ def moe_plan_notes(cfg: RunConfig, model_config: Optional[dict[str, Any]]) -> li
                                f"config.json names no num_experts, num_local_experts or n_routed_experts); "
                                f"allowed: 0 or unset"])
         return []
+    if (problem := compile_problem(cfg)) is not None:
+        raise ConfigError([problem])
     if coef and model_type in NO_AUX_LOSS:
         raise ConfigError([f"model.router_aux_loss_coef: {coef:g} is not allowed for {model_type}: transformers "
                            f"defines no router load-balancing loss for it (its routers balance with biases); "

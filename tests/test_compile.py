@@ -1,0 +1,111 @@
+"""train.compile: a compiled model trains like the eager one on packed samples kept apart by block masks, with
+parameter names unchanged in the export, and a compiled run that is stopped and relaunched continues with the losses
+of an uninterrupted one. ZeRO-3 is refused, by config validation and by the planner's `zero.stage: auto`.
+
+The runs are at ZeRO-2: compile wraps the module alone, so ZeRO-0/1/2 run the same compiled forward and backward,
+and ZeRO-2 is the stage whose gradient reduction fires from hooks inside that backward. Whether compile is worth it
+is measured by bench.throughput (`--stages 2 --ab compiled=train.compile=true`)."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from test_autoplan import model_dir, plan_for, run_config
+
+from launcher.cli import main as cli_main
+from launcher.contract.config import validate_config
+from launcher.contract.errors import ConfigError
+from launcher.contract.run_dir import RunDir
+
+from conftest import losses, shardtune, tiny_config
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model):
+    """The ZeRO-2 run of STEPS steps, eager or compiled, launched once for every test that compares with it."""
+    runs: dict[bool, tuple[RunDir, str]] = {}
+
+    def get(compile: bool) -> tuple[RunDir, str]:
+        if compile not in runs:
+            where = tmp_path_factory.mktemp("compiled" if compile else "eager")
+            cfg = tiny_config(where, tiny_model, train={"max_steps": STEPS, "compile": compile}, zero={"stage": 2})
+            runs[compile] = RunDir(where / "run"), shardtune("launch", str(cfg)).stderr
+        return runs[compile]
+
+    return get
+
+
+def test_compiled_model_trains_like_the_eager_one(uninterrupted):
+    eager, _ = uninterrupted(False)
+    compiled, stderr = uninterrupted(True)
+    assert "train.compile: the model is compiled" in stderr
+    first = compiled.train_metrics()[0]
+    assert first["compiled"] is True  # DeepSpeed's engine says so, not our flag
+    assert first["data/samples"] > first["data/sequences"], "packed rows: the block-mask path must be exercised"
+    got, want = losses(compiled.path), losses(eager.path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:  # inductor reorders float sums: equal to float32 rounding, not bit for bit
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    ours = load_file(next(compiled.final.glob("*.safetensors")))
+    theirs = load_file(next(eager.final.glob("*.safetensors")))
+    assert sorted(ours) == sorted(theirs)  # no "_orig_mod." prefixes: checkpoints and exports are the eager model's
+    for name in theirs:
+        assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
+
+
+def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, uninterrupted):
+    reference, _ = uninterrupted(True)
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "compile": True, "save_every": 2},
+                      zero={"stage": 2})
+    shardtune("launch", str(cfg), "train.stop_at_step=3")
+    proc = shardtune("launch", str(cfg))
+    assert "resumed from" in proc.stderr and "train.compile: the model is compiled" in proc.stderr
+    got, want = losses(tmp_path / "run"), losses(reference.path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+
+
+def test_compile_with_zero3_is_refused_before_anything_runs(tmp_path, capsys):
+    raw = run_config(tmp_path, model_dir(tmp_path), train={"compile": True, "micro_batch_size": 1},
+                     zero={"stage": 3})
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    (problem,) = [p for p in info.value.problems if p.startswith("train.compile")]
+    assert "train.compile: true needs zero.stage 0, 1, 2 or auto" in problem and "got stage 3" in problem
+    assert "graph breaks at every module" in problem and "set train.compile: false" in problem
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["launch", str(path)]) == 2
+    assert "train.compile: true needs zero.stage" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    raw["train"]["compile"] = False
+    validate_config(raw)  # ZeRO-3 itself is fine
+
+
+def test_auto_stage_with_compile_is_planned_without_zero3(tmp_path):
+    """8B on 40 GB devices: ZeRO-3 is the fastest fit; compiled, ZeRO-2 with the optimizer offloaded, or advice."""
+    model, small = model_dir(tmp_path), {"gpu_memory_gb": 40}
+    assert plan_for(tmp_path, model, launch=small).config.zero.stage == 3
+    chosen = plan_for(tmp_path, model, launch=small, train={"compile": True}, zero={"offload_optimizer": "auto"})
+    assert (chosen.config.zero.stage, chosen.config.zero.offload_optimizer) == (2, "cpu")
+    with pytest.raises(ConfigError) as info:  # optimizer offload not allowed: nothing without ZeRO-3 fits
+        plan_for(tmp_path, model, launch=small, train={"compile": True})
+    text = str(info.value)
+    assert "zero.stage: auto did not try ZeRO-3: train.compile is true" in text
+    assert "would fit: offload: ZeRO-2 with the optimizer offloaded to CPU fits (zero.offload_optimizer: cpu" in text
+
+
+def test_compile_with_sequence_parallelism_or_experts_is_refused(tmp_path):
+    """Neither has been verified compiled: the config says so before a job is queued."""
+    with pytest.raises(ConfigError) as info:
+        validate_config(run_config(tmp_path, model_dir(tmp_path), train={"compile": True, "sequence_parallel": 2},
+                                   zero={"stage": 2}))
+    assert any(p.startswith("train.sequence_parallel: 2 with train.compile: true has not been verified")
+               and "allowed with compile: 1" in p for p in info.value.problems)
+    mixtral = model_dir(tmp_path, "mixtral_8x7b")
+    plan_for(tmp_path, mixtral, zero={"stage": 2}, launch={"gpu_memory_gb": 400})  # uncompiled, the plan is made
+    with pytest.raises(ConfigError, match="train.compile: true is not allowed for .*mixtral_8x7b, a mixture-of-"):
+        plan_for(tmp_path, mixtral, train={"compile": True}, zero={"stage": 2}, launch={"gpu_memory_gb": 400})
