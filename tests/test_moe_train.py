@@ -78,7 +78,7 @@ def test_packed_4d_masks_and_checkpoint_recomputation():
     model = tiny_model("mixtral")
     with pytest.raises(RuntimeError, match="must match the size of tensor"):
         model(**batch.model_inputs(), output_router_logits=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     aux = router_aux_loss(model, 0.5, world=1)
     calls = []

@@ -64,7 +64,7 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
         dtype=DTYPES[cfg.train.precision], attn_implementation=attn_implementation or attention, **experts)
     model.config.use_cache = False
     if cfg.train.recomputes:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
