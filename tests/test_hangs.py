@@ -56,3 +56,21 @@ def test_rank_stuck_in_data_loading_is_dumped_and_the_job_restarts(tmp_path, tin
     status = shardtune("status", str(run)).stdout
     assert str(RunDir(run).stack_file(1)) in status and "heartbeats  2 ranks" in status
     assert time.time() - started < 200
+
+
+def test_the_heartbeat_file_tightens_to_the_stall_timeout_as_soon_as_training_runs(tmp_path):
+    """A process frozen right after its first steps must not get the startup timeout from a monitor outside just
+    because the periodic write had not come round yet (seen: frozen at step 5 < 5 s after start, 20 min allowed)."""
+    from trainer.watchdog import Heartbeat
+
+    run = RunDir(tmp_path)
+    heartbeat = Heartbeat(run, 0, stall_timeout_s=6, startup_timeout_s=1200, write_every_s=3600).start()
+    try:
+        read = lambda: json.loads(run.heartbeat_file(0).read_text())  # noqa: E731
+        assert read()["allowance_s"] == 1200
+        heartbeat.beat("train", 1)
+        assert read()["allowance_s"] == 1200  # the first step may still compile, load and warm up
+        heartbeat.beat("train", 2)
+        assert read()["allowance_s"] == 6 and read()["step"] == 2
+    finally:
+        heartbeat.stop()

@@ -36,6 +36,7 @@ class Heartbeat:
         self.path = run_dir.heartbeat_file(rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
+        self._write_lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="shardtune-watchdog", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -47,9 +48,13 @@ class Heartbeat:
         """Progress: the loop entered a new phase (cheap enough to call several times per step)."""
         self.phase, self.changed = phase, time.monotonic()
         if step is not None:
-            if step > self.step and self.step > 0:
-                self.first_step_done = True
+            started = step > self.step and self.step > 0 and not self.first_step_done
             self.step = step
+            if started:
+                self.first_step_done = True
+                # At once, not at the next periodic write: until the file says so, a monitor outside allows a
+                # process frozen now the startup timeout, not the stall timeout.
+                self._try_write()
 
     def _allowance(self) -> float:
         return self.stall if self.first_step_done else self.startup
@@ -61,17 +66,21 @@ class Heartbeat:
                   "phase": self.phase, "state": state, "time": time.time(),
                   "since_progress_s": round(time.monotonic() - self.changed, 1), "allowance_s": self._allowance(),
                   "write_every_s": self.write_every, "attempt": ATTEMPT, **({"reason": reason} if reason else {})}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        with self._write_lock:  # the loop's thread and the watchdog's both write
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, self.path)
+
+    def _try_write(self) -> None:
+        try:
+            self._write()
+        except OSError:
+            pass  # a full or flaky filesystem must not kill a healthy rank
 
     def _watch(self) -> None:
         while not self._stop.wait(min(self.write_every, max(self._allowance() / 4, 0.5))):
             idle = time.monotonic() - self.changed
-            try:
-                self._write()
-            except OSError:
-                pass  # a full or flaky filesystem must not kill a healthy rank
+            self._try_write()
             if idle > self._allowance():
                 self._dump_and_exit(idle)
 
