@@ -104,7 +104,7 @@ def job_config(tmp_path, model, **train):
 
 
 def submitted_job(run_dir) -> str:
-    return slurm.read_jobs(run_dir)[-1]["job_id"]
+    return RunDir(run_dir).read_jobs()[-1]["job_id"]
 
 
 def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, reference):
@@ -115,7 +115,7 @@ def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, referen
     assert losses(run) == reference
     leaked = [p for p in run.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
     assert not leaked, f"the credential was written into the run directory: {leaked}"
-    log = (run / f"slurm-{submitted_job(run)}.out").read_text(errors="replace")
+    log = RunDir(run).slurm_log(submitted_job(run)).read_text(errors="replace")
     assert re.search(r"^0: == node 0 \(n1\) starting torchrun", log, re.M)
     assert re.search(r"^1: == node 1 \(n2\) starting torchrun", log, re.M)
     status = shardtune("status", str(run)).stdout
@@ -194,5 +194,5 @@ def test_two_node_job_survives_an_end_of_run_export_slower_than_a_minute(tmp_pat
     status = RunDir(run).read_status()
     assert status["state"] == "completed" and status["step"] == 3
     assert (RunDir(run).final / "config.json").is_file() and list((RunDir(run).final).glob("*.safetensors"))
-    log = (run / f"slurm-{submitted_job(run)}.out").read_text(errors="replace")
+    log = RunDir(run).slurm_log(submitted_job(run)).read_text(errors="replace")
     assert "attempt 0" in log and "attempt 1" not in log
