@@ -82,7 +82,10 @@ def zero_defaults(cfg: RunConfig, hidden_size: Optional[int], params: Optional[i
     does not read the number at all).
     """
     bucket = bucket_elements(precision_for(cfg.launch.device, cfg.train.precision), params)
-    overlap = cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else cfg.launch.device == "cuda"
+    # On GPUs always; on CPU at ZeRO-3 (DeepSpeed's own default there), where overlapping the reduce-scatter
+    # with backward measured 1.13 × the steps without it (bench/RESULTS.md, "A/B of the tuning defaults").
+    overlap = (cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None
+               else cfg.launch.device == "cuda" or cfg.zero.stage == 3)
     return {"overlap_comm": overlap, "reduce_bucket_size": bucket, "allgather_bucket_size": DEFAULT_BUCKET,
             "stage3_prefetch_bucket_size": bucket,
             "stage3_param_persistence_threshold": 10 * (hidden_size or 1000)}
