@@ -66,7 +66,11 @@ def make_tiny_llama(out_dir: str | Path, hidden: int = 64, layers: int = 2, head
                          max_position_embeddings=4096, tie_word_embeddings=tie_embeddings,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return save_with_tokenizer(LlamaForCausalLM(config), tokenizer, out)
+
+
+def save_with_tokenizer(model, tokenizer, out: Path) -> Path:
+    """Write a freshly built model with its tokenizer, generation ending at the tokenizer's eos."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

@@ -43,17 +43,11 @@ def make_tiny_moe(out_dir: str | Path, model_type: str, seed: int = 0, **overrid
     import torch
     from transformers import AutoModelForCausalLM
 
-    from examples.tiny_model import make_tokenizer
+    from examples.tiny_model import make_tokenizer, save_with_tokenizer
 
     out = Path(out_dir)
     tokenizer = make_tokenizer(512)
     config = tiny_moe_config(model_type, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_with_tokenizer(AutoModelForCausalLM.from_config(config), tokenizer, out)
