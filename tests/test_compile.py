@@ -1,6 +1,8 @@
 """train.compile: a compiled model trains like the eager one on packed samples kept apart by block masks, with
 parameter names unchanged in the export, and a compiled run that is stopped and relaunched continues with the losses
 of an uninterrupted one. ZeRO-3 is refused, by config validation and by the planner's `zero.stage: auto`.
+`train.compile: auto` (the default) compiles a run long enough to repay compiling, at ZeRO 0-2 without sequence
+parallelism or experts, on a host with a compiler for the device; the rule is launcher.planning.compile_choice.
 
 The runs are at ZeRO-2: compile wraps the module alone, so ZeRO-0/1/2 run the same compiled forward and backward,
 and ZeRO-2 is the stage whose gradient reduction fires from hooks inside that backward. Whether compile is worth it
@@ -16,6 +18,9 @@ from launcher.cli import main as cli_main
 from launcher.contract.config import validate_config
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
+from launcher.planning.compile_choice import COMPILE_MIN_STEPS
+from launcher.planning.host import FusedAdamStatus, HostFacts
+from launcher.planning.plan import build_plan
 
 from conftest import losses, shardtune, tiny_config
 
@@ -30,7 +35,8 @@ def uninterrupted(tmp_path_factory, tiny_model):
     def get(compile: bool) -> tuple[RunDir, str]:
         if compile not in runs:
             where = tmp_path_factory.mktemp("compiled" if compile else "eager")
-            cfg = tiny_config(where, tiny_model, train={"max_steps": STEPS, "compile": compile}, zero={"stage": 2})
+            train = {"max_steps": STEPS} if not compile else {"max_steps": STEPS, "compile": True}  # eager: auto
+            cfg = tiny_config(where, tiny_model, train=train, zero={"stage": 2})
             runs[compile] = RunDir(where / "run"), shardtune("launch", str(cfg)).stderr
         return runs[compile]
 
@@ -44,6 +50,7 @@ def test_compiled_model_trains_like_the_eager_one(uninterrupted):
     first = compiled.train_metrics()[0]
     assert first["compiled"] is True  # DeepSpeed's engine says so, not our flag
     assert first["data/samples"] > first["data/sequences"], "packed rows: the block-mask path must be exercised"
+    assert eager.train_metrics()[0]["compiled"] is False  # train.compile: auto leaves a 6-step run eager
     got, want = losses(compiled.path), losses(eager.path)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:  # inductor reorders float sums: equal to float32 rounding, not bit for bit
@@ -109,3 +116,35 @@ def test_compile_with_sequence_parallelism_or_experts_is_refused(tmp_path):
     plan_for(tmp_path, mixtral, zero={"stage": 2}, launch={"gpu_memory_gb": 400})  # uncompiled, the plan is made
     with pytest.raises(ConfigError, match="train.compile: true is not allowed for .*mixtral_8x7b, a mixture-of-"):
         plan_for(tmp_path, mixtral, train={"compile": True}, zero={"stage": 2}, launch={"gpu_memory_gb": 400})
+
+
+GPU_NODE = HostFacts(8, FusedAdamStatus(True, "prebuilt (simulated)"), triton=True)
+
+
+@pytest.mark.parametrize("train, stage, host, compiled, why", [
+    ({"max_steps": COMPILE_MIN_STEPS}, 2, GPU_NODE, True, "repays itself within 200 steps"),
+    ({"max_steps": COMPILE_MIN_STEPS - 1}, 2, GPU_NODE, False, "train.max_steps 199 < 200"),
+    ({"max_steps": 5000}, 3, GPU_NODE, False, "ZeRO-3 breaks the graph"),
+    ({"max_steps": 5000, "sequence_parallel": 2}, 2, GPU_NODE, False, "train.sequence_parallel 2"),
+    ({"max_steps": 5000}, 1, HostFacts(8, GPU_NODE.fused_adam, triton=False), False, "triton is not installed"),
+])
+def test_compile_auto_compiles_long_runs_where_compiling_is_verified(tmp_path, train, stage, host, compiled, why):
+    plan = build_plan(validate_config(run_config(tmp_path, model_dir(tmp_path), train=train, zero={"stage": stage})),
+                      host=host)
+    assert plan.config.train.compile is compiled
+    (note,) = [n for n in plan.notes if n.startswith("train.compile=auto")]
+    assert why in note and note.startswith(f"train.compile=auto -> {str(compiled).lower()}")
+
+
+def test_compile_auto_leaves_experts_and_cpu_hosts_without_a_compiler_eager(tmp_path):
+    moe = run_config(tmp_path, model_dir(tmp_path, "olmoe_1b_7b"), train={"max_steps": 5000}, zero={"stage": 2})
+    assert build_plan(validate_config(moe), host=GPU_NODE).config.train.compile is False
+    cpu = run_config(tmp_path, model_dir(tmp_path, "smollm2_135m"), train={"max_steps": 5000, "precision": "fp32"},
+                     zero={"stage": 2},
+                     launch={"device": "cpu", "nodes": 1, "procs_per_node": 2, "rdzv_endpoint": None})
+    no_cxx = HostFacts(0, FusedAdamStatus(False, "no nvcc"), cxx=None)
+    plan = build_plan(validate_config(cpu), host=no_cxx)
+    assert plan.config.train.compile is False and any("no C++ compiler" in n for n in plan.notes)
+    assert build_plan(validate_config(cpu), host=HostFacts(0, no_cxx.fused_adam, cxx="/usr/bin/g++")
+                      ).config.train.compile is True
+

@@ -180,15 +180,14 @@ def test_preflight_on_two_slurm_nodes(tmp_path, tiny_model, cluster):
 
 
 def test_two_node_job_survives_an_end_of_run_export_slower_than_a_minute(tmp_path, tiny_model, cluster):
-    """Only rank 0 exports, so the other node's ranks finish first. torchrun's agents wait for each other at
-    exit for up to 300 s (its fixed exit barrier), and then `srun --wait=60` used to kill the head node
-    mid-export: for exports over ~6 minutes (a 70B model), no final/, status 'running', a requeue that
-    resumed at max_steps. Here the export is slowed to 90 s, which the exit barrier alone still covers, so
-    this checks the end of a slow run completes; the script itself no longer bounds a working rank
-    (tests/test_gpu_paths.py checks srun has no --wait)."""
+    """`srun --wait=60` used to kill a node 60 s after the other node's ranks exited: for exports longer than
+    that (a 70B model), no final/, status 'running', a requeue that resumed at max_steps. Here rank 0 enters
+    the export 70 s after the others (they wait for it at the export's first gather), so the run's last 70 s are
+    one working node; the run must complete with its export (tests/test_gpu_paths.py checks srun has no
+    --wait)."""
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, launch=SLURM,
                       slurm={"time": "10", "max_requeues": 0})
-    proc = shardtune("launch", str(cfg), "--wait", env={"SHARDTUNE_FAULTS": "slow_export@0:0=90"}, timeout=900)
+    proc = shardtune("launch", str(cfg), "--wait", env={"SHARDTUNE_FAULTS": "slow_export@0:0=70"}, timeout=900)
     assert "COMPLETED" in proc.stdout
     run = tmp_path / "run"
     status = RunDir(run).read_status()

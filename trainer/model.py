@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from launcher.contract.config import RunConfig
+from launcher.contract.errors import UserError
+from launcher.planning.host import HostFacts, cxx_compiler
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,12 +70,18 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     return model
 
 
-def compile_model(engine) -> None:
+def compile_model(engine, device: str) -> None:
     """torch.compile the model DeepSpeed wraps, in place (nn.Module.compile through engine.compile), so its
     parameters keep their names: checkpoints, resume and the export see the eager model. The first steps pay
     for the compilation (inductor caches the kernels on disk for later runs); shapes that change from
     micro-batch to micro-batch (packed widths, block masks) are compiled once more as dynamic. ZeRO-3 never gets
-    here: config validation refuses it (config.COMPILE_AND_ZERO3 says why)."""
+    here: config validation refuses it (config.COMPILE_AND_ZERO3 says why). The plan checked for a compiler on
+    the machine that planned; this node is checked again, before the first step would fail in inductor."""
+    triton = importlib.util.find_spec("triton") is not None
+    problem = HostFacts(0, None, cxx=cxx_compiler(), triton=triton).compile_problem(device)
+    if problem is not None:
+        raise UserError(f"train.compile: the model cannot be compiled on this node: {problem}; install it or set "
+                        f"train.compile: false")
     engine.compile()
 
 

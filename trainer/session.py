@@ -176,11 +176,13 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
-        if t.compile:
-            compile_model(self.engine)
+        if t.compile == "auto" and blocks:
+            self.tracker.message("train.compile=auto -> false: a mixture-of-experts model is not verified compiled")
+        if t.compile is True or (t.compile == "auto" and not blocks):
+            compile_model(self.engine, self.dist.device)
             self.tracker.message("train.compile: the model is compiled (torch.compile through DeepSpeed); the first "
                                  "steps include compiling it")
-            self.tracker.log_with_next({"compiled": bool(self.engine.is_compiled)})
+        self.tracker.log_with_next({"compiled": bool(self.engine.is_compiled)})
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer

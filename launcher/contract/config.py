@@ -192,10 +192,11 @@ class TrainConfig(Section):
     """Run each MLP over tiles of the sequence and recompute them in backward (DeepSpeed's TiledMLP): its
     intermediate activations never exist for the whole sequence. For the longest sequences; costs one more
     MLP forward."""
-    compile: bool = False
+    compile: Union[bool, Literal["auto"]] = "auto"
     """torch.compile the model (DeepSpeed's engine.compile; parameter names, checkpoints and the export stay
-    the eager model's). ZeRO stages 0-2 only: ZeRO-3's per-module parameter gathers break the graph at every
-    module. Off by default until measured to help: see the README's Performance section."""
+    the eager model's). `auto`: on for runs of at least 200 steps at ZeRO 0-2 without sequence parallelism or
+    experts, where compiling repays its start-up (launcher.planning.compile_choice says why each is excluded);
+    `true` needs ZeRO stage 0-2: ZeRO-3's per-module parameter gathers break the graph at every module."""
     log_every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
@@ -479,7 +480,7 @@ def sequence_parallel_problems(cfg: RunConfig) -> list[str]:
     """
     t, world, attn = cfg.train, cfg.launch.world_size, cfg.model.attn_implementation
     sp = t.sequence_parallel
-    if t.compile and sp != 1:
+    if t.compile is True and sp != 1:
         return [f"train.sequence_parallel: {sp!r} with train.compile: true has not been verified (DeepSpeed's Ulysses "
                 f"all-to-all autograd functions under torch.compile); allowed with compile: 1, or set "
                 f"train.compile: false"]
@@ -524,7 +525,7 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     replicas = world // sp
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
-    if t.compile and z.stage == 3:
+    if t.compile is True and z.stage == 3:
         problems.append(f"train.compile: true needs zero.stage 0, 1, 2 or auto (auto then plans without stage 3), "
                         f"got stage 3: {COMPILE_AND_ZERO3}; set train.compile: false to train at stage 3")
     if z.offload_optimizer != "none" and z.stage == 0:

@@ -33,10 +33,31 @@ class HostFacts:
     fused_adam: FusedAdamStatus
     slurm_node_cpus: Optional[int] = None
     """CPUs of one node of the partition the job goes to (sinfo), when SLURM answers."""
+    cxx: Optional[str] = "c++"
+    """The C++ compiler torch.compile's inductor builds CPU kernels with (None: none found)."""
+    triton: bool = False
+    """Whether triton, which inductor generates GPU kernels for, is installed."""
 
     @classmethod
     def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> HostFacts:
-        return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None)
+        return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None,
+                   cxx_compiler(), importlib.util.find_spec("triton") is not None)
+
+    def compile_problem(self, device: str) -> Optional[str]:
+        """Why torch.compile cannot build kernels for `device` here (None: it can)."""
+        if device == "cuda":
+            return None if self.triton else "triton is not installed (inductor generates GPU kernels with it)"
+        return None if self.cxx else ("no C++ compiler (inductor builds CPU kernels with $CXX, g++, c++ or "
+                                      "clang++; none is on PATH)")
+
+
+def cxx_compiler(environ: Optional[dict] = None) -> Optional[str]:
+    """The C++ compiler inductor would use on CPU: $CXX, then g++, c++, clang++ on PATH."""
+    env = os.environ if environ is None else environ
+    for name in [env.get("CXX"), "g++", "c++", "clang++"]:
+        if name and (found := shutil.which(name)):
+            return found
+    return None
 
 
 def driver_gpu_count() -> int:

@@ -58,7 +58,7 @@ def auto_fields(cfg: RunConfig) -> list[str]:
 
 def stages_for(cfg: RunConfig) -> tuple[int, ...]:
     """The ZeRO stages the planner may choose: train.compile rules out ZeRO-3 (see config.COMPILE_AND_ZERO3)."""
-    return (0, 1, 2) if cfg.train.compile else (0, 1, 2, 3)
+    return (0, 1, 2) if cfg.train.compile is True else (0, 1, 2, 3)
 
 
 def margins_for(cfg: RunConfig) -> Margins:

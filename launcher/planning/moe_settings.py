@@ -21,7 +21,7 @@ NO_AUX_LOSS = ("deepseek_v2", "deepseek_v3")
 def compile_problem(cfg: RunConfig) -> Optional[str]:
     """Why train.compile is refused for a mixture-of-experts model (None when compile is off): compiled routing
     (data-dependent token counts per expert) and the router-loss recorder have not been verified."""
-    if not cfg.train.compile:
+    if cfg.train.compile is not True:
         return None
     return (f"train.compile: true is not allowed for {cfg.model.name_or_path}, a mixture-of-experts model: compiled "
             f"routing (a data-dependent number of tokens per expert) and the router load-balancing loss have not "

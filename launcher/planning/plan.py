@@ -18,6 +18,7 @@ from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import plan_checkpoint
 from launcher.planning.chunked_loss import loss_chunk_tokens, resolve_chunked_loss
+from launcher.planning.compile_choice import resolve_compile
 from launcher.planning.deepspeed_config import render_deepspeed_config
 from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
 from launcher.planning.host import HostFacts
@@ -71,6 +72,8 @@ def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig
     if auto_fields(cfg):
         notes += apply_auto_choice(cfg, model_config)
     t = cfg.train
+    t.compile, note = resolve_compile(cfg, model_config, host)
+    notes += [note] if note else []
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError([f"train.resume: {t.resume} does not exist "
                            f"(use auto, never or an existing checkpoint directory)"])
