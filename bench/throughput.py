@@ -648,7 +648,8 @@ def main(argv=None) -> int:
         print(f"[{time.time() - started:6.0f} s] {msg}", flush=True)
 
     cells, info = prepare_cells(args, work, log)
-    warm_up(cells[0], work, args, log)
+    if not args.quick:  # a quick run's numbers are not judged: it need not even out the first contender's start
+        warm_up(cells[0], work, args, log)
     if args.wait_for_load:
         wait_for_quiet(args.wait_for_load, args.wait_timeout, log)
     measuring = time.time()
