@@ -52,7 +52,7 @@ def test_the_chunked_loss_holds_one_chunk_not_the_logits():
     chunk = loss_chunk_tokens(v)
     assert chunk == 128 and chunk * v * 4 <= 64 * 2 ** 20  # one chunk's fp32 logits within the budget
     full = logits_bytes(LLAMA, 4, 4096, "bf16")
-    assert full == 4 * 4096 * v * (e + 12)  # the 4 × 4096 × 128k: ~8.6 GB of fp32 logits and more
+    assert full == 4 * 4096 * v * 12  # the 4 × 4096 × 128k: ~8.6 GB of fp32 logits and more
     chunked = logits_bytes(LLAMA, 4, 4096, "bf16", chunk_tokens=chunk)
     assert chunked == chunk * v * (4 + e) + (4 + e) * v * h + e * 4 * 4096 * h
     assert chunked < full / 4

@@ -304,10 +304,13 @@ def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype
                  chunk_tokens: Optional[int] = None, sequence_parallel: int = 1) -> int:
     """The loss's share: with a 128k vocabulary this rivals all of a layer stack's activations.
 
-    transformers' ForCausalLMLoss upcasts the e-byte logits to fp32 and runs cross-entropy, which keeps
-    its fp32 log-softmax output; backward then holds the fp32 gradient in and out of log-softmax while
-    the model output still references the e-byte logits: (e + 4 + 4 + 4)·b·s·V bytes (14 for bf16,
-    measured exactly on CPU). Gemma2's final soft-capping keeps one more e-byte copy.
+    The full-logits loss (trainer.model.token_loss_sum) upcasts the e-byte logits to fp32 and runs
+    cross-entropy, which keeps its fp32 log-softmax output; the logits themselves are freed once the loss is
+    formed (the trainer keeps no model output), and backward holds the fp32 gradient in and out of
+    log-softmax next to that output: 12·b·s·V bytes at any precision (measured exactly on CPU; forward's
+    e + 4 + 4 is smaller). A loop that keeps the model output through backward, as the HF Trainer does with
+    transformers' ForCausalLMLoss, holds the e-byte logits too. Gemma2's final soft-capping keeps one more
+    e-byte copy inside the model.
 
     The chunked loss (chunk_tokens set; trainer/loss.py) holds one chunk's fp32 logits, turned into their
     gradient in place (plus its e-byte copy below fp32), the head's weight gradient accumulated in fp32
@@ -321,7 +324,7 @@ def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype
         narrow = e if e < 4 else 0
         return min(chunk_tokens, t) * v * (4 + narrow) + (4 + narrow) * v * h + e * t * h
     lay = ACTIVATION_LAYOUTS.get(counts.architecture, _ActivationLayout())
-    per_token = (e + 12 + (e if lay.logit_softcap else 0)) * v
+    per_token = (12 + (e if lay.logit_softcap else 0)) * v
     return t * per_token
 
 
