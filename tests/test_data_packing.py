@@ -156,3 +156,29 @@ def test_rows_of_one_sample_skip_the_mask_and_keep_their_losses(chat_prepared, m
         ref = token_losses(model, one)[0]
         trained = one.targets[0] != IGNORE
         torch.testing.assert_close(losses[row, :len(sample_ids)][trained], ref[trained], atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_models_batches_have_one_width_and_keep_their_losses(chat_prepared, model):
+    """collate(width=seq_len), as for a compiled model: every batch as wide as seq_len and, since the data packs
+    samples, masked even when its rows hold one sample each; the real positions' losses are unchanged."""
+    seq_len = 128  # tiny_config's data.seq_len
+    a, b = alone(chat_prepared.train, 0, 0), alone(chat_prepared.train, 0, 1)
+    rows = [(a,), (b,), (a, b)]  # two rows of one sample, then both packed in one row
+    ids = np.concatenate([s[0] for row in rows for s in row]).astype(np.int32)
+    labels = np.concatenate([s[1] for row in rows for s in row]).astype(np.int32)
+    seq_starts = np.cumsum([0] + [sum(len(s[0]) for s in row) for row in rows])
+    data = PackedSet(ids, labels, seq_starts, np.array([len(s[0]) for row in rows for s in row], np.int32),
+                     np.cumsum([0] + [len(row) for row in rows]), np.zeros(len(rows)))
+    assert data.packs_samples
+    lone = collate(data, np.array([0, 1]), pad_id=0)
+    assert lone.attention_mask is None and lone.input_ids.shape[1] < seq_len  # what width= changes
+    for chosen in (np.array([0, 1]), np.array([1, 2])):
+        fixed = collate(data, chosen, pad_id=0, width=seq_len)
+        loose = collate(data, chosen, pad_id=0)
+        assert fixed.input_ids.shape == (2, seq_len) and fixed.attention_mask is not None
+        w = loose.input_ids.shape[1]
+        assert torch.equal(fixed.targets[:, :w], loose.targets)
+        assert (fixed.targets[:, w:] == IGNORE).all()
+        trained = loose.targets != IGNORE
+        torch.testing.assert_close(token_losses(model, fixed)[:, :w][trained], token_losses(model, loose)[trained],
+                                   atol=1e-5, rtol=1e-5)

@@ -96,6 +96,8 @@ class Loop:
     """This rank's sequence-parallel group: which rows it takes, which slice of them, how its loss is scaled."""
     activation_offload: Callable[[], AbstractContextManager] = contextlib.nullcontext
     """Context around each micro-batch's forward and backward (checkpointed inputs offloaded to the host)."""
+    width: Optional[int] = None
+    """A compiled model's one batch width (data.seq_len); None: each micro-batch as wide as its longest row."""
 
     def run(self, state: TrainState) -> TrainState:
         while state.step < self.max_steps:
@@ -148,7 +150,8 @@ class Loop:
     def batch(self, indices: np.ndarray, step: int) -> Batch:
         self.heartbeat.beat("data", step)
         self.faults.loading_batch(step)
-        batch = collate(self.data, indices, self.pad_id, self.separation, multiple_of=self.sp.multiple_of)
+        batch = collate(self.data, indices, self.pad_id, self.separation, multiple_of=self.sp.multiple_of,
+                        width=self.width)
         return self.sp.shard(batch).to(self.dist.device)
 
     def loss_finite_everywhere(self, step_loss: torch.Tensor, skipped: bool) -> bool:
@@ -178,7 +181,7 @@ def _float(value) -> Optional[float]:
 
 def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pad_id: int, separation: Separation,
                   loss: LossFn = full_logits_loss, sp: SequenceParallel = SequenceParallel(),
-                  heartbeat: Optional[NoHeartbeat] = None) -> dict:
+                  heartbeat: Optional[NoHeartbeat] = None, width: Optional[int] = None) -> dict:
     """Token-weighted loss and perplexity over the whole eval set, each data-parallel replica taking every
     replicas-th batch (the ranks of a sequence-parallel group each compute their slice of the same batch)."""
     engine.eval()
@@ -194,7 +197,7 @@ def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pa
             if heartbeat is not None:
                 heartbeat.beat("eval")  # progress: a long evaluation is not a stall
             indices = mine[r] if r < len(mine) else batches[0]
-            batch = collate(data, indices, pad_id, separation, multiple_of=sp.multiple_of)
+            batch = collate(data, indices, pad_id, separation, multiple_of=sp.multiple_of, width=width)
             batch = sp.shard(sp.fill_rows(batch, micro_batch_size)).to(dist.device)
             loss_sum = loss(engine, batch)
             if r < len(mine):

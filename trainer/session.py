@@ -190,6 +190,8 @@ class Session:
         if self.sp.size > 1:
             self.separation = "none"  # the attention finds the samples in the position ids (sequence_parallel.py)
         self.pad_id = pad_id_of(self.tokenizer)
+        # A compiled model sees one batch shape: otherwise every packed width and mask/no-mask variant recompiles.
+        self.width = cfg.data.seq_len if self.engine.is_compiled else None
         # The first metrics row says what MFU is measured against.
         self.tracker.log_with_next({"peak_tflops": self.peak["tflops"], "peak_tflops_source": self.peak["source"]})
         window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), self.peak["tflops"],
@@ -201,7 +203,7 @@ class Session:
             max_bad_steps=t.max_bad_steps, window=window, on_log=self.on_log, on_step_end=self.on_step_end,
             heartbeat=self.heartbeat, faults=self.faults,
             skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux,
-            loss=self.loss, sp=self.sp, activation_offload=offload)
+            loss=self.loss, sp=self.sp, activation_offload=offload, width=self.width)
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)
@@ -267,7 +269,7 @@ class Session:
     def eval_held_out(self) -> dict:
         self.heartbeat.beat("eval")
         return held_out_loss(self.engine, self.data.eval, self.dist, self.cfg.train.micro_batch_size, self.pad_id,
-                             self.separation, self.loss, self.sp, self.heartbeat)
+                             self.separation, self.loss, self.sp, self.heartbeat, self.width)
 
     def _write_extras(self, ckpt: Path, write_file) -> None:
         module = self.engine.module

@@ -72,11 +72,17 @@ def varlen_kwargs(segments: np.ndarray) -> dict:
 
 
 def collate(data: PackedSet, indices: np.ndarray, pad_id: int, separation: Separation = "mask",
-            multiple_of: int = 8) -> Batch:
-    """Pad the chosen sequences to the longest (rounded up to multiple_of) and build ids, positions, targets."""
+            multiple_of: int = 8, width: Optional[int] = None) -> Batch:
+    """Pad the chosen sequences to the longest (rounded up to multiple_of) and build ids, positions, targets.
+
+    `width` set (a compiled model): every batch is padded to it and, when the data packs samples at all,
+    always carries its separation mask, so the compiled graph sees one shape and one set of inputs instead of
+    recompiling per width and per mask/no-mask.
+    """
     seqs = [data.sequence(int(k)) for k in indices]
     longest = max(len(tokens) for tokens, _, _ in seqs)
-    width = -(-longest // multiple_of) * multiple_of
+    static = width is not None
+    width = max(width or 0, -(-longest // multiple_of) * multiple_of)
     n = len(seqs)
     ids = np.full((n, width), pad_id, dtype=np.int64)
     labels = np.full((n, width), IGNORE, dtype=np.int64)
@@ -103,7 +109,7 @@ def collate(data: PackedSet, indices: np.ndarray, pad_id: int, separation: Separ
         varlen = varlen_kwargs(segments)
     # Rows that each hold one sample need only causal attention (trailing padding carries no loss): without
     # a mask sdpa can take its fastest kernel, and no rows × width² tensor is built and copied.
-    elif separation == "mask" and any(len(lens) > 1 for _, _, lens in seqs):
+    elif separation == "mask" and ((static and data.packs_samples) or any(len(lens) > 1 for _, _, lens in seqs)):
         seg = torch.from_numpy(segments)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,11 @@ class PackedSet:
     def sequence(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = self.seq_starts[k], self.seq_starts[k + 1]
         return self.tokens[a:b], self.labels[a:b], self.sample_lens[self.sample_starts[k]:self.sample_starts[k + 1]]
+
+    @cached_property
+    def packs_samples(self) -> bool:
+        """Whether any sequence holds more than one sample (its batches may need a mask to keep them apart)."""
+        return bool((np.diff(self.sample_starts) > 1).any())
 
     def sample_lengths(self, indices: np.ndarray) -> np.ndarray:
         """Lengths of every sample packed into the given sequences (for token, sample and FLOP counts)."""
