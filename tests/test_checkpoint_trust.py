@@ -118,7 +118,7 @@ def test_a_fresh_start_refuses_to_overwrite_an_earlier_run_unless_told(tmp_path,
 
 
 def test_a_second_launch_into_a_live_run_is_refused_and_a_relaunch_after_it_resumes(tmp_path, tiny_model):
-    cfg = config(tmp_path, tiny_model, train={"max_steps": 400, "save_every": 2})
+    cfg = config(tmp_path, tiny_model, train={"max_steps": 400, "save_every": 2, "compile": False})  # long: compile off
     first = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO)
     run = RunDir(tmp_path / "run")

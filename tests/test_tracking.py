@@ -1,6 +1,7 @@
 """Observability: metrics.jsonl and the wandb run agree, one run per job, no secrets on disk, honest FLOPs."""
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -171,7 +172,9 @@ def test_report_writes_readable_pngs(tmp_path, tiny_model):
 def test_wandb_failure_never_stops_training(tmp_path, tiny_model):
     """Online without any API key fails at init: the run goes on offline, with one warning."""
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, wandb={"mode": "online"})
-    proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path)})
+    # A HOME without credentials; DeepSpeed's JIT-built ops stay where they are (a new HOME would rebuild them).
+    ops = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": ops})
     assert proc.stderr.count("wandb: online init failed") == 1
     assert len(find_runs(tmp_path / "run" / "wandb")) == 1
     assert [r["step"] for r in RunDir(tmp_path / "run").train_metrics()] == [1, 2, 3]
