@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
-from launcher.planning.host import HostFacts, cxx_compiler
+from launcher.planning.host import cxx_compiler, inductor_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,7 +78,7 @@ def compile_model(engine, device: str) -> None:
     here: config validation refuses it (config.COMPILE_AND_ZERO3 says why). The plan checked for a compiler on
     the machine that planned; this node is checked again, before the first step would fail in inductor."""
     triton = importlib.util.find_spec("triton") is not None
-    problem = HostFacts(0, None, cxx=cxx_compiler(), triton=triton).compile_problem(device)
+    problem = inductor_problem(device, cxx_compiler(), triton)
     if problem is not None:
         raise UserError(f"train.compile: the model cannot be compiled on this node: {problem}; install it or set "
                         f"train.compile: false")

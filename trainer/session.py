@@ -19,6 +19,7 @@ from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
+from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
@@ -177,7 +178,7 @@ class Session:
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
         if t.compile == "auto" and blocks:
-            self.tracker.message("train.compile=auto -> false: a mixture-of-experts model is not verified compiled")
+            self.tracker.message(f"train.compile=auto -> false: {EXPERTS_NOT_VERIFIED}")
         if t.compile is True or (t.compile == "auto" and not blocks):
             compile_model(self.engine, self.dist.device)
             self.tracker.message("train.compile: the model is compiled (torch.compile through DeepSpeed); the first "

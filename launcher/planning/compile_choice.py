@@ -21,6 +21,7 @@ from launcher.planning.host import HostFacts
 from launcher.planning.moe_size import has_experts
 
 COMPILE_MIN_STEPS = 200
+EXPERTS_NOT_VERIFIED = "a mixture-of-experts model is not verified compiled"
 
 
 def compile_blockers(cfg: RunConfig, model_config: Optional[dict[str, Any]], host: HostFacts) -> list[str]:
@@ -34,7 +35,7 @@ def compile_blockers(cfg: RunConfig, model_config: Optional[dict[str, Any]], hos
     if t.sequence_parallel != 1:
         reasons.append(f"train.sequence_parallel {t.sequence_parallel} is not verified compiled")
     if model_config is not None and has_experts(model_config):
-        reasons.append("a mixture-of-experts model is not verified compiled")
+        reasons.append(EXPERTS_NOT_VERIFIED)
     if (problem := host.compile_problem(cfg.launch.device)) is not None:
         reasons.append(problem)
     return reasons

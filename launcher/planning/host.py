@@ -45,10 +45,15 @@ class HostFacts:
 
     def compile_problem(self, device: str) -> Optional[str]:
         """Why torch.compile cannot build kernels for `device` here (None: it can)."""
-        if device == "cuda":
-            return None if self.triton else "triton is not installed (inductor generates GPU kernels with it)"
-        return None if self.cxx else ("no C++ compiler (inductor builds CPU kernels with $CXX, g++, c++ or "
-                                      "clang++; none is on PATH)")
+        return inductor_problem(device, self.cxx, self.triton)
+
+
+def inductor_problem(device: str, cxx: Optional[str], triton: bool) -> Optional[str]:
+    """Why inductor cannot build kernels for `device` with this compiler and triton (None: it can)."""
+    if device == "cuda":
+        return None if triton else "triton is not installed (inductor generates GPU kernels with it)"
+    return None if cxx else ("no C++ compiler (inductor builds CPU kernels with $CXX, g++, c++ or clang++; none "
+                             "is on PATH)")
 
 
 def cxx_compiler(environ: Optional[dict] = None) -> Optional[str]:
