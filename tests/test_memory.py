@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,27 @@ def test_fp32_master_copy_only_under_zero_and_offload_moves_states_to_the_host()
     plain = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8))
     assert plain.model_states == 16 * psi // n and plain.host["offloaded_optimizer"] == 0
     assert off.device_total < plain.device_total
+
+
+def test_zero3_gathers_a_whole_decoder_layer_when_its_layers_are_leaf_modules():
+    """A compiled model's decoder layers are ZeRO-3 leaf modules: the gather unit is a layer, not its largest matrix.
+
+    Mistral-7B's layer outweighs its largest tensor (the 32k × 4096 embedding), so the unit moves. The layer by
+    hand from config.json: q and o 4096², k and v 4096 × 1024 (8 of 32 heads), three 4096 × 14336 MLP matrices,
+    two norms."""
+    counts = counts_from_path(CONFIGS / "mistral_7b.json")
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    embedding = 32000 * 4096
+    assert layer > embedding
+    setup = Setup(stage=3, world_size=8, gpus_per_node=8)
+    per_tensor = estimate_memory(counts, setup)
+    whole = estimate_memory(counts, replace(setup, whole_layers=True))
+    assert per_tensor.device["gradient_in_flight"] == embedding * 2  # bf16
+    assert whole.device["gradient_in_flight"] == layer * 2
+    zero = ZeroSettings()
+    assert whole.device["zero3_live_params"] == max(zero.max_live_parameters, layer + zero.prefetch_bucket_size) * 2
+    assert estimate_memory(counts, replace(setup, stage=2, whole_layers=True)).device == \
+        estimate_memory(counts, replace(setup, stage=2)).device  # below ZeRO-3 nothing is gathered
 
 
 def test_buckets_follow_deepspeed_settings():

@@ -70,19 +70,49 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     return model
 
 
-def compile_model(engine, device: str) -> None:
-    """torch.compile the model DeepSpeed wraps, in place (nn.Module.compile through engine.compile), so its
-    parameters keep their names: checkpoints, resume and the export see the eager model. The first steps pay
-    for the compilation (inductor caches the kernels on disk for later runs); shapes that change from
-    micro-batch to micro-batch (packed widths, block masks) are compiled once more as dynamic. ZeRO-3 never gets
-    here: config validation refuses it (config.COMPILE_AND_ZERO3 says why). The plan checked for a compiler on
-    the machine that planned; this node is checked again, before the first step would fail in inductor."""
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the module classes its `_no_split_modules` names (a decoder layer)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def gather_layers_whole(model) -> bool:
+    """ZeRO-3, compiled: make each decoder layer a ZeRO-3 leaf module, before deepspeed.initialize reads the flags.
+
+    DeepSpeed then gathers a layer's parameters in one hook on entering it (as FSDP shards per block) instead of
+    one per linear layer, so nothing inside a layer's forward calls into ZeRO-3's hooks and the forward compiles
+    as one graph. False: the model names no decoder layer class to compile one at a time.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    layers = decoder_layers(model)
+    if layers:
+        set_z3_leaf_modules(model, sorted({type(m).__name__ for m in layers}), raise_if_not_found=False)
+    return bool(layers)
+
+
+def compile_model(engine, device: str, stage: int) -> str:
+    """torch.compile the model DeepSpeed wraps, in place, so its parameters keep their names: checkpoints,
+    resume and the export see the eager model; returns how. The first steps pay for the compilation (inductor
+    caches the kernels on disk for later runs); a compiled model sees one batch shape (the session pads to it).
+
+    ZeRO 0-2: the whole model (nn.Module.compile through engine.compile). ZeRO-3: each decoder layer's forward,
+    the layers made leaf modules by `gather_layers_whole`: ZeRO-3's gather and release hooks run around the
+    compiled forward, never inside it (compiled whole, the graph broke at every module and the hooks, recompiled
+    per module, hit torch's recompile limit). The plan checked for a compiler on the machine that planned; this
+    node is checked again, before the first step would fail in inductor."""
     triton = importlib.util.find_spec("triton") is not None
     problem = inductor_problem(device, cxx_compiler(), triton)
     if problem is not None:
         raise UserError(f"train.compile: the model cannot be compiled on this node: {problem}; install it or set "
                         f"train.compile: false")
-    engine.compile()
+    if stage < 3:
+        engine.compile()
+        return "the model is compiled (torch.compile through DeepSpeed)"
+    layers = decoder_layers(engine.module)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return f"each of the {len(layers)} decoder layers is compiled (ZeRO-3 gathers a layer's parameters at once)"
 
 
 def release_zero3_init() -> None:

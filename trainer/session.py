@@ -39,6 +39,7 @@ from trainer.model import (
     attention_implementation,
     compile_model,
     flash_attention_usable,
+    gather_layers_whole,
     load_model,
     lr_lambda,
     release_zero3_init,
@@ -171,6 +172,11 @@ class Session:
                       else moe.moe_block_classes(model))
             if blocks and (problem := compile_problem(cfg)) is not None:
                 raise UserError(problem)  # a hub model the plan could not size
+            compiling = t.compile is True or (t.compile == "auto" and not blocks)
+            if compiling and stage == 3 and not gather_layers_whole(model):
+                compiling = False
+                self.tracker.message(f"train.compile -> false: {type(model).__name__} names no decoder layer class "
+                                     "(_no_split_modules) to compile one at a time at ZeRO-3")
             router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
             if (line := moe.describe(blocks, router_aux, stage)) is not None:
                 self.tracker.message(line)
@@ -179,11 +185,10 @@ class Session:
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
         if t.compile == "auto" and blocks:
             self.tracker.message(f"train.compile=auto -> false: {EXPERTS_NOT_VERIFIED}")
-        if t.compile is True or (t.compile == "auto" and not blocks):
-            compile_model(self.engine, self.dist.device)
-            self.tracker.message("train.compile: the model is compiled (torch.compile through DeepSpeed); the first "
-                                 "steps include compiling it")
-        self.tracker.log_with_next({"compiled": bool(self.engine.is_compiled)})
+        if compiling:
+            how = compile_model(self.engine, self.dist.device, stage)
+            self.tracker.message(f"train.compile: {how}; the first steps include compiling it")
+        self.tracker.log_with_next({"compiled": compiling})
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer
@@ -192,7 +197,7 @@ class Session:
             self.separation = "none"  # the attention finds the samples in the position ids (sequence_parallel.py)
         self.pad_id = pad_id_of(self.tokenizer)
         # A compiled model sees one batch shape: otherwise every packed width and mask/no-mask variant recompiles.
-        self.width = cfg.data.seq_len if self.engine.is_compiled else None
+        self.width = cfg.data.seq_len if compiling else None
         # The first metrics row says what MFU is measured against.
         self.tracker.log_with_next({"peak_tflops": self.peak["tflops"], "peak_tflops_source": self.peak["source"]})
         window = Window(self.dist, model_flops_of(self.engine.module, self.engine.module.config), self.peak["tflops"],

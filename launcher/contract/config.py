@@ -507,13 +507,6 @@ def sequence_parallel_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-# Why train.compile and ZeRO-3 do not mix, said wherever a config is refused for it.
-COMPILE_AND_ZERO3 = ("ZeRO-3 gathers and releases each module's parameters in hooks torch.compile cannot trace, "
-                     "so the graph breaks at every module and the hooks, recompiled per module, hit torch's "
-                     "recompile limit and run eager: compile time for no compiled model (DeepSpeed's DeepCompile, "
-                     "which handles ZeRO-3, is CUDA-only and not used here)")
-
-
 def check_consistency(cfg: RunConfig) -> list[str]:
     """Rules that span fields; pydantic checks each field alone."""
     problems = []
@@ -525,9 +518,6 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     replicas = world // sp
     if z.offload_params != "none" and z.stage not in (3, "auto"):
         problems.append(f"zero.offload_params: {z.offload_params!r} needs zero.stage 3 or auto, got stage {z.stage}")
-    if t.compile is True and z.stage == 3:
-        problems.append(f"train.compile: true needs zero.stage 0, 1, 2 or auto (auto then plans without stage 3), "
-                        f"got stage 3: {COMPILE_AND_ZERO3}; set train.compile: false to train at stage 3")
     if z.offload_optimizer != "none" and z.stage == 0:
         problems.append(f"zero.offload_optimizer: {z.offload_optimizer!r} needs zero.stage 1, 2, 3 or auto, "
                         f"got stage 0")

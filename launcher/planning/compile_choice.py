@@ -4,8 +4,8 @@ Measured on CPU (bench/RESULTS.md, Throughput): a compiled step is 8% faster on 
 packed chat rows, and the first step comes 13-15 s later. Compiling repays itself within COMPILE_MIN_STEPS
 steps on both workloads (15 s / (8% of a 0.8 s step) = 230 steps on fixed rows, ~120 on chat rows), and
 inductor caches its kernels on disk, so a relaunch pays less. `auto` therefore compiles every run that is long
-enough and leaves eager what compiling cannot help or has not been verified for:
-- ZeRO-3 (config.COMPILE_AND_ZERO3: the graph breaks at every module, compile time for nothing);
+enough and leaves eager what compiling cannot help or has not been verified for (at ZeRO-3 the trainer
+compiles one decoder layer at a time, each a ZeRO-3 leaf module: trainer/model.compile_model):
 - sequence parallelism (DeepSpeed's all-to-all autograd functions under torch.compile are unverified);
 - mixture-of-experts models (data-dependent token counts per expert; the router-loss recorder);
 - a host with no compiler for the device (inductor needs a C++ compiler on CPU, triton on GPUs).
@@ -30,8 +30,6 @@ def compile_blockers(cfg: RunConfig, model_config: Optional[dict[str, Any]], hos
     reasons = []
     if t.max_steps < COMPILE_MIN_STEPS:
         reasons.append(f"train.max_steps {t.max_steps} < {COMPILE_MIN_STEPS}: too short to repay compiling")
-    if cfg.zero.stage == 3:
-        reasons.append("ZeRO-3 breaks the graph at every module")
     if t.sequence_parallel != 1:
         reasons.append(f"train.sequence_parallel {t.sequence_parallel} is not verified compiled")
     if model_config is not None and has_experts(model_config):

@@ -110,10 +110,10 @@ def component_table(estimates: list[MemoryEstimate], gpu_memory_gb: Optional[flo
     return "\n".join(lines)
 
 
-def _variants(stage: Optional[int], offload_optimizer: Optional[bool], offload_params: Optional[bool],
-              stages: tuple[int, ...]) -> list[tuple[int, bool, bool]]:
+def _variants(stage: Optional[int], offload_optimizer: Optional[bool],
+              offload_params: Optional[bool]) -> list[tuple[int, bool, bool]]:
     return [v for v in VARIANTS
-            if v[0] in stages and (stage is None or v[0] == stage)
+            if (stage is None or v[0] == stage)
             and (offload_optimizer is None or v[1] == offload_optimizer)
             and (offload_params is None or v[2] == offload_params)]
 
@@ -147,20 +147,18 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
                          margins: Margins = Margins(), optimizer: str = "fused",
-                         long_context: Optional[LongContext] = None,
-                         stages: tuple[int, ...] = (0, 1, 2, 3)) -> Choice:
+                         long_context: Optional[LongContext] = None) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
     `optimizer` is memory.Setup's: "torch" when torch's AdamW will step (CPU runs), else "fused".
     `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
-    `stages` are the ZeRO stages the run allows (train.compile rules out 3); remedies that need another say so.
     """
     lc = long_context or LongContext()
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
         raise ConfigError([f"launch.gpu_memory_gb: must be a positive number of GB, got {gpu_memory_gb!r}"])
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ConfigError([f"zero.stage: must be 0, 1, 2, 3 or auto, got {stage!r}"])
-    variants = _variants(stage, offload_optimizer, offload_params, stages)
+    variants = _variants(stage, offload_optimizer, offload_params)
     if not variants:
         raise ConfigError([f"zero: stage {stage} cannot combine offload_optimizer={offload_optimizer} with "
                            f"offload_params={offload_params} (parameter offload needs stage 3 and optimizer offload)"])
@@ -189,7 +187,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                        f"even at micro batch {micros[-1]} {_ckpt_words(ckpts[-1])}")
     frugal = estimate(variants[-1], ckpts[-1], micros[-1])
     suggestions = _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
-                               offload_optimizer, offload_params, per_node, lc, stages)
+                               offload_optimizer, offload_params, per_node, lc)
     message = (f"nothing fits in {gpu_memory_gb:g} GB per device on {world_size} devices "
                f"({counts.total / 1e9:.2f}B parameters, seq_len {seq_len}, {dtype}):\n"
                + "\n".join(f"  - {r}" for r in reasons)
@@ -242,24 +240,21 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replic
 
 
 def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
-                 offload_optimizer, offload_params, per_node, lc: LongContext, stages) -> list[str]:
+                 offload_optimizer, offload_params, per_node, lc: LongContext) -> list[str]:
     """Concrete changes that would make the smallest configuration fit, each checked with the model."""
     out: list[str] = []
-    uncompiled = "" if 3 in stages else "train.compile: false, "  # the ZeRO-3 remedies need it
     s = frugal.setup
     fits = lambda variant, world=s.world_size, seq=s.seq_len: estimate(  # noqa: E731
         variant, ckpts[-1], micros[-1], seq=seq, world=world).fits(gpu_memory_gb, host_memory_gb)
     worlds = [w for i in range(14) if (w := per_node * 2 ** i) > s.world_size and w % s.sequence_parallel == 0]
     seqs = [q for i in range(1, 12) if (q := s.seq_len // 2 ** i) >= 64 and q % s.sequence_parallel == 0]
-    offloads = [v for v in ((2, True, False), (3, True, False), (3, True, True))
-                if v not in variants and (v[0] == 3 or 3 not in stages)]  # ZeRO-2's only when ZeRO-3 is ruled out
+    offloads = [v for v in ((3, True, False), (3, True, True)) if v not in variants]
     if s.stage > 0 and (world := next((w for w in worlds if fits(variants[-1], world=w)), None)):
         nodes = -(-world // per_node)
         out.append(f"more GPUs: {world} devices ({nodes} nodes of {per_node}, launch.nodes: {nodes}) fit {s.label()}")
     if (variant := next((v for v in offloads if fits(v)), None)):
         what = "optimizer and parameters" if variant[2] else "optimizer"
-        needs = uncompiled if variant[0] == 3 else ""
-        out.append(f"offload: ZeRO-{variant[0]} with the {what} offloaded to CPU fits ({needs}"
+        out.append(f"offload: ZeRO-{variant[0]} with the {what} offloaded to CPU fits ("
                    f"zero.offload_optimizer: cpu{', zero.offload_params: cpu' if variant[2] else ''}; "
                    f"or auto to let the planner decide)")
     if not s.activation_checkpointing and estimate(variants[-1], True, micros[-1]).fits(gpu_memory_gb, host_memory_gb):
@@ -282,7 +277,7 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
         combo = next(((w, q) for q in [s.seq_len, *seqs] for w in [s.world_size, *worlds] if fits(most, w, q)), None)
         if combo:
             out.append(f"together: {combo[0]} devices, ZeRO-3 with optimizer and parameter offload, "
-                       f"data.seq_len {combo[1]}{' and ' + uncompiled.rstrip(', ') if uncompiled else ''}")
+                       f"data.seq_len {combo[1]}")
     if frugal.host_total > (host_memory_gb or float("inf")) * GB:
         out.append(f"more host RAM: {frugal.host_total / GB:.0f} GB per node (have {host_memory_gb:g} GB)")
     else:

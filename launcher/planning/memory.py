@@ -103,6 +103,8 @@ class Setup:
     """MLP intermediates exist for one tile of the sequence at a time, not all of it."""
     offload_checkpoints: bool = False
     """Checkpointed layer inputs wait in host RAM (GPUs only: on CPU the host is the device)."""
+    whole_layers: bool = False
+    """ZeRO-3 gathers a decoder layer's parameters at once (a compiled model's layers are leaf modules)."""
 
     @property
     def local_seq_len(self) -> int:
@@ -443,8 +445,11 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one
     # waiting for its bucket is whole: the largest (the lm_head's comes first, at the activation peak).
     # Stages 0-1 keep all gradients whole, which `gradients` already counts.
-    # At stage 3 an MoE block is a leaf module: its parameters are gathered, and its gradients reduced, together.
-    unit = counts.gather_unit if setup.stage == 3 else largest
+    # At stage 3 a leaf module (an MoE block; every decoder layer of a compiled model) is gathered, and its
+    # gradients reduced, as one.
+    unit = largest
+    if setup.stage == 3:
+        unit = max(counts.gather_unit, counts.per_layer) if setup.whole_layers else counts.gather_unit
     dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) else 0
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements

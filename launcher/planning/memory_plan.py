@@ -56,11 +56,6 @@ def auto_fields(cfg: RunConfig) -> list[str]:
     return [name for name, value in fields.items() if value == "auto"]
 
 
-def stages_for(cfg: RunConfig) -> tuple[int, ...]:
-    """The ZeRO stages the planner may choose: train.compile rules out ZeRO-3 (see config.COMPILE_AND_ZERO3)."""
-    return (0, 1, 2) if cfg.train.compile is True else (0, 1, 2, 3)
-
-
 def margins_for(cfg: RunConfig) -> Margins:
     return CPU_MARGINS if cfg.launch.device == "cpu" else Margins()
 
@@ -173,7 +168,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 offload_optimizer=offload_optimizer, offload_params=offload_params,
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
                 zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-                optimizer=optimizer_for(cfg), stages=stages_for(cfg),
+                optimizer=optimizer_for(cfg),
                 long_context=long_context_of(cfg, counts, n))
         except DoesNotFit as exc:
             failures.append((n, exc))
@@ -226,8 +221,6 @@ def _does_not_fit(cfg: RunConfig, counts: ModelCounts, exc: DoesNotFit, asked: s
                 f"{cfg.launch.world_size} devices ({counts.total / 1e9:.2f}B parameters, "
                 f"data.seq_len {cfg.data.seq_len}, {precision_of(cfg)})"]
     problems += [f"tried: {reason}" for reason in exc.reasons]
-    if cfg.zero.stage == "auto" and 3 not in stages_for(cfg):
-        problems.append("zero.stage: auto did not try ZeRO-3: train.compile is true, and the two do not mix")
     if exc.estimate is not None:
         problems.append(f"the smallest allowed configuration, {exc.estimate.setup.label()} at micro batch "
                         f"{exc.estimate.setup.micro_batch_size}, component by component:\n"
@@ -258,6 +251,7 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
                  activation_checkpointing=cfg.train.recomputes,
                  attention=cfg.model.attn_implementation, optimizer=optimizer,
+                 whole_layers=cfg.train.compile is not False,  # "auto" left to the trainer: counted as compiled
                  **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
 
 
@@ -386,7 +380,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            optimizer=optimizer_for(cfg), stages=stages_for(cfg),
+            optimizer=optimizer_for(cfg),
             long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
