@@ -18,7 +18,8 @@ Four contenders, each started as its own process tree with 2 CPU ranks (gloo):
                 DataCollatorForSeq2Seq padding
 Same tiny Llama (hidden 256, 4 layers, 8 heads), seq 256, micro batch 4, fp32, same seed and
 accumulation; the workloads and how "useful" tokens are counted are in bench/_workloads.py.
-Contenders alternate (A B C D A B C D ...) in every cell, so drift of this shared machine hits all alike.
+Contenders alternate in every cell, in mirrored order (A B C D D C B A ...), so a shared machine that speeds up
+or slows down during a cell favours no contender.
 
 Reported per contender and cell: steady-state tokens/s (positions the model computed, padding
 included) and useful tokens/s (loss-carrying positions), each the median of per-step rates after
@@ -544,7 +545,8 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
         f"Model: Llama hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} heads, "
         f"vocab {m['vocab_size']}; 2 CPU ranks (gloo), fp32, seq {W.SEQ_LEN}, micro batch {W.MICRO}, "
         f"accumulation {s['grad_accum']} (global batch {gb} rows); {s['steps']} steps per run, the first "
-        f"{s['warmup']} not counted; {s['repeats']} repeat(s) per contender, alternating.",
+        f"{s['warmup']} not counted; {s['repeats']} repeat(s) per contender, alternating in mirrored order "
+        "(A B C D D C B A).",
         f"Contenders: shardtune with its defaults for a fine-tune of {LONG_RUN_STEPS} steps (`train.compile: auto` "
         f"then compiles at ZeRO {', '.join(map(str, report.get('compiled_stages', []))) or '(none)'}: those rows "
         "are compiled and their time to first step includes compiling); the minimal loop (deepspeed.initialize, "
@@ -658,7 +660,7 @@ def main(argv=None) -> int:
     others = []
     for cell in cells:
         for rep in range(args.repeats):
-            for contender in args.contenders:
+            for contender in (args.contenders if rep % 2 == 0 else args.contenders[::-1]):
                 run = run_contender(cell, contender, rep, args, work)
                 others.append(run["other_cores"])
                 cell.runs.setdefault(contender, []).append(run)

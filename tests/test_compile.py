@@ -76,13 +76,17 @@ def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_mo
 
 def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(tmp_path, tiny_model, uninterrupted):
     """ZeRO-3's gather hooks stay outside the compiled code: each decoder layer is a leaf module and only its
-    forward is compiled. Inductor must really have compiled (its cache, empty before, holds generated kernels), and
-    the losses and the export are the eager model's (the eager ZeRO-2 run: the stages compute the same sums)."""
+    forward is compiled, here with activation checkpointing (recomputation inside the compiled layer). Inductor must
+    really have compiled (its cache, empty before, holds generated kernels), and the losses and the export are the
+    eager model's (the eager ZeRO-2 run without checkpointing: the stages compute the same sums, and recomputing
+    changes no value)."""
     eager, _ = uninterrupted(False)
     cache = tmp_path / "inductor"
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "compile": True}, zero={"stage": 3})
-    stderr = shardtune("launch", str(cfg), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}).stderr
-    assert "train.compile: each of the 2 decoder layers is compiled" in stderr
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "compile": True,
+                                                   "activation_checkpointing": True}, zero={"stage": 3})
+    proc = shardtune("launch", str(cfg), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert "train.compile: each of the 2 decoder layers is compiled" in proc.stderr
+    assert "activation checkpointing on" in proc.stdout + proc.stderr  # what the plan printed
     assert list(cache.rglob("*.py")), "inductor generated no code: nothing was compiled"
     run = RunDir(tmp_path / "run")
     assert run.train_metrics()[0]["compiled"] is True

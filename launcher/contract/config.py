@@ -193,10 +193,10 @@ class TrainConfig(Section):
     intermediate activations never exist for the whole sequence. For the longest sequences; costs one more
     MLP forward."""
     compile: Union[bool, Literal["auto"]] = "auto"
-    """torch.compile the model (DeepSpeed's engine.compile; parameter names, checkpoints and the export stay
-    the eager model's). `auto`: on for runs of at least 200 steps at ZeRO 0-2 without sequence parallelism or
-    experts, where compiling repays its start-up (launcher.planning.compile_choice says why each is excluded);
-    `true` needs ZeRO stage 0-2: ZeRO-3's per-module parameter gathers break the graph at every module."""
+    """torch.compile the model (ZeRO 0-2: the whole model through DeepSpeed's engine.compile; ZeRO-3: each decoder
+    layer, as a ZeRO-3 leaf module; parameter names, checkpoints and the export stay the eager model's). `auto`: on
+    for runs of at least 200 steps without sequence parallelism or experts, where compiling repays its start-up
+    (launcher.planning.compile_choice says why each is excluded)."""
     log_every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
