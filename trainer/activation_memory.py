@@ -27,12 +27,12 @@ from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.memory import mlp_tiles, tiled_mlp_problem
 from launcher.planning.model_size import counts_from_config
+from trainer.model import decoder_layers
 
 
 def decoder_mlps(model) -> list[torch.nn.Module]:
     """The MLP of every decoder layer (`layer.mlp`, the transformers convention for decoder-only models)."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    mlps = [getattr(layer, "mlp", None) for layer in (layers or [])]
+    mlps = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
     if not mlps or any(m is None for m in mlps):
         raise UserError(f"train.tiled_mlp: {type(model).__name__} has no `layers[i].mlp` modules to tile; "
                         "set train.tiled_mlp: false")

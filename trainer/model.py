@@ -71,9 +71,13 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The model's repeated blocks: the module classes its `_no_split_modules` names (a decoder layer)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    """The decoder's layers (`model.get_decoder().layers`, the transformers convention for decoder-only models);
+    empty when the model has none there."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return []
+    return list(getattr(decoder, "layers", None) or [])
 
 
 def gather_layers_whole(model) -> bool:

@@ -175,8 +175,8 @@ class Session:
             compiling = t.compile is True or (t.compile == "auto" and not blocks)
             if compiling and stage == 3 and not gather_layers_whole(model):
                 compiling = False
-                self.tracker.message(f"train.compile -> false: {type(model).__name__} names no decoder layer class "
-                                     "(_no_split_modules) to compile one at a time at ZeRO-3")
+                self.tracker.message(f"train.compile -> false: {type(model).__name__} has no decoder layers "
+                                     "(get_decoder().layers) to compile one at a time at ZeRO-3")
             router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
             if (line := moe.describe(blocks, router_aux, stage)) is not None:
                 self.tracker.message(line)
