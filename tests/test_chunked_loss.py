@@ -134,3 +134,30 @@ def test_tiled_mlp_equals_the_whole_mlp(tiny_model):
         assert rel(q.grad, p.grad) < 1e-5, name
     # 2 rows of 37 positions padded to 39: three tiles of 2 × 13 positions in forward, recomputed in backward.
     assert calls == [26] * 6, calls
+
+
+def test_a_compiled_model_does_not_recompile_when_the_number_of_trained_positions_changes(tiny_model):
+    """Chat rows train a different number of positions every batch while the batch shape stays one (a compiled
+    model's micro-batches are padded to data.seq_len). Tracing the chunk loop recompiled it once per count until
+    dynamo's recompile limit; nothing may be recompiled after the first batch. Dynamo's own recompile guard is the
+    judge, with its eager backend (what recompiles is decided by dynamo, not by the code generator)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
+    prepare_loss(model, "auto", lambda message: None)
+    model.compile(backend="eager")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 64), generator=g)
+    positions = torch.arange(64).repeat(2, 1)
+
+    def loss_with_prompt(prompt: int) -> torch.Tensor:
+        targets = torch.roll(ids, -1, dims=1)
+        targets[:, -1] = -100
+        targets[:, :prompt] = -100
+        return model(input_ids=ids, position_ids=positions, targets=targets)
+
+    torch._dynamo.reset()
+    loss_with_prompt(10).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt in (3, 20, 41):
+            loss_with_prompt(prompt).backward()

@@ -88,9 +88,16 @@ class ChunkedLMHeadCE(torch.autograd.Function):
         return dh, dw, None, None
 
 
+@torch.compiler.disable
 def chunked_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            chunk_tokens: int) -> torch.Tensor:
-    """Σ of fp32 token cross-entropies of `hidden · weightᵀ` against `targets` (already shifted), chunk by chunk."""
+    """Σ of fp32 token cross-entropies of `hidden · weightᵀ` against `targets` (already shifted), chunk by chunk.
+
+    Never traced by torch.compile: which positions are trained is data (chat rows train a different number
+    each batch), so dynamo broke the graph at the `nonzero` and compiled the rest of the loop once per count
+    until its recompile limit (8 per rank). The loop is a few matmuls per chunk with nothing to fuse; the
+    decoder before it stays compiled.
+    """
     return ChunkedLMHeadCE.apply(hidden, weight, targets, chunk_tokens)
 
 
