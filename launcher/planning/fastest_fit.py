@@ -147,10 +147,11 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
                          margins: Margins = Margins(), optimizer: str = "fused",
-                         long_context: Optional[LongContext] = None) -> Choice:
+                         long_context: Optional[LongContext] = None, whole_layers: bool = False) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
     `optimizer` is memory.Setup's: "torch" when torch's AdamW will step (CPU runs), else "fused".
+    `whole_layers` is memory.Setup's: ZeRO-3 gathers a whole decoder layer at once (a compiled model).
     `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
     """
     lc = long_context or LongContext()
@@ -171,7 +172,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
         setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
                       seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
                       activation_checkpointing=ckpt, attention=attention, optimizer=optimizer,
-                      **lc.setup_fields(ckpt))
+                      whole_layers=whole_layers, **lc.setup_fields(ckpt))
         return estimate_memory(counts, setup, zero, margins)
 
     reasons: list[str] = []

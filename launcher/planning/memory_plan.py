@@ -168,7 +168,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 offload_optimizer=offload_optimizer, offload_params=offload_params,
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
                 zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-                optimizer=optimizer_for(cfg),
+                optimizer=optimizer_for(cfg), whole_layers=gathers_whole_layers(cfg),
                 long_context=long_context_of(cfg, counts, n))
         except DoesNotFit as exc:
             failures.append((n, exc))
@@ -232,6 +232,14 @@ def _does_not_fit(cfg: RunConfig, counts: ModelCounts, exc: DoesNotFit, asked: s
 # ---------------------------------------------------------------- every resolved run
 
 
+def gathers_whole_layers(cfg: RunConfig) -> bool:
+    """Whether ZeRO-3 will gather a whole decoder layer at once: a compiled model's layers are leaf modules
+    (trainer/model.gather_layers_whole). `auto` may still be left to the trainer (a hub model): counted as
+    compiled, the larger of the two. The stage choice and the resolved estimate both ask here, so a stage
+    chosen as fitting is never refused by the estimate of what runs."""
+    return cfg.train.compile is not False
+
+
 def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
     """The Setup of a resolved config; the rendered DeepSpeed config wins, because that is what will run."""
     left = auto_fields(cfg)
@@ -251,7 +259,7 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
                  activation_checkpointing=cfg.train.recomputes,
                  attention=cfg.model.attn_implementation, optimizer=optimizer,
-                 whole_layers=cfg.train.compile is not False,  # "auto" left to the trainer: counted as compiled
+                 whole_layers=gathers_whole_layers(cfg),
                  **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
 
 
@@ -380,7 +388,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            optimizer=optimizer_for(cfg),
+            optimizer=optimizer_for(cfg), whole_layers=gathers_whole_layers(cfg),
             long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
