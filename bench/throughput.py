@@ -19,7 +19,8 @@ Four contenders, each started as its own process tree with 2 CPU ranks (gloo):
 Same tiny Llama (hidden 256, 4 layers, 8 heads), seq 256, micro batch 4, fp32, same seed and
 accumulation; the workloads and how "useful" tokens are counted are in bench/_workloads.py.
 Contenders alternate in every cell, in mirrored order (A B C D D C B A ...), so a shared machine that speeds up
-or slows down during a cell favours no contender.
+or slows down during a cell favours no contender, and in the order minimal, shardtune, trainer, minimal_same, so
+shardtune always runs next to the two it is judged against.
 
 Reported per contender and cell: steady-state tokens/s (positions the model computed, padding
 included) and useful tokens/s (loss-carrying positions), each the median of per-step rates after
@@ -109,6 +110,13 @@ def child_env(code_dir: Optional[Path] = None) -> dict[str, str]:
 def kind(contender: str) -> str:
     """shardtune variants (`shardtune:NAME`, from --variant or --ab) run like shardtune."""
     return "shardtune" if contender.startswith("shardtune") else contender
+
+
+def run_order(contenders: list[str]) -> list[str]:
+    """shardtune between the floor and the Trainer: the runs each verdict compares are neighbours in time (this VM's
+    speed drifts over minutes), with A/B variants after them and the loop-overhead row last."""
+    rank = {"minimal": 0, "shardtune": 1, "trainer": 2, "minimal_same": 4}
+    return sorted(contenders, key=lambda c: rank.get(c, 3))
 
 
 def label(contender: str) -> str:
@@ -553,7 +561,8 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
         f"vocab {m['vocab_size']}; 2 CPU ranks (gloo), fp32, seq {W.SEQ_LEN}, micro batch {W.MICRO}, "
         f"accumulation {s['grad_accum']} (global batch {gb} rows); {s['steps']} steps per run, the first "
         f"{s['warmup']} not counted; {s['repeats']} repeat(s) per contender, alternating in mirrored order "
-        "(A B C D D C B A).",
+        f"({' '.join(map(label, run_order(s['contenders'])))}, then back) so that shardtune runs next to the floor "
+        "and the Trainer.",
         f"Contenders: shardtune with its defaults for a fine-tune of {LONG_RUN_STEPS} steps (`train.compile: auto` "
         f"then compiles at ZeRO {', '.join(map(str, report.get('compiled_stages', []))) or '(none)'}: those rows "
         "are compiled and their time to first step includes compiling); the minimal loop (deepspeed.initialize, "
@@ -665,9 +674,10 @@ def main(argv=None) -> int:
     plan_times = time_plan(args.plan_runs)
     log(f"shardtune plan: {', '.join(f'{t:.2f}' for t in plan_times)} s")
     others = []
+    order = run_order(args.contenders)
     for cell in cells:
         for rep in range(args.repeats):
-            for contender in (args.contenders if rep % 2 == 0 else args.contenders[::-1]):
+            for contender in (order if rep % 2 == 0 else order[::-1]):
                 run = run_contender(cell, contender, rep, args, work)
                 others.append(run["other_cores"])
                 cell.runs.setdefault(contender, []).append(run)
