@@ -561,7 +561,7 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
         f"vocab {m['vocab_size']}; 2 CPU ranks (gloo), fp32, seq {W.SEQ_LEN}, micro batch {W.MICRO}, "
         f"accumulation {s['grad_accum']} (global batch {gb} rows); {s['steps']} steps per run, the first "
         f"{s['warmup']} not counted; {s['repeats']} repeat(s) per contender, alternating in mirrored order "
-        f"({' '.join(map(label, run_order(s['contenders'])))}, then back) so that shardtune runs next to the floor "
+        f"({'; '.join(map(label, run_order(s['contenders'])))}; then back) so that shardtune runs next to the floor "
         "and the Trainer.",
         f"Contenders: shardtune with its defaults for a fine-tune of {LONG_RUN_STEPS} steps (`train.compile: auto` "
         f"then compiles at ZeRO {', '.join(map(str, report.get('compiled_stages', []))) or '(none)'}: those rows "
