@@ -25,7 +25,6 @@ setup(
         "transformers>=4.56",
         "datasets>=3.0",
         "wandb>=0.19",
-        "fire>=0.6",
         "pyyaml>=6.0",
         "pydantic>=2.7",
         "safetensors>=0.4",

@@ -5,17 +5,14 @@ Commands that need torch (prepare, export, convert, eval, ...) import the traine
 """
 from __future__ import annotations
 
-import functools
 import json as _json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import fire
-
+from launcher.arguments import call
 from launcher.backends import slurm
 from launcher.backends.torchrun import rdzv_endpoint
 from launcher.contract.config import dump_config, load_config
@@ -262,41 +259,24 @@ def stop(run_dir: str) -> None:
     print(f"asked {run_dir} to stop; it saves a checkpoint first ({run.status_file.name} will say 'stopped')")
 
 
-def _exits(command: Callable[..., int]) -> Callable[..., None]:
-    """Adapt a command that returns an exit code: fire would print the number instead of exiting with it."""
-    @functools.wraps(command)
-    def run(*args, **kwargs) -> None:
-        code = command(*args, **kwargs)
-        if code:
-            raise SystemExit(code)
-
-    return run
-
-
-COMMANDS = {"plan": plan, "launch": launch, "estimate": _exits(estimate_command), "export": export, "convert": convert,
+COMMANDS = {"plan": plan, "launch": launch, "estimate": estimate_command, "export": export, "convert": convert,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
             "prepare": prepare, "report": report, "preflight": preflight}
 
 
-# fire reads the word after a bare `--json` as its value, so `plan c.yaml --json train.lr=1` would lose
-# the override; spelling switches out as `--json=True` keeps every key=value an override.
-SWITCHES = {"--json", "--dry_run", "--wait"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `shardtune` console script."""
-    argv = [f"{a}=True" if a in SWITCHES else a for a in (sys.argv[1:] if argv is None else argv)]
+    """Entry point of the `shardtune` console script: the command's exit code (estimate returns one)."""
     try:
-        fire.Fire(COMMANDS, command=argv, name="shardtune")
+        code = call(COMMANDS, sys.argv[1:] if argv is None else argv)
     except UserError as exc:
         print(f"shardtune: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except BrokenPipeError:  # `shardtune plan ... | head` is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except SystemExit as exc:  # fire's own exits (usage errors, --help) and commands' exit codes
+    except SystemExit as exc:  # usage errors, --help, and commands' exit codes
         return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

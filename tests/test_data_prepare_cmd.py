@@ -24,7 +24,7 @@ def run(*argv: str) -> None:
 
 def test_json_summary_and_overrides_after_the_flag(tmp_path, tiny_model, capsys):
     cfg = tiny_config(tmp_path, tiny_model)
-    # fire would take the next word as --json's value
+    # a bare switch must not take the next word (an override) as its value
     run(str(cfg), "--json", "data.seq_len=256", "data.eval_fraction=0.1")
     out = capsys.readouterr().out
     s = json.loads(out)

@@ -19,9 +19,11 @@ from launcher.contract.secrets import secret_problems
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, field docstrings are descriptions."""
+    """Base for every config section: unknown keys are errors. Field docstrings are read by `field_docs`
+    only: pydantic's use_attribute_docstrings parses every class's source at import, ~0.1 s of each
+    `shardtune plan`."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -614,9 +616,23 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def attribute_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated attribute in cls's own body."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {field.target.id: after.value.value for field, after in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)}
+
+
 def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, doc) for every field: the README's config reference is generated from it."""
     rows = []
+    docs = attribute_docstrings(model)
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
         ann = field.annotation
@@ -624,7 +640,7 @@ def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
             rows.extend(field_docs(ann, dotted + "."))
             continue
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        rows.append((dotted, default, " ".join((field.description or "").split())))  # docstrings may wrap
+        rows.append((dotted, default, " ".join(docs.get(name, "").split())))  # docstrings may wrap
     return rows
 
 
