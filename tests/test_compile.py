@@ -1,8 +1,8 @@
 """train.compile: a compiled model trains like the eager one on packed samples kept apart by block masks, with
 parameter names unchanged in the export, and a compiled run that is stopped and relaunched continues with the losses
-of an uninterrupted one. At ZeRO-3 each decoder layer is compiled alone, as a ZeRO-3 leaf module, and trains like
-the eager model too. `train.compile: auto` (the default) compiles a run long enough to repay compiling, without
-sequence parallelism or experts, on a host with a compiler for the device; the rule is
+of an uninterrupted one, at ZeRO-2 and at ZeRO-3. At ZeRO-3 each decoder layer is compiled alone, as a ZeRO-3 leaf
+module, and trains like the eager model too. `train.compile: auto` (the default) compiles a run long enough to repay
+compiling, without sequence parallelism or experts, on a host with a compiler for the device; the rule is
 launcher.planning.compile_choice.
 
 The reference runs are at ZeRO-2: compile wraps the module alone, so ZeRO-0/1/2 run the same compiled forward and
@@ -74,21 +74,30 @@ def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_mo
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
-def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(tmp_path, tiny_model, uninterrupted):
+ZERO3 = {"train": {"max_steps": STEPS, "compile": True, "activation_checkpointing": True}, "zero": {"stage": 3}}
+
+
+@pytest.fixture(scope="module")
+def compiled_zero3(tmp_path_factory, tiny_model):
+    """The compiled ZeRO-3 run (with activation checkpointing) of STEPS steps, with its inductor cache, and stderr."""
+    where = tmp_path_factory.mktemp("zero3")
+    cache = where / "inductor"
+    cfg = tiny_config(where, tiny_model, **ZERO3)
+    proc = shardtune("launch", str(cfg), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    return RunDir(where / "run"), cache, proc.stdout + proc.stderr
+
+
+def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(compiled_zero3, uninterrupted):
     """ZeRO-3's gather hooks stay outside the compiled code: each decoder layer is a leaf module and only its
     forward is compiled, here with activation checkpointing (recomputation inside the compiled layer). Inductor must
     really have compiled (its cache, empty before, holds generated kernels), and the losses and the export are the
     eager model's (the eager ZeRO-2 run without checkpointing: the stages compute the same sums, and recomputing
     changes no value)."""
     eager, _ = uninterrupted(False)
-    cache = tmp_path / "inductor"
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "compile": True,
-                                                   "activation_checkpointing": True}, zero={"stage": 3})
-    proc = shardtune("launch", str(cfg), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
-    assert "train.compile: each of the 2 decoder layers is compiled" in proc.stderr
-    assert "activation checkpointing on" in proc.stdout + proc.stderr  # what the plan printed
+    run, cache, output = compiled_zero3
+    assert "train.compile: each of the 2 decoder layers is compiled" in output
+    assert "activation checkpointing on" in output  # what the plan printed
     assert list(cache.rglob("*.py")), "inductor generated no code: nothing was compiled"
-    run = RunDir(tmp_path / "run")
     assert run.train_metrics()[0]["compiled"] is True
     got, want = losses(run.path), losses(eager.path)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -99,6 +108,21 @@ def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(tmp_path
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
+
+
+def test_compiled_zero3_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, compiled_zero3):
+    """Resume at ZeRO-3 with compiled layers: the checkpoint holds the sharded eager parameters (leaf modules change
+    how ZeRO-3 gathers, not what it stores), so the relaunched run, compiling again, continues with the losses of
+    the uninterrupted one."""
+    reference, _, _ = compiled_zero3
+    cfg = tiny_config(tmp_path, tiny_model, train={**ZERO3["train"], "save_every": 2}, zero=ZERO3["zero"])
+    shardtune("launch", str(cfg), "train.stop_at_step=3")
+    proc = shardtune("launch", str(cfg))
+    assert "resumed from" in proc.stderr and "each of the 2 decoder layers is compiled" in proc.stderr
+    got, want = losses(tmp_path / "run"), losses(reference.path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
 def test_auto_stage_with_compile_plans_zero3_too(tmp_path):
