@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from launcher.planning.moe_size import TOP_K_KEYS, DenseShape, MoeCounts, expert_count
+from launcher.planning.moe_size import TOP_K_KEYS, ModelShape, MoeCounts, expert_count
 
 CHILD_TIMEOUT_S = 180
 # Keys that make from_config reach for a quantizer or remote code; neither changes a parameter's shape.
@@ -105,7 +105,7 @@ def expert_blocks(model, config=None) -> list[ExpertBlock]:
 
 @dataclass(frozen=True)
 class MetaCount:
-    shape: Optional[DenseShape]
+    shape: Optional[ModelShape]
     moe: Optional[MoeCounts]
     version: str = ""
     reason: str = ""
@@ -138,7 +138,7 @@ def _cached(cfg_json: str) -> MetaCount:
         # transformers' "Unrecognized model identifier: x. Should contain one of <300 names>" needs only its start
         return MetaCount(None, None, reason=f"transformers could not build it: {last.split('. ')[0][:200]}")
     out = json.loads(lines[-1])
-    return MetaCount(DenseShape(**out["shape"]), MoeCounts(**out["moe"]), version=out["version"])
+    return MetaCount(ModelShape(**out["shape"]), MoeCounts(**out["moe"]), version=out["version"])
 
 
 def _count_in_this_process(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def _count_in_this_process(cfg: dict[str, Any]) -> dict[str, Any]:
     first = max(blocks, key=lambda b: b.block_params)
     per_expert = first.expert_params // first.num_experts
     layers = text.num_hidden_layers
-    shape = DenseShape(total=total, embedding=embed.numel() + untied_head,
+    shape = ModelShape(total=total, embedding=embed.numel() + untied_head,
                        largest_tensor=max(p.numel() for p in params), hidden_size=h, num_layers=layers,
                        num_heads=heads, num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                        head_dim=getattr(text, "head_dim", None) or h // heads,

@@ -16,30 +16,23 @@ from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
 from launcher.planning.meta_size import count_on_meta_device
-from launcher.planning.moe_size import MOE_FAMILIES, DenseShape, MoeCounts, approximate_moe, count_moe, has_experts
+from launcher.planning.moe_size import MOE_FAMILIES, ModelShape, MoeCounts, approximate_moe, count_moe, has_experts
 
 
 @dataclass(frozen=True)
-class ModelCounts:
-    """What the memory model needs to know about a network; every count is a number of elements."""
+class ModelCounts(ModelShape):
+    """What the memory model needs to know about a network: its shape (ModelShape: total, embedding, the largest
+    tensor, widths) and what the planner derives; every count is a number of elements."""
 
-    total: int
-    embedding: int  # input embedding + the untied lm_head (0 extra when tied)
-    non_embedding: int
     per_layer: int  # one decoder layer (the mean over layers where MoE and dense layers mix)
-    largest_tensor: int  # the largest single parameter: ZeRO-3 must gather at least this many elements at once
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tied_embeddings: bool
     exact: bool = True
     architecture: str = "unknown"  # HF model_type; memory.py keys its activation layouts on it
     note: str = ""
     moe: Optional[MoeCounts] = None  # set for mixture-of-experts models
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
 
     @property
     def active(self) -> int:
@@ -139,7 +132,7 @@ def _exact_counts(cfg: dict[str, Any], model_type: str, source: str) -> ModelCou
     mlp_tensors = [2 * h * inter] if fam.fused_mlp else [h * inter]
     largest = max([vocab * h, q * h, *qkv_tensors, *mlp_tensors])
     return ModelCounts(
-        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        total=total, embedding=embedding, per_layer=per_layer,
         largest_tensor=largest, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv,
         head_dim=hd, intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied,
         exact=True, architecture=model_type,
@@ -162,7 +155,7 @@ def _approximate_counts(cfg: dict[str, Any], model_type: str, source: str) -> Mo
     embedding = vocab * h * (1 if tied else 2)
     total = layers * per_layer + embedding
     return ModelCounts(
-        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        total=total, embedding=embedding, per_layer=per_layer,
         largest_tensor=max(vocab * h, h * inter), hidden_size=h, num_layers=layers, num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=h // heads,
         intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied, exact=False,
@@ -195,15 +188,10 @@ def approximate_moe_reason(counts: ModelCounts) -> Optional[str]:
             f"({counts.total / 1e9:.2f}B parameters, may be off by ±{counts.moe.uncertainty:.0%})")
 
 
-def _from_moe(shape: DenseShape, moe: MoeCounts, model_type: str, exact: bool, note: str = "") -> ModelCounts:
-    layers = shape.num_layers
+def _from_moe(shape: ModelShape, moe: MoeCounts, model_type: str, exact: bool, note: str = "") -> ModelCounts:
     note = "; ".join(part for part in (note, moe_summary(shape.total, moe)) if part)
-    return ModelCounts(
-        total=shape.total, embedding=shape.embedding, non_embedding=shape.total - shape.embedding,
-        per_layer=(shape.total - shape.embedding - shape.hidden_size) // layers, largest_tensor=shape.largest_tensor,
-        hidden_size=shape.hidden_size, num_layers=layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim, intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size,
-        tied_embeddings=shape.tied_embeddings, exact=exact, architecture=model_type, note=note, moe=moe)
+    per_layer = (shape.total - shape.embedding - shape.hidden_size) // shape.num_layers
+    return ModelCounts(**asdict(shape), per_layer=per_layer, exact=exact, architecture=model_type, note=note, moe=moe)
 
 
 def _unknown_moe(cfg: dict[str, Any], model_type: str, source: str) -> ModelCounts:
@@ -301,7 +289,7 @@ def counts_from_params(n: float, vocab_size: int = ASSUMED_VOCAB) -> ModelCounts
     per_layer = max(0, (total - embedding) // layers)
     inter = int(8 * h / 3 / 128 + 0.5) * 128 or h
     return ModelCounts(
-        total=total, embedding=embedding, non_embedding=total - embedding, per_layer=per_layer,
+        total=total, embedding=embedding, per_layer=per_layer,
         largest_tensor=max(embedding, h * inter), hidden_size=h, num_layers=layers, num_heads=h // 128,
         num_kv_heads=h // 128, head_dim=128, intermediate_size=inter, vocab_size=vocab_size,
         tied_embeddings=True, exact=False, architecture="params-only",

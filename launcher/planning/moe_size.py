@@ -94,8 +94,9 @@ class MoeCounts:
 
 
 @dataclass(frozen=True)
-class DenseShape:
-    """The numbers every model has, for model_size.ModelCounts (the memory model keys activations on them)."""
+class ModelShape:
+    """The numbers every model has, dense or not (the memory model keys activations on them); model_size.ModelCounts
+    adds what the planner derives from them. Kept here, below model_size, so the MoE counters can build one."""
 
     total: int
     embedding: int  # input embedding + untied lm_head
@@ -192,7 +193,7 @@ def _layer_kinds(c: _Cfg, num_experts: int) -> list[bool]:
     return [True] * layers
 
 
-def count_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[DenseShape, MoeCounts]:
+def count_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[ModelShape, MoeCounts]:
     """Exact counts for a model_type in MOE_FAMILIES, from its config.json alone."""
     mt = cfg.get("model_type")
     if mt not in DEFAULTS:
@@ -259,7 +260,7 @@ def count_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[DenseSh
         tensors += [experts * 2 * width * h, shared_width * h]
     if n_dense:
         tensors.append(inter * h)
-    shape = DenseShape(total=total, embedding=embedding + head, largest_tensor=max(tensors), hidden_size=h,
+    shape = ModelShape(total=total, embedding=embedding + head, largest_tensor=max(tensors), hidden_size=h,
                        num_layers=layers, num_heads=heads, num_kv_heads=kv if "deepseek" not in mt else heads,
                        head_dim=hd if "deepseek" not in mt else c.int("qk_nope_head_dim") + c.int("qk_rope_head_dim"),
                        intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied)
@@ -269,7 +270,7 @@ def count_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[DenseSh
     return shape, moe
 
 
-def approximate_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[DenseShape, MoeCounts]:
+def approximate_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[ModelShape, MoeCounts]:
     """A generic MoE layout for configs no formula covers and no meta-device build could count.
 
     Grouped-query attention, SwiGLU experts of `moe_intermediate_size` (else `intermediate_size`), a
@@ -304,7 +305,7 @@ def approximate_moe(cfg: dict[str, Any], source: str = "config.json") -> tuple[D
     total = embedding + head + h + layers * (attention + 2 * h) + n_moe * block + n_dense * 3 * h * inter
     active = None if top_k is None else total - n_moe * (experts - top_k) * per_expert
     uncertainty = round(n_moe * experts * h * width / total + 0.05, 2)
-    shape = DenseShape(total=total, embedding=embedding + head,
+    shape = ModelShape(total=total, embedding=embedding + head,
                        largest_tensor=max(embedding, experts * 2 * width * h, h * heads * hd), hidden_size=h,
                        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd, intermediate_size=inter,
                        vocab_size=vocab, tied_embeddings=tied)
