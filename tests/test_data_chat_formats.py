@@ -454,3 +454,27 @@ def test_two_ranks_train_on_llama_factory_tool_calling_data(tmp_path, tiny_model
     data = next(r for r in rows if "data/rows_read" in r)
     assert data["data/rows_read"] == data["data/rows_kept"] == 32
     assert data["data/masks/per_turn"] > 0 and not any(k.startswith("data/skipped/") for k in data)
+
+
+def test_eval_loss_scores_each_turn_of_a_qwen3_style_chat_as_training_does(tmp_path, tiny_model):
+    """`shardtune eval` on a chat the template does not render prefix-stably (it raised TemplateError before): the
+    loss is the token-weighted mean over the same two samples training makes, each labelled by hand."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from trainer.tools.exact_match import eval_loss, read_eval_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = QWEN3_STYLE
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    got = eval_loss(model, tok, read_eval_rows(write_jsonl(tmp_path / "eval.jsonl", [REASONING_ROW])))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text, trained in ((TURN1_ALONE, [TURN1]), (WHOLE, [TURN2])):
+            ids, labels = by_hand(tok, text, trained)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"))
+            count += int((targets != IGNORE).sum())
+    assert got == pytest.approx(total / count, rel=1e-5)

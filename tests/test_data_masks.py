@@ -195,7 +195,8 @@ def test_alpaca_sharegpt_and_custom_field_names(tmp_path, tiny_model, tokenizer)
                                 {"who": "GPT", "says": "2"}]},
                      {"conversations": "turns", "speaker": "who", "value": "says"}),
     }
-    expected = Renderer(tokenizer).encode(messages)
+    renderer = Renderer(tokenizer)
+    expected = renderer.encode_many([renderer.render(messages)])[0]
     cases = [(fmt, fmt, case) for fmt, case in variants.items()] + [(f"{fmt}-renamed", fmt, case)
                                                                     for fmt, case in renamed.items()]
     for name, fmt, (row, fields) in cases:

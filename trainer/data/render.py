@@ -181,7 +181,7 @@ class Renderer:
         return Rendered(text, tuple(spans), method, turn)
 
     def render(self, sample: Union[str, Conversation, Chat]) -> Rendered:
-        """The one sample a row renders to (evaluation scores whole conversations)."""
+        """The one sample a row renders to; a TemplateError where it renders as one per assistant turn."""
         samples = self.render_samples(sample)
         if len(samples) != 1:
             raise TemplateError(f"the conversation renders as {len(samples)} samples (one per assistant turn: the "
@@ -207,9 +207,6 @@ class Renderer:
                 out[i] = (arr, labels_from_offsets(arr, np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
                                                    rendered[i].spans))
         return out
-
-    def encode(self, sample: Union[str, Conversation, Chat]) -> tuple[np.ndarray, np.ndarray]:
-        return self.encode_many([self.render(sample)])[0]
 
 
 def num_targets(labels: np.ndarray) -> int:

@@ -40,7 +40,8 @@ def read_eval_rows(path: str) -> list[Messages]:
 
 @torch.no_grad()
 def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> float:
-    """Token-weighted mean cross-entropy on the assistant tokens, masked exactly as in training."""
+    """Token-weighted mean cross-entropy on the assistant tokens, masked exactly as in training: a conversation the
+    chat template does not render prefix-stably is scored as training sees it, one sample per assistant turn."""
     import numpy as np
 
     from trainer.data.collate import collate
@@ -49,7 +50,7 @@ def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> flo
     from trainer.model import token_loss_sum
 
     renderer = Renderer(tokenizer, "assistant")
-    encoded = [renderer.encode(messages_of(r)) for r in rows]
+    encoded = renderer.encode_many([sample for r in rows for sample in renderer.render_samples(messages_of(r))])
     ids = [np.asarray(i) for i, _ in encoded]
     packed = build_packed(ids, [np.asarray(lab) for _, lab in encoded], one_per_sequence(ids))
     pad = generation_pad_id(tokenizer, stop_token_ids(model, tokenizer))
