@@ -456,9 +456,15 @@ def test_two_ranks_train_on_llama_factory_tool_calling_data(tmp_path, tiny_model
     assert data["data/masks/per_turn"] > 0 and not any(k.startswith("data/skipped/") for k in data)
 
 
-def test_eval_loss_scores_each_turn_of_a_qwen3_style_chat_as_training_does(tmp_path, tiny_model):
-    """`shardtune eval` on a chat the template does not render prefix-stably (it raised TemplateError before): the
-    loss is the token-weighted mean over the same two samples training makes, each labelled by hand."""
+@pytest.mark.parametrize("template,row,samples", [
+    (QWEN3_STYLE, REASONING_ROW, {TURN1_ALONE: [TURN1], WHOLE: [TURN2]}),
+    (HERMES_TOOLS, OPENAI_ROW, {TOOL_TEXT: TOOL_TRAINED}),
+], ids=["per-turn", "tools"])
+def test_eval_loss_scores_a_conversation_as_training_renders_it(tmp_path, tiny_model, template, row, samples):
+    """`shardtune eval` scores the samples training makes of a row: a chat the template does not render
+    prefix-stably as one sample per assistant turn (it raised TemplateError before), a row with tools with its tool
+    definitions in the prompt (they were dropped before). The loss is the token-weighted mean over those samples,
+    each labelled by hand."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -466,12 +472,12 @@ def test_eval_loss_scores_each_turn_of_a_qwen3_style_chat_as_training_does(tmp_p
     from trainer.tools.exact_match import eval_loss, read_eval_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.chat_template = QWEN3_STYLE
+    tok.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    got = eval_loss(model, tok, read_eval_rows(write_jsonl(tmp_path / "eval.jsonl", [REASONING_ROW])))
+    got = eval_loss(model, tok, read_eval_rows(write_jsonl(tmp_path / "eval.jsonl", [row])))
     total, count = 0.0, 0
     with torch.no_grad():
-        for text, trained in ((TURN1_ALONE, [TURN1]), (WHOLE, [TURN2])):
+        for text, trained in samples.items():
             ids, labels = by_hand(tok, text, trained)
             logits = model(torch.tensor([ids])).logits[0, :-1]
             targets = torch.tensor(labels[1:])

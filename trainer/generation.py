@@ -6,11 +6,12 @@ see a model the same way. Device-agnostic (inputs go to the model's device) and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from trainer.data.collate import pad_id_of
+from trainer.data.formats import Chat
 
 Messages = list[dict[str, Any]]
 
@@ -20,9 +21,18 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "
 
 
 def messages_of(row: Any) -> Messages:
+    if isinstance(row, Chat):
+        return row.messages
     if isinstance(row, dict):
         return row["messages"]
     return list(row)
+
+
+def tools_of(row: Any) -> Optional[list[dict]]:
+    """The tool definitions a conversation's template is given (a Chat's, or a row's "tools"); None: none."""
+    if isinstance(row, Chat):
+        return row.tools
+    return row.get("tools") if isinstance(row, dict) else None
 
 
 def _require_chat_template(tokenizer) -> None:
@@ -74,14 +84,15 @@ def model_device(model) -> torch.device:
 def generate_answers(
     model,
     tokenizer,
-    prompts_messages: list[Messages],
+    prompts_messages: list[Messages | Chat],
     max_new_tokens: int,
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy answers to each conversation, in input order.
 
-    Each prompt is a list of messages ending with the turn to answer; a trailing
-    assistant message (the reference answer of an eval row) is dropped. Prompts are
+    Each prompt is a list of messages ending with the turn to answer, or a Chat whose
+    tool definitions the template is given too; a trailing assistant message (the
+    reference answer of an eval row) is dropped. Prompts are
     rendered with the chat template and ``add_generation_prompt=True``, left-padded
     (independently of ``tokenizer.padding_side``), grouped by length, and decoded
     greedily until an end-of-turn token or ``max_new_tokens``. The answers are
@@ -93,11 +104,11 @@ def generate_answers(
     device = model_device(model)
 
     encoded: list[list[int]] = []
-    for msgs in prompts_messages:
-        msgs = list(msgs)
+    for prompt in prompts_messages:
+        msgs = list(messages_of(prompt))
         if msgs and msgs[-1].get("role") == "assistant":
             msgs = msgs[:-1]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(msgs, tools=tools_of(prompt), tokenize=False, add_generation_prompt=True)
         encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

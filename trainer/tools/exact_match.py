@@ -3,9 +3,12 @@ loss on assistant tokens.
 
 Device-agnostic (inputs go to the model's device) and free of DeepSpeed, so the same
 code scores a base model, a consolidated checkpoint, or a model inside a training
-process. Rows are in ``messages`` format::
+process. Rows are in ``messages`` format, with ``tools`` where the conversation has them::
 
-    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}], "tools": [...]}
+
+A row is rendered as training renders it (tool definitions in the prompt, one sample per assistant turn where
+the template is not prefix-stable), so the eval loss is the loss training minimises.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 import torch
 
-from trainer.generation import Messages, generate_answers, generation_pad_id, messages_of, model_device, stop_token_ids
+from trainer.data.formats import Chat
+from trainer.generation import generate_answers, generation_pad_id, messages_of, model_device, stop_token_ids, tools_of
 
 
 def exact_match(pred: str, ref: str) -> bool:
@@ -23,16 +27,17 @@ def exact_match(pred: str, ref: str) -> bool:
     return pred.strip() == ref.strip()
 
 
-def read_eval_rows(path: str) -> list[Messages]:
-    """Conversations of a messages-format file (the last assistant turn is the reference answer)."""
+def read_eval_rows(path: str) -> list[Chat]:
+    """Conversations of a messages-format file with their tool definitions (the last assistant turn is the
+    reference answer)."""
     from launcher.contract.config import DataFields
-    from trainer.data.formats import BadRow, parse_json, to_sample
+    from trainer.data.formats import BadRow, parse_json, to_chat
     from trainer.data.sources import read_rows
 
     rows = []
     for raw in read_rows(path):
         try:
-            rows.append(to_sample(parse_json(raw.text), "messages", DataFields()))
+            rows.append(to_chat(parse_json(raw.text), "messages", DataFields()))
         except BadRow as exc:
             raise ValueError(f"{raw.where}: {exc}") from None
     return rows
@@ -50,7 +55,8 @@ def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> flo
     from trainer.model import token_loss_sum
 
     renderer = Renderer(tokenizer, "assistant")
-    encoded = renderer.encode_many([sample for r in rows for sample in renderer.render_samples(messages_of(r))])
+    chats = [r if isinstance(r, Chat) else Chat(messages_of(r), tools_of(r)) for r in rows]
+    encoded = renderer.encode_many([sample for chat in chats for sample in renderer.render_samples(chat)])
     ids = [np.asarray(i) for i, _ in encoded]
     packed = build_packed(ids, [np.asarray(lab) for _, lab in encoded], one_per_sequence(ids))
     pad = generation_pad_id(tokenizer, stop_token_ids(model, tokenizer))
@@ -80,13 +86,13 @@ def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_si
     rows = read_eval_rows(data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    references = [r[-1]["content"] for r in rows]
+    references = [r.messages[-1]["content"] for r in rows]
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
     hits = [exact_match(a, ref) for a, ref in zip(answers, references)]
     loss = eval_loss(model, tokenizer, rows, batch_size=8)
     return {"model": str(model_dir), "data": str(data), "rows": len(rows), "exact_match": sum(hits) / len(rows),
             "eval_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
-            "examples": [{"prompt": r[-2]["content"], "reference": ref, "answer": a, "correct": h}
+            "examples": [{"prompt": r.messages[-2]["content"], "reference": ref, "answer": a, "correct": h}
                          for r, ref, a, h in list(zip(rows, references, answers, hits))[:examples]]}
 
 
