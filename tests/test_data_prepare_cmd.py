@@ -23,7 +23,8 @@ def run(*argv: str) -> None:
 
 
 def test_json_summary_and_overrides_after_the_flag(tmp_path, tiny_model, capsys):
-    cfg = tiny_config(tmp_path, tiny_model)
+    # its own cache: the session's cache may already hold this data from another test on this worker
+    cfg = tiny_config(tmp_path, tiny_model, data={"cache_dir": str(tmp_path / "cache")})
     # a bare switch must not take the next word (an override) as its value
     run(str(cfg), "--json", "data.seq_len=256", "data.eval_fraction=0.1")
     out = capsys.readouterr().out
