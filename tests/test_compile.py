@@ -61,17 +61,24 @@ def test_compiled_model_trains_like_the_eager_one(uninterrupted):
         assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
 
 
-def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, uninterrupted):
-    reference, _ = uninterrupted(True)
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "compile": True, "save_every": 2},
-                      zero={"stage": 2})
+def assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference: RunDir, compiled: str, train: dict,
+                                            zero: dict) -> None:
+    """Stop a run at step 3 and relaunch it: it resumes from the stop's checkpoint, compiles again (the log says
+    `compiled`), and every step's loss is the uninterrupted reference run's."""
+    cfg = tiny_config(tmp_path, tiny_model, train={**train, "save_every": 2}, zero=zero)
     shardtune("launch", str(cfg), "train.stop_at_step=3")
     proc = shardtune("launch", str(cfg))
-    assert "resumed from" in proc.stderr and "train.compile: the model is compiled" in proc.stderr
+    assert "resumed from" in proc.stderr and compiled in proc.stderr
     got, want = losses(tmp_path / "run"), losses(reference.path)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+
+
+def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, uninterrupted):
+    reference, _ = uninterrupted(True)
+    assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference, "train.compile: the model is compiled",
+                                            train={"max_steps": STEPS, "compile": True}, zero={"stage": 2})
 
 
 ZERO3 = {"train": {"max_steps": STEPS, "compile": True, "activation_checkpointing": True}, "zero": {"stage": 3}}
@@ -115,14 +122,8 @@ def test_compiled_zero3_run_stopped_and_relaunched_continues_exactly(tmp_path, t
     how ZeRO-3 gathers, not what it stores), so the relaunched run, compiling again, continues with the losses of
     the uninterrupted one."""
     reference, _, _ = compiled_zero3
-    cfg = tiny_config(tmp_path, tiny_model, train={**ZERO3["train"], "save_every": 2}, zero=ZERO3["zero"])
-    shardtune("launch", str(cfg), "train.stop_at_step=3")
-    proc = shardtune("launch", str(cfg))
-    assert "resumed from" in proc.stderr and "each of the 2 decoder layers is compiled" in proc.stderr
-    got, want = losses(tmp_path / "run"), losses(reference.path)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+    assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference, "each of the 2 decoder layers is compiled",
+                                            **ZERO3)
 
 
 def test_auto_stage_with_compile_plans_zero3_too(tmp_path):
