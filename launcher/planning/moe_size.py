@@ -99,8 +99,8 @@ class ModelShape:
     adds what the planner derives from them. Kept here, below model_size, so the MoE counters can build one."""
 
     total: int
-    embedding: int  # input embedding + untied lm_head
-    largest_tensor: int
+    embedding: int  # input embedding + the untied lm_head (0 extra when tied)
+    largest_tensor: int  # the largest single parameter: ZeRO-3 must gather at least this many elements at once
     hidden_size: int
     num_layers: int
     num_heads: int
