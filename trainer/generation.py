@@ -29,10 +29,8 @@ def messages_of(row: Any) -> Messages:
 
 
 def tools_of(row: Any) -> Optional[list[dict]]:
-    """The tool definitions a conversation's template is given (a Chat's, or a row's "tools"); None: none."""
-    if isinstance(row, Chat):
-        return row.tools
-    return row.get("tools") if isinstance(row, dict) else None
+    """The tool definitions a conversation's template is given: a Chat's (validated by to_chat); None otherwise."""
+    return row.tools if isinstance(row, Chat) else None
 
 
 def _require_chat_template(tokenizer) -> None:

@@ -55,7 +55,7 @@ def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> flo
     from trainer.model import token_loss_sum
 
     renderer = Renderer(tokenizer, "assistant")
-    chats = [r if isinstance(r, Chat) else Chat(messages_of(r), tools_of(r)) for r in rows]
+    chats = [Chat(messages_of(r), tools_of(r)) for r in rows]
     encoded = renderer.encode_many([sample for chat in chats for sample in renderer.render_samples(chat)])
     ids = [np.asarray(i) for i, _ in encoded]
     packed = build_packed(ids, [np.asarray(lab) for _, lab in encoded], one_per_sequence(ids))
