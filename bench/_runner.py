@@ -5,6 +5,8 @@
   high-water mark at a step, sample memory while an export runs, attach a profiler), enforces a
   timeout and always ends the process group it started, and only that one.
 - `wait_for_quiet` waits until the 1-minute load average is low: the machine is shared.
+- `machine_words` names the machine a table was measured on: the VM behind this project has changed
+  CPU between sessions, and absolute rates move with it.
 - `busy_cpu_seconds` (the whole machine) and `own_cpu_seconds` (this process and the children it
   waited for) give, as a difference, the CPU other users took during a run.
 
@@ -15,6 +17,7 @@ at the last training step, before any final save or export).
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import signal
 import subprocess
@@ -38,6 +41,17 @@ class RunFailed(Exception):
 
 class OverCap(RunFailed):
     """A process of the tree went over the RSS cap and the tree was stopped."""
+
+
+def machine_words() -> str:
+    """'<CPU model>, <n> cores, <arch> Linux': what a benchmark's numbers were measured on."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.machine()} {platform.system()}"
 
 
 def busy_cpu_seconds() -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench._runner import REPO, own_cpu_seconds
+from bench._runner import REPO, machine_words, own_cpu_seconds
 from examples.tiny_model import WORDS
 from launcher.contract.config import load_config
 from trainer.data.packing import best_fit_decreasing
@@ -125,7 +125,7 @@ def main() -> None:
         with open(rows_path, "w") as fh:
             for row in synthetic_chat(args.rows):
                 fh.write(json.dumps(row) + "\n")
-        print(f"# data preparation benchmark ({platform.node()}, {os.cpu_count()} cores, "
+        print(f"# data preparation benchmark ({platform.node()}, {machine_words()}, "
               f"python {platform.python_version()})")
         print(f"tokenizer: {described}")
         print(f"synthetic rows: {args.rows:,} multi-turn chats written in {time.perf_counter() - started:.1f} s "

@@ -33,7 +33,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from bench._runner import REPO, OverCap, RunFailed, run_tree
+from bench._runner import REPO, OverCap, RunFailed, machine_words, run_tree
 from examples.tiny_model import WORDS
 from launcher.contract.run_dir import RunDir
 
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
     minutes = (time.time() - started) / 60
     from importlib.metadata import version
 
-    info = (f"Measured {_dt.datetime.now():%Y-%m-%d %H:%M} on {platform.machine()} Linux, 2 cores shared with other "
+    info = (f"Measured {_dt.datetime.now():%Y-%m-%d %H:%M} on {machine_words()}, shared with other "
             f"work (load average {os.getloadavg()[0]:.1f} at the end), torch {version('torch')}, deepspeed "
             f"{version('deepspeed')}, transformers {version('transformers')}; {minutes:.1f} min in all. "
             f"Cap {args.cap_gb:g} GB per process; seq_len doubled from {args.start:,} up to {args.max_len:,}, "

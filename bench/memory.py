@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ from bench._runner import (
     SHARDTUNE,
     RunFailed,
     Tree,
+    machine_words,
     proc_status,
     reset_peak_rss,
     run_tree,
@@ -265,7 +265,7 @@ def collect(args, work: Path) -> dict:
         subprocess.run([str(PYTHON), "-m", "examples.demo_model", str(SMOLLM2)], check=True, cwd=REPO)
     skeleton = make_skeleton(work)
     results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, Python "
+               "machine": f"{platform.node()}, {machine_words()}, Python "
                           f"{platform.python_version()}, glibc {platform.libc_ver()[1]}",
                "seq_len": args.seq_len, "steps": args.steps, "import_only_rss": import_only_rss(work),
                "skeleton_counts": counts_from_path(skeleton).to_dict(), "baseline": {}, "variants": {}}

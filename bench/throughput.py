@@ -56,7 +56,7 @@ from typing import Optional
 import yaml
 
 from bench import _workloads as W
-from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, run_tree, wait_for_quiet
+from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, machine_words, run_tree, wait_for_quiet
 from launcher.contract.run_dir import RunDir
 
 CONTENDERS = ("shardtune", "minimal", "minimal_same", "trainer")
@@ -546,8 +546,8 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
     gb = W.MICRO * s["grad_accum"] * W.WORLD
     lines = [
         START,
-        f"Measured {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {platform.machine()} Linux, "
-        f"{os.cpu_count()} cores shared with other work, Python {platform.python_version()}, "
+        f"Measured {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine_words()}, "
+        f"shared with other work, Python {platform.python_version()}, "
         f"{library_versions()}; {elapsed / 60:.1f} min in all ({measured / 60:.1f} min measuring, the rest setup "
         f"and waiting for a quiet machine). CPU used by other processes during a run: "
         f"{min(others):.2f}-{max(others):.2f} cores (median {statistics.median(others):.2f}) of 2"
