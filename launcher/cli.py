@@ -200,7 +200,8 @@ def convert(checkpoint: str, workers: int | None = None) -> None:
 
 def eval(target: str, data: str, json: bool = False, out: str | None = None, compare_to: str | None = None,
          max_new_tokens: int = 48) -> None:
-    """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file."""
+    """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file; an answer
+    that calls tools is matched against the call as the chat template renders it."""
     from trainer.tools.chat import model_dir_of
     from trainer.tools.exact_match import evaluate_model, format_report
 

@@ -484,3 +484,25 @@ def test_eval_loss_scores_a_conversation_as_training_renders_it(tmp_path, tiny_m
             total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"))
             count += int((targets != IGNORE).sum())
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_references_a_tool_call_answer_as_the_template_renders_it(tmp_path, tiny_model):
+    """`shardtune eval` on a row whose answer is a tool call: the reference is the call as training renders and
+    trains it (hand-written here from the template), not the message's empty content. Before, the reference was
+    that empty content, so a model making the right call scored 0 (the end-to-end check below fails on it)."""
+    import shutil
+
+    from trainer.tools.exact_match import evaluate_model, read_eval_rows, reference_answers
+
+    call = {"messages": OPENAI_ROW["messages"][:2], "tools": [TOOL]}
+    path = write_jsonl(tmp_path / "eval.jsonl", [call, OPENAI_ROW])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = HERMES_TOOLS
+    expected = [f"<tool_call>\n{CALL_JSON}\n</tool_call>", "blue red"]
+    assert reference_answers(tok, read_eval_rows(str(path))) == expected
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    tok.save_pretrained(model_dir)
+    result = evaluate_model(str(model_dir), str(path), max_new_tokens=4, examples=2)
+    assert result["rows"] == 2 and [e["reference"] for e in result["examples"]] == expected

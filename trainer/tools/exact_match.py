@@ -27,6 +27,26 @@ def exact_match(pred: str, ref: str) -> bool:
     return pred.strip() == ref.strip()
 
 
+def reference_answers(tokenizer, rows: list[Chat]) -> list[str]:
+    """What a correct answer to each row generates: its last assistant message's content, or, where that message
+    calls tools, the turn as the chat template renders it (e.g. ``<tool_call>{...}</tool_call>``): the text training
+    teaches the model to write, read from the same masks, decoded like a generated answer (no special tokens)."""
+    from trainer.data.render import Renderer
+
+    renderer = Renderer(tokenizer, "last_assistant")
+    references = []
+    for chat in rows:
+        last = chat.messages[-1]
+        if not last.get("tool_calls"):
+            references.append(last.get("content") or "")
+            continue
+        sample = renderer.render_samples(chat)[-1]
+        turn = "".join(sample.text[start:end] for start, end in sample.spans)
+        references.append(tokenizer.decode(tokenizer(turn, add_special_tokens=False)["input_ids"],
+                                           skip_special_tokens=True))
+    return references
+
+
 def read_eval_rows(path: str) -> list[Chat]:
     """Conversations of a messages-format file with their tool definitions (the last assistant turn is the
     reference answer)."""
@@ -86,7 +106,7 @@ def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_si
     rows = read_eval_rows(data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    references = [r.messages[-1]["content"] for r in rows]
+    references = reference_answers(tokenizer, rows)
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
     hits = [exact_match(a, ref) for a, ref in zip(answers, references)]
     loss = eval_loss(model, tokenizer, rows, batch_size=8)
