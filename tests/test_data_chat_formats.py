@@ -506,3 +506,4 @@ def test_eval_references_a_tool_call_answer_as_the_template_renders_it(tmp_path,
     tok.save_pretrained(model_dir)
     result = evaluate_model(str(model_dir), str(path), max_new_tokens=4, examples=2)
     assert result["rows"] == 2 and [e["reference"] for e in result["examples"]] == expected
+    assert [e["prompt"] for e in result["examples"]] == ["reverse: red blue"] * 2  # the user's, not the tool's

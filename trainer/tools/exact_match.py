@@ -112,8 +112,14 @@ def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_si
     loss = eval_loss(model, tokenizer, rows, batch_size=8)
     return {"model": str(model_dir), "data": str(data), "rows": len(rows), "exact_match": sum(hits) / len(rows),
             "eval_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
-            "examples": [{"prompt": r.messages[-2]["content"], "reference": ref, "answer": a, "correct": h}
+            "examples": [{"prompt": _last_user_words(r), "reference": ref, "answer": a, "correct": h}
                          for r, ref, a, h in list(zip(rows, references, answers, hits))[:examples]]}
+
+
+def _last_user_words(chat: Chat) -> str:
+    """The question an example answers: the last user message (the message before the answer can be a tool's
+    result, or a tool call with no content)."""
+    return next((m.get("content") or "" for m in reversed(chat.messages) if m["role"] == "user"), "")
 
 
 def format_report(result: dict) -> str:
