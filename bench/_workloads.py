@@ -68,13 +68,16 @@ class Schedule:
         return [m.ids for step in self.micro for m in step[rank]]
 
 
-def make_model(out: Path, quick: bool) -> Path:
-    """The tiny Llama of NOTES.md (hidden 256, 4 layers, 8 heads); --quick uses a smaller one."""
+def make_model(out: Path, quick: bool, hidden: int = 256, layers: int = 4) -> Path:
+    """The tiny Llama of NOTES.md (hidden 256, 4 layers, 8 heads); --quick uses a smaller one. Other sizes keep
+    its proportions (head dim 32, MLP 2.6875 x hidden), to see how a ratio moves as kernels get bigger."""
     from examples.tiny_model import make_tiny_llama
 
     if quick:
         return make_tiny_llama(out, hidden=64, layers=2, heads=4, kv_heads=4, intermediate=172)
-    return make_tiny_llama(out, hidden=256, layers=4, heads=8, kv_heads=8, intermediate=688)
+    heads = hidden // 32
+    return make_tiny_llama(out, hidden=hidden, layers=layers, heads=heads, kv_heads=heads,
+                           intermediate=hidden * 688 // 256)
 
 
 def _text(rng: random.Random, n_words: int) -> str:

@@ -32,6 +32,8 @@ metric is checked against the hand computation. Also `shardtune plan` wall time.
 `--ab NAME=SPEC` adds a contender `shardtune:NAME`: shardtune with the overrides in SPEC, separated by
 spaces: `section.field=value` for the run config, `ds:dotted.key=value` for a key of the DeepSpeed
 config (given to shardtune as its `zero.config`, so the value wins over shardtune's default).
+`--hidden`/`--layers` size the model in the same proportions, to see whether a ratio holds as kernels grow
+(the targets are set for the default 256 x 4).
 
 The machine is shared: each run records the CPU other processes used while it ran, and a run they
 disturbed (more than --max_other_cores) is measured again after the load settles. The table goes to
@@ -152,7 +154,7 @@ def ab_overrides(spec: str, ds_config: Path, out: Path) -> list[str]:
 
 
 def prepare_cells(args, work: Path, log) -> tuple[list[Cell], dict]:
-    model = W.make_model(work / "model", args.quick)
+    model = W.make_model(work / "model", args.quick, args.hidden, args.layers)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -609,6 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fixed data, ZeRO-2, small model, few steps")
     p.add_argument("--workloads", nargs="+", choices=("fixed", "variable"))
+    p.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 32; targets are set at 256)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (targets are set at 4)")
     p.add_argument("--stages", nargs="+", type=int, choices=(1, 2, 3))
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--repeats", type=int)
@@ -649,6 +653,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.hidden < 32 or args.hidden % 32 or args.layers < 1:
+        p.error(f"--hidden {args.hidden} must be a positive multiple of 32 (head dim 32) and --layers {args.layers} "
+                f"at least 1")
     if args.warmup >= args.steps - 1:
         p.error(f"--warmup {args.warmup} leaves no steady steps of --steps {args.steps}")
     return args

@@ -105,3 +105,16 @@ def test_useful_tokens_count_the_same_packed_and_padded(chat_workload):
         assert sched.rank_ids(rank) == micro[rank::W.WORLD]
     assert all(len(per_rank) == accum for step in sched.micro for per_rank in step)
     assert np.all([m.width == max(len(samples[i][0]) for i in m.ids) for step in sched.micro for r in step for m in r])
+
+
+def test_a_sized_model_keeps_the_bench_models_proportions(tmp_path):
+    """--hidden/--layers build the bench's Llama at another size: head dim 32, MLP 688/256 of hidden (the default
+    model's numbers, NOTES.md), and a width that is no multiple of 32 is refused before anything runs."""
+    from bench import _workloads as W
+    from bench.throughput import parse_args
+
+    config = json.loads((W.make_model(tmp_path / "m", quick=False, hidden=512, layers=3) / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["intermediate_size"]) == (512, 3, 16, 16, 1376)
+    with pytest.raises(SystemExit):
+        parse_args(["--hidden", "100"])
