@@ -611,8 +611,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fixed data, ZeRO-2, small model, few steps")
     p.add_argument("--workloads", nargs="+", choices=("fixed", "variable"))
-    p.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 32; targets are set at 256)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (targets are set at 4)")
+    p.add_argument("--hidden", type=int, default=W.HIDDEN,
+                   help=f"model width (a multiple of 32; targets are set at {W.HIDDEN})")
+    p.add_argument("--layers", type=int, default=W.LAYERS, help=f"decoder layers (targets are set at {W.LAYERS})")
     p.add_argument("--stages", nargs="+", type=int, choices=(1, 2, 3))
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--repeats", type=int)
