@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.run_dir import LATEST, MANIFEST, RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
-from launcher.planning.plan import build_plan
+from launcher.planning.plan import build_plan, format_plan
 from trainer.hf_writer import INDEX_FILE
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -113,11 +113,11 @@ def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does
     assert RunDir(tmp_path / "stalled" / "run").read_status()["state"] == "completed"  # restarted, then finished
 
 
-def _slurm_plan(**launch):
+def _slurm_plan(train: dict | None = None, stage: int = 3, **launch):
     raw = {"model": {"name_or_path": str(REPO / "tests" / "data" / "model_configs" / "llama3_8b.json")},
            "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 4096},
-           "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0},
-           "zero": {"stage": 3}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
+           "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0, **(train or {})},
+           "zero": {"stage": stage}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
            "output_dir": "/scratch/run"}
     host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96)
     return build_plan(validate_config(apply_overrides(raw, [])), host=host)
@@ -133,3 +133,49 @@ def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_preemption_wi
     (warning,) = slow["warnings"]
     assert f"{expected_gb:,.1f} GB" in warning and f"{expected_gb / 0.25:,.0f} s" in warning
     assert "slurm.signal_lead_s gives it 300 s" in warning
+
+
+def test_plan_counts_the_host_copies_background_saves_keep_on_rank_zeros_node():
+    # Llama-3-8B (8,030,261,248 parameters, published), 2 nodes x 8 ranks, bf16. Each rank's background save
+    # copies its optimizer partition (fp32 master + two Adam moments: 12 bytes per parameter over 16 ranks);
+    # at ZeRO-2 rank 0 also copies the bf16 module file (2 bytes per parameter). Node 0 holds 8 ranks.
+    params = 8_030_261_248
+    for stage, expected in ((3, 8 * 12 * params / 16), (2, 2 * params + 8 * 12 * params / 16)):
+        on = _slurm_plan(train={"async_save": True}, stage=stage)
+        assert on.memory["host_per_node_gb"]["async_save_snapshots"] == pytest.approx(expected / 1e9, abs=1e-3)
+        assert f"background-save copies {expected / 1e9:.1f}" in format_plan(on)
+        off = _slurm_plan(stage=stage)
+        assert off.memory["host_per_node_gb"]["async_save_snapshots"] == 0
+        assert "background-save" not in format_plan(off)
+
+
+def test_a_background_save_copies_a_tied_embedding_once_and_holds_the_host_memory_the_plan_counts(tmp_path):
+    """Tied input and output embeddings are one tensor: a background save must write (and hold) it once, as a
+    synchronous save does, and its host copies must be what the plan promised for rank 0's node."""
+    from transformers import AutoModelForCausalLM
+
+    from examples.tiny_model import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tied", tie_embeddings=True)
+    sizes, runs = {}, {}
+    for mode in ("sync", "async"):
+        (tmp_path / mode).mkdir()
+        cfg = tiny_config(tmp_path / mode, model, train={"max_steps": 3, "save_every": 2, "warmup_steps": 1,
+                                                         "async_save": mode == "async"})
+        shardtune("launch", str(cfg))
+        runs[mode] = (cfg, RunDir(tmp_path / mode / "run"))
+        files = json.loads((runs[mode][1].checkpoint(2) / MANIFEST).read_text())["files"]
+        sizes[mode] = {rel: meta["size"] for rel, meta in files.items() if rel.endswith(".pt")
+                       and "rng" not in rel}
+    assert sizes["sync"].keys() == sizes["async"].keys()
+    for rel, size in sizes["sync"].items():  # the same tensors; only zip records and padding may differ
+        assert sizes["async"][rel] == pytest.approx(size, rel=0.03), rel
+    cfg, run = runs["async"]
+    (row,) = [r for r in run.read_metrics() if "save_snapshot_gb" in r]
+    # ZeRO-2 in fp32 on 2 ranks of one node: rank 0's module file (4 bytes per parameter) and both ranks'
+    # optimizer partitions (12 bytes per parameter over 2 ranks): 16 bytes per parameter on the node.
+    params = AutoModelForCausalLM.from_pretrained(model).num_parameters()
+    assert row["save_snapshot_gb"] == pytest.approx(16 * params / 1e9, rel=0.03)
+    planned = json.loads(shardtune("plan", str(cfg), "--json").stdout)["memory"]
+    assert planned["params"] == params
+    assert planned["host_per_node_gb"]["async_save_snapshots"] == pytest.approx(16 * params / 1e9, abs=5e-4)

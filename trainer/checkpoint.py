@@ -181,8 +181,9 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
     if faults is not None:
         faults.saving(pending.step)
     pending.peers.wait_all("written", beat)
-    shares = all_gather_objects({"error": error, "files": {str(Path(p).relative_to(pending.ckpt)): meta
-                                                           for p, meta in writer.written.items()}})
+    shares = all_gather_objects({"error": error, "snapshot_bytes": writer.snapshot_bytes(),
+                                 "files": {str(Path(p).relative_to(pending.ckpt)): meta
+                                           for p, meta in writer.written.items()}})
     errors = [s["error"] for s in shares if s["error"]]
     if errors:
         raise CheckpointError(f"saving {pending.ckpt.name} failed ({'; '.join(errors)}); the previous checkpoint "
@@ -203,6 +204,9 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
         measured = {"save_seconds": round(seconds, 3), "save_gb": round(size / 1e9, 4),
                     "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4),
                     "save_stall_seconds": round(pending.stall, 3)}
+        snapshots = sum(share["snapshot_bytes"] for share in shares)
+        if snapshots:
+            measured["save_snapshot_gb"] = round(snapshots / 1e9, 6)
         log(f"checkpoint {pending.ckpt} committed: {len(files)} files, {size / 1e9:.3f} GB in {seconds:.1f} s "
             f"({measured['save_gbps']:.2f} GB/s), training waited {pending.stall:.1f} s"
             + (f"; hashed {len(unrecorded)} file(s) written outside the writer: {', '.join(unrecorded[:3])}"

@@ -69,6 +69,10 @@ class ShardWriter(TorchCheckpointEngine):
             state = state_dict
         self._futures.append(self._pool.submit(self._write, state, path))
 
+    def snapshot_bytes(self) -> int:
+        """Host memory this rank's snapshot buffers hold (kept between saves, so for the whole run)."""
+        return sum(t.nbytes for buffers in self._snapshots.values() for t in buffers)
+
     def write_file(self, path: Path, write: Callable[[HashingWriter], None]) -> None:
         """One of our own files (RNG state, counters, model metadata), queued like DeepSpeed's shards."""
         self._futures.append(self._pool.submit(self._record, path, write))

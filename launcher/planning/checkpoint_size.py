@@ -9,7 +9,11 @@ for stages 0-3 in fp32 and bf16, with and without optimizer offload; bench/io.py
     stage 1-2  module weights (p) + fp32 master (4) + Adam moments (8): the module file is written once
     stage 3    fp32 master (4) + Adam moments (8): the module files hold placeholders only
 
-with p = 4 for fp32 and 2 for bf16/fp16. Offloading changes where the state lives, not its size.
+with p = 4 for fp32 and 2 for bf16/fp16. Offloading changes where the state lives, not its size. Who writes
+what: the module file comes from data-parallel rank 0 alone (at stage 0 with the optimizer state in it), the
+optimizer partitions of stages 1-3 from every rank, 12·Ψ/N bytes each. A background save
+(`train.async_save`) first copies each rank's share into host memory and keeps those buffers for the next
+save, so the node with rank 0 holds the largest share for the rest of the run.
 """
 from __future__ import annotations
 
@@ -21,16 +25,28 @@ FIXED_BYTES = 5_000_000  # tokenizer, config, RNG states and pickled bookkeeping
 SAFETY = 1.5  # a save must fit the preemption window this many times over: storage is shared and uneven
 
 
+def rank_zero_bytes(params: int, stage: int, dtype: str) -> int:
+    """Bytes of the module file, which data-parallel rank 0 alone writes (stage 3: placeholders only)."""
+    p = PARAM_BYTES[dtype]
+    if stage == 0:
+        return (p + 8 + (4 if p < 4 else 0)) * params
+    return 0 if stage == 3 else p * params
+
+
+def partition_bytes(params: int, stage: int, world_size: int) -> int:
+    """Bytes of one rank's optimizer partition (fp32 master + Adam moments); stage 0 does not partition."""
+    return 0 if stage == 0 else -(-12 * params // world_size)
+
+
 def checkpoint_bytes(params: int, stage: int, dtype: str) -> int:
     """Bytes one checkpoint of `params` parameters takes on disk, all ranks together."""
-    p = PARAM_BYTES[dtype]
-    if stage == 3:
-        per_param = 12
-    elif stage == 0:
-        per_param = p + 8 + (4 if p < 4 else 0)
-    else:
-        per_param = p + 12
-    return per_param * params + FIXED_BYTES
+    return rank_zero_bytes(params, stage, dtype) + (12 * params if stage else 0) + FIXED_BYTES
+
+
+def snapshot_bytes_per_node(params: int, stage: int, dtype: str, world_size: int, ranks_per_node: int) -> int:
+    """Host memory a background save's copies hold on the node of rank 0 (the largest share), all run long."""
+    ranks = min(ranks_per_node, world_size)
+    return rank_zero_bytes(params, stage, dtype) + ranks * partition_bytes(params, stage, world_size)
 
 
 @dataclass(frozen=True)

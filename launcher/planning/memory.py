@@ -105,6 +105,8 @@ class Setup:
     """Checkpointed layer inputs wait in host RAM (GPUs only: on CPU the host is the device)."""
     whole_layers: bool = False
     """ZeRO-3 gathers a decoder layer's parameters at once (a compiled model's layers are leaf modules)."""
+    async_save: bool = False
+    """Background saves keep a host copy of each rank's checkpoint share (train.async_save)."""
 
     @property
     def local_seq_len(self) -> int:
@@ -133,7 +135,7 @@ DEVICE_KEYS = ("params", "gradients", "optimizer_states", "offload_staging", "ac
 # The working set of forward and backward, freed before the optimizer step allocates its buffers.
 FORWARD_BACKWARD_KEYS = ("activations", "logits", "gradient_in_flight", "reduce_buckets", "zero3_live_params")
 HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "offloaded_checkpoints", "checkpoint_loading",
-             "process_runtime")
+             "async_save_snapshots", "process_runtime")
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,12 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
     return fp32_copy + temporaries
 
 
+def _snapshot_bytes(psi: int, setup: Setup) -> int:
+    from launcher.planning.checkpoint_size import snapshot_bytes_per_node  # it reads PARAM_BYTES from here
+
+    return snapshot_bytes_per_node(psi, setup.stage, setup.dtype, setup.world_size, setup.gpus_per_node)
+
+
 def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings(),
                     margins: Margins = Margins()) -> MemoryEstimate:
     """The full estimate for one configuration; the benchmark compares `device` with measurements."""
@@ -490,12 +498,13 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
         "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
+        "async_save_snapshots": _snapshot_bytes(psi, setup) if setup.async_save else 0,
         "process_runtime": int(ranks * margins.host_per_rank_gb * GB),
     }
-    # The loaded copies are freed before the optimizer's host buffers are allocated; offloaded
-    # parameters, placed during zero.Init, coexist with the loading.
-    host_total = (host["process_runtime"] + host["offloaded_params"]
-                  + max(host["checkpoint_loading"], host["offloaded_optimizer"] + host["offloaded_checkpoints"]))
+    # The loaded copies are freed before the optimizer's host buffers are allocated (and before the first
+    # save's copies); offloaded parameters, placed during zero.Init, coexist with the loading.
+    after_loading = host["offloaded_optimizer"] + host["offloaded_checkpoints"] + host["async_save_snapshots"]
+    host_total = host["process_runtime"] + host["offloaded_params"] + max(host["checkpoint_loading"], after_loading)
     notes = [counts.note] if counts.note else []
     if dev["optimizer_step_buffers"] > forward_backward:
         notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")

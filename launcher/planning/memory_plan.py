@@ -259,7 +259,7 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
                  activation_checkpointing=cfg.train.recomputes,
                  attention=cfg.model.attn_implementation, optimizer=optimizer,
-                 whole_layers=gathers_whole_layers(cfg),
+                 whole_layers=gathers_whole_layers(cfg), async_save=cfg.train.async_save,
                  **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
 
 
@@ -339,7 +339,12 @@ def format_memory(summary: Optional[dict]) -> str:
                      f"{h['checkpoint_loading']:.1f}, processes {h['process_runtime']:.1f}"
                      + (f", offloaded checkpoints {h['offloaded_checkpoints']:.1f}"
                         if h["offloaded_checkpoints"] else "")
+                     + (f", background-save copies {h['async_save_snapshots']:.1f}"
+                        if h["async_save_snapshots"] else "")
                      + ")")
+    elif h["async_save_snapshots"]:
+        lines.append(f"{pad}+ background-save copies {h['async_save_snapshots']:.1f} GB on the node of rank 0 "
+                     f"(train.async_save), in the same RAM")
     if summary.get("longest_seq_len") is not None:
         lines.append(f"{pad}longest data.seq_len that fits {summary['gpu_memory_gb']:g} GB with these settings: "
                      f"{summary['longest_seq_len']:,}")
