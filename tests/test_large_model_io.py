@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher.backends.slurm import mem_bytes
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.run_dir import LATEST, MANIFEST, RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
@@ -113,12 +114,12 @@ def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does
     assert RunDir(tmp_path / "stalled" / "run").read_status()["state"] == "completed"  # restarted, then finished
 
 
-def _slurm_plan(train: dict | None = None, stage: int = 3, **launch):
+def _slurm_plan(train: dict | None = None, stage: int = 3, slurm: dict | None = None, **launch):
     raw = {"model": {"name_or_path": str(REPO / "tests" / "data" / "model_configs" / "llama3_8b.json")},
            "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 4096},
            "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0, **(train or {})},
            "zero": {"stage": stage}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
-           "output_dir": "/scratch/run"}
+           "slurm": slurm or {}, "output_dir": "/scratch/run"}
     host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96)
     return build_plan(validate_config(apply_overrides(raw, [])), host=host)
 
@@ -179,3 +180,12 @@ def test_a_background_save_copies_a_tied_embedding_once_and_holds_the_host_memor
     planned = json.loads(shardtune("plan", str(cfg), "--json").stdout)["memory"]
     assert planned["params"] == params
     assert planned["host_per_node_gb"]["async_save_snapshots"] == pytest.approx(16 * params / 1e9, abs=5e-4)
+
+
+def test_plan_warns_when_slurm_mem_is_below_the_host_ram_a_node_needs():
+    assert (mem_bytes("64G"), mem_bytes("500"), mem_bytes("2T"), mem_bytes("0")) == (64 << 30, 500 << 20, 2 << 40, None)
+    needed_gb = _slurm_plan(train={"async_save": True}).memory["host_total_gb"]
+    below, above = f"{int(needed_gb * 1e9 / 2**30) - 1}G", f"{int(needed_gb * 1e9 / 2**30) + 1}G"
+    (warning,) = [w for w in _slurm_plan(train={"async_save": True}, slurm={"mem": below}).warnings if "slurm.mem" in w]
+    assert f"slurm.mem {below}" in warning and f"{needed_gb:,.1f} GB" in warning
+    assert not [w for w in _slurm_plan(train={"async_save": True}, slurm={"mem": above}).warnings if "slurm.mem" in w]

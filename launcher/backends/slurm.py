@@ -30,6 +30,14 @@ def gpus_per_node(cfg: RunConfig) -> int:
     return cfg.launch.procs_per_node if cfg.launch.device == "cuda" else 0
 
 
+def mem_bytes(mem: str) -> Optional[int]:
+    """Bytes of a `--mem` value as SLURM reads it (no suffix: megabytes; K/M/G/T are powers of 1024);
+    None for 0, which asks for all of a node's memory."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (mem[:-1], mem[-1]) if mem[-1] in units else (mem, "M")
+    return int(number) * units[unit] or None
+
+
 def sbatch_lines(cfg: RunConfig) -> list[str]:
     """Every #SBATCH option, literal values only."""
     s = cfg.slurm

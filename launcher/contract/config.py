@@ -304,7 +304,8 @@ class SlurmConfig(Section):
     """CPU cores per node (one task per node runs all its training processes); `auto`: all of a node's CPUs (from sinfo
     at launch)."""
     mem: Union[Annotated[str, Field(pattern=r"^\d+[KMGT]?$")], Literal["auto"]] = "auto"
-    """Host memory per node, e.g. 500G; 0 means all of it; `auto`: 0 (all of it: 8 ranks load a model on the host)."""
+    """Host memory per node, e.g. 500G (no suffix: MB, as in SLURM); 0 means all of it; `auto`: 0 (all of it: 8 ranks
+    load a model on the host). `plan` warns when it is below the host RAM its estimate gives a node."""
     constraint: Optional[str] = None
     """Node features required (--constraint)."""
     exclusive: bool = False

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.backends.slurm import render_sbatch
+from launcher.backends.slurm import mem_bytes, render_sbatch
 from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
 from launcher.contract.config import RunConfig, replicas_words
 from launcher.contract.errors import ConfigError
@@ -150,6 +150,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         planned = plan_checkpoint(memory["params"], int(cfg.zero.stage), t.precision, cfg.launch.storage_gbps, lead)
         ckpt = planned.to_json()
         warnings += [planned.warning] if planned.warning else []
+        warnings += _host_memory_warning(cfg, memory)
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
@@ -158,6 +159,18 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
                           f" × {cfg.launch.procs_per_node}) = {global_batch} sequences"),
         tokens_per_step=global_batch * cfg.data.seq_len, deepspeed=ds, command=argv,
         script=script, notes=notes, memory=memory, checkpoint=ckpt, warnings=warnings)
+
+
+def _host_memory_warning(cfg: RunConfig, memory: dict) -> list[str]:
+    """SLURM kills a job whose node exceeds its --mem; the estimate is a peak that may not all be resident at once
+    (loading goes through the page cache), so this warns instead of refusing."""
+    limit = mem_bytes(cfg.slurm.mem) if cfg.launch.backend == "slurm" and cfg.launch.device == "cuda" else None
+    need = memory["host_total_gb"] * 1e9
+    if limit is None or need <= limit:
+        return []
+    return [f"slurm.mem {cfg.slurm.mem} ({limit / 1e9:,.1f} GB) is less than the host RAM a node needs, about "
+            f"{need / 1e9:,.1f} GB (its parts are on the memory section's host line): SLURM would kill the job "
+            f"when a node reaches its limit. Raise slurm.mem, or set it to 0 for all of each node's memory"]
 
 
 def _counts_or_none(cfg: RunConfig) -> Optional[ModelCounts]:
