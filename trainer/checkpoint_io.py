@@ -106,6 +106,8 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> tuple[Any,
     copied once and stays one tensor in the copy, as torch.save would store it from the live state: copied
     twice it would cost its bytes twice in host memory and in the file.
     """
+    from deepspeed.accelerator import get_accelerator
+
     copied_from_device = False
     buffers: list[torch.Tensor] = []
     previous = list(reuse or [])
@@ -121,8 +123,9 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> tuple[Any,
         if old is not None and old.shape == x.shape and old.dtype == x.dtype:
             out = old
         else:
-            pinned = x.device.type != "cpu" and torch.cuda.is_available()
-            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pinned)
+            out = torch.empty(x.shape, dtype=x.dtype, device="cpu")
+            if x.device.type != "cpu":  # page-locked on any accelerator, so the copy below can be asynchronous
+                out = get_accelerator().pin_memory(out)
         copied_from_device |= x.device.type != "cpu"
         out.copy_(x.detach(), non_blocking=x.device.type != "cpu")
         buffers.append(out)
@@ -140,8 +143,6 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> tuple[Any,
 
     out = walk(obj)
     if copied_from_device:
-        from deepspeed.accelerator import get_accelerator
-
         get_accelerator().synchronize()
     return out, buffers
 
