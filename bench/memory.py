@@ -61,7 +61,7 @@ from launcher.planning.memory import (
     estimate_memory,
     optimizer_temporaries,
 )
-from launcher.planning.memory_plan import CPU_MARGINS
+from launcher.planning.memory_plan import CPU_MARGINS, optimizer_of
 from launcher.planning.model_size import ModelCounts, counts_from_path
 
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -162,10 +162,9 @@ def make_skeleton(work: Path) -> Path:
 def estimate_for(counts: ModelCounts, ds_config: dict, seq_len: int, margins: Margins) -> MemoryEstimate:
     """The planner's estimate of what ran, read from the DeepSpeed config the launcher rendered (its stage wins)."""
     z = ds_config["zero_optimization"]
-    torch_adam = bool(ds_config.get("optimizer", {}).get("params", {}).get("torch_adam"))
     setup = Setup(stage=int(z["stage"]), world_size=2, gpus_per_node=2, micro_batch_size=1, seq_len=seq_len,
                   dtype="fp32", offload_optimizer=(z.get("offload_optimizer") or {}).get("device") == "cpu",
-                  optimizer="torch" if torch_adam else "fused")
+                  optimizer=optimizer_of(ds_config))
     return estimate_memory(counts, setup, ZeroSettings.from_deepspeed(ds_config), margins)
 
 

@@ -61,7 +61,7 @@ def test_every_shipped_template_is_covered():
 
 def test_cpu_uses_torch_adamw_and_fp32():
     ds = render_deepspeed_config(config("launch.device=cpu", "train.precision=fp32", "zero.offload_optimizer=cpu"))
-    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["zero_force_ds_cpu_optimizer"] is False
 
@@ -183,3 +183,33 @@ def test_bucket_sizes_follow_the_rule_for_a_tiny_and_a_70b_model(tmp_path, preci
         # DeepSpeed allocates the reduce bucket whole: twice at stages 1-2 with overlap_comm (on on GPUs), once at 3.
         buffers = 2 if stage == 2 and z["overlap_comm"] else 1
         assert plan.memory["device_gb"]["reduce_buckets"] == round(buffers * bucket * grad_bytes / 1e9, 3)
+
+
+UPDATE_PEAK = """
+import resource, sys, torch
+torch.set_num_threads(1)
+n = 50_000_000
+p = torch.nn.Parameter(torch.randn(n)); p.grad = torch.randn(n)
+opt = torch.optim.AdamW([p], lr=1e-3, fused=sys.argv[1] == "fused")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+opt.step()  # allocates the two moments, and the update's temporaries if it has any
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_torch_fused_adamw_updates_in_place_so_the_planner_counts_no_temporaries_for_it():
+    """The planner leaves optimizer temporaries out for what the launcher renders on CPU (torch's AdamW with
+    fused kernels) and counts them for a user's zero.config that turns fusion off: measured, not assumed."""
+    import subprocess
+    import sys
+
+    from launcher.planning.memory_plan import optimizer_of
+
+    rendered = render_deepspeed_config(config("launch.device=cpu", "train.precision=fp32"))
+    assert optimizer_of(rendered) == "fused"
+    assert optimizer_of({"optimizer": {"params": {"torch_adam": True, "fused": False}}}) == "torch"
+    grown = {mode: int(subprocess.run([sys.executable, "-c", UPDATE_PEAK, mode], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1]) for mode in ("fused", "unfused")}
+    tensor = 4 * 50_000_000
+    assert 1.9 * tensor < grown["fused"] < 2.2 * tensor  # the two moments, updated in place
+    assert grown["unfused"] > 3.8 * tensor  # and the two fp32 temporaries optimizer_temporaries counts

@@ -178,7 +178,7 @@ class TrainConfig(Section):
     fp32."""
     optimizer: Literal["auto", "fused", "torch"] = "auto"
     """AdamW kernel: `fused` is DeepSpeed's FusedAdam (CUDA; needs its op prebuilt or a CUDA compiler), `torch` is
-    torch.optim.AdamW (fused kernels on GPUs); `auto`: fused when it can be built, else torch."""
+    torch.optim.AdamW with its fused kernels; `auto`: fused when it can be built, else torch."""
     activation_checkpointing: Union[bool, Literal["auto", "offload"]] = False
     """Recompute activations in backward to save memory; `auto` turns it on only when needed to fit;
     `offload` also keeps each layer's checkpointed input in host RAM until backward (GPUs; on CPU the host

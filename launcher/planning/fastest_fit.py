@@ -150,7 +150,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          long_context: Optional[LongContext] = None, whole_layers: bool = False) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
-    `optimizer` is memory.Setup's: "torch" when torch's AdamW will step (CPU runs), else "fused".
+    `optimizer` is memory.Setup's: "torch" for torch's unfused AdamW (temporaries), else "fused" (in place).
     `whole_layers` is memory.Setup's: ZeRO-3 gathers a whole decoder layer at once (a compiled model).
     `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
     """

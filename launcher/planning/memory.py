@@ -13,7 +13,7 @@ Units: bytes internally, GB = 1e9 bytes in everything shown. The peak is
 because activations are freed before the optimizer step allocates its fp32 gradient copy. Every DeepSpeed
 buffer below was read from its ZeRO code and checked against the real trainer on CPU (bench/memory.py,
 numbers in bench/RESULTS.md, within 5% per rank). What only holds on CPU stays out of the GPU figures:
-torch's AdamW temporaries count only with `Setup(optimizer="torch")`, and the CPU margins (glibc's heap,
+unfused AdamW temporaries count only with `Setup(optimizer="torch")`, and the CPU margins (glibc's heap,
 no CUDA) live in launcher.planning.memory_plan.
 """
 from __future__ import annotations
@@ -29,8 +29,9 @@ from launcher.planning.moe_size import moe_mlp_activation_bytes
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
-# fused: FusedAdam on GPUs, DeepSpeedCPUAdam with offload (both update in place); torch: torch.optim.AdamW,
-# which the launcher picks on CPU (`torch_adam`), whose update allocates temporaries (see optimizer_temporaries).
+# fused: FusedAdam, DeepSpeedCPUAdam with offload, or torch's AdamW with fused=True (the launcher's choice when
+# torch's steps: on CPU and where FusedAdam cannot be built), all in place; torch: torch.optim.AdamW unfused
+# (a zero.config that turns fusion off), whose update allocates temporaries (see optimizer_temporaries).
 OPTIMIZERS = ("fused", "torch")
 # Bytes per parameter (ZeRO paper §3.1): mixed precision keeps 2-byte params and grads and K = 12 bytes
 # of fp32 master weights + Adam moments. fp32 training without ZeRO has no master copy (K = 8), but every
@@ -397,8 +398,8 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
 
 def optimizer_temporaries(counts: ModelCounts, setup: Setup) -> int:
     """torch.optim.AdamW's update allocates sqrt(v) and its quotient: two fp32 tensors the size of the
-    largest tensor it steps (the flat partition under ZeRO, the largest parameter without). FusedAdam and
-    DeepSpeedCPUAdam update in place. Measured on CPU (bench/memory.py), where the launcher uses torch's."""
+    largest tensor it steps (the flat partition under ZeRO, the largest parameter without). FusedAdam,
+    DeepSpeedCPUAdam and torch's fused AdamW update in place. Measured on CPU (bench/memory.py)."""
     if setup.optimizer != "torch":
         return 0
     stepped = counts.largest_tensor if setup.stage == 0 else counts.total // setup.world_size

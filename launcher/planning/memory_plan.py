@@ -60,9 +60,11 @@ def margins_for(cfg: RunConfig) -> Margins:
     return CPU_MARGINS if cfg.launch.device == "cpu" else Margins()
 
 
-def optimizer_for(cfg: RunConfig) -> str:
-    """memory.Setup's optimizer: the launcher steps with torch's AdamW on CPU, FusedAdam/CPUAdam on GPUs."""
-    return "torch" if cfg.launch.device == "cpu" else "fused"
+def optimizer_of(ds_config: dict) -> str:
+    """memory.Setup's optimizer for a rendered DeepSpeed config: "torch" only for torch's unfused AdamW, whose
+    update allocates temporaries; the launcher renders FusedAdam, CPUAdam or torch's fused AdamW, all in place."""
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    return "torch" if params.get("torch_adam") is True and params.get("fused") is not True else "fused"
 
 
 def precision_of(cfg: RunConfig) -> str:
@@ -168,7 +170,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 offload_optimizer=offload_optimizer, offload_params=offload_params,
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
                 zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-                optimizer=optimizer_for(cfg), whole_layers=gathers_whole_layers(cfg),
+                whole_layers=gathers_whole_layers(cfg),
                 long_context=long_context_of(cfg, counts, n))
         except DoesNotFit as exc:
             failures.append((n, exc))
@@ -246,14 +248,13 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
     if left:
         raise ValueError(f"memory_summary needs a resolved config, {', '.join(left)} still auto (call plan.resolve)")
     stage, opt, par = int(cfg.zero.stage), cfg.zero.offload_optimizer == "cpu", cfg.zero.offload_params == "cpu"
-    optimizer = optimizer_for(cfg)
+    optimizer = "fused"  # what render_deepspeed_config writes, unless a zero.config turns fusion off
     if ds_config:
         z = ds_config.get("zero_optimization") or {}
         stage = int(z.get("stage", stage))
         opt = (z.get("offload_optimizer") or {}).get("device") == "cpu"
         par = (z.get("offload_param") or {}).get("device") == "cpu"
-        torch_adam = ((ds_config.get("optimizer") or {}).get("params") or {}).get("torch_adam")
-        optimizer = "torch" if torch_adam is True else "fused"
+        optimizer = optimizer_of(ds_config)
     return Setup(stage=stage, world_size=cfg.launch.world_size,
                  gpus_per_node=cfg.launch.procs_per_node, micro_batch_size=int(cfg.train.micro_batch_size),
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
@@ -393,7 +394,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            optimizer=optimizer_for(cfg), whole_layers=gathers_whole_layers(cfg),
+            whole_layers=gathers_whole_layers(cfg),
             long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
