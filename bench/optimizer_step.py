@@ -18,9 +18,12 @@ import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from bench._runner import PYTHON, REPO, machine_words
+from bench._workloads import make_model
 
 SIZES = (1_700_000, 3_400_000, 50_000_000)
 
@@ -42,20 +45,15 @@ def time_update(elements: int, fused: bool, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def engine_rank(fused: bool, steps: int = 40) -> None:
+def engine_rank(model_dir: str, fused: bool, steps: int = 40) -> None:
     """One torchrun rank: a ZeRO-2 engine on the throughput bench's model; rank 0 prints engine.step()'s time."""
     import deepspeed
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench._workloads import HIDDEN, LAYERS
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
     deepspeed.init_distributed("gloo")
-    cfg = LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=HIDDEN * 688 // 256,
-                      num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=8)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
     params = {"lr": 1e-4, "torch_adam": True, **({"fused": True} if fused else {})}
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 8,
           "optimizer": {"type": "AdamW", "params": params}, "zero_optimization": {"stage": 2},
@@ -78,10 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", action="store_true", help="time engine.step() of a ZeRO-2 engine on 2 ranks")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per variant (--engine)")
-    parser.add_argument("--rank", choices=("fused", "unfused"), help=argparse.SUPPRESS)
+    parser.add_argument("--rank", nargs=2, metavar=("MODEL_DIR", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank:
-        return engine_rank(args.rank == "fused")
+        return engine_rank(args.rank[0], args.rank[1] == "fused")
     print(f"# {machine_words()}, 1 thread per process")
     if not args.engine:
         import torch
@@ -94,14 +92,16 @@ def main() -> None:
         return
     print("| run | torch AdamW, DeepSpeed's default: engine.step() (ms) | fused (ms) |\n|---|---|---|")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for repeat in range(args.repeats):
-        row = {}
-        for variant in ("unfused", "fused"):
-            out = subprocess.run([str(PYTHON), "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                  "--master_port=29613", "-m", "bench.optimizer_step", "--rank", variant],
-                                 cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
-            row[variant] = json.loads(next(line for line in out.splitlines() if line.startswith("{")))["step_ms"]
-        print(f"| {repeat + 1} | {row['unfused']:.2f} | {row['fused']:.2f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(make_model(Path(tmp) / "model", quick=False))
+        for repeat in range(args.repeats):
+            row = {}
+            for variant in ("unfused", "fused"):
+                out = subprocess.run([str(PYTHON), "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                      "--master_port=29613", "-m", "bench.optimizer_step", "--rank", model_dir,
+                                      variant], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+                row[variant] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))["step_ms"]
+            print(f"| {repeat + 1} | {row['unfused']:.2f} | {row['fused']:.2f} |")
 
 
 if __name__ == "__main__":
