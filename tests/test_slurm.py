@@ -16,7 +16,7 @@ import pytest
 from launcher.backends import slurm
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import ConfigError
-from launcher.contract.run_dir import SCRIPTS, RunDir
+from launcher.contract.run_dir import CHECKPOINTS, SCRIPTS, RunDir
 from launcher.planning.plan import build_plan
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -145,6 +145,27 @@ def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model
     assert "caught USR1" in log and "requeueing job" in log and "run state 'stopped'" in log
     assert re.search(r"resumed from .*step_\d+ at step \d+", log)
     assert losses(run) == reference
+
+
+def test_stop_on_request_ends_the_job_in_a_directory_named_with_spaces(tmp_path, tiny_model, cluster):
+    """`shardtune stop` saves and ends the job: it used to requeue like a preemption, and the requeued attempt
+    resumed and trained on (train.stop_at_step stopped, requeued and resumed one step per attempt). The run
+    directory's space and % would split or expand unquoted #SBATCH lines."""
+    run = tmp_path / "my runs 100%" / "run"
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 5}, launch=SLURM,
+                      slurm={"time": "10", "max_requeues": 2}, output_dir=str(run))
+    shardtune("launch", str(cfg))
+    job = submitted_job(run)
+    wait_for_step(run, 3)
+    shardtune("stop", str(run))
+    state = slurm.wait_for(job, poll_s=1.0, on_change=lambda _: None)
+    log = RunDir(run).slurm_log(job).read_text(errors="replace")
+    assert state == "COMPLETED", log[-3000:]
+    assert slurm.job_info(job)["Restarts"] == "0"
+    assert "stopped on request" in log and "requeueing" not in log and "caught" not in log
+    status = RunDir(run).read_status()
+    assert status["state"] == "stopped" and 3 <= status["step"] < STEPS
+    assert (RunDir(run).path / CHECKPOINTS / f"step_{status['step']:08d}").is_dir()
 
 
 def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, cluster):

@@ -38,13 +38,22 @@ def mem_bytes(mem: str) -> Optional[int]:
     return int(number) * units[unit] or None
 
 
+def sbatch_value(value: str) -> str:
+    """A value as one #SBATCH argument: sbatch splits those lines at whitespace unless it is inside double
+    quotes, where a backslash escapes the next character (checked with SLURM 22.05's sbatch)."""
+    if not any(ch.isspace() or ch in '"\\' for ch in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def sbatch_lines(cfg: RunConfig) -> list[str]:
     """Every #SBATCH option, literal values only."""
     s = cfg.slurm
     run = RunDir(cfg.output_dir)
-    opts = [f"--job-name={s.job_name or run.path.name}", f"--nodes={cfg.launch.nodes}", "--ntasks-per-node=1",
-            f"--time={s.time}", f"--output={run.slurm_log()}", "--open-mode=append", "--requeue",
-            f"--signal=B:USR1@{s.signal_lead_s}"]
+    log_pattern = str(run.path).replace("%", "%%") + "/" + run.slurm_log().name  # %j stays SLURM's pattern
+    opts = [f"--job-name={sbatch_value(s.job_name or run.path.name)}", f"--nodes={cfg.launch.nodes}",
+            "--ntasks-per-node=1", f"--time={s.time}", f"--output={sbatch_value(log_pattern)}", "--open-mode=append",
+            "--requeue", f"--signal=B:USR1@{s.signal_lead_s}"]
     gpus = gpus_per_node(cfg)
     if gpus:
         opts.append(f"--gpus-per-node={gpus}")
@@ -54,7 +63,7 @@ def sbatch_lines(cfg: RunConfig) -> list[str]:
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                         ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("constraint", s.constraint)):
         if value is not None:
-            opts.append(f"--{flag}={value}")
+            opts.append(f"--{flag}={sbatch_value(str(value))}")
     if s.exclusive:
         opts.append("--exclusive")
     opts += s.extra_sbatch
