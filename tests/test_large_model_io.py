@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from launcher.backends.slurm import mem_bytes
 from launcher.contract.config import apply_overrides, validate_config
+from launcher.contract.errors import UserError
 from launcher.contract.run_dir import LATEST, MANIFEST, RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
 from launcher.planning.plan import build_plan, format_plan
@@ -66,6 +69,36 @@ def test_final_and_offline_exports_stream_the_same_weights_deepspeed_reconstruct
     with torch.no_grad():
         assert torch.equal(models[0](ids).logits, models[1](ids).logits)
     assert models[0].generation_config is not None
+
+
+def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(zero3_run, tmp_path):
+    """An export replaces its directory whole: it used to delete whatever was there (`export CKPT ~/models`
+    wiped ~/models; `export RUN RUN` the run). A build abandoned by a crash, as big as the model, is removed."""
+    from trainer.tools.export import export_command
+
+    ckpt = RunDir(zero3_run).checkpoint(STEPS)
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    proc = shardtune("export", str(ckpt), str(mine), check=False)
+    assert proc.returncode == 1 and f"not exporting to {mine}" in proc.stderr and "new or empty" in proc.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    before = sorted(p.relative_to(zero3_run) for p in zero3_run.rglob("*"))
+    with pytest.raises(UserError, match="not exporting"):
+        export_command(ckpt, zero3_run)
+    assert sorted(p.relative_to(zero3_run) for p in zero3_run.rglob("*")) == before
+
+    out = tmp_path / "out"
+    export_command(ckpt, out)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    abandoned = tmp_path / f".out.tmp-{socket.gethostname()}-{gone.pid}"
+    abandoned.mkdir()
+    (abandoned / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
+    (out / "stale.txt").write_text("from the earlier export")
+    export_command(ckpt, out)  # an earlier export is replaced whole
+    assert not abandoned.exists() and not (out / "stale.txt").exists()
+    assert safetensors_dir(out).keys() == safetensors_dir(RunDir(zero3_run).final).keys()
 
 
 def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):

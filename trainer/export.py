@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, MANIFEST
 from trainer.checkpoint import CheckpointError
 from trainer.hf_writer import Entry, ShardedSafetensorsWriter
@@ -70,14 +72,42 @@ class Layout:
         return out
 
 
+def replace_problem(out: Path) -> Optional[str]:
+    """Why an export must not replace `out` (None: it is missing, empty, or an earlier export). An export replaces
+    its directory whole, so a path given by mistake (a home directory, the run itself) would be deleted."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    if (out / EXPORT_RECORD).is_file() or not any(out.iterdir()):
+        return None
+    return (f"{out} is a directory with other files in it (not an earlier export: no {EXPORT_RECORD}); an export "
+            f"replaces its whole directory, so give a new or empty one")
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete this host's unfinished builds of `out` whose process is gone (a crash mid-export leaves one as big
+    as the model). Another host's are left alone: their process may still be writing."""
+    host = socket.gethostname()
+    for tmp in out.parent.glob(f".{out.name}.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, entries: list[Entry],
                     tensors: Iterator[tuple[str, torch.Tensor]], max_shard_size: str,
                     progress: Callable[[int], None] = lambda n: None, record: Optional[dict] = None) -> Path:
     """Stream tensors into `out` (which appears whole, or not at all: built next to it, then renamed)."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    problem = replace_problem(out)
+    if problem:
+        raise UserError(f"not exporting to {out}: {problem}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, progress)
     for name, tensor in tensors:
         if name in layout.kept:
@@ -93,6 +123,10 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
                 shutil.copy2(item, tmp / item.name)
     (tmp / EXPORT_RECORD).write_text(json.dumps({**(record or {}), "dtype": str(layout.dtype),
                                                  "max_shard_size": max_shard_size}) + "\n")
+    problem = replace_problem(out)  # again: the export took a while, and something may have appeared there
+    if problem:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"not exporting to {out}: {problem}")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
