@@ -176,3 +176,16 @@ def test_compile_auto_leaves_experts_and_cpu_hosts_without_a_compiler_eager(tmp_
     assert build_plan(validate_config(cpu), host=HostFacts(0, no_cxx.fused_adam, cxx="/usr/bin/g++")
                       ).config.train.compile is True
 
+
+
+def test_a_node_checks_a_gpu_device_by_its_type():
+    """The trainer passes its torch.device (cuda:3), which equals no string: GPU nodes were checked for a C++
+    compiler instead of triton, so a node without triton passed and failed in inductor at the first step."""
+    import torch
+
+    from launcher.planning.host import inductor_problem
+
+    for device in (torch.device("cuda", 3), torch.device("cuda"), "cuda"):
+        assert "triton" in inductor_problem(device, cxx="/usr/bin/g++", triton=False)
+        assert inductor_problem(device, cxx=None, triton=True) is None
+    assert "no C++ compiler" in inductor_problem(torch.device("cpu"), cxx=None, triton=True)

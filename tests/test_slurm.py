@@ -62,6 +62,17 @@ def test_variables_in_sbatch_values_are_refused():
         rendered("slurm.extra_sbatch=['--comment=$USER']")
 
 
+def test_fewer_gpus_than_processes_per_node_is_refused_before_queueing():
+    """Ranks from local rank gpus_per_node on would fail to find a GPU only after the job waited in the queue."""
+    with pytest.raises(ConfigError, match=r"slurm.gpus_per_node: 4 GPUs per node for launch.procs_per_node 8 "):
+        rendered("slurm.gpus_per_node=4", "launch.device=cuda")
+    with pytest.raises(ConfigError, match=r"slurm.gpus_per_node: 0 GPUs per node"):
+        rendered("slurm.gpus_per_node=0", "launch.device=cuda")
+    own = rendered("slurm.gpus_per_node=0", "launch.device=cuda", "slurm.extra_sbatch=['--gres=gpu:h100:8']")
+    assert "#SBATCH --gres=gpu:h100:8" in own and "--gpus-per-node" not in own
+    assert "#SBATCH --gpus-per-node=8" in rendered("slurm.gpus_per_node=8", "launch.device=cuda")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """The local 2-node cluster; stopped again afterwards if this fixture started it."""

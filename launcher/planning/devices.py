@@ -10,6 +10,8 @@ from launcher.contract.errors import ConfigError
 from launcher.planning.host import HostFacts
 
 DEFAULT_GPUS_PER_NODE = 8  # the common HGX/DGX node, when nothing says otherwise
+GPU_OPTIONS = ("--gres", "--gpus", "-G")
+"""slurm.extra_sbatch options that request GPUs their own way (then slurm.gpus_per_node is not checked)."""
 DEFAULT_CPUS_PER_RANK = 8  # when SLURM cannot say how many CPUs a node has: a common GPU node has 8-16 per GPU
 
 
@@ -32,6 +34,13 @@ def resolve_device(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
     elif launch.device == "auto":
         launch.device = "cuda" if host.visible_gpus else "cpu"
         notes.append(f"launch.device=auto -> {launch.device} ({host.visible_gpus} visible NVIDIA GPUs on this machine)")
+    gpus, own_request = cfg.slurm.gpus_per_node, [o for o in cfg.slurm.extra_sbatch if o.startswith(GPU_OPTIONS)]
+    if launch.device == "cuda" and launch.backend == "slurm" and gpus is not None and gpus < launch.procs_per_node \
+            and not own_request:
+        raise ConfigError([f"slurm.gpus_per_node: {gpus} GPUs per node for launch.procs_per_node "
+                           f"{launch.procs_per_node} training processes on cuda; each process needs its own GPU "
+                           f"(ranks from local rank {gpus} on would find none): request at least "
+                           f"{launch.procs_per_node}, or leave it unset (one per process)"])
     if launch.device == "cuda" and launch.backend == "torchrun" and launch.nodes == 1:
         if host.visible_gpus and launch.procs_per_node > host.visible_gpus:
             raise ConfigError([f"launch.procs_per_node: {launch.procs_per_node} processes but this machine has "

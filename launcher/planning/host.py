@@ -48,9 +48,10 @@ class HostFacts:
         return inductor_problem(device, self.cxx, self.triton)
 
 
-def inductor_problem(device: str, cxx: Optional[str], triton: bool) -> Optional[str]:
-    """Why inductor cannot build kernels for `device` with this compiler and triton (None: it can)."""
-    if device == "cuda":
+def inductor_problem(device, cxx: Optional[str], triton: bool) -> Optional[str]:
+    """Why inductor cannot build kernels for `device` (a name, or a torch.device such as cuda:3: it equals no
+    string) with this compiler and triton (None: it can)."""
+    if str(device).partition(":")[0] == "cuda":
         return None if triton else "triton is not installed (inductor generates GPU kernels with it)"
     return None if cxx else ("no C++ compiler (inductor builds CPU kernels with $CXX, g++, c++ or clang++; none "
                              "is on PATH)")
