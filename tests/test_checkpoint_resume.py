@@ -6,6 +6,7 @@ per-step losses of one uninterrupted reference run.
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -180,3 +181,26 @@ def test_export_keeps_tied_weights_tied_at_zero3(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     initial = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"]
     assert not torch.equal(weights["model.embed_tokens.weight"], initial)
+
+
+def test_a_tokenizer_with_named_chat_templates_is_checkpointed_and_exported(tmp_path):
+    """transformers 5 saves named chat templates into additional_chat_templates/: every save used to fail reading
+    that directory as a file. The checkpoint holds (and verifies) it, and final/ and an export keep it."""
+    from transformers import AutoTokenizer
+
+    from examples.tiny_model import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "named")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tool_use = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|>tool-use ")
+    tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": tool_use}
+    tokenizer.save_pretrained(model_dir)
+    assert (model_dir / "additional_chat_templates" / "tool_use.jinja").is_file()
+    launch(tiny_config(tmp_path, model_dir, train={"max_steps": 4, "save_every": 2}))
+    run = RunDir(tmp_path / "run")
+    ckpt = run.checkpoint(4)
+    assert "hf/additional_chat_templates/tool_use.jinja" in json.loads((ckpt / MANIFEST).read_text())["files"]
+    out = tmp_path / "exported"
+    shardtune("export", str(ckpt), str(out))
+    for directory in (run.final, out):
+        assert AutoTokenizer.from_pretrained(directory).chat_template == tokenizer.chat_template, directory

@@ -342,9 +342,11 @@ def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer,
         tokenizer.save_pretrained(scratch)
         hf = ckpt / HF
         hf.mkdir(parents=True, exist_ok=True)
-        for item in sorted(Path(scratch).iterdir()):
-            data = item.read_bytes()
-            write_file(hf / item.name, lambda w, data=data: w.write(data))
+        # Not only files: transformers 5 saves a tokenizer's named chat templates in additional_chat_templates/.
+        for item in sorted(p for p in Path(scratch).rglob("*") if p.is_file()):
+            data, target = item.read_bytes(), hf / item.relative_to(scratch)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file(target, lambda w, data=data: w.write(data))
 
 
 def rng_state() -> dict:

@@ -120,7 +120,7 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
     if hf_dir is not None:
         for item in sorted(Path(hf_dir).iterdir()):
             if item.name not in _NOT_COPIED and not (tmp / item.name).exists():
-                shutil.copy2(item, tmp / item.name)
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
     (tmp / EXPORT_RECORD).write_text(json.dumps({**(record or {}), "dtype": str(layout.dtype),
                                                  "max_shard_size": max_shard_size}) + "\n")
     problem = replace_problem(out)  # again: the export took a while, and something may have appeared there
