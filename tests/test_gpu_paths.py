@@ -209,6 +209,13 @@ def test_flash_attention_is_refused_where_it_cannot_run():
                    host=GPU_NODE)
 
 
+
+def test_fp16_is_refused_off_cuda_before_launch():
+    """DeepSpeed's CPU accelerator has no fp16: the run used to fail at engine start-up on every rank."""
+    with pytest.raises(ConfigError, match="train.precision: 'fp16' trains only on CUDA GPUs .* not cpu"):
+        build_plan(run_config("launch.device=cpu", "train.precision=fp16"), host=CPU_LOGIN_NODE)
+    assert build_plan(run_config("launch.device=cuda", "train.precision=fp16"), host=GPU_NODE).deepspeed["fp16"]
+
 # ---- 4. fp16 loss-scale skips are not bad steps
 
 
@@ -255,3 +262,32 @@ def test_fp16_loss_scale_skips_do_not_count_as_bad_steps(one_rank_group):
     scaler.update_scale(True)
     assert judge.judge(skipped=True, loss_finite=True) == "bad"  # at the minimum scale nothing absorbs it
     assert SkipJudge(None).judge(skipped=True, loss_finite=True) == "bad"  # bf16 / fp32: every skip is bad
+
+
+def test_fp16_optimizer_shards_load_without_running_code_built_without_a_gpu(tmp_path):
+    """fp16 (CUDA only) pickles DeepSpeed's DynamicLossScaler into every optimizer shard; the safe loader refused
+    it, so an fp16 run could never resume, export or convert. Built here as ZeRO builds it from the fp16 section
+    the launcher renders (loss_scale 0: dynamic), saved with torch.save, and read back through the loader."""
+    import io
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
+    from deepspeed.runtime.precision_config import get_float16_config
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from launcher.contract.config import validate_config
+    from launcher.planning.plan import build_plan
+    from trainer.checkpoint_io import load_bytes
+
+    raw = {"model": {"name_or_path": "/m"}, "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 64},
+           "train": {"max_steps": 5, "lr": 1e-4, "seed": 0, "precision": "fp16", "grad_accum_steps": 1},
+           "zero": {"stage": 2},
+           "launch": {"device": "cuda", "nodes": 1, "procs_per_node": 2}, "output_dir": str(tmp_path / "run")}
+    fp16 = get_float16_config(build_plan(validate_config(raw), host=GPU_NODE).deepspeed)
+    assert fp16.enabled and fp16.loss_scale == 0
+    scaler = CreateLossScaler(torch.float16, 0, True, fp16.dynamic_loss_scale_args())
+    assert isinstance(scaler, DynamicLossScaler)
+    buf = io.BytesIO()
+    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True, "zero_stage": ZeroStageEnum.gradients}, buf)
+    state = load_bytes(buf.getvalue(), "optim_states.pt")
+    assert vars(state["loss_scaler"]) == vars(scaler) and state["zero_stage"] == ZeroStageEnum.gradients

@@ -150,12 +150,13 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> tuple[Any,
 def deepspeed_allowlist() -> list[type]:
     """The only types outside torch's own weights_only set that DeepSpeed's checkpoints hold (0.19, stages 0-3,
     fp32/bf16, with and without offload; found by scanning every pickle's globals): optimizer shards keep
-    the loss scaler, the ZeRO stage and, at stages 1-2, fragment addresses."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    the loss scaler, the ZeRO stage and, at stages 1-2, fragment addresses. fp16 (GPU only) pickles its dynamic
+    loss scaler instead (zero/stage_1_and_2.py and stage3.py build it with CreateLossScaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 _ALLOWED = False
@@ -170,7 +171,7 @@ def allow_deepspeed_types() -> None:
 
 
 def safe_load(source, mmap: bool = False, map_location="cpu"):
-    """torch.load that runs no code: weights_only, with DeepSpeed's three types allowed and nothing else."""
+    """torch.load that runs no code: weights_only, with DeepSpeed's few types (deepspeed_allowlist) and nothing else."""
     allow_deepspeed_types()
     return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
 

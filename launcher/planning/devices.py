@@ -54,6 +54,9 @@ def resolve_kernels(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
         t.precision = precision_for(device)
         why = "GPUs train in bf16" if device == "cuda" else "CPUs train in fp32"
         notes.append(f"train.precision=auto -> {t.precision} ({why})")
+    if t.precision == "fp16" and device != "cuda":
+        raise ConfigError([f"train.precision: 'fp16' trains only on CUDA GPUs (DeepSpeed: \"Type fp16 is not supported "
+                           f"on your device\"), not {device}; use bf16 or fp32 (or auto)"])
     if cfg.model.attn_implementation == "flash_attention_2" and (device != "cuda" or t.precision == "fp32"):
         raise ConfigError([f"model.attn_implementation: 'flash_attention_2' runs only on CUDA GPUs in bf16 or fp16, "
                            f"not {device} in {t.precision}; use sdpa (or auto)"])
