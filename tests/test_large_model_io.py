@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from launcher.backends.slurm import mem_bytes
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import UserError
-from launcher.contract.run_dir import LATEST, MANIFEST, RunDir
+from launcher.contract.run_dir import LATEST, MANIFEST, TRAINER_STATE, RunDir
 from launcher.planning.host import FusedAdamStatus, HostFacts
 from launcher.planning.plan import build_plan, format_plan
 from trainer.hf_writer import INDEX_FILE
@@ -99,6 +99,18 @@ def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(zero3_r
     export_command(ckpt, out)  # an earlier export is replaced whole
     assert not abandoned.exists() and not (out / "stale.txt").exists()
     assert safetensors_dir(out).keys() == safetensors_dir(RunDir(zero3_run).final).keys()
+
+
+def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_run):
+    """The resume check compares the master weights' sum too; at ZeRO-3 it read the torch optimizer's param
+    groups, which DeepSpeed empties between steps, so it compared 0 with 0 and only the Adam moments counted."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = RunDir(zero3_run).checkpoint(STEPS)
+    saved = json.loads((ckpt / TRAINER_STATE).read_text())["fingerprint"]
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    want = sum(float(t.detach().double().sum()) for t in reference.values())
+    assert saved[0] == pytest.approx(want, rel=1e-9) and abs(want) > 1
 
 
 def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):
