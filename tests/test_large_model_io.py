@@ -113,6 +113,26 @@ def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_
     assert saved[0] == pytest.approx(want, rel=1e-9) and abs(want) > 1
 
 
+def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny_model):
+    """bf16 at ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer, whose shards record no ZeRO stage:
+    `shardtune export` failed on them with KeyError (DeepSpeed's zero_to_fp32 refuses them too). The offline export
+    must hold the weights the run's ranks exported, and a stopped run must resume exactly."""
+    train = {"max_steps": 4, "save_every": 2, "precision": "bf16", "grad_accum_steps": 2}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    shardtune("launch", str(tiny_config(whole, tiny_model, train=train, zero={"stage": 1})))
+    ckpt = RunDir(whole / "run").checkpoint(4)
+    assert list(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    offline = tmp_path / "offline"
+    shardtune("export", str(ckpt), str(offline))
+    got, want = safetensors_dir(offline), safetensors_dir(RunDir(whole / "run").final)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = tiny_config(tmp_path, tiny_model, train=train, zero={"stage": 1})
+    shardtune("launch", str(cfg), "train.stop_at_step=2")
+    assert "step_00000002 at step 2" in shardtune("launch", str(cfg)).stderr
+    assert losses(tmp_path / "run") == losses(whole / "run")
+
+
 def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):
     ckpt = RunDir(zero3_run).checkpoint(STEPS)
     manifest = json.loads((ckpt / MANIFEST).read_text())["files"]

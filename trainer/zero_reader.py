@@ -40,6 +40,11 @@ def _load(path: Path):
         raise refused(str(path), exc) from None
 
 
+def _config_stage(model_states: dict) -> int:
+    """The ZeRO stage of the DeepSpeed config saved with the model states."""
+    return int(((model_states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
 def _natural(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
@@ -113,7 +118,9 @@ class ZeroCheckpoint:
         self.stage = 0
         if self.optim_files:
             first = _load(self.optim_files[0])["optimizer_state_dict"]
-            self.stage = int(first["zero_stage"])
+            # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16 with fp32 gradient accumulation) records no stage; its
+            # partitions are laid out as ZeRO-1's, without per-parameter alignment padding.
+            self.stage = int(first["zero_stage"] if "zero_stage" in first else _config_stage(states))
             count = first["partition_count"]
             self.world = max(count) if isinstance(count, list) else int(count)
             if self.world != len(self.optim_files):
@@ -121,7 +128,7 @@ class ZeroCheckpoint:
                                  f"optimizer shards are here")
             self.param_shapes = [{k: tuple(v) for k, v in group.items()} for group in states["param_shapes"]]
         else:
-            stage = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+            stage = _config_stage(states)
             if stage:
                 raise FileNotFoundError(f"{self.ckpt}: a ZeRO-{stage} checkpoint without its optimizer shards "
                                         f"(*_optim_states.pt), which hold the fp32 weights")
