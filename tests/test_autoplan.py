@@ -86,8 +86,8 @@ def test_more_device_memory_means_less_sharding_and_bigger_micro_batches(tmp_pat
         chosen.append((gb, variant_rank(cfg), cfg.train.micro_batch_size, cfg.train.activation_checkpointing))
     for (_, rank_a, micro_a, ckpt_a), (_, rank_b, micro_b, ckpt_b) in zip(chosen, chosen[1:]):
         assert rank_b <= rank_a, chosen  # never more sharding or offload with a bigger device
-        if rank_b == rank_a:
-            assert micro_b >= micro_a and ckpt_b <= ckpt_a, chosen
+        if rank_b == rank_a:  # never more recomputation; at the same, never a smaller micro batch
+            assert ckpt_b <= ckpt_a and (ckpt_b != ckpt_a or micro_b >= micro_a), chosen
     assert chosen[0][1] > chosen[-1][1] and chosen[-1][2] > chosen[0][2], chosen  # it really moves
     assert VARIANTS[chosen[-1][1]] == (0, False, False)
 
@@ -259,7 +259,9 @@ def test_a_stage_chosen_for_a_compiled_model_is_never_refused_by_the_estimate_of
     nothing fits."""
     model = model_dir(tmp_path, "mistral_7b")
     planned = 0
-    for tenths in range(330, 360):  # 33.0-35.9 GB: ZeRO-3 at micro batch 1 needs 34.5 counting whole layers
+    # 35.0-37.9 GB: ZeRO-3 at micro batch 1 needs 36.3 counting whole layers (and fp32 gradient partitions: a global
+    # batch of 64 on 8 ranks accumulates 8 micro-batches in bf16)
+    for tenths in range(350, 380):
         try:
             plan = plan_for(tmp_path, model, train={"compile": True}, launch={"gpu_memory_gb": tenths / 10})
         except ConfigError as exc:

@@ -159,6 +159,29 @@ def test_fp32_master_copy_only_under_zero_and_offload_moves_states_to_the_host()
     assert off.device_total < plain.device_total
 
 
+def test_fp32_gradient_sums_are_counted_where_deepspeed_keeps_them():
+    """With bf16 and accumulation the launcher renders data_types.grad_accum_dtype: fp32, and DeepSpeed 0.19 keeps
+    the sums in fp32: at stage 1 a whole fp32 copy besides the bf16 gradients (BF16_Optimizer's
+    fp32_groups_gradients_flat, zeros_like the flat bf16 group, bf16_optimizer.py:191), at stages 2-3 fp32
+    partitions (stage 2's compact partition buffer; stage3.py:790 grad_partitions_flat_buffer). Uncounted, the plan
+    chose ZeRO-1 for Llama-3-8B on 8 × 80 GB at 4Ψ = 32 GB per GPU less than it needs."""
+    psi, n = 1_000_000_000, 8
+    grads = {stage: model_state_bytes(psi, Setup(stage=stage, world_size=n, gpus_per_node=8, dtype="bf16",
+                                                 fp32_accumulation=True))["gradients"] for stage in range(4)}
+    assert grads == {0: 2 * psi, 1: (2 + 4) * psi, 2: 4 * psi // n, 3: 4 * psi // n}
+    off = Setup(stage=2, world_size=n, gpus_per_node=8, dtype="bf16", fp32_accumulation=True, offload_optimizer=True)
+    assert model_state_bytes(psi, off)["gradients"] == 0  # reduced straight into the host's fp32 partition
+    fp32 = Setup(stage=1, world_size=n, gpus_per_node=8, dtype="fp32", fp32_accumulation=True)
+    assert model_state_bytes(psi, fp32)["gradients"] == 4 * psi  # already fp32: nothing extra
+    counts = counts_from_path(CONFIGS / "llama3_8b.json")
+    for micro, accumulation, extra in ((1, 8, 4 * counts.total), (8, 1, 0)):
+        choice = choose_configuration(counts, 8, 400.0, 2048, 64, "bf16", stage=1, micro_batch_size=micro,
+                                      activation_checkpointing=True, offload_optimizer=False, offload_params=False,
+                                      gpus_per_node=8)
+        assert choice.setup.fp32_accumulation is (accumulation > 1)
+        assert model_state_bytes(counts.total, choice.setup)["gradients"] == 2 * counts.total + extra
+
+
 def test_zero3_gathers_a_whole_decoder_layer_when_its_layers_are_leaf_modules():
     """A compiled model's decoder layers are ZeRO-3 leaf modules: the gather unit is a layer, not its largest matrix.
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import ConfigError
 from launcher.contract.resources import data_dir
-from launcher.planning.devices import precision_for
+from launcher.planning.devices import accumulates_in_fp32, precision_for
 
 # DeepSpeed's own bucket default (reduce_bucket_size, allgather_bucket_size), in elements.
 DEFAULT_BUCKET = 500_000_000
@@ -139,7 +139,7 @@ def derived_values(cfg: RunConfig, hidden_size: Optional[int],
         # One kernel over each tensor, in place: on CPU 5-10 x faster than the per-tensor update DeepSpeed would
         # otherwise get, and without its two fp32 temporaries (bench/RESULTS.md, "torch's AdamW on CPU").
         values["optimizer.params.fused"] = (True, "train.optimizer (torch's fused AdamW kernels)")
-    if t.precision in ("bf16", "fp16") and z.stage != 0 and t.grad_accum_steps > 1:
+    if accumulates_in_fp32(t.precision, z.stage, t.grad_accum_steps):
         values["data_types.grad_accum_dtype"] = ("fp32", f"train.precision {t.precision} with accumulation "
                                                           f"{t.grad_accum_steps} (sums kept in fp32)")
     return values

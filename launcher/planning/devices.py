@@ -22,6 +22,12 @@ def precision_for(device: str, configured: str = "auto") -> str:
     return "bf16" if device == "cuda" else "fp32"
 
 
+def accumulates_in_fp32(precision: str, stage: int, grad_accum_steps: int) -> bool:
+    """Whether gradients sum in fp32 over a step's micro-batches (DeepSpeed's data_types.grad_accum_dtype): in
+    bf16/fp16 with accumulation, where ZeRO can (DeepSpeed has no fp32 accumulation at stage 0)."""
+    return precision in ("bf16", "fp16") and stage != 0 and grad_accum_steps > 1
+
+
 def resolve_device(cfg: RunConfig, host: HostFacts, notes: list[str]) -> None:
     """`launch.device: auto` is decided from facts about the machines that will train, never a login node's."""
     launch = cfg.launch

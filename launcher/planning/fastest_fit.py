@@ -15,7 +15,7 @@ from typing import Optional
 
 from launcher.contract.config import batch_split_problems, replicas_words
 from launcher.contract.errors import ConfigError
-from launcher.planning.devices import DEFAULT_GPUS_PER_NODE
+from launcher.planning.devices import DEFAULT_GPUS_PER_NODE, accumulates_in_fp32
 from launcher.planning.memory import (
     DEVICE_KEYS,
     GB,
@@ -147,12 +147,15 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          gpus_per_node: Optional[int] = None, host_memory_gb: Optional[float] = None,
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
                          margins: Margins = Margins(), optimizer: str = "fused",
-                         long_context: Optional[LongContext] = None, whole_layers: bool = False) -> Choice:
+                         long_context: Optional[LongContext] = None, whole_layers: bool = False,
+                         grad_accum_steps: Optional[int] = None) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
     `optimizer` is memory.Setup's: "torch" for torch's unfused AdamW (temporaries), else "fused" (in place).
     `whole_layers` is memory.Setup's: ZeRO-3 gathers a whole decoder layer at once (a compiled model).
     `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
+    `grad_accum_steps` counts only without a global batch (else it is the share over the micro batch): with
+    bf16/fp16 and ZeRO 1-3, accumulating makes DeepSpeed keep fp32 gradient sums.
     """
     lc = long_context or LongContext()
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
@@ -169,10 +172,12 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
 
     def estimate(variant, ckpt, micro, seq=seq_len, world=world_size, lc=lc) -> MemoryEstimate:
         s, opt, par = variant
+        accumulation = share // micro if share else (grad_accum_steps or 1)
         setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
                       seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
                       activation_checkpointing=ckpt, attention=attention, optimizer=optimizer,
-                      whole_layers=whole_layers, **lc.setup_fields(ckpt))
+                      whole_layers=whole_layers, fp32_accumulation=accumulates_in_fp32(dtype, s, accumulation),
+                      **lc.setup_fields(ckpt))
         return estimate_memory(counts, setup, zero, margins)
 
     reasons: list[str] = []

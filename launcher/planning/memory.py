@@ -108,6 +108,8 @@ class Setup:
     """ZeRO-3 gathers a decoder layer's parameters at once (a compiled model's layers are leaf modules)."""
     async_save: bool = False
     """Background saves keep a host copy of each rank's checkpoint share (train.async_save)."""
+    fp32_accumulation: bool = False
+    """Gradients sum in fp32 over a step's micro-batches (devices.accumulates_in_fp32; bf16/fp16 only)."""
 
     @property
     def local_seq_len(self) -> int:
@@ -388,12 +390,20 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
     """
     n, p = setup.world_size, PARAM_BYTES[setup.dtype]
     grads = p * params if setup.stage < 2 else p * params // n
+    if _fp32_sums(setup):
+        # Stage 1 keeps a whole fp32 copy of the gradients besides the model's own (bf16: BF16_Optimizer's
+        # fp32_groups_gradients_flat; fp16: each parameter's grad_accum); stages 2-3 reduce into fp32 partitions.
+        grads = (p + 4) * params if setup.stage == 1 else 4 * params // n
     if setup.offload_optimizer and setup.stage >= 2:
         grads = 0
     params_dev = p * params // n if setup.stage == 3 else p * params
     optimizer = optimizer_bytes_per_param(setup) * params // (1 if setup.stage == 0 else n)
     return {"params": 0 if setup.offload_params else params_dev, "gradients": grads,
             "optimizer_states": 0 if setup.offload_optimizer else optimizer}
+
+
+def _fp32_sums(setup: Setup) -> bool:
+    return setup.fp32_accumulation and setup.dtype != "fp32" and setup.stage != 0
 
 
 def optimizer_temporaries(counts: ModelCounts, setup: Setup) -> int:
@@ -423,6 +433,8 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
     if setup.stage == 0:
         return max((min(psi, DS_STAGE0_ALLREDUCE) * p if n > 1 else 0) + (4 * psi if mixed else 0), temporaries)
     fp32_copy = 4 * psi // n if mixed else 0
+    if setup.stage == 1 and _fp32_sums(setup):
+        return 4 * psi // n + temporaries  # the fp32 sums are the gradients: at most their partition, flattened
     if setup.stage == 1:
         partition = p * psi // n
         return max(partition, partition + fp32_copy + temporaries - p * psi)

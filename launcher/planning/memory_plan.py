@@ -26,7 +26,7 @@ from typing import Optional
 from launcher.contract.config import RunConfig, batch_split_problems, replicas_words, sequence_parallel_problems
 from launcher.contract.errors import ConfigError
 from launcher.planning.deepspeed_config import zero_defaults
-from launcher.planning.devices import precision_for
+from launcher.planning.devices import accumulates_in_fp32, precision_for
 from launcher.planning.fastest_fit import (
     DoesNotFit,
     LongContext,
@@ -65,6 +65,10 @@ def optimizer_of(ds_config: dict) -> str:
     update allocates temporaries; the launcher renders FusedAdam, CPUAdam or torch's fused AdamW, all in place."""
     params = (ds_config.get("optimizer") or {}).get("params") or {}
     return "torch" if params.get("torch_adam") is True and params.get("fused") is not True else "fused"
+
+
+def _int_or_none(value) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def precision_of(cfg: RunConfig) -> str:
@@ -170,7 +174,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 offload_optimizer=offload_optimizer, offload_params=offload_params,
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
                 zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-                whole_layers=gathers_whole_layers(cfg),
+                whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
                 long_context=long_context_of(cfg, counts, n))
         except DoesNotFit as exc:
             failures.append((n, exc))
@@ -249,18 +253,20 @@ def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
         raise ValueError(f"memory_summary needs a resolved config, {', '.join(left)} still auto (call plan.resolve)")
     stage, opt, par = int(cfg.zero.stage), cfg.zero.offload_optimizer == "cpu", cfg.zero.offload_params == "cpu"
     optimizer = "fused"  # what render_deepspeed_config writes, unless a zero.config turns fusion off
+    fp32_sums = accumulates_in_fp32(precision_of(cfg), stage, int(cfg.train.grad_accum_steps))
     if ds_config:
         z = ds_config.get("zero_optimization") or {}
         stage = int(z.get("stage", stage))
         opt = (z.get("offload_optimizer") or {}).get("device") == "cpu"
         par = (z.get("offload_param") or {}).get("device") == "cpu"
         optimizer = optimizer_of(ds_config)
+        fp32_sums = (ds_config.get("data_types") or {}).get("grad_accum_dtype") == "fp32"
     return Setup(stage=stage, world_size=cfg.launch.world_size,
                  gpus_per_node=cfg.launch.procs_per_node, micro_batch_size=int(cfg.train.micro_batch_size),
                  seq_len=cfg.data.seq_len, dtype=precision_of(cfg), offload_optimizer=opt, offload_params=par,
                  activation_checkpointing=cfg.train.recomputes,
                  attention=cfg.model.attn_implementation, optimizer=optimizer,
-                 whole_layers=gathers_whole_layers(cfg), async_save=cfg.train.async_save,
+                 whole_layers=gathers_whole_layers(cfg), async_save=cfg.train.async_save, fp32_accumulation=fp32_sums,
                  **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
 
 
@@ -394,7 +400,7 @@ def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-            whole_layers=gathers_whole_layers(cfg),
+            whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
             long_context=long_context_of(cfg, counts))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
