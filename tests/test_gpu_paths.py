@@ -268,7 +268,7 @@ def test_fp16_optimizer_shards_load_without_running_code_built_without_a_gpu(tmp
     """fp16 (CUDA only) pickles DeepSpeed's DynamicLossScaler into every optimizer shard; the safe loader refused
     it, so an fp16 run could never resume, export or convert. Built here as ZeRO builds it from the fp16 section
     the launcher renders (loss_scale 0: dynamic), saved with torch.save, and read back through the loader."""
-    import io
+    import hashlib
 
     import torch
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
@@ -277,7 +277,7 @@ def test_fp16_optimizer_shards_load_without_running_code_built_without_a_gpu(tmp
 
     from launcher.contract.config import validate_config
     from launcher.planning.plan import build_plan
-    from trainer.checkpoint_io import load_bytes
+    from trainer.checkpoint_io import load_verified
 
     raw = {"model": {"name_or_path": "/m"}, "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 64},
            "train": {"max_steps": 5, "lr": 1e-4, "seed": 0, "precision": "fp16", "grad_accum_steps": 1},
@@ -287,7 +287,8 @@ def test_fp16_optimizer_shards_load_without_running_code_built_without_a_gpu(tmp
     assert fp16.enabled and fp16.loss_scale == 0
     scaler = CreateLossScaler(torch.float16, 0, True, fp16.dynamic_loss_scale_args())
     assert isinstance(scaler, DynamicLossScaler)
-    buf = io.BytesIO()
-    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True, "zero_stage": ZeroStageEnum.gradients}, buf)
-    state = load_bytes(buf.getvalue(), "optim_states.pt")
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True, "zero_stage": ZeroStageEnum.gradients}, path)
+    data = path.read_bytes()
+    state = load_verified(path, (len(data), hashlib.sha256(data).hexdigest()))
     assert vars(state["loss_scaler"]) == vars(scaler) and state["zero_stage"] == ZeroStageEnum.gradients

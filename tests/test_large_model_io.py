@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,6 +132,40 @@ def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny
     shardtune("launch", str(cfg), "train.stop_at_step=2")
     assert "step_00000002 at step 2" in shardtune("launch", str(cfg)).stderr
     assert losses(tmp_path / "run") == losses(whole / "run")
+
+
+LOAD_ONCE = """
+import hashlib, sys, torch
+from pathlib import Path
+from trainer.checkpoint_io import load_verified
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+path, size, sha = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+Path("/proc/self/clear_refs").write_text("5")  # the peak RSS from here on
+before = status("VmRSS")
+state = load_verified(path, (size, sha))
+print(status("VmHWM") - before, float(state["partition"][12345]))
+"""
+
+
+def test_a_verified_checkpoint_file_is_held_once_while_it_loads(tmp_path):
+    """A resume used to read each file whole and parse those bytes: the file twice in memory (at ZeRO 0-2 every rank
+    loads the whole model file). Measured as the peak RSS of a process loading a 200 MB file, verified."""
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"partition": torch.arange(50_000_000, dtype=torch.float32)}, path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    size = path.stat().st_size
+    proc = subprocess.run([sys.executable, "-c", LOAD_ONCE, str(path), str(size), digest.hexdigest()],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    growth, last = proc.stdout.split()[-2:]
+    assert float(last) == 12345
+    assert 0.9 * size < int(growth) < 1.3 * size, (int(growth) / size, proc.stderr[-2000:])
 
 
 def test_manifest_digests_hashed_while_writing_match_the_bytes_on_disk(zero3_run):

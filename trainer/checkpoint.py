@@ -48,7 +48,7 @@ from launcher.contract.run_dir import (
     tag_for,
 )
 from trainer.build_once import build_once
-from trainer.checkpoint_io import Manifests, copy_hashed, load_bytes, read_verified
+from trainer.checkpoint_io import Manifests, copy_hashed, load_verified, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks
 
@@ -362,7 +362,7 @@ def restore_rng(ckpt: Path, dist: Dist) -> bool:
     path = rng_file(ckpt, dist.rank)
     if not path.is_file():
         return False
-    state = load_bytes(read_verified(path, expected(ckpt, path)), str(path))
+    state = load_verified(path, expected(ckpt, path))
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["device"])
     return True

@@ -170,10 +170,13 @@ def allow_deepspeed_types() -> None:
         _ALLOWED = True
 
 
+_TORCH_LOAD = torch.load  # torch's own, also while guarded_loads routes every other caller through the manifests
+
+
 def safe_load(source, mmap: bool = False, map_location="cpu"):
     """torch.load that runs no code: weights_only, with DeepSpeed's few types (deepspeed_allowlist) and nothing else."""
     allow_deepspeed_types()
-    return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
+    return _TORCH_LOAD(source, map_location=map_location, mmap=mmap, weights_only=True)
 
 
 class VerificationError(UserError):
@@ -192,6 +195,34 @@ def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
     return data
 
 
+def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location="cpu"):
+    """A checkpoint file checked against (size, sha256) and deserialized without running code, holding it once.
+
+    Reading the whole file into memory and parsing those bytes held it twice (the bytes and the tensors built
+    from them): at ZeRO 0-2 every rank loads the whole model file, 2 x 16 GB per rank for an 8B model. The file
+    is hashed as a stream through one open descriptor and loaded through that same descriptor (/proc/self/fd:
+    the same file even if its path is replaced meanwhile); a change to its size or mtime while it was being
+    read voids the load.
+    """
+    if expected is None:
+        raise VerificationError(f"{path}: not listed in its checkpoint's manifest; refusing to load it")
+    size, sha = expected
+    with open(path, "rb") as fh:
+        before = os.fstat(fh.fileno())
+        if before.st_size != size or hashlib.file_digest(fh, "sha256").hexdigest() != sha:
+            raise VerificationError(f"{path}: its bytes differ from the checkpoint's manifest (damaged or replaced "
+                                    f"after the checkpoint was committed); refusing to load it")
+        same_file = f"/proc/self/fd/{fh.fileno()}"
+        try:
+            state = safe_load(same_file if os.path.exists(same_file) else path, map_location=map_location)
+        except pickle.UnpicklingError as exc:
+            raise refused(str(path), exc) from None
+        after = os.fstat(fh.fileno())
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise VerificationError(f"{path}: changed while it was being loaded; refusing to use it")
+    return state
+
+
 def refused(where: str, exc: pickle.UnpicklingError) -> VerificationError:
     """The error for a pickle weights_only refused: the file and the type it wanted, not torch's advice to
     turn the protection off."""
@@ -200,14 +231,6 @@ def refused(where: str, exc: pickle.UnpicklingError) -> VerificationError:
     return VerificationError(f"{where}: refused to load: it needs {wanted}, which is not among the tensors and the "
                              f"{len(deepspeed_allowlist())} DeepSpeed types a checkpoint holds (loading it could run "
                              f"code)")
-
-
-def load_bytes(data: bytes, where: str, map_location="cpu"):
-    """Deserialize checkpoint bytes without running code; a pickle that needs other types is refused, named."""
-    try:
-        return safe_load(io.BytesIO(data), map_location=map_location)
-    except pickle.UnpicklingError as exc:
-        raise refused(where, exc) from None
 
 
 class Manifests:
@@ -240,7 +263,7 @@ def guarded_loads(manifests: Manifests):
 
     def load(f, map_location=None, *args, mmap=None, weights_only=None, **kwargs):
         if isinstance(f, (str, os.PathLike)) and manifests.covering(Path(f)) is not None:
-            return load_bytes(read_verified(Path(f), manifests.expected(Path(f))), str(f), map_location)
+            return load_verified(Path(f), manifests.expected(Path(f)), map_location)
         allow_deepspeed_types()
         return original(f, map_location, *args, mmap=mmap, weights_only=True, **kwargs)
 

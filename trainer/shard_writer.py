@@ -22,8 +22,7 @@ from trainer.checkpoint_io import (
     Manifests,
     Progress,
     VerificationError,
-    load_bytes,
-    read_verified,
+    load_verified,
     snapshot,
     write_hashed,
 )
@@ -97,11 +96,11 @@ class ShardWriter(TorchCheckpointEngine):
             f.result()
 
     def load(self, path: str, map_location=None):
-        """DeepSpeed's reads: each file read once, checked against the manifest, parsed from those bytes with
-        weights_only (a crafted pickle is refused, naming the file and the type it wanted)."""
+        """DeepSpeed's reads: each file checked against the manifest and parsed with weights_only (a crafted pickle
+        is refused, naming the file and the type it wanted), holding it once (checkpoint_io.load_verified)."""
         if self.manifests is None:
             raise VerificationError(f"{path}: loaded before its checkpoint's manifest was registered")
-        return load_bytes(read_verified(Path(path), self.manifests.expected(Path(path))), path, map_location)
+        return load_verified(Path(path), self.manifests.expected(Path(path)), map_location)
 
     def commit(self, info) -> bool:
         return True  # the checkpoint's commit (manifest, pointers) is shardtune's, after every rank is durable
