@@ -134,6 +134,32 @@ def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny
     assert losses(tmp_path / "run") == losses(whole / "run")
 
 
+def test_module_tensors_joined_on_disk_are_exported_as_save_pretrained_writes_them(tmp_path):
+    """sarvam_moe runs q, k and v as three modules, which transformers stores as one query_key_value tensor.
+    Reverted one module tensor at a time, each came out under the joined name: a file with three entries of one
+    name, which the safetensors header cannot hold. transformers' own save_pretrained is the reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.export import Layout, write_model_dir
+
+    config = AutoConfig.for_model("sarvam_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                                  num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                                  first_k_dense_replace=1, n_shared_experts=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "reference")
+    layout = Layout(config, torch.float32)
+    state = model.state_dict()
+    entries = layout.entries([(n, tuple(t.shape)) for n, t in state.items()])
+    out = write_model_dir(tmp_path / "streamed", config, None, layout, entries, iter(state.items()), "5GB")
+    got, want = safetensors_dir(out), safetensors_dir(tmp_path / "reference")
+    assert any("query_key_value" in k for k in want) and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 LOAD_ONCE = """
 import hashlib, sys, torch
 from pathlib import Path

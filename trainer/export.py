@@ -55,21 +55,44 @@ class Layout:
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.dtype = dtype
         self.kept = set(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
+        self._joined: dict[str, tuple[str, ...]] = {}
+        """Module tensors that are one tensor on disk (q, k and v of a fused query_key_value), by member."""
+        self._waiting: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
-    def outputs(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """The tensor(s) a module tensor becomes on disk (usually itself; split or renamed for some models)."""
+    def _revert(self, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         from transformers.core_model_loading import revert_weight_conversion
 
-        return list(revert_weight_conversion(self.model, {name: tensor}).items())
+        return list(revert_weight_conversion(self.model, tensors).items())
 
     def entries(self, source: Iterable[tuple[str, tuple[int, ...]]]) -> list[Entry]:
-        """The planned files' contents, in the order the source will produce its tensors."""
-        out = []
-        for name, shape in source:
-            if name in self.kept:
-                meta = torch.empty(shape, dtype=self.dtype, device="meta")
-                out += [Entry(n, tuple(t.shape), t.dtype) for n, t in self.outputs(name, meta)]
+        """The planned files' contents, in the order the source will produce its tensors; call before `push`.
+
+        Module tensors that transformers joins into one tensor on disk are found here, by reverting each one
+        alone and seeing several land on the same name: they are reverted together when the last one arrives."""
+        metas = [(name, torch.empty(shape, dtype=self.dtype, device="meta")) for name, shape in source
+                 if name in self.kept]
+        sources_of: dict[str, list[str]] = {}
+        for name, meta in metas:
+            for disk_name, _ in self._revert({name: meta}):
+                sources_of.setdefault(disk_name, []).append(name)
+        self._joined = {name: tuple(group) for group in sources_of.values() if len(group) > 1 for name in group}
+        out = [Entry(n, tuple(t.shape), t.dtype) for name, meta in metas for n, t in self.push(name, meta)]
+        if self._waiting:
+            raise ValueError(f"module tensors written jointly never arrived together: {list(self._waiting)[:3]}")
         return out
+
+    def push(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The tensor(s) on disk this module tensor completes: itself (renamed, or split for some models), or, where
+        several module tensors are one on disk, nothing until the last of them arrives and then the joined one."""
+        group = self._joined.get(name)
+        if group is None:
+            return self._revert({name: tensor})
+        waiting = self._waiting.setdefault(group, {})
+        waiting[name] = tensor
+        if len(waiting) < len(group):
+            return []
+        del self._waiting[group]
+        return self._revert(waiting)
 
 
 def replace_problem(out: Path) -> Optional[str]:
@@ -111,7 +134,7 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
     writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, progress)
     for name, tensor in tensors:
         if name in layout.kept:
-            for out_name, part in layout.outputs(name, tensor.to(layout.dtype)):
+            for out_name, part in layout.push(name, tensor.to(layout.dtype)):
                 writer.write(out_name, part)
     writer.close()
     config.architectures = [type(layout.model).__name__]

@@ -84,6 +84,9 @@ class ShardedSafetensorsWriter:
     def __init__(self, out_dir: Path, entries: list[Entry], max_shard_size: int | str,
                  progress: Optional[Callable[[int], None]] = None):
         self.out_dir = Path(out_dir)
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):  # a safetensors header keeps the last of them: the file would be corrupt
+            raise ValueError(f"tensor names planned twice: {sorted({n for n in names if names.count(n) > 1})[:5]}")
         self.shards = plan_shards(entries, parse_size(max_shard_size))
         n = len(self.shards)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
