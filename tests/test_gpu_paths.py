@@ -216,6 +216,18 @@ def test_fp16_is_refused_off_cuda_before_launch():
         build_plan(run_config("launch.device=cpu", "train.precision=fp16"), host=CPU_LOGIN_NODE)
     assert build_plan(run_config("launch.device=cuda", "train.precision=fp16"), host=GPU_NODE).deepspeed["fp16"]
 
+
+def test_auto_attention_picks_flash_attention_2_only_for_model_classes_that_run_it():
+    """transformers raises for Llama 4 and DeepSeek-V3.2 with flash_attention_2 and reroutes gpt-oss to a hub kernel
+    (a download, Hopper only): `auto` checked only the GPU, the dtype and the flash_attn package."""
+    from transformers import DeepseekV32ForCausalLM, GptOssForCausalLM, Llama4ForCausalLM, LlamaForCausalLM
+
+    from trainer.model import flash_attention_2_supported
+
+    assert flash_attention_2_supported(LlamaForCausalLM)
+    assert not any(map(flash_attention_2_supported, (GptOssForCausalLM, Llama4ForCausalLM, DeepseekV32ForCausalLM)))
+    assert not flash_attention_2_supported(None)  # remote code: not assumed
+
 # ---- 4. fp16 loss-scale skips are not bad steps
 
 

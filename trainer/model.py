@@ -21,29 +21,44 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _hf_ds_config = None
 
 
-def flash_attention_usable(precision: str, device: torch.device) -> bool:
-    """flash-attention-2 runs only in bf16/fp16, on CUDA GPUs of compute capability 8.0+ (Ampere and newer)."""
-    if device.type != "cuda" or precision not in ("bf16", "fp16") or importlib.util.find_spec("flash_attn") is None:
+def flash_attention_usable(cfg: RunConfig, device: torch.device) -> bool:
+    """flash-attention-2 runs only in bf16/fp16, on CUDA GPUs of compute capability 8.0+ (Ampere and newer), for a
+    model class that runs it (flash_attention_2_supported)."""
+    if device.type != "cuda" or cfg.train.precision not in ("bf16", "fp16") \
+            or importlib.util.find_spec("flash_attn") is None:
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cuda.get_device_capability(device) >= (8, 0) and flash_attention_2_supported(_causal_lm_class(cfg))
+
+
+def flash_attention_2_supported(model_class) -> bool:
+    """transformers raises for a class without _supports_flash_attn (Llama 4, DeepSeek-V3.2) and swaps in its own
+    kernels from the hub for a class that lists others (gpt-oss: vllm-flash-attn3, a download, Hopper only);
+    an unknown class (remote code) is not assumed to run it."""
+    listed = getattr(model_class, "_compatible_flash_implementations", None)
+    return getattr(model_class, "_supports_flash_attn", False) is True and (listed is None
+                                                                            or "flash_attention_2" in listed)
 
 
 def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     """flash_attention_2 where its kernels can run (see flash_attention_usable), else PyTorch's sdpa."""
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
-    return "flash_attention_2" if flash_attention_usable(cfg.train.precision, device) else "sdpa"
+    return "flash_attention_2" if flash_attention_usable(cfg, device) else "sdpa"
 
 
-def _sdpa_supported(cfg: RunConfig) -> bool:
-    """False for model classes transformers refuses to run with sdpa (gpt-oss: its attention sinks)."""
+def _causal_lm_class(cfg: RunConfig):
+    """The transformers class that will run the model (None for remote code)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    return getattr(model_class, "_supports_sdpa", True) is not False
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+
+
+def _sdpa_supported(cfg: RunConfig) -> bool:
+    """False for model classes transformers refuses to run with sdpa (gpt-oss: its attention sinks)."""
+    return getattr(_causal_lm_class(cfg), "_supports_sdpa", True) is not False
 
 
 def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_implementation: Optional[str] = None):

@@ -161,7 +161,7 @@ class Session:
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
                 self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat)
                 self.ds_config["checkpoint"] = {"load_universal": True}
-        self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(t.precision, self.dist.device))
+        self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
             model = load_model(cfg, self.ds_config, self.dist.device, self.sp.attention)
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
