@@ -7,6 +7,8 @@ CUDA compiler, a device name), the test's name says so.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -199,6 +201,20 @@ def test_sbatch_asks_for_cpus_and_memory_and_srun_passes_cpus_on():
     # (torch >= 2.7 names, as installed here).
     assert f'TORCH_FR_DUMP_TEMP_FILE="${{TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/{NCCL_TRACES}/rank_}}"' in script
     assert 'TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"' in script
+
+
+def test_an_offloaded_optimizer_steps_on_the_cpus_each_rank_gets():
+    """DeepSpeed's CPU Adam runs OpenMP threads; the default OMP_NUM_THREADS=1 stepped each rank's partition on one
+    core of a 96-CPU node. The user's own setting still wins (launch.env, or the job's environment on SLURM)."""
+    offload = ("launch.device=cuda", "zero.stage=3", "zero.offload_optimizer=cpu", "slurm.cpus_per_task=96")
+    script = build_plan(run_config(*offload, backend="slurm"), host=GPU_NODE).script
+    assert 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-12}"' in script
+    plain = build_plan(run_config("launch.device=cuda", "zero.stage=3", backend="slurm"), host=GPU_NODE).script
+    assert 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"' in plain
+    own = build_plan(run_config(*offload, "launch.env={OMP_NUM_THREADS: '4'}", backend="slurm"), host=GPU_NODE).script
+    assert "export OMP_NUM_THREADS=4" in own and "OMP_NUM_THREADS:-12" not in own
+    local = build_plan(run_config(*offload[:3], procs=1), host=GPU_NODE).script
+    assert f"export OMP_NUM_THREADS={len(os.sched_getaffinity(0))}" in local
 
 
 def test_flash_attention_is_refused_where_it_cannot_run():

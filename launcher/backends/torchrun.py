@@ -1,12 +1,15 @@
 """The torchrun command that starts `python -m trainer RUN_DIR` on every rank, and the script around it.
 
-Pure functions: config in, argv and script text out. Only the CLI writes or runs them.
+Pure functions: config in, argv and script text out (reading only this machine's CPU count, which a one-node run
+trains on). Only the CLI writes or runs them.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import sys
+from typing import Optional
 
 from launcher.contract.config import RunConfig
 from launcher.contract.run_dir import NCCL_TRACES, RunDir
@@ -55,9 +58,29 @@ def default_env(run_dir: str) -> dict[str, str]:
             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", fr_names[0]: "2000", fr_names[1]: f"{run_dir}/{NCCL_TRACES}/rank_"}
 
 
+def cpu_threads_per_rank(cfg: RunConfig) -> Optional[int]:
+    """OMP_NUM_THREADS for a rank whose optimizer is offloaded on a GPU node: DeepSpeed's CPU Adam steps the
+    rank's partition with OpenMP, and torchrun's default (1 thread) would step each rank on one core while the
+    rest of the node's CPUs idle. The node's CPUs (SLURM's cpus_per_task, else this machine's for a one-node
+    torchrun run) over its ranks; None where nothing is offloaded or the node is not known."""
+    if cfg.launch.device != "cuda" or cfg.zero.offload_optimizer != "cpu":
+        return None
+    if cfg.launch.backend == "slurm" and isinstance(cfg.slurm.cpus_per_task, int):
+        cpus = cfg.slurm.cpus_per_task
+    elif cfg.launch.backend == "torchrun" and cfg.launch.nodes == 1:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    else:
+        return None
+    return max(1, cpus // cfg.launch.procs_per_node)
+
+
 def process_env(cfg: RunConfig) -> dict[str, str]:
-    """Environment for the training processes: the accelerator choice, then the user's launch.env."""
+    """Environment for the training processes: the accelerator choice, CPU threads where the optimizer is offloaded
+    (cpu_threads_per_rank), then the user's launch.env."""
     env = {"DS_ACCELERATOR": cfg.launch.device}
+    threads = cpu_threads_per_rank(cfg)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(cfg.launch.env)
     return env
 
