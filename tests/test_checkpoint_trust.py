@@ -89,6 +89,20 @@ def test_bytes_changed_between_verification_and_load_are_caught(tmp_path, tiny_m
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: its bytes differ from the checkpoint's manifest" in proc.stderr
 
 
+def test_a_read_error_while_verifying_is_checked_again_before_the_checkpoint_is_passed_over(tmp_path, tiny_model,
+                                                                                             reference):
+    """A shared filesystem can fail a read for a moment. Rank 1's first read failed with EIO: the rank crashed
+    (the others waited in the collective) and, read as damage, the newest checkpoint would be passed over and
+    later pruned as an abandoned timeline. It is reported like any other problem and verified once more."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    proc = shardtune("launch", str(config(tmp_path, tiny_model)), f"train.max_steps={STEPS + 2}",
+                     env={"SHARDTUNE_FAULTS": "unreadable_once@0:1"})
+    assert "Input/output error (injected)" in proc.stderr and "checking it again" in proc.stderr
+    assert f"step_{STEPS:08d} at step {STEPS}" in proc.stderr and "falling back" not in proc.stderr
+    assert (run / "checkpoints" / f"step_{STEPS:08d}").is_dir() and RunDir(run).read_status()["step"] == STEPS + 2
+
+
 def test_every_checkpoint_damaged_stops_the_run_and_keeps_its_history(tmp_path, tiny_model, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -50,7 +50,7 @@ from launcher.contract.run_dir import (
 from trainer.build_once import build_once
 from trainer.checkpoint_io import Manifests, copy_hashed, load_verified, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
-from trainer.faults import FaultHooks
+from trainer.faults import FaultHooks, unreadable_once
 
 
 class CheckpointError(UserError):
@@ -84,12 +84,16 @@ def verify_share(ckpt: Path, rank: int, world: int) -> list[str]:
     entries = sorted(manifest["files"].items())
     for rel, meta in entries[rank::world]:
         path = ckpt / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != meta["size"]:
-            problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {meta['size']}")
-        elif _hash_file(path)[1] != meta["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
+        try:  # a read error is this file's problem, reported like any other, not a crash of one rank
+            unreadable_once(rank, path)
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != meta["size"]:
+                problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {meta['size']}")
+            elif _hash_file(path)[1] != meta["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the manifest")
+        except OSError as exc:
+            problems.append(f"{rel}: unreadable ({exc})")
     return problems
 
 
@@ -391,6 +395,21 @@ def read_state(ckpt: Path) -> dict:
     return json.loads(read_verified(ckpt / TRAINER_STATE, expected(ckpt, ckpt / TRAINER_STATE)))
 
 
+RECHECK_S = 5.0
+
+
+def verify_again_if_damaged(ckpt: Path, dist: Dist, log: Callable[[str], None]) -> list[str]:
+    """verify, and once more after a pause when it finds problems: a shared filesystem can fail reads or hide a
+    file for a moment, and a checkpoint judged damaged is passed over, and later pruned as an abandoned timeline."""
+    problems = verify(ckpt, dist)
+    if problems:
+        log(f"checkpoint {ckpt.name} failed verification ({'; '.join(problems[:3])}); checking it again in "
+            f"{RECHECK_S:g} s in case the filesystem was briefly unavailable")
+        time.sleep(RECHECK_S)
+        problems = verify(ckpt, dist)
+    return problems
+
+
 def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
     """The checkpoint to resume from per train.resume, verified on every rank; None to start fresh."""
     root = run_dir.checkpoints
@@ -401,7 +420,7 @@ def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], N
         if not (ckpt / MANIFEST).is_file():
             raise CheckpointError(f"train.resume: {ckpt} is not a complete shardtune checkpoint "
                                   f"({'missing' if not ckpt.exists() else 'no ' + MANIFEST})")
-        problems = verify(ckpt, dist)
+        problems = verify_again_if_damaged(ckpt, dist, log)
         if problems:
             raise CheckpointError(f"train.resume: {ckpt} fails verification: " + "; ".join(problems[:5]))
         return ckpt
@@ -412,7 +431,7 @@ def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], N
     candidates = [Path(p) for p in broadcast_object(listed)]
     damaged = []
     for ckpt in candidates:
-        problems = verify(ckpt, dist)
+        problems = verify_again_if_damaged(ckpt, dist, log)
         if not problems:
             chosen = ckpt
             break

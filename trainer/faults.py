@@ -13,6 +13,7 @@ Without the variable every hook is a no-op.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -45,6 +46,17 @@ ACTIVE = (_parse(os.environ.get("SHARDTUNE_FAULTS", ""))
 
 def fires(kind: str, step: int, rank: int) -> bool:
     return any(f.kind == kind and f.step == step and f.rank == rank for f in ACTIVE)
+
+
+_READ_FAILED: set[int] = set()
+
+
+def unreadable_once(rank: int, path: Path) -> None:
+    """unreadable_once@0:RANK: this rank's first read while verifying a checkpoint fails with EIO, as a shared
+    filesystem whose server is briefly gone makes it; the next read works."""
+    if fires("unreadable_once", 0, rank) and rank not in _READ_FAILED:
+        _READ_FAILED.add(rank)
+        raise OSError(errno.EIO, "Input/output error (injected)", str(path))
 
 
 def corrupt_loss(loss, step: int, rank: int):
