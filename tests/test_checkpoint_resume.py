@@ -102,6 +102,20 @@ def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, befor
     assert_same_losses(tmp_path / "run", reference, rel=1e-6)
 
 
+def test_the_universal_conversion_beats_while_it_copies_and_hashes(tmp_path, reference):
+    """After DeepSpeed's converter exits, the copy of the model states and the hash of every converted file (12
+    bytes per parameter and more) ran without a heartbeat: at 70B past the watchdog's start-up allowance, which
+    kills the rank and starts the conversion over. Every file of the copy beats at least once now."""
+    from trainer.checkpoint import universal_copy
+
+    ckpt = tmp_path / "checkpoints" / "step_00000016"
+    shutil.copytree(RunDir(reference).checkpoint(16), ckpt)
+    beats = []
+    out = universal_copy(ckpt, lambda m: None, beats.append, workers=1)
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    assert len(files) > 10 and set(beats) == {"convert"} and len(beats) >= len(files)
+
+
 def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):
     proc = launch(config(tmp_path, tiny_model), f"train.resume={tmp_path}/nope/step_00000005", check=False)
     assert proc.returncode != 0

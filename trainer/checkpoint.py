@@ -57,12 +57,13 @@ class CheckpointError(UserError):
     """A checkpoint that was asked for by path cannot be used."""
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_file(path: Path, progress: Callable[[int], None] = lambda n: None) -> tuple[int, str]:
     """Size and sha256 of a file on disk (verification, and files written outside our writer)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(8 << 20), b""):
             h.update(block)
+            progress(len(block))
     return path.stat().st_size, h.hexdigest()
 
 
@@ -302,10 +303,14 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
         if proc.returncode != 0:
             log.seek(0)
             raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{log.read()[-4000:]}")
+    # Copying and hashing the copy (12 bytes per parameter and more) beats as it goes: at 70B it outlasts the
+    # watchdog's start-up allowance, which would kill the rank and start the conversion over.
+    copied = {}
     for f in ckpt.glob("*model_states.pt"):  # module weights, LR schedule and counters stay where DeepSpeed looks
-        copy_hashed(f, out / f.name)
+        copied[f.name] = copy_hashed(f, out / f.name, lambda n: beat("convert"))
     # The copy is a checkpoint of its own: its manifest is what a resume checks every file it reads against.
-    files = {rel: dict(zip(("size", "sha256"), _hash_file(out / rel))) for rel in _files(out)}
+    files = {rel: dict(zip(("size", "sha256"), copied.get(rel) or _hash_file(out / rel, lambda n: beat("convert"))))
+             for rel in _files(out)}
     atomic_write(out / MANIFEST, json.dumps({"from": str(ckpt), "source_manifest": _digest(ckpt / MANIFEST),
                                              "workers": workers, "seconds": round(time.perf_counter() - started, 1),
                                              "files": files}, indent=1) + "\n")
