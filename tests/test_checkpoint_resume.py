@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.contract.run_dir import LATEST, MANIFEST, TRAINER_STATE, RunDir
+from launcher.contract.run_dir import HF, LATEST, MANIFEST, TRAINER_STATE, RunDir
 
 from conftest import losses, read_metrics, shardtune, tiny_config
 
@@ -108,7 +108,7 @@ def test_the_universal_conversion_beats_while_it_copies_and_hashes(tmp_path, ref
     kills the rank and starts the conversion over. Every file of the copy beats at least once now."""
     from trainer.checkpoint import universal_copy
 
-    ckpt = tmp_path / "checkpoints" / "step_00000016"
+    ckpt = RunDir(tmp_path).checkpoint(16)
     shutil.copytree(RunDir(reference).checkpoint(16), ckpt)
     beats = []
     out = universal_copy(ckpt, lambda m: None, beats.append, workers=1)
@@ -213,7 +213,7 @@ def test_a_tokenizer_with_named_chat_templates_is_checkpointed_and_exported(tmp_
     launch(tiny_config(tmp_path, model_dir, train={"max_steps": 4, "save_every": 2}))
     run = RunDir(tmp_path / "run")
     ckpt = run.checkpoint(4)
-    assert "hf/additional_chat_templates/tool_use.jinja" in json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert f"{HF}/additional_chat_templates/tool_use.jinja" in json.loads((ckpt / MANIFEST).read_text())["files"]
     out = tmp_path / "exported"
     shardtune("export", str(ckpt), str(out))
     for directory in (run.final, out):

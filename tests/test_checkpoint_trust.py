@@ -100,7 +100,7 @@ def test_a_read_error_while_verifying_is_checked_again_before_the_checkpoint_is_
                      env={"SHARDTUNE_FAULTS": "unreadable_once@0:1"})
     assert "Input/output error (injected)" in proc.stderr and "checking it again" in proc.stderr
     assert f"step_{STEPS:08d} at step {STEPS}" in proc.stderr and "falling back" not in proc.stderr
-    assert (run / "checkpoints" / f"step_{STEPS:08d}").is_dir() and RunDir(run).read_status()["step"] == STEPS + 2
+    assert RunDir(run).checkpoint(STEPS).is_dir() and RunDir(run).read_status()["step"] == STEPS + 2
 
 
 def test_every_checkpoint_damaged_stops_the_run_and_keeps_its_history(tmp_path, tiny_model, reference):

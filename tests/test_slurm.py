@@ -16,7 +16,7 @@ import pytest
 from launcher.backends import slurm
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import ConfigError
-from launcher.contract.run_dir import CHECKPOINTS, SCRIPTS, RunDir
+from launcher.contract.run_dir import SCRIPTS, RunDir
 from launcher.planning.plan import build_plan
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -176,7 +176,7 @@ def test_stop_on_request_ends_the_job_in_a_directory_named_with_spaces(tmp_path,
     assert "stopped on request" in log and "requeueing" not in log and "caught" not in log
     status = RunDir(run).read_status()
     assert status["state"] == "stopped" and 3 <= status["step"] < STEPS
-    assert (RunDir(run).path / CHECKPOINTS / f"step_{status['step']:08d}").is_dir()
+    assert RunDir(run).checkpoint(status["step"]).is_dir()
 
 
 def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, cluster):
