@@ -183,15 +183,23 @@ class VerificationError(UserError):
     """A checkpoint file does not match its manifest, is not listed in it, or holds types we refuse to load."""
 
 
-def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
-    """A file's bytes, once, checked against (size, sha256): what is hashed is exactly what will be parsed."""
+def _listed(path: Path, expected: Optional[tuple[int, str]]) -> tuple[int, str]:
     if expected is None:
         raise VerificationError(f"{path}: not listed in its checkpoint's manifest; refusing to load it")
+    return expected
+
+
+def _differs(path: Path) -> VerificationError:
+    return VerificationError(f"{path}: its bytes differ from the checkpoint's manifest (damaged or replaced after "
+                             f"the checkpoint was committed); refusing to load it")
+
+
+def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
+    """A file's bytes, once, checked against (size, sha256): what is hashed is exactly what will be parsed."""
+    size, sha = _listed(path, expected)
     data = Path(path).read_bytes()
-    size, sha = expected
     if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-        raise VerificationError(f"{path}: its bytes differ from the checkpoint's manifest (damaged or replaced "
-                                f"after the checkpoint was committed); refusing to load it")
+        raise _differs(path)
     return data
 
 
@@ -204,14 +212,11 @@ def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location=
     the same file even if its path is replaced meanwhile); a change to its size or mtime while it was being
     read voids the load.
     """
-    if expected is None:
-        raise VerificationError(f"{path}: not listed in its checkpoint's manifest; refusing to load it")
-    size, sha = expected
+    size, sha = _listed(path, expected)
     with open(path, "rb") as fh:
         before = os.fstat(fh.fileno())
         if before.st_size != size or hashlib.file_digest(fh, "sha256").hexdigest() != sha:
-            raise VerificationError(f"{path}: its bytes differ from the checkpoint's manifest (damaged or replaced "
-                                    f"after the checkpoint was committed); refusing to load it")
+            raise _differs(path)
         same_file = f"/proc/self/fd/{fh.fileno()}"
         try:
             state = safe_load(same_file if os.path.exists(same_file) else path, map_location=map_location)
