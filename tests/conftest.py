@@ -70,3 +70,37 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return RunDir(run_dir).losses()
+
+
+class RenameDurability:
+    """What was fsynced before each rename into place, and after it. A power cut cannot be staged here, so this
+    records the real os.fsync / os.replace / os.rename calls (they still run) instead of crashing the machine."""
+
+    def __init__(self, monkeypatch):
+        self.synced: list[str] = []
+        self.renames: list[tuple[str, str, int]] = []
+        real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+        def fsync(fd):
+            self.synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+            return real_fsync(fd)
+
+        def renamer(real):
+            def rename(src, dst, *args, **kwargs):
+                self.renames.append((os.path.realpath(src), os.path.realpath(dst), len(self.synced)))
+                return real(src, dst, *args, **kwargs)
+            return rename
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", renamer(real_replace))
+        monkeypatch.setattr(os, "rename", renamer(real_rename))
+
+    def assert_durable(self, final: Path) -> None:
+        """final (a directory renamed into place) had every file and directory under it synced before the rename,
+        and its parent directory (which holds the new name) after."""
+        final = Path(os.path.realpath(final))
+        src, _, n = next(r for r in reversed(self.renames) if r[1] == str(final))
+        before, after = set(self.synced[:n]), self.synced[n:]
+        wanted = {str(Path(src) / p.relative_to(final)) for p in final.rglob("*")} | {src}
+        assert wanted <= before, sorted(wanted - before)[:5]
+        assert str(final.parent) in after

@@ -16,7 +16,7 @@ from trainer.build_once import BuildFailed, build_once
 from trainer.data.cache import cache_key
 from trainer.data.prepare import DataError, cache_inputs, load_tokenizer, prepare
 
-from conftest import REPO, tiny_config
+from conftest import REPO, RenameDurability, tiny_config
 
 
 def prep(cfg, log: list | None = None):
@@ -178,6 +178,22 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_waited_for(tmp_path):
     with pytest.raises(TimeoutError):
         build_once(root, "k2", _write_marker, on_wait=waits.append, timeout_s=1.0)
     assert waits and "otherhost 2" in waits[0] and not (root / "k2").exists()
+
+
+def test_a_build_is_on_disk_before_its_name_appears_fsyncs_recorded_as_no_power_cut_can_be_staged(
+        tmp_path, monkeypatch):
+    """COMPLETE vouches for the directory (a universal checkpoint, a tokenized cache): after a crash it must not
+    stand over files the filesystem never wrote."""
+    durability = RenameDurability(monkeypatch)
+
+    def build(tmp) -> None:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "part").write_bytes(b"x" * 4096)
+        (tmp / "data").write_text("built")
+
+    path, built = build_once(tmp_path / "cache", "k", build)
+    assert built and (path / "COMPLETE").is_file()
+    durability.assert_durable(path)
 
 
 def test_a_failed_build_fails_the_waiters_too(tmp_path):

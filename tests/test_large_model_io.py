@@ -22,7 +22,7 @@ from launcher.planning.host import FusedAdamStatus, HostFacts
 from launcher.planning.plan import build_plan, format_plan
 from trainer.hf_writer import INDEX_FILE
 
-from conftest import REPO, losses, shardtune, tiny_config
+from conftest import REPO, RenameDurability, losses, shardtune, tiny_config
 
 STEPS = 12
 TRAIN = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}
@@ -100,6 +100,19 @@ def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(zero3_r
     export_command(ckpt, out)  # an earlier export is replaced whole
     assert not abandoned.exists() and not (out / "stale.txt").exists()
     assert safetensors_dir(out).keys() == safetensors_dir(RunDir(zero3_run).final).keys()
+
+
+def test_an_export_is_on_disk_before_its_name_appears_fsyncs_recorded_as_no_power_cut_can_be_staged(
+        zero3_run, tmp_path, monkeypatch):
+    """The export is built under a temporary name and renamed into place; its index, config and tokenizer files
+    were not fsynced, so a crash after the rename could leave a complete-looking export with empty files."""
+    from trainer.tools.export import export_command
+
+    durability = RenameDurability(monkeypatch)
+    out = tmp_path / "out"
+    export_command(RunDir(zero3_run).checkpoint(STEPS), out, max_shard_size="100KB")
+    assert (out / INDEX_FILE).is_file() and (out / "config.json").is_file()
+    durability.assert_durable(out)
 
 
 def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_run):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.contract.errors import UserError
+from launcher.contract.run_dir import fsync_dir, sync_tree
 
 STALE_AFTER_S = 120.0
 HEARTBEAT_S = 10.0
@@ -111,8 +112,9 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                         failed.write_text(str(exc))
                         shutil.rmtree(tmp, ignore_errors=True)
                         raise
-                (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
-                                                           "time": time.time()}))
+                    (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
+                                                               "time": time.time()}))
+                    sync_tree(tmp)  # COMPLETE vouches for every file under it, after a crash too
                 # Two builders happen only if a stalled (not dead) builder's lock was judged stale; keep the
                 # first result, which readers may already have open.
                 if (final / "COMPLETE").exists():
@@ -120,6 +122,7 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                     return final, False
                 shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from a crash
                 os.rename(tmp, final)
+                fsync_dir(root)
                 return final, True
             finally:
                 lock.unlink(missing_ok=True)

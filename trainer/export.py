@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from launcher.contract.errors import UserError
-from launcher.contract.run_dir import HF, MANIFEST
+from launcher.contract.run_dir import HF, MANIFEST, fsync_dir, sync_tree
 from trainer.checkpoint import CheckpointError
 from trainer.hf_writer import Entry, ShardedSafetensorsWriter
 from trainer.zero_reader import ZeroCheckpoint
@@ -150,9 +150,11 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
     if problem:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"not exporting to {out}: {problem}")
+    sync_tree(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     return out
 
 

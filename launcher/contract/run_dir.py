@@ -71,6 +71,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under root, deepest first. A directory built under a temporary name and
+    then renamed into place must be durable before the rename: after a crash the name would otherwise point
+    at files the filesystem never wrote (empty or truncated), which look like a finished result. Files
+    already synced cost almost nothing."""
+    for top, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(top, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(top))
+
+
 def read_json(path: Path) -> Optional[Any]:
     """A JSON file's content, or None when it is missing or half-written."""
     try:
