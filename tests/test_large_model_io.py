@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +117,46 @@ def test_an_export_is_on_disk_before_its_name_appears_fsyncs_recorded_as_no_powe
     export_command(RunDir(zero3_run).checkpoint(STEPS), out, max_shard_size="100KB")
     assert (out / INDEX_FILE).is_file() and (out / "config.json").is_file()
     durability.assert_durable(out)
+
+
+def _live_processes() -> dict[int, tuple[int, int, str]]:
+    """pid: (parent pid, process group, command line) of every process not yet dead (zombies count as dead)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if proc.name.isdigit() and fields[0] != "Z":
+            out[int(proc.name)] = (int(fields[1]), int(fields[2]), cmdline)
+    return out
+
+
+def test_a_killed_conversion_builder_takes_its_conversion_down_with_it(zero3_run):
+    """A rank SIGKILLed while DeepSpeed's universal conversion runs (watchdog, OOM, scancel) used to leave the
+    conversion and its workers running, holding memory and writing a directory nobody would rename."""
+    ckpt = RunDir(zero3_run).checkpoint(STEPS)
+    builder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                "from trainer.checkpoint import universal_copy; "
+                                "universal_copy(Path(sys.argv[1]), print, workers=2)", str(ckpt)], cwd=REPO)
+    deadline = time.monotonic() + 120
+    converter = None
+    while converter is None and time.monotonic() < deadline and builder.poll() is None:
+        converter = next((pid for pid, (ppid, _, cmd) in _live_processes().items()
+                          if ppid == builder.pid and "trainer.safe_convert" in cmd), None)
+        time.sleep(0.01)
+    assert converter is not None, "the conversion never started"
+    builder.kill()
+    builder.wait()
+    deadline = time.monotonic() + 3  # importing DeepSpeed alone takes the conversion longer than this
+    while time.monotonic() < deadline and any(pgid == converter for _, pgid, _ in _live_processes().values()):
+        time.sleep(0.05)
+    left = {pid: cmd for pid, (_, pgid, cmd) in _live_processes().items() if pgid == converter or pid == converter}
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, left
 
 
 def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_run):

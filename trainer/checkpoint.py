@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -288,18 +289,23 @@ def conversion_workers() -> int:
 def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -> None:
     """DeepSpeed's ds_to_universal into `out`, beating while its output grows (progress, not a phase)."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "trainer.safe_convert", "--input_folder", str(ckpt),
+    cmd = [sys.executable, "-m", "trainer.safe_convert", "--parent", str(os.getpid()), "--input_folder", str(ckpt),
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        seen = None
-        while proc.poll() is None:
-            time.sleep(1.0)
-            progress = sum(len(files) for _, _, files in os.walk(out))  # os.walk skips what vanishes meanwhile
-            if progress != seen:
-                seen = progress
-                beat("convert")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, process_group=0)
+        try:
+            seen = None
+            while proc.poll() is None:
+                time.sleep(1.0)
+                progress = sum(len(files) for _, _, files in os.walk(out))  # os.walk skips what vanishes meanwhile
+                if progress != seen:
+                    seen = progress
+                    beat("convert")
+        finally:
+            if proc.poll() is None:  # this process is failing: the conversion and its workers go with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if proc.returncode != 0:
             log.seek(0)
             raise CheckpointError(f"converting {ckpt} to a universal checkpoint failed:\n{log.read()[-4000:]}")

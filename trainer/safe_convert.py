@@ -17,6 +17,36 @@ from pathlib import Path
 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
+def _die_with_parent() -> None:
+    """End this conversion and its workers when the process that started it dies, however it dies.
+
+    A SIGKILLed rank (the watchdog, OOM, scancel) used to leave the conversion running: at 70B that is 16 workers
+    each holding an optimizer shard, writing into a directory nobody will rename, while the requeued job starts
+    another. The starter puts this process at the head of a process group of its own (its workers inherit it)
+    and names itself with `--parent PID`; this asks the kernel to signal it when that parent goes
+    (PR_SET_PDEATHSIG), and the signal takes the whole group down.
+    """
+    import ctypes
+    import signal
+
+    if "--parent" not in sys.argv:  # run by hand
+        return
+    at = sys.argv.index("--parent")
+    parent = int(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):
+        pass  # not Linux: the starter still kills the group when it fails
+    if os.getppid() != parent:  # it died before the request
+        os.killpg(0, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    _die_with_parent()
+
+
 def _install() -> None:
     import json
 
