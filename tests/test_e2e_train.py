@@ -42,9 +42,10 @@ def final_logits_match_checkpoint(run_dir, model_dir):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_launch_trains_and_exports(tmp_path, tiny_model, stage):
-    cfg = tiny_config(tmp_path, tiny_model, zero={"stage": stage})
-    shardtune("launch", str(cfg))
+    cfg = tiny_config(tmp_path, tiny_model, zero={"stage": stage}, train={"sample_prompt": "reverse: cat dog"})
+    proc = shardtune("launch", str(cfg))
     run_dir = tmp_path / "run"
+    assert "sample: 'reverse: cat dog'\n    -> '" in proc.stdout + proc.stderr
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
     for r in rows:
@@ -52,3 +53,14 @@ def test_launch_trains_and_exports(tmp_path, tiny_model, stage):
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
     final_logits_match_checkpoint(run_dir, tiny_model)
+
+
+def test_a_failed_sample_reply_leaves_the_run_completed(tmp_path, tiny_model):
+    """The sample reply loads and runs the whole exported model on rank 0's CPU after the export: it used to run
+    before the run was marked completed, so its failure failed a run whose model was already written."""
+    cfg = tiny_config(tmp_path, tiny_model, zero={"stage": 0}, train={"max_steps": 2, "warmup_steps": 1,
+                                                                            "sample_prompt": "hi"})
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "fail_sample@0:0"})
+    run = RunDir(tmp_path / "run")
+    assert "sample: not generated (RuntimeError: injected fault" in proc.stdout + proc.stderr
+    assert run.read_status()["state"] == "completed" and (run.final / "config.json").is_file()

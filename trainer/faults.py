@@ -171,3 +171,8 @@ class FaultHooks:
 
     def exporting(self) -> None:
         slow_down("slow_export", 0, self.rank)
+
+    def sampling(self) -> None:
+        """fail_sample@0:0: the end-of-run sample reply raises (it loads and runs the whole model on one CPU)."""
+        if fires("fail_sample", 0, self.rank):
+            raise RuntimeError("injected fault: the sample reply failed")

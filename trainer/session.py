@@ -351,14 +351,25 @@ class Session:
                       progress=lambda n: self.heartbeat.beat("export"))
         if self.dist.is_main:
             self.tracker.message(end_of_run_summary(self.run_dir, started, self.run_dir.final, ckpt))
-            if self.cfg.train.sample_prompt:
-                from trainer.generation import generate_reply
-
-                reply = generate_reply(str(self.run_dir.final), self.cfg.train.sample_prompt, max_new_tokens=64)
-                self.tracker.message(f"sample: {self.cfg.train.sample_prompt!r}\n    -> {reply!r}")
         self.tracker.status("completed", state.step, ckpt)
         self.finished = True
+        if self.dist.is_main and self.cfg.train.sample_prompt:
+            self.sample_reply(self.cfg.train.sample_prompt)
         return 0
+
+    def sample_reply(self, prompt: str) -> None:
+        """The exported model's answer to `train.sample_prompt`, on rank 0's CPU, after the run is complete: an
+        extra that must not fail (or, at 70B, outlast the watchdog) a run whose model is already written."""
+        from trainer.generation import generate_reply
+
+        self.heartbeat.stop("completed")  # CPU generation gives no beats between tokens
+        try:
+            self.faults.sampling()
+            reply = generate_reply(str(self.run_dir.final), prompt, max_new_tokens=64, dtype="auto")
+        except Exception as exc:  # noqa: BLE001 - reported; the run stays completed
+            self.tracker.message(f"sample: not generated ({type(exc).__name__}: {exc}); the run is complete")
+            return
+        self.tracker.message(f"sample: {prompt!r}\n    -> {reply!r}")
 
     def fail(self, exc: BaseException) -> None:
         """Record why the run ended, pointing at the checkpoint a relaunch would resume from."""
