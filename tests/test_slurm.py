@@ -5,9 +5,11 @@ Jobs run 2 nodes × 1 process with gloo on this host; their per-step losses must
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 
@@ -118,9 +120,33 @@ def submitted_job(run_dir) -> str:
     return RunDir(run_dir).read_jobs()[-1]["job_id"]
 
 
+@contextlib.contextmanager
+def rendezvous_ports_taken_but(spared: int):
+    """Something listens on every rendezvous port of this host but `spared`, as other jobs sharing a head node
+    would (a job's port used to be 29400 + job id % 500, whoever else was listening there)."""
+    held = []
+    try:
+        for port in slurm.RDZV_PORTS:
+            if port != spared:
+                sock = socket.socket()
+                try:
+                    sock.bind(("0.0.0.0", port))
+                    sock.listen()
+                    held.append(sock)
+                except OSError:
+                    sock.close()  # taken already
+        yield
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, reference):
     sentinel = "3b8d2f71c9e04a6b5d1f8e2c7a94b06d3e5f1c28"  # a credential in the submitting environment
-    proc = shardtune("launch", str(job_config(tmp_path, tiny_model)), "--wait", env={"WANDB_API_KEY": sentinel})
+    spared = slurm.free_rdzv_port(os.getpid())
+    with rendezvous_ports_taken_but(spared):
+        proc = shardtune("launch", str(job_config(tmp_path, tiny_model)), "--wait",
+                         env={"WANDB_API_KEY": sentinel})
     assert "submitted job" in proc.stdout and "COMPLETED" in proc.stdout
     run = tmp_path / "run"
     assert losses(run) == reference
@@ -129,6 +155,7 @@ def test_two_node_job_matches_a_local_run(tmp_path, tiny_model, cluster, referen
     log = RunDir(run).slurm_log(submitted_job(run)).read_text(errors="replace")
     assert re.search(r"^0: == node 0 \(n1\) starting torchrun", log, re.M)
     assert re.search(r"^1: == node 1 \(n2\) starting torchrun", log, re.M)
+    assert f"rendezvous at n1:{spared}" in log
     status = shardtune("status", str(run)).stdout
     assert "COMPLETED" in status and f"step {STEPS}/{STEPS}" in status and "step_00000030" in status
 

@@ -24,6 +24,34 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "PREEMPTED"}
 
 
+RDZV_PORTS = range(29400, 29900)
+"""Where a job's torchrun rendezvous listens on its head node: its preferred port is 29400 + job id % 500."""
+
+
+def free_rdzv_port(job_id: int) -> int:
+    """The job's rendezvous port: its preferred one, or the next in RDZV_PORTS (wrapping) nothing on this host
+    listens on. Run by the batch script on the head node when each attempt starts. The preferred port alone
+    collided when two jobs shared a head node (ids 500 apart, or another program on that port): the second job's
+    agents failed to start, and every requeue failed the same way."""
+    import errno
+    import socket
+
+    def free(port: int) -> bool:
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds
+                    sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False  # not EAFNOSUPPORT or EADDRNOTAVAIL: a host without IPv6 says nothing of the port
+        return True
+
+    start = job_id % len(RDZV_PORTS)
+    ports = [RDZV_PORTS[(start + i) % len(RDZV_PORTS)] for i in range(len(RDZV_PORTS))]
+    return next((p for p in ports if free(p)), ports[0])
+
+
 def gpus_per_node(cfg: RunConfig) -> int:
     if cfg.slurm.gpus_per_node is not None:
         return cfg.slurm.gpus_per_node
