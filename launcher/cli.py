@@ -170,15 +170,18 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
         print(_json.dumps(record) if json else "\n" + format_record(record, tokenizer, n, cfg.data.seq_len, color))
 
 
-def export(checkpoint: str, out_dir: str, dtype: str = "auto", max_shard_size: str = "5GB") -> None:
+def export(checkpoint: str, out_dir: str, dtype: str = "auto", max_shard_size: str = "5GB",
+           trust_remote_code: bool = False) -> None:
     """Write a Hugging Face model directory from a checkpoint (a step directory, or a run directory for its newest).
 
     It reads the checkpoint one tensor at a time and writes safetensors shards of at most --max_shard_size
-    (e.g. 5GB, 200MB) as it goes, so memory stays at about one tensor whatever the model's size.
+    (e.g. 5GB, 200MB) as it goes, so memory stays at about one tensor whatever the model's size. A model with
+    its own code (trained with model.trust_remote_code) is rebuilt by running the code the checkpoint carries,
+    so it needs --trust_remote_code.
     """
     from trainer.tools.export import export_command  # needs torch: imported only for this command
 
-    ckpt, out = export_command(checkpoint, out_dir, dtype, str(max_shard_size))
+    ckpt, out = export_command(checkpoint, out_dir, dtype, str(max_shard_size), trust_remote_code)
     print(f"exported {ckpt} -> {out}")
 
 
@@ -199,13 +202,15 @@ def convert(checkpoint: str, workers: int | None = None) -> None:
 
 
 def eval(target: str, data: str, json: bool = False, out: str | None = None, compare_to: str | None = None,
-         max_new_tokens: int = 48) -> None:
+         max_new_tokens: int = 48, trust_remote_code: bool = False) -> None:
     """Greedy exact match and assistant-token loss of a model (or a run's final/) on a messages file; an answer
-    that calls tools is matched against the call as the chat template renders it."""
+    that calls tools is matched against the call as the chat template renders it. --trust_remote_code runs a
+    model's own code (one trained with model.trust_remote_code)."""
     from trainer.tools.chat import model_dir_of
     from trainer.tools.exact_match import evaluate_model, format_report
 
-    result = evaluate_model(str(model_dir_of(target)), data, max_new_tokens=max_new_tokens)
+    result = evaluate_model(str(model_dir_of(target)), data, max_new_tokens=max_new_tokens,
+                            trust_remote_code=trust_remote_code)
     if compare_to:
         result = {"before": _json.loads(Path(compare_to).read_text()), "after": result}
     if out:
@@ -214,18 +219,19 @@ def eval(target: str, data: str, json: bool = False, out: str | None = None, com
     print(_json.dumps(result, indent=2) if json else format_report(result))
 
 
-def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256) -> None:
+def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256,
+             trust_remote_code: bool = False) -> None:
     """One answer to one prompt, for scripts."""
     from trainer.tools.chat import generate as generate_reply
 
-    print(generate_reply(target, prompt, system, max_new_tokens))
+    print(generate_reply(target, prompt, system, max_new_tokens, trust_remote_code))
 
 
-def chat(target: str, system: str | None = None, max_new_tokens: int = 256) -> None:
+def chat(target: str, system: str | None = None, max_new_tokens: int = 256, trust_remote_code: bool = False) -> None:
     """Talk to a model (or a run's final/) in the terminal, with its chat template."""
     from trainer.tools.chat import chat as chat_loop
 
-    chat_loop(target, system, max_new_tokens)
+    chat_loop(target, system, max_new_tokens, trust_remote_code)
 
 
 def status(run_dir: str, json: bool = False) -> None:

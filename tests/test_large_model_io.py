@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from launcher.backends.slurm import mem_bytes
@@ -157,6 +159,52 @@ def test_a_killed_conversion_builder_takes_its_conversion_down_with_it(zero3_run
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, left
+
+
+def custom_code_model(tiny_model, out) -> Path:
+    """The tiny Llama as a model with its own code (config.json's auto_map), as hub models with custom
+    architectures ship: loadable only with trust_remote_code."""
+    shutil.copytree(tiny_model, out)
+    (out / "configuration_tinycustom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n"
+        "    model_type = 'tinycustom'\n")
+    (out / "modeling_tinycustom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],
+               auto_map={"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+                         "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_a_model_with_its_own_code_trains_exports_and_answers(tmp_path, tiny_model):
+    """model.trust_remote_code trained, then failed the end-of-run export: the checkpoint kept the config's code but
+    not the model's, and the export rebuilt the model without trusting either. An offline export runs the code a
+    checkpoint carries only when told to."""
+    from transformers import AutoModelForCausalLM
+
+    model = custom_code_model(tiny_model, tmp_path / "custom")
+    cfg = config(tmp_path, model, zero_stage=2, max_steps=4, save_every=2, sample_prompt="hi")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["trust_remote_code"] = True
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = shardtune("launch", str(cfg))
+    assert "sample: 'hi'\n    -> '" in proc.stdout + proc.stderr
+    run = RunDir(tmp_path / "run")
+    assert (run.final / "modeling_tinycustom.py").read_text() == (model / "modeling_tinycustom.py").read_text()
+
+    refused = shardtune("export", str(run.path), str(tmp_path / "offline"), check=False)
+    assert refused.returncode == 1 and "modeling_tinycustom.py" in refused.stderr and "--trust_remote_code" in \
+        refused.stderr and not (tmp_path / "offline").exists()
+    shardtune("export", str(run.path), str(tmp_path / "offline"), "--trust_remote_code")
+    final, offline = (AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+                      for d in (run.final, tmp_path / "offline"))
+    assert type(final).__name__ == type(offline).__name__ == "TinyCustomForCausalLM"
+    assert final.state_dict().keys() == offline.state_dict().keys()
+    assert all(torch.equal(final.state_dict()[k], offline.state_dict()[k]) for k in final.state_dict())
+    assert shardtune("generate", str(run.path), "hi", "--max_new_tokens=4", "--trust_remote_code").stdout
 
 
 def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_run):

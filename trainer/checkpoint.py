@@ -343,17 +343,22 @@ def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str],
     return path
 
 
-def write_hf_metadata(ckpt: Path, model_config, generation_config, tokenizer,
-                      write_file: Callable[[Path, Callable], None]) -> None:
-    """config, generation config and tokenizer inside a checkpoint, so it can be exported on its own.
+def write_hf_metadata(ckpt: Path, model, tokenizer, write_file: Callable[[Path, Callable], None]) -> None:
+    """config, generation config, tokenizer and (for a model with custom code) that code inside a checkpoint, so
+    it can be exported on its own.
 
     Saved by transformers into a scratch directory first, then copied in through the checkpoint's writer, so
-    their bytes are hashed on the way in like every other file of the checkpoint.
+    their bytes are hashed on the way in like every other file of the checkpoint. A config's save copies only
+    the configuration's code; the model's own modeling file is copied as `save_pretrained` would.
     """
+    from transformers.dynamic_module_utils import custom_object_save
+
     with tempfile.TemporaryDirectory(prefix="shardtune-hf-") as scratch:
-        model_config.save_pretrained(scratch)
-        if generation_config is not None:
-            generation_config.save_pretrained(scratch)
+        model.config.save_pretrained(scratch)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(scratch)
+        if getattr(model, "_auto_class", None) is not None:
+            custom_object_save(model, scratch)
         tokenizer.save_pretrained(scratch)
         hf = ckpt / HF
         hf.mkdir(parents=True, exist_ok=True)

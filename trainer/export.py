@@ -44,15 +44,29 @@ def export_dtype(config, dtype: str) -> torch.dtype:
     return getattr(torch, target) if isinstance(target, str) else target
 
 
+def model_config(hf_dir: Path, trust_remote_code: bool):
+    """The model's config from a checkpoint's hf/ directory. A model with its own code (`auto_map`) needs that
+    code run to be rebuilt: only with the user's say-so, since a checkpoint from elsewhere may carry any code."""
+    from transformers import AutoConfig
+
+    auto_map = json.loads((hf_dir / "config.json").read_text()).get("auto_map")
+    if auto_map and not trust_remote_code:
+        code = sorted(p.name for p in hf_dir.glob("*.py"))
+        raise UserError(f"the model in {hf_dir.parent} runs its own code ({', '.join(code) or auto_map}) to be "
+                        f"rebuilt; read it, then export with --trust_remote_code")
+    return AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+
+
 class Layout:
     """Which tensors a Hugging Face directory of this model holds, and under which names, decided by transformers."""
 
-    def __init__(self, config, dtype: torch.dtype):
+    def __init__(self, config, dtype: torch.dtype, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code)
         self.dtype = dtype
         self.kept = set(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
         self._joined: dict[str, tuple[str, ...]] = {}
@@ -159,15 +173,13 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB",
-                      progress: Callable[[int], None] = lambda n: None) -> Path:
+                      progress: Callable[[int], None] = lambda n: None, trust_remote_code: bool = False) -> Path:
     """A Hugging Face directory from a complete checkpoint, reading it lazily (about one tensor in memory)."""
-    from transformers import AutoConfig
-
     ckpt = Path(ckpt)
     if not (ckpt / MANIFEST).is_file():
         raise CheckpointError(f"{ckpt} is not a complete shardtune checkpoint (no {MANIFEST})")
-    config = AutoConfig.from_pretrained(ckpt / HF)
-    layout = Layout(config, export_dtype(config, dtype))
+    config = model_config(ckpt / HF, trust_remote_code)
+    layout = Layout(config, export_dtype(config, dtype), trust_remote_code)
     source = ZeroCheckpoint(ckpt)
     return write_model_dir(Path(out_dir), config, ckpt / HF, layout, layout.entries(source.entries()),
                            source.tensors(), max_shard_size, progress, {"checkpoint": str(ckpt)})
@@ -182,16 +194,16 @@ def _full_fp32(param: torch.Tensor) -> torch.Tensor:
 
 
 def export_engine(engine, hf_dir: Path, out_dir: Path, is_writer: bool, dtype: str = "auto",
-                  max_shard_size: str = "5GB", progress: Callable[[int], None] = lambda n: None) -> Optional[Path]:
+                  max_shard_size: str = "5GB", progress: Callable[[int], None] = lambda n: None,
+                  trust_remote_code: bool = False) -> Optional[Path]:
     """The running model as a Hugging Face directory. Collective: every rank calls it; `is_writer` writes.
 
     Parameters are gathered one at a time on every rank, so each holds about one parameter at a time; the
-    writer casts it and streams it into its shard.
+    writer casts it and streams it into its shard. trust_remote_code: the run's own (model.trust_remote_code);
+    hf_dir is the checkpoint this run just wrote, holding the code it trained with.
     """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(hf_dir)
-    layout = Layout(config, export_dtype(config, dtype))
+    config = model_config(hf_dir, trust_remote_code)
+    layout = Layout(config, export_dtype(config, dtype), trust_remote_code)
     module = engine.module
     params = list(module.named_parameters())
     buffers = [(n, b) for n, b in module.named_buffers() if n in layout.kept]

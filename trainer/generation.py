@@ -150,12 +150,12 @@ def generate_answers(
 
 
 def generate_reply(model_dir: str, prompt: str, system: str | None = None, max_new_tokens: int = 256,
-                   dtype: str | torch.dtype = torch.float32) -> str:
+                   dtype: str | torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
     """One greedy answer of a saved model to one user message (dtype "auto": the dtype it was saved in, which
     holds a bf16 model in half the memory fp32 would take)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return generate_answers(model, tokenizer, [messages], max_new_tokens, batch_size=1)[0].strip()

@@ -278,9 +278,7 @@ class Session:
                              self.separation, self.loss, self.sp, self.heartbeat, self.width)
 
     def _write_extras(self, ckpt: Path, write_file) -> None:
-        module = self.engine.module
-        checkpoint.write_hf_metadata(ckpt, module.config, getattr(module, "generation_config", None), self.tokenizer,
-                                     write_file)
+        checkpoint.write_hf_metadata(ckpt, self.engine.module, self.tokenizer, write_file)
 
     def _save_progress(self, step: int):
         def progress(nbytes: int) -> None:
@@ -348,7 +346,8 @@ class Session:
         release_zero3_init()  # the export's model skeleton must be built whole, not partitioned by zero.Init
         export_engine(self.engine, ckpt / HF, self.run_dir.final, self.dist.is_main, dtype="auto",
                       max_shard_size=self.cfg.train.export_max_shard_size,
-                      progress=lambda n: self.heartbeat.beat("export"))
+                      progress=lambda n: self.heartbeat.beat("export"),
+                      trust_remote_code=self.cfg.model.trust_remote_code)
         if self.dist.is_main:
             self.tracker.message(end_of_run_summary(self.run_dir, started, self.run_dir.final, ckpt))
         self.tracker.status("completed", state.step, ckpt)
@@ -365,7 +364,8 @@ class Session:
         self.heartbeat.stop("completed")  # CPU generation gives no beats between tokens
         try:
             self.faults.sampling()
-            reply = generate_reply(str(self.run_dir.final), prompt, max_new_tokens=64, dtype="auto")
+            reply = generate_reply(str(self.run_dir.final), prompt, max_new_tokens=64, dtype="auto",
+                                   trust_remote_code=self.cfg.model.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - reported; the run stays completed
             self.tracker.message(f"sample: not generated ({type(exc).__name__}: {exc}); the run is complete")
             return

@@ -34,7 +34,8 @@ class ModelConfig(Section):
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) for hub ids."""
     trust_remote_code: bool = False
-    """Run Python code shipped with the model. Off unless you trust the model's authors."""
+    """Run Python code shipped with the model. Off unless you trust the model's authors. The code is kept in every
+    checkpoint and the export; offline tools run it only with --trust_remote_code."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa."""
     experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"

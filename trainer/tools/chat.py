@@ -27,21 +27,25 @@ def model_dir_of(target: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: neither a Hugging Face model directory nor a run directory with {FINAL}/")
 
 
-def load(target: str | Path):
+def load(target: str | Path, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = model_dir_of(target)
-    return (AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(directory))
+    return (AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval(),
+            AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code))
 
 
-def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256) -> str:
-    return generate_reply(str(model_dir_of(target)), prompt, system, max_new_tokens)
+def generate(target: str, prompt: str, system: str | None = None, max_new_tokens: int = 256,
+             trust_remote_code: bool = False) -> str:
+    return generate_reply(str(model_dir_of(target)), prompt, system, max_new_tokens,
+                          trust_remote_code=trust_remote_code)
 
 
-def chat(target: str, system: str | None = None, max_new_tokens: int = 256, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def chat(target: str, system: str | None = None, max_new_tokens: int = 256, trust_remote_code: bool = False,
+         stdin=sys.stdin, stdout=sys.stdout) -> None:
     """Read a user turn, answer it with the whole conversation as context, repeat."""
-    model, tokenizer = load(target)
+    model, tokenizer = load(target, trust_remote_code)
     print(f"chatting with {model_dir_of(target)} ({HELP})", file=stdout, flush=True)
     messages = [{"role": "system", "content": system}] if system else []
     while True:

@@ -23,14 +23,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def export_command(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto",
-                   max_shard_size: str = "5GB") -> tuple[Path, Path]:
+                   max_shard_size: str = "5GB", trust_remote_code: bool = False) -> tuple[Path, Path]:
     """(the checkpoint used, the model directory written)."""
     ckpt = resolve_checkpoint(checkpoint)
     problems = verify(ckpt, None)
     if problems:
         raise CheckpointError(f"{ckpt} fails verification, nothing exported: " + "; ".join(problems[:5]))
     before = _identities(ckpt)
-    out = export_checkpoint(ckpt, out_dir, dtype, max_shard_size)
+    out = export_checkpoint(ckpt, out_dir, dtype, max_shard_size, trust_remote_code=trust_remote_code)
     # The shards are read memory-mapped (a whole file in memory would defeat the streaming export), so what was
     # verified is checked again afterwards: a file changed in between makes the export void.
     if _identities(ckpt) != before:
