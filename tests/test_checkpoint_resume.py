@@ -7,6 +7,7 @@ per-step losses of one uninterrupted reference run.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -102,18 +103,24 @@ def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, befor
     assert_same_losses(tmp_path / "run", reference, rel=1e-6)
 
 
-def test_the_universal_conversion_beats_while_it_copies_and_hashes(tmp_path, reference):
+def test_the_universal_conversion_beats_while_it_copies_and_hashes(tmp_path, reference, monkeypatch):
     """After DeepSpeed's converter exits, the copy of the model states and the hash of every converted file (12
     bytes per parameter and more) ran without a heartbeat: at 70B past the watchdog's start-up allowance, which
-    kills the rank and starts the conversion over. Every file of the copy beats at least once now."""
+    kills the rank and starts the conversion over. Every file of the copy beats at least once now.
+
+    While the converter runs, its progress is its processes' I/O: the output tree (millions of fragment files
+    for a large MoE model on many ranks) was listed every second on the shared filesystem; now once, to sync it."""
     from trainer.checkpoint import universal_copy
 
     ckpt = RunDir(tmp_path).checkpoint(16)
     shutil.copytree(RunDir(reference).checkpoint(16), ckpt)
+    walked, real_walk = [], os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **k: walked.append(str(top)) or real_walk(top, *a, **k))
     beats = []
     out = universal_copy(ckpt, lambda m: None, beats.append, workers=1)
     files = json.loads((out / MANIFEST).read_text())["files"]
     assert len(files) > 10 and set(beats) == {"convert"} and len(beats) >= len(files)
+    assert len([w for w in walked if ".tmp-" in w]) <= 1, walked
 
 
 def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):

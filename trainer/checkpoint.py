@@ -52,6 +52,7 @@ from trainer.build_once import build_once
 from trainer.checkpoint_io import Manifests, copy_hashed, load_verified, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks, unreadable_once
+from trainer.watchdog import group_io_counters
 
 
 class CheckpointError(UserError):
@@ -287,7 +288,11 @@ def conversion_workers() -> int:
 
 
 def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -> None:
-    """DeepSpeed's ds_to_universal into `out`, beating while its output grows (progress, not a phase)."""
+    """DeepSpeed's ds_to_universal into `out`, beating while it reads and writes (progress, not a phase).
+
+    Progress is the conversion's processes' I/O counters, not its output: walking that tree every second listed
+    up to millions of per-rank fragment files (a large MoE model on many ranks) on the shared filesystem's
+    metadata server."""
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "trainer.safe_convert", "--parent", str(os.getpid()), "--input_folder", str(ckpt),
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
@@ -298,7 +303,7 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
             seen = None
             while proc.poll() is None:
                 time.sleep(1.0)
-                progress = sum(len(files) for _, _, files in os.walk(out))  # os.walk skips what vanishes meanwhile
+                progress = group_io_counters(proc.pid)  # its own process group: it and its workers
                 if progress != seen:
                     seen = progress
                     beat("convert")

@@ -136,6 +136,21 @@ def io_counters(pid: str = "self") -> tuple[int, ...]:
         return ()
 
 
+def group_io_counters(pgid: int) -> dict[int, tuple[int, ...]]:
+    """io_counters of every process in a process group, by pid (a conversion and its workers): whether the group
+    made progress, read from /proc on this node instead of from the files it writes on a shared filesystem."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                out[int(proc.name)] = io_counters(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 class IOProgress:
     """While a long read or write runs inside code we do not control (from_pretrained, DeepSpeed's checkpoint
     load), beat whenever the process has read, written or faulted in more pages since the last look: the
