@@ -78,6 +78,24 @@ def test_final_and_offline_exports_stream_the_same_weights_deepspeed_reconstruct
     assert models[0].generation_config is not None
 
 
+def test_shards_reopened_one_at_a_time_still_give_the_weights_deepspeed_reconstructs(zero3_run, monkeypatch):
+    """Reading a large checkpoint, each rank's shard is reopened on its own after a window of reads from it (it
+    used to reopen every shard together, a load of each of them per window). With a window of a few KB here the
+    reopening really happens, many times; the weights must not change."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer import zero_reader
+
+    ckpt = RunDir(zero3_run).checkpoint(STEPS)
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    loads, real_load = [], zero_reader._load
+    monkeypatch.setattr(zero_reader, "_load", lambda path: loads.append(path.name) or real_load(path))
+    got = dict(zero_reader.ZeroCheckpoint(ckpt, remap_bytes=8 << 10).tensors())
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in reference)
+    shards = sorted(p.name for p in ckpt.glob("*optim_states.pt"))
+    assert len(shards) == 2 and all(loads.count(name) > 5 for name in shards), loads
+
+
 def test_an_export_replaces_only_an_earlier_export_or_an_empty_directory(zero3_run, tmp_path):
     """An export replaces its directory whole: it used to delete whatever was there (`export CKPT ~/models`
     wiped ~/models; `export RUN RUN` the run). A build abandoned by a crash, as big as the model, is removed."""
@@ -233,6 +251,9 @@ def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny
     shardtune("export", str(ckpt), str(offline))
     got, want = safetensors_dir(offline), safetensors_dir(RunDir(whole / "run").final)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    from trainer.zero_reader import ZeroCheckpoint  # each shard reopened after every few KB read from it
+    small_windows = dict(ZeroCheckpoint(ckpt, remap_bytes=8 << 10).tensors())
+    assert all(torch.equal(small_windows[k].to(want[k].dtype), want[k]) for k in want)
     cfg = tiny_config(tmp_path, tiny_model, train=train, zero={"stage": 1})
     shardtune("launch", str(cfg), "train.stop_at_step=2")
     assert "step_00000002 at step 2" in shardtune("launch", str(cfg)).stderr

@@ -3,8 +3,9 @@
 `zero_to_fp32` concatenates every rank's partition at ZeRO-1/2 (its lazy mode saves nothing there) and reads
 the optimizer moments it then drops; a whole-model export needs the whole model in one process. Here every
 shard is opened with `torch.load(mmap=True, weights_only=True)`, each parameter is copied out of the slices of
-each rank's fp32 partition that hold it, and the maps are reopened every `remap_bytes` so pages already read
-leave the process's resident memory: peak memory is about one parameter plus the window, whatever the size.
+each rank's fp32 partition that hold it, and each shard's map is reopened after a window of reads from it so pages
+already read leave the process's resident memory: peak memory is about one parameter plus the windows, whatever
+the size.
 
 Layout (DeepSpeed 0.19, read from its ZeRO code and checked tensor for tensor against zero_to_fp32):
   ZeRO-1/2  optim_states["optimizer_state_dict"]["single_partition_of_fp32_groups"][g]: this rank's slice
@@ -50,27 +51,38 @@ def _natural(path: Path) -> list:
 
 
 class _Partitions:
-    """Every rank's fp32 partitions, memory-mapped, reopened after remap_bytes of reads."""
+    """Every rank's fp32 partitions, memory-mapped; a rank's shard is reopened after `window` bytes read from it.
+
+    Each shard is reopened on its own: reopening all of them whenever remap_bytes had been read in total cost a
+    torch.load of every shard per window, (bytes / remap_bytes) × ranks loads, which for a 70B checkpoint of 512
+    ranks is two million (at ZeRO-1/2, where a parameter lies in one or two shards, almost all of them of shards
+    nobody read). The window is remap_bytes shared among the ranks, but at least an eighth of it: what stays
+    mapped is at most ranks × window (4 GiB at 512 ranks; clean file pages the kernel can reclaim), against
+    bytes / window loads in all.
+    """
 
     def __init__(self, files: list[Path], key: str, remap_bytes: int):
-        self.files, self.key, self.remap_bytes = files, key, remap_bytes
-        self._open()
+        self.files, self.key = files, key
+        self.window = max(remap_bytes // len(files), remap_bytes // 8) if remap_bytes else 0
+        self.groups: list = [None] * len(files)
+        self.meta: list = [None] * len(files)
+        self.read = [0] * len(files)
+        for r in range(len(files)):
+            self._open(r)
 
-    def _open(self) -> None:
-        self.groups, self.meta = [], []
-        for f in self.files:
-            state = _load(f)["optimizer_state_dict"]
-            state.pop("optimizer_state_dict", None)  # ZeRO-3 moments: never needed, never touched
-            state.pop("base_optimizer_state", None)  # ZeRO-1/2 moments
-            self.groups.append(state.pop(self.key))
-            self.meta.append(state)
-        self.read = 0
+    def _open(self, r: int) -> None:
+        self.groups[r] = self.meta[r] = None  # drop the old map before making the new one
+        state = _load(self.files[r])["optimizer_state_dict"]
+        state.pop("optimizer_state_dict", None)  # ZeRO-3 moments: never needed, never touched
+        state.pop("base_optimizer_state", None)  # ZeRO-1/2 moments
+        self.groups[r] = state.pop(self.key)
+        self.meta[r] = state
+        self.read[r] = 0
 
-    def count(self, nbytes: int) -> None:
-        self.read += nbytes
-        if self.remap_bytes and self.read >= self.remap_bytes:
-            self.groups = self.meta = None
-            self._open()
+    def count(self, r: int, nbytes: int) -> None:
+        self.read[r] += nbytes
+        if self.window and self.read[r] >= self.window:
+            self._open(r)
 
 
 def _span(flats: list[torch.Tensor], start: int, length: int) -> list[torch.Tensor]:
@@ -188,11 +200,12 @@ class ZeroCheckpoint:
                 offset = 0
                 for i, (name, shape) in enumerate(shapes.items()):
                     n = math.prod(shape)
+                    ranks = range(offset // size, (offset + n - 1) // size + 1)
                     pieces = [parts.groups[r][g][max(offset, r * size) - r * size:min(offset + n, (r + 1) * size)
-                                                 - r * size]
-                              for r in range(offset // size, (offset + n - 1) // size + 1)]
+                                                 - r * size] for r in ranks]
                     yield name, _assemble(pieces, n, shape)
-                    parts.count(n * 4)
+                    for r, piece in zip(ranks, pieces):
+                        parts.count(r, piece.numel() * 4)
                     offset += n + (paddings[g][i] if paddings else 0)
             return
         offset = 0
@@ -201,7 +214,8 @@ class ZeroCheckpoint:
             per_rank = math.ceil(n / self.world)
             pieces = [p for r in range(self.world) for p in _span(parts.groups[r], offset, per_rank)]
             yield name, _assemble(pieces, n, shape)  # the last rank's padding is cut off here
-            parts.count(per_rank * self.world * 4)
+            for r in range(self.world):
+                parts.count(r, per_rank * 4)
             offset += per_rank
         total = sum(x.numel() for x in parts.groups[0])
         if offset != total:
