@@ -54,6 +54,7 @@ class ZeroSettings:
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
     overlap_comm: Optional[bool] = None  # DeepSpeed's default: on at stage 3 only (two reduce buffers)
+    sub_group_size: int = 1_000_000_000  # stage 3 steps its partition in sub-groups of about this many elements
 
     @classmethod
     def from_deepspeed(cls, ds_config: dict[str, Any]) -> ZeroSettings:
@@ -61,7 +62,8 @@ class ZeroSettings:
         z = ds_config.get("zero_optimization") or {}
         keys = {"reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
                 "prefetch_bucket_size": "stage3_prefetch_bucket_size",
-                "max_live_parameters": "stage3_max_live_parameters", "overlap_comm": "overlap_comm"}
+                "max_live_parameters": "stage3_max_live_parameters", "overlap_comm": "overlap_comm",
+                "sub_group_size": "sub_group_size"}
         found = {ours: z[theirs] for ours, theirs in keys.items() if z.get(theirs) not in (None, "auto")}
         for name, value in found.items():
             found[name] = bool(value) if name == "overlap_comm" else int(value)
@@ -406,17 +408,30 @@ def _fp32_sums(setup: Setup) -> bool:
     return setup.fp32_accumulation and setup.dtype != "fp32" and setup.stage != 0
 
 
-def optimizer_temporaries(counts: ModelCounts, setup: Setup) -> int:
+def stepped_elements(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings()) -> int:
+    """The most fp32 elements one optimizer step call updates on a rank: a parameter without ZeRO, the flat
+    partition at stages 1-2, and at stage 3 one sub-group of it. stage3.py (0.19) steps sub-group by sub-group,
+    each with its own flat fp32 gradient that is freed before the next (_prepare_sub_group, _optimizer_step,
+    _release_sub_group in step()); a sub-group closes once its partitions reach sub_group_size elements
+    (_create_fp16_sub_groups), so it holds at most that plus one parameter's partition."""
+    if setup.stage == 0:
+        return counts.largest_tensor
+    partition = counts.total // setup.world_size
+    if setup.stage == 3:
+        return min(partition, zero.sub_group_size + -(-counts.largest_tensor // setup.world_size))
+    return partition
+
+
+def optimizer_temporaries(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings()) -> int:
     """torch.optim.AdamW's update allocates sqrt(v) and its quotient: two fp32 tensors the size of the
-    largest tensor it steps (the flat partition under ZeRO, the largest parameter without). FusedAdam,
-    DeepSpeedCPUAdam and torch's fused AdamW update in place. Measured on CPU (bench/memory.py)."""
+    largest tensor it steps (stepped_elements). FusedAdam, DeepSpeedCPUAdam and torch's fused AdamW update in
+    place. Measured on CPU (bench/memory.py)."""
     if setup.optimizer != "torch":
         return 0
-    stepped = counts.largest_tensor if setup.stage == 0 else counts.total // setup.world_size
-    return 2 * 4 * stepped
+    return 2 * 4 * stepped_elements(counts, setup, zero)
 
 
-def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
+def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int:
     """Device bytes the optimizer step needs beyond the model states, after activations are freed (read
     from deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, 0.19, and measured on CPU):
       stage 0: the gradients flattened for the all-reduce (buckets of at most 5e8 elements), freed before
@@ -424,7 +439,8 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
       stage 1: after backward the gradient partition is gathered (p·Ψ/N) while the full gradients still
         exist; then those are freed and the step holds the partition, its fp32 copy (mixed precision)
         and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted;
-      stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy.
+      stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy, at stage 3
+        one sub-group's at a time (`stepped`: stepped_elements).
     Offloaded, the step and its buffers are on the host.
     """
     n, p, mixed = setup.world_size, PARAM_BYTES[setup.dtype], setup.dtype != "fp32"
@@ -438,7 +454,7 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int) -> int:
     if setup.stage == 1:
         partition = p * psi // n
         return max(partition, partition + fp32_copy + temporaries - p * psi)
-    return fp32_copy + temporaries
+    return (4 * stepped if mixed else 0) + temporaries
 
 
 def _snapshot_bytes(psi: int, setup: Setup) -> int:
@@ -488,8 +504,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
         live = min(psi, max(zero.max_live_parameters, unit + zero.prefetch_bucket_size)) * p
     dev["zero3_live_params"] = live
 
-    temporaries = optimizer_temporaries(counts, setup)
-    dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries)
+    temporaries = optimizer_temporaries(counts, setup, zero)
+    dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries, stepped_elements(counts, setup, zero))
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])
