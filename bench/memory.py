@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.memory --markdown      # 2 baselines + 7 variants × 2 allocators, ~15 min on 2 cores
     .venv/bin/python -m bench.memory --variants 2 3 --save m.json
     .venv/bin/python -m bench.memory --replay m.json # recompute the estimates against saved measurements
+    .venv/bin/python -m bench.memory --precision bf16 --variants 1 2 3   # mixed precision, fp32 gradient sums
 
-Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
+Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32 or bf16, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
 (134.5 M parameters, tied embeddings) for ZeRO 0-3 and stages 1-3 with `zero.offload_optimizer: cpu`, one
 run at a time, and reads every rank's kernel counters in /proc: once step 1 has been logged (the Adam
 moments exist), the peak RSS is reset (`echo 5 > /proc/PID/clear_refs`) and read again when step 3 has
@@ -90,13 +91,16 @@ class Measurement:
     load_before: float = 0.0
 
 
-def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq_len: int) -> dict:
+def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq_len: int,
+               precision: str = "fp32") -> dict:
+    """fp32: one micro-batch per step. bf16: two (global batch 4), so gradients sum in fp32 between them, as the
+    launcher renders it for any bf16 run with accumulation (data_types.grad_accum_dtype)."""
     stage, offload = VARIANTS.get(name, (2, False))
     return {
         "model": {"name_or_path": str(model)},
         "data": {"path": str(DATA), "format": "messages", "seq_len": seq_len},
-        "train": {"max_steps": steps, "micro_batch_size": 1, "global_batch_size": 2, "lr": 1e-5, "seed": 0,
-                  "precision": "fp32"},
+        "train": {"max_steps": steps, "micro_batch_size": 1, "global_batch_size": 2 if precision == "fp32" else 4,
+                  "lr": 1e-5, "seed": 0, "precision": precision},
         "zero": {"stage": stage, "offload_optimizer": "cpu" if offload else "none"},
         "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu", "env": MODES[mode]},
         "wandb": {"mode": "disabled"},
@@ -104,12 +108,13 @@ def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq
     }
 
 
-def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: int, max_load: float) -> Measurement:
+def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: int, max_load: float,
+            precision: str = "fp32") -> Measurement:
     """One `shardtune launch`, watched by bench._runner: the peak is reset once step 1 is logged, read at step 3."""
     run = RunDir(work / f"run-{name}-{mode}")
     shutil.rmtree(run.path, ignore_errors=True)
     cfg_path = work / f"{name}-{mode}.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run.path, steps, seq_len)))
+    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run.path, steps, seq_len, precision)))
     load = wait_for_quiet(max_load, 3600, lambda m: print(f"  {m}", file=sys.stderr, flush=True), fail=True)
     result = Measurement(name, mode, load_before=load)
 
@@ -162,9 +167,11 @@ def make_skeleton(work: Path) -> Path:
 def estimate_for(counts: ModelCounts, ds_config: dict, seq_len: int, margins: Margins) -> MemoryEstimate:
     """The planner's estimate of what ran, read from the DeepSpeed config the launcher rendered (its stage wins)."""
     z = ds_config["zero_optimization"]
+    dtype = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else "fp32"
     setup = Setup(stage=int(z["stage"]), world_size=2, gpus_per_node=2, micro_batch_size=1, seq_len=seq_len,
-                  dtype="fp32", offload_optimizer=(z.get("offload_optimizer") or {}).get("device") == "cpu",
-                  optimizer=optimizer_of(ds_config))
+                  dtype=dtype, offload_optimizer=(z.get("offload_optimizer") or {}).get("device") == "cpu",
+                  optimizer=optimizer_of(ds_config),
+                  fp32_accumulation=(ds_config.get("data_types") or {}).get("grad_accum_dtype") == "fp32")
     return estimate_memory(counts, setup, ZeroSettings.from_deepspeed(ds_config), margins)
 
 
@@ -266,16 +273,17 @@ def collect(args, work: Path) -> dict:
     results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": f"{platform.node()}, {machine_words()}, Python "
                           f"{platform.python_version()}, glibc {platform.libc_ver()[1]}",
-               "seq_len": args.seq_len, "steps": args.steps, "import_only_rss": import_only_rss(work),
+               "seq_len": args.seq_len, "steps": args.steps, "precision": args.precision,
+               "import_only_rss": import_only_rss(work),
                "skeleton_counts": counts_from_path(skeleton).to_dict(), "baseline": {}, "variants": {}}
     for mode in MODES:
-        base = measure("baseline", mode, skeleton, work, args.steps, args.seq_len, args.max_load)
+        base = measure("baseline", mode, skeleton, work, args.steps, args.seq_len, args.max_load, args.precision)
         results["baseline"][mode] = asdict(base)
         print(f"baseline ({mode}): {_gb(results['baseline'][mode]['train_peak'])} GB", flush=True)
     for name in args.variants:
         results["variants"][name] = {}
         for mode in MODES:
-            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load)
+            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load, args.precision)
             results["variants"][name][mode] = asdict(m)
             print(f"ZeRO-{name} ({mode}): {_gb(m.train_peak)} GB over steps 2-3, {_gb(m.init_peak)} GB up to step 1, "
                   f"{m.seconds:.0f} s, load {m.load_before:.2f}", flush=True)
@@ -288,6 +296,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4,
                     help="optimizer steps (>= 4: steps 2-3 are measured, then the save)")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16 runs two micro-batches per step, so its gradients sum in fp32")
     ap.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--save", type=Path, default=None, help="write the measurements as JSON")
@@ -311,7 +321,10 @@ def main() -> int:
     counts = counts_from_path(SMOLLM2 if (SMOLLM2 / "config.json").is_file()
                               else REPO / "tests" / "data" / "model_configs" / "smollm2_135m.json")
     rows = table_rows(results, counts, results["seq_len"])
-    print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, fp32, micro batch 1, seq_len {results['seq_len']}; "
+    precision = results.get("precision", "fp32")
+    batch = "global batch 2" if precision == "fp32" else "global batch 4 (fp32 gradient sums)"
+    print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, {precision}, micro batch 1, {batch}, "
+          f"seq_len {results['seq_len']}; "
           f"GB = 1e9 bytes per rank, worst rank; {results['when']}, {results['machine']}")
     print(table(rows))
     print(footer(results, results["seq_len"]))

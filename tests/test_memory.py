@@ -528,3 +528,22 @@ def test_zero3_steps_one_sub_group_at_a_time_as_deepspeed_groups_them():
                            small).device["optimizer_step_buffers"] < step.device["optimizer_step_buffers"] / 5
     fp32 = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8, dtype="fp32"), ZeroSettings())
     assert fp32.device["optimizer_step_buffers"] == 0  # the fp32 gradient partition is stepped as it is
+
+
+def test_zero2_steps_its_fp32_gradient_sums_in_place():
+    """At ZeRO-2 the fp32 sums are one compact fp32 partition buffer (stage_1_and_2.py:1259
+    _use_compact_grad_partition_buffer, :1268 _build_compact_grad_partition_buffer) that the step takes as a view
+    (:2904 _get_preflattened_grad_partition; `.to(fp32)` of an fp32 tensor copies nothing), so the step needs no
+    fp32 copy beyond the sums: the plan counted 4 bytes per parameter per rank more. Without accumulation the
+    bf16 gradient partition is copied to fp32 for the step, and ZeRO-3 flattens its sums into a copy all the same
+    (stage3.py:2683 _prepare_fp32_grad_for_sub_group). bench.memory --precision bf16 measures it."""
+    psi, n = 1_000_000_000, 8
+    counts = counts_from_params(psi)
+
+    def step(stage: int, sums: bool) -> int:
+        setup = Setup(stage=stage, world_size=n, gpus_per_node=8, dtype="bf16", fp32_accumulation=sums)
+        return estimate_memory(counts, setup).device["optimizer_step_buffers"]
+
+    assert step(2, sums=True) == 0
+    assert step(2, sums=False) == 4 * psi // n
+    assert step(3, sums=True) == step(3, sums=False) == 4 * psi // n  # one sub-group: the whole partition here

@@ -440,7 +440,9 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
         exist; then those are freed and the step holds the partition, its fp32 copy (mixed precision)
         and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted;
       stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy, at stage 3
-        one sub-group's at a time (`stepped`: stepped_elements).
+        one sub-group's at a time (`stepped`: stepped_elements). At stage 2 fp32 sums need none: they are one
+        compact fp32 partition buffer the step takes as it is (_build_compact_grad_partition_buffer,
+        _get_preflattened_grad_partition); stage 3 flattens its fp32 sums into a copy all the same.
     Offloaded, the step and its buffers are on the host.
     """
     n, p, mixed = setup.world_size, PARAM_BYTES[setup.dtype], setup.dtype != "fp32"
@@ -454,6 +456,8 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
     if setup.stage == 1:
         partition = p * psi // n
         return max(partition, partition + fp32_copy + temporaries - p * psi)
+    if setup.stage == 2 and _fp32_sums(setup):
+        return temporaries
     return (4 * stepped if mixed else 0) + temporaries
 
 
