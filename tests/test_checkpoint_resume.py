@@ -123,6 +123,23 @@ def test_the_universal_conversion_beats_while_it_copies_and_hashes(tmp_path, ref
     assert len([w for w in walked if ".tmp-" in w]) <= 1, walked
 
 
+def test_pruning_reports_every_file_it_deletes(tmp_path, reference):
+    """Deleting old checkpoints (a terabyte each at 70B) reported progress once per checkpoint: on a filesystem
+    where unlinking takes minutes, the rank looked stuck to its watchdog and to the ranks waiting on it."""
+    from trainer.checkpoint import prune
+
+    root = RunDir(tmp_path).checkpoints
+    shutil.copytree(RunDir(reference).checkpoints, root)
+    kept = RunDir(tmp_path).checkpoint(16)
+    doomed = [c for c in root.iterdir() if c.is_dir() and c != kept and (c / MANIFEST).is_file()]
+    files = sum(1 for c in doomed for p in c.rglob("*") if p.is_file() and p.name != MANIFEST)
+    assert len(doomed) >= 2 and files > 2 * len(doomed)
+    reports = []
+    prune(root, 1, kept, progress=reports.append)
+    assert not any(c.exists() for c in doomed) and kept.is_dir()
+    assert len(reports) >= files
+
+
 def test_missing_resume_path_is_a_clear_error(tmp_path, tiny_model):
     proc = launch(config(tmp_path, tiny_model), f"train.resume={tmp_path}/nope/step_00000005", check=False)
     assert proc.returncode != 0

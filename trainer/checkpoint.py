@@ -120,12 +120,23 @@ def verify(ckpt: Path, dist: Optional[Dist]) -> list[str]:
     return [p for share in all_gather_objects(mine) for p in share]
 
 
-def _remove(ckpt: Path) -> None:
-    """Delete the manifest first, so a crash halfway never leaves a 'complete' partial checkpoint."""
+def _remove(ckpt: Path, progress: Callable[[int], None] = lambda n: None) -> None:
+    """Delete the manifest first, so a crash halfway never leaves a 'complete' partial checkpoint; then the files
+    one at a time, reporting each: on some shared filesystems unlinking a checkpoint of a terabyte takes minutes,
+    which without progress looks like a stuck rank to the watchdog (and to the ranks waiting on it)."""
     (ckpt / MANIFEST).unlink(missing_ok=True)
     if ckpt.parent.exists():
         fsync_dir(ckpt)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    _delete_tree(ckpt, progress)
+
+
+def _delete_tree(path: Path, progress: Callable[[int], None]) -> None:
+    """rmtree, reporting each file deleted."""
+    for top, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            Path(top, name).unlink(missing_ok=True)
+            progress(1)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -206,7 +217,7 @@ def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int,
         atomic_write(root / LATEST, pending.ckpt.name + "\n")
         atomic_write(root / DS_LATEST, pending.ckpt.name)
         seconds = time.perf_counter() - pending.started
-        prune(root, keep_last, pending.ckpt, log, progress=pending.peers.add)
+        prune(root, keep_last, pending.ckpt, log, progress=lambda n: (pending.peers.add(n), beat("save")))
         size = sum(meta["size"] for meta in files.values())
         measured = {"save_seconds": round(seconds, 3), "save_gb": round(size / 1e9, 4),
                     "save_gbps": round(size / 1e9 / max(seconds, 1e-9), 4),
@@ -264,17 +275,16 @@ def prune(root: Path, keep_last: int, committed: Path, log: Callable[[str], None
             continue
         elif len(kept) < keep_last:
             log(f"removing {ckpt.name}: its files no longer match its manifest")
-        _remove(ckpt)
-        progress(1)
+        _remove(ckpt, progress)
     for p in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}*"):
         if p.name.split(UNIVERSAL_SUFFIX)[0] not in kept:
             if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+                _delete_tree(p, progress)  # a universal copy: 12 bytes per parameter and more
             else:
                 p.unlink(missing_ok=True)
     for p in partial_checkpoints(root):
         if p.name != committed.name:
-            shutil.rmtree(p, ignore_errors=True)
+            _delete_tree(p, progress)
 
 
 def conversion_workers() -> int:
