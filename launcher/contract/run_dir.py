@@ -11,6 +11,7 @@ each file and owns its format keeps them agreeing. Torch-free, so a login node c
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -64,9 +65,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable. Filesystems that cannot fsync a directory say so
+    with EINVAL: there is nothing more to do on them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
