@@ -308,7 +308,7 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, process_group=0)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             seen = None
             while proc.poll() is None:
