@@ -441,3 +441,14 @@ def test_plan_warns_when_slurm_mem_is_below_the_host_ram_a_node_needs():
     (warning,) = [w for w in _slurm_plan(train={"async_save": True}, slurm={"mem": below}).warnings if "slurm.mem" in w]
     assert f"slurm.mem {below}" in warning and f"{needed_gb:,.1f} GB" in warning
     assert not [w for w in _slurm_plan(train={"async_save": True}, slurm={"mem": above}).warnings if "slurm.mem" in w]
+
+
+def test_plan_warns_when_the_sample_reply_cannot_fit_in_slurm_mem():
+    """The end-of-run sample loads the exported model (Llama-3-8B: 8.03e9 parameters in bf16, 16.1 GB by hand) on
+    rank 0's node; past slurm.mem SLURM kills the job at its very end."""
+    (warning,) = [w for w in _slurm_plan(train={"sample_prompt": "hi"}, slurm={"mem": "12G"}).warnings
+                  if "sample_prompt" in w]
+    assert "16.1 GB in bfloat16" in warning and "slurm.mem 12G" in warning
+    assert not [w for w in _slurm_plan(train={"sample_prompt": "hi"}, slurm={"mem": "500G"}).warnings
+                if "sample_prompt" in w]
+    assert not [w for w in _slurm_plan(slurm={"mem": "12G"}).warnings if "sample_prompt" in w]

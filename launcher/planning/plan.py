@@ -151,6 +151,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         ckpt = planned.to_json()
         warnings += [planned.warning] if planned.warning else []
         warnings += _host_memory_warning(cfg, memory)
+        warnings += _sample_memory_warning(cfg, memory, model_cfg)
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
@@ -171,6 +172,22 @@ def _host_memory_warning(cfg: RunConfig, memory: dict) -> list[str]:
     return [f"slurm.mem {cfg.slurm.mem} ({limit / 1e9:,.1f} GB) is less than the host RAM a node needs, about "
             f"{need / 1e9:,.1f} GB (its parts are on the memory section's host line): SLURM would kill the job "
             f"when a node reaches its limit. Raise slurm.mem, or set it to 0 for all of each node's memory"]
+
+
+def _sample_memory_warning(cfg: RunConfig, memory: dict, model_cfg: Optional[dict]) -> list[str]:
+    """train.sample_prompt loads the whole exported model on rank 0's node, in the dtype it is saved in, after the
+    export: past slurm.mem SLURM kills the job at its very end (the run itself is already complete)."""
+    limit = mem_bytes(cfg.slurm.mem) if cfg.launch.backend == "slurm" else None
+    if not cfg.train.sample_prompt or limit is None:
+        return []
+    dtype = str((model_cfg or {}).get("dtype") or (model_cfg or {}).get("torch_dtype") or "float32")
+    need = memory["params"] * (2 if dtype in ("bfloat16", "float16") else 4)
+    if need <= limit:
+        return []
+    return [f"train.sample_prompt loads the exported model on rank 0's node after the export, about "
+            f"{need / 1e9:,.1f} GB in {dtype}, more than slurm.mem {cfg.slurm.mem} ({limit / 1e9:,.1f} GB): SLURM "
+            f"would kill the job at its end. Leave sample_prompt unset and run `shardtune generate` on the export, "
+            f"or raise slurm.mem"]
 
 
 def _counts_or_none(cfg: RunConfig) -> Optional[ModelCounts]:
