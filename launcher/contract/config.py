@@ -226,7 +226,8 @@ class TrainConfig(Section):
     """Stop after this many consecutive steps skipped for a non-finite loss or gradient norm (fp16 loss-scale skips are
     not counted)."""
     sample_prompt: Optional[str] = None
-    """A user message answered by the final model at the end, to eyeball the result."""
+    """A user message answered by the final model at the end, to eyeball the result: rank 0 loads the export on its
+    CPU in the dtype it is saved in, once the run is complete (a failure is reported, not fatal)."""
 
     @property
     def recomputes(self) -> bool:
