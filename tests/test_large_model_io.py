@@ -31,6 +31,7 @@ from trainer.hf_writer import INDEX_FILE
 from conftest import REPO, RenameDurability, losses, shardtune, tiny_config
 
 STEPS = 12
+CONFIGS = REPO / "tests" / "data" / "model_configs"
 TRAIN = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}
 
 
@@ -223,6 +224,18 @@ def test_a_model_with_its_own_code_trains_exports_and_answers(tmp_path, tiny_mod
     assert final.state_dict().keys() == offline.state_dict().keys()
     assert all(torch.equal(final.state_dict()[k], offline.state_dict()[k]) for k in final.state_dict())
     assert shardtune("generate", str(run.path), "hi", "--max_new_tokens=4", "--trust_remote_code").stdout
+
+
+def test_an_auto_map_that_transformers_implements_natively_needs_no_trust(tmp_path):
+    """Hub models such as Phi-3 keep an `auto_map` next to a model_type transformers implements: they train
+    without trust_remote_code, natively, and must export the same way."""
+    from trainer.export import model_config
+
+    cfg = json.loads((CONFIGS / "llama3_8b.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_llama.LlamaConfig",
+                       "AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert type(model_config(tmp_path, trust_remote_code=False)).__name__ == "LlamaConfig"
 
 
 def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_run):

@@ -45,16 +45,20 @@ def export_dtype(config, dtype: str) -> torch.dtype:
 
 
 def model_config(hf_dir: Path, trust_remote_code: bool):
-    """The model's config from a checkpoint's hf/ directory. A model with its own code (`auto_map`) needs that
-    code run to be rebuilt: only with the user's say-so, since a checkpoint from elsewhere may carry any code."""
+    """The model's config from a checkpoint's hf/ directory. A model with its own code (`auto_map`) that
+    transformers does not implement needs that code run to be rebuilt: only with the user's say-so, since a
+    checkpoint from elsewhere may carry any code. (Many hub models keep an `auto_map` that transformers now
+    implements natively, e.g. Phi-3: without trust those load natively, as they trained.)"""
     from transformers import AutoConfig
 
-    auto_map = json.loads((hf_dir / "config.json").read_text()).get("auto_map")
-    if auto_map and not trust_remote_code:
+    try:
+        return AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
         code = sorted(p.name for p in hf_dir.glob("*.py"))
-        raise UserError(f"the model in {hf_dir.parent} runs its own code ({', '.join(code) or auto_map}) to be "
-                        f"rebuilt; read it, then export with --trust_remote_code")
-    return AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+        raise UserError(f"the model in {hf_dir.parent} runs its own code ({', '.join(code) or 'from the hub'}) to "
+                        f"be rebuilt; read it, then export with --trust_remote_code") from None
 
 
 class Layout:
