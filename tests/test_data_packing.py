@@ -92,15 +92,20 @@ def test_packed_losses_equal_each_sample_alone(chat_prepared, model):
     assert compared > 50
 
 
-def test_without_the_block_mask_samples_leak_into_each_other(chat_prepared, model):
-    """Control for the test above: position ids alone (no mask) do not keep samples apart on sdpa."""
+def test_without_separation_samples_leak_into_each_other(chat_prepared, model):
+    """Control for the test above: the same row under plain causal attention (a cache on, so transformers does
+    not look for samples in the position ids) lets later samples see earlier ones. Batch.model_inputs turns the
+    cache off for that reason; tests/test_packed_attention.py covers the other attention kernels."""
     data = chat_prepared.train
     k = next(k for k in range(len(data)) if len(data.sequence(k)[2]) >= 2)
-    masked = token_losses(model, collate(data, np.array([k]), 0, separation="mask"))
-    unmasked = token_losses(model, collate(data, np.array([k]), 0, separation="none"))
+    batch = collate(data, np.array([k]), 0, separation="positions")
+    separated = token_losses(model, batch)
+    with torch.no_grad():
+        logits = model(**{**batch.model_inputs(), "use_cache": True}).logits.float()
+    leaked = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE, reduction="none")
     first = int(data.sequence(k)[2][0])
-    assert torch.allclose(masked[0, :first], unmasked[0, :first], atol=1e-5)  # the first sample sees nothing else
-    assert (masked[0, first:] - unmasked[0, first:]).abs().max() > 1e-2
+    assert torch.allclose(separated[0, :first], leaked[0, :first], atol=1e-5)  # the first sample sees nothing else
+    assert (separated[0, first:] - leaked[0, first:]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("seq_len", [128, 256, 512])

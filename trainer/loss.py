@@ -133,7 +133,7 @@ def install_chunked_loss(model, chunk_tokens: int) -> None:
             return full_forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                 **kwargs)
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         use_cache=False, **kwargs).last_hidden_state
+                         **{**kwargs, "use_cache": False}).last_hidden_state
         return head(hidden, targets=targets)  # through Module.__call__, so ZeRO-3's hooks gather the weight
 
     head.forward = head_forward

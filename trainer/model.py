@@ -27,7 +27,7 @@ def flash_attention_usable(cfg: RunConfig, device: torch.device) -> bool:
     if device.type != "cuda" or cfg.train.precision not in ("bf16", "fp16") \
             or importlib.util.find_spec("flash_attn") is None:
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0) and flash_attention_2_supported(_causal_lm_class(cfg))
+    return torch.cuda.get_device_capability(device) >= (8, 0) and flash_attention_2_supported(causal_lm_class(cfg))
 
 
 def flash_attention_2_supported(model_class) -> bool:
@@ -46,7 +46,7 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     return "flash_attention_2" if flash_attention_usable(cfg, device) else "sdpa"
 
 
-def _causal_lm_class(cfg: RunConfig):
+def causal_lm_class(cfg: RunConfig):
     """The transformers class that will run the model (None for remote code)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -58,7 +58,7 @@ def _causal_lm_class(cfg: RunConfig):
 
 def _sdpa_supported(cfg: RunConfig) -> bool:
     """False for model classes transformers refuses to run with sdpa (gpt-oss: its attention sinks)."""
-    return getattr(_causal_lm_class(cfg), "_supports_sdpa", True) is not False
+    return getattr(causal_lm_class(cfg), "_supports_sdpa", True) is not False
 
 
 def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_implementation: Optional[str] = None):

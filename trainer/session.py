@@ -21,7 +21,7 @@ from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
 from launcher.planning.moe_settings import compile_problem
-from trainer import activation_memory, checkpoint, moe, nonfinite, ops, sequence_parallel
+from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separation, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
@@ -37,6 +37,7 @@ from trainer.loss import LossFn, full_logits_loss, prepare_loss
 from trainer.metrics import Window
 from trainer.model import (
     attention_implementation,
+    causal_lm_class,
     compile_model,
     flash_attention_usable,
     gather_layers_whole,
@@ -85,7 +86,7 @@ class Session:
         """The complete checkpoint this launch continues from (None: the pretrained weights)."""
         self.load_tag: Optional[Path] = None
         """Where DeepSpeed loads it from: the checkpoint itself, or its universal copy on a new world size."""
-        self.separation: Separation = "mask"
+        self.separation: Separation = "positions"
         self.sp = sequence_parallel.SequenceParallel()
         self.loss: LossFn = full_logits_loss
         self.pad_id: Optional[int] = None
@@ -164,6 +165,10 @@ class Session:
         self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
             model = load_model(cfg, self.ds_config, self.dist.device, self.sp.attention)
+            self.separation = separation.separation_for(attention_implementation(cfg, self.dist.device),
+                                                        self.sp.size, causal_lm_class(cfg) is not None)
+            if self.separation == "positions":
+                separation.install(model)
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
             offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
@@ -192,9 +197,6 @@ class Session:
         nonfinite.install_guard(self.engine)
         self.writer = ShardWriter(self.engine._config, snapshot_first=t.async_save)
         self.engine.checkpoint_engine = self.writer
-        self.separation = "varlen" if attention_implementation(cfg, self.dist.device) == "flash_attention_2" else "mask"
-        if self.sp.size > 1:
-            self.separation = "none"  # the attention finds the samples in the position ids (sequence_parallel.py)
         self.pad_id = pad_id_of(self.tokenizer)
         # A compiled model sees one batch shape: otherwise every packed width and mask/no-mask variant recompiles.
         self.width = cfg.data.seq_len if compiling else None

@@ -5,13 +5,16 @@ learns to predict the start of the next. Position ids alone do not stop a token 
 previous sample, so every batch also says where its samples begin, in the form its attention kernel
 reads (`separation`):
 
-- "mask": a block-diagonal causal mask (batch, 1, L, L) for sdpa and eager, built only when a row
-  holds more than one sample;
+- "positions": the position ids alone; transformers builds each layer's mask from them (the usual case
+  for sdpa and eager: trainer/separation.py says why not a mask from here);
+- "mask": a block-diagonal causal bool mask (batch, 1, L, L), built only when a row holds more than one
+  sample (sdpa on remote-code models, whose own mask handling is unknown);
 - "varlen": flash-attention's variable-length arguments (`cu_seq_lens_q/k`, `max_length_q/k`) over
   the batch flattened row by row, so every sample (and every row's padding) is its own sequence at
   any micro batch size. transformers infers these from position ids only when the batch has one row,
   so a collator that relies on that leaks attention across samples at micro batch 2 and up;
-- "none": plain causal attention (for showing sequences, never for training packed rows).
+- "none": nothing either, for a kernel that reads the position ids itself (sequence parallelism's packed
+  attention), and for showing sequences.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from trainer.data.packing import PackedSet
 
 IGNORE = -100
-Separation = Literal["mask", "varlen", "none"]
+Separation = Literal["positions", "mask", "varlen", "none"]
 
 
 @dataclass
@@ -45,7 +48,8 @@ class Batch:
                      self.real_tokens, {k: move(v) for k, v in self.varlen.items()}, move(self.token_mask))
 
     def model_inputs(self) -> dict:
-        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **self.varlen}
+        """No cache: with one, transformers stops looking for packed samples in the position ids."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False, **self.varlen}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         return inputs
@@ -114,8 +118,8 @@ def collate(data: PackedSet, indices: np.ndarray, pad_id: int, separation: Separ
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal
         mask = mask[:, None]
-    elif separation not in ("mask", "varlen", "none"):
-        raise ValueError(f"separation must be mask, varlen or none, got {separation!r}")
+    elif separation not in ("positions", "mask", "varlen", "none"):
+        raise ValueError(f"separation must be positions, mask, varlen or none, got {separation!r}")
     token_mask = torch.from_numpy(np.arange(width)[None, :] < np.array([len(t) for t, _, _ in seqs])[:, None])
     return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets), mask, real, varlen,
                  token_mask)
