@@ -1,5 +1,6 @@
-"""Packed samples stay apart on every attention the trainer runs them with: sdpa and eager, causal and
-sliding-window layers, models that pass position ids to transformers' mask builders and gpt-oss, which does not.
+"""Packed samples stay apart with every attention the trainer runs them on: one sdpa call per sample where every
+layer is causal, else transformers' masks built from the position ids (sdpa and eager, causal and sliding-window
+layers, models that pass the position ids to transformers' mask builders and gpt-oss, which does not).
 
 The reference is each sample run through the same model alone: no packing, no mask, no position ids.
 """
@@ -24,14 +25,14 @@ DENSE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_l
              num_key_value_heads=2)
 
 
-def tiny(model_type: str):
+def tiny(model_type: str, window: int = WINDOW):
     from transformers import AutoConfig
 
-    if model_type == "gpt_oss":
-        return tiny_moe_config("gpt_oss", vocab_size=100, sliding_window=WINDOW)
-    extra = {"llama": {}, "mistral": dict(sliding_window=WINDOW),
-             "gemma2": dict(head_dim=16, sliding_window=WINDOW),
-             "gemma3_text": dict(head_dim=16, sliding_window=WINDOW,
+    if model_type in ("gpt_oss", "deepseek_v3"):
+        return tiny_moe_config(model_type, vocab_size=100, **({"sliding_window": window} if model_type == "gpt_oss"
+                                                              else {}))
+    extra = {"llama": {}, "mistral": dict(sliding_window=window), "gemma2": dict(head_dim=16, sliding_window=window),
+             "gemma3_text": dict(head_dim=16, sliding_window=window,
                                  layer_types=["sliding_attention", "full_attention"])}[model_type]
     return AutoConfig.for_model(model_type, **DENSE, **extra)
 
@@ -51,19 +52,34 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
 
 
-@pytest.mark.parametrize("model_type,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
-                                                  ("gemma3_text", "sdpa"), ("gemma3_text", "eager"),
-                                                  ("gemma2", "eager"), ("gpt_oss", "eager")])
-def test_packed_losses_equal_each_sample_alone(model_type, attention):
+CASES = [  # model, window, the attention asked for -> the kernel the trainer runs, and whether it builds masks
+    ("llama", None, "sdpa", separation.PACKED_ATTENTION, False),
+    ("deepseek_v3", None, "sdpa", separation.PACKED_ATTENTION, False),  # MLA: values narrower than queries
+    ("mistral", 64, "sdpa", separation.PACKED_ATTENTION, False),  # a window no sample outgrows
+    ("llama", None, "eager", "eager", False),
+    ("mistral", WINDOW, "sdpa", "sdpa", False),
+    ("gemma3_text", WINDOW, "sdpa", "sdpa", True),
+    ("gemma3_text", WINDOW, "eager", "eager", True),
+    ("gemma2", WINDOW, "eager", "eager", True),
+    ("gpt_oss", WINDOW, "eager", "eager", True),  # its forward does not pass the position ids to its builders
+]
+
+
+@pytest.mark.parametrize("model_type,window,asked,kernel,builds_masks", CASES)
+def test_packed_losses_equal_each_sample_alone(model_type, window, asked, kernel, builds_masks):
     from transformers import AutoModelForCausalLM
 
+    config = tiny(model_type, window or WINDOW)
+    assert separation.attention_kernel(asked, config.to_dict(), 32, packing=True, native=True) == kernel
+    assert separation.attention_kernel(asked, config.to_dict(), 32, packing=False, native=True) == asked
+    separation.register_packed_attention()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny(model_type), attn_implementation=attention).eval()
-    assert separation.separation_for(attention, 1, native=True) == "positions"
-    hooked = separation.install(model)
-    assert hooked == (model_type in ("gemma3_text", "gemma2", "gpt_oss"))  # the configs that list layer_types
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel).eval()
+    how = separation.separation_for(kernel, 1, native=True)
+    assert how == ("none" if kernel == separation.PACKED_ATTENTION else "positions")
+    assert separation.install_mask_builder(model) == builds_masks if how == "positions" else True
     data, samples = packed_data()
-    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation="positions", multiple_of=32)
+    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation=how, multiple_of=32)
     assert batch.attention_mask is None
     with torch.no_grad():
         packed = token_losses(model(**batch.model_inputs()).logits, batch.targets)
@@ -77,6 +93,18 @@ def test_packed_losses_equal_each_sample_alone(model_type, attention):
                 compared += n - 1
                 start, k = start + n, k + 1
     assert compared == sum(map(sum, LENGTHS)) - sum(map(len, LENGTHS))
+
+
+def test_the_per_sample_kernel_refuses_a_window_a_sample_outgrows():
+    """Loaded by hand on a windowed model (the trainer never picks it there), it fails instead of attending past."""
+    from transformers import AutoModelForCausalLM
+
+    separation.register_packed_attention()
+    model = AutoModelForCausalLM.from_config(tiny("mistral"), attn_implementation=separation.PACKED_ATTENTION)
+    data, _ = packed_data()
+    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation="none", multiple_of=32)
+    with pytest.raises(ValueError, match="window is 8 tokens"):
+        model(**batch.model_inputs())
 
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "eager"), ("mistral", "sdpa"), ("gpt_oss", "eager")])

@@ -229,7 +229,7 @@ def test_packed_attention_alone_equals_each_sample_alone(tiny_model):
     losses of its samples run alone (and differs from plain causal attention over the row)."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
-    from trainer.sequence_parallel import PACKED_ATTENTION, packed_causal_attention
+    from trainer.separation import PACKED_ATTENTION, packed_causal_attention
 
     AttentionInterface.register(PACKED_ATTENTION, packed_causal_attention)
     packed = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=PACKED_ATTENTION,

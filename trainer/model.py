@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.host import cxx_compiler, inductor_problem
+from trainer import separation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,6 +47,21 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     return "flash_attention_2" if flash_attention_usable(cfg, device) else "sdpa"
 
 
+def model_attention(cfg: RunConfig, device: torch.device) -> str:
+    """The attn_implementation the model loads with (without sequence parallelism): attention_implementation's
+    kernel; eager where transformers has no sdpa path for the class; and for packed rows on sdpa, one sdpa call
+    per sample where every layer is causal over its whole sample (trainer/separation.py)."""
+    from transformers import AutoConfig
+
+    attention = attention_implementation(cfg, device)
+    if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(cfg):
+        return "eager"  # transformers builds its masks from the position ids (trainer/separation.py)
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    return separation.attention_kernel(attention, config.get_text_config().to_dict(), cfg.data.seq_len,
+                                       cfg.data.packing, causal_lm_class(cfg) is not None)
+
+
 def causal_lm_class(cfg: RunConfig):
     """The transformers class that will run the model (None for remote code)."""
     from transformers import AutoConfig
@@ -73,12 +89,12 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
     experts = {} if cfg.model.experts_implementation == "auto" else {
         "experts_implementation": cfg.model.experts_implementation}
-    attention = attention_implementation(cfg, device)
-    if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(cfg):
-        attention = "eager"  # the same 4D masks keep packed samples apart
+    attention = attn_implementation or model_attention(cfg, device)
+    if attention == separation.PACKED_ATTENTION:
+        separation.register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attn_implementation or attention, **experts)
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, **experts)
     model.config.use_cache = False
     if cfg.train.recomputes:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -4,39 +4,116 @@ collate restarts the position ids at every sample. What turns that into attentio
 sample depends on the kernel (collate's `separation`):
 
 - "varlen" (flash-attention): the variable-length arguments, built by collate.
-- "positions" (sdpa or eager, on a model class transformers implements): nothing but the position ids.
-  transformers' own mask builders find the samples in them and build each layer's mask by that layer's
-  rule (causal, or causal within a sliding window) and in the form its kernel reads (bool for sdpa, an
-  additive float mask for eager). A 4D mask handed in from outside is used as it is, and a block-diagonal
-  bool one is wrong twice over: it ignores sliding windows (Mistral, Gemma 2/3, gpt-oss layers attend past
-  their window), and eager attention adds it to the scores (True is +1), so nothing is masked at all, not
-  even the future.
+- "none" with `packed_causal_attention` (sdpa on a model whose every layer is causal over the whole row, and
+  sequence parallelism): one causal sdpa call per sample, found in the position ids. Exact, its work is the
+  samples' and not the row's, and no mask exists. A row × row mask grows with the square of the row: sdpa
+  turns a bool mask into one of the compute dtype and keeps it for backward in every layer (measured on CPU),
+  2 GiB per layer for one 32k-token bf16 row.
+- "positions" (sdpa or eager on the other models transformers implements: sliding windows, eager-only
+  attention such as gpt-oss's sinks and Gemma 2's soft-capping): nothing but the position ids.
+  transformers' own mask builders find the samples in them and build each layer's mask by that layer's rule
+  (causal, or causal within a sliding window) and in the form its kernel reads (bool for sdpa, an additive
+  float mask for eager). A 4D mask handed in from outside is used as it is, and a block-diagonal bool one is
+  wrong twice over: it ignores sliding windows, and eager attention adds it to the scores (True is +1), so
+  nothing is masked at all, not even the future.
   Some models (gpt-oss in transformers 5.23) do not pass the position ids to their builders. For every
-  model whose config lists `layer_types`, `install` therefore builds the per-layer-type masks itself, with
-  the same builders, and hands them in as the mapping those models accept.
+  model whose config lists `layer_types`, `install_mask_builder` therefore builds the per-layer-type masks
+  itself, with the same builders, and hands them in as the mapping those models accept.
 - "mask" (remote code): its mask handling is unknown; it gets the block-diagonal bool mask sdpa reads, as
   before.
-- "none" (sequence parallelism): packed_causal_attention finds the samples in the position ids itself.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
+from launcher.planning.sequence_parallel import sliding_window
 from trainer.data.collate import Separation
 
+PACKED_ATTENTION = "shardtune_packed_sdpa"
+"""The attn_implementation name of packed_causal_attention (DeepSpeed's SP wraps it; plain sdpa stays untouched)."""
 BUILDERS = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask"}
-"""Layer types whose masks `install` builds, and transformers' builder for each (masking_utils)."""
+"""Layer types whose masks install_mask_builder builds, and transformers' builder for each (masking_utils)."""
+
+
+def attention_kernel(attention: str, model_config: dict, seq_len: int, packing: bool, native: bool) -> str:
+    """The attn_implementation a packed run loads with: packed_causal_attention instead of sdpa when every layer
+    attends causally to its whole sample (no window a sample could outgrow), else `attention` unchanged."""
+    types = set(model_config.get("layer_types") or ["full_attention"])
+    causal = types <= set(BUILDERS) and sliding_window(model_config, seq_len) is None
+    return PACKED_ATTENTION if attention == "sdpa" and packing and native and causal else attention
 
 
 def separation_for(attention: str, sequence_parallel: int, native: bool) -> Separation:
-    """The separation a run's batches carry, from the attention kernel the model runs."""
-    if sequence_parallel > 1:
+    """The separation a run's batches carry, from the attention kernel the model runs (see the module docstring)."""
+    if sequence_parallel > 1 or attention == PACKED_ATTENTION:
         return "none"
     if attention == "flash_attention_2":
         return "varlen"
     return "positions" if native else "mask"
+
+
+def register_packed_attention() -> None:
+    """Make PACKED_ATTENTION a name transformers can load a model with (once per process; again is harmless)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_causal_attention)
+
+
+_spans_cache: dict[str, Any] = {"positions": None, "version": None, "spans": None}
+
+
+def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of every sample in every row: a sample starts wherever the position does not go up by one.
+
+    Every layer sees the same positions, so the spans of the last call are reused: without a host sync when it
+    is the very tensor of the last call (the cache holds it, so its id cannot be reused) and unchanged since,
+    else when the content matches (sequence parallelism gathers a new tensor in every layer): one sync per layer.
+    """
+    cached = _spans_cache["positions"]
+    if cached is position_ids and _spans_cache["version"] == position_ids._version:
+        return _spans_cache["spans"]
+    if cached is not None and cached.shape == position_ids.shape and torch.equal(cached, position_ids):
+        return _spans_cache["spans"]
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    width = position_ids.shape[1]
+    spans = []
+    for row in starts.cpu().tolist():
+        bounds = [i for i, new in enumerate(row) if new] + [width]
+        spans.append(list(zip(bounds[:-1], bounds[1:])))
+    _spans_cache.update(positions=position_ids, version=position_ids._version, spans=spans)
+    return spans
+
+
+@torch.compiler.disable
+def packed_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, position_ids: Optional[torch.Tensor] = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention inside each packed sample, one sdpa call per sample (a transformers attention function).
+
+    q, k, v are (batch, heads, length, head_dim); the output is (batch, length, heads, v_head_dim) like
+    transformers' sdpa. Exact: each call is the attention of that sample alone. Not compiled: the samples
+    differ from batch to batch, and a compiled loop over them would recompile for every batch.
+    """
+    if position_ids is None:
+        raise ValueError(f"{PACKED_ATTENTION} needs position_ids: they mark where the packed samples begin")
+    spans = sample_spans(position_ids)
+    window = kwargs.get("sliding_window")
+    if window and max(end - start for row in spans for start, end in row) > window:
+        raise ValueError(f"{PACKED_ATTENTION} attends to whole samples, but this layer's window is {window} tokens")
+    gqa = query.shape[1] != key.shape[1]
+    dropout = dropout if module.training else 0.0
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    for row, row_spans in enumerate(spans):
+        for start, end in row_spans:
+            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _layer_types(config) -> Optional[set[str]]:
@@ -44,7 +121,7 @@ def _layer_types(config) -> Optional[set[str]]:
     return set(types) if types and set(types) <= set(BUILDERS) else None
 
 
-def install(model) -> bool:
+def install_mask_builder(model) -> bool:
     """Build the masks of a `layer_types` model from the position ids before its decoder runs (see the module
     docstring); True when installed. Other models build them from the position ids themselves."""
     from transformers import masking_utils

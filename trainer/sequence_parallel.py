@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
@@ -35,9 +34,7 @@ from launcher.planning.model_size import counts_from_config
 from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
 from trainer.data.collate import IGNORE, Batch
 from trainer.distributed import Dist
-
-PACKED_ATTENTION = "shardtune_packed_sdpa"
-"""The attn_implementation name of packed_causal_attention (DeepSpeed wraps it, plain sdpa stays untouched)."""
+from trainer.separation import PACKED_ATTENTION, register_packed_attention
 
 
 @dataclass(frozen=True)
@@ -89,51 +86,6 @@ class SequenceParallel:
         return Batch(repeat(batch.input_ids), repeat(batch.position_ids), targets, None, batch.real_tokens)
 
 
-_spans_cache: dict[str, Any] = {"positions": None, "spans": None}
-
-
-def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of every sample in every row: a sample starts wherever the position does not go up by one.
-
-    Every layer gathers an equal tensor, so the spans of the last one are reused when the content matches: one
-    host sync per micro-batch, not per layer.
-    """
-    cached = _spans_cache["positions"]
-    if cached is not None and cached.shape == position_ids.shape and torch.equal(cached, position_ids):
-        return _spans_cache["spans"]
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    width = position_ids.shape[1]
-    spans = []
-    for row in starts.cpu().tolist():
-        bounds = [i for i, new in enumerate(row) if new] + [width]
-        spans.append(list(zip(bounds[:-1], bounds[1:])))
-    _spans_cache["positions"], _spans_cache["spans"] = position_ids.clone(), spans
-    return spans
-
-
-def packed_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                            scaling: Optional[float] = None, position_ids: Optional[torch.Tensor] = None,
-                            **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sample, one sdpa call per sample (a transformers attention function).
-
-    q, k, v are (batch, heads, length, head_dim); the output is (batch, length, heads, head_dim) like
-    transformers' sdpa. Exact: each call is the attention of that sample alone.
-    """
-    if position_ids is None:
-        raise ValueError(f"{PACKED_ATTENTION} needs position_ids: they mark where the packed samples begin")
-    gqa = query.shape[1] != key.shape[1]
-    dropout = dropout if module.training else 0.0
-    out = torch.empty_like(query)
-    for row, spans in enumerate(sample_spans(position_ids)):
-        for start, end in spans:
-            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
-
-
 def attention_for(cfg: RunConfig, flash_usable: bool) -> str:
     """The attention kernel under SP: flash-attention where it can run and keep samples apart (one row per
     micro-batch, or no packing), else packed_causal_attention. Config validation has refused the rest."""
@@ -178,7 +130,7 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
     if size == 1:
         return SequenceParallel()
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-    from transformers import AttentionInterface, AutoConfig
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
@@ -189,7 +141,7 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
         raise UserError("\n".join(problems))
     attention = attention_for(cfg, flash_usable)
     if attention == PACKED_ATTENTION:
-        AttentionInterface.register(PACKED_ATTENTION, packed_causal_attention)
+        register_packed_attention()
     # A config-holding object instead of a path: DeepSpeed would re-read the config without revision/remote code.
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=SimpleNamespace(config=config), core_attn_implementation=attention,

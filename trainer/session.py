@@ -36,13 +36,13 @@ from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
 from trainer.metrics import Window
 from trainer.model import (
-    attention_implementation,
     causal_lm_class,
     compile_model,
     flash_attention_usable,
     gather_layers_whole,
     load_model,
     lr_lambda,
+    model_attention,
     release_zero3_init,
 )
 from trainer.preflight import run_preflight
@@ -164,11 +164,11 @@ class Session:
                 self.ds_config["checkpoint"] = {"load_universal": True}
         self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
-            model = load_model(cfg, self.ds_config, self.dist.device, self.sp.attention)
-            self.separation = separation.separation_for(attention_implementation(cfg, self.dist.device),
-                                                        self.sp.size, causal_lm_class(cfg) is not None)
+            attention = self.sp.attention or model_attention(cfg, self.dist.device)
+            model = load_model(cfg, self.ds_config, self.dist.device, attention)
+            self.separation = separation.separation_for(attention, self.sp.size, causal_lm_class(cfg) is not None)
             if self.separation == "positions":
-                separation.install(model)
+                separation.install_mask_builder(model)
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
             offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]

@@ -82,14 +82,22 @@ def describe(cfg: RunConfig, counts: Optional[ModelCounts]) -> str:
     return text
 
 
+def sliding_window(model_config: dict, seq_len: int) -> Optional[int]:
+    """The model's attention window where a sample of seq_len tokens could outgrow it (None: causal everywhere)."""
+    window = model_config.get("sliding_window")
+    if not window or model_config.get("use_sliding_window") is False or window >= seq_len:
+        return None
+    return window
+
+
 def sliding_window_problem(sequence_parallel: int, model_config: dict, seq_len: int) -> Optional[str]:
     """Why the model's sliding-window attention cannot run under sequence parallelism (None when it can).
 
     The window is enforced by the attention mask, which sequence parallelism cannot pass to the kernel: every
     token would attend its whole sample instead. Harmless only when no sample is longer than the window.
     """
-    window = model_config.get("sliding_window")
-    if sequence_parallel == 1 or not window or model_config.get("use_sliding_window") is False or window >= seq_len:
+    window = sliding_window(model_config, seq_len)
+    if sequence_parallel == 1 or window is None:
         return None
     return (f"train.sequence_parallel: {sequence_parallel} cannot run this model's sliding-window attention "
             f"(window {window} < data.seq_len {seq_len}): under sequence parallelism the attention gets no mask, "
