@@ -312,10 +312,11 @@ TINY = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, 
     ("llama", "sdpa", "bf16"), ("llama", "eager", "bf16"), ("llama", "sdpa", "fp32"), ("qwen2", "sdpa", "bf16"),
     ("qwen3", "sdpa", "bf16"), ("gemma", "sdpa", "bf16"), ("gemma2", "eager", "bf16"),
     ("gemma3_text", "sdpa", "bf16"), ("phi3", "sdpa", "bf16"),
+    ("mistral", "sdpa", "bf16"), ("mistral", "sdpa", "fp32"),  # a window of 16 < 64: every layer keeps a mask
 ])
 def test_layer_activations_match_saved_tensors(hf, model_type, attn, dtype):
     torch, _ = hf
-    cfg = {**TINY, "model_type": model_type}
+    cfg = {**TINY, "model_type": model_type, **({"sliding_window": 16} if model_type == "mistral" else {})}
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     b, s = 2, 64
     measured = (saved_bytes(hf, cfg, 2, b, s, torch_dtype, attn) - saved_bytes(hf, cfg, 1, b, s, torch_dtype, attn))

@@ -47,10 +47,10 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
     return "flash_attention_2" if flash_attention_usable(cfg, device) else "sdpa"
 
 
-def model_attention(cfg: RunConfig, device: torch.device) -> str:
+def model_attention(cfg: RunConfig, device: torch.device, packs_samples: bool) -> str:
     """The attn_implementation the model loads with (without sequence parallelism): attention_implementation's
-    kernel; eager where transformers has no sdpa path for the class; and for packed rows on sdpa, one sdpa call
-    per sample where every layer is causal over its whole sample (trainer/separation.py)."""
+    kernel; eager where transformers has no sdpa path for the class; and on sdpa, when rows hold several samples,
+    one sdpa call per sample where every layer is causal over its whole sample (trainer/separation.py)."""
     from transformers import AutoConfig
 
     attention = attention_implementation(cfg, device)
@@ -59,7 +59,7 @@ def model_attention(cfg: RunConfig, device: torch.device) -> str:
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     return separation.attention_kernel(attention, config.get_text_config().to_dict(), cfg.data.seq_len,
-                                       cfg.data.packing, causal_lm_class(cfg) is not None)
+                                       packs_samples, causal_lm_class(cfg) is not None)
 
 
 def causal_lm_class(cfg: RunConfig):
@@ -89,7 +89,7 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
     experts = {} if cfg.model.experts_implementation == "auto" else {
         "experts_implementation": cfg.model.experts_implementation}
-    attention = attn_implementation or model_attention(cfg, device)
+    attention = attn_implementation or model_attention(cfg, device, cfg.data.packing)
     if attention == separation.PACKED_ATTENTION:
         separation.register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(

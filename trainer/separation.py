@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from launcher.planning.sequence_parallel import sliding_window
+from launcher.planning.model_size import attention_window, outgrown_window
 from trainer.data.collate import Separation
 
 PACKED_ATTENTION = "shardtune_packed_sdpa"
@@ -39,10 +39,11 @@ BUILDERS = {"full_attention": "create_causal_mask", "sliding_attention": "create
 
 
 def attention_kernel(attention: str, model_config: dict, seq_len: int, packing: bool, native: bool) -> str:
-    """The attn_implementation a packed run loads with: packed_causal_attention instead of sdpa when every layer
-    attends causally to its whole sample (no window a sample could outgrow), else `attention` unchanged."""
+    """The attn_implementation a run whose rows hold several samples (`packing`) loads with: packed_causal_attention
+    instead of sdpa when every layer attends causally to its whole sample (no window a sample could outgrow), else
+    `attention` unchanged. Rows of one sample each keep sdpa's single batched call."""
     types = set(model_config.get("layer_types") or ["full_attention"])
-    causal = types <= set(BUILDERS) and sliding_window(model_config, seq_len) is None
+    causal = types <= set(BUILDERS) and outgrown_window(attention_window(model_config), seq_len) is None
     return PACKED_ATTENTION if attention == "sdpa" and packing and native and causal else attention
 
 

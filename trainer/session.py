@@ -164,7 +164,8 @@ class Session:
                 self.ds_config["checkpoint"] = {"load_universal": True}
         self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
-            attention = self.sp.attention or model_attention(cfg, self.dist.device)
+            packs = any(d is not None and d.packs_samples for d in (self.data.train, self.data.eval))
+            attention = self.sp.attention or model_attention(cfg, self.dist.device, packs)
             model = load_model(cfg, self.ds_config, self.dist.device, attention)
             self.separation = separation.separation_for(attention, self.sp.size, causal_lm_class(cfg) is not None)
             if self.separation == "positions":

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from launcher.contract.errors import ConfigError
 from launcher.planning.chunked_loss import loss_chunk_tokens
-from launcher.planning.model_size import ModelCounts
+from launcher.planning.model_size import ModelCounts, outgrown_window
 from launcher.planning.moe_size import moe_mlp_activation_bytes
 
 GB = 1e9
@@ -221,6 +221,11 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
         copies of every token and its router's probabilities: moe_size.moe_mlp_activation_bytes)
     This equals the saved-tensor bytes of transformers' modules to the byte for Llama/Mistral/Qwen2.
 
+    A sliding window a sample can outgrow (Mistral, Gemma 3) needs a mask. With one, sdpa keeps it in every layer
+    (e·b·s²), and transformers repeats k and v to all a heads (GQA inside sdpa only without a mask), so they
+    count like q. flash-attention takes the window itself; packed rows of other models need no mask
+    (trainer/separation.py).
+
     Under sequence parallelism over N ranks, t = b·s/N is the rank's slice. Attention keeps the exchanged
     q, k, v (the whole sequence for heads/N: the same bytes as the slice with all heads, except that kv
     heads are replicated when there are fewer than N: max(kv, N) of them count) and one more e·t·q copy of
@@ -242,6 +247,8 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
         scores = b * a * s * s
         total += e * t * (2 * q + 2 * q) + (4 + (e if e < 4 else 0)) * scores
         total += e * scores if lay.attn_softcap else 0
+    elif attention != "flash_attention_2" and outgrown_window(counts.sliding_window, seq_len):
+        total += e * t * (2 * q + 2 * q) + 4 * b * a * s + e * b * s * s  # masked: k, v repeated, the mask kept
     else:
         total += e * t * (2 * q + 2 * kv) + 4 * b * a * s
     if sequence_parallel > 1:

@@ -29,6 +29,7 @@ class ModelCounts(ModelShape):
     architecture: str = "unknown"  # HF model_type; memory.py keys its activation layouts on it
     note: str = ""
     moe: Optional[MoeCounts] = None  # set for mixture-of-experts models
+    sliding_window: Optional[int] = None  # the window of its sliding-window layers (attention_window)
 
     @property
     def non_embedding(self) -> int:
@@ -208,6 +209,17 @@ def _unknown_moe(cfg: dict[str, Any], model_type: str, source: str) -> ModelCoun
     return _from_moe(shape, moe, model_type, exact=False, note=note)
 
 
+def attention_window(model_config: dict[str, Any]) -> Optional[int]:
+    """The window of the model's sliding-window layers (None: it has none, or they are switched off)."""
+    window = model_config.get("sliding_window")
+    return None if not window or model_config.get("use_sliding_window") is False else int(window)
+
+
+def outgrown_window(window: Optional[int], seq_len: int) -> Optional[int]:
+    """The window, when a sample of seq_len tokens can outgrow it; None when every layer attends to whole samples."""
+    return window if window is not None and window < seq_len else None
+
+
 def counts_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelCounts:
     """Exact counts for the supported families, the 12·L·h² approximation for anything else.
 
@@ -216,6 +228,12 @@ def counts_from_config(cfg: dict[str, Any], source: str = "config.json") -> Mode
     """
     if not isinstance(cfg, dict):
         raise _error(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    counts = _counts_of(cfg, source)
+    window = attention_window(cfg)
+    return counts if window is None else _replace(counts, sliding_window=window)
+
+
+def _counts_of(cfg: dict[str, Any], source: str) -> ModelCounts:
     model_type = str(cfg.get("model_type", ""))
     if model_type in MOE_FAMILIES:
         shape, moe = count_moe(cfg, source)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from launcher.contract.config import RunConfig
-from launcher.planning.model_size import ModelCounts
+from launcher.planning.model_size import ModelCounts, attention_window, outgrown_window
 
 
 def sequence_parallel_size(cfg: RunConfig) -> int:
@@ -82,21 +82,13 @@ def describe(cfg: RunConfig, counts: Optional[ModelCounts]) -> str:
     return text
 
 
-def sliding_window(model_config: dict, seq_len: int) -> Optional[int]:
-    """The model's attention window where a sample of seq_len tokens could outgrow it (None: causal everywhere)."""
-    window = model_config.get("sliding_window")
-    if not window or model_config.get("use_sliding_window") is False or window >= seq_len:
-        return None
-    return window
-
-
 def sliding_window_problem(sequence_parallel: int, model_config: dict, seq_len: int) -> Optional[str]:
     """Why the model's sliding-window attention cannot run under sequence parallelism (None when it can).
 
     The window is enforced by the attention mask, which sequence parallelism cannot pass to the kernel: every
     token would attend its whole sample instead. Harmless only when no sample is longer than the window.
     """
-    window = sliding_window(model_config, seq_len)
+    window = outgrown_window(attention_window(model_config), seq_len)
     if sequence_parallel == 1 or window is None:
         return None
     return (f"train.sequence_parallel: {sequence_parallel} cannot run this model's sliding-window attention "
