@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from launcher.contract.run_dir import RunDir
 from trainer import separation
 from trainer.data.collate import IGNORE, collate
 from trainer.data.packing import build_packed
 
+from conftest import losses, shardtune, tiny_config
 from moe_models import tiny_moe_config
 
 LENGTHS = [[20, 12], [5, 17, 10], [30]]
@@ -52,26 +55,29 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
 
 
-CASES = [  # model, window, the attention asked for -> the kernel the trainer runs, and whether it builds masks
-    ("llama", None, "sdpa", separation.PACKED_ATTENTION, False),
-    ("deepseek_v3", None, "sdpa", separation.PACKED_ATTENTION, False),  # MLA: values narrower than queries
-    ("mistral", 64, "sdpa", separation.PACKED_ATTENTION, False),  # a window no sample outgrows
-    ("llama", None, "eager", "eager", False),
-    ("mistral", WINDOW, "sdpa", "sdpa", False),
-    ("gemma3_text", WINDOW, "sdpa", "sdpa", True),
-    ("gemma3_text", WINDOW, "eager", "eager", True),
-    ("gemma2", WINDOW, "eager", "eager", True),
-    ("gpt_oss", WINDOW, "eager", "eager", True),  # its forward does not pass the position ids to its builders
+LONG, SHORT = separation.PER_SAMPLE_FROM, 256
+CASES = [  # model, window, data.seq_len, attention asked for -> the kernel the trainer runs, whether it builds masks
+    ("llama", None, LONG, "sdpa", separation.PACKED_ATTENTION, False),
+    ("deepseek_v3", None, LONG, "sdpa", separation.PACKED_ATTENTION, False),  # MLA: values narrower than queries
+    ("mistral", LONG, LONG, "sdpa", separation.PACKED_ATTENTION, False),  # a window no sample outgrows
+    ("llama", None, SHORT, "sdpa", "sdpa", False),  # short rows: one batched call, transformers' mask
+    ("llama", None, LONG, "eager", "eager", False),
+    ("mistral", WINDOW, LONG, "sdpa", "sdpa", False),
+    ("gemma3_text", WINDOW, LONG, "sdpa", "sdpa", True),
+    ("gemma3_text", WINDOW, LONG, "eager", "eager", True),
+    ("gemma2", WINDOW, LONG, "eager", "eager", True),
+    ("gpt_oss", WINDOW, LONG, "eager", "eager", True),  # its forward does not pass the position ids to its builders
 ]
 
 
-@pytest.mark.parametrize("model_type,window,asked,kernel,builds_masks", CASES)
-def test_packed_losses_equal_each_sample_alone(model_type, window, asked, kernel, builds_masks):
+@pytest.mark.parametrize("model_type,window,seq_len,asked,kernel,builds_masks", CASES)
+def test_packed_losses_equal_each_sample_alone(model_type, window, seq_len, asked, kernel, builds_masks):
+    """The kernel is chosen for data.seq_len; the rows here are 32 wide (every kernel is exact at any width)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny(model_type, window or WINDOW)
-    assert separation.attention_kernel(asked, config.to_dict(), 32, packing=True, native=True) == kernel
-    assert separation.attention_kernel(asked, config.to_dict(), 32, packing=False, native=True) == asked
+    assert separation.attention_kernel(asked, config.to_dict(), seq_len, packing=True, native=True) == kernel
+    assert separation.attention_kernel(asked, config.to_dict(), seq_len, packing=False, native=True) == asked
     separation.register_packed_attention()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel).eval()
@@ -121,3 +127,37 @@ def test_a_block_diagonal_bool_mask_is_wrong_here(model_type, attention):
         right = model(**collate(data, rows, 0, separation="positions", multiple_of=32).model_inputs()).logits
         wrong = model(**collate(data, rows, 0, separation="mask", multiple_of=32).model_inputs()).logits
     assert (right - wrong).abs().max() > 1e-2
+
+
+def test_spans_are_reused_for_the_same_tensor_and_found_again_when_it_changes():
+    """Every layer asks for the spans of the same position ids: the second ask must not recompute (on a GPU that
+    is a host sync per layer), but a tensor changed in place, or an inference tensor, must not get stale spans."""
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    first = separation.sample_spans(positions)
+    assert first == [[(0, 3), (3, 5)]]
+    assert separation.sample_spans(positions) is first
+    positions[0, 3] = 3  # now 0 1 2 3 1: the same object, changed
+    assert separation.sample_spans(positions) == [[(0, 4), (4, 5)]]
+    with torch.inference_mode():
+        frozen = torch.tensor([[0, 1, 0]])
+    assert separation.sample_spans(frozen) == [[(0, 2), (2, 3)]]
+    assert separation.sample_spans(frozen) == [[(0, 2), (2, 3)]]
+
+
+def test_a_packed_run_on_the_per_sample_kernel_trains_like_one_on_eager_masks(tmp_path, tiny_model):
+    """The trainer end to end (torchrun, DeepSpeed ZeRO-2) at data.seq_len 1,024: sdpa gives the per-sample kernel,
+    eager gives transformers' additive masks, two independent ways of keeping the samples apart."""
+    runs = {}
+    for attention in ("auto", "eager"):
+        (tmp_path / attention).mkdir()
+        cfg = tiny_config(tmp_path / attention, tiny_model, data={"seq_len": separation.PER_SAMPLE_FROM},
+                          train={"max_steps": 3, "compile": False})
+        text = yaml.safe_load(cfg.read_text())
+        text["model"]["attn_implementation"] = attention  # `model` is tiny_config's own argument
+        cfg.write_text(yaml.safe_dump(text))
+        runs[attention] = (RunDir(tmp_path / attention / "run"), shardtune("launch", str(cfg)).stderr)
+    assert f"attention: {separation.PACKED_ATTENTION}; packed samples are kept apart by one causal sdpa call" \
+        in runs["auto"][1]
+    assert "attention: eager; packed samples are kept apart by transformers' masks" in runs["eager"][1]
+    got, want = losses(runs["auto"][0].path), losses(runs["eager"][0].path)
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)

@@ -4,13 +4,14 @@ collate restarts the position ids at every sample. What turns that into attentio
 sample depends on the kernel (collate's `separation`):
 
 - "varlen" (flash-attention): the variable-length arguments, built by collate.
-- "none" with `packed_causal_attention` (sdpa on a model whose every layer is causal over the whole row, and
-  sequence parallelism): one causal sdpa call per sample, found in the position ids. Exact, its work is the
+- "none" with `packed_causal_attention` (sdpa on rows of PER_SAMPLE_FROM tokens or more of a model whose every
+  layer is causal over the whole row, and sequence parallelism): one causal sdpa call per sample, found in the
+  position ids. Exact, its work is the
   samples' and not the row's, and no mask exists. A row × row mask grows with the square of the row: sdpa
   turns a bool mask into one of the compute dtype and keeps it for backward in every layer (measured on CPU),
   2 GiB per layer for one 32k-token bf16 row.
-- "positions" (sdpa or eager on the other models transformers implements: sliding windows, eager-only
-  attention such as gpt-oss's sinks and Gemma 2's soft-capping): nothing but the position ids.
+- "positions" (sdpa or eager otherwise, on the models transformers implements: shorter rows, sliding windows,
+  eager-only attention such as gpt-oss's sinks and Gemma 2's soft-capping): nothing but the position ids.
   transformers' own mask builders find the samples in them and build each layer's mask by that layer's rule
   (causal, or causal within a sliding window) and in the form its kernel reads (bool for sdpa, an additive
   float mask for eager). A 4D mask handed in from outside is used as it is, and a block-diagonal bool one is
@@ -34,17 +35,23 @@ from trainer.data.collate import Separation
 
 PACKED_ATTENTION = "shardtune_packed_sdpa"
 """The attn_implementation name of packed_causal_attention (DeepSpeed's SP wraps it; plain sdpa stays untouched)."""
+PER_SAMPLE_FROM = 1024
+"""data.seq_len from which packed rows on sdpa run one call per sample. bench.packed_attention (one 8-sample row,
+forward and backward, CPU) measured the batched masked call 10% faster at 256 tokens, the two level at 512, and
+one call per sample 11% faster at 1,024, 3.0 x at 8,192 and 5.1 x at 16,384, with half the peak RSS there."""
 BUILDERS = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask"}
 """Layer types whose masks install_mask_builder builds, and transformers' builder for each (masking_utils)."""
 
 
 def attention_kernel(attention: str, model_config: dict, seq_len: int, packing: bool, native: bool) -> str:
     """The attn_implementation a run whose rows hold several samples (`packing`) loads with: packed_causal_attention
-    instead of sdpa when every layer attends causally to its whole sample (no window a sample could outgrow), else
-    `attention` unchanged. Rows of one sample each keep sdpa's single batched call."""
+    instead of sdpa for rows of PER_SAMPLE_FROM tokens or more, when every layer attends causally to its whole sample
+    (no window a sample could outgrow); else `attention` unchanged. Rows of one sample each keep sdpa's single
+    batched call, and so do shorter rows, where transformers' mask is small and one call is as fast."""
     types = set(model_config.get("layer_types") or ["full_attention"])
     causal = types <= set(BUILDERS) and outgrown_window(attention_window(model_config), seq_len) is None
-    return PACKED_ATTENTION if attention == "sdpa" and packing and native and causal else attention
+    per_sample = attention == "sdpa" and packing and native and causal and seq_len >= PER_SAMPLE_FROM
+    return PACKED_ATTENTION if per_sample else attention
 
 
 def separation_for(attention: str, sequence_parallel: int, native: bool) -> Separation:
@@ -56,6 +63,16 @@ def separation_for(attention: str, sequence_parallel: int, native: bool) -> Sepa
     return "positions" if native else "mask"
 
 
+def describe(attention: str, separation: Separation) -> str:
+    """One line for the run log: the attention kernel, and how packed samples stay apart on it."""
+    per_sample = "flash-attention, from the position ids" if attention.startswith("flash") else (
+        "one causal sdpa call per packed sample")
+    how = {"none": per_sample, "varlen": "flash-attention's variable-length arguments",
+           "positions": "transformers' masks, built from the position ids",
+           "mask": "a block-diagonal mask (remote code: its own mask handling is unknown)"}[separation]
+    return f"attention: {attention}; packed samples are kept apart by {how}"
+
+
 def register_packed_attention() -> None:
     """Make PACKED_ATTENTION a name transformers can load a model with (once per process; again is harmless)."""
     from transformers import AttentionInterface
@@ -63,7 +80,7 @@ def register_packed_attention() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_causal_attention)
 
 
-_spans_cache: dict[str, Any] = {"positions": None, "version": None, "spans": None}
+_spans_cache: dict[str, Any] = {"positions": None, "version": None, "copy": None, "spans": None}
 
 
 def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -71,12 +88,15 @@ def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
     Every layer sees the same positions, so the spans of the last call are reused: without a host sync when it
     is the very tensor of the last call (the cache holds it, so its id cannot be reused) and unchanged since,
-    else when the content matches (sequence parallelism gathers a new tensor in every layer): one sync per layer.
+    else when its content equals a copy of the last (sequence parallelism gathers a new tensor in every layer):
+    one sync per layer there.
     """
-    cached = _spans_cache["positions"]
-    if cached is position_ids and _spans_cache["version"] == position_ids._version:
+    version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
+    if _spans_cache["positions"] is position_ids and version is not None and _spans_cache["version"] == version:
         return _spans_cache["spans"]
-    if cached is not None and cached.shape == position_ids.shape and torch.equal(cached, position_ids):
+    copy = _spans_cache["copy"]
+    if copy is not None and copy.shape == position_ids.shape and torch.equal(copy, position_ids):
+        _spans_cache.update(positions=position_ids, version=version)
         return _spans_cache["spans"]
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
@@ -85,7 +105,7 @@ def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     for row in starts.cpu().tolist():
         bounds = [i for i, new in enumerate(row) if new] + [width]
         spans.append(list(zip(bounds[:-1], bounds[1:])))
-    _spans_cache.update(positions=position_ids, version=position_ids._version, spans=spans)
+    _spans_cache.update(positions=position_ids, version=version, copy=position_ids.clone(), spans=spans)
     return spans
 
 

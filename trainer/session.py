@@ -170,6 +170,7 @@ class Session:
             self.separation = separation.separation_for(attention, self.sp.size, causal_lm_class(cfg) is not None)
             if self.separation == "positions":
                 separation.install_mask_builder(model)
+            self.tracker.message(separation.describe(attention, self.separation))
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
             offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
