@@ -6,10 +6,9 @@ sample depends on the kernel (collate's `separation`):
 - "varlen" (flash-attention): the variable-length arguments, built by collate.
 - "none" with `packed_causal_attention` (sdpa on rows of PER_SAMPLE_FROM tokens or more of a model whose every
   layer is causal over the whole row, and sequence parallelism): one causal sdpa call per sample, found in the
-  position ids. Exact, its work is the
-  samples' and not the row's, and no mask exists. A row × row mask grows with the square of the row: sdpa
-  turns a bool mask into one of the compute dtype and keeps it for backward in every layer (measured on CPU),
-  2 GiB per layer for one 32k-token bf16 row.
+  position ids. Exact, its work is the samples' and not the row's, and no mask exists. A row × row mask grows
+  with the square of the row: sdpa turns a bool mask into one of the compute dtype and keeps it for backward in
+  every layer (measured on CPU), 2 GiB per layer for one 32k-token bf16 row.
 - "positions" (sdpa or eager otherwise, on the models transformers implements: shorter rows, sliding windows,
   eager-only attention such as gpt-oss's sinks and Gemma 2's soft-capping): nothing but the position ids.
   transformers' own mask builders find the samples in them and build each layer's mask by that layer's rule
