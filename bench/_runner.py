@@ -226,3 +226,18 @@ def tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def write_section(results: Path, heading: str, start: str, end: str, body: str) -> None:
+    """Put `body` between a bench's markers in RESULTS.md: in place of what they held (the text after them stays),
+    else right under its `## heading`, else in a new section at the end."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    elif f"## {heading}" in text:
+        line_end = text.index("\n", text.index(f"## {heading}")) + 1
+        text = text[:line_end] + "\n" + block + "\n" + text[line_end:]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
+    results.write_text(text)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from bench._runner import REPO, OverCap, RunFailed, machine_words, run_tree
+from bench._runner import REPO, OverCap, RunFailed, machine_words, run_tree, write_section
 from examples.tiny_model import WORDS
 from launcher.contract.run_dir import RunDir
 
@@ -275,14 +275,7 @@ def format_section(report: dict, command: str, info: str) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text()
-    block = f"{START}\n{section}\n{END}"
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Long context\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_section(RESULTS, "Long context", START, END, section)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._runner import PYTHON, REPO, machine_words, wait_for_quiet
+from bench._runner import PYTHON, REPO, machine_words, wait_for_quiet, write_section
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- packed-attention:start -->", "<!-- packed-attention:end -->"
@@ -84,16 +84,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    body = RESULTS.read_text()
-    if START in body:
-        head, rest = body.split(START, 1)
-        body = head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    else:
-        body += f"\n## Packed attention\n\n{START}\n{text}\n{END}\n"
-    RESULTS.write_text(body)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -116,7 +106,7 @@ def main() -> None:
             f"{' --quick' if args.quick else ''}`\n\n{table(rows)}")
     print(text)
     if not args.quick:
-        write_results(text)
+        write_section(RESULTS, "Packed attention", START, END, text)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from typing import Optional
 import yaml
 
 from bench import _workloads as W
-from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, machine_words, run_tree, wait_for_quiet
+from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, machine_words, run_tree, wait_for_quiet, write_section
 from launcher.contract.run_dir import RunDir
 
 CONTENDERS = ("shardtune", "minimal", "minimal_same", "trainer")
@@ -547,7 +547,6 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
     m = info["model"]
     gb = W.MICRO * s["grad_accum"] * W.WORLD
     lines = [
-        START,
         f"Measured {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine_words()}, "
         f"shared with other work, Python {platform.python_version()}, "
         f"{library_versions()}; {elapsed / 60:.1f} min in all ({measured / 60:.1f} min measuring, the rest setup "
@@ -587,18 +586,8 @@ def write_results(path: Path, report: dict, command: str, others: list[float], e
     lines += ["", "tokens/s counts every position computed (padding included); useful tokens/s counts "
               "loss-carrying positions. Ratios compare tokens/s on fixed data and useful tokens/s on variable data. "
               + peak_note(report),
-              "", format_table(report), "", format_targets(report), END]
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = "\n".join(lines)
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    elif "## Throughput" in text:
-        at = text.index("## Throughput")
-        nl = text.index("\n", at) + 1
-        text = text[:nl] + "\n" + block + "\n" + text[nl:]
-    else:
-        text = text.rstrip("\n") + "\n\n## Throughput\n\n" + block + "\n"
-    path.write_text(text)
+              "", format_table(report), "", format_targets(report)]
+    write_section(path, "Throughput", START, END, "\n".join(lines))
 
 
 def library_versions() -> str:
