@@ -170,8 +170,11 @@ def wait_for_step(run_dir, step: int, timeout: float = 180) -> None:
 
 
 def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model, cluster, reference):
+    """With slurm.max_requeues 0: a preemption whose attempt saved progress does not count against it (it used to
+    count every requeue, so a long run gave up after a few time limits)."""
     run = tmp_path / "run"
-    shardtune("launch", str(job_config(tmp_path, tiny_model, max_steps=STEPS)))
+    cfg = job_config(tmp_path, tiny_model, max_steps=STEPS)
+    shardtune("launch", str(cfg), "slurm.max_requeues=0")
     job = submitted_job(run)
     wait_for_step(run, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -180,7 +183,7 @@ def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model
     log = (run / f"slurm-{job}.out").read_text(errors="replace")
     assert state == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "1"
-    assert "caught USR1" in log and "requeueing job" in log and "run state 'stopped'" in log
+    assert "caught USR1" in log and "it saved progress" in log and "run state 'stopped'" in log
     assert re.search(r"resumed from .*step_\d+ at step \d+", log)
     assert losses(run) == reference
 
@@ -207,15 +210,18 @@ def test_stop_on_request_ends_the_job_in_a_directory_named_with_spaces(tmp_path,
 
 
 def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, cluster):
+    """The first attempt saves steps 2 and 4 before its crash at step 5, so it is requeued even with
+    slurm.max_requeues 0; the second resumes at step 4 and crashes at 5 again without a newer checkpoint."""
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 2}, launch=SLURM,
-                      slurm={"time": "10", "max_requeues": 1})
+                      slurm={"time": "10", "max_requeues": 0})
     proc = shardtune("launch", str(cfg), "launch.env={SHARDTUNE_FAULTS: 'crash@5:0'}", "--wait", check=False)
     assert proc.returncode != 0 and "FAILED" in proc.stdout + proc.stderr
     run = tmp_path / "run"
     job = submitted_job(run)
     log = (run / f"slurm-{job}.out").read_text(errors="replace")
     assert log.count("resumed from") == 1, "the second attempt should resume from the periodic checkpoint"
-    assert "giving up: attempt 1 ended" in log and "slurm.max_requeues=1" in log
+    assert "giving up: attempt 1 ended" in log and "slurm.max_requeues=0" in log
+    assert "1 attempt in a row ended without a newer checkpoint" in log and "step 4" in log
     assert slurm.job_info(job)["Restarts"] == "1"
 
 

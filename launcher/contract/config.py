@@ -320,7 +320,9 @@ class SlurmConfig(Section):
     """Seconds before the time limit at which SLURM sends USR1, so the job saves and requeues (SLURM may send it up to
     30 s earlier)."""
     max_requeues: int = Field(3, ge=0)
-    """Requeue after a preemption, a time limit or a crash at most this many times."""
+    """Attempts in a row that may end without a newer checkpoint (a crash, a stop before the first save) and still be
+    requeued. An attempt that saved progress resets the count, so time limits and preemptions requeue a run for as
+    long as it trains."""
     job_name: Optional[str] = None
     """Job name; default: the output directory's name."""
 

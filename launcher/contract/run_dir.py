@@ -7,7 +7,7 @@ each file and owns its format keeps them agreeing. Torch-free, so a login node c
     resolved_config.yaml, ds_config.json, launch.sh | launch.sbatch    the run as planned
     metrics.jsonl, status.json, STOP, wandb_run_id, preflight.json       progress and control
     heartbeats/rank_R.json, stacks/rank_R.txt, nccl_traces/             liveness and post-mortems
-    checkpoints/step_XXXXXXXX/ (+ LATEST, latest), final/, slurm-JOB.out, slurm_jobs.json
+    checkpoints/step_XXXXXXXX/ (+ LATEST, latest), final/, slurm-JOB.out, slurm_jobs.json, requeues.json
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ WANDB_ID = "wandb_run_id"
 PREFLIGHT = "preflight.json"
 PREFLIGHT_PROBES = ".preflight"
 SLURM_JOBS = "slurm_jobs.json"
+REQUEUES = "requeues.json"
 SLURM_LOG = "slurm-{job}.out"
 # Liveness and post-mortems.
 HEARTBEATS = "heartbeats"
@@ -272,6 +273,11 @@ class RunDir:
     def record_job(self, job_id: str) -> None:
         jobs = self.read_jobs() + [{"job_id": job_id, "submitted": time.time()}]
         (self.path / SLURM_JOBS).write_text(json.dumps(jobs, indent=1) + "\n")
+
+    @property
+    def requeue_file(self) -> Path:
+        """A SLURM job's attempts without progress in a row (launcher/backends/requeue.py owns its format)."""
+        return self.path / REQUEUES
 
     def slurm_log(self, job_id: str = "%j") -> Path:
         """The batch job's output file (`%j` in the #SBATCH line, the job id when reading it)."""
