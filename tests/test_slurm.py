@@ -188,6 +188,32 @@ def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model
     assert losses(run) == reference
 
 
+def test_slurm_preemption_lets_a_save_longer_than_torchruns_30_s_finish(tmp_path, tiny_model, cluster, reference):
+    """SLURM's own preemption (the local cluster's `preempting` partition outranks `debug`: PreemptMode=REQUEUE,
+    GraceTime=120) sends SIGTERM to every process of the job, torchrun's agents included. The agents used to
+    SIGKILL their workers 30 s later (torch's default shutdown timeout), in the middle of the save the SIGTERM
+    asked for. Before that, the batch script read the trainer's clean stop as a user's `shardtune stop` (the
+    batch shell itself gets no signal) and ended the job COMPLETED at the preempted step, so a job whose save
+    finished within the grace time was over. Here that save takes 35 s (`stall_save`)."""
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 1000}, launch=SLURM,
+                      slurm={"time": "10", "max_requeues": 0})
+    shardtune("launch", str(cfg), "launch.env={SHARDTUNE_FAULTS: 'stall_save@-1:0=35'}")
+    job = submitted_job(run)
+    wait_for_step(run, 3)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=preempting", "--nodes=2", "--output=/dev/null",
+                             "--wrap=true"], capture_output=True, text=True, check=True).stdout.strip()
+    state = slurm.wait_for(job, poll_s=1.0, on_change=lambda _: None)
+    log = RunDir(run).slurm_log(job).read_text(errors="replace")
+    assert state == "COMPLETED", log[-3000:]
+    assert slurm.wait_for(urgent, poll_s=1.0, on_change=lambda _: None) == "COMPLETED"
+    assert "the trainer stopped on a signal to the training processes" in log, log[-3000:]
+    assert int(slurm.job_info(job)["Restarts"]) >= 1 and "it saved progress" in log
+    resumed = re.search(r"resumed from .*step_\d+ at step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 3, log[-3000:]
+    assert losses(run) == reference
+
+
 def test_stop_on_request_ends_the_job_in_a_directory_named_with_spaces(tmp_path, tiny_model, cluster):
     """`shardtune stop` saves and ends the job: it used to requeue like a preemption, and the requeued attempt
     resumed and trained on (train.stop_at_step stopped, requeued and resumed one step per attempt). The run

@@ -28,10 +28,17 @@ class StopRequest:
     def _on_signal(self, signum, _frame) -> None:
         self.signalled = signal.Signals(signum).name
 
-    def agreed(self, dist: Dist) -> bool:
-        """True on every rank when any rank was signalled or rank 0 sees the STOP file."""
-        local = self.signalled is not None or (dist.is_main and self.run_dir.stop_requested())
-        return all_reduce_max([1.0 if local else 0.0], dist.device)[0] > 0
+    def agreed(self, dist: Dist) -> Optional[str]:
+        """Why every rank stops now, the same on all ranks: "signal" when any rank was signalled, "request" when
+        rank 0 sees the STOP file; None to go on.
+
+        The launch script requeues a stop by signal: SLURM's own preemption with a grace time signals the
+        training processes, not the batch shell, and a job that ended as if a user had asked would be over.
+        """
+        signalled = 1.0 if self.signalled is not None else 0.0
+        requested = 1.0 if dist.is_main and self.run_dir.stop_requested() else 0.0
+        by_signal, by_request = all_reduce_max([signalled, requested], dist.device)
+        return "signal" if by_signal > 0 else "request" if by_request > 0 else None
 
     def clear(self, dist: Dist) -> None:
         if dist.is_main:

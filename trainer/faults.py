@@ -7,7 +7,8 @@ cannot be timed from outside a process, so tests set SHARDTUNE_FAULTS, e.g.
 
 meaning: at optimizer step 5 rank 1's loss becomes NaN; while saving step 6, rank 0 SIGKILLs
 itself after the shards are written and before the checkpoint is committed; rank 1's preflight
-reports transformers 0.0.1 (step 0: at start-up). A fault fires only in
+reports transformers 0.0.1 (step 0: at start-up). Step -1 means any step (for a save whose step a test
+cannot know, such as the one a preemption asks for). A fault fires only in
 the first attempt of a run (torchrun's restart count 0), so a restarted job can show recovery.
 Without the variable every hook is a no-op.
 """
@@ -44,8 +45,12 @@ ACTIVE = (_parse(os.environ.get("SHARDTUNE_FAULTS", ""))
           if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else [])
 
 
+def _armed(kind: str, step: int, rank: int) -> list[Fault]:
+    return [f for f in ACTIVE if f.kind == kind and f.step in (step, -1) and f.rank == rank]
+
+
 def fires(kind: str, step: int, rank: int) -> bool:
-    return any(f.kind == kind and f.step == step and f.rank == rank for f in ACTIVE)
+    return bool(_armed(kind, step, rank))
 
 
 _READ_FAILED: set[int] = set()
@@ -128,7 +133,7 @@ class FaultHooks:
                   flush=True)
 
     def _arg(self, kind: str, step: int) -> float:
-        return next(float(f.arg or 60) for f in ACTIVE if f.kind == kind and f.step == step and f.rank == self.rank)
+        return float(_armed(kind, step, self.rank)[0].arg or 60)
 
     def step_started(self, step: int) -> None:
         maybe_kill("crash", step, self.rank)

@@ -96,7 +96,7 @@ class Session:
         """A checkpoint being written in the background (train.async_save), not yet committed."""
         self.last_saved_step = -1
         self.last_checkpoint: Optional[Path] = None
-        self.stopped = False
+        self.stopped: Optional[str] = None  # why the run stopped before max_steps: "signal" or "request"
         self.finished = False
         """The run ended normally (completed or stopped on request): its directory is free again."""
         self.peak: dict = {"tflops": None, "source": "none"}
@@ -261,13 +261,15 @@ class Session:
             self.commit_pending()
         if self.data.eval is not None and t.eval_every and state.step % t.eval_every == 0:
             self.tracker.log(state.step, self.eval_held_out())
-        stop = self.stop.agreed(self.dist) or (t.stop_at_step is not None and state.step >= t.stop_at_step)
+        stop = self.stop.agreed(self.dist)
+        if stop is None and t.stop_at_step is not None and state.step >= t.stop_at_step:
+            stop = "request"
         if stop and state.step < t.max_steps:
             self.save(state)
             self.stop.clear(self.dist)
-            self.stopped = True
-            self.tracker.message(f"stopped at step {state.step} on request; relaunch to continue from "
-                                 f"{self.last_checkpoint}")
+            self.stopped = stop
+            self.tracker.message(f"stopped at step {state.step} on {'a signal' if stop == 'signal' else 'request'}; "
+                                 f"relaunch to continue from {self.last_checkpoint}")
             return True
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             if t.async_save:
@@ -332,7 +334,7 @@ class Session:
     def finish(self, state: TrainState, started: float) -> int:
         if self.stopped:
             self.tracker.flush(state.step)
-            self.tracker.status("stopped", state.step, self.last_checkpoint)
+            self.tracker.status("stopped", state.step, self.last_checkpoint, stopped_by=self.stopped)
             self.finished = True
             return 0
         if self.data.eval is not None:

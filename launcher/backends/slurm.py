@@ -109,11 +109,25 @@ def per_node_torchrun(cfg: RunConfig, python: str, trainer_args: tuple[str, ...]
     return monitor + " exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
 
 
+def agent_env(cfg: RunConfig) -> dict[str, str]:
+    """How long torchrun's agent lets its workers finish after a SIGTERM: `slurm.signal_lead_s`, the time a save is
+    planned to fit in, instead of torch's 30 s.
+
+    SLURM's own preemption (PreemptMode=REQUEUE with a partition's GraceTime) signals every process of the job,
+    torchrun's agents included, not only the batch shell that `--signal=B:USR1` reaches. The workers take the
+    SIGTERM as a stop request and save; the agent SIGKILLs them when its shutdown timeout ends, in the middle
+    of that save when it takes longer (a 70B model's does), and the job resumes from an older checkpoint. The
+    partition's GraceTime still bounds it from outside.
+    """
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.slurm.signal_lead_s)}
+
+
 def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable,
                   trainer_args: tuple[str, ...] = ()) -> str:
     """The batch script text for a resolved config; env is what every training process gets (launch.env last)."""
     template = (data_dir("slurm") / "launch.sbatch.template").read_text()
-    defaults = {**default_env("$RUN_DIR"), **{k: v for k, v in env.items() if k not in cfg.launch.env}}
+    defaults = {**default_env("$RUN_DIR"), **agent_env(cfg),
+                **{k: v for k, v in env.items() if k not in cfg.launch.env}}
     values = {
         "SBATCH_LINES": "\n".join(sbatch_lines(cfg)),
         "RUN_DIR": shlex.quote(cfg.output_dir),
