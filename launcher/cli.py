@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher.arguments import call
@@ -87,9 +88,16 @@ def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = Fal
         print(f"start `bash {script}` on each of the {p.config.launch.nodes} nodes "
               f"(they meet at {rdzv_endpoint(p.config)})")
         return
+    started = time.time()
     code = run_foreground(["bash", str(script)])
+    status = run_dir.read_status() or {}
+    if code and status.get("state") == "stopped" and status.get("time", 0) >= started:
+        # a SIGTERM passed on to torchrun: its agent exits non-zero, while the ranks saved and stopped as asked
+        print(f"shardtune: training stopped at step {status.get('step')} on a signal; launch again to continue from "
+              f"{status.get('checkpoint')}", file=sys.stderr)
+        return
     if code:
-        reason = (run_dir.read_status() or {}).get("reason")
+        reason = status.get("reason")
         print(f"shardtune: training exited with code {code}" + (f": {reason}" if reason else "; logs above")
               + f" (run directory {run_dir.path})", file=sys.stderr)
         raise SystemExit(code)

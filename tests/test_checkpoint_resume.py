@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +21,7 @@ from safetensors.torch import load_file
 
 from launcher.contract.run_dir import HF, LATEST, MANIFEST, TRAINER_STATE, RunDir
 
-from conftest import losses, read_metrics, shardtune, tiny_config
+from conftest import REPO, losses, read_metrics, shardtune, tiny_config
 
 STEPS = 16
 COMMON = {"max_steps": STEPS, "save_every": 5, "keep_last": 3, "grad_accum_steps": None, "global_batch_size": 8}
@@ -53,6 +58,29 @@ def test_stop_and_relaunch_gives_identical_losses(tmp_path, tiny_model, referenc
     proc = launch(cfg)
     assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
     assert_same_losses(tmp_path / "run", reference)
+
+
+def test_a_sigterm_lets_the_ranks_finish_a_save_longer_than_torchruns_30_s_and_resume(tmp_path, tiny_model, reference):
+    """SIGTERM to `shardtune launch` (a scheduler's, or `kill`) reaches torchrun's agent and the ranks. The ranks
+    save and stop; the agent used to SIGKILL them 30 s later (torch's default shutdown timeout), in the middle of a
+    save that takes longer, and launch.sh ended at once while they still ran. Here the save takes 35 s."""
+    cfg = config(tmp_path, tiny_model, save_every=1000)
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "shardtune"), "launch", str(cfg)], cwd=REPO,
+                            env={**os.environ, "SHARDTUNE_FAULTS": "stall_save@-1:0=35"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run.metrics_file.exists() and max(losses(run.path), default=0) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    status = run.read_status()
+    assert status["state"] == "stopped" and status["stopped_by"] == "signal", status
+    assert f"training stopped at step {status['step']} on a signal" in err
+    assert (run.checkpoint(status["step"]) / MANIFEST).is_file()
+    assert f"{run.checkpoint(status['step']).name} at step {status['step']}" in launch(cfg).stderr
+    assert_same_losses(run.path, reference)
 
 
 def test_killed_worker_is_restarted_and_resumes(tmp_path, tiny_model, reference):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launcher.backends.torchrun import default_env
+from launcher.backends.torchrun import agent_env, default_env
 from launcher.contract import run_dir
 from launcher.contract.config import RunConfig
 from launcher.contract.resources import data_dir
@@ -107,19 +107,6 @@ def per_node_torchrun(cfg: RunConfig, python: str, trainer_args: tuple[str, ...]
     monitor = f"{shlex.quote(python)} -m launcher.backends.monitor {shlex.quote(cfg.output_dir)} &"
     # exec keeps the shell's pid, so the monitor's parent stays put until torchrun ends (and the monitor with it).
     return monitor + " exec " + " ".join(a if "$" in a else shlex.quote(a) for a in argv)
-
-
-def agent_env(cfg: RunConfig) -> dict[str, str]:
-    """How long torchrun's agent lets its workers finish after a SIGTERM: `slurm.signal_lead_s`, the time a save is
-    planned to fit in, instead of torch's 30 s.
-
-    SLURM's own preemption (PreemptMode=REQUEUE with a partition's GraceTime) signals every process of the job,
-    torchrun's agents included, not only the batch shell that `--signal=B:USR1` reaches. The workers take the
-    SIGTERM as a stop request and save; the agent SIGKILLs them when its shutdown timeout ends, in the middle
-    of that save when it takes longer (a 70B model's does), and the job resumes from an older checkpoint. The
-    partition's GraceTime still bounds it from outside.
-    """
-    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.slurm.signal_lead_s)}
 
 
 def render_sbatch(cfg: RunConfig, env: dict[str, str], python: str = sys.executable,

@@ -58,6 +58,20 @@ def default_env(run_dir: str) -> dict[str, str]:
             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", fr_names[0]: "2000", fr_names[1]: f"{run_dir}/{NCCL_TRACES}/rank_"}
 
 
+def agent_env(cfg: RunConfig) -> dict[str, str]:
+    """How long torchrun's agent lets its workers finish after a SIGTERM: `slurm.signal_lead_s`, the time a save is
+    planned to fit in, instead of torch's 30 s.
+
+    SLURM's own preemption (PreemptMode=REQUEUE with a partition's GraceTime) signals every process of the job,
+    torchrun's agents included, not only the batch shell that `--signal=B:USR1` reaches; without SLURM, a
+    scheduler's or a user's SIGTERM reaches the whole process group (`shardtune launch` passes it on). The
+    workers take the SIGTERM as a stop request and save; the agent SIGKILLs them when its shutdown timeout ends,
+    in the middle of that save when it takes longer (a 70B model's does). A partition's GraceTime still bounds
+    it from outside.
+    """
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.slurm.signal_lead_s)}
+
+
 def cpu_threads_per_rank(cfg: RunConfig) -> Optional[int]:
     """OMP_NUM_THREADS for a rank whose optimizer is offloaded on a GPU node: DeepSpeed's CPU Adam steps the
     rank's partition with OpenMP, and torchrun's default (1 thread) would step each rank on one core while the
@@ -97,6 +111,7 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
         lines.append(f"mkdir -p {shlex.quote(str(RunDir(cfg.output_dir).nccl_traces))}")
         lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()
                   if k != "OMP_NUM_THREADS"]
+    lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in agent_env(cfg).items()]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
     python, run_dir = shlex.quote(argv[0]), shlex.quote(cfg.output_dir)
     lines += ["# A monitor outside the training processes kills a frozen rank (so torchrun restarts the job); when",
@@ -104,6 +119,9 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
               "STARTED=$(date +%s)",
               f"{python} -m launcher.backends.monitor {run_dir} &",
               "trap 'kill $! 2>/dev/null || true' EXIT",
+              "# A SIGTERM to the process group (`shardtune launch` passes one on) asks the ranks to save and stop:",
+              "# this shell waits for them instead of ending at once, and reports when they are done.",
+              "trap ':' TERM",
               "CODE=0",
               " ".join(shlex.quote(a) for a in argv) + " || CODE=$?",
               f"{python} -m launcher.backends.postmortem {run_dir} \"$CODE\" \"$STARTED\"",

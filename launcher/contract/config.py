@@ -318,7 +318,8 @@ class SlurmConfig(Section):
     """Shell lines run on the batch host before training: module loads, venv activation."""
     signal_lead_s: int = Field(300, ge=30)
     """Seconds before the time limit at which SLURM sends USR1, so the job saves and requeues (SLURM may send it up to
-    30 s earlier)."""
+    30 s earlier). Also how long torchrun's agents let the workers finish that save after a SIGTERM (SLURM's own
+    preemption, or a SIGTERM without SLURM) before they kill them; torch's default is 30 s."""
     max_requeues: int = Field(3, ge=0)
     """Attempts in a row that may end without a newer checkpoint (a crash, a stop before the first save) and still be
     requeued. An attempt that saved progress resets the count, so time limits and preemptions requeue a run for as
