@@ -120,7 +120,7 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
               f"{python} -m launcher.backends.monitor {run_dir} &",
               "trap 'kill $! 2>/dev/null || true' EXIT",
               "# A SIGTERM to the process group (`shardtune launch` passes one on) asks the ranks to save and stop:",
-              "# this shell waits for them instead of ending at once, and reports when they are done.",
+              "# this shell waits for them (and runs the post-mortem) instead of ending at once.",
               "trap ':' TERM",
               "CODE=0",
               " ".join(shlex.quote(a) for a in argv) + " || CODE=$?",
