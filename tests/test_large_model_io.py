@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from launcher.backends.slurm import mem_bytes
+from launcher.backends.slurm import Preemption, mem_bytes
 from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import LATEST, MANIFEST, TRAINER_STATE, RunDir
@@ -379,13 +379,13 @@ def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does
     assert RunDir(tmp_path / "stalled" / "run").read_status()["state"] == "completed"  # restarted, then finished
 
 
-def _slurm_plan(train: dict | None = None, stage: int = 3, slurm: dict | None = None, **launch):
+def _slurm_plan(train: dict | None = None, stage: int = 3, slurm: dict | None = None, preemption=None, **launch):
     raw = {"model": {"name_or_path": str(REPO / "tests" / "data" / "model_configs" / "llama3_8b.json")},
            "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 4096},
            "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0, **(train or {})},
            "zero": {"stage": stage}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
            "slurm": slurm or {}, "output_dir": "/scratch/run"}
-    host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96)
+    host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96, preemption=preemption)
     return build_plan(validate_config(apply_overrides(raw, [])), host=host)
 
 
@@ -399,6 +399,21 @@ def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_preemption_wi
     (warning,) = slow["warnings"]
     assert f"{expected_gb:,.1f} GB" in warning and f"{expected_gb / 0.25:,.0f} s" in warning
     assert "slurm.signal_lead_s gives it 300 s" in warning
+
+
+def test_plan_warns_when_a_checkpoint_does_not_fit_the_partitions_preemption_grace_time():
+    """SLURM's own preemption gives the partition's GraceTime, whatever slurm.signal_lead_s says. Llama-3-8B at
+    ZeRO-3 (8,030,261,248 parameters, published) writes 12 bytes per parameter: 96.4 GB, 96 s at 1 GB/s, 145 s
+    with the 1.5x margin; slurm.signal_lead_s is raised so only the grace time can be short."""
+    expected_gb = (12 * 8_030_261_248 + 5_000_000) / 1e9
+    short = _slurm_plan(slurm={"signal_lead_s": 1000}, storage_gbps=1.0,
+                        preemption=Preemption("scavenger", "REQUEUE", 120)).to_json()
+    (warning,) = short["warnings"]
+    assert "partition scavenger preempts jobs (PreemptMode=REQUEUE) with GraceTime=120 s" in warning
+    assert f"{expected_gb:,.1f} GB" in warning and f"{expected_gb * 1.5:,.0f} s" in warning
+    long = _slurm_plan(slurm={"signal_lead_s": 1000}, storage_gbps=1.0,
+                       preemption=Preemption("scavenger", "REQUEUE", 150))
+    assert not long.to_json()["warnings"]
 
 
 def test_plan_counts_the_host_copies_background_saves_keep_on_rank_zeros_node():

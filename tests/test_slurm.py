@@ -169,6 +169,14 @@ def wait_for_step(run_dir, step: int, timeout: float = 180) -> None:
     raise AssertionError(f"step {step} never logged")
 
 
+def test_the_plan_reads_the_partitions_preemption_from_scontrol(cluster):
+    """The local cluster's debug partition (slurm/local-cluster/up): PreemptMode=REQUEUE, GraceTime=120. The
+    preempting partition keeps the default GraceTime 0, which says nothing about preemption."""
+    assert slurm.partition_preemption(None) == slurm.Preemption("debug", "REQUEUE", 120)
+    assert slurm.partition_preemption("debug") == slurm.Preemption("debug", "REQUEUE", 120)
+    assert slurm.partition_preemption("preempting") is None
+
+
 def test_preempted_job_saves_requeues_resumes_and_completes(tmp_path, tiny_model, cluster, reference):
     """With slurm.max_requeues 0: a preemption whose attempt saved progress does not count against it (it used to
     count every requeue, so a long run gave up after a few time limits)."""

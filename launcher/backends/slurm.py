@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -192,3 +193,43 @@ def slurm_node_cpus(partition: Optional[str]) -> Optional[int]:
         return None
     counts = [int(x) for x in proc.stdout.split() if x.isdigit()]
     return min(counts) if proc.returncode == 0 and counts else None
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """How SLURM stops a partition's jobs for a higher-priority one: REQUEUE or CANCEL, after GraceTime seconds of
+    SIGTERM (the job's processes get it, not only the batch shell)."""
+
+    partition: str
+    mode: str
+    grace_s: int
+
+
+def preemption_of(fields: dict[str, str]) -> Optional[Preemption]:
+    """From one partition's `scontrol show partition --oneliner` fields; None unless its jobs are stopped with a grace
+    time. A GraceTime of 0 says nothing (it is the default of every partition, preemptible or not), and SUSPEND or
+    GANG pause a job instead of stopping it."""
+    mode = fields.get("PreemptMode", "OFF").split(",")[0].upper()
+    grace = fields.get("GraceTime", "0")
+    if mode not in ("REQUEUE", "CANCEL") or not grace.isdigit() or int(grace) == 0:
+        return None
+    return Preemption(fields.get("PartitionName", "?"), mode, int(grace))
+
+
+def partition_preemption(partition: Optional[str]) -> Optional[Preemption]:
+    """The preemption of the partition a job goes to (the default one when None); None when scontrol does not
+    answer or the partition's jobs are not stopped with a grace time."""
+    if not shutil.which("scontrol"):
+        return None
+    try:
+        proc = subprocess.run(["scontrol", "show", "partition", "--oneliner", *([partition] if partition else [])],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode:
+        return None
+    for line in proc.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if partition is not None or fields.get("Default") == "YES":
+            return preemption_of(fields)
+    return None

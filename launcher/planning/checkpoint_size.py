@@ -1,9 +1,10 @@
 """How big one checkpoint is, and whether it can be written before SLURM kills a preempted job.
 
-On SLURM a job gets `slurm.signal_lead_s` seconds between the warning and the kill. A checkpoint that takes
-longer to write than that is lost on every preemption, with all the work since the last periodic save; the
-plan says so before the job is queued. Bytes per parameter, as DeepSpeed 0.19 writes them (measured on disk
-for stages 0-3 in fp32 and bf16, with and without optimizer offload; bench/io.py checks a 200M model):
+On SLURM a job gets `slurm.signal_lead_s` seconds between the time limit's warning and the kill, and its
+partition's GraceTime when SLURM preempts it. A checkpoint that takes longer to write than that is lost on
+every preemption, with all the work since the last periodic save; the plan says so before the job is queued.
+Bytes per parameter, as DeepSpeed 0.19 writes them (measured on disk for stages 0-3 in fp32 and bf16, with
+and without optimizer offload; bench/io.py checks a 200M model):
 
     stage 0    module weights (p) + Adam moments (8), + an fp32 master (4) when training in bf16/fp16
     stage 1-2  module weights (p) + fp32 master (4) + Adam moments (8): the module file is written once
@@ -18,7 +19,9 @@ save, so the node with rank 0 holds the largest share for the rest of the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+from launcher.backends.slurm import Preemption
 from launcher.planning.memory import PARAM_BYTES
 
 FIXED_BYTES = 5_000_000  # tokenizer, config, RNG states and pickled bookkeeping: small next to any real model
@@ -75,3 +78,17 @@ def plan_checkpoint(params: int, stage: int, dtype: str, storage_gbps: float,
                    f"at least {int(seconds * SAFETY) + 1}, set launch.storage_gbps to your storage's measured "
                    f"bandwidth (each save logs save_gbps), or save more often (train.save_every)")
     return CheckpointPlan(gb, seconds, warning)
+
+
+def grace_warning(ckpt: CheckpointPlan, preemption: Optional[Preemption], storage_gbps: float) -> str:
+    """SLURM's own preemption gives a job its partition's GraceTime to save, not `slurm.signal_lead_s`: a warning
+    when one checkpoint does not fit in it (empty when it does, or the partition gives no grace time)."""
+    need = ckpt.write_seconds * SAFETY
+    if preemption is None or need <= preemption.grace_s:
+        return ""
+    return (f"partition {preemption.partition} preempts jobs (PreemptMode={preemption.mode}) with "
+            f"GraceTime={preemption.grace_s} s, but one checkpoint is {ckpt.gb:,.1f} GB and takes about "
+            f"{ckpt.write_seconds:,.0f} s to write at launch.storage_gbps {storage_gbps:g} GB/s (with {SAFETY:g}x "
+            f"margin {need:,.0f} s): a preempted job would lose its work since the last periodic save. Save more "
+            f"often (train.save_every), use a partition that is not preempted, or set launch.storage_gbps to your "
+            f"storage's measured bandwidth (each save logs save_gbps)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from launcher.backends.slurm import slurm_node_cpus
+from launcher.backends.slurm import Preemption, partition_preemption, slurm_node_cpus
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,14 @@ class HostFacts:
     """The C++ compiler torch.compile's inductor builds CPU kernels with (None: none found)."""
     triton: bool = False
     """Whether triton, which inductor generates GPU kernels for, is installed."""
+    preemption: Optional[Preemption] = None
+    """How SLURM preempts the partition's jobs, when it gives them a grace time (scontrol)."""
 
     @classmethod
     def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> HostFacts:
         return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None,
-                   cxx_compiler(), importlib.util.find_spec("triton") is not None)
+                   cxx_compiler(), importlib.util.find_spec("triton") is not None,
+                   partition_preemption(partition) if slurm else None)
 
     def compile_problem(self, device: str) -> Optional[str]:
         """Why torch.compile cannot build kernels for `device` here (None: it can)."""

@@ -16,7 +16,7 @@ from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
 from launcher.contract.config import RunConfig, replicas_words
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
-from launcher.planning.checkpoint_size import plan_checkpoint
+from launcher.planning.checkpoint_size import grace_warning, plan_checkpoint
 from launcher.planning.chunked_loss import loss_chunk_tokens, resolve_chunked_loss
 from launcher.planning.compile_choice import resolve_compile
 from launcher.planning.deepspeed_config import render_deepspeed_config
@@ -126,6 +126,7 @@ def parameter_count(model_cfg: Optional[dict]) -> Optional[int]:
 
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
+    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm")
     cfg, notes = resolve(cfg, host)
     t = cfg.train
     world, sp = cfg.launch.world_size, t.sequence_parallel
@@ -150,6 +151,8 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         planned = plan_checkpoint(memory["params"], int(cfg.zero.stage), t.precision, cfg.launch.storage_gbps, lead)
         ckpt = planned.to_json()
         warnings += [planned.warning] if planned.warning else []
+        grace = grace_warning(planned, host.preemption, cfg.launch.storage_gbps) if lead is not None else ""
+        warnings += [grace] if grace else []
         warnings += _host_memory_warning(cfg, memory)
         warnings += _sample_memory_warning(cfg, memory, model_cfg)
     return Plan(
