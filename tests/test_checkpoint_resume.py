@@ -79,6 +79,7 @@ def test_a_sigterm_lets_the_ranks_finish_a_save_longer_than_torchruns_30_s_and_r
     assert status["state"] == "stopped" and status["stopped_by"] == "signal", status
     assert f"training stopped at step {status['step']} on a signal" in err
     assert (run.checkpoint(status["step"]) / MANIFEST).is_file()
+    assert f"stopped on a signal at step {status['step']}" in shardtune("status", str(run.path)).stdout
     assert f"{run.checkpoint(status['step']).name} at step {status['step']}" in launch(cfg).stderr
     assert_same_losses(run.path, reference)
 

@@ -217,6 +217,7 @@ def test_slurm_preemption_lets_a_save_longer_than_torchruns_30_s_finish(tmp_path
     assert slurm.wait_for(urgent, poll_s=1.0, on_change=lambda _: None) == "COMPLETED"
     assert "the trainer stopped on a signal to the training processes" in log, log[-3000:]
     assert int(slurm.job_info(job)["Restarts"]) >= 1 and "it saved progress" in log
+    assert "0 attempts in a row ended without a newer checkpoint" in shardtune("status", str(run)).stdout
     resumed = re.search(r"resumed from .*step_\d+ at step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-3000:]
     assert losses(run) == reference
@@ -256,6 +257,9 @@ def test_deterministic_crash_stops_after_max_requeues(tmp_path, tiny_model, clus
     assert log.count("resumed from") == 1, "the second attempt should resume from the periodic checkpoint"
     assert "giving up: attempt 1 ended" in log and "slurm.max_requeues=0" in log
     assert "1 attempt in a row ended without a newer checkpoint" in log and "step 4" in log
+    status = shardtune("status", str(run)).stdout
+    assert "restarts 1" in status and "1 attempt in a row ended without a newer checkpoint (slurm.max_requeues 0)" \
+        in status, status
     assert slurm.job_info(job)["Restarts"] == "1"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from launcher.backends import slurm
+from launcher.backends import requeue, slurm
 from launcher.contract.run_dir import STATUS, RunDir
 
 
@@ -31,6 +31,9 @@ def collect(run_dir: RunDir) -> dict[str, Any]:
         out["slurm"] = {"job_id": job_id, "state": info.get("JobState") or slurm.accounting_state(job_id),
                         "restarts": int(info["Restarts"]) if "Restarts" in info else None,
                         "reason": info.get("Reason"), "nodes": info.get("NodeList"), "jobs_submitted": len(jobs)}
+        record = requeue.read(run_dir)
+        if record is not None and record.job == job_id:
+            out["slurm"]["attempts_without_progress"] = record.fruitless
     train = run_dir.train_metrics()
     if train:
         out["last_step"] = {k: train[-1].get(k) for k in ("step", "loss", "tokens_per_sec", "lr", "time")}
@@ -39,7 +42,9 @@ def collect(run_dir: RunDir) -> dict[str, Any]:
     out["heartbeats"] = run_dir.read_heartbeats()
     out["stack_dumps"] = [str(p) for p in run_dir.stack_dumps()]
     if run_dir.config_file.exists():
-        out["max_steps"] = run_dir.read_config().get("train", {}).get("max_steps")
+        config = run_dir.read_config()
+        out["max_steps"] = config.get("train", {}).get("max_steps")
+        out["max_requeues"] = config.get("slurm", {}).get("max_requeues")
     return out
 
 
@@ -48,7 +53,8 @@ def format_status(info: dict[str, Any]) -> str:
     lines = [f"run         {info['run_dir']}"]
     status = info.get("status")
     if status:
-        lines.append(f"state       {status['state']} at step {status.get('step')} ({_age(now - status['time'])})"
+        by = {"signal": " on a signal", "request": " on request"}.get(status.get("stopped_by"), "")
+        lines.append(f"state       {status['state']}{by} at step {status.get('step')} ({_age(now - status['time'])})"
                      + (f": {status['reason']}" if status.get("reason") else ""))
     else:
         lines.append(f"state       not started (no {STATUS})")
@@ -57,6 +63,10 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"slurm       job {s['job_id']} {s['state'] or 'unknown to SLURM'}, restarts {s['restarts']}"
                      + (f", {s['reason']}" if s.get("reason") not in (None, "None") else "")
                      + (f", nodes {s['nodes']}" if s.get("nodes") not in (None, "(null)") else ""))
+        if "attempts_without_progress" in s:
+            n = s["attempts_without_progress"]
+            lines.append(f"            {n} attempt{'' if n == 1 else 's'} in a row ended without a newer checkpoint "
+                         f"(slurm.max_requeues {info.get('max_requeues')})")
     last = info.get("last_step")
     if last:
         loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "skipped"
