@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from launcher.planning.plan import build_plan, format_plan
 from trainer.hf_writer import INDEX_FILE
 
 from conftest import REPO, RenameDurability, losses, shardtune, tiny_config
+from remote_models import custom_code_model
 
 STEPS = 12
 CONFIGS = REPO / "tests" / "data" / "model_configs"
@@ -178,24 +178,6 @@ def test_a_killed_conversion_builder_takes_its_conversion_down_with_it(zero3_run
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, left
-
-
-def custom_code_model(tiny_model, out) -> Path:
-    """The tiny Llama as a model with its own code (config.json's auto_map), as hub models with custom
-    architectures ship: loadable only with trust_remote_code."""
-    shutil.copytree(tiny_model, out)
-    (out / "configuration_tinycustom.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n"
-        "    model_type = 'tinycustom'\n")
-    (out / "modeling_tinycustom.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n\n"
-        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n")
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],
-               auto_map={"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
-                         "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"})
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
 
 
 def test_a_model_with_its_own_code_trains_exports_and_answers(tmp_path, tiny_model):

@@ -19,6 +19,7 @@ from trainer.data.packing import build_packed
 
 from conftest import losses, shardtune, tiny_config
 from moe_models import tiny_moe_config
+from remote_models import custom_code_model
 
 LENGTHS = [[20, 12], [5, 17, 10], [30]]
 """Three rows of width 32: two and three samples, and one sample with padding. Samples of 17-30 tokens against
@@ -161,3 +162,88 @@ def test_a_packed_run_on_the_per_sample_kernel_trains_like_one_on_eager_masks(tm
     assert "attention: eager; packed samples are kept apart by transformers' masks" in runs["eager"][1]
     got, want = losses(runs["auto"][0].path), losses(runs["eager"][0].path)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
+
+
+def largest_gap_from_alone(model, how: str) -> float:
+    """The largest difference between a token's loss in the packed LENGTHS rows (separation `how`, "additive" as
+    the trainer hands it) and its loss with its sample run alone: a second set of rows, samples and padding."""
+    data, samples = packed_data()
+    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation="mask" if how == "additive" else how,
+                    multiple_of=32)
+    hook = separation.install_additive_mask(model, torch.float32) if how == "additive" else None
+    with torch.no_grad():
+        packed = token_losses(model(**batch.model_inputs()).logits, batch.targets)
+        gap, k = 0.0, 0
+        for row, lens in enumerate(LENGTHS):
+            start = 0
+            for n in lens:
+                alone = torch.as_tensor(samples[k], dtype=torch.long)[None]
+                want = token_losses(model(input_ids=alone).logits[:, :-1], alone[:, 1:])[0]
+                gap = max(gap, (packed[row, start:start + n - 1] - want).abs().max().item())
+                start, k = start + n, k + 1
+    if hook is not None:
+        hook.remove()
+    return gap
+
+
+REMOTE = [  # the remote code's forward (remote_models.FORWARDS), attention -> the form the trainer must pick
+    ("builders", "eager", "positions"),  # the bool mask, which the trainer meant for remote code, masks nothing here
+    ("builders", "sdpa", "positions"),
+    ("no_positions", "eager", "additive"),
+    ("no_positions", "sdpa", "mask"),
+    ("no_separation", "sdpa", None),
+]
+
+
+@pytest.mark.parametrize("forward,attention,form", REMOTE)
+def test_remote_code_gets_the_form_that_keeps_its_packed_samples_apart(tmp_path, tiny_model, forward, attention,
+                                                                        form):
+    """verify_remote_form's two 8-token samples pick the form; the LENGTHS rows check it independently: the form
+    picked gives every token the loss it has alone, and every form tried before it does not."""
+    from transformers import AutoModelForCausalLM
+
+    path = custom_code_model(tiny_model, tmp_path / forward, forward)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation=attention).eval()
+    with torch.no_grad():
+        found, distances = separation.verify_remote_form(model, lambda inputs: model(**inputs).logits,
+                                                         torch.device("cpu"), torch.float32)
+    assert found == form
+    rejected = separation.FORMS if form is None else separation.FORMS[:separation.FORMS.index(form)]
+    assert list(distances) == [*rejected, *([form] if form else [])]
+    if form is not None:
+        assert largest_gap_from_alone(model, form) < 1e-4
+    for how in rejected:
+        assert largest_gap_from_alone(model, how) > 1e-2, how
+
+
+def test_a_packed_remote_code_run_trains_like_the_same_model_in_transformers_or_refuses(tmp_path, tiny_model):
+    """The trainer end to end (torchrun, ZeRO-3, eager attention, packed chat rows): the tiny Llama behind code
+    that builds its masks from the attention mask alone trains with the losses transformers' Llama has on the same
+    weights. Before, loading the code registered it with transformers, the trainer took it for a model transformers
+    implements and handed it the position ids alone, and it trained across samples. Remote code that keeps no
+    packed samples apart stops before its first step, naming data.packing, and trains with it off. ZeRO-3: the
+    check's forwards are collectives that every rank must run alike."""
+    def run(model, name: str, check: bool = True, packing: bool = True):
+        (tmp_path / name).mkdir()
+        cfg = tiny_config(tmp_path / name, model, train={"max_steps": 3, "compile": False}, zero={"stage": 3},
+                          data={"packing": packing})
+        text = yaml.safe_load(cfg.read_text())
+        text["model"].update(attn_implementation="eager", trust_remote_code=True)
+        cfg.write_text(yaml.safe_dump(text))
+        return RunDir(tmp_path / name / "run"), shardtune("launch", str(cfg), check=check)
+
+    native, _ = run(tiny_model, "native")
+    remote, proc = run(custom_code_model(tiny_model, tmp_path / "no_positions", "no_positions"), "remote")
+    assert ("attention: eager; packed samples are kept apart by a block-diagonal additive mask "
+            "(remote code: checked against each sample alone)") in proc.stderr
+    got, want = losses(remote.path), losses(native.path)
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-5)
+
+    refused, proc = run(custom_code_model(tiny_model, tmp_path / "no_separation", "no_separation"), "refused",
+                        check=False)
+    assert proc.returncode != 0
+    assert "data.packing: true, but TinyCustomForCausalLM (remote code)" in proc.stderr
+    assert "Set data.packing: false" in proc.stderr
+    assert not refused.checkpoints.exists() or not any(refused.checkpoints.iterdir())
+    unpacked, _ = run(tmp_path / "no_separation", "unpacked", packing=False)  # the way out the error names
+    assert len(losses(unpacked.path)) == 3

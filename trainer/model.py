@@ -63,13 +63,18 @@ def model_attention(cfg: RunConfig, device: torch.device, packs_samples: bool) -
 
 
 def causal_lm_class(cfg: RunConfig):
-    """The transformers class that will run the model (None for remote code)."""
+    """The transformers class that will run the model (None for remote code).
+
+    Loading remote code registers its classes in transformers' auto mappings, so the mapping alone would call
+    the model native once it is loaded: the class must also come from transformers itself.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    found = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return found if found is not None and found.__module__.startswith("transformers.") else None
 
 
 def _sdpa_supported(cfg: RunConfig) -> bool:

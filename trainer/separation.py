@@ -19,18 +19,27 @@ sample depends on the kernel (collate's `separation`):
   Some models (gpt-oss in transformers 5.23) do not pass the position ids to their builders. For every
   model whose config lists `layer_types`, `install_mask_builder` therefore builds the per-layer-type masks
   itself, with the same builders, and hands them in as the mapping those models accept.
-- "mask" (remote code): its mask handling is unknown; it gets the block-diagonal bool mask sdpa reads, as
-  before.
+- remote code: its mask handling is unknown, so it is measured (`verify_remote_form`, before training): a
+  row of two packed samples must give each sample the logits it gets alone. The first of FORMS that does is
+  kept: the position ids alone (code built on transformers' mask builders), the block-diagonal bool mask
+  ("mask": code that reads it as keep / drop, as sdpa and transformers 4's converters do), or the same mask
+  as 0 / the dtype's minimum (`install_additive_mask`: code that adds a mask to its scores). No one form fits
+  all: the bool mask masks nothing for transformers-5-style code on eager attention, and the position ids alone
+  separate nothing for code that builds its masks from the attention mask. When no form keeps the samples
+  apart the run stops, naming data.packing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from launcher.planning.model_size import attention_window, outgrown_window
-from trainer.data.collate import Separation
+from trainer.data.collate import Separation, collate
+from trainer.data.packing import build_packed
 
 PACKED_ATTENTION = "shardtune_packed_sdpa"
 """The attn_implementation name of packed_causal_attention (DeepSpeed's SP wraps it; plain sdpa stays untouched)."""
@@ -62,14 +71,82 @@ def separation_for(attention: str, sequence_parallel: int, native: bool) -> Sepa
     return "positions" if native else "mask"
 
 
-def describe(attention: str, separation: Separation) -> str:
-    """One line for the run log: the attention kernel, and how packed samples stay apart on it."""
+def describe(attention: str, separation: Separation, form: Optional[str] = None) -> str:
+    """One line for the run log: the attention kernel, and how packed samples stay apart on it (`form`: what
+    verify_remote_form found for remote code)."""
     per_sample = "flash-attention, from the position ids" if attention.startswith("flash") else (
         "one causal sdpa call per packed sample")
     how = {"none": per_sample, "varlen": "flash-attention's variable-length arguments",
            "positions": "transformers' masks, built from the position ids",
-           "mask": "a block-diagonal mask (remote code: its own mask handling is unknown)"}[separation]
+           "mask": "a block-diagonal mask"}[separation]
+    if form is not None:
+        how = {"positions": "its own masks, built from the position ids", "mask": "a block-diagonal bool mask",
+               "additive": "a block-diagonal additive mask", "varlen": how}[form]
+        how += " (remote code: checked against each sample alone)"
     return f"attention: {attention}; packed samples are kept apart by {how}"
+
+
+FORMS = ("positions", "mask", "additive")
+"""The forms verify_remote_form tries, cheapest first: no mask at all, then one byte per element, then one of the
+compute dtype."""
+PROBE_TOKENS = 8
+"""Tokens in each of the two probe samples: a few forwards of 16 tokens, seconds even at 70B under ZeRO-3."""
+AGREE = 0.1
+"""How far a form's packed logits may stray from each sample alone, as a fraction of how far they stray with no
+separation at all (the second sample attending to the first). Rounding differences are orders of magnitude
+smaller (bf16 included); a form that fails leaks on the order of the whole (0.9 for eager adding a bool mask)."""
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A keep / drop bool mask as scores to add: 0 where a token attends, the dtype's minimum where it does not
+    (finite, so a row that drops everything but itself still has a softmax)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def install_additive_mask(model, dtype: torch.dtype) -> Any:
+    """Hand the model every bool attention mask collate builds as additive_mask(mask, dtype); returns the hook."""
+    def to_additive(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            return None
+        return args, {**kwargs, "attention_mask": additive_mask(mask, dtype)}
+
+    return model.register_forward_pre_hook(to_additive, with_kwargs=True)
+
+
+def verify_remote_form(model, logits_of: Callable[[dict], torch.Tensor], device: torch.device, dtype: torch.dtype,
+                       forms: tuple[str, ...] = FORMS) -> tuple[Optional[str], dict[str, float]]:
+    """The first of `forms` in which a row packing two samples gives each the logits it gets alone (None when none
+    does), and every tried form's distance from them as a fraction of the leak's. Leaves the model as it was.
+
+    `logits_of(inputs)` runs the model's forward (through the engine: at ZeRO-3 every rank must call it with the
+    same inputs, and every rank does, with the same samples). The reference is the two samples as two rows with
+    no mask and no position ids, the plainest input a causal LM has; the leak is the two as one row the same way,
+    where the second sample attends to the first. The packed rows come from collate, as training's do.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, vocab, (PROBE_TOKENS,), generator=generator) for _ in range(2)]
+    packed = build_packed([s.numpy() for s in samples], [s.numpy() for s in samples], [[0, 1]])
+    n = PROBE_TOKENS
+    alone = logits_of({"input_ids": torch.stack(samples).to(device), "use_cache": False}).float()
+    leak = logits_of({"input_ids": torch.cat(samples)[None].to(device), "use_cache": False}).float()
+    scale = (leak[0, n:] - alone[1]).abs().max().item()
+    distances = {}
+    for form in forms:
+        batch = collate(packed, np.array([0]), pad_id=0, separation="mask" if form == "additive" else form,
+                        multiple_of=1).to(device)
+        hook = install_additive_mask(model, dtype) if form == "additive" else None
+        try:
+            got = logits_of(batch.model_inputs()).float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        off = max((got[0, :n] - alone[0]).abs().max().item(), (got[0, n:] - alone[1]).abs().max().item())
+        distances[form] = off / scale if scale > 0 else (0.0 if off == 0 else float("inf"))
+        if distances[form] <= AGREE:
+            return form, distances
+    return None, distances
 
 
 def register_packed_attention() -> None:

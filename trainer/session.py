@@ -167,10 +167,10 @@ class Session:
             packs = any(d is not None and d.packs_samples for d in (self.data.train, self.data.eval))
             attention = self.sp.attention or model_attention(cfg, self.dist.device, packs)
             model = load_model(cfg, self.ds_config, self.dist.device, attention)
-            self.separation = separation.separation_for(attention, self.sp.size, causal_lm_class(cfg) is not None)
+            native = causal_lm_class(cfg) is not None
+            self.separation = separation.separation_for(attention, self.sp.size, native)
             if self.separation == "positions":
                 separation.install_mask_builder(model)
-            self.tracker.message(separation.describe(attention, self.separation))
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
             offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
@@ -190,6 +190,9 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
+            unknown = packs and not native and self.separation in ("mask", "varlen")
+            form = self.verify_packing(model) if unknown else None
+            self.tracker.message(separation.describe(attention, self.separation, form))
         if t.compile == "auto" and blocks:
             self.tracker.message(f"train.compile=auto -> false: {EXPERTS_NOT_VERIFIED}")
         if compiling:
@@ -214,6 +217,30 @@ class Session:
             heartbeat=self.heartbeat, faults=self.faults,
             skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux,
             loss=self.loss, sp=self.sp, activation_offload=offload, width=self.width)
+
+    def verify_packing(self, model) -> str:
+        """Remote code: measure the form in which the model keeps packed samples apart (trainer/separation.py),
+        set the batches' separation to it, or stop before training, naming data.packing."""
+        forms = ("varlen",) if self.separation == "varlen" else separation.FORMS
+        dtype = model.get_input_embeddings().weight.dtype
+        self.engine.eval()
+        with torch.no_grad():
+            found = separation.verify_remote_form(model, lambda inputs: self.engine(**inputs).logits,
+                                                  self.dist.device, dtype, forms)
+        self.engine.train()
+        form, distances = broadcast_object(found)  # one decision for every rank's batches
+        if form is None:
+            tried = ", ".join(f"{name} {distance:.2f}" for name, distance in distances.items())
+            raise UserError(
+                f"data.packing: true, but {type(model).__name__} (remote code) lets the samples packed into one row "
+                f"attend to each other in every form shardtune can hand it ({tried}: how far each sample's logits "
+                "stray from that sample run alone, as a fraction of how far they stray with nothing keeping the "
+                f"samples apart; at most {separation.AGREE} passes). Set data.packing: false to train one sample "
+                "per row")
+        if form == "additive":
+            separation.install_additive_mask(model, dtype)
+        self.separation = "positions" if form == "positions" else self.separation
+        return form
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.tracker.log(step, metrics)

@@ -8,7 +8,7 @@ reads (`separation`):
 - "positions": the position ids alone; transformers builds each layer's mask from them (the usual case
   for sdpa and eager: trainer/separation.py says why not a mask from here);
 - "mask": a block-diagonal causal bool mask (batch, 1, L, L), built only when a row holds more than one
-  sample (sdpa on remote-code models, whose own mask handling is unknown);
+  sample (remote-code models that read it: trainer/separation.py measures which form each one reads);
 - "varlen": flash-attention's variable-length arguments (`cu_seq_lens_q/k`, `max_length_q/k`) over
   the batch flattened row by row, so every sample (and every row's padding) is its own sequence at
   any micro batch size. transformers infers these from position ids only when the batch has one row,
