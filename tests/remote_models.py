@@ -1,5 +1,6 @@
 """Models with their own code (config.json's auto_map), as hub models with custom architectures ship: the tiny
-Llama's weights behind a subclass that only trust_remote_code loads. FORWARDS says how each treats packed rows."""
+Llama's weights behind a subclass that only trust_remote_code loads. FORWARDS says how each treats packed rows
+and where its attention runs."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,26 @@ FORWARDS = {
     # Code that neither reads position ids nor takes a mask: causal over the whole row, whatever it is handed.
     "no_separation": ("    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):\n"
                       "        return super().forward(input_ids=input_ids, **kwargs)\n"),
+    # Code with its own attention (causal sdpa over whatever it is given), not transformers' attention functions.
+    "own_attention": ("    def __init__(self, config):\n"
+                      "        super().__init__(config)\n"
+                      "        for layer in self.model.layers:\n"
+                      "            layer.self_attn.forward = types.MethodType(own_attention, layer.self_attn)\n"),
 }
+OWN_ATTENTION = """import types
+
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+
+def own_attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+    return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+"""
 
 
 def custom_code_model(tiny_model: Path, out: Path, forward: str = "builders") -> Path:
@@ -25,7 +45,8 @@ def custom_code_model(tiny_model: Path, out: Path, forward: str = "builders") ->
         "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n"
         "    model_type = 'tinycustom'\n")
     (out / "modeling_tinycustom.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n\n"
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n"
+        + (OWN_ATTENTION if forward == "own_attention" else "") + "\n\n"
         "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n\n" + FORWARDS[forward])
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],

@@ -26,6 +26,7 @@ from launcher.contract.run_dir import RunDir
 from launcher.planning.plan import build_plan, format_plan
 
 from conftest import REPO, losses, read_metrics, shardtune, tiny_config
+from remote_models import custom_code_model
 from test_e2e_train import final_logits_match_checkpoint
 
 STEPS = 6
@@ -163,6 +164,24 @@ def test_stop_and_resume_with_sp_reproduces_the_uninterrupted_losses(tmp_path, t
     assert "written by 2 ranks, resuming on 1" in proc.stderr
     assert_close(losses(moved), want, 1e-5, "loss after a world-size change")
     assert_close(eval_losses(moved), eval_losses(reference), 1e-5, "eval_loss after a world-size change")
+
+
+def test_remote_code_trains_under_sp_where_its_attention_can_be_split_and_stops_where_not(tmp_path, tiny_model,
+                                                                                          runs):
+    """DeepSpeed splits only the attention transformers dispatches by name. The tiny Llama behind its own code
+    trains under SP=2 as transformers' Llama does (sp_z2's losses). The same weights behind code that computes its
+    own attention would see only each rank's slice of every row (before, that trained without a word): it stops
+    at its first forward, naming train.sequence_parallel, with no checkpoint written."""
+    remote = custom_code_model(tiny_model, tmp_path / "builders")
+    run, _ = launch(tmp_path, remote, "remote", {"sequence_parallel": 2}, 2, 2, "model.trust_remote_code=true")
+    assert_close(losses(run), losses(runs["sp_z2"][0]), 1e-6, "remote code under SP")
+    own = custom_code_model(tiny_model, tmp_path / "own", "own_attention")
+    run, proc = launch(tmp_path, own, "own", {"sequence_parallel": 2}, 2, 2, "model.trust_remote_code=true",
+                       check=False)
+    assert proc.returncode != 0
+    assert "train.sequence_parallel: 2, but TinyCustomForCausalLM sent 0 attention calls through transformers' " \
+        "attention functions in one forward of its 2 layers" in proc.stderr
+    assert not RunDir(run).complete_checkpoints()
 
 
 def test_export_of_an_sp_run_loads_and_holds_the_trained_weights(runs, tiny_model):

@@ -13,6 +13,9 @@ registered under its own name for DeepSpeed to wrap: it finds the samples from t
 causal sdpa call per sample: exact, and no L×L mask. flash-attention reads the samples from the position
 ids itself, but only for one row per call (config validation refuses it with more).
 
+Only attention dispatched through transformers' attention functions is split; require_split_attention stops a
+model whose layers compute their own at its first forward.
+
 Loss scaling: every rank backpropagates its slice's loss sum; the all-to-all carries each rank's part of
 the gradient to the others, so the true gradient is the sum over a group and the mean over replicas.
 DeepSpeed's ZeRO 0-2 reduce over all ranks and divide by world / N (so `loss × replicas / targets` gives
@@ -48,6 +51,8 @@ class SequenceParallel:
     """DeepSpeed's parallel-state module for deepspeed.initialize(mpu=...)."""
     attention: Optional[str] = None
     """The attn_implementation the model loads with under SP (None: the usual choice)."""
+    attention_calls: Optional[list[int]] = None
+    """How many times the model has called `attention` through transformers' attention functions (count_calls)."""
 
     def replica(self, dist: Dist) -> int:
         """Which data-parallel replica this rank belongs to (DeepSpeed's groups are consecutive ranks)."""
@@ -147,4 +152,45 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
         model_name_or_path=SimpleNamespace(config=config), core_attn_implementation=attention,
         sequence_parallel_size=size, micro_batch_size=cfg.train.micro_batch_size, seq_length_is_variable=True)
     record_checkpoints_without_tensor_parallelism()
-    return SequenceParallel(size=size, rank=mpu.get_sequence_parallel_rank(), mpu=mpu, attention=attention)
+    return SequenceParallel(size=size, rank=mpu.get_sequence_parallel_rank(), mpu=mpu, attention=attention,
+                            attention_calls=count_calls(attention))
+
+
+def count_calls(attention: str) -> list[int]:
+    """Count the calls transformers dispatches to `attention` (DeepSpeed's Ulysses wrapper by now); [calls]."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inner, calls = ALL_ATTENTION_FUNCTIONS[attention], [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[attention] = counted
+    return calls
+
+
+def require_split_attention(model, sp: SequenceParallel) -> None:
+    """Stop at the first forward unless every decoder layer's attention went through the Ulysses wrapper.
+
+    DeepSpeed splits attention by replacing the function transformers dispatches to by name. A layer that
+    computes attention itself (remote code often does; so do recurrent layers) sees only its rank's slice of the
+    sequence: nothing fails, and every slice trains blind to the tokens before it. The first forward runs no
+    recomputation, so a model whose every layer goes through the wrapper calls it once per layer. Every rank
+    runs the same model and raises alike.
+    """
+    layers = model.config.get_text_config().num_hidden_layers
+    calls = sp.attention_calls
+    calls[0] = 0
+
+    def check(module, args, kwargs, output):
+        handle.remove()
+        if calls[0] != layers:
+            raise UserError(
+                f"train.sequence_parallel: {sp.size}, but {type(model).__name__} sent {calls[0]} attention calls "
+                f"through transformers' attention functions in one forward of its {layers} layers: DeepSpeed's "
+                "Ulysses attention splits only those, and any other layer would see only this rank's slice of each "
+                "sequence. Set train.sequence_parallel: 1")
+        return None
+
+    handle = model.register_forward_hook(check, with_kwargs=True)

@@ -171,6 +171,8 @@ class Session:
             self.separation = separation.separation_for(attention, self.sp.size, native)
             if self.separation == "positions":
                 separation.install_mask_builder(model)
+            if self.sp.size > 1:
+                sequence_parallel.require_split_attention(model, self.sp)
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
             offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
