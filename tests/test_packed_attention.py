@@ -247,3 +247,14 @@ def test_a_packed_remote_code_run_trains_like_the_same_model_in_transformers_or_
     assert not refused.checkpoints.exists() or not any(refused.checkpoints.iterdir())
     unpacked, _ = run(tmp_path / "no_separation", "unpacked", packing=False)  # the way out the error names
     assert len(losses(unpacked.path)) == 3
+
+
+def test_remote_code_whose_window_a_sample_can_outgrow_is_tried_on_position_ids_alone():
+    """A mask handed in overrides a sliding window (test_a_block_diagonal_bool_mask_is_wrong_here, on Mistral),
+    and two 8-token probe samples cannot outgrow one: only the model's own masks, from the position ids, keep its
+    window. flash-attention reads only its varlen arguments."""
+    assert separation.remote_forms("mask", {"sliding_window": 8}, 128) == ("positions",)
+    assert separation.remote_forms("mask", {"sliding_window": 128}, 128) == separation.FORMS
+    assert separation.remote_forms("mask", {"sliding_window": 8, "use_sliding_window": False}, 128) == \
+        separation.FORMS
+    assert separation.remote_forms("varlen", {"sliding_window": 8}, 128) == ("varlen",)

@@ -97,6 +97,15 @@ separation at all (the second sample attending to the first). Rounding differenc
 smaller (bf16 included); a form that fails leaks on the order of the whole (0.9 for eager adding a bool mask)."""
 
 
+def remote_forms(separation: Separation, model_config: dict, seq_len: int) -> tuple[str, ...]:
+    """The forms verify_remote_form may pick for a remote model: the varlen arguments under flash-attention
+    (the only form that kernel reads); the position ids alone where a sample can outgrow a sliding window (a mask
+    handed in is used as it is, window or not, and an 8-token probe cannot tell); else all FORMS."""
+    if separation == "varlen":
+        return ("varlen",)
+    return ("positions",) if outgrown_window(attention_window(model_config), seq_len) is not None else FORMS
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A keep / drop bool mask as scores to add: 0 where a token attends, the dtype's minimum where it does not
     (finite, so a row that drops everything but itself still has a softmax)."""

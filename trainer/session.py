@@ -223,7 +223,8 @@ class Session:
     def verify_packing(self, model) -> str:
         """Remote code: measure the form in which the model keeps packed samples apart (trainer/separation.py),
         set the batches' separation to it, or stop before training, naming data.packing."""
-        forms = ("varlen",) if self.separation == "varlen" else separation.FORMS
+        forms = separation.remote_forms(self.separation, model.config.get_text_config().to_dict(),
+                                        self.cfg.data.seq_len)
         dtype = model.get_input_embeddings().weight.dtype
         self.engine.eval()
         with torch.no_grad():
@@ -233,12 +234,14 @@ class Session:
         form, distances = broadcast_object(found)  # one decision for every rank's batches
         if form is None:
             tried = ", ".join(f"{name} {distance:.2f}" for name, distance in distances.items())
+            window = ("; a mask is not tried: it would override a sliding window that samples of data.seq_len "
+                      "tokens can outgrow") if forms == ("positions",) else ""
             raise UserError(
                 f"data.packing: true, but {type(model).__name__} (remote code) lets the samples packed into one row "
                 f"attend to each other in every form shardtune can hand it ({tried}: how far each sample's logits "
                 "stray from that sample run alone, as a fraction of how far they stray with nothing keeping the "
-                f"samples apart; at most {separation.AGREE} passes). Set data.packing: false to train one sample "
-                "per row")
+                f"samples apart; at most {separation.AGREE} passes{window}). Set data.packing: false to train one "
+                "sample per row")
         if form == "additive":
             separation.install_additive_mask(model, dtype)
         self.separation = "positions" if form == "positions" else self.separation
