@@ -160,12 +160,13 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
     """
     cfg = load_config(config, [str(o) for o in overrides])
     from trainer.data.collate import pad_id_of
-    from trainer.data.prepare import load_tokenizer
+    from trainer.data.prepare import check_vocabulary, load_tokenizer
     from trainer.data.prepare import prepare as prepare_data
     from trainer.data.show import first_in_training_order, format_data_summary, format_record, sequence_record
 
     tokenizer = load_tokenizer(cfg)
     prepared = prepare_data(cfg, tokenizer, log=lambda message: print(message, file=sys.stderr))
+    check_vocabulary(cfg, tokenizer, prepared)
     summary = prepared.summary
     if not show:
         print(_json.dumps(summary, indent=2) if json else format_data_summary(summary))

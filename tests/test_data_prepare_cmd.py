@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
+from examples.tiny_model import make_tiny_llama
 from launcher.cli import main
+from trainer.data.packing import PackedSet
 
-from conftest import REPO, tiny_config
+from conftest import REPO, shardtune, tiny_config
 
 REQUIRED = {"rows_read", "rows_kept", "rows_skipped", "sequences", "tokens", "trained_tokens", "pad_tokens",
             "packing_efficiency", "cache_dir", "cache_hit", "eval"}
@@ -74,3 +78,47 @@ def test_summary_metrics_carry_per_reason_skip_counts(tmp_path, tiny_model):
     assert m["data/rows_read"] == 4 and m["data/rows_kept"] == 2 and m["data/cache_hit"] == 0
     assert m["data/skipped/wrong_type"] == 1 and m["data/skipped/invalid_json"] == 1
     assert all(isinstance(v, (int, float)) for v in m.values())
+
+
+def test_a_tokenizer_that_is_not_the_models_fails_prepare_and_launch_before_the_model_loads(tmp_path, tiny_model,
+                                                                                            capsys):
+    """The tiny model's 512-token tokenizer on a 300-token model: its ids run past the embedding. On a GPU the first
+    forward would stop on a device-side assert naming nothing; on this CPU, an IndexError after the model loaded."""
+    small = make_tiny_llama(tmp_path / "small", vocab_size=300)
+    cfg = tiny_config(tmp_path, small, data={"cache_dir": str(tmp_path / "cache")})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["tokenizer"] = str(tiny_model)
+    cfg.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_:
+        run(str(cfg))
+    err = capsys.readouterr().err
+    cache = next((tmp_path / "cache").iterdir())
+    largest = int(PackedSet.load(cache / "train").tokens.max())  # what the model would be fed
+    assert largest >= 300 and exit_.value.code == 1
+    assert f"the data holds token id {largest}, but {small} embeds ids 0..299 (vocab_size 300): the tokenizer " \
+        f"{tiny_model} (512 tokens) is not this model's" in err and "Set model.tokenizer" in err
+
+    summary = json.loads((cache / "summary.json").read_text())
+    del summary["largest_token_id"]  # a cache built before the id was recorded
+    (cache / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit):
+        run(str(cfg))
+    assert f"the data holds token id {largest}" in capsys.readouterr().err
+
+    proc = shardtune("launch", str(cfg), check=False)
+    assert proc.returncode != 0 and f"the data holds token id {largest}" in proc.stderr
+    assert "preflight ok" not in proc.stderr  # stopped before the process group, let alone the model
+
+
+def test_a_pad_token_added_past_the_embedding_fails_prepare(tmp_path, tiny_model, capsys):
+    """A pad token added to a tokenizer without one (and no resize) gets id 512 of a 512-row embedding."""
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(tiny_model, tmp_path / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_special_tokens({"pad_token": "<|my_pad|>"})
+    tokenizer.save_pretrained(model)
+    assert tokenizer.pad_token_id == 512
+    with pytest.raises(SystemExit):
+        run(str(tiny_config(tmp_path, model, data={"cache_dir": str(tmp_path / "cache")})))
+    assert "rows are padded with id 512 (the tokenizer's pad token), but" in capsys.readouterr().err

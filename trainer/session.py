@@ -25,7 +25,7 @@ from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separati
 from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
-from trainer.data.prepare import Prepared, load_tokenizer, prepare
+from trainer.data.prepare import Prepared, check_vocabulary, load_tokenizer, prepare
 from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.show import format_data_summary, summary_metrics
 from trainer.distributed import Dist, barrier, broadcast_object, init_distributed
@@ -113,6 +113,7 @@ class Session:
             torch.manual_seed(cfg.train.seed)
             tokenizer = load_tokenizer(cfg)
             data = prepare(cfg, tokenizer, log=(lambda _msg: None) if _rank_env() else print)
+            check_vocabulary(cfg, tokenizer, data)
         return cls(run_dir, cfg, ds_config, tokenizer, data, init_distributed(cfg.launch.collective_timeout_s))
 
     def preflight(self) -> dict:

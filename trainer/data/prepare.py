@@ -26,6 +26,7 @@ from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, default_cache_root
+from trainer.data.collate import pad_id_of
 from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_chat
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
 from trainer.data.render import METHODS, Rendered, Renderer, fit_length, install_template, num_targets
@@ -363,10 +364,47 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
                            for s, e, n in zip(sources, encoded, per_source)],
                "eval": eval_summary, "bad_rows": len(bad),
                "bad_rows_per_reason": dict(sorted(Counter(r for _, r, _ in bad).items())),
+               "largest_token_id": _largest_token_id([train, evaluation]),
                "build_seconds": round(time.perf_counter() - started, 3)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"preprocessed {summary['rows_read']} rows into {summary['sequences']} sequences "
         f"in {summary['build_seconds']:.1f} s")
+
+
+def _largest_token_id(sets: list[Optional[PackedSet]]) -> int:
+    return max([int(s.tokens.max()) for s in sets if s is not None and len(s.tokens)], default=-1)
+
+
+def check_vocabulary(cfg: RunConfig, tokenizer, prepared: Prepared) -> None:
+    """Fail before the model loads when a token id of the data, or the padding id, has no row in the model's
+    embedding: a tokenizer that is not the model's (model.tokenizer), or one with tokens added.
+
+    On a GPU the first forward would otherwise stop on a device-side assert that names nothing, after the
+    model has loaded (minutes at 70B), and a rank that dies there can leave its peers waiting in a collective.
+    Caches built before the largest id was recorded are read once for it.
+    """
+    from transformers import AutoConfig
+
+    model = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                       trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+    vocab = getattr(model, "vocab_size", None)
+    if not vocab:
+        return
+    largest = prepared.summary.get("largest_token_id")
+    if largest is None:
+        largest = _largest_token_id([prepared.train, prepared.eval])
+    pad = pad_id_of(tokenizer)
+    source = f"tokenizer {cfg.model.tokenizer or cfg.model.name_or_path} ({len(tokenizer):,} tokens)"
+    problems = []
+    if largest >= vocab:
+        problems.append(f"the data holds token id {largest:,}")
+    if pad is not None and pad >= vocab:
+        kind = "pad" if tokenizer.pad_token_id is not None else "EOS"
+        problems.append(f"rows are padded with id {pad:,} (the tokenizer's {kind} token)")
+    if problems:
+        raise DataError(f"{' and '.join(problems)}, but {cfg.model.name_or_path} embeds ids 0..{vocab - 1:,} "
+                        f"(vocab_size {vocab:,}): the {source} is not this model's, or has tokens added. Set "
+                        "model.tokenizer to the model's own tokenizer (or resize the model's embeddings first)")
 
 
 def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) -> Prepared:
