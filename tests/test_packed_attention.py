@@ -85,6 +85,10 @@ def test_packed_losses_equal_each_sample_alone(model_type, window, seq_len, aske
     how = separation.separation_for(kernel, 1, native=True)
     assert how == ("none" if kernel == separation.PACKED_ATTENTION else "positions")
     assert separation.install_mask_builder(model) == builds_masks if how == "positions" else True
+    with torch.no_grad():  # the trainer's own check before the first step passes, with rounding to spare
+        found, distances = separation.verify_form(model, lambda inputs: model(**inputs).logits, torch.device("cpu"),
+                                                  torch.float32, (how,))
+    assert found == how and distances[how] < 1e-5
     data, samples = packed_data()
     batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation=how, multiple_of=32)
     assert batch.attention_mask is None
@@ -178,7 +182,7 @@ def largest_gap_from_alone(model, how: str) -> float:
             start = 0
             for n in lens:
                 alone = torch.as_tensor(samples[k], dtype=torch.long)[None]
-                want = token_losses(model(input_ids=alone).logits[:, :-1], alone[:, 1:])[0]
+                want = token_losses(model(input_ids=alone, use_cache=False).logits[:, :-1], alone[:, 1:])[0]
                 gap = max(gap, (packed[row, start:start + n - 1] - want).abs().max().item())
                 start, k = start + n, k + 1
     if hook is not None:
@@ -198,14 +202,14 @@ REMOTE = [  # the remote code's forward (remote_models.FORWARDS), attention -> t
 @pytest.mark.parametrize("forward,attention,form", REMOTE)
 def test_remote_code_gets_the_form_that_keeps_its_packed_samples_apart(tmp_path, tiny_model, forward, attention,
                                                                         form):
-    """verify_remote_form's two 8-token samples pick the form; the LENGTHS rows check it independently: the form
+    """verify_form's two 8-token samples pick the form; the LENGTHS rows check it independently: the form
     picked gives every token the loss it has alone, and every form tried before it does not."""
     from transformers import AutoModelForCausalLM
 
     path = custom_code_model(tiny_model, tmp_path / forward, forward)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation=attention).eval()
     with torch.no_grad():
-        found, distances = separation.verify_remote_form(model, lambda inputs: model(**inputs).logits,
+        found, distances = separation.verify_form(model, lambda inputs: model(**inputs).logits,
                                                          torch.device("cpu"), torch.float32)
     assert found == form
     rejected = separation.FORMS if form is None else separation.FORMS[:separation.FORMS.index(form)]
@@ -242,7 +246,8 @@ def test_a_packed_remote_code_run_trains_like_the_same_model_in_transformers_or_
     refused, proc = run(custom_code_model(tiny_model, tmp_path / "no_separation", "no_separation"), "refused",
                         check=False)
     assert proc.returncode != 0
-    assert "data.packing: true, but TinyCustomForCausalLM (remote code)" in proc.stderr
+    assert ("data.packing: true, but TinyCustomForCausalLM lets the samples packed into one row attend to each "
+            "other in every form shardtune can hand it (remote code)") in proc.stderr
     assert "Set data.packing: false" in proc.stderr
     assert not refused.checkpoints.exists() or not any(refused.checkpoints.iterdir())
     unpacked, _ = run(tmp_path / "no_separation", "unpacked", packing=False)  # the way out the error names
@@ -258,3 +263,59 @@ def test_remote_code_whose_window_a_sample_can_outgrow_is_tried_on_position_ids_
     assert separation.remote_forms("mask", {"sliding_window": 8, "use_sliding_window": False}, 128) == \
         separation.FORMS
     assert separation.remote_forms("varlen", {"sliding_window": 8}, 128) == ("varlen",)
+
+
+HYBRIDS = {  # model_type: what carries state along a packed row whatever the mask (transformers 5.25)
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], head_dim=16),  # gated delta rule
+    "lfm2": dict(layer_types=["conv", "full_attention"]),  # short convolutions
+    "falcon_h1": {},  # Mamba-2 heads beside the attention of every layer
+    "jamba": {},  # Mamba layers
+    "bamba": {},
+    "granitemoehybrid": {},
+}
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_layers_that_carry_state_along_a_packed_row_fail_the_check_before_training(model_type):
+    """transformers implements these, and their attention reads the position ids, but their recurrent,
+    convolution or linear-attention layers run on along the row into the next sample. The LENGTHS rows confirm
+    each leak independently: losses stray more than 1e-4 from each sample alone (the exact models above: <2e-5)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **DENSE, **HYBRIDS[model_type])).eval()
+    with torch.no_grad():
+        found, distances = separation.verify_form(model, lambda inputs: model(**inputs).logits, torch.device("cpu"),
+                                                  torch.float32, ("positions",))
+    assert found is None and distances["positions"] > separation.agreement(torch.float32)
+    assert largest_gap_from_alone(model, "positions") > 1e-4
+
+
+def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpacked(tmp_path, tiny_model):
+    """The trainer end to end (torchrun, ZeRO-2): a tiny Bamba (Mamba-2 layers, transformers' own class) with the
+    tiny tokenizer. Packed, it stops before its first step, naming data.packing (before, it trained across
+    samples); with data.packing: false it trains."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = tmp_path / "bamba"
+    config = AutoConfig.for_model("bamba", **{**DENSE, "vocab_size": 512})
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, model_dir / name)
+
+    def run(name: str, packing: bool):
+        (tmp_path / name).mkdir()
+        cfg = tiny_config(tmp_path / name, model_dir, train={"max_steps": 3, "compile": False},
+                          data={"packing": packing})
+        return RunDir(tmp_path / name / "run"), shardtune("launch", str(cfg), check=False)
+
+    packed, proc = run("packed", True)
+    assert proc.returncode != 0
+    assert ("data.packing: true, but BambaForCausalLM lets the samples packed into one row attend to each other: "
+            "some of its layers carry state along the row") in proc.stderr
+    assert not packed.checkpoints.exists() or not any(packed.checkpoints.iterdir())
+    unpacked, proc = run("unpacked", False)
+    assert proc.returncode == 0 and len(losses(unpacked.path)) == 3

@@ -19,8 +19,12 @@ sample depends on the kernel (collate's `separation`):
   Some models (gpt-oss in transformers 5.23) do not pass the position ids to their builders. For every
   model whose config lists `layer_types`, `install_mask_builder` therefore builds the per-layer-type masks
   itself, with the same builders, and hands them in as the mapping those models accept.
-- remote code: its mask handling is unknown, so it is measured (`verify_remote_form`, before training): a
-  row of two packed samples must give each sample the logits it gets alone. The first of FORMS that does is
+Every packed run measures its separation before the first step (`verify_form`): a row of two packed samples
+must give each sample the logits it gets alone. A model transformers implements must pass in the form above;
+some do not whatever the mask (recurrent, linear-attention and state-space layers carry their state along the
+row: Qwen3-Next, Jamba, Bamba, Granite 4 hybrids in transformers 5.25), and the run stops, naming data.packing.
+
+- remote code: its mask handling is unknown, so the form is measured too. The first of FORMS that passes is
   kept: the position ids alone (code built on transformers' mask builders), the block-diagonal bool mask
   ("mask": code that reads it as keep / drop, as sdpa and transformers 4's converters do), or the same mask
   as 0 / the dtype's minimum (`install_additive_mask`: code that adds a mask to its scores). No one form fits
@@ -71,34 +75,47 @@ def separation_for(attention: str, sequence_parallel: int, native: bool) -> Sepa
     return "positions" if native else "mask"
 
 
-def describe(attention: str, separation: Separation, form: Optional[str] = None) -> str:
-    """One line for the run log: the attention kernel, and how packed samples stay apart on it (`form`: what
-    verify_remote_form found for remote code)."""
+def describe(attention: str, separation: Separation, form: Optional[str] = None, remote: bool = False) -> str:
+    """One line for the run log: the attention kernel, how packed samples stay apart on it, and whether that was
+    measured (`form`: what verify_form found, or confirmed)."""
     per_sample = "flash-attention, from the position ids" if attention.startswith("flash") else (
         "one causal sdpa call per packed sample")
     how = {"none": per_sample, "varlen": "flash-attention's variable-length arguments",
            "positions": "transformers' masks, built from the position ids",
            "mask": "a block-diagonal mask"}[separation]
-    if form is not None:
+    if remote and form is not None:
         how = {"positions": "its own masks, built from the position ids", "mask": "a block-diagonal bool mask",
                "additive": "a block-diagonal additive mask", "varlen": how}[form]
-        how += " (remote code: checked against each sample alone)"
+    if form is not None:
+        how += f" ({'remote code: ' if remote else ''}checked against each sample alone)"
     return f"attention: {attention}; packed samples are kept apart by {how}"
 
 
 FORMS = ("positions", "mask", "additive")
-"""The forms verify_remote_form tries, cheapest first: no mask at all, then one byte per element, then one of the
-compute dtype."""
+"""The forms verify_form tries for remote code, cheapest first: no mask at all, then one byte per element, then
+one of the compute dtype."""
+FORM_NAMES = {"positions": "position ids", "mask": "bool mask", "additive": "additive mask",
+              "varlen": "varlen arguments", "none": "per-sample attention"}
+"""How an error names each form."""
 PROBE_TOKENS = 8
 """Tokens in each of the two probe samples: a few forwards of 16 tokens, seconds even at 70B under ZeRO-3."""
-AGREE = 0.1
-"""How far a form's packed logits may stray from each sample alone, as a fraction of how far they stray with no
-separation at all (the second sample attending to the first). Rounding differences are orders of magnitude
-smaller (bf16 included); a form that fails leaks on the order of the whole (0.9 for eager adding a bool mask)."""
+
+
+def agreement(dtype: torch.dtype) -> float:
+    """How far a form's packed logits may stray from each sample alone, as a fraction of how far they stray with no
+    separation at all (the second sample attending to the first): a thousand roundings of the compute dtype, at
+    most 0.1 (1.2e-4 in fp32, 0.1 in bf16 and fp16).
+
+    A form that fails outright strays on the order of the whole (0.9 for eager adding a bool mask). Layers that
+    carry state along the row stray less with random weights: a tiny LFM2 (convolutions) 6.7e-4, Falcon-H1
+    (Mamba) 8e-3, while fp32 rounding in every passing form measured here is below 1e-5. In bf16 a leak must
+    be larger than bf16's rounding to be seen, which a trained model's is.
+    """
+    return min(0.1, 1000 * torch.finfo(dtype).eps)
 
 
 def remote_forms(separation: Separation, model_config: dict, seq_len: int) -> tuple[str, ...]:
-    """The forms verify_remote_form may pick for a remote model: the varlen arguments under flash-attention
+    """The forms verify_form may pick for a remote model: the varlen arguments under flash-attention
     (the only form that kernel reads); the position ids alone where a sample can outgrow a sliding window (a mask
     handed in is used as it is, window or not, and an 8-token probe cannot tell); else all FORMS."""
     if separation == "varlen":
@@ -123,10 +140,11 @@ def install_additive_mask(model, dtype: torch.dtype) -> Any:
     return model.register_forward_pre_hook(to_additive, with_kwargs=True)
 
 
-def verify_remote_form(model, logits_of: Callable[[dict], torch.Tensor], device: torch.device, dtype: torch.dtype,
+def verify_form(model, logits_of: Callable[[dict], torch.Tensor], device: torch.device, dtype: torch.dtype,
                        forms: tuple[str, ...] = FORMS) -> tuple[Optional[str], dict[str, float]]:
     """The first of `forms` in which a row packing two samples gives each the logits it gets alone (None when none
-    does), and every tried form's distance from them as a fraction of the leak's. Leaves the model as it was.
+    does; `agreement(dtype)` decides), and every tried form's distance from them as a fraction of the leak's.
+    Leaves the model as it was.
 
     `logits_of(inputs)` runs the model's forward (through the engine: at ZeRO-3 every rank must call it with the
     same inputs, and every rank does, with the same samples). The reference is the two samples as two rows with
@@ -153,7 +171,7 @@ def verify_remote_form(model, logits_of: Callable[[dict], torch.Tensor], device:
                 hook.remove()
         off = max((got[0, :n] - alone[0]).abs().max().item(), (got[0, n:] - alone[1]).abs().max().item())
         distances[form] = off / scale if scale > 0 else (0.0 if off == 0 else float("inf"))
-        if distances[form] <= AGREE:
+        if distances[form] <= agreement(dtype):
             return form, distances
     return None, distances
 
@@ -207,6 +225,8 @@ def packed_causal_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     """
     if position_ids is None:
         raise ValueError(f"{PACKED_ATTENTION} needs position_ids: they mark where the packed samples begin")
+    if position_ids.shape[0] != query.shape[0]:  # transformers' default ids, one row for the whole batch
+        position_ids = position_ids.expand(query.shape[0], -1)
     spans = sample_spans(position_ids)
     window = kwargs.get("sliding_window")
     if window and max(end - start for row in spans for start, end in row) > window:

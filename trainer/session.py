@@ -193,9 +193,8 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
-            unknown = packs and not native and self.separation in ("mask", "varlen")
-            form = self.verify_packing(model) if unknown else None
-            self.tracker.message(separation.describe(attention, self.separation, form))
+            form = self.verify_packing(model, native) if packs and self.sp.size == 1 else None
+            self.tracker.message(separation.describe(attention, self.separation, form, remote=not native))
         if t.compile == "auto" and blocks:
             self.tracker.message(f"train.compile=auto -> false: {EXPERTS_NOT_VERIFIED}")
         if compiling:
@@ -221,31 +220,40 @@ class Session:
             skip_judge=nonfinite.SkipJudge(nonfinite.dynamic_loss_scaler(self.engine)), router_aux=router_aux,
             loss=self.loss, sp=self.sp, activation_offload=offload, width=self.width)
 
-    def verify_packing(self, model) -> str:
-        """Remote code: measure the form in which the model keeps packed samples apart (trainer/separation.py),
-        set the batches' separation to it, or stop before training, naming data.packing."""
-        forms = separation.remote_forms(self.separation, model.config.get_text_config().to_dict(),
-                                        self.cfg.data.seq_len)
+    def verify_packing(self, model, native: bool) -> str:
+        """Measure that packed samples stay apart before the first step (trainer/separation.py): a model transformers
+        implements in the form chosen for it, remote code in the first form that works (its batches then carry
+        that form). Stops before training, naming data.packing, when none does."""
+        config = model.config.get_text_config().to_dict()
+        forms = ((self.separation,) if native
+                 else separation.remote_forms(self.separation, config, self.cfg.data.seq_len))
         dtype = model.get_input_embeddings().weight.dtype
         self.engine.eval()
         with torch.no_grad():
-            found = separation.verify_remote_form(model, lambda inputs: self.engine(**inputs).logits,
-                                                  self.dist.device, dtype, forms)
+            found = separation.verify_form(model, lambda inputs: self.engine(**inputs).logits, self.dist.device,
+                                           dtype, forms)
         self.engine.train()
         form, distances = broadcast_object(found)  # one decision for every rank's batches
         if form is None:
-            tried = ", ".join(f"{name} {distance:.2f}" for name, distance in distances.items())
-            window = ("; a mask is not tried: it would override a sliding window that samples of data.seq_len "
-                      "tokens can outgrow") if forms == ("positions",) else ""
+            tried = ", ".join(f"{separation.FORM_NAMES[name]} {distance:.2f}" for name, distance in distances.items())
+            if native:
+                why = (": some of its layers carry state along the row, which no mask stops (recurrent, "
+                       "linear-attention or state-space layers)")
+            else:
+                why = " in every form shardtune can hand it (remote code)"
+                if forms == ("positions",):
+                    why += ("; masks are not tried: they would override a sliding window that samples of "
+                            "data.seq_len tokens can outgrow")
             raise UserError(
-                f"data.packing: true, but {type(model).__name__} (remote code) lets the samples packed into one row "
-                f"attend to each other in every form shardtune can hand it ({tried}: how far each sample's logits "
-                "stray from that sample run alone, as a fraction of how far they stray with nothing keeping the "
-                f"samples apart; at most {separation.AGREE} passes{window}). Set data.packing: false to train one "
-                "sample per row")
+                f"data.packing: true, but {type(model).__name__} lets the samples packed into one row attend to each "
+                f"other{why}. Each sample's logits strayed from that sample's alone by {tried}, as a fraction of "
+                f"how far they stray with nothing keeping the samples apart (at most {separation.agreement(dtype):.2g} "
+                f"passes in {str(dtype).removeprefix('torch.')}). "
+                "Set data.packing: false to train one sample per row")
         if form == "additive":
             separation.install_additive_mask(model, dtype)
-        self.separation = "positions" if form == "positions" else self.separation
+        if form == "positions":
+            self.separation = "positions"
         return form
 
     def on_log(self, step: int, metrics: dict) -> None:
