@@ -19,18 +19,18 @@ sample depends on the kernel (collate's `separation`):
   Some models (gpt-oss in transformers 5.23) do not pass the position ids to their builders. For every
   model whose config lists `layer_types`, `install_mask_builder` therefore builds the per-layer-type masks
   itself, with the same builders, and hands them in as the mapping those models accept.
-Every packed run measures its separation before the first step (`verify_form`): a row of two packed samples
-must give each sample the logits it gets alone. A model transformers implements must pass in the form above;
-some do not whatever the mask (recurrent, linear-attention and state-space layers carry their state along the
-row: Qwen3-Next, Jamba, Bamba, Granite 4 hybrids in transformers 5.25), and the run stops, naming data.packing.
-
-- remote code: its mask handling is unknown, so the form is measured too. The first of FORMS that passes is
-  kept: the position ids alone (code built on transformers' mask builders), the block-diagonal bool mask
+- remote code: its mask handling is unknown, so the form is measured (below). The first of FORMS that passes
+  is kept: the position ids alone (code built on transformers' mask builders), the block-diagonal bool mask
   ("mask": code that reads it as keep / drop, as sdpa and transformers 4's converters do), or the same mask
   as 0 / the dtype's minimum (`install_additive_mask`: code that adds a mask to its scores). No one form fits
   all: the bool mask masks nothing for transformers-5-style code on eager attention, and the position ids alone
-  separate nothing for code that builds its masks from the attention mask. When no form keeps the samples
-  apart the run stops, naming data.packing.
+  separate nothing for code that builds its masks from the attention mask.
+
+Every packed run measures its separation before the first step (`verify_form`): a row of two packed samples
+must give each sample the logits it gets alone. A model transformers implements must pass in the form above;
+some do not whatever the mask, because layers that are not attention carry their state along the row (in
+transformers 5.25: Qwen3-Next's linear attention, LFM2's convolutions, the Mamba layers of Falcon-H1, Jamba,
+Bamba and Granite 4 hybrids). When no form passes, the run stops before training, naming data.packing.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def install_additive_mask(model, dtype: torch.dtype) -> Any:
 
 
 def verify_form(model, logits_of: Callable[[dict], torch.Tensor], device: torch.device, dtype: torch.dtype,
-                       forms: tuple[str, ...] = FORMS) -> tuple[Optional[str], dict[str, float]]:
+                forms: tuple[str, ...] = FORMS) -> tuple[Optional[str], dict[str, float]]:
     """The first of `forms` in which a row packing two samples gives each the logits it gets alone (None when none
     does; `agreement(dtype)` decides), and every tried form's distance from them as a fraction of the leak's.
     Leaves the model as it was.
