@@ -319,3 +319,26 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
     assert not packed.checkpoints.exists() or not any(packed.checkpoints.iterdir())
     unpacked, proc = run("unpacked", False)
     assert proc.returncode == 0 and len(losses(unpacked.path)) == 3
+
+
+def test_the_plan_warns_about_layers_that_carry_state_before_the_job_queues(tmp_path, tiny_model):
+    """Torch-free, from config.json: every hybrid above is recognised and no model of CASES is; a plan for a Bamba
+    warns about packing, and about sequence parallelism when asked for."""
+    from transformers import AutoConfig
+
+    from launcher.contract.config import validate_config
+    from launcher.planning.model_size import state_layers
+    from launcher.planning.plan import build_plan
+
+    assert all(state_layers(AutoConfig.for_model(kind, **DENSE, **extra).to_dict()) for kind, extra in HYBRIDS.items())
+    assert not any(state_layers(tiny(kind).to_dict()) for kind in {case[0] for case in CASES})
+    AutoConfig.for_model("bamba", **{**DENSE, "vocab_size": 512}).save_pretrained(tmp_path / "bamba")
+    raw = yaml.safe_load(tiny_config(tmp_path, tmp_path / "bamba").read_text())
+    warned = " ".join(build_plan(validate_config(raw)).warnings)
+    assert "bamba has layers that are not attention (mamba_chunk_size in its config)" in warned
+    assert "stops with data.packing: true (set it to false)" in warned and "sequence_parallel" not in warned
+    raw["train"]["sequence_parallel"] = 2
+    assert "data.packing: true (set it to false) and train.sequence_parallel: 2 (set it to 1)" in \
+        " ".join(build_plan(validate_config(raw)).warnings)
+    raw["data"]["packing"], raw["train"]["sequence_parallel"] = False, 1
+    assert not any("not attention" in w for w in build_plan(validate_config(raw)).warnings)

@@ -215,6 +215,23 @@ def attention_window(model_config: dict[str, Any]) -> Optional[int]:
     return None if not window or model_config.get("use_sliding_window") is False else int(window)
 
 
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+
+
+def state_layers(model_config: dict[str, Any]) -> Optional[str]:
+    """What in a model's config says some of its layers are not attention but carry state along the sequence
+    (recurrent, convolution, linear-attention or state-space layers), or None. Such layers run on from one packed
+    sample into the next whatever the attention mask (the trainer measures it before the first step)."""
+    for field in ("layer_types", "block_types"):
+        kinds = sorted(set(model_config.get(field) or []) - ATTENTION_LAYER_TYPES)
+        if kinds:
+            return f"{field} {', '.join(kinds)}"
+    keys = sorted(k for k in model_config if k.startswith(("mamba_", "ssm_", "linear_", "conv")) or k == "state_size")
+    if keys:
+        return f"{keys[0]} in its config"
+    return "a recurrent model" if model_config.get("model_type") in ("rwkv", "xlstm") else None
+
+
 def outgrown_window(window: Optional[int], seq_len: int) -> Optional[int]:
     """The window, when a sample of seq_len tokens can outgrow it; None when every layer attends to whole samples."""
     return window if window is not None and window < seq_len else None

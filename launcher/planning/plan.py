@@ -24,7 +24,7 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_size import ModelCounts, counts_from_config, read_model_config
+from launcher.planning.model_size import ModelCounts, counts_from_config, read_model_config, state_layers
 from launcher.planning.moe_settings import moe_plan_notes
 from launcher.planning.sequence_parallel import describe as describe_sequence_parallel
 from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
@@ -155,6 +155,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         warnings += [grace] if grace else []
         warnings += _host_memory_warning(cfg, memory)
         warnings += _sample_memory_warning(cfg, memory, model_cfg)
+    warnings += _state_layers_warning(cfg, model_cfg)
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,
@@ -175,6 +176,25 @@ def _host_memory_warning(cfg: RunConfig, memory: dict) -> list[str]:
     return [f"slurm.mem {cfg.slurm.mem} ({limit / 1e9:,.1f} GB) is less than the host RAM a node needs, about "
             f"{need / 1e9:,.1f} GB (its parts are on the memory section's host line): SLURM would kill the job "
             f"when a node reaches its limit. Raise slurm.mem, or set it to 0 for all of each node's memory"]
+
+
+def _state_layers_warning(cfg: RunConfig, model_cfg: Optional[dict]) -> list[str]:
+    """A model with layers that carry state along the sequence cannot keep packed samples apart with a mask, nor be
+    split over a sequence-parallel group: the trainer stops such runs at its checks, so say it before the job
+    queues. (Some kernels read sample boundaries, e.g. flash-attention's varlen arguments in a few Mamba models,
+    so this warns instead of refusing; the trainer's check decides.)"""
+    layers = state_layers(model_cfg) if model_cfg else None
+    if layers is None:
+        return []
+    name = model_cfg.get("model_type", cfg.model.name_or_path)
+    fails = (["data.packing: true (set it to false)"] if cfg.data.packing else []) + (
+        [f"train.sequence_parallel: {cfg.train.sequence_parallel} (set it to 1)"]
+        if cfg.train.sequence_parallel != 1 else [])
+    if not fails:
+        return []
+    return [f"{name} has layers that are not attention ({layers}); they carry state along the sequence, across "
+            f"packed samples and past a rank's slice. The trainer checks before the first step and stops with "
+            f"{' and '.join(fails)}"]
 
 
 def _sample_memory_warning(cfg: RunConfig, memory: dict, model_cfg: Optional[dict]) -> list[str]:
