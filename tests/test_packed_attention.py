@@ -71,6 +71,30 @@ CASES = [  # model, window, data.seq_len, attention asked for -> the kernel the 
 ]
 
 
+def largest_gap_from_alone(model, how: str) -> float:
+    """The largest difference between a token's loss in the packed LENGTHS rows (separation `how`, "additive" as
+    the trainer hands it) and its loss with its sample run alone: a second set of rows, samples and padding."""
+    data, samples = packed_data()
+    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation="mask" if how == "additive" else how,
+                    multiple_of=32)
+    hook = separation.install_additive_mask(model, torch.float32) if how == "additive" else None
+    with torch.no_grad():
+        packed = token_losses(model(**batch.model_inputs()).logits, batch.targets)
+        gap, k = 0.0, 0
+        for row, lens in enumerate(LENGTHS):
+            start = 0
+            for n in lens:
+                alone = torch.as_tensor(samples[k], dtype=torch.long)[None]
+                want = token_losses(model(input_ids=alone, use_cache=False).logits[:, :-1], alone[:, 1:])[0]
+                gap = max(gap, (packed[row, start:start + n - 1] - want).abs().max().item())
+                start, k = start + n, k + 1
+    assert k == len(samples)
+    if hook is not None:
+        hook.remove()
+    return gap
+
+
+
 @pytest.mark.parametrize("model_type,window,seq_len,asked,kernel,builds_masks", CASES)
 def test_packed_losses_equal_each_sample_alone(model_type, window, seq_len, asked, kernel, builds_masks):
     """The kernel is chosen for data.seq_len; the rows here are 32 wide (every kernel is exact at any width)."""
@@ -89,21 +113,9 @@ def test_packed_losses_equal_each_sample_alone(model_type, window, seq_len, aske
         found, distances = separation.verify_form(model, lambda inputs: model(**inputs).logits, torch.device("cpu"),
                                                   torch.float32, (how,))
     assert found == how and distances[how] < 1e-5
-    data, samples = packed_data()
-    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation=how, multiple_of=32)
-    assert batch.attention_mask is None
-    with torch.no_grad():
-        packed = token_losses(model(**batch.model_inputs()).logits, batch.targets)
-        compared, k = 0, 0
-        for row, lens in enumerate(LENGTHS):
-            start = 0
-            for n in lens:
-                alone = torch.as_tensor(samples[k], dtype=torch.long)[None]
-                want = token_losses(model(input_ids=alone).logits[:, :-1], alone[:, 1:])[0]
-                torch.testing.assert_close(packed[row, start:start + n - 1], want, atol=2e-5, rtol=2e-5)
-                compared += n - 1
-                start, k = start + n, k + 1
-    assert compared == sum(map(sum, LENGTHS)) - sum(map(len, LENGTHS))
+    data, _ = packed_data()
+    assert collate(data, np.arange(len(LENGTHS)), pad_id=0, separation=how, multiple_of=32).attention_mask is None
+    assert largest_gap_from_alone(model, how) < 1e-4
 
 
 def test_the_per_sample_kernel_refuses_a_window_a_sample_outgrows():
@@ -166,28 +178,6 @@ def test_a_packed_run_on_the_per_sample_kernel_trains_like_one_on_eager_masks(tm
     assert "attention: eager; packed samples are kept apart by transformers' masks" in runs["eager"][1]
     got, want = losses(runs["auto"][0].path), losses(runs["eager"][0].path)
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
-
-
-def largest_gap_from_alone(model, how: str) -> float:
-    """The largest difference between a token's loss in the packed LENGTHS rows (separation `how`, "additive" as
-    the trainer hands it) and its loss with its sample run alone: a second set of rows, samples and padding."""
-    data, samples = packed_data()
-    batch = collate(data, np.arange(len(LENGTHS)), pad_id=0, separation="mask" if how == "additive" else how,
-                    multiple_of=32)
-    hook = separation.install_additive_mask(model, torch.float32) if how == "additive" else None
-    with torch.no_grad():
-        packed = token_losses(model(**batch.model_inputs()).logits, batch.targets)
-        gap, k = 0.0, 0
-        for row, lens in enumerate(LENGTHS):
-            start = 0
-            for n in lens:
-                alone = torch.as_tensor(samples[k], dtype=torch.long)[None]
-                want = token_losses(model(input_ids=alone, use_cache=False).logits[:, :-1], alone[:, 1:])[0]
-                gap = max(gap, (packed[row, start:start + n - 1] - want).abs().max().item())
-                start, k = start + n, k + 1
-    if hook is not None:
-        hook.remove()
-    return gap
 
 
 REMOTE = [  # the remote code's forward (remote_models.FORWARDS), attention -> the form the trainer must pick
