@@ -22,7 +22,25 @@ FORWARDS = {
                       "        super().__init__(config)\n"
                       "        for layer in self.model.layers:\n"
                       "            layer.self_attn.forward = types.MethodType(own_attention, layer.self_attn)\n"),
+    # transformers' Llama whose MLPs write down, at every call, whether the model is in training mode and grad is on.
+    "records": ("    def __init__(self, config):\n"
+                "        super().__init__(config)\n"
+                "        for layer in self.model.layers:\n"
+                "            layer.mlp.forward = types.MethodType(recorded(type(layer.mlp).forward), layer.mlp)\n"),
 }
+RECORDS = """import os
+import types
+
+import torch
+
+
+def recorded(forward):
+    def wrapper(self, *args, **kwargs):
+        with open(f"{os.environ['SHARDTUNE_TEST_RECORD']}.{os.getpid()}", "a") as fh:
+            fh.write(f"{int(self.training)} {int(torch.is_grad_enabled())}\\n")
+        return forward(self, *args, **kwargs)
+    return wrapper
+"""
 OWN_ATTENTION = """import types
 
 import torch.nn.functional as F
@@ -46,7 +64,7 @@ def custom_code_model(tiny_model: Path, out: Path, forward: str = "builders") ->
         "    model_type = 'tinycustom'\n")
     (out / "modeling_tinycustom.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n"
-        + (OWN_ATTENTION if forward == "own_attention" else "") + "\n\n"
+        + {"own_attention": OWN_ATTENTION, "records": RECORDS}.get(forward, "") + "\n\n"
         "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n\n" + FORWARDS[forward])
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],

@@ -64,3 +64,29 @@ def test_a_failed_sample_reply_leaves_the_run_completed(tmp_path, tiny_model):
     run = RunDir(tmp_path / "run")
     assert "sample: not generated (RuntimeError: injected fault" in proc.stdout + proc.stderr
     assert run.read_status()["state"] == "completed" and (run.final / "config.json").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_training_runs_in_training_mode_and_activation_checkpointing_recomputes(tmp_path, tiny_model, stage):
+    """from_pretrained returns a model in eval mode and DeepSpeed leaves it there: the trainer trained that way, so
+    transformers' activation checkpointing (on only in training mode) recomputed nothing and dropout was off. A
+    remote-code Llama whose MLPs record every call: each runs with grad, in training mode, twice per micro-batch
+    (forward, then the recompute in backward): 2 steps × 2 micro-batches × 2 layers × 2 = 16 calls per rank. The
+    data is not packed here, so nothing else (the packing check) switches modes first."""
+    import yaml
+
+    from remote_models import custom_code_model
+
+    model = custom_code_model(tiny_model, tmp_path / "records", "records")
+    cfg = tiny_config(tmp_path, model, zero={"stage": stage}, data={"packing": False},
+                      train={"max_steps": 2, "warmup_steps": 1, "activation_checkpointing": True, "compile": False})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["trust_remote_code"] = True
+    cfg.write_text(yaml.safe_dump(raw))
+    record = tmp_path / "calls"
+    shardtune("launch", str(cfg), env={"SHARDTUNE_TEST_RECORD": str(record)})
+    files = sorted(tmp_path.glob("calls.*"))
+    assert len(files) == 2  # one per rank
+    for path in files:
+        calls = [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+        assert calls == [(1, 1)] * 16, path.read_text()

@@ -23,6 +23,7 @@ from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
 from trainer.faults import FaultHooks
 from trainer.loss import LossFn, full_logits_loss
 from trainer.metrics import Window
+from trainer.model import set_training
 from trainer.moe import NoRouterAuxLoss
 from trainer.nonfinite import SkipJudge
 from trainer.sequence_parallel import SequenceParallel
@@ -184,7 +185,7 @@ def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pa
                   heartbeat: Optional[NoHeartbeat] = None, width: Optional[int] = None) -> dict:
     """Token-weighted loss and perplexity over the whole eval set, each data-parallel replica taking every
     replicas-th batch (the ranks of a sequence-parallel group each compute their slice of the same batch)."""
-    engine.eval()
+    set_training(engine, False)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     order = np.arange(len(data))
     batches = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
@@ -203,7 +204,7 @@ def held_out_loss(engine, data: PackedSet, dist: Dist, micro_batch_size: int, pa
             if r < len(mine):
                 total[0] += loss_sum.double()
                 total[1] += (batch.targets != -100).sum()
-    engine.train()
+    set_training(engine, True)
     loss_sum, count = all_reduce_sum(total.tolist(), dist.device)
     loss = loss_sum / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": int(count)}

@@ -106,6 +106,19 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     return model
 
 
+def set_training(engine, mode: bool) -> None:
+    """engine.train(mode) / engine.eval() without transformers re-kernelizing the model.
+
+    transformers 5 swaps in the `kernels` library's forwards for the new mode whenever train() or eval() changes
+    it. The swapped-in forwards set a context variable that torch.compile cannot trace inside a checkpointed
+    layer, so after an evaluation the compiled ZeRO-3 layers broke their graphs and ran eager for the rest of the
+    run (35% slower steps in the measured tiny run), and an evaluation before compiling left nothing compiled at
+    all. The kernels the model trains with also serve an evaluation: only dropout and the like must switch.
+    """
+    for module in engine.modules():
+        module.training = mode
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder's layers (`model.get_decoder().layers`, the transformers convention for decoder-only models);
     empty when the model has none there."""
@@ -146,6 +159,10 @@ def compile_model(engine, device: str, stage: int) -> str:
     if problem is not None:
         raise UserError(f"train.compile: the model cannot be compiled on this node: {problem}; install it or set "
                         f"train.compile: false")
+    # A checkpointed layer's forward sets and resets a context variable (transformers' `kernels` routing), a side
+    # effect dynamo refuses inside torch.utils.checkpoint unless told it need not replay it in backward: without
+    # this every checkpointed layer broke its graph and ran eager. Its reset undoes it, so nothing is lost.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if stage < 3:
         engine.compile()
         return "the model is compiled (torch.compile through DeepSpeed)"

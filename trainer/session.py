@@ -44,6 +44,7 @@ from trainer.model import (
     lr_lambda,
     model_attention,
     release_zero3_init,
+    set_training,
 )
 from trainer.preflight import run_preflight
 from trainer.shard_writer import ShardWriter
@@ -193,6 +194,11 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
+            # from_pretrained returns the model in eval mode, and DeepSpeed leaves it there: without this it trained
+            # with activation checkpointing inert (transformers checkpoints only in training mode), dropout off and
+            # the `kernels` library's inference kernels. The one real mode switch (it re-kernelizes for training):
+            # later evaluations flip only the flags (set_training).
+            self.engine.train()
             form = self.verify_packing(model, native) if packs and self.sp.size == 1 else None
             self.tracker.message(separation.describe(attention, self.separation, form, remote=not native))
         if t.compile == "auto" and blocks:
@@ -228,11 +234,11 @@ class Session:
         forms = ((self.separation,) if native
                  else separation.remote_forms(self.separation, config, self.cfg.data.seq_len))
         dtype = model.get_input_embeddings().weight.dtype
-        self.engine.eval()
+        set_training(self.engine, False)
         with torch.no_grad():
             found = separation.verify_form(model, lambda inputs: self.engine(**inputs).logits, self.dist.device,
                                            dtype, forms)
-        self.engine.train()
+        set_training(self.engine, True)
         form, distances = broadcast_object(found)  # one decision for every rank's batches
         if form is None:
             tried = ", ".join(f"{separation.FORM_NAMES[name]} {distance:.2f}" for name, distance in distances.items())
