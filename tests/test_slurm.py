@@ -202,9 +202,11 @@ def test_slurm_preemption_lets_a_save_longer_than_torchruns_30_s_finish(tmp_path
     SIGKILL their workers 30 s later (torch's default shutdown timeout), in the middle of the save the SIGTERM
     asked for. Before that, the batch script read the trainer's clean stop as a user's `shardtune stop` (the
     batch shell itself gets no signal) and ended the job COMPLETED at the preempted step, so a job whose save
-    finished within the grace time was over. Here that save takes 35 s (`stall_save`)."""
+    finished within the grace time was over. Here every save takes 35 s (`stall_save`): the one at step 5 also keeps
+    the run from finishing its 30 fast steps before SLURM gets round to preempting it (a busy machine's scheduler
+    once took longer than those steps)."""
     run = tmp_path / "run"
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 1000}, launch=SLURM,
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": STEPS, "save_every": 5}, launch=SLURM,
                       slurm={"time": "10", "max_requeues": 0})
     shardtune("launch", str(cfg), "launch.env={SHARDTUNE_FAULTS: 'stall_save@-1:0=35'}")
     job = submitted_job(run)
