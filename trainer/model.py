@@ -109,11 +109,11 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
 def set_training(engine, mode: bool) -> None:
     """engine.train(mode) / engine.eval() without transformers re-kernelizing the model.
 
-    transformers 5 swaps in the `kernels` library's forwards for the new mode whenever train() or eval() changes
-    it. The swapped-in forwards set a context variable that torch.compile cannot trace inside a checkpointed
-    layer, so after an evaluation the compiled ZeRO-3 layers broke their graphs and ran eager for the rest of the
-    run (35% slower steps in the measured tiny run), and an evaluation before compiling left nothing compiled at
-    all. The kernels the model trains with also serve an evaluation: only dropout and the like must switch.
+    transformers 5's train() and eval() also re-kernelize the model for the new mode (the `kernels` library swaps
+    module forwards), so an evaluation between two steps would swap them twice, under a compiled model too. The
+    kernels the model trains with serve an evaluation as well: only dropout and the like must switch, so
+    evaluations and the packing check flip the flags alone. The one real switch, to training, happens once,
+    before compiling (Session.build).
     """
     for module in engine.modules():
         module.training = mode
