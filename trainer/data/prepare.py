@@ -381,7 +381,7 @@ def check_vocabulary(cfg: RunConfig, tokenizer, prepared: Prepared) -> None:
 
     On a GPU the first forward would otherwise stop on a device-side assert that names nothing, after the
     model has loaded (minutes at 70B), and a rank that dies there can leave its peers waiting in a collective.
-    Caches built before the largest id was recorded are read once for it.
+    Caches built before the largest id was recorded are scanned for it at every start (memory-mapped).
     """
     from transformers import AutoConfig
 
