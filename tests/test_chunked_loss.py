@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.loss import chunked_token_loss_sum, install_chunked_loss, prepare_loss
+from trainer.loss import chunked_token_loss_sum, prepare_loss
 from trainer.model import token_loss_sum
-
-SKIPS = "train.chunked_loss: the last decoder layer's MLP computes only the positions that carry loss"
 
 
 def problem(dtype=torch.float32, seed=0):
@@ -77,7 +75,7 @@ def test_installed_on_a_model_it_gives_the_model_forward_loss_and_gradients(tiny
     plain, chunked = load(), load()
     messages = []
     loss_fn = prepare_loss(chunked, "auto", messages.append)
-    assert loss_fn.__name__ == "chunked_loss" and messages == [SKIPS]
+    assert loss_fn.__name__ == "chunked_loss" and not messages
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 500, (2, 40), generator=g)
     positions = torch.arange(40).repeat(2, 1)
@@ -94,100 +92,6 @@ def test_installed_on_a_model_it_gives_the_model_forward_loss_and_gradients(tiny
     # Without targets the model is the model: logits, for generation or anything else.
     with torch.no_grad():
         assert torch.equal(chunked(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits)
-
-
-def _rows_seen(mlp) -> list[int]:
-    """How many positions each call of `mlp`'s down projection (its last matmul) computes."""
-    rows: list[int] = []
-    mlp.down_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].numel() // i[0].shape[-1]))
-    return rows
-
-
-def _chat_batch():
-    """2 rows of 40 positions: 8 trained in the first, 29 in the second (prompts and a padded tail untrained)."""
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 500, (2, 40), generator=g)
-    targets = torch.roll(ids, -1, dims=1)
-    targets[0, :27] = -100
-    targets[1, :6] = -100
-    targets[:, 35:] = -100
-    return ids, torch.arange(40).repeat(2, 1), targets
-
-
-@pytest.mark.parametrize("tiled", [False, True], ids=["plain_mlp", "tiled_mlp"])
-def test_the_last_layer_mlp_runs_only_at_trained_positions(tiny_model, tiled):
-    """The last layer's MLP computes the 8 + 29 trained positions, not all 80, in forward and again in
-    activation checkpointing's recompute; every other layer computes all 80. Loss and every gradient are those of
-    transformers' own forward and the full-logits cross-entropy: nothing after the last MLP reads the rest.
-    With DeepSpeed's tiled MLP installed first (as the session does), the tiles cover the trained positions."""
-    from transformers import AutoModelForCausalLM
-
-    from trainer.activation_memory import tile_mlps
-
-    def load():
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return model.train()
-
-    plain, chunked = load(), load()
-    if tiled:
-        tile_mlps(chunked, 2)
-    messages = []
-    prepare_loss(chunked, "auto", messages.append)
-    assert messages == [SKIPS]
-    first, last = _rows_seen(chunked.model.layers[0].mlp), _rows_seen(chunked.model.layers[-1].mlp)
-    ids, positions, targets = _chat_batch()
-    want = token_loss_sum(plain(input_ids=ids, position_ids=positions, use_cache=False).logits, targets)
-    got = chunked(input_ids=ids, position_ids=positions, targets=targets)
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    want.backward()
-    got.backward()
-    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
-        assert rel(q.grad, p.grad) < 1e-5, name
-    assert int((targets != -100).sum()) == 37
-    # Forward and recompute (and the tiled MLP's own recompute): 2 tiles of the trained positions padded to 38, of
-    # 2 × 20 positions in the other layers.
-    assert set(last) == ({19} if tiled else {37}) and len(last) >= (6 if tiled else 2), last
-    assert set(first) == ({40} if tiled else {80}), first
-
-
-def test_an_mlp_that_mixes_positions_or_routes_to_experts_runs_everywhere(tiny_model):
-    """The skip is exact only for an MLP that computes each position alone and adds no loss of its own: a last MLP
-    that mixes positions (a running sum along the row) is tried on rows first and keeps computing all of them, with
-    the model's own loss and gradients; a mixture-of-experts model's MLPs are left as they are (their router's
-    balancing loss counts every position)."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    class Mixing(torch.nn.Module):
-        def __init__(self, mlp):
-            super().__init__()
-            self.down_proj, self.inner = mlp.down_proj, mlp
-
-        def forward(self, x):
-            return self.inner(x + 0.1 * x.cumsum(dim=1))
-
-    def load():
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
-        model.model.layers[-1].mlp = Mixing(model.model.layers[-1].mlp)
-        return model
-
-    plain, chunked = load(), load()
-    trial, messages = _rows_seen(chunked.model.layers[-1].mlp), []
-    prepare_loss(chunked, "auto", messages.append)
-    assert not messages
-    assert trial == [16, 8], trial  # a row of 16 positions, then every other one of them
-    rows = _rows_seen(chunked.model.layers[-1].mlp)
-    ids, positions, targets = _chat_batch()
-    want = token_loss_sum(plain(input_ids=ids, position_ids=positions, use_cache=False).logits, targets)
-    got = chunked(input_ids=ids, position_ids=positions, targets=targets)
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    assert rows == [80], rows
-
-    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
-                                             moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))
-    assert install_chunked_loss(moe, 64) is False
-    assert all("forward" not in layer.mlp.__dict__ for layer in moe.model.layers)
 
 
 def test_models_whose_logits_are_not_a_plain_head_keep_the_full_loss(tiny_model):

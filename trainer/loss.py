@@ -23,10 +23,8 @@ import torch.nn.functional as F
 
 from launcher.contract.errors import UserError
 from launcher.planning.chunked_loss import chunked_loss_blocker, loss_chunk_tokens
-from launcher.planning.moe_size import has_experts
 from trainer.data.collate import IGNORE, Batch
-from trainer.model import decoder_layers, token_loss_sum
-from trainer.separation import agreement
+from trainer.model import token_loss_sum
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
 """(engine, batch) -> the batch's summed token loss (fp32 scalar, part of the autograd graph)."""
@@ -116,15 +114,14 @@ def head_problem(model) -> Optional[str]:
     return None
 
 
-def install_chunked_loss(model, chunk_tokens: int) -> bool:
+def install_chunked_loss(model, chunk_tokens: int) -> None:
     """Make `model(input_ids, position_ids, attention_mask, targets=...)` return the chunked loss sum.
 
     Only the two instance `forward`s change: the model's (decoder, then the head with the targets) and the
     head's (the chunk loop when given targets, a plain linear layer otherwise). Without targets the model
-    runs its own class forward and returns logits as before. True: the last MLP skips untrained positions.
+    runs its own class forward and returns logits as before.
     """
     head, decoder, full_forward = model.get_output_embeddings(), model.get_decoder(), model.forward
-    trained = skip_untrained_positions(model)
 
     def head_forward(hidden: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         if targets is None:
@@ -133,78 +130,14 @@ def install_chunked_loss(model, chunk_tokens: int) -> bool:
 
     def forward(input_ids=None, position_ids=None, attention_mask=None, targets=None, **kwargs):
         if targets is None:
-            trained.targets = None
             return full_forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                 **kwargs)
-        trained.targets = targets  # not the rows themselves: their count would recompile a compiled forward
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                          **{**kwargs, "use_cache": False}).last_hidden_state
         return head(hidden, targets=targets)  # through Module.__call__, so ZeRO-3's hooks gather the weight
 
     head.forward = head_forward
     model.forward = forward
-    return trained.skipping
-
-
-class Trained:
-    """The current micro-batch's targets (None: every position is needed, as in generation)."""
-
-    targets: Optional[torch.Tensor] = None
-    skipping: bool = False
-    """Whether the last MLP runs only at trained positions."""
-
-
-def skip_untrained_positions(model) -> Trained:
-    """Run the last decoder layer's MLP only at positions that carry loss, when that is exact.
-
-    The last layer's output at position t reaches nothing but the head at t, and the chunked loss runs the head
-    only at trained positions; attention's keys and values come before the MLP, so no other position reads it. A
-    position-wise MLP may therefore skip every untrained position: the prompt of a chat sample, padding. The
-    output there is left at zero (the residual passes through) and is never read. Activation checkpointing's
-    recompute runs in the same micro-batch's backward, so it reads the same rows.
-
-    Not for experts: their routers' balancing loss counts every position. Nor for an MLP that mixes positions:
-    `row_wise` tries it on one row first. Left to torch.compile out of the graph: the count of trained positions
-    changes every batch, and a traced count would recompile the model for each.
-    """
-    trained = Trained()
-    layers = decoder_layers(model)
-    mlp = getattr(layers[-1], "mlp", None) if layers else None
-    if (not isinstance(mlp, torch.nn.Module) or has_experts(model.config.get_text_config().to_dict())
-            or not row_wise(mlp, model.config.get_text_config().hidden_size)):
-        return trained
-    full = mlp.forward
-
-    @torch.compiler.disable
-    def forward(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if trained.targets is None or args or kwargs or hidden.shape[:-1].numel() != trained.targets.numel():
-            return full(hidden, *args, **kwargs)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        rows = torch.nonzero(trained.targets.reshape(-1) != IGNORE).squeeze(1)
-        out = full(flat.index_select(0, rows).unsqueeze(0)).squeeze(0)
-        return out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, rows, out).view(*hidden.shape[:-1], -1)
-
-    mlp.forward = forward
-    trained.skipping = True
-    return trained
-
-
-def row_wise(mlp: torch.nn.Module, width: int) -> bool:
-    """Whether `mlp` computes each position from that position alone: every other position of a 16-position row
-    through it must give what the whole row gives there, to the rounding of its dtype. Run while the model is
-    built, before DeepSpeed's hooks exist (ZeRO-3's partitioned weights gathered for it); every rank decides alike.
-    """
-    import deepspeed
-
-    params = list(mlp.parameters())
-    if not params:
-        return False
-    x = torch.randn(1, 16, width, generator=torch.Generator().manual_seed(0)).to(params[0].device, params[0].dtype)
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(params, enabled=partitioned):
-        whole, half = mlp(x)[:, ::2], mlp(x[:, ::2])
-    scale = whole.abs().amax().clamp_min(1e-6)
-    return whole.shape == half.shape and bool(((whole - half).abs().amax() / scale) < agreement(x.dtype))
 
 
 def full_logits_loss(engine, batch: Batch) -> torch.Tensor:
@@ -233,6 +166,5 @@ def prepare_loss(model, setting, message: Callable[[str], None]) -> LossFn:
     if setting == "auto" and blocker:
         message(f"train.chunked_loss=auto -> false: {blocker}")
         return full_logits_loss
-    if install_chunked_loss(model, loss_chunk_tokens(model.config.get_text_config().vocab_size)):
-        message("train.chunked_loss: the last decoder layer's MLP computes only the positions that carry loss")
+    install_chunked_loss(model, loss_chunk_tokens(model.config.get_text_config().vocab_size))
     return chunked_loss

@@ -175,9 +175,8 @@ class Session:
                 separation.install_mask_builder(model)
             if self.sp.size > 1:
                 sequence_parallel.require_split_attention(model, self.sp)
-            offload = activation_memory.install(model, cfg, self.tracker.message)
-            # After tiling: the last MLP's skip of untrained positions hands the tiled MLP only the trained ones.
             self.loss = prepare_loss(model, t.chunked_loss, self.tracker.message)
+            offload = activation_memory.install(model, cfg, self.tracker.message)
             stage = self.ds_config["zero_optimization"]["stage"]
             # DeepSpeed reads ZeRO-3 leaf flags inside initialize: set them between building and initialize.
             blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
