@@ -96,14 +96,17 @@ def write_text_rows(path: Path, rows: int, words: int) -> Path:
     return path
 
 
-def run_config(work: Path, model: Path, data: Path, name: str, seq_len: int, steps: int, tag: str = "") -> Path:
+def run_config(work: Path, model: Path, data: Path, name: str, seq_len: int, steps: int, tag: str = "",
+               micro: int = 1) -> Path:
+    """The run's config: ROWS_PER_STEP rows per optimizer step, `micro` rows per micro-batch (accumulating the rest)."""
     settings = SETTINGS.get(name, SETTINGS["sp1_full"])
     sp = settings["sequence_parallel"]
     cfg = {
         "model": {"name_or_path": str(model)},
         "data": {"path": str(data), "format": "text", "seq_len": seq_len, "packing": False,
                  "truncation": "truncate", "cache_dir": str(work / "data-cache")},
-        "train": {"max_steps": steps, "micro_batch_size": 1, "grad_accum_steps": ROWS_PER_STEP * sp // WORLD,
+        "train": {"max_steps": steps, "micro_batch_size": micro,
+                  "grad_accum_steps": ROWS_PER_STEP * sp // WORLD // micro,
                   "lr": 1e-5, "seed": 0, "activation_checkpointing": True, "log_every": 1, **settings},
         "zero": {"stage": 2},
         "launch": {"nodes": 1, "procs_per_node": WORLD, "device": "cpu"},
@@ -142,10 +145,10 @@ def trainer_rows(config: Path, out: Path) -> Path:
 
 
 def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
-            allocator: dict[str, str] | None = None) -> dict:
-    """One 3-step run under the cap: ok or over the cap, the largest RSS of any process, the step times."""
-    tag = "-alloc" if allocator else ""
-    config = run_config(work, model, data, name, seq_len, args.steps, tag)
+            allocator: dict[str, str] | None = None, micro: int = 1, steps: int | None = None, tag: str = "") -> dict:
+    """One short run under the cap: ok or over the cap, the largest RSS of any process, the step times."""
+    tag += "-alloc" if allocator else ""
+    config = run_config(work, model, data, name, seq_len, steps or args.steps, tag, micro)
     out = work / "runs" / f"{name}-{seq_len}{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -156,14 +159,15 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
         rows = trainer_rows(config, out / "rows.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                    "-m", "bench.hf_trainer", "--model", str(model), "--ds_config", str(ds),
-                   "--data", str(rows), "--grad_accum", "1", "--micro", "1", "--steps", str(args.steps),
+                   "--data", str(rows), "--grad_accum", "1", "--micro", "1", "--steps", str(steps or args.steps),
                    "--lr", "1e-5", "--gradient_checkpointing", "--out", str(out / "result.json")]
     else:
         command = [shardtune_bin(), "launch", str(config)]
     max_rss_file = out / "max_rss.json"
     argv = [sys.executable, "-m", "bench._max_rss", str(max_rss_file), *command]
     t0 = time.time()
-    result = {"name": name, "seq_len": seq_len, "estimate_gb": (plan.get("memory") or {}).get("total_gb")}
+    result = {"name": name, "seq_len": seq_len, "micro": micro,
+              "estimate_gb": (plan.get("memory") or {}).get("total_gb")}
     try:
         run_tree(argv, out / "log.txt", REPO, env(allocator), timeout=args.timeout, rss_cap=int(args.cap_gb * 1e9))
         result["ok"] = True
@@ -188,7 +192,7 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
 def step_end_times(name: str, out: Path) -> list[float]:
     if name == "trainer":
         return json.loads((out / "result.json.rank0").read_text())["step_end_times"]
-    return [r["time"] for r in sorted(RunDir(out / "run").train_metrics(), key=lambda r: r["step"])]
+    return RunDir(out / "run").step_end_times()
 
 
 def search(work: Path, model: Path, data: Path, name: str, args, log) -> list[dict]:
@@ -206,30 +210,63 @@ def search(work: Path, model: Path, data: Path, name: str, args, log) -> list[di
     return results
 
 
+SPEED = (("trainer", 1), ("sp2_chunked", 2), ("sp2_chunked", 1))
+"""The throughput runs at the common seq_len: (contender, rows per micro-batch). SP=2 with 2 rows per micro-batch
+holds as many tokens per rank as the data-parallel runs' one row (2 halves of 2 rows), takes one micro-batch per
+step as they do, and so reduces its ZeRO-2 gradients once per step as they do; with 1 row, as in the search, it
+takes two micro-batches and two reductions per step."""
+
+
+def speed_label(name: str, micro: int) -> str:
+    return name if name == "trainer" else f"{name}, {micro} row{'s' if micro > 1 else ''} per micro-batch"
+
+
+def speed(work: Path, model: Path, data: Path, seq_len: int, args, log) -> dict[str, list[dict]]:
+    """Tokens/s at `seq_len`: --speed_steps steps per run, the contenders alternating, --speed_repeats rounds."""
+    runs: dict[str, list[dict]] = {speed_label(n, m): [] for n, m in SPEED}
+    for repeat in range(args.speed_repeats):
+        for name, micro in SPEED:
+            r = measure(work, model, data, name, seq_len, args, micro=micro, steps=args.speed_steps,
+                        tag=f"-speed-m{micro}-r{repeat}")
+            runs[speed_label(name, micro)].append(r)
+            log(f"  speed {speed_label(name, micro)} at {seq_len:,}, repeat {repeat + 1}: "
+                f"{r.get('tokens_per_s', r.get('why'))} tokens/s")
+    return runs
+
+
+def pooled_rate(results: list[dict]) -> float | None:
+    rates = [r["tokens_per_s"] for r in results if r.get("tokens_per_s")]
+    return sum(rates) / len(rates) if rates and len(rates) == len(results) else None
+
+
 def longest(results: list[dict]) -> int | None:
     ok = [r["seq_len"] for r in results if r["ok"]]
     return max(ok) if ok else None
 
 
-def build_report(found: dict[str, list[dict]], args, allocated: dict[str, dict] | None = None) -> dict:
+def build_report(found: dict[str, list[dict]], args, allocated: dict[str, dict] | None = None,
+                 speeds: dict[str, list[dict]] | None = None) -> dict:
     longest_of = {name: longest(rs) for name, rs in found.items()}
     reached = [v for v in longest_of.values() if v]
     common = min(reached) if len(reached) == len(found) else None
     at = {name: next((r for r in rs if r["seq_len"] == common), None) for name, rs in found.items()}
     stopped = {name: (rs[-1]["ok"] and rs[-1]["seq_len"] * 2 > args.max_len) for name, rs in found.items()}
     report = {"longest": longest_of, "search_limit_reached": stopped, "common_seq_len": common,
-              "at_common": at, "cap_gb": args.cap_gb, "runs": found, "allocated_like": allocated or {}}
+              "at_common": at, "cap_gb": args.cap_gb, "runs": found, "allocated_like": allocated or {},
+              "speed": speeds or {}}
     goals = []
     sp2, trainer = longest_of.get("sp2_chunked"), longest_of.get("trainer")
     if sp2 and trainer:
         limit = " (search limit: at least)" if stopped.get("sp2_chunked") else ""
         goals.append(("longest seq_len, shardtune SP=2 + chunked >= 4 x the Trainer's", sp2 / trainer >= 4,
                       f"{sp2:,}{limit} / {trainer:,} = {sp2 / trainer:.1f} x"))
-    a, b = at.get("sp2_chunked"), at.get("trainer")
-    if a and b and a.get("tokens_per_s") and b.get("tokens_per_s"):
-        ratio = a["tokens_per_s"] / b["tokens_per_s"]
-        goals.append((f"tokens/s at seq_len {common:,}, SP=2 vs the Trainer >= 1.0 x", ratio >= 1.0,
-                      f"{a['tokens_per_s']:,.0f} / {b['tokens_per_s']:,.0f} = {ratio:.2f} x"))
+    even, trainer_runs = (speeds or {}).get(speed_label("sp2_chunked", 2)), (speeds or {}).get("trainer")
+    a, b = (pooled_rate(even), pooled_rate(trainer_runs)) if even and trainer_runs else (None, None)
+    if a and b:
+        by_repeat = ", ".join(f"{x['tokens_per_s'] / y['tokens_per_s']:.2f}" for x, y in zip(even, trainer_runs))
+        goals.append((f"tokens/s at seq_len {common:,}, SP=2 (as many tokens per rank and micro-batch as the "
+                       "Trainer) vs the Trainer >= 1.0 x", a / b >= 1.0,
+                      f"{a:,.0f} / {b:,.0f} = {a / b:.2f} x (by repeat: {by_repeat})"))
     for name in ("sp2_chunked", "sp1_chunked", "sp1_full"):
         r = at.get(name)
         if r and r.get("estimate_gb") and r.get("max_rss_gb"):
@@ -261,6 +298,15 @@ def format_section(report: dict, command: str, info: str) -> str:
         lines += ["", f"The shardtune runs again at seq_len {common}, with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows "
                   "the bytes allocated; glibc's default heap keeps freed blocks below 32 MiB): "
                   + ", ".join(f"{n} {r.get('max_rss_gb', '-')} GB" for n, r in report["allocated_like"].items()) + "."]
+    if report.get("speed"):
+        rounds = len(next(iter(report["speed"].values())))
+        lines += ["", f"Throughput at seq_len {common:,}: the contenders alternating, {rounds} rounds (mean of the "
+                  "rounds' trained tokens/s; the search's runs above are one each):", "",
+                  "| contender | trained tokens/s | by round |", "|---|---|---|"]
+        for label, rs in report["speed"].items():
+            rate = pooled_rate(rs)
+            lines.append(f"| {label} | {f'{rate:,.1f}' if rate else '-'} | "
+                         f"{', '.join(str(r.get('tokens_per_s', '-')) for r in rs)} |")
     lines += ["", f"Common seq_len (the longest every contender reached): {common}. Per seq_len tried:", ""]
     lines += ["| contender | seq_len | result | max RSS (GB) | estimate (GB) | step times (s) | wall (s) |",
               "|---|---|---|---|---|---|---|"]
@@ -285,6 +331,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start", type=int, default=1024)
     p.add_argument("--max_len", type=int, default=16384, help="longest seq_len tried")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--speed_steps", type=int, default=6, help="steps per throughput run at the common seq_len")
+    p.add_argument("--speed_repeats", type=int, default=2, help="rounds of the throughput runs")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--timeout", type=float, default=1800)
@@ -334,7 +382,8 @@ def main(argv=None) -> int:
         allocated[name] = measure(work, model, data, name, common, args, ALLOCATED_LIKE)
         log(f"  {name:12s} seq_len {common:>6,} with MALLOC_MMAP_THRESHOLD_=65536: max RSS "
             f"{allocated[name].get('max_rss_gb', float('nan')):.2f} GB")
-    report = build_report(found, args, allocated)
+    speeds = speed(work, model, data, common, args, log) if common and "trainer" in found else {}
+    report = build_report(found, args, allocated, speeds)
     minutes = (time.time() - started) / 60
     from importlib.metadata import version
 

@@ -289,7 +289,7 @@ def warm_up(cell: Cell, work: Path, args, log) -> None:
 
 def step_end_times(contender: str, out: Path) -> list[float]:
     if contender == "shardtune":
-        return [r["time"] for r in sorted(RunDir(out / "run").train_metrics(), key=lambda r: r["step"])]
+        return RunDir(out / "run").step_end_times()
     if contender in ("minimal", "minimal_same"):
         return json.loads((out / "result.json").read_text())["step_end_times"]
     return json.loads((out / "result.json.rank0").read_text())["step_end_times"]

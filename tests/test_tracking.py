@@ -72,6 +72,11 @@ def test_throughput_times_step_time_is_the_step_tokens(tmp_path, tiny_model):
         assert r["rank_time_min"] <= r["rank_time_max"] and r["slowest_rank"] in (0, 1)
         assert 0 < r["mfu"] < 1 and r["hfu"] == r["mfu"]  # on CPU the peak is probed; no recomputation here
     assert rows[0]["data/rows_read"] == 400 and rows[0]["data/packing_efficiency"] > 0.9
+    # When each step ended (the benchmarks time steps with it): a step's row is logged after its step time, and the
+    # last step's end is not the end of the final save, whose measurements are merged into that step's row.
+    ends = RunDir(tmp_path / "run").step_end_times()
+    assert len(ends) == 6 and all(b - a >= r["step_time"] for a, b, r in zip(ends, ends[1:], rows[1:]))
+    assert rows[-1]["time"] >= ends[-1] + rows[-1]["save_seconds"], "the final save's row merges into step 6"
 
 
 def test_flops_formula_matches_a_hand_computation():

@@ -205,6 +205,18 @@ class RunDir:
         """Rows of training steps (eval rows and the like have no throughput)."""
         return [row for row in self.read_metrics() if "tokens_per_sec" in row]
 
+    def step_end_times(self) -> list[float]:
+        """When each training step's row was logged, in step order: the wall time a step ended.
+
+        Read from the rows as written, not merged: a row merged with the last save's measurements carries the time
+        that save ended, and a benchmark timing steps from it counted the save as part of the last step.
+        """
+        if not self.metrics_file.exists():
+            return []
+        rows = (json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip())
+        ends = {row["step"]: row["time"] for row in rows if "tokens_per_sec" in row}
+        return [ends[step] for step in sorted(ends)]
+
     def losses(self) -> dict[int, float]:
         """step -> training loss (None for a skipped step)."""
         return {row["step"]: row["loss"] for row in self.read_metrics() if "loss" in row}
