@@ -20,8 +20,9 @@ RSS of any of its processes from resource.getrusage(RUSAGE_CHILDREN) after the r
 --max_len (the attention's cost grows with seq_len², so lengths beyond it take too long on 2 cores).
 
 Then, at the longest seq_len every contender reached (the Trainer's, usually): peak RSS per contender,
-trained tokens/s of sp2_chunked against the Trainer (steps 2-3: the first step warms up), and shardtune's
-planner estimate (`shardtune plan`, per process) against the measured peak for the shardtune runs.
+shardtune's planner estimate (`shardtune plan`, per process) against the measured peak for the shardtune runs,
+and trained tokens/s of sp2_chunked against the Trainer from runs of their own (SPEED: --speed_steps steps,
+the first not timed, alternating for --speed_repeats rounds).
 Results go to the `## Long context` section of bench/RESULTS.md (between markers; text after them stays).
 
 The vocabulary is 32,000 but the tokenizer is the repository's tiny BPE (512 tokens; no 32k tokenizer is
