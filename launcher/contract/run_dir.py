@@ -185,16 +185,17 @@ class RunDir:
         with open(self.metrics_file, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def _written_rows(self) -> list[dict]:
+        """The metrics file's rows as written, one per line."""
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
     def read_metrics(self) -> list[dict]:
         """One row per logged step, as wandb's history shows it: rows logged one after another at the same step
         (the last save's measurements after the last training step, a final eval) are merged, later keys winning."""
-        if not self.metrics_file.exists():
-            return []
         rows: list[dict] = []
-        for line in self.metrics_file.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for row in self._written_rows():
             if rows and rows[-1].get("step") == row.get("step"):
                 rows[-1].update(row)
             else:
@@ -211,10 +212,7 @@ class RunDir:
         Read from the rows as written, not merged: a row merged with the last save's measurements carries the time
         that save ended, and a benchmark timing steps from it counted the save as part of the last step.
         """
-        if not self.metrics_file.exists():
-            return []
-        rows = (json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip())
-        ends = {row["step"]: row["time"] for row in rows if "tokens_per_sec" in row}
+        ends = {row["step"]: row["time"] for row in self._written_rows() if "tokens_per_sec" in row}
         return [ends[step] for step in sorted(ends)]
 
     def losses(self) -> dict[int, float]:
