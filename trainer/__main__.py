@@ -5,10 +5,14 @@ export, and always clean up. Errors a user can act on end with one clear message
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from launcher.contract.errors import UserError
 from trainer.session import Session, setup_logging
@@ -57,5 +61,31 @@ def main(argv: list[str]) -> int:
         session.close()
 
 
+def exit_without_teardown(argv: list[str]) -> NoReturn:
+    """Run `main`, then end the process at once with its exit code, skipping the interpreter's teardown.
+
+    `destroy_process_group` unregisters gloo's process groups but does not stop their worker threads while
+    anything still holds a group, and DeepSpeed does (every ZeRO-3 parameter keeps its group). So those
+    threads outlive `main`; one still releasing a finished collective's tensors then touches an interpreter
+    that is being torn down, and a rank of a run that completed aborts ("terminate called without an active
+    exception", SIGABRT), seen in CI on a loaded machine. Everything the rank owns is written, flushed and
+    closed by `Session.close`; only the teardown is skipped. An exception still prints its traceback.
+    """
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit without teardown
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_without_teardown(sys.argv[1:])

@@ -14,6 +14,7 @@ Without the variable every hook is a no-op.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import signal
@@ -141,6 +142,10 @@ class FaultHooks:
 
     def exiting(self) -> None:
         maybe_freeze("freeze_at_exit", 0, self.rank)
+        if fires("abort_in_teardown", 0, self.rank):
+            # abort_in_teardown@0:RANK: this rank's interpreter teardown aborts, as a gloo worker thread that touched
+            # Python while the interpreter was being finalized once made a rank of a completed run abort.
+            atexit.register(os.abort)
 
     def loading_batch(self, step: int) -> None:
         maybe_hang("hang_in_data", step, self.rank)

@@ -163,6 +163,9 @@ class Tracker(NullTracker):
                 if summary:
                     self.wandb.summary.update(summary)
                 self.wandb.finish()
+                import wandb
+
+                wandb.teardown()  # its service process; the rank ends without running atexit hooks (trainer.__main__)
             except Exception as exc:
                 self.message(f"wandb: finish failed ({exc})")
             self.wandb = None
