@@ -45,7 +45,7 @@ def main(model_dir: str, out: str) -> None:
     from launcher.planning.plan import build_plan
     from trainer import sequence_parallel
     from trainer.data.collate import collate
-    from trainer.distributed import init_distributed
+    from trainer.distributed import exit_without_teardown, init_distributed
     from trainer.model import load_model
 
     torch.set_num_threads(1)
@@ -76,6 +76,7 @@ def main(model_dir: str, out: str) -> None:
             "input_ids": full.input_ids.tolist(), "targets": full.targets.tolist(),
             "token_losses": torch.cat(parts, dim=1).tolist()}))
     dist.destroy_process_group()
+    exit_without_teardown(0)  # as the trainer's ranks end
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ export, and always clean up. Errors a user can act on end with one clear message
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from launcher.contract.errors import UserError
+from trainer.distributed import exit_without_teardown
 from trainer.session import Session, setup_logging
 
 MIN_TORCH = "2.6"  # torch.load(weights_only=True) can run code in older versions (CVE-2025-32434)
@@ -61,16 +61,9 @@ def main(argv: list[str]) -> int:
         session.close()
 
 
-def exit_without_teardown(argv: list[str]) -> NoReturn:
-    """Run `main`, then end the process at once with its exit code, skipping the interpreter's teardown.
-
-    `destroy_process_group` unregisters gloo's process groups but does not stop their worker threads while
-    anything still holds a group, and DeepSpeed does (every ZeRO-3 parameter keeps its group). So those
-    threads outlive `main`; one still releasing a finished collective's tensors then touches an interpreter
-    that is being torn down, and a rank of a run that completed aborts ("terminate called without an active
-    exception", SIGABRT), seen in CI on a loaded machine. Everything the rank owns is written, flushed and
-    closed by `Session.close`; only the teardown is skipped. An exception still prints its traceback.
-    """
+def run_and_exit(argv: list[str]) -> NoReturn:
+    """`main`, its exceptions printed as Python prints them, then the process ends without the interpreter's
+    teardown (`exit_without_teardown` says why)."""
     try:
         code = main(argv)
     except SystemExit as exc:
@@ -78,14 +71,11 @@ def exit_without_teardown(argv: list[str]) -> NoReturn:
     except KeyboardInterrupt:
         traceback.print_exc()
         code = 128 + signal.SIGINT
-    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit without teardown
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit
         traceback.print_exc()
         code = 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":
-    exit_without_teardown(sys.argv[1:])
+    run_and_exit(sys.argv[1:])
