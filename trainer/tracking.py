@@ -165,7 +165,7 @@ class Tracker(NullTracker):
                 self.wandb.finish()
                 import wandb
 
-                wandb.teardown()  # its service process; the rank ends without running atexit hooks (trainer.__main__)
+                wandb.teardown()  # its service; ranks end without atexit hooks (exit_without_teardown)
             except Exception as exc:
                 self.message(f"wandb: finish failed ({exc})")
             self.wandb = None
