@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from launcher.contract.errors import UserError
+from launcher.contract.run_dir import RunDir
 from trainer.distributed import exit_without_teardown
-from trainer.session import Session, setup_logging
+from trainer.session import Session, failure_reason, record_failure, setup_logging
 
 MIN_TORCH = "2.6"  # torch.load(weights_only=True) can run code in older versions (CVE-2025-32434)
 
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> int:
     except UserError as exc:
         if rank == "0":
             print(f"shardtune: {exc}", file=sys.stderr)
+        record_failure(RunDir(Path(argv[0])), int(rank), failure_reason(exc))
         return 1
     setup_logging(session.dist.is_main)
     try:

@@ -66,6 +66,22 @@ def setup_logging(is_main: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def record_failure(run_dir: RunDir, rank: int, reason: str) -> None:
+    """This rank's failure in the run's event log, where the launcher's post-mortem finds why the job ended.
+
+    The log, not rank 0's stderr, is what always reaches the user: once one rank has exited, torchrun kills the
+    others, rank 0 included, maybe before its own message is out."""
+    try:
+        run_dir.record_event({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "attempt": ATTEMPT,
+                              "event": "failed", "reason": reason})
+    except OSError:
+        pass
+
+
 def _rank_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -430,13 +446,9 @@ class Session:
         hint = f"; the last good checkpoint is {last}" if last else "; there is no checkpoint yet"
         self.tracker.message(f"training stopped: {exc}{hint}")
         self.tracker.status("failed", None, last, reason=str(exc))
-        reason = f"{type(exc).__name__}: {exc}"[:500]
+        reason = failure_reason(exc)
         self.heartbeat.stop("failed", reason)
-        try:
-            self.run_dir.record_event({"rank": self.dist.rank, "host": socket.gethostname(), "pid": os.getpid(),
-                                       "attempt": ATTEMPT, "event": "failed", "reason": reason})
-        except OSError:
-            pass
+        record_failure(self.run_dir, self.dist.rank, reason)
 
     def close(self) -> None:
         if self.writer is not None:
