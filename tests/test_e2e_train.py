@@ -68,9 +68,10 @@ def test_a_failed_sample_reply_leaves_the_run_completed(tmp_path, tiny_model):
 
 def test_a_rank_whose_interpreter_teardown_aborts_still_ends_a_completed_run_cleanly(tmp_path, tiny_model):
     """A rank of a completed ZeRO-3 run once aborted in CI after its last step ("terminate called without an
-    active exception"): gloo's worker threads outlive `destroy_process_group` and touched Python while the
-    interpreter was being torn down. That race cannot be timed from outside, so rank 1's teardown is made to
-    abort (`abort_in_teardown`, an atexit hook calling os.abort); the ranks end before any teardown runs."""
+    active exception"): gloo's worker threads outlive `destroy_process_group`, and one touching Python while the
+    interpreter was being torn down is the likely cause. That race cannot be timed from outside, so rank 1's
+    teardown is made to abort (`abort_in_teardown`, an atexit hook calling os.abort); the ranks end before any
+    teardown runs."""
     cfg = tiny_config(tmp_path, tiny_model, zero={"stage": 3}, train={"max_steps": 2, "warmup_steps": 1})
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "abort_in_teardown@0:1"})
     assert "fault injection armed on rank 1: abort_in_teardown@0" in proc.stderr
