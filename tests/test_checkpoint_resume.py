@@ -104,6 +104,27 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
     assert_same_losses(tmp_path / "run", reference)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync_save", "async_save"])
+def test_a_write_that_fails_on_one_rank_fails_every_rank_and_the_previous_checkpoint_stays(
+        tmp_path, tiny_model, reference, background):
+    """A full filesystem (ENOSPC, injected in rank 1's writer at step 10's save) ends the run on every rank with
+    the failing rank's error, not with rank 1 alone dying and the others waiting for its shards. The checkpoint in
+    charge stays step 5's, and a relaunch resumes from it with the reference's losses."""
+    cfg = config(tmp_path, tiny_model, async_save=background)
+    proc = launch(cfg, env={"SHARDTUNE_FAULTS": "fail_write@10:1"}, check=False)
+    assert proc.returncode != 0
+    cause = "saving step_00000010 failed (rank 1: OSError: [Errno 28] No space left on device"
+    assert cause in proc.stderr and "the previous checkpoint stays in charge" in proc.stderr, proc.stderr[-4000:]
+    run = RunDir(tmp_path / "run")
+    status = run.read_status()  # rank 0's: it learned rank 1's cause
+    assert status["state"] == "failed" and cause in status["reason"], status
+    assert (run.checkpoints / LATEST).read_text().strip() == "step_00000005"
+    assert not (run.checkpoint(10) / MANIFEST).exists()
+    proc = launch(cfg)
+    assert "step_00000005 at step 5" in proc.stderr, proc.stderr[-3000:]
+    assert_same_losses(run.path, reference)
+
+
 def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path, tiny_model, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

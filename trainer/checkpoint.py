@@ -150,6 +150,8 @@ class PendingSave:
     """How the ranks wait for each other's writes (progress-aware, no collective timeout)."""
     stall: float = 0.0
     """Seconds training waited for this save (all of it when synchronous; the snapshot when in the background)."""
+    error: Optional[str] = None
+    """This rank's write failure, once waited for (`wait_for_writes`); `commit` fails every rank with it."""
 
 
 def begin_save(engine, writer, root: Path, step: int, state: dict, dist: Dist,
@@ -183,19 +185,27 @@ def durable_everywhere(writer, dist: Dist) -> bool:
     return all_reduce_max([0.0 if writer.done() else 1.0], dist.device)[0] == 0
 
 
+def wait_for_writes(writer, dist: Dist) -> Optional[str]:
+    """Block until this rank's queued writes end; the failure, named for the other ranks, or None.
+
+    Not raised here: a rank that raised alone would leave the others waiting for its shards, and the job would
+    end blaming whichever rank torchrun killed first. `commit` shares it so every rank fails with it."""
+    try:
+        writer.wait()
+    except Exception as exc:  # noqa: BLE001 - every rank must learn that some rank's write failed
+        return f"rank {dist.rank}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def commit(pending: PendingSave, writer, root: Path, dist: Dist, keep_last: int, log: Callable[[str], None],
            beat: Callable[[str], None], faults: Optional[FaultHooks] = None) -> dict:
     """Make a pending checkpoint the one in charge, once every rank's files are durable. Collective.
 
     The manifest lists what every rank's writer recorded (size and sha256 of the bytes as written); a file
     no writer recorded (DeepSpeed writing around its engine) is hashed from disk and reported. Returns the
-    save's measurements for the metrics.
+    save's measurements for the metrics. A write that failed on any rank fails every rank, naming it.
     """
-    error = None
-    try:
-        writer.wait()
-    except Exception as exc:  # noqa: BLE001 - every rank must learn that some rank's write failed
-        error = f"rank {dist.rank}: {type(exc).__name__}: {exc}"
+    error = pending.error or wait_for_writes(writer, dist)
     if faults is not None:
         faults.saving(pending.step)
     pending.peers.wait_all("written", beat)
@@ -239,7 +249,7 @@ def save(engine, writer, root: Path, step: int, state: dict, dist: Dist, keep_la
          ) -> tuple[Path, dict]:
     """Write and commit checkpoint `step`, waiting for it; (its directory, the save's measurements)."""
     pending = begin_save(engine, writer, root, step, state, dist, write_extras, progress, beat)
-    writer.wait()
+    pending.error = wait_for_writes(writer, dist)
     pending.stall = time.perf_counter() - pending.started
     return pending.ckpt, commit(pending, writer, root, dist, keep_last, log, beat, faults)
 

@@ -126,7 +126,7 @@ class FaultHooks:
 
     def __init__(self, rank: int = 0):
         self.rank = rank
-        self._slowed, self._stalled = 0.0, False
+        self._slowed, self._stalled, self._write_failed = 0.0, False, False
         armed = [f for f in ACTIVE if f.rank == rank]
         if armed:
             listed = ", ".join(f"{f.kind}@{f.step}" + (f"={f.arg}" if f.arg else "") for f in armed)
@@ -159,10 +159,14 @@ class FaultHooks:
     def writing(self, step: int, nbytes: int) -> None:
         """Called as checkpoint bytes are written (also from the background writer).
 
-        kill_in_write: die in the middle of writing the checkpoint; slow_save=S: write slowly, sleeping 1 s at a
+        kill_in_write: die in the middle of writing the checkpoint; fail_write: the write fails as a full
+        filesystem fails it (ENOSPC), once, and the rank lives on; slow_save=S: write slowly, sleeping 1 s at a
         time until S seconds have passed (progress continues); stall_save=S: stop for S seconds without progress.
         """
         maybe_kill("kill_in_write", step, self.rank)
+        if fires("fail_write", step, self.rank) and not self._write_failed:
+            self._write_failed = True
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: fail_write@{step}:{self.rank})")
         if fires("slow_save", step, self.rank) and self._slowed < self._arg("slow_save", step):
             time.sleep(1.0)
             self._slowed += 1.0
