@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -74,3 +75,30 @@ def test_the_heartbeat_file_tightens_to_the_stall_timeout_as_soon_as_training_ru
         assert read()["allowance_s"] == 6 and read()["step"] == 2
     finally:
         heartbeat.stop()
+
+
+def test_preflight_fails_a_run_whose_first_checkpoint_cannot_fit_on_its_filesystem(tmp_path, tiny_model):
+    """A model whose checkpoint no test machine has room for (a config.json of ~69 trillion parameters beside the
+    tiny model's tokenizer): every rank's preflight sees the free space of the run's filesystem and fails the
+    job before the model loads, instead of failing the first save after hours of training."""
+    model = tmp_path / "huge-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    h, inter, layers, vocab = 65536, 262144, 1000, config["vocab_size"]
+    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=512,
+                  num_key_value_heads=512, head_dim=128, tie_word_embeddings=False)
+    (model / "config.json").write_text(json.dumps(config))
+    # Llama by hand: embeddings and head, per layer q/k/v/o (4·h²), gate/up/down (3·h·inter), two norms; final norm.
+    params = 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+    checkpoint_gb = 16 * params / 1e9  # ZeRO-2 in fp32: weights, fp32 master, two Adam moments
+    free_gb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize / 1e9
+    assert free_gb < checkpoint_gb / 2, "this test needs a filesystem with less than a petabyte free"
+    started = time.time()
+    proc = shardtune("launch", str(tiny_config(tmp_path, model)), check=False)
+    assert proc.returncode != 0
+    problem = (f"on {os.uname().nodename}: {tmp_path / 'run'} has "), "less than one checkpoint ("
+    assert "preflight failed" in proc.stderr and all(p in proc.stderr for p in problem), proc.stderr[-3000:]
+    said = float(proc.stderr.split("less than one checkpoint (")[1].split(" GB")[0].replace(",", ""))
+    assert said == pytest.approx(checkpoint_gb, rel=1e-3)
+    assert not RunDir(tmp_path / "run").metrics_file.exists() and not RunDir(tmp_path / "run").checkpoints.exists()
+    assert time.time() - started < 120

@@ -361,14 +361,52 @@ def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does
     assert RunDir(tmp_path / "stalled" / "run").read_status()["state"] == "completed"  # restarted, then finished
 
 
-def _slurm_plan(train: dict | None = None, stage: int = 3, slurm: dict | None = None, preemption=None, **launch):
+def _slurm_plan(train: dict | None = None, stage: int = 3, slurm: dict | None = None, preemption=None,
+                disk_free=None, output_dir: str = "/scratch/run", **launch):
     raw = {"model": {"name_or_path": str(REPO / "tests" / "data" / "model_configs" / "llama3_8b.json")},
            "data": {"path": "/d.jsonl", "format": "messages", "seq_len": 4096},
            "train": {"max_steps": 10, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0, **(train or {})},
            "zero": {"stage": stage}, "launch": {"backend": "slurm", "nodes": 2, "procs_per_node": 8, **launch},
-           "slurm": slurm or {}, "output_dir": "/scratch/run"}
-    host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96, preemption=preemption)
+           "slurm": slurm or {}, "output_dir": output_dir}
+    host = HostFacts(0, FusedAdamStatus(True, "prebuilt"), slurm_node_cpus=96, preemption=preemption,
+                     disk_free=disk_free)
     return build_plan(validate_config(apply_overrides(raw, [])), host=host)
+
+
+def test_plan_compares_the_checkpoints_and_export_at_their_peak_with_the_free_space_of_their_filesystem(tmp_path):
+    """Llama-3-8B (8,030,261,248 parameters, published) at ZeRO-3: 12 bytes per parameter a checkpoint, 2 for its
+    bf16 export. With keep_last 3 and 5 saves, 4 checkpoints are on disk while the newest is written (more than
+    3 and the export after the last save)."""
+    params = 8_030_261_248
+    ckpt_gb, export_gb = (12 * params + 5_000_000) / 1e9, 2 * params / 1e9
+    train = {"save_every": 2, "keep_last": 3}
+    roomy = _slurm_plan(train, disk_free=("/scratch", int(500e9))).to_json()
+    assert roomy["disk_need_gb"] == pytest.approx(4 * ckpt_gb, abs=1e-3) and not roomy["warnings"]
+    assert roomy["disk_free_gb"] == 500.0
+    tight = _slurm_plan(train, disk_free=("/scratch", int(300e9)))
+    (warning,) = tight.warnings
+    assert warning.startswith("/scratch has 300.0 GB free, but the run needs 4 checkpoints of "
+                              f"{ckpt_gb:,.1f} GB at once (the newest is written before the oldest is removed)")
+    assert f"{4 * ckpt_gb:,.1f} GB more at the peak" in warning and "lower train.keep_last" in warning
+    assert (f"the run needs {4 * ckpt_gb:,.1f} GB more on its filesystem at the peak (300.0 GB free)"
+            in format_plan(tight))
+    (problem,) = _slurm_plan(train, disk_free=("/scratch", int(50e9))).warnings
+    assert (f"/scratch has 50.0 GB free, less than one checkpoint ({ckpt_gb:,.1f} GB): the first save would fail"
+            in problem)
+    # One save, at the end: that checkpoint and the export written beside it.
+    single = _slurm_plan({"keep_last": 1}, disk_free=("/scratch", int(120e9))).to_json()
+    assert single["disk_need_gb"] == pytest.approx(ckpt_gb + export_gb, abs=1e-3) and not single["warnings"]
+    (warning,) = _slurm_plan({"keep_last": 1}, disk_free=("/scratch", int(110e9))).warnings
+    assert (f"the run needs 1 checkpoint of {ckpt_gb:,.1f} GB and the export of {export_gb:,.1f} GB beside them: "
+            f"{ckpt_gb + export_gb:,.1f} GB more at the peak") in warning
+    # Resuming where two complete checkpoints are already on disk: only the other two of the four are new bytes.
+    for step in (2, 4):
+        RunDir(tmp_path / "run").checkpoint(step).mkdir(parents=True)
+        (RunDir(tmp_path / "run").checkpoint(step) / MANIFEST).write_text("{}")
+    resumed = _slurm_plan(train, disk_free=("/scratch", int(300e9)), output_dir=str(tmp_path / "run")).to_json()
+    assert resumed["disk_need_gb"] == pytest.approx(2 * ckpt_gb, abs=1e-3) and not resumed["warnings"]
+    unknown = _slurm_plan(train).to_json()  # a filesystem that does not say how much is free
+    assert unknown["disk_free_gb"] is None and not unknown["warnings"]
 
 
 def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_preemption_window():

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
+from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
 from trainer.peak_probe import Peak, device_peak
@@ -68,13 +69,15 @@ def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None) -> dict:
     return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
             "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
-            "write_error": can_write(run_dir, d.rank),
+            "write_error": can_write(run_dir, d.rank), "disk_free": free_space(run_dir.checkpoints),
             "op_errors": ops.unavailable(ds_config or {}, d.device.type) + faults.unbuildable_ops(d.rank)}
 
 
-def compare(reports: list[dict], expected_world: int) -> list[str]:
+def compare(reports: list[dict], expected_world: int, disk: Optional[DiskNeed] = None) -> list[str]:
     """Every problem, each naming the rank and host it concerns."""
     problems = []
+    if disk is not None:
+        problems += sorted({f"on {r['host']}: {p}" for r in reports if (p := disk_verdict(disk, r["disk_free"])[0])})
     if len(reports) != expected_world:
         problems.append(f"world size is {len(reports)}, the plan says {expected_world}")
     reference = reports[0]["versions"]
@@ -128,17 +131,22 @@ def describe_peak(peak: Peak) -> str:
 
 
 def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None,
-                  precision: str = "fp32", configured_peak: Optional[float] = None) -> dict:
+                  precision: str = "fp32", configured_peak: Optional[float] = None,
+                  disk: Optional[DiskNeed] = None) -> dict:
     """All checks; raises PreflightError on every rank when any rank has a problem. The result's "peak" is
-    the device peak MFU is computed against (trainer/peak_probe.py)."""
+    the device peak MFU is computed against (trainer/peak_probe.py). `disk`, the run's checkpoint footprint
+    (None when the model cannot be sized), is checked against the free space every rank sees."""
     started = time.perf_counter()
     reports = all_gather_objects(report(run_dir, d, ds_config))
-    problems = compare(reports, expected_world)
+    problems = compare(reports, expected_world, disk)
     bad_sum = all_reduce_check(d)
     if bad_sum:
         problems.append(bad_sum)
     if problems:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
+    if disk is not None:
+        for warning in sorted({w for r in reports if (w := disk_verdict(disk, r["disk_free"])[1])}):
+            log(f"warning: {warning}")
     bw = bandwidth(d)
     peak = device_peak(d, precision, configured_peak)
     hosts = sorted({r["host"] for r in reports})

@@ -17,9 +17,11 @@ import torch
 
 from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
-from launcher.contract.errors import UserError
+from launcher.contract.errors import ConfigError, UserError
 from launcher.contract.run_dir import HF, RunDir
+from launcher.planning.checkpoint_size import DiskNeed, disk_need
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
+from launcher.planning.model_size import counts_from_config, read_model_config
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separation, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
@@ -139,11 +141,22 @@ class Session:
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s,
                                    launch.startup_timeout_s).start()
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
-                               self.cfg.train.precision, launch.peak_tflops)
+                               self.cfg.train.precision, launch.peak_tflops, self.disk_need())
         self.tracker.preflight_result(result)
         self.peak = result["peak"]
         self.own_run_dir()
         return result
+
+    def disk_need(self) -> Optional[DiskNeed]:
+        """The run's checkpoints and export on its filesystem, as `plan` sized them; None for a model whose
+        config.json is not on local disk or cannot be sized (a hub id before its download)."""
+        model_cfg = read_model_config(self.cfg.model.name_or_path)
+        try:
+            params = counts_from_config(model_cfg).total if model_cfg is not None else None
+        except ConfigError:
+            params = None
+        return None if params is None else disk_need(self.cfg, params, model_cfg,
+                                                     len(self.run_dir.complete_checkpoints()))
 
     def own_run_dir(self) -> None:
         """One job per run directory: rank 0 claims it for this job (requeues and restarts are the same job)."""

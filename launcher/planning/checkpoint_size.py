@@ -15,13 +15,23 @@ what: the module file comes from data-parallel rank 0 alone (at stage 0 with the
 optimizer partitions of stages 1-3 from every rank, 12·Ψ/N bytes each. A background save
 (`train.async_save`) first copies each rank's share into host memory and keeps those buffers for the next
 save, so the node with rank 0 holds the largest share for the rest of the run.
+
+A run's checkpoints and export share one filesystem, usually a shared one with other users on it. Its peak
+footprint is `train.keep_last` + 1 checkpoints (the newest is written before the oldest is pruned), or
+keep_last of them and the export (written after the last save's pruning), whichever is larger.
+`plan` compares that with the free space it sees; every rank's preflight does again at job start, and fails
+the job when the next save cannot fit at all, before the model loads and hours are trained that could never
+be saved.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from launcher.backends.slurm import Preemption
+from launcher.contract.config import RunConfig
 from launcher.planning.memory import PARAM_BYTES
 
 FIXED_BYTES = 5_000_000  # tokenizer, config, RNG states and pickled bookkeeping: small next to any real model
@@ -92,3 +102,92 @@ def grace_warning(ckpt: CheckpointPlan, preemption: Optional[Preemption], storag
             f"margin {need:,.0f} s): a preempted job would lose its work since the last periodic save. Save more "
             f"often (train.save_every), use a partition that is not preempted, or set launch.storage_gbps to your "
             f"storage's measured bandwidth (each save logs save_gbps)")
+
+
+EXPORT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+"""Bytes per parameter of the export, by the model config's dtype (the export's `auto`); anything else is fp32."""
+
+
+def saves_planned(max_steps: int, save_every: int) -> int:
+    """Checkpoints a run writes: every save_every steps before the end, and one at the end."""
+    return (max_steps - 1) // save_every + 1 if save_every else 1
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What the run directory's filesystem must hold for the run's checkpoints and its export."""
+
+    checkpoint: int
+    """Bytes of one checkpoint."""
+    at_once: int
+    """Checkpoints on disk together while the newest is written: keep_last + 1 (fewer if fewer saves)."""
+    kept: int
+    """Checkpoints beside the export, which is written after the last save's pruning: keep_last (or fewer)."""
+    export: int
+    """Bytes of the exported model."""
+    present: int = 0
+    """Complete checkpoints the run directory already holds (a resumed run): their bytes are already used."""
+
+    @property
+    def peak(self) -> int:
+        return max(self.at_once * self.checkpoint, self.kept * self.checkpoint + self.export)
+
+    @property
+    def more(self) -> int:
+        """Bytes still to be written at the peak: never less than the next checkpoint."""
+        return max(self.checkpoint, self.peak - min(self.present, self.at_once) * self.checkpoint)
+
+    def describe(self) -> str:
+        """The larger of the two moments, in words, and what it adds to what the run directory holds."""
+        def checkpoints(n: int) -> str:
+            return f"{n} checkpoint{'s' if n > 1 else ''} of {self.checkpoint / 1e9:,.1f} GB"
+
+        if self.at_once * self.checkpoint >= self.kept * self.checkpoint + self.export:
+            peak = f"{checkpoints(self.at_once)} at once (the newest is written before the oldest is removed)"
+        else:
+            peak = f"{checkpoints(self.kept)} and the export of {self.export / 1e9:,.1f} GB beside them"
+        held = f", of which the run directory holds {self.present} checkpoint(s) already" if self.present else ""
+        return f"{peak}{held}: {self.more / 1e9:,.1f} GB more at the peak"
+
+
+def disk_need(cfg: RunConfig, params: int, model_cfg: Optional[dict[str, Any]], present: int = 0) -> DiskNeed:
+    """The footprint of a resolved run's checkpoints and export, from its parameter count and save settings."""
+    t = cfg.train
+    export_dtype = str((model_cfg or {}).get("dtype") or (model_cfg or {}).get("torch_dtype") or "float32")
+    saves = saves_planned(t.max_steps, t.save_every)
+    return DiskNeed(checkpoint_bytes(params, int(cfg.zero.stage), t.precision), min(t.keep_last + 1, saves),
+                    min(t.keep_last, saves), EXPORT_BYTES.get(export_dtype, 4) * params, present)
+
+
+def free_space(path: Path) -> Optional[tuple[str, int]]:
+    """(the nearest existing directory at or above `path`, bytes an unprivileged user may still write there);
+    None where the filesystem does not say (a FUSE mount reporting no blocks) or cannot be asked."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_blocks == 0:
+        return None
+    return str(path), st.f_bavail * st.f_frsize
+
+
+def disk_verdict(need: DiskNeed, free: Optional[tuple[str, int]]) -> tuple[str, str]:
+    """(a problem: the next save cannot fit at all, a warning: a later save or the export may not); "" for none.
+
+    Free space on a shared filesystem changes while a job runs, and per-user quotas are not visible here, so
+    only the certain failure is a problem."""
+    if free is None:
+        return "", ""
+    where, nbytes = free
+    have = f"{where} has {nbytes / 1e9:,.1f} GB free"
+    if nbytes < need.checkpoint:
+        return (f"{have}, less than one checkpoint ({need.checkpoint / 1e9:,.1f} GB): the first save would fail. "
+                f"Free space there, or set output_dir on a filesystem with room for {need.describe()}"), ""
+    if nbytes < need.more:
+        return "", (f"{have}, but the run needs {need.describe()}: a later save or the export may fail with the "
+                    f"filesystem full (the previous checkpoint stays in charge). Free space there, lower "
+                    f"train.keep_last, or use another output_dir")
+    return "", ""

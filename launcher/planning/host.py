@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.backends.slurm import Preemption, partition_preemption, slurm_node_cpus
+from launcher.planning.checkpoint_size import free_space
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,17 @@ class HostFacts:
     """Whether triton, which inductor generates GPU kernels for, is installed."""
     preemption: Optional[Preemption] = None
     """How SLURM preempts the partition's jobs, when it gives them a grace time (scontrol)."""
+    disk_free: Optional[tuple[str, int]] = None
+    """Free bytes on the filesystem of the run's output_dir, and the directory asked (statvfs): a shared
+    filesystem looks the same from the compute nodes, whose preflight asks again at job start."""
 
     @classmethod
-    def detect(cls, partition: Optional[str] = None, slurm: bool = False) -> HostFacts:
+    def detect(cls, partition: Optional[str] = None, slurm: bool = False,
+               output_dir: Optional[Path] = None) -> HostFacts:
         return cls(visible_gpus(), fused_adam_status(), slurm_node_cpus(partition) if slurm else None,
                    cxx_compiler(), importlib.util.find_spec("triton") is not None,
-                   partition_preemption(partition) if slurm else None)
+                   partition_preemption(partition) if slurm else None,
+                   free_space(output_dir) if output_dir is not None else None)
 
     def compile_problem(self, device: str) -> Optional[str]:
         """Why torch.compile cannot build kernels for `device` here (None: it can)."""

@@ -16,7 +16,7 @@ from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
 from launcher.contract.config import RunConfig, replicas_words
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
-from launcher.planning.checkpoint_size import grace_warning, plan_checkpoint
+from launcher.planning.checkpoint_size import disk_need, disk_verdict, grace_warning, plan_checkpoint
 from launcher.planning.chunked_loss import loss_chunk_tokens, resolve_chunked_loss
 from launcher.planning.compile_choice import resolve_compile
 from launcher.planning.deepspeed_config import render_deepspeed_config
@@ -61,7 +61,8 @@ class Plan:
 def resolve(cfg: RunConfig, host: Optional[HostFacts] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config with every `auto` replaced, and one note per decision saying why."""
     cfg = cfg.model_copy(deep=True)
-    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm")
+    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm",
+                                    output_dir=RunDir(cfg.output_dir).checkpoints)
     notes: list[str] = []
     world = cfg.launch.world_size
     resolve_device(cfg, host, notes)
@@ -126,7 +127,8 @@ def parameter_count(model_cfg: Optional[dict]) -> Optional[int]:
 
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
-    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm")
+    host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm",
+                                    output_dir=RunDir(cfg.output_dir).checkpoints)
     cfg, notes = resolve(cfg, host)
     t = cfg.train
     world, sp = cfg.launch.world_size, t.sequence_parallel
@@ -151,6 +153,11 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         planned = plan_checkpoint(memory["params"], int(cfg.zero.stage), t.precision, cfg.launch.storage_gbps, lead)
         ckpt = planned.to_json()
         warnings += [planned.warning] if planned.warning else []
+        run_dir = RunDir(cfg.output_dir)
+        need = disk_need(cfg, memory["params"], model_cfg, len(run_dir.complete_checkpoints()))
+        free = host.disk_free
+        ckpt.update(disk_need_gb=round(need.more / 1e9, 3), disk_free_gb=free and round(free[1] / 1e9, 3))
+        warnings += [w for w in disk_verdict(need, free) if w]
         grace = grace_warning(planned, host.preemption, cfg.launch.storage_gbps) if lead is not None else ""
         warnings += [grace] if grace else []
         warnings += _host_memory_warning(cfg, memory)
@@ -259,9 +266,12 @@ def format_plan(plan: Plan) -> str:
     ]
     lines.append(format_memory(plan.memory))
     if plan.checkpoint:
-        lines.append(f"checkpoint {plan.checkpoint['checkpoint_gb']:,.2f} GB each, about "
-                     f"{plan.checkpoint['checkpoint_write_s']:,.0f} s to write at {cfg.launch.storage_gbps:g} GB/s "
-                     f"(launch.storage_gbps){'; in the background' if cfg.train.async_save else ''}")
+        c = plan.checkpoint
+        free = "free space unknown" if c["disk_free_gb"] is None else f"{c['disk_free_gb']:,.1f} GB free"
+        lines.append(f"checkpoint {c['checkpoint_gb']:,.2f} GB each, about {c['checkpoint_write_s']:,.0f} s to write "
+                     f"at {cfg.launch.storage_gbps:g} GB/s (launch.storage_gbps)"
+                     f"{'; in the background' if cfg.train.async_save else ''}; the run needs "
+                     f"{c['disk_need_gb']:,.1f} GB more on its filesystem at the peak ({free})")
     if plan.warnings:
         lines.append("warnings")
         lines += [f"  - {w}" for w in plan.warnings]
