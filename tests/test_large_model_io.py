@@ -335,6 +335,27 @@ def reference(tmp_path_factory, tiny_model):
     return losses(tmp / "run")
 
 
+def test_an_export_that_fails_on_the_writing_rank_is_named_cleaned_up_and_done_by_a_relaunch(tmp_path, tiny_model,
+                                                                                              zero3_run):
+    """A full filesystem while rank 0 writes final/ at ZeRO-3. Rank 1 waits in the next parameter's gather and is
+    killed by torchrun once rank 0 has failed; the job's last line names rank 0's error, not rank 1's silent end
+    (it used to say "killed by a signal, e.g. SIGKILL from the OOM killer"). The partial export is gone, the last
+    checkpoint is in charge, and a relaunch only exports from it: the weights of the uninterrupted run."""
+    cfg = config(tmp_path, tiny_model, zero_stage=3, export_max_shard_size="100KB")
+    proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "fail_export_write@0:0"}, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "rank 0 on" in last and "No space left on device" in last, proc.stderr[-3000:]
+    run = RunDir(tmp_path / "run")
+    assert (run.checkpoints / LATEST).read_text().strip() == run.checkpoint(STEPS).name
+    assert not run.final.exists() and not list(run.path.glob(f".{run.final.name}.tmp-*"))
+    proc = shardtune("launch", str(cfg))
+    assert f"{run.checkpoint(STEPS).name} at step {STEPS}" in proc.stderr and run.read_status()["state"] == "completed"
+    assert losses(run.path) == losses(zero3_run)
+    final, reference = safetensors_dir(run.final), safetensors_dir(zero3_run / "final")
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+
+
 def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_in_charge(tmp_path, tiny_model, reference):
     cfg = config(tmp_path, tiny_model, async_save=True)
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "kill_in_write@10:1"}, check=False)

@@ -150,11 +150,17 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, progress)
-    for name, tensor in tensors:
-        if name in layout.kept:
-            for out_name, part in layout.push(name, tensor.to(layout.dtype)):
-                writer.write(out_name, part)
-    writer.close()
+    try:
+        for name, tensor in tensors:
+            if name in layout.kept:
+                for out_name, part in layout.push(name, tensor.to(layout.dtype)):
+                    writer.write(out_name, part)
+        writer.close()
+    except BaseException:
+        # A failed build (a full filesystem, most often) gives its space back at once: it may be as big as the model.
+        writer.abandon()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     config.architectures = [type(layout.model).__name__]
     config.dtype = layout.dtype
     config.save_pretrained(tmp)

@@ -186,6 +186,12 @@ class FaultHooks:
     def exporting(self) -> None:
         slow_down("slow_export", 0, self.rank)
 
+    def export_written(self, nbytes: int) -> None:
+        """fail_export_write@0:RANK: that rank's first write into the export fails as a full filesystem fails it."""
+        if nbytes and fires("fail_export_write", 0, self.rank) and not self._write_failed:
+            self._write_failed = True
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: fail_export_write@0:{self.rank})")
+
     def sampling(self) -> None:
         """fail_sample@0:0: the end-of-run sample reply raises (it loads and runs the whole model on one CPU)."""
         if fires("fail_sample", 0, self.rank):

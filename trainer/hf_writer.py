@@ -118,6 +118,12 @@ class ShardedSafetensorsWriter:
             self._fh.close()
             self._fh = None
 
+    def abandon(self) -> None:
+        """Close the open shard without finishing it: the build failed and its directory goes."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
     def close(self) -> list[Path]:
         """The files written; every planned tensor must have been written."""
         if self._next != len(self.order):

@@ -428,7 +428,7 @@ class Session:
         release_zero3_init()  # the export's model skeleton must be built whole, not partitioned by zero.Init
         export_engine(self.engine, ckpt / HF, self.run_dir.final, self.dist.is_main, dtype="auto",
                       max_shard_size=self.cfg.train.export_max_shard_size,
-                      progress=lambda n: self.heartbeat.beat("export"),
+                      progress=lambda n: (self.heartbeat.beat("export"), self.faults.export_written(n)),
                       trust_remote_code=self.cfg.model.trust_remote_code)
         if self.dist.is_main:
             self.tracker.message(end_of_run_summary(self.run_dir, started, self.run_dir.final, ckpt))
