@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.backends import monitor
+from launcher.backends import monitor, postmortem
 from launcher.contract.run_dir import MANIFEST, RunDir
 
 from conftest import REPO, losses, shardtune, tiny_config
@@ -194,6 +194,36 @@ def test_when_restarts_are_spent_the_last_line_names_the_rank_and_the_cause(tmp_
     assert "rank 1 on" in last and "ended without a word" in last and "step_00000004" in last
     status = RunDir(tmp_path / "run").read_status()
     assert status["state"] == "failed" and "rank 1 on" in status["reason"]
+
+
+def _ended(run: RunDir, rank: int, t: float, event: str | None = None, reason: str = "", phase: str = "save") -> None:
+    """What a rank leaves behind: an event it recorded (its heartbeat says so too), or only a heartbeat that still
+    says alive."""
+    beat = {"rank": rank, "host": "n1", "pid": 100 + rank, "step": 10, "phase": phase,
+            "state": "failed" if event else "alive", "time": t}
+    run.heartbeat_file(rank).parent.mkdir(parents=True, exist_ok=True)
+    run.heartbeat_file(rank).write_text(json.dumps(beat) + "\n")
+    if event:
+        run.record_event({"rank": rank, "host": "n1", "pid": 100 + rank, "event": event, "reason": reason})
+
+
+def test_the_post_mortem_names_the_rank_that_failed_not_the_ones_torchrun_killed_after_it(tmp_path):
+    """torchrun kills every other rank once one has failed. A rank that was waiting for the failed one (on the
+    store, in a save or the export) dies without a word, its heartbeat still saying alive, often with a newer
+    beat than the failure. The failure is the cause. Only ranks whose peers report a broken collective point at
+    the silent one (a process the OOM killer took)."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    now = time.time()
+    _ended(run, 0, now + 3)  # killed while it waited, beating until then
+    _ended(run, 1, now, "failed", "OSError: [Errno 28] No space left on device")
+    assert postmortem.cause(run, now - 60) == "rank 1 on n1 (pid 101): OSError: [Errno 28] No space left on device"
+    oom = RunDir(tmp_path / "oom")
+    oom.path.mkdir()
+    _ended(oom, 0, now, phase="backward")  # the OOM killer's
+    _ended(oom, 1, now + 1, "failed", "RuntimeError: Connection closed by peer [127.0.0.1]:29500 (gloo)")
+    assert postmortem.cause(oom, now - 60).startswith("rank 0 on n1 (pid 100): the process ended without a word "
+                                                      "in 'backward' at step 10")
 
 
 def test_credentials_are_refused_whatever_the_variable_is_called(tmp_path, tiny_model):

@@ -23,9 +23,11 @@ def cause(run_dir: RunDir, since: float) -> Optional[str]:
     """The failure the others followed, in the last attempt that began after `since`.
 
     When one rank fails, its peers fail too (their collectives break, torchrun kills them), so the causes are
-    ranked: a rank the node's monitor killed as frozen, one the watchdog stopped as stuck, one that died
-    without a word (its heartbeat says alive, the process is gone: a signal such as the OOM killer's), an
-    exception of its own, and last an exception that only reports a broken collective.
+    ranked: a rank the node's monitor killed as frozen, one the watchdog stopped as stuck, an exception of its
+    own, one that died without a word (its heartbeat says alive, the process is gone: a signal such as the OOM
+    killer's), and last an exception that only reports a broken collective. An exception outranks a silent
+    death because torchrun kills every other rank once one has failed: a rank that was waiting for the failed
+    one (in a save, in the export) dies without a word too, after the exception that caused it.
     """
     beats = [b for b in run_dir.read_heartbeats() if b.get("time", 0) >= since]
     attempt = max((b.get("attempt", 0) for b in beats), default=0)
@@ -33,12 +35,12 @@ def cause(run_dir: RunDir, since: float) -> Optional[str]:
     events = [e for e in run_dir.read_events(since) if e.get("attempt", 0) == attempt]
     ranked = []
     for e in events:
-        order = {"frozen": 0, "stuck": 1}.get(e.get("event"), 4 if PEER_FAILURE.search(e.get("reason", "")) else 3)
+        order = {"frozen": 0, "stuck": 1}.get(e.get("event"), 4 if PEER_FAILURE.search(e.get("reason", "")) else 2)
         ranked.append((order, e["time"],
                        f"rank {e.get('rank')} on {e.get('host')} (pid {e.get('pid')}): {e['reason']}"))
     for b in beats:
         if b.get("state") == "alive":
-            ranked.append((2, b.get("time", 0),
+            ranked.append((3, b.get("time", 0),
                            f"rank {b.get('rank')} on {b.get('host')} (pid {b.get('pid')}): the process ended "
                            f"without a word in '{b.get('phase')}' at step {b.get('step')} "
                            f"(killed by a signal, e.g. SIGKILL from the OOM killer)"))
