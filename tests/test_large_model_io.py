@@ -352,7 +352,7 @@ def test_an_export_that_fails_on_the_writing_rank_is_named_cleaned_up_and_done_b
     proc = shardtune("launch", str(cfg))
     assert f"{run.checkpoint(STEPS).name} at step {STEPS}" in proc.stderr and run.read_status()["state"] == "completed"
     assert losses(run.path) == losses(zero3_run)
-    final, reference = safetensors_dir(run.final), safetensors_dir(zero3_run / "final")
+    final, reference = safetensors_dir(run.final), safetensors_dir(RunDir(zero3_run).final)
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
 
 
