@@ -420,12 +420,21 @@ def test_plan_compares_the_checkpoints_and_export_at_their_peak_with_the_free_sp
     (warning,) = _slurm_plan({"keep_last": 1}, disk_free=("/scratch", int(110e9))).warnings
     assert (f"the run needs 1 checkpoint of {ckpt_gb:,.1f} GB and the export of {export_gb:,.1f} GB beside them: "
             f"{ckpt_gb + export_gb:,.1f} GB more at the peak") in warning
-    # Resuming where two complete checkpoints are already on disk: only the other two of the four are new bytes.
+    # Resuming where two complete checkpoints of 16 ranks are already on disk: only two of the four are new bytes.
+    run = RunDir(tmp_path / "run")
     for step in (2, 4):
-        RunDir(tmp_path / "run").checkpoint(step).mkdir(parents=True)
-        (RunDir(tmp_path / "run").checkpoint(step) / MANIFEST).write_text("{}")
-    resumed = _slurm_plan(train, disk_free=("/scratch", int(300e9)), output_dir=str(tmp_path / "run")).to_json()
+        run.checkpoint(step).mkdir(parents=True)
+        (run.checkpoint(step) / MANIFEST).write_text(json.dumps({"world_size": 16}))
+    resumed = _slurm_plan(train, disk_free=("/scratch", int(300e9)), output_dir=str(run.path)).to_json()
     assert resumed["disk_need_gb"] == pytest.approx(2 * ckpt_gb, abs=1e-3) and not resumed["warnings"]
+    # On 4 nodes instead of 2, the newest is first converted to DeepSpeed's universal format: a copy of its size.
+    wider = _slurm_plan(train, disk_free=("/scratch", int(250e9)), output_dir=str(run.path), nodes=4)
+    assert wider.to_json()["disk_need_gb"] == pytest.approx(3 * ckpt_gb, abs=1e-3)
+    (warning,) = wider.warnings
+    assert f"the universal copy of {ckpt_gb:,.1f} GB a resume on another world size makes" in warning
+    fresh = _slurm_plan({**train, "resume": "never", "overwrite": True}, disk_free=("/scratch", int(300e9)),
+                        output_dir=str(run.path))  # the earlier results are moved aside, not deleted
+    assert fresh.to_json()["disk_need_gb"] == pytest.approx(4 * ckpt_gb, abs=1e-3) and fresh.warnings
     unknown = _slurm_plan(train).to_json()  # a filesystem that does not say how much is free
     assert unknown["disk_free_gb"] is None and not unknown["warnings"]
 

@@ -155,8 +155,7 @@ class Session:
             params = counts_from_config(model_cfg).total if model_cfg is not None else None
         except ConfigError:
             params = None
-        return None if params is None else disk_need(self.cfg, params, model_cfg,
-                                                     len(self.run_dir.complete_checkpoints()))
+        return None if params is None else disk_need(self.cfg, params, model_cfg, self.run_dir)
 
     def own_run_dir(self) -> None:
         """One job per run directory: rank 0 claims it for this job (requeues and restarts are the same job)."""

@@ -25,6 +25,7 @@ be saved.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Optional
 
 from launcher.backends.slurm import Preemption
 from launcher.contract.config import RunConfig
+from launcher.contract.run_dir import MANIFEST, RunDir
 from launcher.planning.memory import PARAM_BYTES
 
 FIXED_BYTES = 5_000_000  # tokenizer, config, RNG states and pickled bookkeeping: small next to any real model
@@ -127,10 +129,12 @@ class DiskNeed:
     """Bytes of the exported model."""
     present: int = 0
     """Complete checkpoints the run directory already holds (a resumed run): their bytes are already used."""
+    universal: int = 0
+    """Bytes of the universal copy a resume on another world size converts its checkpoint to (kept beside it)."""
 
     @property
     def peak(self) -> int:
-        return max(self.at_once * self.checkpoint, self.kept * self.checkpoint + self.export)
+        return max(self.at_once * self.checkpoint, self.kept * self.checkpoint + self.export) + self.universal
 
     @property
     def more(self) -> int:
@@ -146,17 +150,37 @@ class DiskNeed:
             peak = f"{checkpoints(self.at_once)} at once (the newest is written before the oldest is removed)"
         else:
             peak = f"{checkpoints(self.kept)} and the export of {self.export / 1e9:,.1f} GB beside them"
+        if self.universal:
+            peak += f", and the universal copy of {self.universal / 1e9:,.1f} GB a resume on another world size makes"
         held = f", of which the run directory holds {self.present} checkpoint(s) already" if self.present else ""
         return f"{peak}{held}: {self.more / 1e9:,.1f} GB more at the peak"
 
 
-def disk_need(cfg: RunConfig, params: int, model_cfg: Optional[dict[str, Any]], present: int = 0) -> DiskNeed:
-    """The footprint of a resolved run's checkpoints and export, from its parameter count and save settings."""
+def disk_need(cfg: RunConfig, params: int, model_cfg: Optional[dict[str, Any]], run_dir: RunDir) -> DiskNeed:
+    """The footprint of a resolved run's checkpoints and export, from its parameter count, its save settings and
+    what `run_dir` already holds.
+
+    `resume: never` moves earlier results aside rather than deleting them, so they count for nothing. A resume
+    from a checkpoint another world size wrote (stages 1-3) converts it to DeepSpeed's universal format first, a
+    copy of about the checkpoint's size (12 bytes per parameter and the module file)."""
     t = cfg.train
     export_dtype = str((model_cfg or {}).get("dtype") or (model_cfg or {}).get("torch_dtype") or "float32")
     saves = saves_planned(t.max_steps, t.save_every)
-    return DiskNeed(checkpoint_bytes(params, int(cfg.zero.stage), t.precision), min(t.keep_last + 1, saves),
-                    min(t.keep_last, saves), EXPORT_BYTES.get(export_dtype, 4) * params, present)
+    size = checkpoint_bytes(params, int(cfg.zero.stage), t.precision)
+    held = [] if t.resume == "never" else run_dir.complete_checkpoints()
+    source = Path(t.resume) if t.resume not in ("auto", "never") else (held[0] if held else None)
+    converts = source is not None and int(cfg.zero.stage) > 0 and written_by(source) not in (None,
+                                                                                           cfg.launch.world_size)
+    return DiskNeed(size, min(t.keep_last + 1, saves), min(t.keep_last, saves),
+                    EXPORT_BYTES.get(export_dtype, 4) * params, len(held), size if converts else 0)
+
+
+def written_by(ckpt: Path) -> Optional[int]:
+    """The world size that wrote a complete checkpoint, from its manifest (None when it cannot be read)."""
+    try:
+        return int(json.loads((Path(ckpt) / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def free_space(path: Path) -> Optional[tuple[str, int]]:

@@ -153,8 +153,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         planned = plan_checkpoint(memory["params"], int(cfg.zero.stage), t.precision, cfg.launch.storage_gbps, lead)
         ckpt = planned.to_json()
         warnings += [planned.warning] if planned.warning else []
-        run_dir = RunDir(cfg.output_dir)
-        need = disk_need(cfg, memory["params"], model_cfg, len(run_dir.complete_checkpoints()))
+        need = disk_need(cfg, memory["params"], model_cfg, RunDir(cfg.output_dir))
         free = host.disk_free
         ckpt.update(disk_need_gb=round(need.more / 1e9, 3), disk_free_gb=free and round(free[1] / 1e9, 3))
         warnings += [w for w in disk_verdict(need, free) if w]
