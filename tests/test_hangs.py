@@ -102,3 +102,30 @@ def test_preflight_fails_a_run_whose_first_checkpoint_cannot_fit_on_its_filesyst
     assert said == pytest.approx(checkpoint_gb, rel=1e-3)
     assert not RunDir(tmp_path / "run").metrics_file.exists() and not RunDir(tmp_path / "run").checkpoints.exists()
     assert time.time() - started < 120
+
+
+def test_preflight_warns_when_the_first_save_fits_but_keep_last_plus_one_checkpoints_do_not(tmp_path, tiny_model):
+    """A config.json sized so one checkpoint takes 40% of the filesystem's free space: with keep_last 3 and four
+    saves, four checkpoints are on disk at once (160%). `shardtune preflight` (which never loads the model)
+    passes, warning with the numbers; only a save that cannot fit at all fails a job."""
+    model = tmp_path / "big-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    stat = os.statvfs(tmp_path)
+    free_gb = stat.f_bavail * stat.f_frsize / 1e9
+    h, inter, vocab = 1024, 4096, config["vocab_size"]
+    per_layer = 4 * h * h + 3 * h * inter + 2 * h  # Llama by hand, as above
+    layers = max(1, round(0.4 * free_gb * 1e9 / 16 / per_layer))
+    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=8,
+                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+    (model / "config.json").write_text(json.dumps(config))
+    checkpoint_gb = 16 * (2 * vocab * h + layers * per_layer + h) / 1e9
+    assert 0.3 < checkpoint_gb / free_gb < 0.5, (checkpoint_gb, free_gb)
+    cfg = tiny_config(tmp_path, model, train={"max_steps": 40, "save_every": 10, "keep_last": 3})
+    out = shardtune("preflight", str(cfg))
+    said = out.stdout + out.stderr
+    assert "preflight passed: 2 ranks" in said, said[-3000:]
+    warning = said.split("warning: ", 1)[1].splitlines()[0]
+    assert warning.startswith(str(tmp_path / "run")) and "but the run needs 4 checkpoints of" in warning
+    needs = float(warning.split("checkpoints of ")[1].split(" GB")[0].replace(",", ""))
+    assert needs == pytest.approx(checkpoint_gb, rel=1e-3)
