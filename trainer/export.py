@@ -156,25 +156,24 @@ def write_model_dir(out: Path, config, hf_dir: Optional[Path], layout: Layout, e
                 for out_name, part in layout.push(name, tensor.to(layout.dtype)):
                     writer.write(out_name, part)
         writer.close()
+        config.architectures = [type(layout.model).__name__]
+        config.dtype = layout.dtype
+        config.save_pretrained(tmp)
+        if hf_dir is not None:
+            for item in sorted(Path(hf_dir).iterdir()):
+                if item.name not in _NOT_COPIED and not (tmp / item.name).exists():
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / EXPORT_RECORD).write_text(json.dumps({**(record or {}), "dtype": str(layout.dtype),
+                                                     "max_shard_size": max_shard_size}) + "\n")
+        problem = replace_problem(out)  # again: the export took a while, and something may have appeared there
+        if problem:
+            raise UserError(f"not exporting to {out}: {problem}")
+        sync_tree(tmp)
     except BaseException:
         # A failed build (a full filesystem, most often) gives its space back at once: it may be as big as the model.
         writer.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    config.architectures = [type(layout.model).__name__]
-    config.dtype = layout.dtype
-    config.save_pretrained(tmp)
-    if hf_dir is not None:
-        for item in sorted(Path(hf_dir).iterdir()):
-            if item.name not in _NOT_COPIED and not (tmp / item.name).exists():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-    (tmp / EXPORT_RECORD).write_text(json.dumps({**(record or {}), "dtype": str(layout.dtype),
-                                                 "max_shard_size": max_shard_size}) + "\n")
-    problem = replace_problem(out)  # again: the export took a while, and something may have appeared there
-    if problem:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"not exporting to {out}: {problem}")
-    sync_tree(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -126,7 +126,8 @@ class FaultHooks:
 
     def __init__(self, rank: int = 0):
         self.rank = rank
-        self._slowed, self._stalled, self._write_failed = 0.0, False, False
+        self._slowed, self._stalled = 0.0, False
+        self._failed_once: set[str] = set()
         armed = [f for f in ACTIVE if f.rank == rank]
         if armed:
             listed = ", ".join(f"{f.kind}@{f.step}" + (f"={f.arg}" if f.arg else "") for f in armed)
@@ -164,9 +165,7 @@ class FaultHooks:
         time until S seconds have passed (progress continues); stall_save=S: stop for S seconds without progress.
         """
         maybe_kill("kill_in_write", step, self.rank)
-        if fires("fail_write", step, self.rank) and not self._write_failed:
-            self._write_failed = True
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: fail_write@{step}:{self.rank})")
+        self._fail_once("fail_write", step)
         if fires("slow_save", step, self.rank) and self._slowed < self._arg("slow_save", step):
             time.sleep(1.0)
             self._slowed += 1.0
@@ -188,9 +187,14 @@ class FaultHooks:
 
     def export_written(self, nbytes: int) -> None:
         """fail_export_write@0:RANK: that rank's first write into the export fails as a full filesystem fails it."""
-        if nbytes and fires("fail_export_write", 0, self.rank) and not self._write_failed:
-            self._write_failed = True
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: fail_export_write@0:{self.rank})")
+        if nbytes:
+            self._fail_once("fail_export_write", 0)
+
+    def _fail_once(self, kind: str, step: int) -> None:
+        """The first time `kind` fires here, raise what a full filesystem raises (ENOSPC); the rank lives on."""
+        if fires(kind, step, self.rank) and kind not in self._failed_once:
+            self._failed_once.add(kind)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: {kind}@{step}:{self.rank})")
 
     def sampling(self) -> None:
         """fail_sample@0:0: the end-of-run sample reply raises (it loads and runs the whole model on one CPU)."""
