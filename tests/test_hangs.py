@@ -128,4 +128,4 @@ def test_preflight_warns_when_the_first_save_fits_but_keep_last_plus_one_checkpo
     warning = said.split("warning: ", 1)[1].splitlines()[0]
     assert warning.startswith(str(tmp_path / "run")) and "but the run needs 4 checkpoints of" in warning
     needs = float(warning.split("checkpoints of ")[1].split(" GB")[0].replace(",", ""))
-    assert needs == pytest.approx(checkpoint_gb, rel=1e-3)
+    assert needs == pytest.approx(checkpoint_gb, abs=0.06)  # printed to 0.1 GB
