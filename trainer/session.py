@@ -17,11 +17,11 @@ import torch
 
 from launcher.backends import owner
 from launcher.contract.config import RunConfig, validate_config
-from launcher.contract.errors import ConfigError, UserError
+from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_need
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
-from launcher.planning.model_size import counts_from_config, read_model_config
+from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separation, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
@@ -151,10 +151,7 @@ class Session:
         """The run's checkpoints and export on its filesystem, as `plan` sized them; None for a model whose
         config.json is not on local disk or cannot be sized (a hub id before its download)."""
         model_cfg = read_model_config(self.cfg.model.name_or_path)
-        try:
-            params = counts_from_config(model_cfg).total if model_cfg is not None else None
-        except ConfigError:
-            params = None
+        params = parameter_count(model_cfg)
         return None if params is None else disk_need(self.cfg, params, model_cfg, self.run_dir)
 
     def own_run_dir(self) -> None:

@@ -289,6 +289,17 @@ def load_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
         raise _error(f"--model: {file} is not valid JSON: {exc}") from None
 
 
+def parameter_count(model_cfg: Optional[dict[str, Any]]) -> Optional[int]:
+    """The model's parameter count from its config.json (bucket sizes, checkpoint sizes); None when it cannot be
+    sized."""
+    if model_cfg is None:
+        return None
+    try:
+        return counts_from_config(model_cfg).total
+    except ConfigError:
+        return None
+
+
 def read_model_config(name_or_path: str) -> Optional[dict[str, Any]]:
     """The model's config.json when it is on local disk; None for hub ids (and unreadable files)."""
     file = config_json_of(name_or_path)

@@ -24,7 +24,13 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_size import ModelCounts, counts_from_config, read_model_config, state_layers
+from launcher.planning.model_size import (
+    ModelCounts,
+    counts_from_config,
+    parameter_count,
+    read_model_config,
+    state_layers,
+)
 from launcher.planning.moe_settings import moe_plan_notes
 from launcher.planning.sequence_parallel import describe as describe_sequence_parallel
 from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
@@ -113,16 +119,6 @@ def resolve_long_context(cfg: RunConfig, model_config: Optional[dict], notes: li
         problems += [window] if window else []
     if problems:
         raise ConfigError(problems)
-
-
-def parameter_count(model_cfg: Optional[dict]) -> Optional[int]:
-    """The model's parameter count from its config.json (it caps the bucket sizes); None when it cannot be sized."""
-    if model_cfg is None:
-        return None
-    try:
-        return counts_from_config(model_cfg).total
-    except ConfigError:
-        return None
 
 
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
