@@ -97,13 +97,26 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     attention = attn_implementation or model_attention(cfg, device, cfg.data.packing)
     if attention == separation.PACKED_ATTENTION:
         separation.register_packed_attention()
-    model = AutoModelForCausalLM.from_pretrained(
+    model, loading = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, **experts)
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, output_loading_info=True, **experts)
+    refuse_missing_weights(cfg.model.name_or_path, type(model).__name__, loading.get("missing_keys") or ())
     model.config.use_cache = False
     if cfg.train.recomputes:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def refuse_missing_weights(model: str, architecture: str, missing) -> None:
+    """A fine-tune starts from the checkpoint's weights, every one: transformers loads a model whose files lack
+    some (a shard of another revision under a consistent index, a base model without its head, another
+    architecture's checkpoint) with those weights at random and says so only in a log line, and the run would
+    train a partly random model. (Weights a model declares optional, and tied ones, are not reported missing.)"""
+    missing = sorted(missing)
+    if missing:
+        raise UserError(f"model.name_or_path: {model}: {len(missing)} weight(s) of {architecture} are in none of "
+                        f"its files (e.g. {', '.join(missing[:3])}); transformers would start them from random "
+                        f"values. Is every file of the checkpoint there, and from one revision of this model?")
 
 
 def set_training(engine, mode: bool) -> None:

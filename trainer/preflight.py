@@ -2,10 +2,11 @@
 job in seconds instead of hanging a reservation.
 
 Each rank reports where it runs and what it has; the reports are gathered and compared on every
-rank: world size, library versions, a writable run directory, and an all-reduce that must give the
-expected value. A rank's own failure is caught and reported rather than raised, so one bad rank
-cannot leave the others waiting in the gather. The bandwidth of a larger all-reduce is measured, and
-the device's peak FLOPs are looked up or, where no data sheet has them (CPUs), probed on every rank.
+rank: world size, library versions, a writable run directory with room for the checkpoints, whole
+weight files of the model on every node, and an all-reduce that must give the expected value. A
+rank's own failure is caught and reported rather than raised, so one bad rank cannot leave the others
+waiting in the gather. The bandwidth of a larger all-reduce is measured, and the device's peak FLOPs
+are looked up or, where no data sheet has them (CPUs), probed on every rank.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space
+from launcher.planning.model_files import weight_files_problems
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
 from trainer.peak_probe import Peak, device_peak
@@ -58,7 +60,10 @@ def can_write(run_dir: RunDir, rank: int) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None) -> dict:
+def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Optional[str] = None) -> dict:
+    """What this rank has. The model's weight files are checked once per node (by its local rank 0): the nodes
+    may each hold their own copy, and 64 ranks reading every shard's header of one shared copy would only load the
+    filesystem's metadata servers."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -70,12 +75,18 @@ def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None) -> dict:
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
             "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
             "write_error": can_write(run_dir, d.rank), "disk_free": free_space(run_dir.checkpoints),
+            "weight_files": weight_files_problems(model) if model and d.local_rank == 0 else [],
             "op_errors": ops.unavailable(ds_config or {}, d.device.type) + faults.unbuildable_ops(d.rank)}
 
 
 def compare(reports: list[dict], expected_world: int, disk: Optional[DiskNeed] = None) -> list[str]:
     """Every problem, each naming the rank and host it concerns."""
     problems = []
+    hosts_seeing: dict[str, list[str]] = {}
+    for r in reports:
+        for p in r.get("weight_files", []):
+            hosts_seeing.setdefault(p, []).append(r["host"])
+    problems += [f"model.name_or_path: {p} (seen {_on_hosts(hosts)})" for p, hosts in hosts_seeing.items()]
     if disk is not None:
         problems += sorted({f"on {r['host']}: {p}" for r in reports if (p := disk_verdict(disk, r["disk_free"])[0])})
     if len(reports) != expected_world:
@@ -91,6 +102,10 @@ def compare(reports: list[dict], expected_world: int, disk: Optional[DiskNeed] =
             problems.append(f"{where} cannot write to the run directory: {r['write_error']}")
         problems += [f"{where} cannot load a compiled op the run needs: {e}" for e in r.get("op_errors", [])]
     return problems
+
+
+def _on_hosts(hosts: list[str]) -> str:
+    return f"on {', '.join(hosts[:3])}" + (f" and {len(hosts) - 3} more hosts" if len(hosts) > 3 else "")
 
 
 def all_reduce_check(d: Dist) -> Optional[str]:
@@ -132,12 +147,13 @@ def describe_peak(peak: Peak) -> str:
 
 def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None,
                   precision: str = "fp32", configured_peak: Optional[float] = None,
-                  disk: Optional[DiskNeed] = None) -> dict:
+                  disk: Optional[DiskNeed] = None, model: Optional[str] = None) -> dict:
     """All checks; raises PreflightError on every rank when any rank has a problem. The result's "peak" is
     the device peak MFU is computed against (trainer/peak_probe.py). `disk`, the run's checkpoint footprint
-    (None when the model cannot be sized), is checked against the free space every rank sees."""
+    (None when the model cannot be sized), is checked against the free space every rank sees; `model`, the model's
+    name or path, has its weight files checked on every node (launcher/planning/model_files.py)."""
     started = time.perf_counter()
-    reports = all_gather_objects(report(run_dir, d, ds_config))
+    reports = all_gather_objects(report(run_dir, d, ds_config, model))
     problems = compare(reports, expected_world, disk)
     bad_sum = all_reduce_check(d)
     if bad_sum:

@@ -141,7 +141,8 @@ class Session:
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s,
                                    launch.startup_timeout_s).start()
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
-                               self.cfg.train.precision, launch.peak_tflops, self.disk_need())
+                               self.cfg.train.precision, launch.peak_tflops, self.disk_need(),
+                               self.cfg.model.name_or_path)
         self.tracker.preflight_result(result)
         self.peak = result["peak"]
         self.own_run_dir()

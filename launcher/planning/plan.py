@@ -24,6 +24,7 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
+from launcher.planning.model_files import weight_files_problems
 from launcher.planning.model_size import (
     ModelCounts,
     counts_from_config,
@@ -123,6 +124,9 @@ def resolve_long_context(cfg: RunConfig, model_config: Optional[dict], notes: li
 
 def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
+    damaged = weight_files_problems(cfg.model.name_or_path)
+    if damaged:
+        raise ConfigError([f"model.name_or_path: {cfg.model.name_or_path}: {p}" for p in damaged])
     host = host or HostFacts.detect(cfg.slurm.partition, slurm=cfg.launch.backend == "slurm",
                                     output_dir=RunDir(cfg.output_dir).checkpoints)
     cfg, notes = resolve(cfg, host)

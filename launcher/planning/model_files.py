@@ -1,0 +1,133 @@
+"""Whether a local model directory holds, whole, every weight file transformers will read from it.
+
+A 140 GB model reaches a cluster's shared filesystem by a download or a copy, and either can stop part way or
+mix two revisions. transformers finds out only when every rank loads the model, after the job has waited in
+the queue, and says so badly: a shard cut short gives safetensors' "incomplete metadata, file not fully covered",
+naming no file; a shard from another revision loads without an error, and the tensors it lacks start from random
+values with only a log line (measured with transformers 5.25). So `plan` on the login node and every node's
+preflight at job start check the files first, from their sizes and safetensors headers alone: no tensor is read,
+no torch is imported, and a header is a few tens of KB for a 5 GB shard.
+
+What is checked, for the files transformers' from_pretrained picks in a local directory (config.json's
+`transformers_weights`, else model.safetensors, its index, pytorch_model.bin, its index, in that order):
+each file exists; a safetensors file is exactly its header's length plus the end of its last tensor; a
+pickle checkpoint (torch's zip format) still has the directory a zip keeps at its end; every tensor an index
+places in a shard is in that shard's header. What is not: the bytes themselves (a Hugging Face directory
+carries no checksums) and hub ids, which the hub's own download verifies.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+MAX_HEADER = 100_000_000
+"""safetensors refuses a header longer than this; a larger length field means the file is not safetensors."""
+CUT_SHORT = "cut short: an interrupted download or copy?"
+
+
+def weight_files_problems(name_or_path: str) -> list[str]:
+    """Every problem with the weight files of a local model directory, one line each naming the file; [] for a
+    complete one, for a hub id, and for a directory with no weight files at all (a config.json to plan from)."""
+    model_dir = Path(name_or_path)
+    if not model_dir.is_dir():
+        return []
+    chosen = _chosen_file(model_dir)
+    if chosen is None:
+        return []
+    if chosen.name.endswith(".index.json"):
+        return _index_problems(chosen)
+    return [p for p in [_file_problem(chosen)] if p]
+
+
+def _chosen_file(model_dir: Path) -> Optional[Path]:
+    """The file from_pretrained starts from, in its order for a local directory (transformers 5 modeling_utils)."""
+    try:
+        explicit = json.loads((model_dir / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    if isinstance(explicit, str):
+        return model_dir / explicit
+    for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def _index_problems(index_file: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards: dict[str, list[str]] = defaultdict(list)
+        for tensor, shard in weight_map.items():
+            shards[shard].append(tensor)
+    except FileNotFoundError:
+        return [f"{index_file.name} is missing"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"{index_file.name} is not an index of shards ({type(exc).__name__}: {exc}): damaged, or cut short"]
+    problems = [_file_problem(index_file.parent / shard, tensors) for shard, tensors in sorted(shards.items())]
+    return [p for p in problems if p]
+
+
+def _file_problem(file: Path, tensors: tuple[str, ...] | list[str] = ()) -> Optional[str]:
+    """Why `file` cannot be the whole weight file it should be (holding `tensors`, when an index names them)."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return f"{file.name} is missing"
+    except OSError as exc:
+        return f"{file.name} cannot be read ({exc})"
+    if file.name.endswith(".safetensors"):
+        return _safetensors_problem(file, size, tensors)
+    return _pickle_problem(file, size)
+
+
+def _safetensors_problem(file: Path, size: int, tensors: tuple[str, ...] | list[str]) -> Optional[str]:
+    if size < 8:
+        return f"{file.name} is {size} bytes, too short for a safetensors header ({CUT_SHORT})"
+    try:
+        with open(file, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if length > MAX_HEADER:
+                return f"{file.name} does not start with a safetensors header (its length field reads {length:,})"
+            if 8 + length > size:
+                return f"{file.name} is {size:,} bytes, shorter than its own header ({8 + length:,}; {CUT_SHORT})"
+            header = json.loads(fh.read(length))
+        described = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in described.values()), default=0)
+    except OSError as exc:
+        return f"{file.name} cannot be read ({exc})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{file.name}'s header is not a safetensors header: damaged, or not a safetensors file"
+    whole = 8 + length + end
+    if size != whole:
+        why = CUT_SHORT if size < whole else "bytes after its last tensor: damaged, or not written by safetensors"
+        return f"{file.name} is {size:,} bytes, its header describes {whole:,} ({why})"
+    absent = sorted(set(tensors) - set(described))
+    if absent:
+        return (f"{file.name} lacks {len(absent)} of the {len(set(tensors))} tensors the index places in it (e.g. "
+                f"{', '.join(absent[:3])}): a shard of another revision or another model? transformers would start "
+                f"them from random values")
+    return None
+
+
+def _pickle_problem(file: Path, size: int) -> Optional[str]:
+    """torch.save's zip format keeps its table of contents at the end of the file, so a file cut short lacks it.
+    Files in torch's legacy (pre-1.6) format are not zips and are passed as they are."""
+    try:
+        with open(file, "rb") as fh:
+            is_zip_format = fh.read(4) == b"PK\x03\x04"
+        if size == 0:
+            return f"{file.name} is empty ({CUT_SHORT})"
+        if is_zip_format:
+            zipfile.ZipFile(file).close()
+    except zipfile.BadZipFile:
+        return f"{file.name} is {size:,} bytes and has lost the table a torch.save file ends with ({CUT_SHORT})"
+    except OSError as exc:
+        return f"{file.name} cannot be read ({exc})"
+    return None
