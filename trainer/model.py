@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.host import cxx_compiler, inductor_problem
+from launcher.planning.quantized_weights import quant_method, quantized_weights_problem
 from trainer import separation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -99,12 +100,35 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
         separation.register_packed_attention()
     model, loading = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, output_loading_info=True, **experts)
+        dtype=DTYPES[cfg.train.precision], attn_implementation=attention, output_loading_info=True, **experts,
+        **dequantized_loading(cfg))
     refuse_missing_weights(cfg.model.name_or_path, type(model).__name__, loading.get("missing_keys") or ())
     model.config.use_cache = False
     if cfg.train.recomputes:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def dequantized_loading(cfg: RunConfig) -> dict:
+    """from_pretrained's arguments for a checkpoint published quantized (launcher/planning/quantized_weights.py):
+    its own quantization config with `dequantize=True`, so every weight loads trainable, in the training
+    precision, on any device; {} for plain weights. Checked here as well as in `plan`, which cannot read a hub
+    id's config."""
+    from transformers import AutoConfig
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    model_config = {"quantization_config": quantization}
+    problem = quantized_weights_problem(model_config, cfg.model.name_or_path)
+    if problem:
+        raise UserError(problem)
+    if quant_method(model_config) is None:
+        return {}
+    return {"quantization_config": AutoQuantizationConfig.from_dict({**quantization, "dequantize": True})}
 
 
 def refuse_missing_weights(model: str, architecture: str, missing) -> None:

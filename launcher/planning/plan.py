@@ -33,6 +33,7 @@ from launcher.planning.model_size import (
     state_layers,
 )
 from launcher.planning.moe_settings import moe_plan_notes
+from launcher.planning.quantized_weights import quantized_weights_note, quantized_weights_problem
 from launcher.planning.sequence_parallel import describe as describe_sequence_parallel
 from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
 
@@ -134,6 +135,10 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     world, sp = cfg.launch.world_size, t.sequence_parallel
     global_batch = t.micro_batch_size * t.grad_accum_steps * (world // sp)
     model_cfg = read_model_config(cfg.model.name_or_path)
+    quantized = quantized_weights_problem(model_cfg, cfg.model.name_or_path)
+    if quantized:
+        raise ConfigError([quantized])
+    notes += [n for n in [quantized_weights_note(model_cfg, t.precision)] if n]
     hidden = (model_cfg or {}).get("hidden_size") or (model_cfg or {}).get("n_embd")
     ds = render_deepspeed_config(cfg, hidden, parameter_count(model_cfg))
     check_fit(cfg, model_cfg, ds)
