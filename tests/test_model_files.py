@@ -144,3 +144,18 @@ def test_a_checkpoint_without_the_models_head_is_refused_at_load_not_trained_at_
                 f"(e.g. lm_head.weight)")
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert not RunDir(tmp_path / "run").metrics_file.exists()
+
+
+def test_only_parameters_count_as_missing_not_buffers_a_module_computes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.contract.errors import UserError
+    from trainer.model import refuse_missing_weights
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=512, tie_word_embeddings=False))
+    assert "model.rotary_emb.inv_freq" in dict(model.named_buffers())
+    refuse_missing_weights("m", model, ["model.rotary_emb.inv_freq"])
+    with pytest.raises(UserError, match=r"1 weight\(s\) of LlamaForCausalLM are in none of its files \(e.g. "
+                                        r"lm_head.weight\)"):
+        refuse_missing_weights("m", model, ["lm_head.weight", "model.rotary_emb.inv_freq"])

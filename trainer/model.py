@@ -102,7 +102,7 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
         dtype=DTYPES[cfg.train.precision], attn_implementation=attention, output_loading_info=True, **experts,
         **dequantized_loading(cfg))
-    refuse_missing_weights(cfg.model.name_or_path, type(model).__name__, loading.get("missing_keys") or ())
+    refuse_missing_weights(cfg.model.name_or_path, model, loading.get("missing_keys") or ())
     model.config.use_cache = False
     if cfg.train.recomputes:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -131,16 +131,19 @@ def dequantized_loading(cfg: RunConfig) -> dict:
     return {"quantization_config": AutoQuantizationConfig.from_dict({**quantization, "dequantize": True})}
 
 
-def refuse_missing_weights(model: str, architecture: str, missing) -> None:
+def refuse_missing_weights(name: str, model, missing) -> None:
     """A fine-tune starts from the checkpoint's weights, every one: transformers loads a model whose files lack
     some (a shard of another revision under a consistent index, a base model without its head, another
     architecture's checkpoint) with those weights at random and says so only in a log line, and the run would
-    train a partly random model. (Weights a model declares optional, and tied ones, are not reported missing.)"""
-    missing = sorted(missing)
+    train a partly random model. Only parameters count: a buffer the files lack (rotary frequencies in some
+    remote code) is computed by its module, not drawn at random. Weights a model declares optional, and tied
+    ones, are not reported missing by transformers."""
+    parameters = {n for n, _ in model.named_parameters()}
+    missing = sorted(set(missing) & parameters)
     if missing:
-        raise UserError(f"model.name_or_path: {model}: {len(missing)} weight(s) of {architecture} are in none of "
-                        f"its files (e.g. {', '.join(missing[:3])}); transformers would start them from random "
-                        f"values. Is every file of the checkpoint there, and from one revision of this model?")
+        raise UserError(f"model.name_or_path: {name}: {len(missing)} weight(s) of {type(model).__name__} are in "
+                        f"none of its files (e.g. {', '.join(missing[:3])}); transformers would start them from "
+                        f"random values. Is every file of the checkpoint there, and from one revision of this model?")
 
 
 def set_training(engine, mode: bool) -> None:
