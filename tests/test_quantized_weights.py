@@ -1,9 +1,13 @@
-"""Models published with quantized weights: fp8 ones train in full from their dequantized weights, others are refused.
+"""Models published with quantized weights: fp8 and MXFP4 ones train in full from their dequantized weights, others
+are refused.
 
 The fp8 checkpoint is the tiny Llama written in DeepSeek-V3's published form by this test's own quantizer: each
-projection an float8_e4m3fn weight and a `weight_scale_inv` per 32 × 32 block (the block size is the checkpoint's,
+projection a float8_e4m3fn weight and a `weight_scale_inv` per 32 × 32 block (the block size is the checkpoint's,
 128 in DeepSeek-V3), so that weight = fp8 value × scale. The expected weights are that product, computed here,
 and written as a plain checkpoint: training from it is the reference a run from the fp8 checkpoint must equal.
+The MXFP4 checkpoint is a tiny gpt-oss whose experts this test packs as gpt-oss is published, by the OCP
+Microscaling spec: per 32 values one power-of-two scale (a biased exponent byte) and 4-bit E2M1 elements, two to
+a byte.
 """
 from __future__ import annotations
 
@@ -122,3 +126,53 @@ def test_a_run_from_fp8_weights_trains_like_one_from_their_dequantized_values(ch
     ours, reference = load_file(final / "model.safetensors"), load_file(runs["dequantized"].final /
                                                                           "model.safetensors")
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # the magnitudes of FP4 E2M1; bit 3 is the sign
+
+
+def mxfp4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[E, R, C] -> packed elements [E, R, C/32, 16], exponent bytes [E, R, C/32], and the values they stand for.
+    The shared exponent puts each block's largest magnitude in [4, 8): E2M1's own exponent reaches 2, and
+    values past 6 saturate (OCP Microscaling Formats v1.0)."""
+    e, r, c = rows.shape
+    blocks = rows.float().reshape(e, r, c // 32, 32)
+    exponent = torch.floor(torch.log2(blocks.abs().amax(-1).clamp(min=2.0 ** -126))) - 2
+    scaled = blocks / torch.exp2(exponent)[..., None]
+    magnitude = (scaled.abs()[..., None] - E2M1).abs().argmin(-1)
+    code = magnitude + 8 * (scaled < 0)
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    value = torch.where(scaled < 0, -E2M1[magnitude], E2M1[magnitude]) * torch.exp2(exponent)[..., None]
+    return packed, (exponent + 127).to(torch.uint8), value.reshape(e, r, c)
+
+
+def test_mxfp4_experts_load_dequantized_to_the_values_the_microscaling_spec_gives(tmp_path):
+    """gpt-oss stores each expert matrix transposed, its blocks running along the input dimension."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from launcher.contract.config import validate_config
+    from trainer.model import load_model
+
+    from moe_models import make_tiny_moe
+
+    model_dir = make_tiny_moe(tmp_path / "gpt-oss", "gpt_oss")
+    quantized, expected = {}, {}
+    for name, w in load_file(model_dir / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, value = mxfp4(w.transpose(1, 2))
+            quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+            expected[name] = value.transpose(1, 2)
+        else:
+            quantized[name] = expected[name] = w
+    save_file(quantized, model_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    cfg = validate_config(yaml.safe_load(tiny_config(tmp_path, model_dir, train={"precision": "fp32"}).read_text()))
+    model = load_model(cfg, {"zero_optimization": {"stage": 2}}, torch.device("cpu"))
+    state = model.state_dict()
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    assert max((state[n] - w.float()).abs().max().item() for n, w in expected.items()) == 0.0
+    assert not hasattr(model.config, "quantization_config")
