@@ -118,7 +118,7 @@ def test_a_model_damaged_after_planning_fails_preflight_on_every_node_before_it_
     proc = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     said = proc.stdout + proc.stderr
-    assert "preflight failed" in said and "model.name_or_path: model.safetensors is" in said, said[-3000:]
+    assert "preflight failed" in said and f"model.name_or_path: {model_dir}: model.safetensors is" in said, said[-3000:]
     assert f"cut short: an interrupted download or copy?) (seen on {os.uname().nodename})" in said
     assert not run.metrics_file.exists() and not run.checkpoints.exists()
 

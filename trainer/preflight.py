@@ -71,11 +71,12 @@ def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Op
         free_device = acc.available_memory(d.local_rank)
     except Exception:  # noqa: BLE001 - not every accelerator can tell
         free_device = None
+    damaged = weight_files_problems(model) if model and d.local_rank == 0 else []
     return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
             "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
             "write_error": can_write(run_dir, d.rank), "disk_free": free_space(run_dir.checkpoints),
-            "weight_files": weight_files_problems(model) if model and d.local_rank == 0 else [],
+            "weight_files": [f"{model}: {p}" for p in damaged],
             "op_errors": ops.unavailable(ds_config or {}, d.device.type) + faults.unbuildable_ops(d.rank)}
 
 
