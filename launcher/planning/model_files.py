@@ -23,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from launcher.planning.model_size import read_model_config
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
@@ -48,10 +50,8 @@ def weight_files_problems(name_or_path: str) -> list[str]:
 
 def _chosen_file(model_dir: Path) -> Optional[Path]:
     """The file from_pretrained starts from, in its order for a local directory (transformers 5 modeling_utils)."""
-    try:
-        explicit = json.loads((model_dir / "config.json").read_text()).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        explicit = None
+    config = read_model_config(str(model_dir))
+    explicit = config.get("transformers_weights") if isinstance(config, dict) else None
     if isinstance(explicit, str):
         return model_dir / explicit
     for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX):
