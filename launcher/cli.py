@@ -16,17 +16,27 @@ from pathlib import Path
 from launcher.arguments import call
 from launcher.backends import slurm
 from launcher.backends.torchrun import rdzv_endpoint
-from launcher.contract.config import dump_config, load_config
+from launcher.contract.config import RunConfig, dump_config, load_config
 from launcher.contract.errors import ConfigError, UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.estimate import estimate_command
+from launcher.planning.hub_snapshot import pin_hub_models
 from launcher.planning.plan import Plan, build_plan, format_plan
 
 
 def plan(config: str, *overrides: str, json: bool = False) -> None:
     """Show world size, batch arithmetic, the final DeepSpeed config and the launch command."""
-    p = build_plan(load_config(config, [str(o) for o in overrides]))
+    p = planned(load_config(config, [str(o) for o in overrides]), fetch_weights=False)
     print(_json.dumps(p.to_json(), indent=2) if json else format_plan(p))
+
+
+def planned(cfg: RunConfig, fetch_weights: bool, trainer_args: tuple[str, ...] = ()) -> Plan:
+    """The plan of a config whose hub models are pinned to one commit in the local cache (hub_snapshot): their
+    config.json for `plan`, every file the run reads for `launch` and `preflight`."""
+    cfg, notes = pin_hub_models(cfg, fetch_weights)
+    p = build_plan(cfg, trainer_args=trainer_args)
+    p.notes[:0] = notes
+    return p
 
 
 def check_run_dir_free(cfg) -> None:
@@ -72,9 +82,11 @@ def run_foreground(argv: list[str]) -> int:
 
 
 def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = False) -> None:
-    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job."""
-    p = build_plan(load_config(config, [str(o) for o in overrides]))
-    check_run_dir_free(p.config)
+    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job. A hub model is
+    downloaded first (with --dry_run too: the run files name its directory)."""
+    cfg = load_config(config, [str(o) for o in overrides])
+    check_run_dir_free(cfg)
+    p = planned(cfg, fetch_weights=True)
     run_dir = write_run_files(p)
     backend = p.config.launch.backend
     script = run_dir.script(backend)
@@ -127,7 +139,7 @@ def preflight(config: str, *overrides: str, wait: bool = True) -> None:
     cfg = load_config(config, [str(o) for o in overrides])
     cfg.output_dir = str(Path(cfg.output_dir) / "preflight")
     cfg.slurm.max_requeues = 0
-    p = build_plan(cfg, trainer_args=("--preflight",))
+    p = planned(cfg, fetch_weights=True, trainer_args=("--preflight",))
     run_dir = write_run_files(p)
     run_dir.preflight_file.unlink(missing_ok=True)
     if p.config.launch.backend == "slurm":

@@ -28,11 +28,12 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name_or_path: str
-    """Hugging Face causal LM: a local directory or a hub id (hub ids need network on the compute nodes)."""
+    """Hugging Face causal LM: a local directory or a hub id (`launch` downloads a hub model once into HF_HOME, at
+    one commit; the nodes load it from there)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or hub id; defaults to `model.name_or_path`."""
     revision: Optional[str] = None
-    """Hub revision (branch, tag or commit) for hub ids."""
+    """Hub revision (branch, tag or commit) for hub ids; `launch` resolves it to one commit for the whole run."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust the model's authors. The code is kept in every
     checkpoint and the export; offline tools run it only with --trust_remote_code."""

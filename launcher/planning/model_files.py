@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,10 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 MAX_HEADER = 100_000_000
 """safetensors refuses a header longer than this; a larger length field means the file is not safetensors."""
 CUT_SHORT = "cut short: an interrupted download or copy?"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data",
+                   ".tflite", ".ot", ".npz", ".nemo", ".pdparams")
+"""Files of weights, in any framework's format: a repository's top-level files other than these are configs,
+tokenizers and code, which a run reads."""
 
 
 def weight_files_problems(name_or_path: str) -> list[str]:
@@ -48,24 +53,57 @@ def weight_files_problems(name_or_path: str) -> list[str]:
     return [p for p in [_file_problem(chosen)] if p]
 
 
+def absent_model(name_or_path: str) -> Optional[str]:
+    """Why a local model path is not there; None when it is, or for a hub id. An absolute path is a local one
+    (the config makes local paths absolute), so one that is missing is a directory this host does not see: for
+    `plan` a model to be put there later, for a node at job start a filesystem it does not mount."""
+    path = Path(name_or_path)
+    return "no such directory on this host" if path.is_absolute() and not path.exists() else None
+
+
 def _chosen_file(model_dir: Path) -> Optional[Path]:
-    """The file from_pretrained starts from, in its order for a local directory (transformers 5 modeling_utils)."""
     config = read_model_config(str(model_dir))
+    names = [n for n in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX) if (model_dir / n).is_file()]
+    chosen = chosen_weights(names, config)
+    return model_dir / chosen if chosen else None
+
+
+def chosen_weights(names: Iterable[str], config: Optional[dict]) -> Optional[str]:
+    """The file from_pretrained starts from among a model's top-level file names, in its order for a local
+    directory and for a hub repository alike (transformers 5 modeling_utils); None when there is none."""
     explicit = config.get("transformers_weights") if isinstance(config, dict) else None
     if isinstance(explicit, str):
-        return model_dir / explicit
-    for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX):
-        if (model_dir / name).is_file():
-            return model_dir / name
-    return None
+        return explicit
+    present = set(names)
+    return next((n for n in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX) if n in present), None)
+
+
+def files_read(names: Iterable[str], config: Optional[dict], index: Optional[dict]) -> list[str]:
+    """Which of a repository's files from_pretrained and the tokenizer read: every top-level file that is not a
+    weight file, the chosen weight file, and the shards its index names (`index`: the parsed index, when the
+    chosen file is one). Many repositories also carry weights no loader reads here: Llama's `original/` copy
+    (as large as the model), Mistral's consolidated.safetensors, gguf, onnx and flax files."""
+    names = list(names)
+    chosen = chosen_weights(names, config)
+    wanted = {n for n in names if "/" not in n and not n.endswith(WEIGHT_SUFFIXES)}
+    if chosen:
+        wanted.add(chosen)
+        if chosen.endswith(".index.json") and isinstance(index, dict):
+            wanted.update(shards_of(index))
+    return sorted(wanted)
+
+
+def shards_of(index: dict) -> dict[str, list[str]]:
+    """The tensors an index places in each shard file."""
+    shards: dict[str, list[str]] = defaultdict(list)
+    for tensor, shard in index["weight_map"].items():
+        shards[shard].append(tensor)
+    return shards
 
 
 def _index_problems(index_file: Path) -> list[str]:
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        shards: dict[str, list[str]] = defaultdict(list)
-        for tensor, shard in weight_map.items():
-            shards[shard].append(tensor)
+        shards = shards_of(json.loads(index_file.read_text()))
     except FileNotFoundError:
         return [f"{index_file.name} is missing"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

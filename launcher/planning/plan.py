@@ -24,7 +24,7 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_files import weight_files_problems
+from launcher.planning.model_files import absent_model, weight_files_problems
 from launcher.planning.model_size import (
     ModelCounts,
     counts_from_config,
@@ -167,6 +167,9 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         warnings += _host_memory_warning(cfg, memory)
         warnings += _sample_memory_warning(cfg, memory, model_cfg)
     warnings += _state_layers_warning(cfg, model_cfg)
+    absent = absent_model(cfg.model.name_or_path)
+    warnings += [f"model.name_or_path: {cfg.model.name_or_path}: {absent}, so the plan has no model shape; every "
+                 f"node must see it when the job starts"] if absent else []
     return Plan(
         config=cfg, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
         global_batch_size=global_batch,

@@ -1,0 +1,238 @@
+"""Which snapshot of a hub model a run trains from: resolved to one commit and fetched once, where `launch` runs.
+
+A hub id in `model.name_or_path` used to reach every rank as it was, and each rank called from_pretrained on it:
+- every node downloaded the model (140 GB for a 70B model; per rank with a node-local cache), and compute
+  nodes without internet, as on many clusters, could not start at all;
+- a branch that moved between two nodes' downloads, or between a job and its requeue, trained ranks on
+  different weights, and nothing said so;
+- `plan` could not size the model, having no config.json to read.
+
+So `launch` (and `preflight`) resolve the revision to its commit on the launching host, download that commit's
+files that the run reads into the Hugging Face cache, and the run config names the snapshot directory: every
+rank, node and requeue loads the same files from disk without the network, and the weight-file checks of
+`plan` and of each node's preflight apply to it as to any local directory. Only the files from_pretrained and
+the tokenizer read are fetched (model_files.files_read): many repositories also carry weights in other forms,
+such as Llama's `original/` copy, as large as the model. `plan` fetches config.json alone, and plans without
+the model's shape, with a note, when the hub cannot be reached and the file is not cached.
+
+The cache is huggingface_hub's (HF_HOME, or HF_HUB_CACHE): it must be on a filesystem every node mounts, as a
+home directory usually is; a node that does not see it fails its preflight, naming the directory.
+huggingface_hub is imported only for a hub id, so `plan` on a local directory stays instant.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launcher.contract.config import RunConfig
+from launcher.contract.errors import ConfigError
+from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files_read
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""A hub repository id, `name` or `owner/name` (huggingface_hub's own rule, less its length limit)."""
+
+
+@dataclass
+class Snapshot:
+    """One commit of a hub repository as it sits in the local cache."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    directory: Path
+    files: list[str] = field(default_factory=list)
+    size: int = 0
+    fetched: int = 0
+    left: dict[str, int] = field(default_factory=dict)
+    """Files of the commit the run does not read, with their sizes: not downloaded."""
+
+    def note(self, what: str) -> str:
+        pinned = "" if self.revision == self.commit else f" at {self.revision}"
+        text = f"{what}: {self.repo_id}{pinned} is commit {self.commit[:12]}"
+        if not self.files:
+            return f"{text}; only its config.json is fetched to plan (launch downloads the rest)"
+        text += (f": {len(self.files)} files, {_size(self.size)} in {self.directory} ({_size(self.fetched)} "
+                 f"downloaded now); every rank loads them from there")
+        if self.left:
+            names = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in self.left})
+            text += (f"; left on the hub: {len(self.left)} files ({_size(sum(self.left.values()))}: "
+                     f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) that the run does not read")
+        return text
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """True for a name transformers would look up on the hub: not a path on this host, shaped as a repo id."""
+    if not name or name.startswith(("/", ".", "~")) or Path(name).expanduser().exists():
+        return False
+    return REPO_ID.fullmatch(name) is not None
+
+
+def pin_hub_models(cfg: RunConfig, fetch_weights: bool) -> tuple[RunConfig, list[str]]:
+    """A copy of the config whose hub ids (model, tokenizer) name snapshot directories in the local cache, with a
+    note for each. `fetch_weights` False (plan): config.json only, and a hub out of reach is a note, not an error.
+    The tokenizer is resolved first, at the revision the config gives both; model.revision then records the
+    model's commit."""
+    cfg = cfg.model_copy(deep=True)
+    m, notes = cfg.model, []
+    try:
+        if fetch_weights and is_hub_id(m.tokenizer):
+            snap = fetch(m.tokenizer, m.revision, "model.tokenizer", weights=False)
+            m.tokenizer = str(snap.directory)
+            notes.append(snap.note("model.tokenizer"))
+        if is_hub_id(m.name_or_path):
+            snap = fetch(m.name_or_path, m.revision, "model.name_or_path", weights=fetch_weights)
+            m.name_or_path, m.revision = str(snap.directory), snap.commit
+            notes.append(snap.note("model.name_or_path"))
+    except Unreachable as exc:
+        if fetch_weights:
+            raise ConfigError([str(exc)]) from None
+        notes.append(f"{exc}; planned without the model's shape")
+    return cfg, notes
+
+
+class Unreachable(Exception):
+    """The hub cannot be reached from this host and the files are not in the cache."""
+
+
+def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool) -> Snapshot:
+    """Of `revision`'s commit: config.json alone (a model, weights False), or every file the run reads (a model's
+    weights too; a tokenizer's files only), downloaded into the cache unless already there. Raises ConfigError
+    naming the field, or Unreachable."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
+    revision = revision or "main"
+    errors = _HubErrors(repo_id, revision, field_name)
+    config_file = None
+    if field_name == "model.name_or_path":
+        with errors:
+            config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        if not weights:
+            return Snapshot(repo_id, revision, config_file.parent.name, config_file.parent)
+    try:
+        with errors:
+            commit = config_file.parent.name if config_file else HfApi().repo_info(repo_id, revision=revision).sha
+            listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
+                       if isinstance(f, RepoFile)}
+    except Unreachable:
+        if config_file is None:
+            raise
+        return _cached(repo_id, revision, config_file.parent, field_name)
+    with errors:
+        config = json.loads(config_file.read_text()) if config_file else None
+        chosen = chosen_weights(listing, config) if weights else None
+        index = None
+        if chosen and chosen.endswith(".index.json") and chosen in listing:
+            index = json.loads(Path(hf_hub_download(repo_id, chosen, revision=commit)).read_text())
+        wanted = files_read(listing if weights else [n for n in listing if not n.endswith(WEIGHT_SUFFIXES)],
+                            config, index)
+        absent = sorted(set(wanted) - set(listing))
+        if absent:
+            raise ConfigError([f"{field_name}: {repo_id} at commit {commit[:12]} lacks {', '.join(absent[:3])}, "
+                               f"which its own config or index names: an incomplete upload?"])
+        directory = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+        fetched = sum(listing[n] for n in wanted if not _present(directory / n, listing[n]))
+        _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
+        directory = Path(snapshot_download(repo_id, revision=commit, allow_patterns=wanted))
+    return Snapshot(repo_id, revision, commit, directory, wanted, sum(listing[n] for n in wanted), fetched,
+                    {n: s for n, s in listing.items() if n not in set(wanted)})
+
+
+def _present(file: Path, size: int) -> bool:
+    try:
+        return file.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _check_room(need: int, cache: Path, repo_id: str, field_name: str) -> None:
+    """Refuse before downloading what the cache's filesystem has no room for: a download that fills a shared
+    filesystem stops other users' jobs too."""
+    probe = cache
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ConfigError([f"{field_name}: {repo_id} needs {need / 1e9:,.2f} GB more in the Hugging Face cache "
+                           f"{cache}, whose filesystem has {free / 1e9:,.2f} GB free: set HF_HOME (or HF_HUB_CACHE) "
+                           f"to a filesystem with room that every node mounts"])
+
+
+def _cached(repo_id: str, revision: str, directory: Path, field_name: str) -> Snapshot:
+    """The commit's snapshot as the cache holds it, when the hub cannot be listed: usable once it holds the weights
+    from_pretrained starts from (the weight-file check then looks at each of them)."""
+    names = [p.name for p in directory.iterdir()]
+    config = json.loads((directory / "config.json").read_text())
+    if chosen_weights([n for n in names if (directory / n).exists()], config) is None:
+        raise ConfigError([f"{field_name}: {repo_id} is only partly in the Hugging Face cache ({directory} has no "
+                           f"weights) and the hub cannot be reached from this host: launch where the hub can be "
+                           f"reached, or download it there (`hf download {repo_id}`) and give its directory"])
+    files = sorted(names)
+    size = sum((directory / n).stat().st_size for n in files)
+    return Snapshot(repo_id, revision, directory.name, directory, files, size, 0)
+
+
+class _HubErrors:
+    """huggingface_hub's errors as the config errors a user can act on, naming the field."""
+
+    def __init__(self, repo_id: str, revision: str, field_name: str):
+        self.repo_id, self.revision, self.field = repo_id, revision, field_name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (ConfigError, Unreachable)):
+            return False
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        repo, where = self.repo_id, f"{constants.ENDPOINT}/{self.repo_id}"
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_connection(exc) or (
+                isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code >= 500):
+            raise Unreachable(
+                f"{self.field}: {repo} at {self.revision} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+                f" and the hub ({constants.ENDPOINT}) cannot be reached from this host ({_first_line(exc)}): launch "
+                f"where it can, such as the login node, or download it there (`hf download {repo}`) and give its "
+                f"directory") from None
+        if isinstance(exc, GatedRepoError):
+            message = (f"{self.field}: {repo} is gated: accept its terms at {where}, then log in on this host "
+                       f"(`hf auth login`, or set HF_TOKEN)")
+        elif isinstance(exc, RepositoryNotFoundError):
+            message = (f"{self.field}: {repo} is not a directory here, and the hub has no model repository by that "
+                       f"name you can read (a private one needs `hf auth login` or HF_TOKEN)")
+        elif isinstance(exc, RevisionNotFoundError):
+            message = f"model.revision: {self.revision!r} is not a branch, tag or commit of {repo}"
+        elif isinstance(exc, EntryNotFoundError):
+            message = f"{self.field}: {repo} at {self.revision} has no config.json: not a transformers model"
+        elif isinstance(exc, HfHubHTTPError):
+            message = f"{self.field}: the hub refused {repo} at {self.revision}: {_first_line(exc)}"
+        else:
+            return False
+        raise ConfigError([message]) from None
+
+
+def _is_connection(exc: BaseException) -> bool:
+    """A network failure, by the class names of httpx (huggingface_hub 1 and later) and requests (before)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"ConnectError", "TimeoutException", "ConnectionError", "Timeout", "ProxyError"})
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
