@@ -1,7 +1,8 @@
 """A stand-in for the Hugging Face hub, for the internet this machine does not have.
 
-It answers the few HTTP routes huggingface_hub uses to resolve a revision, list a commit's files and download
-one (`/api/models/{repo}/revision/{rev}`, `/api/models/{repo}/tree/{rev}`, `/{repo}/resolve/{rev}/{path}`), with
+It answers the few HTTP routes huggingface_hub (and datasets through it) uses to resolve a revision, list a
+commit's files and download one (`/api/models/{repo}[/revision/{rev}]`, `/api/models/{repo}/tree/{rev}[/{dir}]`,
+`/{repo}/resolve/{rev}/{path}`, and the same under `datasets/` for dataset repositories), with
 the headers and error codes the hub sends, from repositories held in memory. Point HF_ENDPOINT at `endpoint`.
 Every request is recorded, so a test can say what was downloaded.
 """
@@ -37,7 +38,8 @@ class FakeHub:
         return commit
 
     def downloaded(self, repo_id: str) -> set[str]:
-        """Paths of `repo_id` whose bytes were sent (GET of a file; HEAD requests only ask for metadata)."""
+        """Paths of `repo_id` whose bytes were sent (GET of a file; HEAD requests only ask for metadata). A dataset
+        repository's id is `datasets/owner/name`, here and in `publish`."""
         prefix = f"/{repo_id}/resolve/"
         return {unquote(path[len(prefix):]).split("/", 1)[1] for method, path in self.requests
                 if method == "GET" and path.startswith(prefix)}
@@ -68,8 +70,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, self.path))
             url = urlparse(self.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
-            api = parts[:2] == ["api", "models"]
-            repo_id = "/".join(parts[2:4] if api else parts[:2])
+            api = parts[0] == "api" and parts[1:2] in (["models"], ["datasets"])
+            kind = parts[1] if api else "datasets" if parts[0] == "datasets" else "models"
+            if api:
+                parts = ["api", "models"] + parts[2:] + (["revision", "main"] if len(parts) == 4 else [])
+            elif kind == "datasets":
+                parts = parts[1:]
+            repo_id = ("datasets/" if kind == "datasets" else "") + "/".join(parts[2:4] if api else parts[:2])
             repo = hub.repos.get(repo_id)
             if repo is None or not (api and len(parts) >= 6 or len(parts) >= 5 and parts[2] == "resolve"):
                 return self.error(404 if repo is None else 400, "RepoNotFound")
@@ -85,7 +92,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self.send(200, json.dumps(body).encode())
             if api and parts[4] == "tree":
                 recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
-                return self.send(200, json.dumps(_tree(files, repo["sizes"][commit], recursive)).encode())
+                sub = "/".join(parts[6:])
+                listing = _tree(files, repo["sizes"][commit], recursive, sub)
+                if sub and not listing:
+                    return self.error(404, "EntryNotFound")
+                return self.send(200, json.dumps(listing).encode())
             path = "/".join(parts[4:])
             if path not in files:
                 return self.error(404, "EntryNotFound")
@@ -98,11 +109,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _tree(files: dict[str, bytes], sizes: dict[str, int], recursive: bool) -> list[dict]:
+def _tree(files: dict[str, bytes], sizes: dict[str, int], recursive: bool, sub: str = "") -> list[dict]:
+    """The listing of folder `sub` (the top when empty), as the hub's tree route gives it."""
     out, dirs = [], set()
+    prefix = f"{sub}/" if sub else ""
     for path, data in sorted(files.items()):
-        if "/" in path and not recursive:
-            top = path.split("/")[0]
+        if not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        if "/" in rest and not recursive:
+            top = prefix + rest.split("/")[0]
             if top not in dirs:
                 dirs.add(top)
                 out.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": top})

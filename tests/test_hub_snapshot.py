@@ -27,6 +27,8 @@ from launcher.planning.model_files import files_read
 from conftest import shardtune, tiny_config
 
 REPO = "org/tiny-llama"
+CHATS = "org/chats"
+TINY_CHAT = Path(__file__).parent.parent / "examples" / "data" / "tiny_chat.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,9 @@ def transformers_fetches(hub: FakeHub, repo: str, hf_home: Path) -> set[str]:
     script = ("import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
               "AutoModelForCausalLM.from_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1])\n")
     before = len(hub.requests)
-    subprocess.run([sys.executable, "-c", script, repo], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "HF_HOME": str(hf_home)})
+    done = subprocess.run([sys.executable, "-c", script, repo], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(hf_home)})
+    assert done.returncode == 0, done.stderr[-3000:]
     prefix = f"/{repo}/resolve/"
     return {p[len(prefix):].split("/", 1)[1] for m, p in hub.requests[before:] if m == "GET" and p.startswith(prefix)}
 
@@ -96,7 +99,9 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= needed
     hub.requests.clear()
 
-    config = tiny_config(tmp_path, REPO, train={"max_steps": 2, "grad_accum_steps": 1, "warmup_steps": 1})
+    hub.publish("datasets/" + CHATS, {"data/train.jsonl": TINY_CHAT.read_bytes()})
+    config = tiny_config(tmp_path, REPO, data={"path": CHATS},
+                         train={"max_steps": 2, "grad_accum_steps": 1, "warmup_steps": 1})
     proc = shardtune("launch", str(config), "--dry_run")
     model = resolved_model(tmp_path / "run")
     snapshot = Path(model["name_or_path"])
@@ -122,7 +127,9 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
               env={"HF_HUB_OFFLINE": "1"})
     assert resolved_model(again / "run")["name_or_path"] == str(snapshot) and not hub.requests
 
-    # The nodes: no hub and no network, and they train from the snapshot.
+    # The nodes: no hub and no network. They train from the snapshot, and from the data `prepare` cached on the
+    # login node for the dataset's pinned commit.
+    shardtune("prepare", str(RunDir(tmp_path / "run").config_file))
     hub.close()
     run = RunDir(tmp_path / "run")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -157,7 +164,7 @@ def test_each_hub_problem_fails_launch_naming_the_field_and_what_to_do_fake_hub(
     hub.publish("org/huge", release, claimed_sizes={"model.safetensors.index.json": 10**18})
     cases = {
         "org/gated": "model.name_or_path: org/gated is gated: accept its terms at",
-        "org/absent": "model.name_or_path: org/absent is not a directory here, and the hub has no model repository",
+        "org/absent": "model.name_or_path: org/absent is not a path here, and the hub has no model repository",
         "org/not-a-model": "model.name_or_path: org/not-a-model at main has no config.json",
         "org/huge": "model.name_or_path: org/huge needs 1,000,000,000.",
     }
@@ -195,3 +202,24 @@ def test_files_read_keeps_one_form_of_the_weights_of_published_layouts():
                "tokenizer.model.v3", "tokenizer_config.json", "README.md", ".gitattributes"]
     index = {"weight_map": {f"w{i}": f"model-{i:05d}-of-00003.safetensors" for i in range(1, 4)}}
     assert files_read(mistral, {}, index) == sorted(set(mistral) - {"consolidated.safetensors"})
+
+
+def test_a_hub_dataset_is_pinned_so_its_new_version_is_read_not_hidden_by_the_cache_fake_hub(
+        hub, tiny_model, tmp_path):
+    """The data cache is keyed by a hub dataset's name and split; without the commit in the key, a dataset
+    updated on the hub kept being read from the cache of its old version."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    first = hub.publish("datasets/" + CHATS, {"data/train.jsonl": b"".join(lines[:100])})
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS}))
+
+    def prepare(*overrides: str) -> dict:
+        return json.loads(shardtune("prepare", config, "--json", *overrides).stdout)
+
+    assert (prepare()["rows_read"], prepare()["cache_hit"]) == (100, True)
+    second = hub.publish("datasets/" + CHATS, {"data/train.jsonl": b"".join(lines[:150])})
+    now = prepare()
+    assert (now["rows_read"], now["cache_hit"]) == (150, False)
+    old = prepare(f"data.revision={first}")
+    assert (old["rows_read"], old["cache_hit"]) == (100, True)
+    shardtune("launch", config, "--dry_run")
+    assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["revision"] == second

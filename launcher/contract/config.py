@@ -99,6 +99,8 @@ class DataSource(Section):
     """Column names of this source; default `data.fields`."""
     split: str = "train"
     """Split to read for hub datasets."""
+    revision: Optional[str] = None
+    """Hub dataset revision (branch, tag or commit); `launch` and `prepare` resolve it to one commit."""
 
 
 class DataConfig(Section):
@@ -116,6 +118,9 @@ class DataConfig(Section):
     """Column names, for data whose keys differ from the format's standard ones."""
     split: str = "train"
     """Split to read for hub datasets."""
+    revision: Optional[str] = None
+    """Hub dataset revision of `data.path` (and of `data.eval_path` when it is the same dataset); `launch` and
+    `prepare` resolve it to one commit, which the run and its data cache key read."""
     chat_template: Optional[str] = None
     """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"

@@ -17,6 +17,9 @@ the model's shape, with a note, when the hub cannot be reached and the file is n
 
 The cache is huggingface_hub's (HF_HOME, or HF_HUB_CACHE): it must be on a filesystem every node mounts, as a
 home directory usually is; a node that does not see it fails its preflight, naming the directory.
+Hub datasets are pinned to a commit as well (pin_hub_datasets), which the data cache key then includes; their
+rows are still read by `prepare` or on the nodes, through datasets.
+
 huggingface_hub is imported only for a hub id, so `plan` on a local directory stays instant.
 """
 from __future__ import annotations
@@ -98,6 +101,38 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool) -> tuple[RunConfig, list
     return cfg, notes
 
 
+def pin_hub_datasets(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """A copy of the config whose hub datasets' revisions are the commits they name now, with a note each. Rows
+    of a hub dataset are read on the nodes (or by `prepare`), and the data cache is keyed by its name and split:
+    unpinned, a dataset updated on the hub was hidden by the cache of its old version, and nodes reading at
+    different times could read different versions. Pinned, the key and every reader name one commit. A hub out
+    of reach leaves the revision as it is, with a note: the nodes may reach it, or find `prepare`'s cache."""
+    cfg = cfg.model_copy(deep=True)
+    d, notes = cfg.data, []
+    sources = [("data.path", "data.revision", d)] + [(f"data.mix[{i}].path", f"data.mix[{i}].revision", s)
+                                                     for i, s in enumerate(d.mix)]
+    for path_field, revision_field, source in sources:
+        if not is_hub_id(source.path):
+            continue
+        try:
+            commit = dataset_commit(source.path, source.revision, path_field, revision_field)
+        except Unreachable as exc:
+            notes.append(f"{exc}; {revision_field} is left as it is")
+            continue
+        if commit != source.revision:
+            notes.append(f"{path_field}: dataset {source.path} at {source.revision or 'main'} is commit "
+                         f"{commit[:12]}: the run and its data cache read this commit")
+        source.revision = commit
+    return cfg, notes
+
+
+def dataset_commit(repo_id: str, revision: Optional[str], path_field: str, revision_field: str) -> str:
+    from huggingface_hub import HfApi
+
+    with _HubErrors(repo_id, revision or "main", path_field, "dataset", revision_field):
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+
+
 class Unreachable(Exception):
     """The hub cannot be reached from this host and the files are not in the cache."""
 
@@ -111,21 +146,31 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool)
 
     revision = revision or "main"
     errors = _HubErrors(repo_id, revision, field_name)
+    commit, offline = None, None
+    try:
+        with errors:  # one request without retries, so a host without the hub finds out at once
+            commit = HfApi().model_info(repo_id, revision=revision).sha
+    except Unreachable as exc:
+        offline = exc
     config_file = None
     if field_name == "model.name_or_path":
-        with errors:
-            config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        try:
+            with errors:
+                config_file = Path(hf_hub_download(repo_id, "config.json", revision=commit or revision,
+                                                   local_files_only=commit is None))
+        except Unreachable:
+            if offline is None:
+                raise
+            raise offline from None
         if not weights:
             return Snapshot(repo_id, revision, config_file.parent.name, config_file.parent)
-    try:
-        with errors:
-            commit = config_file.parent.name if config_file else HfApi().repo_info(repo_id, revision=revision).sha
-            listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
-                       if isinstance(f, RepoFile)}
-    except Unreachable:
-        if config_file is None:
-            raise
-        return _cached(repo_id, revision, config_file.parent, field_name)
+        if commit is None:
+            return _cached(repo_id, revision, config_file.parent, field_name)
+    elif commit is None:
+        raise offline
+    with errors:
+        listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
+                   if isinstance(f, RepoFile)}
     with errors:
         config = json.loads(config_file.read_text()) if config_file else None
         chosen = chosen_weights(listing, config) if weights else None
@@ -183,8 +228,10 @@ def _cached(repo_id: str, revision: str, directory: Path, field_name: str) -> Sn
 class _HubErrors:
     """huggingface_hub's errors as the config errors a user can act on, naming the field."""
 
-    def __init__(self, repo_id: str, revision: str, field_name: str):
+    def __init__(self, repo_id: str, revision: str, field_name: str, kind: str = "model",
+                 revision_field: str = "model.revision"):
         self.repo_id, self.revision, self.field = repo_id, revision, field_name
+        self.kind, self.revision_field = kind, revision_field
 
     def __enter__(self) -> None:
         return None
@@ -203,22 +250,25 @@ class _HubErrors:
             RevisionNotFoundError,
         )
 
-        repo, where = self.repo_id, f"{constants.ENDPOINT}/{self.repo_id}"
+        repo = self.repo_id
+        where = f"{constants.ENDPOINT}/{'datasets/' if self.kind == 'dataset' else ''}{repo}"
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_connection(exc) or (
                 isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code >= 500):
+            unreachable = f"the hub ({constants.ENDPOINT}) cannot be reached from this host ({_first_line(exc)})"
+            if self.kind == "dataset":
+                raise Unreachable(f"{self.field}: dataset {repo} at {self.revision}: {unreachable}") from None
             raise Unreachable(
                 f"{self.field}: {repo} at {self.revision} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-                f" and the hub ({constants.ENDPOINT}) cannot be reached from this host ({_first_line(exc)}): launch "
-                f"where it can, such as the login node, or download it there (`hf download {repo}`) and give its "
-                f"directory") from None
+                f" and {unreachable}: launch where it can, such as the login node, or download it there "
+                f"(`hf download {repo}`) and give its directory") from None
         if isinstance(exc, GatedRepoError):
             message = (f"{self.field}: {repo} is gated: accept its terms at {where}, then log in on this host "
                        f"(`hf auth login`, or set HF_TOKEN)")
         elif isinstance(exc, RepositoryNotFoundError):
-            message = (f"{self.field}: {repo} is not a directory here, and the hub has no model repository by that "
+            message = (f"{self.field}: {repo} is not a path here, and the hub has no {self.kind} repository by that "
                        f"name you can read (a private one needs `hf auth login` or HF_TOKEN)")
         elif isinstance(exc, RevisionNotFoundError):
-            message = f"model.revision: {self.revision!r} is not a branch, tag or commit of {repo}"
+            message = f"{self.revision_field}: {self.revision!r} is not a branch, tag or commit of {repo}"
         elif isinstance(exc, EntryNotFoundError):
             message = f"{self.field}: {repo} at {self.revision} has no config.json: not a transformers model"
         elif isinstance(exc, HfHubHTTPError):

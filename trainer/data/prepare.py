@@ -50,6 +50,8 @@ class Source:
     fields: DataFields
     weight: float
     split: str
+    revision: Optional[str] = None
+    """The hub dataset's commit (or branch, tag) for a hub id."""
 
 
 @dataclass
@@ -87,14 +89,15 @@ class Encoded:
 
 def sources_of(cfg: RunConfig) -> list[Source]:
     d = cfg.data
-    out = [Source(d.path, d.format, d.fields, d.weight, d.split)]
-    out += [Source(s.path, s.format or d.format, s.fields or d.fields, s.weight, s.split) for s in d.mix]
+    out = [Source(d.path, d.format, d.fields, d.weight, d.split, d.revision)]
+    out += [Source(s.path, s.format or d.format, s.fields or d.fields, s.weight, s.split, s.revision) for s in d.mix]
     return out
 
 
 def eval_source_of(cfg: RunConfig) -> Optional[Source]:
     d = cfg.data
-    return Source(d.eval_path, d.format, d.fields, 1.0, d.split) if d.eval_path else None
+    revision = d.revision if d.eval_path == d.path else None
+    return Source(d.eval_path, d.format, d.fields, 1.0, d.split, revision) if d.eval_path else None
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -129,7 +132,8 @@ def tokenizer_fingerprint(tok) -> str:
 
 def _source_inputs(s: Source, share: Optional[float]) -> dict:
     files = fingerprint_files(s.path)
-    return {"files": files or [s.path, s.split], "format": s.format,
+    hub = [s.path, s.split] + ([s.revision] if s.revision else [])
+    return {"files": files or hub, "format": s.format,
             "fields": {k: getattr(s.fields, k) for k in FORMAT_FIELDS[s.format]}, "share": share}
 
 
@@ -214,7 +218,7 @@ def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
     import datasets
 
     where, text, error = [], [], []
-    for row in read_rows(src.path, src.split):
+    for row in read_rows(src.path, src.split, src.revision):
         where.append(row.where)
         text.append(row.text)
         error.append(row.error)

@@ -110,10 +110,10 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
             index += 1
 
 
-def _hub_rows(name: str, split: str) -> Iterator[RawRow]:
+def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[RawRow]:
     import datasets
 
-    ds = datasets.load_dataset(name, split=split)
+    ds = datasets.load_dataset(name, split=split, revision=revision)
     for index, row in enumerate(ds):
         yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
 
@@ -121,11 +121,11 @@ def _hub_rows(name: str, split: str) -> Iterator[RawRow]:
 READERS = {".jsonl": _jsonl_rows, ".json": _json_array_items, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
-def read_rows(path: str, split: str = "train") -> Iterator[RawRow]:
-    """Every row a data path names, in a stable order."""
+def read_rows(path: str, split: str = "train", revision: str | None = None) -> Iterator[RawRow]:
+    """Every row a data path names, in a stable order (`split`, `revision`: of a hub dataset)."""
     files = resolve_files(path)
     if not files:
-        yield from _hub_rows(path, split)
+        yield from _hub_rows(path, split, revision)
         return
     for f in files:
         yield from READERS[f.suffix](f)
