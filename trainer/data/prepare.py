@@ -25,6 +25,7 @@ import numpy as np
 
 from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
+from launcher.planning.model_files import absent_model
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, default_cache_root
 from trainer.data.collate import pad_id_of
@@ -107,7 +108,7 @@ def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
     source = cfg.model.tokenizer or cfg.model.name_or_path
-    if Path(source).is_absolute() and not Path(source).exists():
+    if absent_model(source):
         field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
         raise UserError(f"{field}: {source}: no such directory on {socket.gethostname()}: every node must see it "
                         f"(a hub model is downloaded by `shardtune launch` into HF_HOME, which must be on such a "
