@@ -20,7 +20,7 @@ from launcher.contract.config import RunConfig, dump_config, load_config
 from launcher.contract.errors import ConfigError, UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.estimate import estimate_command
-from launcher.planning.hub_snapshot import pin_hub_datasets, pin_hub_models
+from launcher.planning.hub_snapshot import continued_run, pin_hub_datasets, pin_hub_models
 from launcher.planning.plan import Plan, build_plan, format_plan
 
 
@@ -32,9 +32,11 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
 
 def planned(cfg: RunConfig, fetch_weights: bool, trainer_args: tuple[str, ...] = ()) -> Plan:
     """The plan of a config whose hub models are pinned to one commit in the local cache (hub_snapshot): their
-    config.json for `plan`, every file the run reads for `launch` and `preflight`; hub datasets to one commit."""
-    cfg, notes = pin_hub_models(cfg, fetch_weights)
-    cfg, data_notes = pin_hub_datasets(cfg)
+    config.json for `plan`, every file the run reads for `launch` and `preflight`; hub datasets to one commit.
+    A run continued from its checkpoints keeps the commits it started from."""
+    earlier = continued_run(cfg)
+    cfg, notes = pin_hub_models(cfg, fetch_weights, earlier)
+    cfg, data_notes = pin_hub_datasets(cfg, earlier)
     p = build_plan(cfg, trainer_args=trainer_args)
     p.notes[:0] = notes + data_notes
     return p
@@ -171,7 +173,8 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
     instead (input_ids, labels with -100 where no loss is taken, position_ids, sample_lengths), and the
     summary goes to stderr.
     """
-    cfg, notes = pin_hub_datasets(load_config(config, [str(o) for o in overrides]))
+    cfg = load_config(config, [str(o) for o in overrides])
+    cfg, notes = pin_hub_datasets(cfg, continued_run(cfg))
     for note in notes:
         print(note, file=sys.stderr)
     from trainer.data.collate import pad_id_of

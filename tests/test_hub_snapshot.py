@@ -116,7 +116,8 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     assert f"{REPO} at main is commit {commit[:12]}" in proc.stdout and "left on the hub: 4 files" in proc.stdout
 
     # main moves on; the planned run still names the commit it was planned with.
-    newer = hub.publish(REPO, {**release, "config.json": release["config.json"].replace(b"{", b'{"x": 1, ', 1)})
+    moved = {**release, "config.json": release["config.json"].replace(b"{", b'{"x": 1, ', 1)}
+    newer = hub.publish(REPO, moved)
     assert newer != commit and resolved_model(tmp_path / "run")["name_or_path"] == str(snapshot)
 
     # A second launch from the cache alone, offline: nothing is downloaded again.
@@ -136,6 +137,24 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     done = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     assert sorted(run.losses()) == [1, 2]
+
+    # Launched again to continue from its checkpoint, after the model's and the dataset's main moved on: the run
+    # keeps the commits it started from.
+    assert run.complete_checkpoints()
+    data_commit = yaml.safe_load(run.config_file.read_text())["data"]["revision"]
+    later = FakeHub()
+    try:
+        later.publish(REPO, release)
+        later.publish(REPO, moved)
+        later.publish("datasets/" + CHATS, {"data/train.jsonl": TINY_CHAT.read_bytes()})
+        later.publish("datasets/" + CHATS, {"data/train.jsonl": TINY_CHAT.read_bytes()[:5000]})
+        proc = shardtune("launch", str(config), "--dry_run", env={"HF_ENDPOINT": later.endpoint})
+    finally:
+        later.close()
+    assert resolved_model(run.path) == {**model, "revision": commit}
+    assert yaml.safe_load(run.config_file.read_text())["data"]["revision"] == data_commit
+    assert f"stays at commit {commit[:12]}, which this run started from" in proc.stdout
+    assert f"dataset {CHATS} stays at commit {data_commit[:12]}" in proc.stdout
 
 
 def test_a_node_without_the_cache_fails_at_start_naming_the_directory_fake_hub(hub, release, tmp_path):

@@ -33,8 +33,10 @@ from typing import Optional
 
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import ConfigError
+from launcher.contract.run_dir import RunDir
 from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files_read
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 """A hub repository id, `name` or `owner/name` (huggingface_hub's own rule, less its length limit)."""
 
@@ -78,13 +80,29 @@ def is_hub_id(name: Optional[str]) -> bool:
     return REPO_ID.fullmatch(name) is not None
 
 
-def pin_hub_models(cfg: RunConfig, fetch_weights: bool) -> tuple[RunConfig, list[str]]:
+def continued_run(cfg: RunConfig) -> Optional[dict]:
+    """The resolved config a run directory's earlier launch wrote, when this launch continues it (it resumes, and
+    there is a checkpoint to resume from); else None."""
+    run_dir = RunDir(cfg.output_dir)
+    if cfg.train.resume == "never" or not run_dir.complete_checkpoints() or not run_dir.config_file.is_file():
+        return None
+    return run_dir.read_config()
+
+
+def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub ids (model, tokenizer) name snapshot directories in the local cache, with a
     note for each. `fetch_weights` False (plan): config.json only, and a hub out of reach is a note, not an error.
     The tokenizer is resolved first, at the revision the config gives both; model.revision then records the
-    model's commit."""
+    model's commit. `earlier`: the resolved config of the run this launch continues (continued_run), whose commit
+    the model keeps unless model.revision names another commit: a branch that moved since must not change the
+    config, tokenizer or data of a run half done."""
     cfg = cfg.model_copy(deep=True)
     m, notes = cfg.model, []
+    kept = _earlier_commit(m.name_or_path, m.revision, earlier, "model", "name_or_path", "models")
+    if kept:
+        m.revision = kept
+        notes.append(f"model.name_or_path: {m.name_or_path} stays at commit {kept[:12]}, which this run started "
+                     f"from (set model.revision to a commit to change it)")
     try:
         if fetch_weights and is_hub_id(m.tokenizer):
             snap = fetch(m.tokenizer, m.revision, "model.tokenizer", weights=False)
@@ -101,18 +119,39 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool) -> tuple[RunConfig, list
     return cfg, notes
 
 
-def pin_hub_datasets(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+def _earlier_commit(repo_id: str, revision: Optional[str], earlier: Optional[dict], section: str, key: str,
+                    kind: str, index: Optional[int] = None) -> Optional[str]:
+    """The commit the continued run read `repo_id` at, when this launch does not name a commit itself."""
+    if not earlier or not is_hub_id(repo_id) or (revision and COMMIT.fullmatch(revision)):
+        return None
+    entry = earlier.get(section) or {}
+    if index is not None:
+        mix = entry.get("mix") or []
+        entry = mix[index] if index < len(mix) else {}
+    then, commit = str(entry.get(key) or ""), str(entry.get("revision") or "")
+    same = then == repo_id or f"/{kind}--{repo_id.replace('/', '--')}/snapshots/{commit}" in then
+    return commit if same and COMMIT.fullmatch(commit) else None
+
+
+def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub datasets' revisions are the commits they name now, with a note each. Rows
     of a hub dataset are read on the nodes (or by `prepare`), and the data cache is keyed by its name and split:
     unpinned, a dataset updated on the hub was hidden by the cache of its old version, and nodes reading at
     different times could read different versions. Pinned, the key and every reader name one commit. A hub out
-    of reach leaves the revision as it is, with a note: the nodes may reach it, or find `prepare`'s cache."""
+    of reach leaves the revision as it is, with a note: the nodes may reach it, or find `prepare`'s cache.
+    `earlier`: as for pin_hub_models, a continued run keeps the commits it started from."""
     cfg = cfg.model_copy(deep=True)
     d, notes = cfg.data, []
     sources = [("data.path", "data.revision", d)] + [(f"data.mix[{i}].path", f"data.mix[{i}].revision", s)
                                                      for i, s in enumerate(d.mix)]
-    for path_field, revision_field, source in sources:
+    for i, (path_field, revision_field, source) in enumerate(sources):
         if not is_hub_id(source.path):
+            continue
+        kept = _earlier_commit(source.path, source.revision, earlier, "data", "path", "datasets", i - 1 if i else None)
+        if kept:
+            source.revision = kept
+            notes.append(f"{path_field}: dataset {source.path} stays at commit {kept[:12]}, which this run started "
+                         f"from (set {revision_field} to a commit to change it)")
             continue
         try:
             commit = dataset_commit(source.path, source.revision, path_field, revision_field)
