@@ -159,3 +159,28 @@ def test_only_parameters_count_as_missing_not_buffers_a_module_computes():
     with pytest.raises(UserError, match=r"1 weight\(s\) of LlamaForCausalLM are in none of its files \(e.g. "
                                         r"lm_head.weight\)"):
         refuse_missing_weights("m", model, ["lm_head.weight", "model.rotary_emb.inv_freq"])
+
+
+def test_eval_and_generate_refuse_a_damaged_model_instead_of_scoring_noise(saved, tmp_path, tiny_model):
+    """A model directory evaluated or asked for an answer: a shard cut short, or a file that lacks the head, used
+    to load with those weights at random (transformers' verdict above) and score or answer as noise."""
+    from safetensors.torch import load_file, save_file
+
+    cut_dir = tmp_path / "cut"
+    shutil.copytree(saved["sharded"], cut_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, cut_dir / name)
+    shutil.copy(cut_dir / shard(4), cut_dir / shard(3))  # a shard of another revision: loads without an error
+    proc = shardtune("generate", str(cut_dir), "hello", check=False)
+    assert proc.returncode == 1 and f"shardtune: {cut_dir}: {shard(3)} lacks" in proc.stderr, proc.stderr[-2000:]
+
+    headless = tmp_path / "headless"
+    shutil.copytree(tiny_model, headless)
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    data = Path(__file__).parent.parent / "examples" / "data" / "tiny_chat.jsonl"
+    proc = shardtune("eval", str(headless), str(data), check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"shardtune: {headless}: 1 weight(s) of LlamaForCausalLM are in none of its files (e.g. lm_head.weight)" \
+        in proc.stderr

@@ -12,6 +12,7 @@ import torch
 
 from trainer.data.collate import pad_id_of
 from trainer.data.formats import Chat
+from trainer.model import load_saved_model
 
 Messages = list[dict[str, Any]]
 
@@ -153,9 +154,9 @@ def generate_reply(model_dir: str, prompt: str, system: str | None = None, max_n
                    dtype: str | torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
     """One greedy answer of a saved model to one user message (dtype "auto": the dtype it was saved in, which
     holds a bf16 model in half the memory fp32 would take)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    model = load_saved_model(model_dir, dtype, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return generate_answers(model, tokenizer, [messages], max_new_tokens, batch_size=1)[0].strip()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.host import cxx_compiler, inductor_problem
+from launcher.planning.model_files import weight_files_problems
 from launcher.planning.quantized_weights import quant_method, quantized_weights_problem
 from trainer import separation
 
@@ -131,7 +132,22 @@ def dequantized_loading(cfg: RunConfig) -> dict:
     return {"quantization_config": AutoQuantizationConfig.from_dict({**quantization, "dequantize": True})}
 
 
-def refuse_missing_weights(name: str, model, missing) -> None:
+def load_saved_model(model_dir, dtype, trust_remote_code: bool = False):
+    """A saved model, for evaluation or generation, in eval mode. Refused, naming the file or the weights, when its
+    weight files are damaged (model_files) or lack weights of the architecture: an export or a copy cut short
+    would otherwise load with those weights at random, and answer or score as noise."""
+    from transformers import AutoModelForCausalLM
+
+    damaged = weight_files_problems(str(model_dir))
+    if damaged:
+        raise UserError(f"{model_dir}: " + "; ".join(damaged))
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
+    refuse_missing_weights(str(model_dir), model, info["missing_keys"], field="")
+    return model.eval()
+
+
+def refuse_missing_weights(name: str, model, missing, field: str = "model.name_or_path") -> None:
     """A fine-tune starts from the checkpoint's weights, every one: transformers loads a model whose files lack
     some (a shard of another revision under a consistent index, a base model without its head, another
     architecture's checkpoint) with those weights at random and says so only in a log line, and the run would
@@ -141,7 +157,8 @@ def refuse_missing_weights(name: str, model, missing) -> None:
     parameters = {n for n, _ in model.named_parameters()}
     missing = sorted(set(missing) & parameters)
     if missing:
-        raise UserError(f"model.name_or_path: {name}: {len(missing)} weight(s) of {type(model).__name__} are in "
+        where = f"{field}: {name}" if field else name
+        raise UserError(f"{where}: {len(missing)} weight(s) of {type(model).__name__} are in "
                         f"none of its files (e.g. {', '.join(missing[:3])}); transformers would start them from "
                         f"random values. Is every file of the checkpoint there, and from one revision of this model?")
 

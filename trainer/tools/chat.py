@@ -12,6 +12,7 @@ import torch
 
 from launcher.contract.run_dir import FINAL, RunDir
 from trainer.generation import generate_answers, generate_reply
+from trainer.model import load_saved_model
 
 HELP = "commands: /reset starts a new conversation, /system TEXT sets a system prompt, /exit (or Ctrl-D) quits"
 
@@ -28,11 +29,10 @@ def model_dir_of(target: str | Path) -> Path:
 
 
 def load(target: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     directory = model_dir_of(target)
-    return (AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval(),
+    return (load_saved_model(directory, torch.float32, trust_remote_code),
             AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code))
 
 

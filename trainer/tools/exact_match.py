@@ -20,6 +20,7 @@ import torch
 
 from trainer.data.formats import Chat
 from trainer.generation import generate_answers, generation_pad_id, messages_of, model_device, stop_token_ids, tools_of
+from trainer.model import load_saved_model
 
 
 def exact_match(pred: str, ref: str) -> bool:
@@ -101,11 +102,11 @@ def eval_loss(model, tokenizer, rows: Iterable[Any], batch_size: int = 8) -> flo
 def evaluate_model(model_dir: str, data: str, max_new_tokens: int = 48, batch_size: int = 16,
                    examples: int = 3, trust_remote_code: bool = False) -> dict:
     """Exact match of greedy answers and assistant-token loss of a Hugging Face model on a messages file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     rows = read_eval_rows(data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_saved_model(model_dir, torch.float32, trust_remote_code)
     references = reference_answers(tokenizer, rows)
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
     hits = [exact_match(a, ref) for a, ref in zip(answers, references)]
