@@ -150,7 +150,7 @@ class Session:
 
     def disk_need(self) -> Optional[DiskNeed]:
         """The run's checkpoints and export on its filesystem, as `plan` sized them; None for a model whose
-        config.json is not on local disk or cannot be sized (a hub id before its download)."""
+        config.json cannot be read or sized."""
         model_cfg = read_model_config(self.cfg.model.name_or_path)
         params = parameter_count(model_cfg)
         return None if params is None else disk_need(self.cfg, params, model_cfg, self.run_dir)
@@ -208,7 +208,7 @@ class Session:
             blocks = (moe.register_leaf_modules(model, cfg.model.moe_leaf_modules) if stage == 3
                       else moe.moe_block_classes(model))
             if blocks and (problem := compile_problem(cfg)) is not None:
-                raise UserError(problem)  # a hub model the plan could not size
+                raise UserError(problem)  # a model the plan could not size
             compiling = t.compile is True or (t.compile == "auto" and not blocks)
             if compiling and stage == 3 and not gather_layers_whole(model):
                 compiling = False

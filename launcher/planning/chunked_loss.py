@@ -37,7 +37,8 @@ def resolve_chunked_loss(setting: Union[bool, str], model_config: Optional[dict[
                                                                                                      Optional[str]]:
     """The value `train.chunked_loss` resolves to, and a note when `auto` chose the full-logits loss.
 
-    Without the model's config.json (a hub id) `auto` stays `auto`: the trainer decides from the loaded model.
+    Without the model's config.json (a hub model `plan` could not fetch) `auto` stays `auto`: the trainer decides
+    from the loaded model.
     """
     if setting != "auto" or model_config is None:
         return setting, None

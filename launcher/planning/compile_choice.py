@@ -9,8 +9,8 @@ compiles one decoder layer at a time, each a ZeRO-3 leaf module: trainer/model.c
 - sequence parallelism (DeepSpeed's all-to-all autograd functions under torch.compile are unverified);
 - mixture-of-experts models (data-dependent token counts per expert; the router-loss recorder);
 - a host with no compiler for the device (inductor needs a C++ compiler on CPU, triton on GPUs).
-A model given as a hub id cannot be checked for experts here: `auto` stays `auto` and the trainer decides on
-the loaded model (eager when it has experts).
+A model without a readable config.json here (a hub model `plan` could not fetch: hub_snapshot) cannot be
+checked for experts: `auto` stays `auto` and the trainer decides on the loaded model (eager when it has experts).
 """
 from __future__ import annotations
 

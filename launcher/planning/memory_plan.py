@@ -283,7 +283,8 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
 def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[dict]) -> Optional[dict]:
     """Per-device memory of the resolved run, for the plan text and `--json` (GB = 1e9 bytes).
 
-    None when the model's config.json is not on local disk (a hub id): no shape, no estimate.
+    None when the model's config.json is not on local disk (a hub model `plan` could not fetch): no shape, no
+    estimate.
     """
     try:
         found = resolved_estimate(cfg, model_config, ds_config)

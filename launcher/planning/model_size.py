@@ -301,7 +301,8 @@ def parameter_count(model_cfg: Optional[dict[str, Any]]) -> Optional[int]:
 
 
 def read_model_config(name_or_path: str) -> Optional[dict[str, Any]]:
-    """The model's config.json when it is on local disk; None for hub ids (and unreadable files)."""
+    """The model's config.json when it is on local disk; None for hub ids (hub_snapshot fetches theirs first) and
+    unreadable files."""
     file = config_json_of(name_or_path)
     if not (file.is_file() and file.suffix == ".json"):
         return None

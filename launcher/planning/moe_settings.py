@@ -2,8 +2,8 @@
 
 The trainer decides the same things from the live model (trainer/moe.py); doing it here too means a
 coefficient the model cannot use fails in `shardtune plan` on a login node, not after the job waited
-in a queue and loaded the weights. Models given as hub ids have no local config.json: the trainer checks
-those at start-up.
+in a queue and loaded the weights. A model without a readable config.json here (a hub model `plan` could not
+fetch) is checked by the trainer at start-up.
 """
 from __future__ import annotations
 
