@@ -242,3 +242,23 @@ def test_a_hub_dataset_is_pinned_so_its_new_version_is_read_not_hidden_by_the_ca
     assert (old["rows_read"], old["cache_hit"]) == (100, True)
     shardtune("launch", config, "--dry_run")
     assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["revision"] == second
+
+
+def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_fake_hub(hub, release, tmp_path):
+    """A quota on the cache's filesystem is not in the free space it reports, so the download starts and a write
+    fails part way. Simulated with a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails
+    with EFBIG as a quota's fails with EDQUOT)."""
+    import resource
+
+    hub.publish(REPO, release)
+    limit = 100_000
+    assert max(len(v) for k, v in release.items() if k.startswith("model-")) > limit
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "shardtune"), "launch", str(tiny_config(tmp_path, REPO)), "--dry_run"],
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot download (1 problem):\n  - model.name_or_path: downloading {REPO} into the Hugging Face cache" \
+        in proc.stderr
+    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -289,7 +289,7 @@ class _HubErrors:
             RevisionNotFoundError,
         )
 
-        repo = self.repo_id
+        repo, title = self.repo_id, "invalid config"
         where = f"{constants.ENDPOINT}/{'datasets/' if self.kind == 'dataset' else ''}{repo}"
         if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_connection(exc) or (
                 isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code >= 500):
@@ -312,9 +312,15 @@ class _HubErrors:
             message = f"{self.field}: {repo} at {self.revision} has no config.json: not a transformers model"
         elif isinstance(exc, HfHubHTTPError):
             message = f"{self.field}: the hub refused {repo} at {self.revision}: {_first_line(exc)}"
+        elif isinstance(exc, OSError):
+            title = "cannot download"
+            message = (f"{self.field}: downloading {repo} into the Hugging Face cache {constants.HF_HUB_CACHE} failed: "
+                       f"{_first_line(exc)}. A quota (which the free space a filesystem reports does not show)? "
+                       f"Set HF_HOME (or HF_HUB_CACHE) to a filesystem with room that every node mounts; launching "
+                       f"again resumes the download")
         else:
             return False
-        raise ConfigError([message]) from None
+        raise ConfigError([message], title=title) from None
 
 
 def _is_connection(exc: BaseException) -> bool:
