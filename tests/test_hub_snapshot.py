@@ -262,3 +262,27 @@ def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_
         in proc.stderr
     assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_named_at_start_fake_hub(
+        hub, release, tiny_model, tmp_path):
+    """`model.tokenizer` from its own hub repository: only its tokenizer and config files are fetched. The model
+    is a local directory removed after launch: with the tokenizer still there, the rank names the missing model
+    directory and its host before anything loads (transformers would read the path as a malformed hub id)."""
+    tokenizer_files = {n: b for n, b in release.items() if "/" not in n and not n.endswith((".safetensors", ".bin"))}
+    commit = hub.publish("org/tok", {**tokenizer_files, "model.safetensors": os.urandom(500_000)})
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    shardtune("launch", str(tiny_config(tmp_path, model_dir)), "model.tokenizer=org/tok", "--dry_run")
+    tokenizer = Path(resolved_model(tmp_path / "run")["tokenizer"])
+    assert tokenizer.parts[-3:] == ("models--org--tok", "snapshots", commit)
+    assert hub.downloaded("org/tok") == set(tokenizer_files)
+
+    shutil.rmtree(model_dir)
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=300)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"model.name_or_path: {model_dir}: no such directory on {os.uname().nodename}: every node must see it" \
+        in said, said[-3000:]
+    assert not run.metrics_file.exists()

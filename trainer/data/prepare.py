@@ -102,17 +102,18 @@ def eval_source_of(cfg: RunConfig) -> Optional[Source]:
 
 
 def load_tokenizer(cfg: RunConfig):
-    """The run's tokenizer. An absolute path is a local directory (the config makes local paths absolute): one
-    this host cannot see, such as a hub download on a filesystem another node does not mount, is named here,
-    not passed to transformers, which would take it for a malformed hub id."""
+    """The run's tokenizer, the first thing a rank (or `prepare`) reads of the model. An absolute path is a local
+    directory (the config makes local paths absolute): a model or tokenizer directory this host cannot see, such
+    as a hub download on a filesystem another node does not mount, is named here, not passed to transformers,
+    which would take it for a malformed hub id."""
     from transformers import AutoTokenizer
 
+    for field, path in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if path and absent_model(path):
+            raise UserError(f"{field}: {path}: no such directory on {socket.gethostname()}: every node must see it "
+                            f"(a hub model is downloaded by `shardtune launch` into HF_HOME, which must be on such "
+                            f"a filesystem)")
     source = cfg.model.tokenizer or cfg.model.name_or_path
-    if absent_model(source):
-        field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
-        raise UserError(f"{field}: {source}: no such directory on {socket.gethostname()}: every node must see it "
-                        f"(a hub model is downloaded by `shardtune launch` into HF_HOME, which must be on such a "
-                        f"filesystem)")
     tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     install_template(tok, cfg.data.chat_template, _needs_template(cfg))
