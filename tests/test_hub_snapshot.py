@@ -21,7 +21,7 @@ import pytest
 import yaml
 from fake_hub import FakeHub
 
-from launcher.contract.run_dir import RunDir
+from launcher.contract.run_dir import MANIFEST, RunDir, tag_for
 from launcher.planning.model_files import files_read
 
 from conftest import shardtune, tiny_config
@@ -277,6 +277,17 @@ def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_n
     tokenizer = Path(resolved_model(tmp_path / "run")["tokenizer"])
     assert tokenizer.parts[-3:] == ("models--org--tok", "snapshots", commit)
     assert hub.downloaded("org/tok") == set(tokenizer_files)
+
+    # Launched again to continue (a checkpoint's manifest stands in for one here) after org/tok's main moved:
+    # the tokenizer keeps the commit the run started from.
+    ckpt = RunDir(tmp_path / "run").checkpoints / tag_for(1)
+    ckpt.mkdir(parents=True)
+    (ckpt / MANIFEST).write_text("{}")
+    hub.publish("org/tok", {**tokenizer_files, "README.md": b"# moved"})
+    proc = shardtune("launch", str(tmp_path / "run.yaml"), "model.tokenizer=org/tok", "--dry_run")
+    assert resolved_model(tmp_path / "run")["tokenizer"] == str(tokenizer)
+    assert f"model.tokenizer: org/tok stays at commit {commit[:12]}" in proc.stdout
+    shutil.rmtree(ckpt)
 
     shutil.rmtree(model_dir)
     run = RunDir(tmp_path / "run")

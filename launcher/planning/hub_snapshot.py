@@ -98,18 +98,19 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] 
     config, tokenizer or data of a run half done."""
     cfg = cfg.model_copy(deep=True)
     m, notes = cfg.model, []
-    kept = _earlier_commit(m.name_or_path, m.revision, earlier, "model", "name_or_path", "models")
-    if kept:
-        m.revision = kept
-        notes.append(f"model.name_or_path: {m.name_or_path} stays at commit {kept[:12]}, which this run started "
-                     f"from (set model.revision to a commit to change it)")
+    model = (m.name_or_path, _earlier_commit(m.name_or_path, m.revision, *_earlier(earlier, "model", "name_or_path")))
+    tokenizer = (m.tokenizer, _earlier_commit(m.tokenizer, m.revision, *_earlier(earlier, "model", "tokenizer")))
+    for field_name, (repo_id, kept) in (("model.name_or_path", model), ("model.tokenizer", tokenizer)):
+        if kept:
+            notes.append(f"{field_name}: {repo_id} stays at commit {kept[:12]}, which this run started from (set "
+                         f"model.revision to a commit to change it)")
     try:
         if fetch_weights and is_hub_id(m.tokenizer):
-            snap = fetch(m.tokenizer, m.revision, "model.tokenizer", weights=False)
+            snap = fetch(m.tokenizer, tokenizer[1] or m.revision, "model.tokenizer", weights=False)
             m.tokenizer = str(snap.directory)
             notes.append(snap.note("model.tokenizer"))
         if is_hub_id(m.name_or_path):
-            snap = fetch(m.name_or_path, m.revision, "model.name_or_path", weights=fetch_weights)
+            snap = fetch(m.name_or_path, model[1] or m.revision, "model.name_or_path", weights=fetch_weights)
             m.name_or_path, m.revision = str(snap.directory), snap.commit
             notes.append(snap.note("model.name_or_path"))
     except Unreachable as exc:
@@ -119,18 +120,27 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] 
     return cfg, notes
 
 
-def _earlier_commit(repo_id: str, revision: Optional[str], earlier: Optional[dict], section: str, key: str,
-                    kind: str, index: Optional[int] = None) -> Optional[str]:
-    """The commit the continued run read `repo_id` at, when this launch does not name a commit itself."""
-    if not earlier or not is_hub_id(repo_id) or (revision and COMMIT.fullmatch(revision)):
-        return None
-    entry = earlier.get(section) or {}
+def _earlier(earlier: Optional[dict], section: str, key: str, index: Optional[int] = None) -> tuple[str, str]:
+    """What the continued run's resolved config holds for a path field, and its section's revision."""
+    entry = (earlier or {}).get(section) or {}
     if index is not None:
         mix = entry.get("mix") or []
         entry = mix[index] if index < len(mix) else {}
-    then, commit = str(entry.get(key) or ""), str(entry.get("revision") or "")
-    same = then == repo_id or f"/{kind}--{repo_id.replace('/', '--')}/snapshots/{commit}" in then
-    return commit if same and COMMIT.fullmatch(commit) else None
+    return str(entry.get(key) or ""), str(entry.get("revision") or "")
+
+
+def _earlier_commit(repo_id: Optional[str], revision: Optional[str], then: str, then_revision: str) -> Optional[str]:
+    """The commit the continued run read hub repository `repo_id` at, when this launch names no commit itself:
+    a dataset keeps its id and records the commit as its revision; a model or tokenizer became the snapshot
+    directory, whose name is the commit."""
+    if not then or not is_hub_id(repo_id) or (revision and COMMIT.fullmatch(revision)):
+        return None
+    if then == repo_id:
+        commit = then_revision
+    else:
+        found = re.search(rf"/models--{re.escape(repo_id.replace('/', '--'))}/snapshots/([0-9a-f]{{40}})$", then)
+        commit = found.group(1) if found else ""
+    return commit if COMMIT.fullmatch(commit) else None
 
 
 def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
@@ -147,7 +157,7 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[Ru
     for i, (path_field, revision_field, source) in enumerate(sources):
         if not is_hub_id(source.path):
             continue
-        kept = _earlier_commit(source.path, source.revision, earlier, "data", "path", "datasets", i - 1 if i else None)
+        kept = _earlier_commit(source.path, source.revision, *_earlier(earlier, "data", "path", i - 1 if i else None))
         if kept:
             source.revision = kept
             notes.append(f"{path_field}: dataset {source.path} stays at commit {kept[:12]}, which this run started "
