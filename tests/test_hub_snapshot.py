@@ -76,6 +76,17 @@ def transformers_fetches(hub: FakeHub, repo: str, hf_home: Path) -> set[str]:
     return {p[len(prefix):].split("/", 1)[1] for m, p in hub.requests[before:] if m == "GET" and p.startswith(prefix)}
 
 
+def fails_at_start_naming(run_dir: Path, missing) -> None:
+    """The run's torchrun script, on a host that does not see `missing`: it stops before training, naming it."""
+    run = RunDir(run_dir)
+    proc = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=300)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"model.name_or_path: {missing}: no such directory on {os.uname().nodename}: every node must see it" \
+        in said, said[-3000:]
+    assert not run.metrics_file.exists()
+
+
 def resolved_model(run_dir: Path) -> dict:
     return yaml.safe_load(RunDir(run_dir).config_file.read_text())["model"]
 
@@ -164,13 +175,7 @@ def test_a_node_without_the_cache_fails_at_start_naming_the_directory_fake_hub(h
     shardtune("launch", str(tiny_config(tmp_path, REPO)), "--dry_run")
     snapshot = resolved_model(tmp_path / "run")["name_or_path"]
     shutil.move(tmp_path / "hf_home", tmp_path / "elsewhere")
-    run = RunDir(tmp_path / "run")
-    proc = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=300)
-    said = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert f"model.name_or_path: {snapshot}: no such directory on {os.uname().nodename}: every node must see it" \
-        in said, said[-3000:]
-    assert not run.metrics_file.exists()
+    fails_at_start_naming(tmp_path / "run", snapshot)
     plan = shardtune("plan", str(tiny_config(tmp_path, snapshot)))
     assert f"model.name_or_path: {snapshot}: no such directory on this host, so the plan has no model shape" in \
         plan.stdout
@@ -290,10 +295,4 @@ def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_n
     shutil.rmtree(ckpt)
 
     shutil.rmtree(model_dir)
-    run = RunDir(tmp_path / "run")
-    proc = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=300)
-    said = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert f"model.name_or_path: {model_dir}: no such directory on {os.uname().nodename}: every node must see it" \
-        in said, said[-3000:]
-    assert not run.metrics_file.exists()
+    fails_at_start_naming(tmp_path / "run", model_dir)
