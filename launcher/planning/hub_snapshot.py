@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,6 +33,7 @@ from typing import Optional
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
+from launcher.planning.checkpoint_size import free_space
 from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files_read
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -220,7 +220,6 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool)
     with errors:
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
                    if isinstance(f, RepoFile)}
-    with errors:
         config = json.loads(config_file.read_text()) if config_file else None
         chosen = chosen_weights(listing, config) if weights else None
         index = None
@@ -249,12 +248,11 @@ def _present(file: Path, size: int) -> bool:
 
 def _check_room(need: int, cache: Path, repo_id: str, field_name: str) -> None:
     """Refuse before downloading what the cache's filesystem has no room for: a download that fills a shared
-    filesystem stops other users' jobs too."""
-    probe = cache
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if need > free:
+    filesystem stops other users' jobs too. (free_space: what an unprivileged user may still write there; a
+    filesystem that does not say is not refused.)"""
+    found = free_space(cache)
+    free = found[1] if found else None
+    if free is not None and need > free:
         raise ConfigError([f"{field_name}: {repo_id} needs {need / 1e9:,.2f} GB more in the Hugging Face cache "
                            f"{cache}, whose filesystem has {free / 1e9:,.2f} GB free: set HF_HOME (or HF_HUB_CACHE) "
                            f"to a filesystem with room that every node mounts"])
