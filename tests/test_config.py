@@ -81,6 +81,27 @@ def test_cross_field_rules():
     assert "train.global_batch_size: 100 contradicts micro 2 × accumulation 4 × world 8 = 64" in found
 
 
+def test_evaluation_on_training_rows_and_hub_eval_fields_on_local_data_are_refused(tmp_path, monkeypatch):
+    """A local eval file that is also trained on (written as another path to the same file), or a data.mix
+    dataset evaluated at the split it trains on: the eval loss would score training rows. Hub-only fields on a
+    local eval file would be ignored."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    local = problems(apply_overrides(base(), [f"data.eval_path={tmp_path / 'data.jsonl'}", "data.eval_split=test",
+                                              "data.eval_revision=v1"]))
+    assert local == [
+        f"data.eval_split: 'test' applies to a hub dataset in data.eval_path, which is {tmp_path / 'data.jsonl'}",
+        f"data.eval_revision: 'v1' applies to a hub dataset in data.eval_path, which is {tmp_path / 'data.jsonl'}",
+        f"data.eval_path: {tmp_path / 'data.jsonl'} is also data.path: evaluation would score rows the run trains "
+        f"on; give held-out rows, or hold some out with data.eval_fraction"]
+    mixed = apply_overrides(base(), ["data.mix=[{path: org/chats, split: train_sft}]", "data.eval_path=org/chats"])
+    assert problems({**mixed, "data": {**mixed["data"], "eval_split": "train_sft"}}) == [
+        "data.eval_split: 'train_sft' is the split data.mix[0].path (org/chats) trains on: evaluation would score "
+        "rows the run trains on; name a held-out split of it (e.g. test), or hold some out with data.eval_fraction"]
+    validate_config({**mixed, "data": {**mixed["data"], "eval_split": "test_sft"}})
+    validate_config(apply_overrides(base(), ["data.eval_path=org/other"]))
+
+
 def test_global_batch_size_without_accumulation_must_divide():
     raw = base()
     del raw["train"]["grad_accum_steps"]

@@ -249,6 +249,34 @@ def test_a_hub_dataset_is_pinned_so_its_new_version_is_read_not_hidden_by_the_ca
     assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["revision"] == second
 
 
+def test_hub_eval_data_is_a_held_out_split_read_at_a_pinned_commit_fake_hub(hub, tiny_model, tmp_path):
+    """`data.eval_path` on the hub. The training dataset itself: evaluation read `data.split`, the very rows the run
+    trains on, and its loss measured memorization; that default is now refused and `data.eval_split` names the
+    held-out split. Another dataset: unpinned, the data cache hid its new version, as it hid data.path's."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    hub.publish("datasets/" + CHATS, {"data/train.jsonl": b"".join(lines[:100]),
+                                      "data/test.jsonl": b"".join(lines[100:120])})
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "eval_path": CHATS}))
+    refused = shardtune("launch", config, "--dry_run", check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"data.eval_split: 'train' is the split data.path ({CHATS}) trains on" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    held_out = json.loads(shardtune("prepare", config, "--json", "data.eval_split=test").stdout)
+    assert (held_out["rows_read"], held_out["eval"]["rows_read"]) == (100, 20)
+
+    def evaluated(*overrides: str) -> tuple[int, bool]:
+        out = json.loads(shardtune("prepare", config, "--json", "data.eval_path=org/evals", *overrides).stdout)
+        return out["eval"]["rows_read"], out["cache_hit"]
+
+    first = hub.publish("datasets/org/evals", {"data/train.jsonl": b"".join(lines[200:210])})
+    assert evaluated() == (10, False)
+    second = hub.publish("datasets/org/evals", {"data/train.jsonl": b"".join(lines[200:230])})
+    assert evaluated() == (30, False)
+    assert evaluated(f"data.eval_revision={first}") == (10, True)
+    shardtune("launch", config, "data.eval_path=org/evals", "--dry_run")
+    assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["eval_revision"] == second
+
+
 def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_fake_hub(hub, release, tmp_path):
     """A quota on the cache's filesystem is not in the free space it reports, so the download starts and a write
     fails part way. Simulated with a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails
@@ -275,7 +303,19 @@ def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_n
     is a local directory removed after launch: with the tokenizer still there, the rank names the missing model
     directory and its host before anything loads (transformers would read the path as a malformed hub id)."""
     tokenizer_files = {n: b for n, b in release.items() if "/" not in n and not n.endswith((".safetensors", ".bin"))}
+    v2 = hub.publish("org/tok", tokenizer_files, branch="v2")
     commit = hub.publish("org/tok", {**tokenizer_files, "model.safetensors": os.urandom(500_000)})
+
+    # A model pinned to its commit and a tokenizer repository at its own revision: the model's commit is not one of
+    # the tokenizer's, so it is not looked up there.
+    model_commit = hub.publish(REPO, release)
+    for tokenizer_at, expected in ((), commit), (("model.tokenizer_revision=v2",), v2):
+        shardtune("launch", str(tiny_config(tmp_path, REPO)), f"model.revision={model_commit}",
+                  "model.tokenizer=org/tok", *tokenizer_at, f"output_dir={tmp_path / 'pinned'}", "--dry_run")
+        pinned = resolved_model(tmp_path / "pinned")
+        assert Path(pinned["tokenizer"]).name == pinned["tokenizer_revision"] == expected
+        assert Path(pinned["name_or_path"]).name == pinned["revision"] == model_commit
+
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
     shardtune("launch", str(tiny_config(tmp_path, model_dir)), "model.tokenizer=org/tok", "--dry_run")

@@ -33,7 +33,11 @@ class ModelConfig(Section):
     tokenizer: Optional[str] = None
     """Tokenizer directory or hub id; defaults to `model.name_or_path`."""
     revision: Optional[str] = None
-    """Hub revision (branch, tag or commit) for hub ids; `launch` resolves it to one commit for the whole run."""
+    """Hub revision (branch, tag or commit) of `model.name_or_path`; `launch` resolves it to one commit for the whole
+    run."""
+    tokenizer_revision: Optional[str] = None
+    """Hub revision of `model.tokenizer` when it is a repository of its own; default its main branch (a model's
+    branch or commit is not one of another repository's). `launch` resolves it to one commit."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust the model's authors. The code is kept in every
     checkpoint and the export; offline tools run it only with --trust_remote_code."""
@@ -48,6 +52,13 @@ class ModelConfig(Section):
     moe_leaf_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]] = []
     """ZeRO-3: class names of more MoE blocks to gather as one unit (known blocks, and parents of an `experts`
     module, are found without this)."""
+
+    def tokenizer_source(self) -> tuple[str, Optional[str]]:
+        """Where the tokenizer is read, and at which revision: `model.tokenizer` at its own revision when it is
+        another repository, else the model's."""
+        if self.tokenizer and self.tokenizer != self.name_or_path:
+            return self.tokenizer, self.tokenizer_revision
+        return self.name_or_path, self.tokenizer_revision or self.revision
 
 
 class DataFields(Section):
@@ -146,11 +157,22 @@ class DataConfig(Section):
     """Tokenized-data cache; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Shared filesystem: one process
     preprocesses for the job; node-local: one per node."""
     eval_path: Optional[str] = None
-    """Held-out data in the same format; evaluated every train.eval_every steps."""
+    """Held-out data in the same format; evaluated every train.eval_every steps. Not a file or a hub split the run
+    trains on."""
+    eval_split: Optional[str] = None
+    """Split of a hub `data.eval_path` (e.g. test); default `data.split`, which must then be another dataset's."""
+    eval_revision: Optional[str] = None
+    """Hub revision of `data.eval_path`; default `data.revision` when it is `data.path`'s dataset, else its main
+    branch. `launch` and `prepare` resolve it to one commit."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     """Alternatively, hold out this fraction of the training rows for evaluation."""
     shuffle: bool = True
     """Shuffle the global sample order (seeded by train.seed and the epoch)."""
+
+    def eval_at(self) -> tuple[str, Optional[str]]:
+        """The split and revision a hub `data.eval_path` is read at."""
+        same = self.eval_path == self.path
+        return self.eval_split or self.split, self.eval_revision or (self.revision if same else None)
 
 
 class TrainConfig(Section):
@@ -557,6 +579,7 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append(f"train.warmup_steps: {t.warmup_steps} must be less than train.max_steps ({t.max_steps})")
     if cfg.data.eval_path and cfg.data.eval_fraction:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
+    problems += eval_data_problems(cfg.data)
     if cfg.launch.backend == "torchrun" and cfg.launch.rdzv_endpoint and ":" not in cfg.launch.rdzv_endpoint:
         problems.append(f"launch.rdzv_endpoint: {cfg.launch.rdzv_endpoint!r} must be host:port")
     script_lines = {**{f"slurm.setup[{i}]": line for i, line in enumerate(cfg.slurm.setup)},
@@ -571,6 +594,32 @@ def check_consistency(cfg: RunConfig) -> list[str]:
                             "they must be literal (no $, backquotes or newlines)")
     if t.resume not in ("auto", "never") and not t.resume.strip():
         problems.append("train.resume: must be auto, never or a checkpoint path")
+    return problems
+
+
+def eval_data_problems(d: DataConfig) -> list[str]:
+    """Evaluation that would read the rows the run trains on (its loss then measures memorization, not held-out
+    loss, and looks better than it is), and hub-only eval fields given for local data."""
+    problems = []
+    hub_eval = bool(d.eval_path) and not _looks_local(d.eval_path)
+    for name in ("eval_split", "eval_revision"):
+        if getattr(d, name) is not None and not hub_eval:
+            problems.append(f"data.{name}: {getattr(d, name)!r} applies to a hub dataset in data.eval_path, which is "
+                            f"{d.eval_path or 'not set'}")
+    if not d.eval_path:
+        return problems
+    eval_split = d.eval_at()[0]
+    trained = [("data.path", d.path, d.split)] + [(f"data.mix[{i}].path", s.path, s.split) for i, s in enumerate(d.mix)]
+    for field_name, path, split in trained:
+        if _absolute_if_local(path) != _absolute_if_local(d.eval_path):
+            continue
+        if not hub_eval:
+            problems.append(f"data.eval_path: {d.eval_path} is also {field_name}: evaluation would score rows the run "
+                            f"trains on; give held-out rows, or hold some out with data.eval_fraction")
+        elif split == eval_split:
+            problems.append(f"data.eval_split: {eval_split!r} is the split {field_name} ({path}) trains on: "
+                            f"evaluation would score rows the run trains on; name a held-out split of it (e.g. test), "
+                            f"or hold some out with data.eval_fraction")
     return problems
 
 
@@ -594,14 +643,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def _absolute_if_local(value: Optional[str]) -> Optional[str]:
     """Local paths become absolute (the trainer may start elsewhere); hub ids stay as they are."""
-    if value is None or value == "chatml":
+    if value is None or value == "chatml" or not _looks_local(value):
         return value
-    p = Path(value).expanduser()
-    looks_local = (value.startswith((".", "/", "~")) or any(ch in value for ch in "*?[")
-                   or value.endswith((".jsonl", ".json", ".parquet", ".csv", ".yaml")))
-    if not (looks_local or p.exists()):
-        return value
-    return os.path.abspath(p)
+    return os.path.abspath(Path(value).expanduser())
+
+
+def _looks_local(value: str) -> bool:
+    """A path on this host, not a hub id: written as a path or a data file, or there."""
+    return (value.startswith((".", "/", "~")) or any(ch in value for ch in "*?[")
+            or value.endswith((".jsonl", ".json", ".parquet", ".csv", ".yaml")) or Path(value).expanduser().exists())
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:

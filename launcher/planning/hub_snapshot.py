@@ -92,22 +92,26 @@ def continued_run(cfg: RunConfig) -> Optional[dict]:
 def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub ids (model, tokenizer) name snapshot directories in the local cache, with a
     note for each. `fetch_weights` False (plan): config.json only, and a hub out of reach is a note, not an error.
-    The tokenizer is resolved first, at the revision the config gives both; model.revision then records the
-    model's commit. `earlier`: the resolved config of the run this launch continues (continued_run), whose commit
-    the model keeps unless model.revision names another commit: a branch that moved since must not change the
-    config, tokenizer or data of a run half done."""
+    The tokenizer is resolved first, at its own revision (ModelConfig.tokenizer_source); model.revision and
+    model.tokenizer_revision then record the commits. `earlier`: the resolved config of the run this launch
+    continues (continued_run), whose commits the model and tokenizer keep unless their revision names another
+    commit: a branch that moved since must not change the config, tokenizer or data of a run half done."""
     cfg = cfg.model_copy(deep=True)
     m, notes = cfg.model, []
+    tokenizer_revision = m.tokenizer_source()[1] if m.tokenizer else None
     model = (m.name_or_path, _earlier_commit(m.name_or_path, m.revision, *_earlier(earlier, "model", "name_or_path")))
-    tokenizer = (m.tokenizer, _earlier_commit(m.tokenizer, m.revision, *_earlier(earlier, "model", "tokenizer")))
-    for field_name, (repo_id, kept) in (("model.name_or_path", model), ("model.tokenizer", tokenizer)):
+    tokenizer = (m.tokenizer, _earlier_commit(m.tokenizer, tokenizer_revision,
+                                              *_earlier(earlier, "model", "tokenizer")))
+    for field_name, (repo_id, kept), revision_field in (("model.name_or_path", model, "model.revision"),
+                                                        ("model.tokenizer", tokenizer, "model.tokenizer_revision")):
         if kept:
             notes.append(f"{field_name}: {repo_id} stays at commit {kept[:12]}, which this run started from (set "
-                         f"model.revision to a commit to change it)")
+                         f"{revision_field} to a commit to change it)")
     try:
         if fetch_weights and is_hub_id(m.tokenizer):
-            snap = fetch(m.tokenizer, tokenizer[1] or m.revision, "model.tokenizer", weights=False)
-            m.tokenizer = str(snap.directory)
+            snap = fetch(m.tokenizer, tokenizer[1] or tokenizer_revision, "model.tokenizer", weights=False,
+                         revision_field="model.tokenizer_revision")
+            m.tokenizer, m.tokenizer_revision = str(snap.directory), snap.commit
             notes.append(snap.note("model.tokenizer"))
         if is_hub_id(m.name_or_path):
             snap = fetch(m.name_or_path, model[1] or m.revision, "model.name_or_path", weights=fetch_weights)
@@ -120,13 +124,14 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] 
     return cfg, notes
 
 
-def _earlier(earlier: Optional[dict], section: str, key: str, index: Optional[int] = None) -> tuple[str, str]:
-    """What the continued run's resolved config holds for a path field, and its section's revision."""
+def _earlier(earlier: Optional[dict], section: str, key: str, index: Optional[int] = None,
+             revision_key: str = "revision") -> tuple[str, str]:
+    """What the continued run's resolved config holds for a path field (of data.mix[index]), and its revision."""
     entry = (earlier or {}).get(section) or {}
     if index is not None:
         mix = entry.get("mix") or []
         entry = mix[index] if index < len(mix) else {}
-    return str(entry.get(key) or ""), str(entry.get("revision") or "")
+    return str(entry.get(key) or ""), str(entry.get(revision_key) or "")
 
 
 def _earlier_commit(repo_id: Optional[str], revision: Optional[str], then: str, then_revision: str) -> Optional[str]:
@@ -152,26 +157,32 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[Ru
     `earlier`: as for pin_hub_models, a continued run keeps the commits it started from."""
     cfg = cfg.model_copy(deep=True)
     d, notes = cfg.data, []
-    sources = [("data.path", "data.revision", d)] + [(f"data.mix[{i}].path", f"data.mix[{i}].revision", s)
-                                                     for i, s in enumerate(d.mix)]
-    for i, (path_field, revision_field, source) in enumerate(sources):
-        if not is_hub_id(source.path):
+    sources = [("data.path", "data.revision", d, "path", "revision", _earlier(earlier, "data", "path"))]
+    sources += [(f"data.mix[{i}].path", f"data.mix[{i}].revision", s, "path", "revision",
+                 _earlier(earlier, "data", "path", i)) for i, s in enumerate(d.mix)]
+    if d.eval_path:
+        sources.append(("data.eval_path", "data.eval_revision", d, "eval_path", "eval_revision",
+                        _earlier(earlier, "data", "eval_path", revision_key="eval_revision")))
+    for path_field, revision_field, owner, path_key, revision_key, then in sources:
+        path = getattr(owner, path_key)
+        revision = d.eval_at()[1] if revision_key == "eval_revision" else getattr(owner, revision_key)
+        if not is_hub_id(path):
             continue
-        kept = _earlier_commit(source.path, source.revision, *_earlier(earlier, "data", "path", i - 1 if i else None))
+        kept = _earlier_commit(path, revision, *then)
         if kept:
-            source.revision = kept
-            notes.append(f"{path_field}: dataset {source.path} stays at commit {kept[:12]}, which this run started "
+            setattr(owner, revision_key, kept)
+            notes.append(f"{path_field}: dataset {path} stays at commit {kept[:12]}, which this run started "
                          f"from (set {revision_field} to a commit to change it)")
             continue
         try:
-            commit = dataset_commit(source.path, source.revision, path_field, revision_field)
+            commit = dataset_commit(path, revision, path_field, revision_field)
         except Unreachable as exc:
             notes.append(f"{exc}; {revision_field} is left as it is")
             continue
-        if commit != source.revision:
-            notes.append(f"{path_field}: dataset {source.path} at {source.revision or 'main'} is commit "
+        if commit != revision:
+            notes.append(f"{path_field}: dataset {path} at {revision or 'main'} is commit "
                          f"{commit[:12]}: the run and its data cache read this commit")
-        source.revision = commit
+        setattr(owner, revision_key, commit)
     return cfg, notes
 
 
@@ -186,7 +197,8 @@ class Unreachable(Exception):
     """The hub cannot be reached from this host and the files are not in the cache."""
 
 
-def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool) -> Snapshot:
+def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
+          revision_field: str = "model.revision") -> Snapshot:
     """Of `revision`'s commit: config.json alone (a model, weights False), or every file the run reads (a model's
     weights too; a tokenizer's files only), downloaded into the cache unless already there. Raises ConfigError
     naming the field, or Unreachable."""
@@ -194,7 +206,7 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool)
     from huggingface_hub.hf_api import RepoFile
 
     revision = revision or "main"
-    errors = _HubErrors(repo_id, revision, field_name)
+    errors = _HubErrors(repo_id, revision, field_name, revision_field=revision_field)
     commit, offline = None, None
     try:
         with errors:  # one request without retries, so a host without the hub finds out at once

@@ -97,8 +97,7 @@ def sources_of(cfg: RunConfig) -> list[Source]:
 
 def eval_source_of(cfg: RunConfig) -> Optional[Source]:
     d = cfg.data
-    revision = d.revision if d.eval_path == d.path else None
-    return Source(d.eval_path, d.format, d.fields, 1.0, d.split, revision) if d.eval_path else None
+    return Source(d.eval_path, d.format, d.fields, 1.0, *d.eval_at()) if d.eval_path else None
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -113,9 +112,8 @@ def load_tokenizer(cfg: RunConfig):
             raise UserError(f"{field}: {path}: no such directory on {socket.gethostname()}: every node must see it "
                             f"(a hub model is downloaded by `shardtune launch` into HF_HOME, which must be on such "
                             f"a filesystem)")
-    source = cfg.model.tokenizer or cfg.model.name_or_path
-    tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    source, revision = cfg.model.tokenizer_source()
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
     install_template(tok, cfg.data.chat_template, _needs_template(cfg))
     return tok
 
