@@ -32,11 +32,12 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
 
 def planned(cfg: RunConfig, fetch_weights: bool, trainer_args: tuple[str, ...] = ()) -> Plan:
     """The plan of a config whose hub models are pinned to one commit in the local cache (hub_snapshot): their
-    config.json for `plan`, every file the run reads for `launch` and `preflight`; hub datasets to one commit.
+    config.json for `plan`, every file the run reads for `launch` and `preflight`; hub datasets to one commit,
+    whose data files `launch` and `preflight` download too.
     A run continued from its checkpoints keeps the commits it started from."""
     earlier = continued_run(cfg)
     cfg, notes = pin_hub_models(cfg, fetch_weights, earlier)
-    cfg, data_notes = pin_hub_datasets(cfg, earlier)
+    cfg, data_notes = pin_hub_datasets(cfg, earlier, download=fetch_weights)
     p = build_plan(cfg, trainer_args=trainer_args)
     p.notes[:0] = notes + data_notes
     return p
@@ -174,7 +175,7 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
     summary goes to stderr.
     """
     cfg = load_config(config, [str(o) for o in overrides])
-    cfg, notes = pin_hub_datasets(cfg, continued_run(cfg))
+    cfg, notes = pin_hub_datasets(cfg, continued_run(cfg), download=True)
     for note in notes:
         print(note, file=sys.stderr)
     from trainer.data.collate import pad_id_of

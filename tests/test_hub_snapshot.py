@@ -277,6 +277,49 @@ def test_hub_eval_data_is_a_held_out_split_read_at_a_pinned_commit_fake_hub(hub,
     assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["eval_revision"] == second
 
 
+CARD = b"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train_sft
+    path: data/train_sft-*
+  - split: test_sft
+    path: data/test_sft-*
+---
+# chats
+"""
+
+
+def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_fake_hub(hub, tiny_model, tmp_path):
+    """A dataset whose card names its splits, as most chat datasets' do. `launch` downloads the files of its
+    configuration at the pinned commit (not the rest of the repository), and a host without the hub then reads
+    the same rows from the cache; before, it had to reach the hub and failed with datasets' traceback. A split
+    the dataset does not have is refused at launch, not on the nodes after the queue."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    files = {"README.md": CARD, "data/train_sft-00000.jsonl": b"".join(lines[:60]),
+             "data/train_sft-00001.jsonl": b"".join(lines[60:100]),
+             "data/test_sft-00000.jsonl": b"".join(lines[100:120]), "raw/scrape.jsonl": b"".join(lines)}
+    hub.publish("datasets/" + CHATS, files)
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "split": "train_sft", "eval_path": CHATS,
+                                                          "eval_split": "test_sft"}))
+    refused = shardtune("launch", config, "data.split=train", "--dry_run", check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"data.split: 'train' is not a split of {CHATS} at commit" in refused.stderr
+    assert "it has test_sft, train_sft" in refused.stderr and not (tmp_path / "run").exists()
+
+    shardtune("launch", config, "--dry_run")
+    assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl"}
+    hub.close()
+    offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
+    read = json.loads(shardtune(
+        "prepare", str(RunDir(tmp_path / "run").config_file), "--json", env=offline).stdout)
+    assert (read["rows_read"], read["eval"]["rows_read"], read["cache_hit"]) == (100, 20, False)
+    elsewhere = shardtune("prepare", config, f"data.revision={'f' * 40}", env=offline, check=False)
+    assert elsewhere.returncode == 1 and "Traceback" not in elsewhere.stderr, elsewhere.stderr[-3000:]
+    assert (f"hub dataset {CHATS} at {'f' * 40}, split train_sft: cannot read it from the hub (ConnectionError) on "
+            f"{os.uname().nodename}") in elsewhere.stderr
+
+
 def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_fake_hub(hub, release, tmp_path):
     """A quota on the cache's filesystem is not in the free space it reports, so the download starts and a write
     fails part way. Simulated with a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails

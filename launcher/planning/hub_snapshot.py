@@ -17,8 +17,8 @@ the model's shape, with a note, when the hub cannot be reached and the file is n
 
 The cache is huggingface_hub's (HF_HOME, or HF_HUB_CACHE): it must be on a filesystem every node mounts, as a
 home directory usually is; a node that does not see it fails its preflight, naming the directory.
-Hub datasets are pinned to a commit as well (pin_hub_datasets), which the data cache key then includes; their
-rows are still read by `prepare` or on the nodes, through datasets.
+Hub datasets are pinned to a commit as well (pin_hub_datasets), which the data cache key then includes, and their
+data files are downloaded into the same cache (fetch_dataset); `prepare` and the nodes read them from there.
 
 huggingface_hub is imported only for a hub id, so `plan` on a local directory stays instant.
 """
@@ -148,24 +148,29 @@ def _earlier_commit(repo_id: Optional[str], revision: Optional[str], then: str, 
     return commit if COMMIT.fullmatch(commit) else None
 
 
-def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
+def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
+                     download: bool = False) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub datasets' revisions are the commits they name now, with a note each. Rows
     of a hub dataset are read on the nodes (or by `prepare`), and the data cache is keyed by its name and split:
     unpinned, a dataset updated on the hub was hidden by the cache of its old version, and nodes reading at
     different times could read different versions. Pinned, the key and every reader name one commit. A hub out
     of reach leaves the revision as it is, with a note: the nodes may reach it, or find `prepare`'s cache.
-    `earlier`: as for pin_hub_models, a continued run keeps the commits it started from."""
+    `earlier`: as for pin_hub_models, a continued run keeps the commits it started from. `download` (launch,
+    preflight, prepare): each pinned commit's data files are fetched into the Hugging Face cache too
+    (fetch_dataset), where every reader finds them without the network."""
     cfg = cfg.model_copy(deep=True)
     d, notes = cfg.data, []
-    sources = [("data.path", "data.revision", d, "path", "revision", _earlier(earlier, "data", "path"))]
-    sources += [(f"data.mix[{i}].path", f"data.mix[{i}].revision", s, "path", "revision",
+    sources = [("data.path", "data.revision", "data.split", d, "path", "revision", _earlier(earlier, "data", "path"))]
+    sources += [(f"data.mix[{i}].path", f"data.mix[{i}].revision", f"data.mix[{i}].split", s, "path", "revision",
                  _earlier(earlier, "data", "path", i)) for i, s in enumerate(d.mix)]
     if d.eval_path:
-        sources.append(("data.eval_path", "data.eval_revision", d, "eval_path", "eval_revision",
+        sources.append(("data.eval_path", "data.eval_revision", "data.eval_split", d, "eval_path", "eval_revision",
                         _earlier(earlier, "data", "eval_path", revision_key="eval_revision")))
-    for path_field, revision_field, owner, path_key, revision_key, then in sources:
+    pinned: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
+    for path_field, revision_field, split_field, owner, path_key, revision_key, then in sources:
         path = getattr(owner, path_key)
         revision = d.eval_at()[1] if revision_key == "eval_revision" else getattr(owner, revision_key)
+        split = d.eval_at()[0] if revision_key == "eval_revision" else owner.split
         if not is_hub_id(path):
             continue
         kept = _earlier_commit(path, revision, *then)
@@ -173,6 +178,7 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[Ru
             setattr(owner, revision_key, kept)
             notes.append(f"{path_field}: dataset {path} stays at commit {kept[:12]}, which this run started "
                          f"from (set {revision_field} to a commit to change it)")
+            pinned.setdefault((path, kept), []).append((path_field, revision_field, split_field, split))
             continue
         try:
             commit = dataset_commit(path, revision, path_field, revision_field)
@@ -183,7 +189,67 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None) -> tuple[Ru
             notes.append(f"{path_field}: dataset {path} at {revision or 'main'} is commit "
                          f"{commit[:12]}: the run and its data cache read this commit")
         setattr(owner, revision_key, commit)
+        pinned.setdefault((path, commit), []).append((path_field, revision_field, split_field, split))
+    if download:
+        problems = []
+        for (repo_id, commit), reads in pinned.items():
+            try:
+                notes.append(fetch_dataset(repo_id, commit, reads))
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
     return cfg, notes
+
+
+def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
+    """The directory in the Hugging Face cache holding a hub dataset's commit, when `revision` is one and it is
+    there (fetch_dataset put it there): the rows are read from it, on any host, without the network."""
+    if not revision or not COMMIT.fullmatch(revision):
+        return None
+    from huggingface_hub import constants
+
+    directory = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / revision
+    return directory if directory.is_dir() else None
+
+
+def fetch_dataset(repo_id: str, commit: str, reads: list[tuple[str, str, str, str]]) -> str:
+    """Download a hub dataset's data files at `commit` (those datasets resolves for its default configuration, and
+    the card whose metadata names them) into the Hugging Face cache; a note. `reads`: (path field, revision field,
+    split field, split) of each config entry reading this commit; a split the dataset lacks is refused. Nodes often
+    have no network: before this every node read the dataset from the hub, or failed at start with a traceback
+    after the job's wait in the queue. All of the configuration's files, not only the splits read: datasets
+    resolves a local directory's splits from the card, and refuses one whose other splits have no files."""
+    import datasets
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
+    field_name, revision_field = reads[0][:2]
+    with _HubErrors(repo_id, commit, field_name, "dataset", revision_field):
+        try:
+            builder = datasets.load_dataset_builder(repo_id, revision=commit)
+        except (datasets.exceptions.DatasetNotFoundError, datasets.data_files.EmptyDatasetError, ValueError) as exc:
+            raise ConfigError([f"{field_name}: datasets cannot read {repo_id} at commit {commit[:12]}: "
+                               f"{_first_line(exc)}"]) from None
+        data_files = builder.config.data_files or {}
+        missing = [f"{split_field}: {split!r} is not a split of {repo_id} at commit {commit[:12]}; it has "
+                   f"{', '.join(sorted(data_files)) or 'none'}" for _, _, split_field, split in reads
+                   if split not in data_files]
+        if missing:
+            raise ConfigError(missing)
+        prefix = f"hf://datasets/{repo_id}@{commit}/"
+        wanted = sorted({str(f)[len(prefix):] for files in data_files.values() for f in files
+                         if str(f).startswith(prefix)})
+        listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, repo_type="dataset",
+                                                                 recursive=True) if isinstance(f, RepoFile)}
+        wanted += ["README.md"] if "README.md" in listing else []
+        directory = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / commit
+        size = sum(listing.get(n, 0) for n in wanted)
+        fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
+        _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
+        snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
+    return (f"{field_name}: dataset {repo_id} at commit {commit[:12]}: {len(wanted)} files, {_size(size)} in "
+            f"{directory} ({_size(fetched)} downloaded now); every reader reads them from there")
 
 
 def dataset_commit(repo_id: str, revision: Optional[str], path_field: str, revision_field: str) -> str:

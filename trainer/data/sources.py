@@ -10,11 +10,13 @@ import csv
 import glob
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract.errors import UserError
+from launcher.planning.hub_snapshot import dataset_snapshot
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -111,9 +113,22 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
 
 
 def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[RawRow]:
+    """A hub dataset's rows: from its commit's files in the Hugging Face cache, which `launch` and `prepare`
+    download (nodes often have no network), else from the hub."""
     import datasets
 
-    ds = datasets.load_dataset(name, split=split, revision=revision)
+    snapshot = dataset_snapshot(name, revision)
+    try:
+        if snapshot is not None:
+            ds = datasets.load_dataset(str(snapshot), split=split)
+        else:
+            ds = datasets.load_dataset(name, split=split, revision=revision)
+    except (ConnectionError, FileNotFoundError, ValueError) as exc:
+        where = f"its files in {snapshot}" if snapshot else f"it from the hub ({exc.__class__.__name__})"
+        raise UserError(f"hub dataset {name} at {revision or 'main'}, split {split}: cannot read {where} on "
+                        f"{socket.gethostname()}: {str(exc).splitlines()[0] if str(exc) else exc!r}. `shardtune "
+                        f"launch` and `shardtune prepare`, run where the hub can be reached, download it into the "
+                        f"Hugging Face cache (HF_HOME), which every node must mount") from None
     for index, row in enumerate(ds):
         yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
 
