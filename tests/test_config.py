@@ -90,8 +90,8 @@ def test_evaluation_on_training_rows_and_hub_eval_fields_on_local_data_are_refus
     local = problems(apply_overrides(base(), [f"data.eval_path={tmp_path / 'data.jsonl'}", "data.eval_split=test",
                                               "data.eval_revision=v1"]))
     assert local == [
-        f"data.eval_split: 'test' applies to a hub dataset in data.eval_path, which is {tmp_path / 'data.jsonl'}",
-        f"data.eval_revision: 'v1' applies to a hub dataset in data.eval_path, which is {tmp_path / 'data.jsonl'}",
+        f"data.eval_revision: 'v1' applies to a hub dataset, and data.eval_path is {tmp_path / 'data.jsonl'}",
+        f"data.eval_split: 'test' applies to a hub dataset, and data.eval_path is {tmp_path / 'data.jsonl'}",
         f"data.eval_path: {tmp_path / 'data.jsonl'} is also data.path: evaluation would score rows the run trains "
         f"on; give held-out rows, or hold some out with data.eval_fraction"]
     mixed = apply_overrides(base(), ["data.mix=[{path: org/chats, split: train_sft}]", "data.eval_path=org/chats"])

@@ -320,6 +320,30 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
             f"{os.uname().nodename}") in elsewhere.stderr
 
 
+def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_hub(hub, tiny_model, tmp_path):
+    """A dataset of several subsets and no default (as HuggingFaceTB/smoltalk, allenai/c4): datasets needs a subset
+    name, which `data.subset` gives. Only that subset's files are fetched, and a host without the hub reads them:
+    datasets alone, pointed at the partial snapshot, fails on the subsets it does not hold."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    card = (b"---\nconfigs:\n- config_name: small\n  data_files: small/*.jsonl\n- config_name: all\n  data_files:\n"
+            b"  - split: train\n    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n# chats\n")
+    files = {"README.md": card, "data/train-0.jsonl": b"".join(lines[:100]),
+             "data/test-0.jsonl": b"".join(lines[100:120]), "small/part-0.jsonl": b"".join(lines[120:150])}
+    hub.publish("datasets/" + CHATS, files)
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS}))
+    refused = shardtune("launch", config, "--dry_run", check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Config name is missing" in refused.stderr and "['small', 'all']" in refused.stderr
+    assert "; name one in data.subset" in refused.stderr
+
+    shardtune("launch", config, "data.subset=small", "--dry_run")
+    assert hub.downloaded("datasets/" + CHATS) == {"README.md", "small/part-0.jsonl"}
+    hub.close()
+    offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
+    read = json.loads(shardtune("prepare", str(RunDir(tmp_path / "run").config_file), "--json", env=offline).stdout)
+    assert read["rows_read"] == 30
+
+
 def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_fake_hub(hub, release, tmp_path):
     """A quota on the cache's filesystem is not in the free space it reports, so the download starts and a write
     fails part way. Simulated with a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails

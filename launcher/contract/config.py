@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -110,6 +111,8 @@ class DataSource(Section):
     """Column names of this source; default `data.fields`."""
     split: str = "train"
     """Split to read for hub datasets."""
+    subset: Optional[str] = None
+    """Subset (configuration) of a hub dataset that has several; `launch` records the one datasets reads by default."""
     revision: Optional[str] = None
     """Hub dataset revision (branch, tag or commit); `launch` and `prepare` resolve it to one commit."""
 
@@ -129,6 +132,9 @@ class DataConfig(Section):
     """Column names, for data whose keys differ from the format's standard ones."""
     split: str = "train"
     """Split to read for hub datasets."""
+    subset: Optional[str] = None
+    """Subset (configuration) of a hub `data.path` that has several (e.g. `en` of allenai/c4); `launch` records the
+    one datasets reads by default."""
     revision: Optional[str] = None
     """Hub dataset revision of `data.path` (and of `data.eval_path` when it is the same dataset); `launch` and
     `prepare` resolve it to one commit, which the run and its data cache key read."""
@@ -161,6 +167,8 @@ class DataConfig(Section):
     trains on."""
     eval_split: Optional[str] = None
     """Split of a hub `data.eval_path` (e.g. test); default `data.split`, which must then be another dataset's."""
+    eval_subset: Optional[str] = None
+    """Subset of a hub `data.eval_path`; default `data.subset` when it is `data.path`'s dataset."""
     eval_revision: Optional[str] = None
     """Hub revision of `data.eval_path`; default `data.revision` when it is `data.path`'s dataset, else its main
     branch. `launch` and `prepare` resolve it to one commit."""
@@ -169,10 +177,45 @@ class DataConfig(Section):
     shuffle: bool = True
     """Shuffle the global sample order (seeded by train.seed and the epoch)."""
 
-    def eval_at(self) -> tuple[str, Optional[str]]:
-        """The split and revision a hub `data.eval_path` is read at."""
-        same = self.eval_path == self.path
-        return self.eval_split or self.split, self.eval_revision or (self.revision if same else None)
+    def reads(self) -> list[DataRead]:
+        """Every dataset the section reads, training sources first, then `data.eval_path`, each with the defaults
+        of its hub coordinates applied and the names of the fields that give them."""
+        plain = {"path": "path", "subset": "subset", "split": "split", "revision": "revision"}
+        out = [DataRead(self, "data", plain, True, self.path, self.subset, self.split, self.revision)]
+        out += [DataRead(s, f"data.mix[{i}]", plain, True, s.path, s.subset, s.split, s.revision, i)
+                for i, s in enumerate(self.mix)]
+        if self.eval_path:
+            same = self.eval_path == self.path
+            out.append(DataRead(self, "data", {k: f"eval_{k}" for k in plain}, False, self.eval_path,
+                                self.eval_subset or (self.subset if same else None), self.eval_split or self.split,
+                                self.eval_revision or (self.revision if same else None)))
+        return out
+
+
+@dataclass
+class DataRead:
+    """One dataset a run reads: its path and hub coordinates (defaults applied), and the config fields behind them."""
+
+    owner: Section
+    prefix: str
+    keys: dict[str, str]
+    """Attribute of `owner` holding each of path, subset, split, revision."""
+    trained: bool
+    path: str
+    subset: Optional[str]
+    split: str
+    revision: Optional[str]
+    mix_index: Optional[int] = None
+    """Position in data.mix, for a mixture source."""
+
+    def field(self, what: str) -> str:
+        """The config field that gives `what` (path, subset, split, revision), as messages name it."""
+        return f"{self.prefix}.{self.keys[what]}"
+
+    def record(self, what: str, value: str) -> None:
+        """Write a resolved value (a commit, the subset datasets picked) into the config."""
+        setattr(self.owner, self.keys[what], value)
+        setattr(self, what, value)
 
 
 class TrainConfig(Section):
@@ -599,27 +642,28 @@ def check_consistency(cfg: RunConfig) -> list[str]:
 
 def eval_data_problems(d: DataConfig) -> list[str]:
     """Evaluation that would read the rows the run trains on (its loss then measures memorization, not held-out
-    loss, and looks better than it is), and hub-only eval fields given for local data."""
+    loss, and looks better than it is), and hub-only fields given for local data."""
     problems = []
-    hub_eval = bool(d.eval_path) and not _looks_local(d.eval_path)
-    for name in ("eval_split", "eval_revision"):
-        if getattr(d, name) is not None and not hub_eval:
-            problems.append(f"data.{name}: {getattr(d, name)!r} applies to a hub dataset in data.eval_path, which is "
-                            f"{d.eval_path or 'not set'}")
     if not d.eval_path:
-        return problems
-    eval_split = d.eval_at()[0]
-    trained = [("data.path", d.path, d.split)] + [(f"data.mix[{i}].path", s.path, s.split) for i, s in enumerate(d.mix)]
-    for field_name, path, split in trained:
-        if _absolute_if_local(path) != _absolute_if_local(d.eval_path):
+        problems += [f"data.{name}: {getattr(d, name)!r} applies to a hub dataset in data.eval_path, which is not set"
+                     for name in ("eval_split", "eval_subset", "eval_revision") if getattr(d, name) is not None]
+    reads = d.reads()
+    for read in reads:
+        if _looks_local(read.path):
+            problems += [f"{read.field(what)}: {getattr(read.owner, read.keys[what])!r} applies to a hub dataset, "
+                         f"and {read.field('path')} is {read.path}" for what in ("subset", "revision")
+                         + (() if read.trained else ("split",)) if getattr(read.owner, read.keys[what]) is not None]
+    evaluated = reads[-1] if d.eval_path else None
+    for read in reads[:-1] if evaluated else ():
+        if _absolute_if_local(read.path) != _absolute_if_local(evaluated.path):
             continue
-        if not hub_eval:
-            problems.append(f"data.eval_path: {d.eval_path} is also {field_name}: evaluation would score rows the run "
-                            f"trains on; give held-out rows, or hold some out with data.eval_fraction")
-        elif split == eval_split:
-            problems.append(f"data.eval_split: {eval_split!r} is the split {field_name} ({path}) trains on: "
-                            f"evaluation would score rows the run trains on; name a held-out split of it (e.g. test), "
-                            f"or hold some out with data.eval_fraction")
+        if _looks_local(evaluated.path):
+            problems.append(f"data.eval_path: {d.eval_path} is also {read.field('path')}: evaluation would score rows "
+                            f"the run trains on; give held-out rows, or hold some out with data.eval_fraction")
+        elif (read.split, read.subset) == (evaluated.split, evaluated.subset):
+            problems.append(f"data.eval_split: {evaluated.split!r} is the split {read.field('path')} ({read.path}) "
+                            f"trains on: evaluation would score rows the run trains on; name a held-out split of it "
+                            f"(e.g. test), or hold some out with data.eval_fraction")
     return problems
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launcher.contract.config import RunConfig
+from launcher.contract.config import DataRead, RunConfig
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import free_space
@@ -159,42 +159,33 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
     preflight, prepare): each pinned commit's data files are fetched into the Hugging Face cache too
     (fetch_dataset), where every reader finds them without the network."""
     cfg = cfg.model_copy(deep=True)
-    d, notes = cfg.data, []
-    sources = [("data.path", "data.revision", "data.split", d, "path", "revision", _earlier(earlier, "data", "path"))]
-    sources += [(f"data.mix[{i}].path", f"data.mix[{i}].revision", f"data.mix[{i}].split", s, "path", "revision",
-                 _earlier(earlier, "data", "path", i)) for i, s in enumerate(d.mix)]
-    if d.eval_path:
-        sources.append(("data.eval_path", "data.eval_revision", "data.eval_split", d, "eval_path", "eval_revision",
-                        _earlier(earlier, "data", "eval_path", revision_key="eval_revision")))
-    pinned: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
-    for path_field, revision_field, split_field, owner, path_key, revision_key, then in sources:
-        path = getattr(owner, path_key)
-        revision = d.eval_at()[1] if revision_key == "eval_revision" else getattr(owner, revision_key)
-        split = d.eval_at()[0] if revision_key == "eval_revision" else owner.split
-        if not is_hub_id(path):
+    notes: list[str] = []
+    pinned: dict[tuple[str, str, Optional[str]], list[DataRead]] = {}
+    for read in cfg.data.reads():
+        if not is_hub_id(read.path):
             continue
-        kept = _earlier_commit(path, revision, *then)
+        then = _earlier(earlier, "data", read.keys["path"], read.mix_index, read.keys["revision"])
+        kept = _earlier_commit(read.path, read.revision, *then)
         if kept:
-            setattr(owner, revision_key, kept)
-            notes.append(f"{path_field}: dataset {path} stays at commit {kept[:12]}, which this run started "
-                         f"from (set {revision_field} to a commit to change it)")
-            pinned.setdefault((path, kept), []).append((path_field, revision_field, split_field, split))
-            continue
-        try:
-            commit = dataset_commit(path, revision, path_field, revision_field)
-        except Unreachable as exc:
-            notes.append(f"{exc}; {revision_field} is left as it is")
-            continue
-        if commit != revision:
-            notes.append(f"{path_field}: dataset {path} at {revision or 'main'} is commit "
-                         f"{commit[:12]}: the run and its data cache read this commit")
-        setattr(owner, revision_key, commit)
-        pinned.setdefault((path, commit), []).append((path_field, revision_field, split_field, split))
+            read.record("revision", kept)
+            notes.append(f"{read.field('path')}: dataset {read.path} stays at commit {kept[:12]}, which this run "
+                         f"started from (set {read.field('revision')} to a commit to change it)")
+        else:
+            try:
+                commit = dataset_commit(read.path, read.revision, read.field("path"), read.field("revision"))
+            except Unreachable as exc:
+                notes.append(f"{exc}; {read.field('revision')} is left as it is")
+                continue
+            if commit != read.revision:
+                notes.append(f"{read.field('path')}: dataset {read.path} at {read.revision or 'main'} is commit "
+                             f"{commit[:12]}: the run and its data cache read this commit")
+            read.record("revision", commit)
+        pinned.setdefault((read.path, read.revision, read.subset), []).append(read)
     if download:
         problems = []
-        for (repo_id, commit), reads in pinned.items():
+        for reads in pinned.values():
             try:
-                notes.append(fetch_dataset(repo_id, commit, reads))
+                notes.append(fetch_dataset(reads))
             except ConfigError as exc:
                 problems += exc.problems
         if problems:
@@ -213,28 +204,57 @@ def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     return directory if directory.is_dir() else None
 
 
-def fetch_dataset(repo_id: str, commit: str, reads: list[tuple[str, str, str, str]]) -> str:
-    """Download a hub dataset's data files at `commit` (those datasets resolves for its default configuration, and
-    the card whose metadata names them) into the Hugging Face cache; a note. `reads`: (path field, revision field,
-    split field, split) of each config entry reading this commit; a split the dataset lacks is refused. Nodes often
+def subset_files(directory: Path, subset: Optional[str]) -> dict:
+    """load_dataset's keyword arguments that point a dataset's snapshot directory at one subset's files, as its
+    card declares them. Needed because datasets resolves every configuration a local directory's card declares,
+    and fails on one whose files were not downloaded; {} for a card without configurations."""
+    for config in card_configs(directory):
+        if config.get("config_name", "default") != subset:
+            continue
+        files = config.get("data_files")
+        if isinstance(files, list) and files and isinstance(files[0], dict):
+            files = {entry["split"]: entry["path"] for entry in files}
+        return {**({"data_dir": config["data_dir"]} if config.get("data_dir") else {}),
+                **({"data_files": files} if files else {})}
+    return {}
+
+
+def card_configs(directory: Path) -> list[dict]:
+    """The configurations (subsets) a dataset card's metadata declares, datasets' manual configuration; [] if none."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return []
+    from huggingface_hub import DatasetCard
+
+    return list(DatasetCard.load(readme).data.to_dict().get("configs") or [])
+
+
+def fetch_dataset(reads: list[DataRead]) -> str:
+    """Download a hub dataset's data files at the pinned commit (those datasets resolves for the subset read, and
+    the card whose metadata names them) into the Hugging Face cache; a note. `reads`: the config entries reading
+    this commit and subset; a split the subset lacks is refused, and when the card declares subsets and none is
+    named, the one datasets reads by default is recorded (the nodes read the snapshot by that name). Nodes often
     have no network: before this every node read the dataset from the hub, or failed at start with a traceback
-    after the job's wait in the queue. All of the configuration's files, not only the splits read: datasets
+    after the job's wait in the queue. All of the subset's splits are fetched, not only those read: datasets
     resolves a local directory's splits from the card, and refuses one whose other splits have no files."""
     import datasets
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
-    field_name, revision_field = reads[0][:2]
-    with _HubErrors(repo_id, commit, field_name, "dataset", revision_field):
+    first = reads[0]
+    repo_id, commit, subset, field_name = first.path, str(first.revision), first.subset, first.field("path")
+    with _HubErrors(repo_id, commit, field_name, "dataset", first.field("revision")):
         try:
-            builder = datasets.load_dataset_builder(repo_id, revision=commit)
+            builder = datasets.load_dataset_builder(repo_id, subset, revision=commit)
         except (datasets.exceptions.DatasetNotFoundError, datasets.data_files.EmptyDatasetError, ValueError) as exc:
-            raise ConfigError([f"{field_name}: datasets cannot read {repo_id} at commit {commit[:12]}: "
-                               f"{_first_line(exc)}"]) from None
+            hint = "; name one in " + first.field("subset") if "Config name is missing" in str(exc) else ""
+            raise ConfigError([f"{first.field('subset') if subset else field_name}: datasets cannot read {repo_id}"
+                               f"{f' subset {subset}' if subset else ''} at commit {commit[:12]}: "
+                               f"{' '.join(str(exc).split()) or type(exc).__name__}{hint}"]) from None
         data_files = builder.config.data_files or {}
-        missing = [f"{split_field}: {split!r} is not a split of {repo_id} at commit {commit[:12]}; it has "
-                   f"{', '.join(sorted(data_files)) or 'none'}" for _, _, split_field, split in reads
-                   if split not in data_files]
+        missing = [f"{read.field('split')}: {read.split!r} is not a split of {repo_id}"
+                   f"{f' subset {subset}' if subset else ''} at commit {commit[:12]}; it has "
+                   f"{', '.join(sorted(data_files)) or 'none'}" for read in reads if read.split not in data_files]
         if missing:
             raise ConfigError(missing)
         prefix = f"hf://datasets/{repo_id}@{commit}/"
@@ -248,7 +268,11 @@ def fetch_dataset(repo_id: str, commit: str, reads: list[tuple[str, str, str, st
         fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
         snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
-    return (f"{field_name}: dataset {repo_id} at commit {commit[:12]}: {len(wanted)} files, {_size(size)} in "
+    if subset is None and card_configs(directory):
+        for read in reads:
+            read.record("subset", builder.config.name)
+    named = f" subset {builder.config.name}" if card_configs(directory) else ""
+    return (f"{field_name}: dataset {repo_id}{named} at commit {commit[:12]}: {len(wanted)} files, {_size(size)} in "
             f"{directory} ({_size(fetched)} downloaded now); every reader reads them from there")
 
 

@@ -53,6 +53,8 @@ class Source:
     split: str
     revision: Optional[str] = None
     """The hub dataset's commit (or branch, tag) for a hub id."""
+    subset: Optional[str] = None
+    """The hub dataset's subset (configuration), when it names one."""
 
 
 @dataclass
@@ -90,14 +92,15 @@ class Encoded:
 
 def sources_of(cfg: RunConfig) -> list[Source]:
     d = cfg.data
-    out = [Source(d.path, d.format, d.fields, d.weight, d.split, d.revision)]
-    out += [Source(s.path, s.format or d.format, s.fields or d.fields, s.weight, s.split, s.revision) for s in d.mix]
-    return out
+    kinds = [(d.format, d.fields, d.weight)] + [(s.format or d.format, s.fields or d.fields, s.weight) for s in d.mix]
+    reads = [r for r in d.reads() if r.trained]
+    return [Source(r.path, *kind, r.split, r.revision, r.subset) for r, kind in zip(reads, kinds)]
 
 
 def eval_source_of(cfg: RunConfig) -> Optional[Source]:
     d = cfg.data
-    return Source(d.eval_path, d.format, d.fields, 1.0, *d.eval_at()) if d.eval_path else None
+    read = d.reads()[-1]
+    return Source(read.path, d.format, d.fields, 1.0, read.split, read.revision, read.subset) if d.eval_path else None
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -132,7 +135,7 @@ def tokenizer_fingerprint(tok) -> str:
 
 def _source_inputs(s: Source, share: Optional[float]) -> dict:
     files = fingerprint_files(s.path)
-    hub = [s.path, s.split] + ([s.revision] if s.revision else [])
+    hub = [s.path, s.split] + ([s.revision] if s.revision else []) + ([f"subset={s.subset}"] if s.subset else [])
     return {"files": files or hub, "format": s.format,
             "fields": {k: getattr(s.fields, k) for k in FORMAT_FIELDS[s.format]}, "share": share}
 
@@ -218,7 +221,7 @@ def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
     import datasets
 
     where, text, error = [], [], []
-    for row in read_rows(src.path, src.split, src.revision):
+    for row in read_rows(src.path, src.split, src.revision, src.subset):
         where.append(row.where)
         text.append(row.text)
         error.append(row.error)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract.errors import UserError
-from launcher.planning.hub_snapshot import dataset_snapshot
+from launcher.planning.hub_snapshot import dataset_snapshot, subset_files
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -112,7 +112,7 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
             index += 1
 
 
-def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[RawRow]:
+def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -> Iterator[RawRow]:
     """A hub dataset's rows: from its commit's files in the Hugging Face cache, which `launch` and `prepare`
     download (nodes often have no network), else from the hub."""
     import datasets
@@ -120,12 +120,13 @@ def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[RawRow]:
     snapshot = dataset_snapshot(name, revision)
     try:
         if snapshot is not None:
-            ds = datasets.load_dataset(str(snapshot), split=split)
+            ds = datasets.load_dataset(str(snapshot), subset, split=split, **subset_files(snapshot, subset))
         else:
-            ds = datasets.load_dataset(name, split=split, revision=revision)
+            ds = datasets.load_dataset(name, subset, split=split, revision=revision)
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
         where = f"its files in {snapshot}" if snapshot else f"it from the hub ({exc.__class__.__name__})"
-        raise UserError(f"hub dataset {name} at {revision or 'main'}, split {split}: cannot read {where} on "
+        raise UserError(f"hub dataset {name}{f' subset {subset}' if subset else ''} at {revision or 'main'}, split "
+                        f"{split}: cannot read {where} on "
                         f"{socket.gethostname()}: {str(exc).splitlines()[0] if str(exc) else exc!r}. `shardtune "
                         f"launch` and `shardtune prepare`, run where the hub can be reached, download it into the "
                         f"Hugging Face cache (HF_HOME), which every node must mount") from None
@@ -136,11 +137,12 @@ def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[RawRow]:
 READERS = {".jsonl": _jsonl_rows, ".json": _json_array_items, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
-def read_rows(path: str, split: str = "train", revision: str | None = None) -> Iterator[RawRow]:
-    """Every row a data path names, in a stable order (`split`, `revision`: of a hub dataset)."""
+def read_rows(path: str, split: str = "train", revision: str | None = None,
+              subset: str | None = None) -> Iterator[RawRow]:
+    """Every row a data path names, in a stable order (`split`, `revision`, `subset`: of a hub dataset)."""
     files = resolve_files(path)
     if not files:
-        yield from _hub_rows(path, split, revision)
+        yield from _hub_rows(path, split, revision, subset)
         return
     for f in files:
         yield from READERS[f.suffix](f)
