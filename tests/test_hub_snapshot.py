@@ -307,6 +307,12 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     assert f"data.split: 'train' is not a split of {CHATS} at commit" in refused.stderr
     assert "it has test_sft, train_sft" in refused.stderr and not (tmp_path / "run").exists()
 
+    # Named only after the subset datasets reads by default is recorded: the same rows as training.
+    same = shardtune("launch", config, "data.eval_subset=default", "data.eval_split=train_sft", "--dry_run",
+                     check=False)
+    assert same.returncode == 2 and "data.eval_split: 'train_sft' is the split data.path" in same.stderr, same.stderr
+    assert not (tmp_path / "run").exists()
+
     shardtune("launch", config, "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl"}
     hub.close()

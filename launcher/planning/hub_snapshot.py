@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launcher.contract.config import DataRead, RunConfig
+from launcher.contract.config import DataRead, RunConfig, eval_data_problems
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import free_space
@@ -188,6 +188,9 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
                 notes.append(fetch_dataset(reads))
             except ConfigError as exc:
                 problems += exc.problems
+        # A subset recorded just now may make the eval read the training rows, which the written config would
+        # then fail on every node.
+        problems += [] if problems else eval_data_problems(cfg.data)
         if problems:
             raise ConfigError(problems)
     return cfg, notes
