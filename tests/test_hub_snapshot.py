@@ -341,6 +341,10 @@ def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "Config name is missing" in refused.stderr and "['small', 'all']" in refused.stderr
     assert "; name one in data.subset" in refused.stderr
+    hub.publish("datasets/org/scripted", {"scripted.py": b"import datasets\n", "README.md": b"# a loading script"})
+    scripted = shardtune("launch", config, "data.path=org/scripted", "--dry_run", check=False)
+    assert scripted.returncode == 2 and "Traceback" not in scripted.stderr, scripted.stderr[-3000:]
+    assert "data.path: datasets cannot read org/scripted at commit" in scripted.stderr
 
     shardtune("launch", config, "data.subset=small", "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == {"README.md", "small/part-0.jsonl"}
