@@ -299,7 +299,7 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     files = {"README.md": CARD, "data/train_sft-00000.jsonl": b"".join(lines[:60]),
              "data/train_sft-00001.jsonl": b"".join(lines[60:100]),
              "data/test_sft-00000.jsonl": b"".join(lines[100:120]), "raw/scrape.jsonl": b"".join(lines)}
-    hub.publish("datasets/" + CHATS, files)
+    commit = hub.publish("datasets/" + CHATS, files)
     config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "split": "train_sft", "eval_path": CHATS,
                                                           "eval_split": "test_sft"}))
     refused = shardtune("launch", config, "data.split=train", "--dry_run", check=False)
@@ -315,6 +315,11 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
 
     shardtune("launch", config, "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl"}
+    # Launched again where the hub cannot be reached either: `main` is the commit the cache recorded for it.
+    hub.requests.clear()
+    shardtune("launch", config, f"output_dir={tmp_path / 'offline'}", "--dry_run", env={"HF_HUB_OFFLINE": "1"})
+    again = yaml.safe_load(RunDir(tmp_path / "offline").config_file.read_text())["data"]
+    assert (again["revision"], again["eval_revision"]) == (commit, commit) and not hub.requests
     hub.close()
     offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
     read = json.loads(shardtune(
@@ -399,6 +404,9 @@ def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_n
     tokenizer = Path(resolved_model(tmp_path / "run")["tokenizer"])
     assert tokenizer.parts[-3:] == ("models--org--tok", "snapshots", commit)
     assert hub.downloaded("org/tok") == set(tokenizer_files)
+    shardtune("launch", str(tmp_path / "run.yaml"), "model.tokenizer=org/tok", f"output_dir={tmp_path / 'offline'}",
+              "--dry_run", env={"HF_HUB_OFFLINE": "1"})  # `main` from the cache, without the hub
+    assert resolved_model(tmp_path / "offline")["tokenizer"] == str(tokenizer)
 
     # Launched again to continue (a checkpoint's manifest stands in for one here) after org/tok's main moved:
     # the tokenizer keeps the commit the run started from.

@@ -153,39 +153,37 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
     """A copy of the config whose hub datasets' revisions are the commits they name now, with a note each. Rows
     of a hub dataset are read on the nodes (or by `prepare`), and the data cache is keyed by its name and split:
     unpinned, a dataset updated on the hub was hidden by the cache of its old version, and nodes reading at
-    different times could read different versions. Pinned, the key and every reader name one commit. A hub out
-    of reach leaves the revision as it is, with a note: the nodes may reach it, or find `prepare`'s cache.
+    different times could read different versions. Pinned, the key and every reader name one commit.
     `earlier`: as for pin_hub_models, a continued run keeps the commits it started from. `download` (launch,
     preflight, prepare): each pinned commit's data files are fetched into the Hugging Face cache too
-    (fetch_dataset), where every reader finds them without the network."""
+    (fetch_dataset), where every reader finds them without the network. A hub out of reach: the commit the cache
+    holds is read as it is (_dataset_commit)."""
     cfg = cfg.model_copy(deep=True)
     notes: list[str] = []
     pinned: dict[tuple[str, str, Optional[str]], list[DataRead]] = {}
+    cached: set[tuple[str, str, Optional[str]]] = set()
     for read in cfg.data.reads():
         if not is_hub_id(read.path):
             continue
-        then = _earlier(earlier, "data", read.keys["path"], read.mix_index, read.keys["revision"])
-        kept = _earlier_commit(read.path, read.revision, *then)
-        if kept:
-            read.record("revision", kept)
-            notes.append(f"{read.field('path')}: dataset {read.path} stays at commit {kept[:12]}, which this run "
-                         f"started from (set {read.field('revision')} to a commit to change it)")
-        else:
-            try:
-                commit = dataset_commit(read.path, read.revision, read.field("path"), read.field("revision"))
-            except Unreachable as exc:
-                notes.append(f"{exc}; {read.field('revision')} is left as it is")
-                continue
-            if commit != read.revision:
-                notes.append(f"{read.field('path')}: dataset {read.path} at {read.revision or 'main'} is commit "
-                             f"{commit[:12]}: the run and its data cache read this commit")
-            read.record("revision", commit)
-        pinned.setdefault((read.path, read.revision, read.subset), []).append(read)
+        commit, note, from_cache = _dataset_commit(read, earlier)
+        notes += [note] if note else []
+        if commit is None:
+            continue
+        read.record("revision", commit)
+        pinned.setdefault((read.path, commit, read.subset), []).append(read)
+        if from_cache:
+            cached.add((read.path, commit, read.subset))
     if download:
         problems = []
-        for reads in pinned.values():
+        for key, reads in pinned.items():
+            if key in cached:
+                continue
             try:
                 notes.append(fetch_dataset(reads))
+            except Unreachable as exc:
+                held = dataset_snapshot(reads[0].path, reads[0].revision) is not None
+                notes.append(f"{exc}; " + ("its files in the Hugging Face cache are read as they are" if held else
+                                           "it is not in the Hugging Face cache, so the nodes will need the hub"))
             except ConfigError as exc:
                 problems += exc.problems
         # A subset recorded just now may make the eval read the training rows, which the written config would
@@ -196,14 +194,65 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
     return cfg, notes
 
 
+def _dataset_commit(read: DataRead, earlier: Optional[dict]) -> tuple[Optional[str], str, bool]:
+    """The commit a hub dataset read is pinned to, a note (or ""), and whether the hub was out of reach and the
+    commit came from the cache. In order: the commit a continued run started from; the one the hub names for the
+    revision now; without the hub, the one the cache holds for it (huggingface_hub's refs, which downloads here
+    record too); else None, the revision left as it is: the nodes will need the hub."""
+    then = _earlier(earlier, "data", read.keys["path"], read.mix_index, read.keys["revision"])
+    kept = _earlier_commit(read.path, read.revision, *then)
+    if kept:
+        return kept, (f"{read.field('path')}: dataset {read.path} stays at commit {kept[:12]}, which this run "
+                      f"started from (set {read.field('revision')} to a commit to change it)"), False
+    asked = read.revision or "main"
+    try:
+        commit = dataset_commit(read.path, read.revision, read.field("path"), read.field("revision"))
+    except Unreachable as exc:
+        commit = cached_commit(read.path, "dataset", read.revision)
+        if commit is None:
+            return None, f"{exc}; {read.field('revision')} is left as it is, and the nodes will need the hub", False
+        return commit, (f"{read.field('path')}: the hub cannot be reached from this host; dataset {read.path} at "
+                        f"{asked} is commit {commit[:12]} in the Hugging Face cache, read as it is there"), True
+    if commit == read.revision:
+        return commit, "", False
+    remember_ref(read.path, "dataset", asked, commit)
+    return commit, (f"{read.field('path')}: dataset {read.path} at {asked} is commit {commit[:12]}: the run and "
+                    f"its data cache read this commit"), False
+
+
+def _repo_folder(repo_id: str, kind: str) -> Path:
+    """A repository's folder in the Hugging Face cache (kind: model or dataset), as huggingface_hub lays it out."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"{kind}s--{repo_id.replace('/', '--')}"
+
+
+def remember_ref(repo_id: str, kind: str, revision: str, commit: str) -> None:
+    """Record in the cache that `revision` (a branch or tag) was `commit`, as huggingface_hub does for its own
+    downloads by branch: downloads here are by commit, so a later launch without the hub could not tell which
+    snapshot `main` was."""
+    if revision == commit:
+        return
+    ref = _repo_folder(repo_id, kind) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+
+
+def cached_commit(repo_id: str, kind: str, revision: Optional[str]) -> Optional[str]:
+    """The commit the cache holds for `revision` (a commit, or a branch or tag it recorded), when its snapshot
+    directory is there; else None."""
+    folder, revision = _repo_folder(repo_id, kind), revision or "main"
+    ref = folder / "refs" / revision
+    commit = revision if COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else ""
+    return commit if commit and (folder / "snapshots" / commit).is_dir() else None
+
+
 def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     """The directory in the Hugging Face cache holding a hub dataset's commit, when `revision` is one and it is
     there (fetch_dataset put it there): the rows are read from it, on any host, without the network."""
     if not revision or not COMMIT.fullmatch(revision):
         return None
-    from huggingface_hub import constants
-
-    directory = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / revision
+    directory = _repo_folder(repo_id, "dataset") / "snapshots" / revision
     return directory if directory.is_dir() else None
 
 
@@ -322,7 +371,13 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
         if commit is None:
             return _cached(repo_id, revision, config_file.parent, field_name)
     elif commit is None:
-        raise offline
+        cached = cached_commit(repo_id, "model", revision)
+        if cached is None:
+            raise offline
+        directory = _repo_folder(repo_id, "model") / "snapshots" / cached
+        files = sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
+        return Snapshot(repo_id, revision, cached, directory, files, sum((directory / n).stat().st_size for n in files))
+    remember_ref(repo_id, "model", revision, commit)
     with errors:
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
                    if isinstance(f, RepoFile)}
