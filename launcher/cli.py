@@ -86,8 +86,8 @@ def run_foreground(argv: list[str]) -> int:
 
 
 def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = False) -> None:
-    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job. A hub model is
-    downloaded first (with --dry_run too: the run files name its directory)."""
+    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job. A hub model and
+    hub datasets are downloaded first (with --dry_run too: the run files name their commits and directories)."""
     cfg = load_config(config, [str(o) for o in overrides])
     check_run_dir_free(cfg)
     p = planned(cfg, fetch_weights=True)
