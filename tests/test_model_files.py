@@ -184,3 +184,23 @@ def test_eval_and_generate_refuse_a_damaged_model_instead_of_scoring_noise(saved
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"shardtune: {headless}: 1 weight(s) of LlamaForCausalLM are in none of its files (e.g. lm_head.weight)" \
         in proc.stderr
+
+
+def test_plan_warns_of_model_code_from_another_hub_repository(tmp_path, tiny_model):
+    """An auto_map naming another repository's code (`org/code--module.Class`, as community fine-tunes of
+    remote-code models do) is fetched by transformers at every load, unpinned: `plan` says so, with the files."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    for name, auto_map in (("config.json", {"AutoModelForCausalLM": "org/code--modeling_tiny.TinyForCausalLM"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": ["org/code--tokenization_tiny.Tiny", None]})):
+        data = json.loads((model_dir / name).read_text())
+        (model_dir / name).write_text(json.dumps({**data, "auto_map": auto_map}))
+    config = str(tiny_config(tmp_path, model_dir))
+
+    def warnings(*overrides: str) -> str:
+        return "\n".join(json.loads(shardtune("plan", config, "--json", *overrides).stdout)["warnings"])
+
+    said = warnings("model.trust_remote_code=true")
+    assert ("the model's auto_map runs code from another hub repository, org/code (modeling_tiny.py, "
+            "tokenization_tiny.py)") in said and "drop the 'org/code--' prefix" in said
+    assert "org/code" not in warnings()

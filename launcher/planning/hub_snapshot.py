@@ -316,7 +316,7 @@ def fetch_dataset(reads: list[DataRead]) -> str:
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, repo_type="dataset",
                                                                  recursive=True) if isinstance(f, RepoFile)}
         wanted += ["README.md"] if "README.md" in listing else []
-        directory = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / commit
+        directory = _repo_folder(repo_id, "dataset") / "snapshots" / commit
         size = sum(listing.get(n, 0) for n in wanted)
         fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
@@ -392,7 +392,7 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
         if absent:
             raise ConfigError([f"{field_name}: {repo_id} at commit {commit[:12]} lacks {', '.join(absent[:3])}, "
                                f"which its own config or index names: an incomplete upload?"])
-        directory = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+        directory = _repo_folder(repo_id, "model") / "snapshots" / commit
         fetched = sum(listing[n] for n in wanted if not _present(directory / n, listing[n]))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
         directory = Path(snapshot_download(repo_id, revision=commit, allow_patterns=wanted))

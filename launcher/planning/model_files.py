@@ -61,6 +61,25 @@ def absent_model(name_or_path: str) -> Optional[str]:
     return "no such directory on this host" if path.is_absolute() and not path.exists() else None
 
 
+def foreign_code(*directories: str) -> dict[str, list[str]]:
+    """Code in another hub repository that a local model's or tokenizer's `auto_map` names
+    (`org/code--modeling_x.Class`), as {repository: [module files]}. transformers downloads it when the model loads,
+    at that repository's default branch (it pins only the model's own code to the model's revision)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for directory in directories:
+        for name in ("config.json", "tokenizer_config.json"):
+            try:
+                auto_map = json.loads((Path(directory) / name).read_text()).get("auto_map") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+            for refs in auto_map.values():
+                for ref in refs if isinstance(refs, list) else [refs]:
+                    if isinstance(ref, str) and "--" in ref:
+                        repo, reference = ref.split("--", 1)
+                        found[repo].add(reference.split(".")[0] + ".py")
+    return {repo: sorted(modules) for repo, modules in sorted(found.items())}
+
+
 def _chosen_file(model_dir: Path) -> Optional[Path]:
     config = read_model_config(str(model_dir))
     names = [n for n in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX) if (model_dir / n).is_file()]

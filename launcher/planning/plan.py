@@ -24,7 +24,7 @@ from launcher.planning.devices import resolve_device, resolve_kernels, resolve_s
 from launcher.planning.host import HostFacts
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
-from launcher.planning.model_files import absent_model, weight_files_problems
+from launcher.planning.model_files import absent_model, foreign_code, weight_files_problems
 from launcher.planning.model_size import (
     ModelCounts,
     counts_from_config,
@@ -167,6 +167,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         warnings += _host_memory_warning(cfg, memory)
         warnings += _sample_memory_warning(cfg, memory, model_cfg)
     warnings += _state_layers_warning(cfg, model_cfg)
+    warnings += _foreign_code_warning(cfg)
     absent = absent_model(cfg.model.name_or_path)
     warnings += [f"model.name_or_path: {cfg.model.name_or_path}: {absent}, so the plan has no model shape; every "
                  f"node must see it when the job starts"] if absent else []
@@ -209,6 +210,18 @@ def _state_layers_warning(cfg: RunConfig, model_cfg: Optional[dict]) -> list[str
     return [f"{name} has layers that are not attention ({layers}); they carry state along the sequence, across "
             f"packed samples and past a rank's slice. The trainer checks before the first step and stops with "
             f"{' and '.join(fails)}"]
+
+
+def _foreign_code_warning(cfg: RunConfig) -> list[str]:
+    """Code from another hub repository is not in the model's snapshot or checkpoint: transformers fetches it at
+    every load, unpinned, which nodes without the network cannot do."""
+    if not cfg.model.trust_remote_code:
+        return []
+    return [f"model.trust_remote_code: the model's auto_map runs code from another hub repository, {repo} "
+            f"({', '.join(modules)}). transformers downloads it at every load (each rank, the export, the tools), "
+            f"from that repository's main branch: every node needs the hub, and the code may change under the run. "
+            f"To pin it, copy those files into the model directory and drop the '{repo}--' prefix in auto_map"
+            for repo, modules in foreign_code(*[d for d in (cfg.model.name_or_path, cfg.model.tokenizer) if d]).items()]
 
 
 def _sample_memory_warning(cfg: RunConfig, memory: dict, model_cfg: Optional[dict]) -> list[str]:
