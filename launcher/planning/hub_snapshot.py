@@ -321,10 +321,11 @@ def fetch_dataset(reads: list[DataRead]) -> str:
         fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
         snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
-    if subset is None and card_configs(directory):
+    declared = bool(card_configs(directory))
+    if subset is None and declared:
         for read in reads:
             read.record("subset", builder.config.name)
-    named = f" subset {builder.config.name}" if card_configs(directory) else ""
+    named = f" subset {builder.config.name}" if declared else ""
     return (f"{field_name}: dataset {repo_id}{named} at commit {commit[:12]}: {len(wanted)} files, {_size(size)} in "
             f"{directory} ({_size(fetched)} downloaded now); every reader reads them from there")
 
@@ -374,9 +375,7 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
         cached = cached_commit(repo_id, "model", revision)
         if cached is None:
             raise offline
-        directory = _repo_folder(repo_id, "model") / "snapshots" / cached
-        files = sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
-        return Snapshot(repo_id, revision, cached, directory, files, sum((directory / n).stat().st_size for n in files))
+        return _cached(repo_id, revision, _repo_folder(repo_id, "model") / "snapshots" / cached, field_name)
     remember_ref(repo_id, "model", revision, commit)
     with errors:
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
@@ -420,11 +419,12 @@ def _check_room(need: int, cache: Path, repo_id: str, field_name: str) -> None:
 
 
 def _cached(repo_id: str, revision: str, directory: Path, field_name: str) -> Snapshot:
-    """The commit's snapshot as the cache holds it, when the hub cannot be listed: usable once it holds the weights
-    from_pretrained starts from (the weight-file check then looks at each of them)."""
+    """The commit's snapshot as the cache holds it, when the hub cannot be listed. A model's is usable once it holds
+    the weights from_pretrained starts from (the weight-file check then looks at each of them); a tokenizer's
+    (field model.tokenizer) as it is."""
     names = [p.name for p in directory.iterdir()]
-    config = json.loads((directory / "config.json").read_text())
-    if chosen_weights([n for n in names if (directory / n).exists()], config) is None:
+    config = json.loads((directory / "config.json").read_text()) if field_name == "model.name_or_path" else None
+    if config is not None and chosen_weights([n for n in names if (directory / n).exists()], config) is None:
         raise ConfigError([f"{field_name}: {repo_id} is only partly in the Hugging Face cache ({directory} has no "
                            f"weights) and the hub cannot be reached from this host: launch where the hub can be "
                            f"reached, or download it there (`hf download {repo_id}`) and give its directory"])
