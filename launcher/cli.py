@@ -20,24 +20,24 @@ from launcher.contract.config import RunConfig, dump_config, load_config
 from launcher.contract.errors import ConfigError, UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.estimate import estimate_command
-from launcher.planning.hub_snapshot import continued_run, pin_hub_datasets, pin_hub_models
+from launcher.planning.hub_snapshot import Fetch, continued_run, pin_hub_datasets, pin_hub_models
 from launcher.planning.plan import Plan, build_plan, format_plan
 
 
 def plan(config: str, *overrides: str, json: bool = False) -> None:
     """Show world size, batch arithmetic, the final DeepSpeed config and the launch command."""
-    p = planned(load_config(config, [str(o) for o in overrides]), fetch_weights=False)
+    p = planned(load_config(config, [str(o) for o in overrides]), fetch="config")
     print(_json.dumps(p.to_json(), indent=2) if json else format_plan(p))
 
 
-def planned(cfg: RunConfig, fetch_weights: bool, trainer_args: tuple[str, ...] = ()) -> Plan:
-    """The plan of a config whose hub models are pinned to one commit in the local cache (hub_snapshot): their
-    config.json for `plan`, every file the run reads for `launch` and `preflight`; hub datasets to one commit,
-    whose data files `launch` and `preflight` download too.
-    A run continued from its checkpoints keeps the commits it started from."""
+def planned(cfg: RunConfig, fetch: Fetch, trainer_args: tuple[str, ...] = ()) -> Plan:
+    """The plan of a config whose hub models and datasets are pinned to one commit in the local cache
+    (hub_snapshot): `fetch` says how much of them is fetched (hub_snapshot.FETCH): config.json for `plan`, every
+    check and size but no weights or data for `launch --dry_run`, every file the run reads for `launch` and
+    `preflight`. A run continued from its checkpoints keeps the commits it started from."""
     earlier = continued_run(cfg)
-    cfg, notes = pin_hub_models(cfg, fetch_weights, earlier)
-    cfg, data_notes = pin_hub_datasets(cfg, earlier, download=fetch_weights)
+    cfg, notes = pin_hub_models(cfg, fetch, earlier)
+    cfg, data_notes = pin_hub_datasets(cfg, earlier, fetch)
     p = build_plan(cfg, trainer_args=trainer_args)
     p.notes[:0] = notes + data_notes
     return p
@@ -86,11 +86,14 @@ def run_foreground(argv: list[str]) -> int:
 
 
 def launch(config: str, *overrides: str, dry_run: bool = False, wait: bool = False) -> None:
-    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job. A hub model and
-    hub datasets are downloaded first (with --dry_run too: the run files name their commits and directories)."""
+    """Write the run files and start training: here (torchrun), per node by hand, or as a SLURM job.
+
+    A hub model and hub datasets are downloaded first. --dry_run writes the run files (naming the commits and
+    snapshot directories) and makes every check, but downloads no weights or data: it says how much launch would
+    download."""
     cfg = load_config(config, [str(o) for o in overrides])
     check_run_dir_free(cfg)
-    p = planned(cfg, fetch_weights=True)
+    p = planned(cfg, fetch="sizes" if dry_run else "all")
     run_dir = write_run_files(p)
     backend = p.config.launch.backend
     script = run_dir.script(backend)
@@ -143,7 +146,7 @@ def preflight(config: str, *overrides: str, wait: bool = True) -> None:
     cfg = load_config(config, [str(o) for o in overrides])
     cfg.output_dir = str(Path(cfg.output_dir) / "preflight")
     cfg.slurm.max_requeues = 0
-    p = planned(cfg, fetch_weights=True, trainer_args=("--preflight",))
+    p = planned(cfg, fetch="all", trainer_args=("--preflight",))
     run_dir = write_run_files(p)
     run_dir.preflight_file.unlink(missing_ok=True)
     if p.config.launch.backend == "slurm":
@@ -165,6 +168,23 @@ def preflight(config: str, *overrides: str, wait: bool = True) -> None:
           f"all-reduce bus bandwidth {result['bandwidth']['busbw_gbps']:.2f} GB/s{flops}")
 
 
+def download(config: str, *overrides: str) -> None:
+    """Download what a run reads from the hub (model, tokenizer, datasets) into the Hugging Face cache.
+
+    At the commits `launch` would pin, without planning or launching anything. For a host with the hub ahead of a
+    launch from one without it, or to take a 140 GB download off the critical path (a login node's session limit,
+    a data-transfer node). `launch` then finds every file there, and offline uses the commits the cache recorded
+    for their branches."""
+    cfg = load_config(config, [str(o) for o in overrides])
+    earlier = continued_run(cfg)
+    cfg, notes = pin_hub_models(cfg, "all", earlier)
+    cfg, data_notes = pin_hub_datasets(cfg, earlier, fetch="all")
+    for note in notes + data_notes:
+        print(note)
+    if not notes + data_notes:
+        print("nothing to download: the run's model, tokenizer and data are local paths")
+
+
 def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> None:
     """Tokenize, mask, pack and cache a run config's data ahead of a job; print the summary, or N sequences.
 
@@ -175,7 +195,7 @@ def prepare(config: str, *overrides: str, json: bool = False, show: int = 0) -> 
     summary goes to stderr.
     """
     cfg = load_config(config, [str(o) for o in overrides])
-    cfg, notes = pin_hub_datasets(cfg, continued_run(cfg), download=True)
+    cfg, notes = pin_hub_datasets(cfg, continued_run(cfg), fetch="all")
     for note in notes:
         print(note, file=sys.stderr)
     from trainer.data.collate import pad_id_of
@@ -296,7 +316,7 @@ def stop(run_dir: str) -> None:
 
 COMMANDS = {"plan": plan, "launch": launch, "estimate": estimate_command, "export": export, "convert": convert,
             "eval": eval, "generate": generate, "chat": chat, "status": status, "stop": stop,
-            "prepare": prepare, "report": report, "preflight": preflight}
+            "prepare": prepare, "report": report, "preflight": preflight, "download": download}
 
 
 def main(argv: list[str] | None = None) -> int:

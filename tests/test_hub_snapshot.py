@@ -113,10 +113,30 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     hub.publish("datasets/" + CHATS, {"data/train.jsonl": TINY_CHAT.read_bytes()})
     config = tiny_config(tmp_path, REPO, data={"path": CHATS},
                          train={"max_steps": 2, "grad_accum_steps": 1, "warmup_steps": 1})
+    # A dry run pins the commit and says what launch would download, downloading none of it.
     proc = shardtune("launch", str(config), "--dry_run")
     model = resolved_model(tmp_path / "run")
     snapshot = Path(model["name_or_path"])
     assert snapshot.parts[-2:] == ("snapshots", commit) and model["revision"] == commit
+    # The weight index is read to size the shards it names, outside the cache (a snapshot holding it without
+    # them would be a model with missing shards).
+    assert hub.downloaded(REPO) == {"config.json", "model.safetensors.index.json"}
+    assert {p.name for p in snapshot.iterdir()} == {"config.json"} and not hub.downloaded("datasets/" + CHATS)
+    to_download = sum(len(release[n]) for n in needed - {"config.json"})
+    assert f"{to_download / 1e6:,.1f} MB not downloaded by a dry run: `shardtune launch` downloads it" in proc.stdout
+    assert "left on the hub: 4 files" in proc.stdout
+    # Its run files, started by hand, stop before anything loads and say what to do.
+    started = subprocess.run([sys.executable, "-m", "trainer", str(tmp_path / "run")], capture_output=True,
+                             text=True, timeout=300)
+    assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr[-3000:]
+    assert f"model.name_or_path: {snapshot} holds no weight files" in started.stderr
+    assert "`shardtune download CONFIG`" in started.stderr
+
+    downloading = shardtune("download", str(config))
+    assert f"({to_download / 1e6:,.1f} MB downloaded now)" in downloading.stdout
+    assert f"dataset {CHATS} at commit" in downloading.stdout
+    proc = shardtune("launch", str(config), "--dry_run")
+    assert "(all in the cache already); every rank loads them from there" in proc.stdout
     fetched = hub.downloaded(REPO)
     assert needed <= fetched, f"transformers also reads {sorted(needed - fetched)}"
     weights = {n for n in fetched if n.endswith((".safetensors", ".bin", ".pth"))}
@@ -314,6 +334,8 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     assert not (tmp_path / "run").exists()
 
     shardtune("launch", config, "--dry_run")
+    assert hub.downloaded("datasets/" + CHATS) == {"README.md"}  # a dry run reads the card alone
+    shardtune("download", config)
     assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl"}
     # Launched again where the hub cannot be reached either: `main` is the commit the cache recorded for it.
     hub.requests.clear()
@@ -351,6 +373,7 @@ def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_
     assert scripted.returncode == 2 and "Traceback" not in scripted.stderr, scripted.stderr[-3000:]
     assert "data.path: datasets cannot read org/scripted at commit" in scripted.stderr
 
+    shardtune("download", config, "data.subset=small")
     shardtune("launch", config, "data.subset=small", "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == {"README.md", "small/part-0.jsonl"}
     hub.close()
@@ -369,7 +392,7 @@ def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_
     limit = 100_000
     assert max(len(v) for k, v in release.items() if k.startswith("model-")) > limit
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "shardtune"), "launch", str(tiny_config(tmp_path, REPO)), "--dry_run"],
+        [str(Path(sys.executable).parent / "shardtune"), "launch", str(tiny_config(tmp_path, REPO))],
         capture_output=True, text=True, timeout=300,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -400,7 +423,8 @@ def test_a_hub_tokenizer_is_fetched_without_weights_and_a_missing_model_dir_is_n
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
-    shardtune("launch", str(tiny_config(tmp_path, model_dir)), "model.tokenizer=org/tok", "--dry_run")
+    shardtune("download", str(tiny_config(tmp_path, model_dir)), "model.tokenizer=org/tok")
+    shardtune("launch", str(tmp_path / "run.yaml"), "model.tokenizer=org/tok", "--dry_run")
     tokenizer = Path(resolved_model(tmp_path / "run")["tokenizer"])
     assert tokenizer.parts[-3:] == ("models--org--tok", "snapshots", commit)
     assert hub.downloaded("org/tok") == set(tokenizer_files)

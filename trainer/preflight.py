@@ -22,7 +22,7 @@ import torch.distributed as dist
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space
-from launcher.planning.model_files import absent_model, weight_files_problems
+from launcher.planning.model_files import absent_model, absent_weights, weight_files_problems
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
 from trainer.peak_probe import Peak, device_peak
@@ -71,7 +71,7 @@ def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Op
         free_device = acc.available_memory(d.local_rank)
     except Exception:  # noqa: BLE001 - not every accelerator can tell
         free_device = None
-    damaged = [p for p in [absent_model(model)] + weight_files_problems(model) if p] \
+    damaged = [p for p in [absent_model(model), absent_weights(model)] + weight_files_problems(model) if p] \
         if model and d.local_rank == 0 else []
     return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),

@@ -21,6 +21,7 @@ from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_need
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
+from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separation, sequence_parallel
@@ -130,6 +131,9 @@ class Session:
         tokenizer = data = None
         if not preflight_only:
             torch.manual_seed(cfg.train.seed)
+            missing = absent_weights(cfg.model.name_or_path)
+            if missing:  # a dry run's snapshot: before the tokenizer, whose files it lacks too
+                raise UserError(f"model.name_or_path: {cfg.model.name_or_path} {missing}")
             tokenizer = load_tokenizer(cfg)
             data = prepare(cfg, tokenizer, log=(lambda _msg: None) if _rank_env() else print)
             check_vocabulary(cfg, tokenizer, data)

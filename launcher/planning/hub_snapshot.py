@@ -7,13 +7,14 @@ A hub id in `model.name_or_path` used to reach every rank as it was, and each ra
   different weights, and nothing said so;
 - `plan` could not size the model, having no config.json to read.
 
-So `launch` (and `preflight`) resolve the revision to its commit on the launching host, download that commit's
-files that the run reads into the Hugging Face cache, and the run config names the snapshot directory: every
-rank, node and requeue loads the same files from disk without the network, and the weight-file checks of
-`plan` and of each node's preflight apply to it as to any local directory. Only the files from_pretrained and
-the tokenizer read are fetched (model_files.files_read): many repositories also carry weights in other forms,
-such as Llama's `original/` copy, as large as the model. `plan` fetches config.json alone, and plans without
-the model's shape, with a note, when the hub cannot be reached and the file is not cached.
+So `launch` (and `preflight`, and `shardtune download` ahead of them) resolve the revision to its commit on the
+launching host, download that commit's files that the run reads into the Hugging Face cache, and the run config
+names the snapshot directory: every rank, node and requeue loads the same files from disk without the network, and
+the weight-file checks of `plan` and of each node's preflight apply to it as to any local directory. Only the files
+from_pretrained and the tokenizer read are fetched (model_files.files_read): many repositories also carry weights in
+other forms, such as Llama's `original/` copy, as large as the model. `plan` fetches config.json alone, and plans
+without the model's shape, with a note, when the hub cannot be reached and the file is not cached. `launch
+--dry_run` checks and sizes what launch would download without downloading it (FETCH).
 
 The cache is huggingface_hub's (HF_HOME, or HF_HUB_CACHE): it must be on a filesystem every node mounts, as a
 home directory usually is; a node that does not see it fails its preflight, naming the directory.
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from launcher.contract.config import DataRead, RunConfig, eval_data_problems
 from launcher.contract.errors import ConfigError
@@ -39,6 +41,14 @@ from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files
 COMMIT = re.compile(r"[0-9a-f]{40}")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 """A hub repository id, `name` or `owner/name` (huggingface_hub's own rule, less its length limit)."""
+
+Fetch = Literal["config", "sizes", "all"]
+FETCH = ("config", "sizes", "all")
+"""How much of a hub model or dataset a command fetches. `config` (plan): the commit and a model's config.json.
+`sizes` (launch --dry_run): every check launch makes, from the hub's listing and the small files that name the
+others (config, weight index, dataset card), and the size of what launch would download; no weights or data files,
+which for a 70B model are 140 GB that a user asking what a launch would do did not ask for. `all` (launch,
+preflight, prepare, download): the files downloaded into the cache too."""
 
 
 @dataclass
@@ -54,19 +64,32 @@ class Snapshot:
     fetched: int = 0
     left: dict[str, int] = field(default_factory=dict)
     """Files of the commit the run does not read, with their sizes: not downloaded."""
+    downloaded: bool = True
+    """False for a dry run (FETCH `sizes`): `fetched` is then what launch would download."""
 
     def note(self, what: str) -> str:
         pinned = "" if self.revision == self.commit else f" at {self.revision}"
         text = f"{what}: {self.repo_id}{pinned} is commit {self.commit[:12]}"
         if not self.files:
             return f"{text}; only its config.json is fetched to plan (launch downloads the rest)"
-        text += (f": {len(self.files)} files, {_size(self.size)} in {self.directory} ({_size(self.fetched)} "
-                 f"downloaded now); every rank loads them from there")
+        text += _files_note(len(self.files), self.size, self.directory, self.fetched, self.downloaded, "every rank "
+                            "loads them")
         if self.left:
             names = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in self.left})
             text += (f"; left on the hub: {len(self.left)} files ({_size(sum(self.left.values()))}: "
                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) that the run does not read")
         return text
+
+
+NOT_DOWNLOADED = ("not downloaded by a dry run: `shardtune launch` downloads it, or `shardtune download` on a host "
+                  "with the hub ahead of it")
+
+
+def _files_note(count: int, size: int, directory: Path, fetched: int, downloaded: bool, readers: str) -> str:
+    if downloaded or not fetched:
+        now = f"{_size(fetched)} downloaded now" if downloaded else "all in the cache already"
+        return f": {count} files, {_size(size)} in {directory} ({now}); {readers} from there"
+    return f": {count} files, {_size(size)}, for {directory}; {_size(fetched)} {NOT_DOWNLOADED}"
 
 
 def _size(n: int) -> str:
@@ -89,9 +112,10 @@ def continued_run(cfg: RunConfig) -> Optional[dict]:
     return run_dir.read_config()
 
 
-def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
+def pin_hub_models(cfg: RunConfig, fetch: Fetch, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub ids (model, tokenizer) name snapshot directories in the local cache, with a
-    note for each. `fetch_weights` False (plan): config.json only, and a hub out of reach is a note, not an error.
+    note for each. `fetch` (FETCH): `config` (plan) fetches config.json only, and a hub out of reach is a note,
+    not an error.
     The tokenizer is resolved first, at its own revision (ModelConfig.tokenizer_source); model.revision and
     model.tokenizer_revision then record the commits. `earlier`: the resolved config of the run this launch
     continues (continued_run), whose commits the model and tokenizer keep unless their revision names another
@@ -108,17 +132,18 @@ def pin_hub_models(cfg: RunConfig, fetch_weights: bool, earlier: Optional[dict] 
             notes.append(f"{field_name}: {repo_id} stays at commit {kept[:12]}, which this run started from (set "
                          f"{revision_field} to a commit to change it)")
     try:
-        if fetch_weights and is_hub_id(m.tokenizer):
-            snap = fetch(m.tokenizer, tokenizer[1] or tokenizer_revision, "model.tokenizer", weights=False,
-                         revision_field="model.tokenizer_revision")
+        if fetch != "config" and is_hub_id(m.tokenizer):
+            snap = fetch_repo(m.tokenizer, tokenizer[1] or tokenizer_revision, "model.tokenizer", weights=False,
+                              revision_field="model.tokenizer_revision", download=fetch == "all")
             m.tokenizer, m.tokenizer_revision = str(snap.directory), snap.commit
             notes.append(snap.note("model.tokenizer"))
         if is_hub_id(m.name_or_path):
-            snap = fetch(m.name_or_path, model[1] or m.revision, "model.name_or_path", weights=fetch_weights)
+            snap = fetch_repo(m.name_or_path, model[1] or m.revision, "model.name_or_path",
+                              weights=fetch != "config", download=fetch == "all")
             m.name_or_path, m.revision = str(snap.directory), snap.commit
             notes.append(snap.note("model.name_or_path"))
     except Unreachable as exc:
-        if fetch_weights:
+        if fetch != "config":
             raise ConfigError([str(exc)]) from None
         notes.append(f"{exc}; planned without the model's shape")
     return cfg, notes
@@ -149,14 +174,15 @@ def _earlier_commit(repo_id: Optional[str], revision: Optional[str], then: str, 
 
 
 def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
-                     download: bool = False) -> tuple[RunConfig, list[str]]:
+                     fetch: Fetch = "config") -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub datasets' revisions are the commits they name now, with a note each. Rows
     of a hub dataset are read on the nodes (or by `prepare`), and the data cache is keyed by its name and split:
     unpinned, a dataset updated on the hub was hidden by the cache of its old version, and nodes reading at
     different times could read different versions. Pinned, the key and every reader name one commit.
-    `earlier`: as for pin_hub_models, a continued run keeps the commits it started from. `download` (launch,
-    preflight, prepare): each pinned commit's data files are fetched into the Hugging Face cache too
-    (fetch_dataset), where every reader finds them without the network. A hub out of reach: the commit the cache
+    `earlier`: as for pin_hub_models, a continued run keeps the commits it started from. `fetch` `all` (launch,
+    preflight, prepare, download): each pinned commit's data files are fetched into the Hugging Face cache too
+    (fetch_dataset), where every reader finds them without the network; `sizes` (launch --dry_run): checked and
+    sized, not downloaded. A hub out of reach: the commit the cache
     holds is read as it is (_dataset_commit)."""
     cfg = cfg.model_copy(deep=True)
     notes: list[str] = []
@@ -173,13 +199,13 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
         pinned.setdefault((read.path, commit, read.subset), []).append(read)
         if from_cache:
             cached.add((read.path, commit, read.subset))
-    if download:
+    if fetch != "config":
         problems = []
         for key, reads in pinned.items():
             if key in cached:
                 continue
             try:
-                notes.append(fetch_dataset(reads))
+                notes.append(fetch_dataset(reads, download=fetch == "all"))
             except Unreachable as exc:
                 held = dataset_snapshot(reads[0].path, reads[0].revision) is not None
                 notes.append(f"{exc}; " + ("its files in the Hugging Face cache are read as they are" if held else
@@ -240,11 +266,17 @@ def remember_ref(repo_id: str, kind: str, revision: str, commit: str) -> None:
 
 def cached_commit(repo_id: str, kind: str, revision: Optional[str]) -> Optional[str]:
     """The commit the cache holds for `revision` (a commit, or a branch or tag it recorded), when its snapshot
-    directory is there; else None."""
+    directory is there (a dataset's with data files, not only the card datasets reads to resolve them); else None."""
     folder, revision = _repo_folder(repo_id, kind), revision or "main"
     ref = folder / "refs" / revision
     commit = revision if COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else ""
-    return commit if commit and (folder / "snapshots" / commit).is_dir() else None
+    if not commit or not (folder / "snapshots" / commit).is_dir():
+        return None
+    return commit if kind != "dataset" or _holds_data(folder / "snapshots" / commit) else None
+
+
+def _holds_data(directory: Path) -> bool:
+    return any(p.name != "README.md" for p in directory.rglob("*") if p.is_file())
 
 
 def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
@@ -252,8 +284,8 @@ def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     there (fetch_dataset put it there): the rows are read from it, on any host, without the network."""
     if not revision or not COMMIT.fullmatch(revision):
         return None
-    directory = _repo_folder(repo_id, "dataset") / "snapshots" / revision
-    return directory if directory.is_dir() else None
+    return _repo_folder(repo_id, "dataset") / "snapshots" / revision if cached_commit(repo_id, "dataset",
+                                                                                       revision) else None
 
 
 def subset_files(directory: Path, subset: Optional[str]) -> dict:
@@ -281,14 +313,15 @@ def card_configs(directory: Path) -> list[dict]:
     return list(DatasetCard.load(readme).data.to_dict().get("configs") or [])
 
 
-def fetch_dataset(reads: list[DataRead]) -> str:
+def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
     """Download a hub dataset's data files at the pinned commit (those datasets resolves for the subset read, and
     the card whose metadata names them) into the Hugging Face cache; a note. `reads`: the config entries reading
     this commit and subset; a split the subset lacks is refused, and when the card declares subsets and none is
     named, the one datasets reads by default is recorded (the nodes read the snapshot by that name). Nodes often
     have no network: before this every node read the dataset from the hub, or failed at start with a traceback
     after the job's wait in the queue. All of the subset's splits are fetched, not only those read: datasets
-    resolves a local directory's splits from the card, and refuses one whose other splits have no files."""
+    resolves a local directory's splits from the card, and refuses one whose other splits have no files.
+    `download` False (a dry run): the same checks and note, with the size launch would download."""
     import datasets
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.hf_api import RepoFile
@@ -320,14 +353,15 @@ def fetch_dataset(reads: list[DataRead]) -> str:
         size = sum(listing.get(n, 0) for n in wanted)
         fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
-        snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
+        if download:
+            snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
     declared = bool(card_configs(directory))
     if subset is None and declared:
         for read in reads:
             read.record("subset", builder.config.name)
     named = f" subset {builder.config.name}" if declared else ""
-    return (f"{field_name}: dataset {repo_id}{named} at commit {commit[:12]}: {len(wanted)} files, {_size(size)} in "
-            f"{directory} ({_size(fetched)} downloaded now); every reader reads them from there")
+    return (f"{field_name}: dataset {repo_id}{named} at commit {commit[:12]}"
+            + _files_note(len(wanted), size, directory, fetched, download, "every reader reads them"))
 
 
 def dataset_commit(repo_id: str, revision: Optional[str], path_field: str, revision_field: str) -> str:
@@ -341,11 +375,12 @@ class Unreachable(Exception):
     """The hub cannot be reached from this host and the files are not in the cache."""
 
 
-def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
-          revision_field: str = "model.revision") -> Snapshot:
+def fetch_repo(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
+               revision_field: str = "model.revision", download: bool = True) -> Snapshot:
     """Of `revision`'s commit: config.json alone (a model, weights False), or every file the run reads (a model's
-    weights too; a tokenizer's files only), downloaded into the cache unless already there. Raises ConfigError
-    naming the field, or Unreachable."""
+    weights too; a tokenizer's files only), downloaded into the cache unless already there, or only listed and
+    sized (`download` False, a dry run; a weight index is then read outside the cache, whose snapshot would
+    otherwise look like a model with missing shards). Raises ConfigError naming the field, or Unreachable."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
@@ -384,7 +419,9 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
         chosen = chosen_weights(listing, config) if weights else None
         index = None
         if chosen and chosen.endswith(".index.json") and chosen in listing:
-            index = json.loads(Path(hf_hub_download(repo_id, chosen, revision=commit)).read_text())
+            with tempfile.TemporaryDirectory() as elsewhere:
+                index = json.loads(Path(hf_hub_download(repo_id, chosen, revision=commit,
+                                                        local_dir=None if download else elsewhere)).read_text())
         wanted = files_read(listing if weights else [n for n in listing if not n.endswith(WEIGHT_SUFFIXES)],
                             config, index)
         absent = sorted(set(wanted) - set(listing))
@@ -394,9 +431,10 @@ def fetch(repo_id: str, revision: Optional[str], field_name: str, weights: bool,
         directory = _repo_folder(repo_id, "model") / "snapshots" / commit
         fetched = sum(listing[n] for n in wanted if not _present(directory / n, listing[n]))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
-        directory = Path(snapshot_download(repo_id, revision=commit, allow_patterns=wanted))
+        if download:
+            directory = Path(snapshot_download(repo_id, revision=commit, allow_patterns=wanted))
     return Snapshot(repo_id, revision, commit, directory, wanted, sum(listing[n] for n in wanted), fetched,
-                    {n: s for n, s in listing.items() if n not in set(wanted)})
+                    {n: s for n, s in listing.items() if n not in set(wanted)}, downloaded=download)
 
 
 def _present(file: Path, size: int) -> bool:

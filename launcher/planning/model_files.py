@@ -61,6 +61,17 @@ def absent_model(name_or_path: str) -> Optional[str]:
     return "no such directory on this host" if path.is_absolute() and not path.exists() else None
 
 
+def absent_weights(name_or_path: str) -> Optional[str]:
+    """Why a local model directory cannot be trained from although it is there: it holds no weight files, as the
+    snapshot of a hub model that only `plan` or `launch --dry_run` fetched (its config.json); None otherwise. Not
+    a problem for planning, which needs only the config: checked where weights are loaded."""
+    path = Path(name_or_path)
+    if not path.is_dir() or _chosen_file(path) is not None:
+        return None
+    return ("holds no weight files (a hub model whose config.json alone `plan` or `launch --dry_run` fetched?): "
+            "`shardtune launch` downloads them, or `shardtune download CONFIG` on a host with the hub")
+
+
 def foreign_code(*directories: str) -> dict[str, list[str]]:
     """Code in another hub repository that a local model's or tokenizer's `auto_map` names
     (`org/code--modeling_x.Class`), as {repository: [module files]}. transformers downloads it when the model loads,
