@@ -305,27 +305,38 @@ configs:
     path: data/train_sft-*
   - split: test_sft
     path: data/test_sft-*
+  - split: train_gen
+    path: data/train_gen-*
+dataset_info:
+  splits:
+  - name: train_sft
+    num_examples: 100
+  - name: test_sft
+    num_examples: 20
+  - name: train_gen
+    num_examples: 150
 ---
 # chats
 """
 
 
 def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_fake_hub(hub, tiny_model, tmp_path):
-    """A dataset whose card names its splits, as most chat datasets' do. `launch` downloads the files of its
-    configuration at the pinned commit (not the rest of the repository), and a host without the hub then reads
-    the same rows from the cache; before, it had to reach the hub and failed with datasets' traceback. A split
+    """A dataset whose card names its splits, as most chat datasets' do (HuggingFaceH4/ultrachat_200k's four).
+    `launch` downloads the files of the splits read at the pinned commit (not the other split, nor the rest of the
+    repository), and a host without the hub then reads the same rows from the cache; before, it had to reach the hub and failed with datasets' traceback. A split
     the dataset does not have is refused at launch, not on the nodes after the queue."""
     lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
     files = {"README.md": CARD, "data/train_sft-00000.jsonl": b"".join(lines[:60]),
              "data/train_sft-00001.jsonl": b"".join(lines[60:100]),
-             "data/test_sft-00000.jsonl": b"".join(lines[100:120]), "raw/scrape.jsonl": b"".join(lines)}
+             "data/test_sft-00000.jsonl": b"".join(lines[100:120]), "raw/scrape.jsonl": b"".join(lines),
+             "data/train_gen-00000.jsonl": b"".join(lines[:150])}
     commit = hub.publish("datasets/" + CHATS, files)
     config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "split": "train_sft", "eval_path": CHATS,
                                                           "eval_split": "test_sft"}))
     refused = shardtune("launch", config, "data.split=train", "--dry_run", check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert f"data.split: 'train' is not a split of {CHATS} at commit" in refused.stderr
-    assert "it has test_sft, train_sft" in refused.stderr and not (tmp_path / "run").exists()
+    assert "it has test_sft, train_gen, train_sft" in refused.stderr and not (tmp_path / "run").exists()
 
     # Named only after the subset datasets reads by default is recorded: the same rows as training.
     same = shardtune("launch", config, "data.eval_subset=default", "data.eval_split=train_sft", "--dry_run",
@@ -336,7 +347,7 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     shardtune("launch", config, "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == {"README.md"}  # a dry run reads the card alone
     shardtune("download", config)
-    assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl"}
+    assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl", "data/train_gen-00000.jsonl"}
     # Launched again where the hub cannot be reached either: `main` is the commit the cache recorded for it.
     hub.requests.clear()
     shardtune("launch", config, f"output_dir={tmp_path / 'offline'}", "--dry_run", env={"HF_HUB_OFFLINE": "1"})

@@ -288,16 +288,19 @@ def dataset_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
                                                                                        revision) else None
 
 
-def subset_files(directory: Path, subset: Optional[str]) -> dict:
-    """load_dataset's keyword arguments that point a dataset's snapshot directory at one subset's files, as its
-    card declares them. Needed because datasets resolves every configuration a local directory's card declares,
-    and fails on one whose files were not downloaded; {} for a card without configurations."""
+def subset_files(directory: Path, subset: Optional[str], split: str) -> dict:
+    """load_dataset's keyword arguments that point a dataset's snapshot directory at one subset's files of one
+    split, as its card declares them. Needed because datasets resolves every configuration and split a local
+    directory's card declares, and fails on one whose files were not downloaded (fetch_dataset fetches the splits
+    read); {} for a card without configurations, whose splits datasets finds among the files present."""
     for config in card_configs(directory):
         if config.get("config_name", "default") != subset:
             continue
         files = config.get("data_files")
         if isinstance(files, list) and files and isinstance(files[0], dict):
             files = {entry["split"]: entry["path"] for entry in files}
+        if isinstance(files, dict) and split in files:
+            files = {split: files[split]}
         return {**({"data_dir": config["data_dir"]} if config.get("data_dir") else {}),
                 **({"data_files": files} if files else {})}
     return {}
@@ -314,14 +317,14 @@ def card_configs(directory: Path) -> list[dict]:
 
 
 def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
-    """Download a hub dataset's data files at the pinned commit (those datasets resolves for the subset read, and
-    the card whose metadata names them) into the Hugging Face cache; a note. `reads`: the config entries reading
-    this commit and subset; a split the subset lacks is refused, and when the card declares subsets and none is
-    named, the one datasets reads by default is recorded (the nodes read the snapshot by that name). Nodes often
-    have no network: before this every node read the dataset from the hub, or failed at start with a traceback
-    after the job's wait in the queue. All of the subset's splits are fetched, not only those read: datasets
-    resolves a local directory's splits from the card, and refuses one whose other splits have no files.
-    `download` False (a dry run): the same checks and note, with the size launch would download."""
+    """Download a hub dataset's data files at the pinned commit (those datasets resolves for the subset and splits
+    read, and the card whose metadata names them) into the Hugging Face cache; a note. `reads`: the config entries
+    reading this commit and subset; a split the subset lacks is refused, and when the card declares subsets and none
+    is named, the one datasets reads by default is recorded (the nodes read the snapshot by that name). Nodes often
+    have no network: before this every node read the dataset from the hub, or failed at start with a traceback after
+    the job's wait in the queue. Only the splits read: evaluating on allenai/c4's `en` validation split must not
+    download its 300 GB train split (the nodes point datasets at the split read, subset_files). `download` False (a
+    dry run): the same checks and note, with the size launch would download."""
     import datasets
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.hf_api import RepoFile
@@ -344,7 +347,7 @@ def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
         if missing:
             raise ConfigError(missing)
         prefix = f"hf://datasets/{repo_id}@{commit}/"
-        wanted = sorted({str(f)[len(prefix):] for files in data_files.values() for f in files
+        wanted = sorted({str(f)[len(prefix):] for read in reads for f in data_files[read.split]
                          if str(f).startswith(prefix)})
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, repo_type="dataset",
                                                                  recursive=True) if isinstance(f, RepoFile)}

@@ -120,7 +120,7 @@ def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -
     snapshot = dataset_snapshot(name, revision)
     try:
         if snapshot is not None:
-            ds = datasets.load_dataset(str(snapshot), subset, split=split, **subset_files(snapshot, subset))
+            ds = datasets.load_dataset(str(snapshot), subset, split=split, **subset_files(snapshot, subset, split))
         else:
             ds = datasets.load_dataset(name, subset, split=split, revision=revision)
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
