@@ -344,8 +344,9 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     assert same.returncode == 2 and "data.eval_split: 'train_sft' is the split data.path" in same.stderr, same.stderr
     assert not (tmp_path / "run").exists()
 
-    shardtune("launch", config, "--dry_run")
+    dry = shardtune("launch", config, "--dry_run")
     assert hub.downloaded("datasets/" + CHATS) == {"README.md"}  # a dry run reads the card alone
+    assert dry.stdout.count(f"dataset {CHATS} at main is commit {commit[:12]}") == 1, dry.stdout  # eval's: same
     shardtune("download", config)
     assert hub.downloaded("datasets/" + CHATS) == set(files) - {"raw/scrape.jsonl", "data/train_gen-00000.jsonl"}
     # Launched again where the hub cannot be reached either: `main` is the commit the cache recorded for it.

@@ -188,11 +188,13 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
     notes: list[str] = []
     pinned: dict[tuple[str, str, Optional[str]], list[DataRead]] = {}
     cached: set[tuple[str, str, Optional[str]]] = set()
+    said: set[tuple[str, Optional[str]]] = set()
     for read in cfg.data.reads():
         if not is_hub_id(read.path):
             continue
         commit, note, from_cache = _dataset_commit(read, earlier)
-        notes += [note] if note else []
+        notes += [note] if note and (read.path, commit) not in said else []  # eval of data.path's commit: once
+        said.add((read.path, commit))
         if commit is None:
             continue
         read.record("revision", commit)
