@@ -310,10 +310,13 @@ configs:
 dataset_info:
   splits:
   - name: train_sft
+    num_bytes: 60000
     num_examples: 100
   - name: test_sft
+    num_bytes: 12000
     num_examples: 20
   - name: train_gen
+    num_bytes: 90000
     num_examples: 150
 ---
 # chats
@@ -354,11 +357,22 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     shardtune("launch", config, f"output_dir={tmp_path / 'offline'}", "--dry_run", env={"HF_HUB_OFFLINE": "1"})
     again = yaml.safe_load(RunDir(tmp_path / "offline").config_file.read_text())["data"]
     assert (again["revision"], again["eval_revision"]) == (commit, commit) and not hub.requests
+    # ... but a split the cache lacks (only the splits read were fetched) is refused there, not on the nodes.
+    lacking = shardtune("launch", config, f"output_dir={tmp_path / 'lacking'}", "data.eval_split=train_gen",
+                        "--dry_run", env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert lacking.returncode == 2 and "Traceback" not in lacking.stderr, lacking.stderr[-3000:]
+    assert (f"data.eval_split: split 'train_gen' of dataset {CHATS} at commit {commit[:12]} is not in the Hugging "
+            f"Face cache") in lacking.stderr and not (tmp_path / "lacking").exists()
     hub.close()
     offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
     read = json.loads(shardtune(
         "prepare", str(RunDir(tmp_path / "run").config_file), "--json", env=offline).stdout)
     assert (read["rows_read"], read["eval"]["rows_read"], read["cache_hit"]) == (100, 20, False)
+    # The offline launch's config names no subset (only a launch with the hub records it): the card's default.
+    offline["SHARDTUNE_CACHE"] = str(tmp_path / "node-cache-2")
+    read = json.loads(shardtune(
+        "prepare", str(RunDir(tmp_path / "offline").config_file), "--json", env=offline).stdout)
+    assert (read["rows_read"], read["eval"]["rows_read"]) == (100, 20)
     elsewhere = shardtune("prepare", config, f"data.revision={'f' * 40}", env=offline, check=False)
     assert elsewhere.returncode == 1 and "Traceback" not in elsewhere.stderr, elsewhere.stderr[-3000:]
     assert (f"hub dataset {CHATS} at {'f' * 40}, split train_sft: cannot read it from the hub (ConnectionError) on "

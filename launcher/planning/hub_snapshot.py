@@ -205,6 +205,7 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
         problems = []
         for key, reads in pinned.items():
             if key in cached:
+                problems += _uncached_splits(reads)
                 continue
             try:
                 notes.append(fetch_dataset(reads, download=fetch == "all"))
@@ -220,6 +221,28 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
         if problems:
             raise ConfigError(problems)
     return cfg, notes
+
+
+def _uncached_splits(reads: list[DataRead]) -> list[str]:
+    """Reads of a dataset commit, found in the cache while the hub is out of reach, whose split is not there: an
+    earlier launch fetched only the splits it read, and the nodes would fail on this one after the queue."""
+    import datasets
+
+    snapshot = dataset_snapshot(reads[0].path, reads[0].revision)
+    problems = []
+    for read in reads:
+        try:
+            builder = datasets.load_dataset_builder(str(snapshot), read.subset,
+                                                    **subset_files(snapshot, read.subset, read.split))
+            there = read.split in (builder.config.data_files or {})
+        except (FileNotFoundError, ValueError, datasets.data_files.EmptyDatasetError):
+            there = False
+        if not there:
+            problems.append(f"{read.field('split')}: split {read.split!r} of dataset {read.path}"
+                            f"{f' subset {read.subset}' if read.subset else ''} at commit {str(read.revision)[:12]} "
+                            f"is not in the Hugging Face cache ({snapshot}), and the hub cannot be reached from this "
+                            f"host: launch where it can, or run `shardtune download` there first")
+    return problems
 
 
 def _dataset_commit(read: DataRead, earlier: Optional[dict]) -> tuple[Optional[str], str, bool]:
@@ -294,10 +317,14 @@ def subset_files(directory: Path, subset: Optional[str], split: str) -> dict:
     """load_dataset's keyword arguments that point a dataset's snapshot directory at one subset's files of one
     split, as its card declares them. Needed because datasets resolves every configuration and split a local
     directory's card declares, and fails on one whose files were not downloaded (fetch_dataset fetches the splits
-    read); {} for a card without configurations, whose splits datasets finds among the files present."""
-    for config in card_configs(directory):
-        if config.get("config_name", "default") != subset:
-            continue
+    read); {} for a card without configurations, whose splits datasets finds among the files present. No subset:
+    the configuration datasets reads by default (marked `default`, else named so, else the only one)."""
+    configs = card_configs(directory)
+    named = [c for c in configs if c.get("config_name", "default") == subset]
+    if subset is None:
+        named = ([c for c in configs if c.get("default")] or
+                 [c for c in configs if c.get("config_name", "default") == "default"] or configs[:len(configs) == 1])
+    for config in named[:1]:
         files = config.get("data_files")
         if isinstance(files, list) and files and isinstance(files[0], dict):
             files = {entry["split"]: entry["path"] for entry in files}
