@@ -326,8 +326,9 @@ dataset_info:
 def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_fake_hub(hub, tiny_model, tmp_path):
     """A dataset whose card names its splits, as most chat datasets' do (HuggingFaceH4/ultrachat_200k's four).
     `launch` downloads the files of the splits read at the pinned commit (not the other split, nor the rest of the
-    repository), and a host without the hub then reads the same rows from the cache; before, it had to reach the hub and failed with datasets' traceback. A split
-    the dataset does not have is refused at launch, not on the nodes after the queue."""
+    repository), and a host without the hub then reads the same rows from the cache; before, it had to reach the
+    hub and failed with datasets' traceback. A split the dataset does not have is refused at launch, not on the
+    nodes after the queue."""
     lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
     files = {"README.md": CARD, "data/train_sft-00000.jsonl": b"".join(lines[:60]),
              "data/train_sft-00001.jsonl": b"".join(lines[60:100]),

@@ -323,7 +323,8 @@ def subset_files(directory: Path, subset: Optional[str], split: str) -> dict:
     named = [c for c in configs if c.get("config_name", "default") == subset]
     if subset is None:
         named = ([c for c in configs if c.get("default")] or
-                 [c for c in configs if c.get("config_name", "default") == "default"] or configs[:len(configs) == 1])
+                 [c for c in configs if c.get("config_name", "default") == "default"] or
+                 (configs if len(configs) == 1 else []))
     for config in named[:1]:
         files = config.get("data_files")
         if isinstance(files, list) and files and isinstance(files[0], dict):

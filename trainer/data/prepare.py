@@ -113,8 +113,8 @@ def load_tokenizer(cfg: RunConfig):
     for field, path in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
         if path and absent_model(path):
             raise UserError(f"{field}: {path}: no such directory on {socket.gethostname()}: every node must see it "
-                            f"(a hub model is downloaded by `shardtune launch` into HF_HOME, which must be on such "
-                            f"a filesystem)")
+                            f"(a hub model or tokenizer is downloaded into HF_HOME, which must be on such a "
+                            f"filesystem, by `shardtune launch` without --dry_run, or by `shardtune download`)")
     source, revision = cfg.model.tokenizer_source()
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
     install_template(tok, cfg.data.chat_template, _needs_template(cfg))
