@@ -369,6 +369,7 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     read = json.loads(shardtune(
         "prepare", str(RunDir(tmp_path / "run").config_file), "--json", env=offline).stdout)
     assert (read["rows_read"], read["eval"]["rows_read"], read["cache_hit"]) == (100, 20, False)
+    assert not list((tmp_path / "hf_home").rglob("*.arrow"))  # read from the files, not from an Arrow copy of them
     # The offline launch's config names no subset (only a launch with the hub records it): the card's default.
     offline["SHARDTUNE_CACHE"] = str(tmp_path / "node-cache-2")
     read = json.loads(shardtune(

@@ -114,13 +114,17 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
 
 def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -> Iterator[RawRow]:
     """A hub dataset's rows: from its commit's files in the Hugging Face cache, which `launch` and `prepare`
-    download (nodes often have no network), else from the hub."""
+    download (nodes often have no network), else from the hub. The files are streamed: read into a Dataset,
+    datasets first wrote an Arrow copy of every row into HF_HOME/datasets on each host that read them (the
+    login node for `prepare`, rank 0's node for a job), uncompressed, so often larger than the parquet files
+    themselves, and counted by no free-space check; the rows are read once, in file order, either way."""
     import datasets
 
     snapshot = dataset_snapshot(name, revision)
     try:
         if snapshot is not None:
-            ds = datasets.load_dataset(str(snapshot), subset, split=split, **subset_files(snapshot, subset, split))
+            ds = datasets.load_dataset(str(snapshot), subset, split=split, streaming=True,
+                                       **subset_files(snapshot, subset, split))
         else:
             ds = datasets.load_dataset(name, subset, split=split, revision=revision)
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
