@@ -159,15 +159,17 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
               env={"HF_HUB_OFFLINE": "1"})
     assert resolved_model(again / "run")["name_or_path"] == str(snapshot) and not hub.requests
 
-    # The nodes: no hub and no network. They train from the snapshot, and from the data `prepare` cached on the
-    # login node for the dataset's pinned commit.
-    shardtune("prepare", str(RunDir(tmp_path / "run").config_file))
+    # The nodes: no hub and no network, and a shell without the launching shell's HF_HOME (a torchrun started over
+    # ssh). They train from the snapshot the run config names, and read the dataset's rows from the cache the run's
+    # script names (nothing was prepared ahead).
     hub.close()
     run = RunDir(tmp_path / "run")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "HOME": str(tmp_path / "node-home"),
+                "SHARDTUNE_CACHE": str(tmp_path / "node-cache")})
     done = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(run.losses()) == [1, 2]
+    assert sorted(run.losses()) == [1, 2] and any((tmp_path / "node-cache").iterdir())
 
     # Launched again to continue from its checkpoint, after the model's and the dataset's main moved on: the run
     # keeps the commits it started from.

@@ -99,8 +99,9 @@ def process_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def launch_script(cfg: RunConfig, argv: list[str]) -> str:
-    """A bash script a user can rerun by hand: the environment and the exact torchrun command."""
+def launch_script(cfg: RunConfig, argv: list[str], defaults: Optional[dict[str, str]] = None) -> str:
+    """A bash script a user can rerun by hand: the environment and the exact torchrun command. `defaults`: variables
+    set unless the environment the script starts in sets them."""
     lines = ["#!/usr/bin/env bash",
              "# Written by `shardtune launch`; rerun it to run again (it resumes from the newest checkpoint).",
              "set -euo pipefail"]
@@ -111,7 +112,7 @@ def launch_script(cfg: RunConfig, argv: list[str]) -> str:
         lines.append(f"mkdir -p {shlex.quote(str(RunDir(cfg.output_dir).nccl_traces))}")
         lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in default_env(double_quoted(cfg.output_dir)).items()
                   if k != "OMP_NUM_THREADS"]
-    lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in agent_env(cfg).items()]
+    lines += [f'export {k}="${{{k}:-{double_quoted(v)}}}"' for k, v in {**agent_env(cfg), **(defaults or {})}.items()]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in process_env(cfg).items()]
     python, run_dir = shlex.quote(argv[0]), shlex.quote(cfg.output_dir)
     lines += ["# A monitor outside the training processes kills a frozen rank (so torchrun restarts the job); when",

@@ -245,6 +245,18 @@ def _uncached_splits(reads: list[DataRead]) -> list[str]:
     return problems
 
 
+def hub_cache_env(cfg: RunConfig) -> dict[str, str]:
+    """HF_HUB_CACHE for a job that reads a hub dataset: the cache `launch` downloaded it into, unless the job's
+    environment names one. A model's snapshot is named by its path in the run config; a dataset only by its id and
+    commit, which a node looks up in its own cache (dataset_snapshot): a node whose shell lacks the launching
+    shell's HF_HOME, as a torchrun started there over ssh, looked in another cache and failed."""
+    if not any(is_hub_id(read.path) for read in cfg.data.reads()):
+        return {}
+    from huggingface_hub import constants
+
+    return {"HF_HUB_CACHE": str(Path(constants.HF_HUB_CACHE).resolve())}
+
+
 def _dataset_commit(read: DataRead, earlier: Optional[dict]) -> tuple[Optional[str], str, bool]:
     """The commit a hub dataset read is pinned to, a note (or ""), and whether the hub was out of reach and the
     commit came from the cache. In order: the commit a continued run started from; the one the hub names for the

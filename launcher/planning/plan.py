@@ -22,6 +22,7 @@ from launcher.planning.compile_choice import resolve_compile
 from launcher.planning.deepspeed_config import render_deepspeed_config
 from launcher.planning.devices import resolve_device, resolve_kernels, resolve_slurm_resources
 from launcher.planning.host import HostFacts
+from launcher.planning.hub_snapshot import hub_cache_env
 from launcher.planning.memory import tiled_mlp_problem
 from launcher.planning.memory_plan import apply_auto_choice, auto_fields, check_fit, format_memory, memory_summary
 from launcher.planning.model_files import absent_model, foreign_code, weight_files_problems
@@ -144,11 +145,11 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
     check_fit(cfg, model_cfg, ds)
     notes += moe_plan_notes(cfg, model_cfg)
     if cfg.launch.backend == "slurm":
-        script = render_sbatch(cfg, process_env(cfg), trainer_args=trainer_args)
+        script = render_sbatch(cfg, {**hub_cache_env(cfg), **process_env(cfg)}, trainer_args=trainer_args)
         argv = ["sbatch", str(RunDir(cfg.output_dir).script("slurm"))]
     else:
         argv = torchrun_argv(cfg, trainer_args=trainer_args)
-        script = launch_script(cfg, argv)
+        script = launch_script(cfg, argv, defaults=hub_cache_env(cfg))
     memory = memory_summary(cfg, model_cfg, ds)
     warnings = [n[len("warning: "):] for n in notes if n.startswith("warning: ")]
     notes = [n for n in notes if not n.startswith("warning: ")]
