@@ -131,6 +131,10 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr[-3000:]
     assert f"model.name_or_path: {snapshot} holds no weight files" in started.stderr
     assert "`shardtune download CONFIG`" in started.stderr
+    prepared = shardtune("prepare", str(RunDir(tmp_path / "run").config_file), check=False)
+    assert prepared.returncode == 1 and "Traceback" not in prepared.stderr, prepared.stderr[-3000:]
+    assert (f"model.name_or_path: {snapshot}: transformers cannot load a tokenizer from it" in prepared.stderr
+            and "the directory holds no weight files" in prepared.stderr)
 
     downloading = shardtune("download", str(config))
     assert f"({to_download / 1e6:,.1f} MB downloaded now)" in downloading.stdout

@@ -25,7 +25,7 @@ import numpy as np
 
 from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
-from launcher.planning.model_files import absent_model
+from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, default_cache_root
 from trainer.data.collate import pad_id_of
@@ -116,7 +116,15 @@ def load_tokenizer(cfg: RunConfig):
                             f"(a hub model or tokenizer is downloaded into HF_HOME, which must be on such a "
                             f"filesystem, by `shardtune launch` without --dry_run, or by `shardtune download`)")
     source, revision = cfg.model.tokenizer_source()
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if not Path(source).is_dir():
+            raise
+        field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+        hint = None if cfg.model.tokenizer else absent_weights(source)  # a dry run's snapshot: its config alone
+        raise UserError(f"{field}: {source}: transformers cannot load a tokenizer from it ("
+                        f"{' '.join(str(exc).split())[:300]})" + (f"; the directory {hint}" if hint else "")) from None
     install_template(tok, cfg.data.chat_template, _needs_template(cfg))
     return tok
 
