@@ -2,13 +2,17 @@
 
     .venv/bin/python -m bench.data_prep                    # 100k synthetic chat rows, 2 workers
     .venv/bin/python -m bench.data_prep --rows 20000 --workers 1 2 --tokenizer tiny
+    .venv/bin/python -m bench.data_prep --memory 50000 200000 --tokenizer tiny   # peak RSS against size only
 
 Part 1 runs the real `prepare` (read -> datasets.map with num_proc -> masks -> pack -> cache) on
 synthetic multi-turn chat rows whose lengths are shaped like instruction data. Part 2 packs
 log-normal sample lengths (median ~250 tokens, tail clipped at 2,048) into 2,048 and 4,096 token
 sequences, against one-sample-per-sequence padding. Timings on a shared machine are noisy: the CPU
 seconds (this process and its workers) and the load average before each run say how much of the
-machine the run really had.
+machine the run really had. --memory N1 N2 ...: `shardtune prepare` on N rows each, in a fresh process
+under bench._max_rss (the largest RSS of any of its processes, as the kernel counts it), and what the
+peak grows by per token between the sizes: `prepare` holds the tokenized set in memory, and that growth
+says how much RAM the host that prepares a dataset of a given size needs.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,15 +69,20 @@ def pick_tokenizer(choice: str, work: Path) -> tuple[str, str]:
     if choice == "smollm2":
         return str(SMOLLM2), f"SmolLM2-135M-Instruct (49,152-token BPE, its own chat template) from {SMOLLM2}"
     if choice == "tiny":
+        from transformers import LlamaConfig
+
         from examples.tiny_model import make_tokenizer
 
         out = work / "tiny-tokenizer"
         make_tokenizer().save_pretrained(out)
+        LlamaConfig(vocab_size=512).save_pretrained(out)  # `shardtune prepare` checks ids against a model's vocabulary
         return str(out), "examples.tiny_model.make_tokenizer() (512-token byte-level BPE, ChatML)"
     return choice, choice
 
 
-def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work: Path) -> dict:
+def bench_config(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work: Path) -> Path:
+    """A run config that prepares rows_path with the tokenizer into a fresh cache (the tokenizer's directory
+    stands in for the model)."""
     cache = work / f"cache-{workers}"
     shutil.rmtree(cache, ignore_errors=True)
     raw = {"model": {"name_or_path": tokenizer},
@@ -81,7 +92,11 @@ def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work
            "launch": {"nodes": 1, "procs_per_node": 1}, "output_dir": str(work / "run")}
     cfg_path = work / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(cfg_path)
+    return cfg_path
+
+
+def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work: Path) -> dict:
+    cfg = load_config(bench_config(rows_path, tokenizer, workers, seq_len, work))
     load = os.getloadavg()[0]
     cpu, started = own_cpu_seconds(), time.perf_counter()
     s = prepare(cfg, log=lambda _: None).summary
@@ -90,6 +105,25 @@ def throughput(rows_path: Path, tokenizer: str, workers: int, seq_len: int, work
             "rows_per_s": s["rows_read"] / wall, "tokens_per_s": s["tokens"] / wall, "tokens": s["tokens"],
             "kept": s["rows_kept"], "skipped": s["rows_skipped"], "efficiency": s["packing_efficiency"],
             "sequences": s["sequences"]}
+
+
+def peak_memory(sizes: list[int], tokenizer: str, workers: int, seq_len: int, work: Path) -> list[dict]:
+    """Peak RSS of `shardtune prepare` on the first N synthetic rows, for each N, each in a fresh process tree."""
+    out = []
+    rows = synthetic_chat(max(sizes))
+    for n in sorted(sizes):
+        rows_path = work / f"chat-{n}.jsonl"
+        with open(rows_path, "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows[:n])
+        cfg = bench_config(rows_path, tokenizer, workers, seq_len, work)
+        report, started = work / "rss.json", time.perf_counter()
+        shardtune = str(Path(sys.executable).parent / "shardtune")
+        done = subprocess.run([sys.executable, "-m", "bench._max_rss", str(report), shardtune, "prepare", str(cfg),
+                               "--json"], capture_output=True, text=True, check=True)
+        summary, rss = json.loads(done.stdout), json.loads(report.read_text())["max_rss_bytes"]
+        out.append({"rows": n, "text_bytes": rows_path.stat().st_size, "tokens": summary["tokens"],
+                    "peak_rss": rss, "seconds": time.perf_counter() - started})
+    return out
 
 
 def packing_table(n: int, seed: int = 0) -> list[dict]:
@@ -115,11 +149,16 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="auto",
                         help="auto (SmolLM2 if converted, else tiny), smollm2, tiny, or a path")
     parser.add_argument("--pack-samples", type=int, default=200_000)
+    parser.add_argument("--memory", type=int, nargs="+", metavar="ROWS",
+                        help="only measure prepare's peak RSS at these row counts")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     work = Path(tempfile.mkdtemp(prefix="shardtune-bench-data-"))
     try:
         tokenizer, described = pick_tokenizer(args.tokenizer, work)
+        if args.memory:
+            memory_table(args, tokenizer, described, work)
+            return
         rows_path = work / "chat.jsonl"
         started = time.perf_counter()
         with open(rows_path, "w") as fh:
@@ -151,6 +190,20 @@ def main() -> None:
                   f"{r['unpacked']:.4f} | {r['seconds']:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def memory_table(args: argparse.Namespace, tokenizer: str, described: str, work: Path) -> None:
+    print(f"# prepare's peak memory ({platform.node()}, {machine_words()}, python {platform.python_version()}; "
+          f"tokenizer: {described}; seq_len {args.seq_len}, {args.workers[0]} worker(s))")
+    print("| rows | jsonl MB | tokens | peak RSS GB | wall s | growth from the row above, bytes per token |")
+    print("|---|---|---|---|---|---|")
+    previous = None
+    for r in peak_memory(args.memory, tokenizer, args.workers[0], args.seq_len, work):
+        growth = "" if previous is None else \
+            f"{(r['peak_rss'] - previous['peak_rss']) / (r['tokens'] - previous['tokens']):.1f}"
+        print(f"| {r['rows']:,} | {r['text_bytes'] / 1e6:.0f} | {r['tokens']:,} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{r['seconds']:.1f} | {growth} |", flush=True)
+        previous = r
 
 
 if __name__ == "__main__":
