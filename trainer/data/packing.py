@@ -102,8 +102,9 @@ def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray]
         empty = np.zeros(0, np.int32)
         return PackedSet(empty, empty.copy(), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64),
                          np.zeros(0, np.int64))
-    tokens = np.concatenate([samples_ids[i] for i in order]).astype(np.int32)
-    labels = np.concatenate([samples_labels[i] for i in order]).astype(np.int32)
+    # No temporaries the size of the data beyond the outputs: a dataset's tokens are all in memory here.
+    tokens = np.concatenate([samples_ids[i] for i in order]).astype(np.int32, copy=False)
+    labels = np.concatenate([samples_labels[i] for i in order]).astype(np.int32, copy=False)
     group_sizes = np.array([len(g) for g in groups], dtype=np.int64)
     sample_starts = np.concatenate([[0], np.cumsum(group_sizes)])
     token_starts = np.concatenate([[0], np.cumsum(lens)])
@@ -111,7 +112,7 @@ def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray]
     # A sample's first label is never a target (nothing before it in its own sample predicts it).
     is_target = labels != -100
     is_target[token_starts[:-1][lens > 0]] = False
-    n_targets = np.add.reduceat(is_target.astype(np.int64), seq_starts[:-1])
+    n_targets = np.add.reduceat(is_target, seq_starts[:-1], dtype=np.int64)
     described = {name: np.asarray(values)[order] for name, values in
                  (("sample_method", sample_method), ("sample_turn", sample_turn)) if values is not None}
     return PackedSet(tokens, labels, seq_starts.astype(np.int64), lens.astype(np.int32), sample_starts.astype(np.int64),

@@ -267,16 +267,25 @@ def _encoded_from(table, rows_read: int) -> Encoded:
     bad = [(where[k], reasons[k], details[k]) for k in lost if reasons[k] not in POLICY_DROPS]
     partly = ~good & np.isin(rows, kept_rows)
     keep = np.flatnonzero(good)
-    ids, labels = table.column("input_ids").combine_chunks(), table.column("labels").combine_chunks()
-    id_at, flat_ids = ids.offsets.to_numpy(), ids.values.to_numpy()
-    label_at, flat_labels = labels.offsets.to_numpy(), labels.values.to_numpy()
     truncated = _column(table, "truncated").astype(bool)
-    return Encoded(ids=[flat_ids[id_at[i]:id_at[i + 1]] for i in keep],
-                   labels=[flat_labels[label_at[i]:label_at[i + 1]] for i in keep],
+    return Encoded(ids=_sample_views(table.column("input_ids"), keep),
+                   labels=_sample_views(table.column("labels"), keep),
                    rows=rows[keep], methods=_column(table, "method")[keep].astype(np.int8),
                    turns=_column(table, "turn")[keep].astype(np.int16), rows_read=rows_read,
                    skipped=Counter(reasons[lost].tolist()), truncated=len(np.unique(rows[keep][truncated[keep]])),
                    bad=bad, turns_dropped=Counter(reasons[partly].tolist()))
+
+
+def _sample_views(column, keep: np.ndarray) -> list[np.ndarray]:
+    """Each kept sample's values as a numpy view into the Arrow buffers, chunk by chunk: combining the chunks
+    first would copy every token once more, at the step where a whole dataset's tokens are in memory."""
+    views, base = [], 0
+    for chunk in column.chunks:
+        at, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+        mine = keep[(keep >= base) & (keep < base + len(chunk))] - base
+        views += [values[at[i]:at[i + 1]] for i in mine]
+        base += len(chunk)
+    return views
 
 
 def bad_rows_message(bad: list[tuple[str, str, str]], total: int, counts: dict[str, int]) -> str:
