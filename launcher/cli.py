@@ -32,7 +32,7 @@ def plan(config: str, *overrides: str, json: bool = False) -> None:
 
 def planned(cfg: RunConfig, fetch: Fetch, trainer_args: tuple[str, ...] = ()) -> Plan:
     """The plan of a config whose hub models and datasets are pinned to one commit in the local cache
-    (hub_snapshot): `fetch` says how much of them is fetched (hub_snapshot.FETCH): config.json for `plan`, every
+    (hub_snapshot): `fetch` says how much of them is fetched (hub_snapshot.Fetch): config.json for `plan`, every
     check and size but no weights or data for `launch --dry_run`, every file the run reads for `launch` and
     `preflight`. A run continued from its checkpoints keeps the commits it started from."""
     earlier = continued_run(cfg)

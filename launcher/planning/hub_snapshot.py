@@ -14,7 +14,7 @@ the weight-file checks of `plan` and of each node's preflight apply to it as to 
 from_pretrained and the tokenizer read are fetched (model_files.files_read): many repositories also carry weights in
 other forms, such as Llama's `original/` copy, as large as the model. `plan` fetches config.json alone, and plans
 without the model's shape, with a note, when the hub cannot be reached and the file is not cached. `launch
---dry_run` checks and sizes what launch would download without downloading it (FETCH).
+--dry_run` checks and sizes what launch would download without downloading it (Fetch).
 
 The cache is huggingface_hub's (HF_HOME, or HF_HUB_CACHE): it must be on a filesystem every node mounts, as a
 home directory usually is; a node that does not see it fails its preflight, naming the directory.
@@ -43,7 +43,6 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 """A hub repository id, `name` or `owner/name` (huggingface_hub's own rule, less its length limit)."""
 
 Fetch = Literal["config", "sizes", "all"]
-FETCH = ("config", "sizes", "all")
 """How much of a hub model or dataset a command fetches. `config` (plan): the commit and a model's config.json.
 `sizes` (launch --dry_run): every check launch makes, from the hub's listing and the small files that name the
 others (config, weight index, dataset card), and the size of what launch would download; no weights or data files,
@@ -65,7 +64,7 @@ class Snapshot:
     left: dict[str, int] = field(default_factory=dict)
     """Files of the commit the run does not read, with their sizes: not downloaded."""
     downloaded: bool = True
-    """False for a dry run (FETCH `sizes`): `fetched` is then what launch would download."""
+    """False for a dry run (Fetch `sizes`): `fetched` is then what launch would download."""
 
     def note(self, what: str) -> str:
         pinned = "" if self.revision == self.commit else f" at {self.revision}"
@@ -114,7 +113,7 @@ def continued_run(cfg: RunConfig) -> Optional[dict]:
 
 def pin_hub_models(cfg: RunConfig, fetch: Fetch, earlier: Optional[dict] = None) -> tuple[RunConfig, list[str]]:
     """A copy of the config whose hub ids (model, tokenizer) name snapshot directories in the local cache, with a
-    note for each. `fetch` (FETCH): `config` (plan) fetches config.json only, and a hub out of reach is a note,
+    note for each. `fetch` (Fetch): `config` (plan) fetches config.json only, and a hub out of reach is a note,
     not an error.
     The tokenizer is resolved first, at its own revision (ModelConfig.tokenizer_source); model.revision and
     model.tokenizer_revision then record the commits. `earlier`: the resolved config of the run this launch
@@ -182,8 +181,7 @@ def pin_hub_datasets(cfg: RunConfig, earlier: Optional[dict] = None,
     `earlier`: as for pin_hub_models, a continued run keeps the commits it started from. `fetch` `all` (launch,
     preflight, prepare, download): each pinned commit's data files are fetched into the Hugging Face cache too
     (fetch_dataset), where every reader finds them without the network; `sizes` (launch --dry_run): checked and
-    sized, not downloaded. A hub out of reach: the commit the cache
-    holds is read as it is (_dataset_commit)."""
+    sized, not downloaded. A hub out of reach: the commit the cache holds is read as it is (_dataset_commit)."""
     cfg = cfg.model_copy(deep=True)
     notes: list[str] = []
     pinned: dict[tuple[str, str, Optional[str]], list[DataRead]] = {}

@@ -280,10 +280,10 @@ def _sample_views(column, keep: np.ndarray) -> list[np.ndarray]:
     """Each kept sample's values as a numpy view into the Arrow buffers, chunk by chunk: combining the chunks
     first would copy every token once more, at the step where a whole dataset's tokens are in memory."""
     views, base = [], 0
-    for chunk in column.chunks:
+    for chunk in column.chunks:  # `keep` is sorted: each chunk's share is one slice of it
         at, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
-        mine = keep[(keep >= base) & (keep < base + len(chunk))] - base
-        views += [values[at[i]:at[i + 1]] for i in mine]
+        lo, hi = np.searchsorted(keep, [base, base + len(chunk)])
+        views += [values[at[i]:at[i + 1]] for i in keep[lo:hi] - base]
         base += len(chunk)
     return views
 

@@ -121,12 +121,14 @@ def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -
     import datasets
 
     snapshot = dataset_snapshot(name, revision)
-    try:
+    try:  # streamed: a file's problem shows while its rows are read
         if snapshot is not None:
             ds = datasets.load_dataset(str(snapshot), subset, split=split, streaming=True,
                                        **subset_files(snapshot, subset, split))
         else:
             ds = datasets.load_dataset(name, subset, split=split, revision=revision)
+        for index, row in enumerate(ds):
+            yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
         where = f"its files in {snapshot}" if snapshot else f"it from the hub ({exc.__class__.__name__})"
         raise UserError(f"hub dataset {name}{f' subset {subset}' if subset else ''} at {revision or 'main'}, split "
@@ -134,8 +136,6 @@ def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -
                         f"{socket.gethostname()}: {str(exc).splitlines()[0] if str(exc) else exc!r}. `shardtune "
                         f"launch` and `shardtune prepare`, run where the hub can be reached, download it into the "
                         f"Hugging Face cache (HF_HOME), which every node must mount") from None
-    for index, row in enumerate(ds):
-        yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
 
 
 READERS = {".jsonl": _jsonl_rows, ".json": _json_array_items, ".csv": _csv_rows, ".parquet": _parquet_rows}
