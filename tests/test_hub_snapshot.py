@@ -169,7 +169,7 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     hub.close()
     run = RunDir(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "HOME": str(tmp_path / "node-home"),
+    env.update({"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
                 "SHARDTUNE_CACHE": str(tmp_path / "node-cache")})
     done = subprocess.run(["bash", str(run.script("torchrun"))], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
