@@ -35,12 +35,19 @@ def planned(cfg: RunConfig, fetch: Fetch, trainer_args: tuple[str, ...] = ()) ->
     (hub_snapshot): `fetch` says how much of them is fetched (hub_snapshot.Fetch): config.json for `plan`, every
     check and size but no weights or data for `launch --dry_run`, every file the run reads for `launch` and
     `preflight`. A run continued from its checkpoints keeps the commits it started from."""
+    cfg, notes = pinned(cfg, fetch)
+    p = build_plan(cfg, trainer_args=trainer_args)
+    p.notes[:0] = notes
+    return p
+
+
+def pinned(cfg: RunConfig, fetch: Fetch) -> tuple[RunConfig, list[str]]:
+    """The config with its hub models and datasets pinned (hub_snapshot), and a note for each; a run continued
+    from its checkpoints keeps the commits it started from."""
     earlier = continued_run(cfg)
     cfg, notes = pin_hub_models(cfg, fetch, earlier)
     cfg, data_notes = pin_hub_datasets(cfg, earlier, fetch)
-    p = build_plan(cfg, trainer_args=trainer_args)
-    p.notes[:0] = notes + data_notes
-    return p
+    return cfg, notes + data_notes
 
 
 def check_run_dir_free(cfg) -> None:
@@ -175,13 +182,10 @@ def download(config: str, *overrides: str) -> None:
     launch from one without it, or to take a 140 GB download off the critical path (a login node's session limit,
     a data-transfer node). `launch` then finds every file there, and offline uses the commits the cache recorded
     for their branches."""
-    cfg = load_config(config, [str(o) for o in overrides])
-    earlier = continued_run(cfg)
-    cfg, notes = pin_hub_models(cfg, "all", earlier)
-    cfg, data_notes = pin_hub_datasets(cfg, earlier, fetch="all")
-    for note in notes + data_notes:
+    _, notes = pinned(load_config(config, [str(o) for o in overrides]), "all")
+    for note in notes:
         print(note)
-    if not notes + data_notes:
+    if not notes:
         print("nothing to download: the run's model, tokenizer and data are local paths")
 
 

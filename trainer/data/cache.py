@@ -18,6 +18,11 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("SHARDTUNE_CACHE", Path.home() / ".cache" / "shardtune" / "data"))
 
 
+def cache_root(cache_dir: str | None) -> Path:
+    """Where a run's data cache lives: data.cache_dir, else the default."""
+    return Path(cache_dir) if cache_dir else default_cache_root()
+
+
 def cache_key(parts: dict) -> str:
     """A short stable hash of the preprocessing inputs (JSON-serialisable)."""
     blob = json.dumps({"version": PREP_VERSION, **parts}, sort_keys=True, default=str)

@@ -28,7 +28,7 @@ from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
-from trainer.data.cache import cache_key, default_cache_root
+from trainer.data.cache import cache_key, cache_root
 from trainer.data.collate import pad_id_of
 from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_chat
 from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
@@ -232,7 +232,7 @@ def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
     ended, under the peak of everything built after them."""
     import datasets
 
-    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_root()
+    root = cache_root(cfg.data.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".rows-", dir=root) as spill:
         rows_file = Path(spill) / "rows.arrow"
@@ -255,9 +255,8 @@ def _spill_rows(rows, path: Path, batch: int = 10_000) -> None:
     columns: dict[str, list] = {name: [] for name in RAW_SCHEMA_FIELDS}
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for row in rows:
-            columns["where"].append(row.where)
-            columns["text"].append(row.text)
-            columns["error"].append(row.error)
+            for name, values in columns.items():
+                values.append(getattr(row, name))
             if len(columns["where"]) == batch:
                 writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
                 columns = {name: [] for name in RAW_SCHEMA_FIELDS}
@@ -484,7 +483,7 @@ def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) 
     d = cfg.data
     inputs = cache_inputs(cfg, tok)
     key = cache_key(inputs)
-    root = Path(d.cache_dir) if d.cache_dir else default_cache_root()
+    root = cache_root(d.cache_dir)
 
     def build(tmp: Path) -> None:
         log(f"preprocessing {d.path} into {root / key}")
