@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from launcher.contract.config import load_config
 from trainer.data.collate import collate
-from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, packing_stats
+from trainer.data.packing import (
+    ARRAYS,
+    OPTIONAL_ARRAYS,
+    PackedSet,
+    best_fit_decreasing,
+    build_packed,
+    packing_stats,
+    write_packed,
+)
 from trainer.data.prepare import prepare
 from trainer.data.render import IGNORE
 
@@ -140,6 +148,43 @@ def test_build_packed_counts_targets_of_the_shifted_loss(tmp_path):
                ("tokens", "labels", "seq_starts", "sample_lens", "sample_starts", "n_targets"))
     assert packing_stats(loaded, 8) == {"sequences": 2, "tokens": 9, "trained_tokens": 4, "pad_tokens": 7,
                                         "packing_efficiency": round(9 / 16, 6)}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 200, 1 << 22])
+def test_packing_to_disk_a_chunk_at_a_time_gives_the_whole_set(tmp_path, chunk_tokens):
+    """`prepare` packs from files a chunk of sequences at a time (so a dataset's tokens are never all in memory);
+    chunks of one token (every sequence alone), of about three sequences, and of the whole set give the same arrays as
+    concatenating the samples in one go, with targets counted here sample by sample."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 1000, n).astype(np.int32) for n in rng.integers(2, 40, 300)]
+    labels = [np.where(rng.random(len(x)) < 0.4, IGNORE, x).astype(np.int32) for x in ids]
+    lengths = np.array([len(x) for x in ids])
+    groups = best_fit_decreasing(lengths, 64)
+    reads = []
+
+    def read(samples, out_ids, out_labels):
+        reads.append(len(samples))
+        out_ids[:] = np.concatenate([ids[i] for i in samples])
+        out_labels[:] = np.concatenate([labels[i] for i in samples])
+
+    methods, turns = rng.integers(0, 5, 300).astype(np.int8), rng.integers(0, 3, 300).astype(np.int16)
+    packed, largest = write_packed(tmp_path / "p", lengths, groups, read, methods, turns, chunk_tokens=chunk_tokens)
+    order = [i for g in groups for i in g]
+    assert np.array_equal(packed.tokens, np.concatenate([ids[i] for i in order]))
+    assert largest == max(x.max() for x in ids)
+    assert np.array_equal(packed.labels, np.concatenate([labels[i] for i in order]))
+    assert packed.n_targets.tolist() == [sum(int((labels[i][1:] != IGNORE).sum()) for i in g) for g in groups]
+    assert packed.sample_lens.tolist() == lengths[order].tolist()
+    assert packed.sample_method.tolist() == methods[order].tolist()
+    whole = build_packed(ids, labels, groups, methods, turns)
+    assert all(np.array_equal(getattr(packed, f), getattr(whole, f)) for f in ARRAYS + OPTIONAL_ARRAYS)
+    assert sum(reads) == 300
+    if chunk_tokens == 1:
+        assert len(reads) == len(groups)  # a sequence longer than a chunk is still read whole
+    elif chunk_tokens == 200:
+        assert 1 < len(reads) < len(groups)
+    else:
+        assert len(reads) == 1
 
 
 def test_rows_of_one_sample_skip_the_mask_and_keep_their_losses(chat_prepared, model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import resource
 
 import numpy as np
 import pyarrow as pa
@@ -168,13 +169,18 @@ def test_two_workers_give_the_same_result(tmp_path, tiny_model, capfd):
                      {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 20)))}]
         rows.append({"messages": msgs} if i % 500 else {"messages": msgs[:1]})  # a few bad rows too
     path = write_jsonl(tmp_path / "many.jsonl", rows)
-    results = []
+    results, child_cpu = [], []
     for workers in (2, 1):
         sub = tmp_path / f"w{workers}"
         sub.mkdir()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         results.append(prep(sub, tiny_model, path, "messages", seq_len=512, num_proc=workers, on_bad_row="skip",
                             cache_dir=str(sub / "cache")))
-    assert "num_proc=2" in capfd.readouterr().err  # datasets really ran two workers
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        child_cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    # Two worker processes really tokenized (the kernel counts their CPU time once they are reaped), one did not.
+    assert child_cpu[0] > 0.3 and child_cpu[1] < 0.01, child_cpu
+    assert "with 2 workers" in capfd.readouterr().err
     two, one = results
     assert all(np.array_equal(a, b) for a, b in zip(arrays(two), arrays(one)))
     assert two.summary["rows_skipped"] == one.summary["rows_skipped"] == {"no_assistant_turn": 6}

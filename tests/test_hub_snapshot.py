@@ -385,8 +385,9 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     assert elsewhere.returncode == 1 and "Traceback" not in elsewhere.stderr, elsewhere.stderr[-3000:]
     assert (f"hub dataset {CHATS} at {'f' * 40}, split train_sft: cannot read it from the hub (ConnectionError) on "
             f"{os.uname().nodename}") in elsewhere.stderr
-    # The rows a prepare spills beside the data cache are gone after it, read or failed.
-    assert not [p for cache in ("node-cache", "node-cache-2") for p in (tmp_path / cache).glob(".rows-*")]
+    # The tokenized samples a prepare writes beside the data cache are gone after it, read or failed.
+    assert not [p for cache in ("node-cache", "node-cache-2") for p in (tmp_path / cache).rglob("*")
+                if p.name in ("samples", "ids.bin") or ".tmp-" in p.name]
 
 
 def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_hub(hub, tiny_model, tmp_path):

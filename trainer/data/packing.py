@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -96,27 +97,106 @@ def build_packed(samples_ids: list[np.ndarray], samples_labels: list[np.ndarray]
 
     sample_method / sample_turn (per input sample, optional) describe each sample for `prepare --show`.
     """
-    order = [i for g in groups for i in g]
-    lens = np.array([len(samples_ids[i]) for i in order], dtype=np.int64)
-    if not order:
+    layout = Layout.of(np.array([len(x) for x in samples_ids], dtype=np.int64), groups)
+    if not len(layout.order):
         empty = np.zeros(0, np.int32)
         return PackedSet(empty, empty.copy(), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64),
                          np.zeros(0, np.int64))
-    # No temporaries the size of the data beyond the outputs: a dataset's tokens are all in memory here.
-    tokens = np.concatenate([samples_ids[i] for i in order]).astype(np.int32, copy=False)
-    labels = np.concatenate([samples_labels[i] for i in order]).astype(np.int32, copy=False)
-    group_sizes = np.array([len(g) for g in groups], dtype=np.int64)
-    sample_starts = np.concatenate([[0], np.cumsum(group_sizes)])
-    token_starts = np.concatenate([[0], np.cumsum(lens)])
-    seq_starts = token_starts[sample_starts]
-    # A sample's first label is never a target (nothing before it in its own sample predicts it).
-    is_target = labels != -100
+    tokens = np.concatenate([samples_ids[i] for i in layout.order]).astype(np.int32, copy=False)
+    labels = np.concatenate([samples_labels[i] for i in layout.order]).astype(np.int32, copy=False)
+    n_targets = count_targets(labels, layout.lens, layout.sample_starts)
+    return PackedSet(tokens, labels, layout.seq_starts, layout.lens.astype(np.int32), layout.sample_starts, n_targets,
+                     **layout.described(sample_method, sample_turn))
+
+
+@dataclass
+class Layout:
+    """Where each sample goes: `order` lists input samples sequence by sequence, the rest is PackedSet's index."""
+
+    order: np.ndarray
+    lens: np.ndarray
+    sample_starts: np.ndarray
+    seq_starts: np.ndarray
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, groups: list[list[int]]) -> Layout:
+        order = np.array([i for g in groups for i in g], dtype=np.int64)
+        lens = np.asarray(lengths, dtype=np.int64)[order]
+        sample_starts = np.concatenate([[0], np.cumsum([len(g) for g in groups], dtype=np.int64)]).astype(np.int64)
+        token_starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        return cls(order, lens, sample_starts, token_starts[sample_starts])
+
+    def described(self, sample_method: Optional[np.ndarray], sample_turn: Optional[np.ndarray]) -> dict:
+        return {name: np.asarray(values)[self.order] for name, values in
+                (("sample_method", sample_method), ("sample_turn", sample_turn)) if values is not None}
+
+
+def count_targets(labels: np.ndarray, lens: np.ndarray, sample_starts: np.ndarray) -> np.ndarray:
+    """Per sequence, the positions the shifted loss trains: `labels` holds whole sequences, made of samples of
+    `lens` (sequence k: samples sample_starts[k] - sample_starts[0] onwards). A sample's first label is never
+    a target (nothing before it in its own sample predicts it)."""
+    token_starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    is_target = labels != -100  # bool: no temporary the size of the data beyond it
     is_target[token_starts[:-1][lens > 0]] = False
-    n_targets = np.add.reduceat(is_target, seq_starts[:-1], dtype=np.int64)
-    described = {name: np.asarray(values)[order] for name, values in
-                 (("sample_method", sample_method), ("sample_turn", sample_turn)) if values is not None}
-    return PackedSet(tokens, labels, seq_starts.astype(np.int64), lens.astype(np.int32), sample_starts.astype(np.int64),
-                     n_targets.astype(np.int64), **described)
+    seq_starts = token_starts[sample_starts - sample_starts[0]]
+    filled = seq_starts[1:] > seq_starts[:-1]
+    out = np.zeros(len(filled), np.int64)
+    if filled.any():
+        out[filled] = np.add.reduceat(is_target, seq_starts[:-1][filled], dtype=np.int64)
+    return out
+
+
+def write_packed(directory: Path, lengths: np.ndarray, groups: list[list[int]],
+                 read: Callable[[np.ndarray, np.ndarray, np.ndarray], None], sample_method: Optional[np.ndarray] = None,
+                 sample_turn: Optional[np.ndarray] = None, chunk_tokens: int = 1 << 22) -> tuple[PackedSet, int]:
+    """build_packed's set written to `directory` a chunk of sequences at a time, and its largest token id.
+
+    read(samples, ids, labels) fills the int32 arrays with the given input samples' ids and labels, one after
+    another. So memory holds one chunk (`chunk_tokens`, 32 MiB of ids and labels by default) and a few numbers per
+    sample, not the dataset: packing a billion tokens this way needs what packing a million did.
+    """
+    layout = Layout.of(lengths, groups)
+    directory.mkdir(parents=True, exist_ok=True)
+    total = int(layout.seq_starts[-1])
+    outputs = [_NpyAppender(directory / f"{name}.npy", total) for name in ("tokens", "labels")]
+    n_targets, largest = np.zeros(len(groups), np.int64), -1
+    seq = 0
+    while seq < len(groups):
+        end = max(seq + 1, int(np.searchsorted(layout.seq_starts, layout.seq_starts[seq] + chunk_tokens, "right")) - 1)
+        end = min(end, len(groups))
+        first, last = layout.sample_starts[seq], layout.sample_starts[end]
+        size = int(layout.seq_starts[end] - layout.seq_starts[seq])
+        ids, labels = np.empty(size, np.int32), np.empty(size, np.int32)
+        read(layout.order[first:last], ids, labels)
+        n_targets[seq:end] = count_targets(labels, layout.lens[first:last], layout.sample_starts[seq:end + 1])
+        largest = max(largest, int(ids.max(initial=-1)))
+        for out, values in zip(outputs, (ids, labels)):
+            out.write(values)
+        seq = end
+    for out in outputs:
+        out.close()
+    arrays = {"seq_starts": layout.seq_starts, "sample_lens": layout.lens.astype(np.int32),
+              "sample_starts": layout.sample_starts, "n_targets": n_targets,
+              **layout.described(sample_method, sample_turn)}
+    for name, values in arrays.items():
+        np.save(directory / f"{name}.npy", values)
+    return PackedSet.load(directory), largest
+
+
+class _NpyAppender:
+    """An int32 .npy file of known length, written front to back (numpy writes the header)."""
+
+    def __init__(self, path: Path, length: int) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(length,))
+        del header
+        self._fh = open(path, "r+b")
+        self._fh.seek(path.stat().st_size - 4 * length)
+
+    def write(self, values: np.ndarray) -> None:
+        self._fh.write(values.tobytes())
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def packing_stats(packed: PackedSet, seq_len: int) -> dict:

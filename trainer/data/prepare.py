@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
 import socket
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
@@ -30,15 +29,14 @@ from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, cache_root
 from trainer.data.collate import pad_id_of
-from trainer.data.formats import FORMAT_FIELDS, BadRow, parse_json, to_chat
-from trainer.data.packing import PackedSet, best_fit_decreasing, build_packed, one_per_sequence, packing_stats
-from trainer.data.render import METHODS, Rendered, Renderer, fit_length, install_template, num_targets
+from trainer.data.encode import Encoded, encode_source
+from trainer.data.formats import FORMAT_FIELDS
+from trainer.data.packing import PackedSet, best_fit_decreasing, one_per_sequence, packing_stats, write_packed
+from trainer.data.render import METHODS, Renderer, install_template
 from trainer.data.sources import fingerprint_files, read_rows
 
 MAX_LISTED_BAD_ROWS = 20
 MAX_STORED_BAD_ROWS = 1000
-POLICY_DROPS = ("too_long", "no_trained_tokens")
-"""Reasons that follow a data setting (data.truncation), not malformed input: counted, never an error."""
 
 
 class DataError(UserError):
@@ -64,31 +62,6 @@ class Prepared:
     eval: Optional[PackedSet]
     summary: dict
     cache_dir: Path
-
-
-@dataclass
-class Encoded:
-    """One source after tokenization: its usable samples and what happened to the other rows.
-
-    A row gives one sample, or one per assistant turn where it is rendered per_turn.
-    """
-
-    ids: list[np.ndarray]
-    labels: list[np.ndarray]
-    rows: np.ndarray
-    """The row each sample comes from (an eval holdout takes whole rows, never some turns of one)."""
-    methods: np.ndarray
-    """Per sample: index into render.METHODS of how its trained spans were found."""
-    turns: np.ndarray
-    """Per sample: the assistant turn a per_turn sample trains (1-based), else 0."""
-    rows_read: int
-    skipped: Counter
-    """Rows left without any sample, per reason."""
-    truncated: int
-    bad: list[tuple[str, str, str]]
-    """(file:line, reason, detail) of malformed rows, in file order (policy drops are only counted)."""
-    turns_dropped: Counter
-    """per_turn samples dropped (too long, nothing trained) from rows whose other samples were kept."""
 
 
 def sources_of(cfg: RunConfig) -> list[Source]:
@@ -172,153 +145,6 @@ def cache_inputs(cfg: RunConfig, tok) -> dict:
     }
 
 
-COLUMNS = ("where", "row", "input_ids", "labels", "reason", "detail", "truncated", "method", "turn")
-
-
-def _render_rows(batch: dict, fmt: str, f: DataFields, renderer: Renderer) -> list[Union[BadRow, list[Rendered]]]:
-    out: list[Union[BadRow, list[Rendered]]] = []
-    for text, error in zip(batch["text"], batch["error"]):
-        try:
-            if error:
-                raise BadRow(*error.split(": ", 1))
-            out.append(renderer.render_samples(to_chat(parse_json(text), fmt, f)))
-        except BadRow as exc:
-            out.append(exc)
-    return out
-
-
-def _encode_batch(batch: dict, indices: list[int], fmt: str, fields: dict, renderer: Renderer, seq_len: int,
-                  truncation: str) -> dict:
-    """datasets.map worker: rows -> an output per sample (token ids and labels), or per row why it is dropped."""
-    rendered = _render_rows(batch, fmt, DataFields(**fields), renderer)
-    encoded = iter(renderer.encode_many([s for r in rendered if isinstance(r, list) for s in r]))
-    out: dict[str, list] = {c: [] for c in COLUMNS}
-    empty = np.zeros(0, dtype=np.int32)
-
-    def emit(i: int, ids=empty, labels=empty, reason="", detail="", cut=False, sample: Optional[Rendered] = None):
-        values = (batch["where"][i], indices[i], ids, labels, reason, detail, cut,
-                  METHODS.index(sample.method) if sample else -1, sample.turn if sample else 0)
-        for column, value in zip(COLUMNS, values):
-            out[column].append(value)
-
-    for i, samples in enumerate(rendered):
-        if isinstance(samples, BadRow):
-            emit(i, reason=samples.reason, detail=samples.detail)
-            continue
-        for sample in samples:
-            ids, labels = next(encoded)
-            try:
-                ids, labels, cut = fit_length(ids, labels, seq_len, truncation)
-                if num_targets(labels) == 0:
-                    raise BadRow("no_trained_tokens", "no token carries loss" + (" after truncation" if cut else ""))
-            except BadRow as exc:
-                emit(i, reason=exc.reason, detail=exc.detail, sample=sample)
-                continue
-            emit(i, ids, labels, cut=cut, sample=sample)
-    return out
-
-
-def _workers(cfg: RunConfig, rows: int) -> Optional[int]:
-    if cfg.data.num_proc:
-        return cfg.data.num_proc if cfg.data.num_proc > 1 else None  # datasets forks even for num_proc=1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if rows >= 20_000 and cores > 1 else None  # forking costs more than small data saves
-
-
-def encode_source(src: Source, renderer: Renderer, cfg: RunConfig) -> Encoded:
-    """One source through datasets.map (batched, num_proc); results come back as Arrow, read as numpy. The rows
-    go to an Arrow file beside the data cache as they are read, and the map reads them memory-mapped: held as
-    Python lists and an in-memory table, they left ~3 bytes of memory per byte of text to the process until it
-    ended, under the peak of everything built after them."""
-    import datasets
-
-    root = cache_root(cfg.data.cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".rows-", dir=root) as spill:
-        rows_file = Path(spill) / "rows.arrow"
-        _spill_rows(read_rows(src.path, src.split, src.revision, src.subset), rows_file)
-        raw = datasets.Dataset.from_file(str(rows_file))
-        encoded = _encode_rows(raw, src, renderer, cfg)
-        result = _encoded_from(encoded.data.table, len(raw))
-        del raw, encoded
-    return result
-
-
-RAW_SCHEMA_FIELDS = ("where", "text", "error")
-
-
-def _spill_rows(rows, path: Path, batch: int = 10_000) -> None:
-    """RawRows into an Arrow stream file (datasets' own format), a batch at a time."""
-    import pyarrow as pa
-
-    schema = pa.schema([(name, pa.string()) for name in RAW_SCHEMA_FIELDS])
-    columns: dict[str, list] = {name: [] for name in RAW_SCHEMA_FIELDS}
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for row in rows:
-            for name, values in columns.items():
-                values.append(getattr(row, name))
-            if len(columns["where"]) == batch:
-                writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
-                columns = {name: [] for name in RAW_SCHEMA_FIELDS}
-        writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
-
-
-def _encode_rows(raw, src: Source, renderer: Renderer, cfg: RunConfig):
-    import datasets
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    features = datasets.Features({"where": datasets.Value("string"), "row": datasets.Value("int64"),
-                                  "input_ids": datasets.List(datasets.Value("int32")),
-                                  "labels": datasets.List(datasets.Value("int32")), "reason": datasets.Value("string"),
-                                  "detail": datasets.Value("string"), "truncated": datasets.Value("bool"),
-                                  "method": datasets.Value("int8"), "turn": datasets.Value("int16")})
-    # A row may give several samples (per_turn), so every input column goes and the worker writes all outputs.
-    encoded = raw.map(_encode_batch, batched=True, batch_size=500, num_proc=_workers(cfg, len(raw)), with_indices=True,
-                      remove_columns=raw.column_names, features=features, keep_in_memory=True,
-                      fn_kwargs={"fmt": src.format, "fields": src.fields.model_dump(), "renderer": renderer,
-                                 "seq_len": cfg.data.seq_len, "truncation": cfg.data.truncation},
-                      new_fingerprint=hashlib.sha256(f"{src.path}{time.time_ns()}".encode()).hexdigest()[:16],
-                      desc=f"tokenizing {Path(src.path).name}")
-    return encoded
-
-
-def _column(table, name: str) -> np.ndarray:
-    return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
-
-
-def _encoded_from(table, rows_read: int) -> Encoded:
-    """Samples kept, and per row what became of it: a row counts as kept when any of its samples is."""
-    reasons = _column(table, "reason")
-    rows = _column(table, "row").astype(np.int64)
-    good = reasons == ""
-    kept_rows = np.unique(rows[good])
-    first = np.unique(rows, return_index=True)[1]  # each row's first output: its reason when nothing is kept
-    lost = first[~np.isin(rows[first], kept_rows)]
-    where, details = table.column("where").to_pylist(), table.column("detail").to_pylist()
-    bad = [(where[k], reasons[k], details[k]) for k in lost if reasons[k] not in POLICY_DROPS]
-    partly = ~good & np.isin(rows, kept_rows)
-    keep = np.flatnonzero(good)
-    truncated = _column(table, "truncated").astype(bool)
-    return Encoded(ids=_sample_views(table.column("input_ids"), keep),
-                   labels=_sample_views(table.column("labels"), keep),
-                   rows=rows[keep], methods=_column(table, "method")[keep].astype(np.int8),
-                   turns=_column(table, "turn")[keep].astype(np.int16), rows_read=rows_read,
-                   skipped=Counter(reasons[lost].tolist()), truncated=len(np.unique(rows[keep][truncated[keep]])),
-                   bad=bad, turns_dropped=Counter(reasons[partly].tolist()))
-
-
-def _sample_views(column, keep: np.ndarray) -> list[np.ndarray]:
-    """Each kept sample's values as a numpy view into the Arrow buffers, chunk by chunk: combining the chunks
-    first would copy every token once more, at the step where a whole dataset's tokens are in memory."""
-    views, base = [], 0
-    for chunk in column.chunks:  # `keep` is sorted: each chunk's share is one slice of it
-        at, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
-        lo, hi = np.searchsorted(keep, [base, base + len(chunk)])
-        views += [values[at[i]:at[i + 1]] for i in keep[lo:hi] - base]
-        base += len(chunk)
-    return views
-
-
 def bad_rows_message(bad: list[tuple[str, str, str]], total: int, counts: dict[str, int]) -> str:
     listed = "\n".join(f"  {w}: {r}: {d}" for w, r, d in bad[:MAX_LISTED_BAD_ROWS])
     more = f"\n  ... and {total - MAX_LISTED_BAD_ROWS} more" if total > MAX_LISTED_BAD_ROWS else ""
@@ -363,14 +189,29 @@ def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction
     return picked, held, per_source_count
 
 
-def _pack(per_source: list[Encoded], samples: list[tuple[int, int]], seq_len: int, packing: bool) -> PackedSet:
-    ids = [per_source[s].ids[i] for s, i in samples]
-    labels = [per_source[s].labels[i] for s, i in samples]
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+def _pack(directory: Path, per_source: list[Encoded], samples: list[tuple[int, int]], seq_len: int,
+          packing: bool) -> tuple[PackedSet, int]:
+    """The given samples packed into `directory`, and their largest token id."""
+    source = np.array([s for s, _ in samples], dtype=np.int64)
+    index = np.array([i for _, i in samples], dtype=np.int64)
+    of_source = [e.store.lengths for e in per_source]
+    lengths = np.array([of_source[s][i] for s, i in samples], dtype=np.int64)
     groups = best_fit_decreasing(lengths, seq_len) if packing else one_per_sequence(lengths)
+
+    def read(picked: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
+        at = 0
+        for s, i, n in zip(source[picked], index[picked], lengths[picked]):
+            per_source[s].store.read_into(int(i), ids[at:at + n], labels[at:at + n])
+            at += n
+
     methods = np.array([per_source[s].methods[i] for s, i in samples], dtype=np.int8)
     turns = np.array([per_source[s].turns[i] for s, i in samples], dtype=np.int16)
-    return build_packed(ids, labels, groups, methods, turns)
+    return write_packed(directory, lengths, groups, read, methods, turns)
+
+
+def _encode(src: Source, renderer: Renderer, cfg: RunConfig, directory: Path) -> Encoded:
+    return encode_source(read_rows(src.path, src.split, src.revision, src.subset), renderer, cfg, src.format,
+                         src.fields, directory, Path(src.path).name)
 
 
 def _counts(encoded: list[Encoded]) -> dict:
@@ -397,27 +238,32 @@ def _masks(encoded: list[Encoded], multi_turn: str) -> dict:
 
 
 def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
+    """The cache entry in `tmp`. The tokenized samples go to `tmp/samples` (removed at the end, or with `tmp` when
+    the build fails): the sequences are packed from there, so no step holds the dataset's tokens in memory."""
     d = cfg.data
     started = time.perf_counter()
     sources, eval_src = sources_of(cfg), eval_source_of(cfg)
     renderer = Renderer(tok, d.train_on, d.multi_turn, d.train_on_reasoning)
-    encoded = [encode_source(src, renderer, cfg) for src in sources]
-    eval_encoded = encode_source(eval_src, renderer, cfg) if eval_src else None
+    scratch = tmp / "samples"
+    encoded = [_encode(src, renderer, cfg, scratch / str(k)) for k, src in enumerate(sources)]
+    eval_encoded = _encode(eval_src, renderer, cfg, scratch / "eval") if eval_src else None
     picked, held, per_source = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
-    train = _pack(encoded, picked, d.seq_len, d.packing) if picked else None
-    evaluation, eval_summary = None, None
+    train, largest, eval_summary = None, [], None
+    if picked:
+        train, top = _pack(tmp / "train", encoded, picked, d.seq_len, d.packing)
+        largest.append(top)
     if eval_encoded is not None:
-        evaluation = _pack([eval_encoded], [(0, i) for i in range(len(eval_encoded.ids))], d.seq_len, d.packing)
-        eval_summary = {"from": "eval_path", **_counts([eval_encoded]), "samples": len(eval_encoded.ids)}
+        eval_summary = {"from": "eval_path", **_counts([eval_encoded]), "samples": len(eval_encoded)}
+        held_from, held = [eval_encoded], [(0, i) for i in range(len(eval_encoded))]
     elif held:
-        evaluation = _pack(encoded, held, d.seq_len, d.packing)
-        eval_summary = {"from": "eval_fraction", "samples": len(held)}
-    tmp.mkdir(parents=True)
-    if train is not None:
-        train.save(tmp / "train")
-    if evaluation is not None and len(evaluation):
-        evaluation.save(tmp / "eval")
+        eval_summary, held_from = {"from": "eval_fraction", "samples": len(held)}, encoded
+    if held:
+        evaluation, top = _pack(tmp / "eval", held_from, held, d.seq_len, d.packing)
+        largest.append(top)
         eval_summary.update(packing_stats(evaluation, d.seq_len))
+    for e in encoded + ([eval_encoded] if eval_encoded else []):
+        e.store.close()
+    shutil.rmtree(scratch)
     bad = [b for e in encoded + ([eval_encoded] if eval_encoded else []) for b in e.bad]
     with open(tmp / "bad_rows.jsonl", "w") as fh:
         for w, r, detail in bad[:MAX_STORED_BAD_ROWS]:
@@ -429,7 +275,7 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
                            for s, e, n in zip(sources, encoded, per_source)],
                "eval": eval_summary, "bad_rows": len(bad),
                "bad_rows_per_reason": dict(sorted(Counter(r for _, r, _ in bad).items())),
-               "largest_token_id": _largest_token_id([train, evaluation]),
+               "largest_token_id": max(largest, default=-1),
                "build_seconds": round(time.perf_counter() - started, 3)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"preprocessed {summary['rows_read']} rows into {summary['sequences']} sequences "
