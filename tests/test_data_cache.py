@@ -234,3 +234,38 @@ def test_a_failed_build_fails_the_waiters_too(tmp_path):
     assert waiter_waits
     assert "template exploded" in str(errors["builder"]) and "template exploded" in str(errors["waiter"])
     assert not (root / "k").exists() and not (root / "k.lock").exists()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a real filesystem of a given size (tmpfs; needs root, which CI has): `mount(kib)` -> its path."""
+    mounted = []
+
+    def mount(kib: int):
+        point = tmp_path / f"fs-{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+def test_a_cache_filesystem_without_room_is_named_and_left_empty(tmp_path, tiny_model, small_filesystem):
+    """The cache's filesystem fills while samples are written (ENOSPC), or is seen before packing to have no
+    room for the packed set: either way the error names the field and the room, and the unfinished entry is
+    gone (a full shared filesystem stops other users' jobs too)."""
+    reference = prep(load_config(tiny_config(tmp_path, tiny_model)))
+    tokens = reference.summary["tokens"]  # one source, no holdout: the samples are the packed tokens
+    room_for_samples = 8 * tokens * 3 // 2 // 1024  # int32 ids and labels: room for the samples, not for both
+    for kib, says in ((8 * tokens // 1024 // 2, "preparing the data ran out of room (No space left on device"),
+                      (room_for_samples, f"the packed set of {tokens:,} tokens needs")):
+        cache = small_filesystem(kib)
+        with pytest.raises(DataError) as err:
+            prep(load_config(tiny_config(tmp_path, tiny_model, data={"cache_dir": str(cache)})))
+        assert str(err.value).startswith(f"data.cache_dir: {cache}") and says in str(err.value), str(err.value)
+        assert "set data.cache_dir to a filesystem with room" in str(err.value)
+        assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Optional
 
@@ -109,8 +109,9 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                     try:
                         build(tmp)
                     except BaseException as exc:
-                        failed.write_text(str(exc))
-                        shutil.rmtree(tmp, ignore_errors=True)
+                        shutil.rmtree(tmp, ignore_errors=True)  # first: a build that filled the disk needs the room
+                        with suppress(OSError):
+                            failed.write_text(str(exc))
                         raise
                     (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
                                                                "time": time.time()}))

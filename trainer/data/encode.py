@@ -37,6 +37,7 @@ class SampleStore:
         directory.mkdir(parents=True)
         self.directory = directory
         self.starts = np.zeros(1, np.int64)
+        self.lengths = np.zeros(0, np.int64)
         self._lengths: list[np.ndarray] = []
         self._files = [open(directory / name, "wb") for name in ("ids.bin", "labels.bin")]
 
@@ -48,18 +49,14 @@ class SampleStore:
     def finish(self) -> None:
         """Once written: the offsets known, the files open for reading."""
         self.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self._lengths = []
         self._files = [open(self.directory / name, "rb") for name in ("ids.bin", "labels.bin")]
 
     def close(self) -> None:
         for fh in self._files:
             fh.close()
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.starts)
 
     def __len__(self) -> int:
         return len(self.starts) - 1

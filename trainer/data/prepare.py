@@ -10,8 +10,10 @@ switching that policy, or anything else that does not change the sequences, reus
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import socket
 import time
@@ -25,6 +27,7 @@ import numpy as np
 
 from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
+from launcher.planning.checkpoint_size import free_space
 from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, cache_root
@@ -248,15 +251,16 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     encoded = [_encode(src, renderer, cfg, scratch / str(k)) for k, src in enumerate(sources)]
     eval_encoded = _encode(eval_src, renderer, cfg, scratch / "eval") if eval_src else None
     picked, held, per_source = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
-    train, largest, eval_summary = None, [], None
-    if picked:
-        train, top = _pack(tmp / "train", encoded, picked, d.seq_len, d.packing)
-        largest.append(top)
+    train, largest, eval_summary, held_from = None, [], None, encoded
     if eval_encoded is not None:
         eval_summary = {"from": "eval_path", **_counts([eval_encoded]), "samples": len(eval_encoded)}
         held_from, held = [eval_encoded], [(0, i) for i in range(len(eval_encoded))]
     elif held:
-        eval_summary, held_from = {"from": "eval_fraction", "samples": len(held)}, encoded
+        eval_summary = {"from": "eval_fraction", "samples": len(held)}
+    _check_room(tmp, cfg, encoded + ([eval_encoded] if eval_encoded else []), [(encoded, picked), (held_from, held)])
+    if picked:
+        train, top = _pack(tmp / "train", encoded, picked, d.seq_len, d.packing)
+        largest.append(top)
     if held:
         evaluation, top = _pack(tmp / "eval", held_from, held, d.seq_len, d.packing)
         largest.append(top)
@@ -280,6 +284,41 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"preprocessed {summary['rows_read']} rows into {summary['sequences']} sequences "
         f"in {summary['build_seconds']:.1f} s")
+
+
+PACKED_BYTES_PER_TOKEN = 8
+"""int32 ids and labels, in the packed set as in the tokenized samples."""
+
+
+def _check_room(tmp: Path, cfg: RunConfig, encoded: list[Encoded],
+                packs: list[tuple[list[Encoded], list[tuple[int, int]]]]) -> None:
+    """Refuse before packing what the cache's filesystem has no room for: after tokenizing (hours, for a large
+    dataset) the size is known, and a packed set cut off by a full disk would only fail later. `packs`: the
+    samples of each set to pack, as (sources, [(source, sample)])."""
+    tokens = sum(int(sources[s].store.lengths[i]) for sources, chosen in packs for s, i in chosen)
+    need = tokens * PACKED_BYTES_PER_TOKEN + 64 * sum(len(chosen) for _, chosen in packs)
+    found = free_space(tmp)
+    if found is not None and need > found[1]:
+        samples = sum(int(e.store.starts[-1]) for e in encoded) * PACKED_BYTES_PER_TOKEN
+        raise DataError(f"{_cache_field(cfg)}: {tmp.parent} has {found[1] / 1e9:,.2f} GB free, and the packed "
+                        f"set of {tokens:,} tokens needs {need / 1e9:,.2f} GB (its tokenized samples, "
+                        f"{samples / 1e9:,.2f} GB beside it while it builds, are deleted after): "
+                        f"{CACHE_ROOM_ADVICE}")
+
+
+CACHE_ROOM_ADVICE = ("free space there, or set data.cache_dir to a filesystem with room (one every node mounts "
+                     "builds once per job, a node-local one once per node)")
+
+
+def _cache_field(cfg: RunConfig) -> str:
+    return "data.cache_dir" if cfg.data.cache_dir else (
+        "SHARDTUNE_CACHE" if os.environ.get("SHARDTUNE_CACHE") else "the data cache (data.cache_dir unset)")
+
+
+def _out_of_room(cfg: RunConfig, root: Path, exc: OSError) -> DataError:
+    return DataError(f"{_cache_field(cfg)}: {root}: preparing the data ran out of room ({exc.strerror}; a full "
+                     f"filesystem or a quota): the tokenized samples take {PACKED_BYTES_PER_TOKEN} bytes per token "
+                     f"while the packed set, {PACKED_BYTES_PER_TOKEN} more, is written: {CACHE_ROOM_ADVICE}")
 
 
 def _largest_token_id(sets: list[Optional[PackedSet]]) -> int:
@@ -333,8 +372,13 @@ def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) 
 
     def build(tmp: Path) -> None:
         log(f"preprocessing {d.path} into {root / key}")
-        _build(tmp, cfg, tok, log)
-        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, default=str) + "\n")
+        try:
+            _build(tmp, cfg, tok, log)
+            (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, default=str) + "\n")
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _out_of_room(cfg, root, exc) from None
+            raise
 
     path, built = build_once(root, key, build, on_wait=log, what="preprocess")
     summary = json.loads((path / "summary.json").read_text())
