@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from launcher.contract.config import load_config
 from trainer.data.prepare import DataError, prepare
-from trainer.data.sources import SourceError
+from trainer.data.sources import SourceError, _json_array_items
 
 from conftest import tiny_config
 
@@ -114,6 +114,52 @@ def test_broken_json_array_reports_where_parsing_stopped(tmp_path, tiny_model):
                                      '  {"instruction": "c" "output": "d"}\n]\n')
     with pytest.raises(DataError, match=r"b\.json:3: invalid_json"):
         prep(tmp_path, tiny_model, str(tmp_path / "b.json"))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_a_json_array_read_a_chunk_at_a_time_gives_every_item_where_it_starts(tmp_path, chunk):
+    """A large .json array is read a chunk of text at a time: items cut by a chunk's end (a number too, which
+    would parse as a shorter one), items longer than a chunk, and one-line arrays give what json.loads gives,
+    at the lines the text shows; a syntax error is placed where json.loads places it."""
+    items = [{"instruction": "a" * 100, "output": "b"}, 12345, "x", [1, [2, {"c": None}]], 6.5e3, {"d": "\n"}]
+    for name, text in (("indented", "[\n" + ",\n".join(json.dumps(i, indent=2) for i in items) + "\n]\n"),
+                       ("one-line", json.dumps(items)),
+                       ("commas", "  [\n" + ",\n\n".join(json.dumps(i) for i in items) + "  ]  ")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        rows = list(_json_array_items(path, chunk=chunk))
+        assert [json.loads(r.text) for r in rows] == json.loads(text), name
+        starts = [text.index(json.dumps(i, indent=2 if name == "indented" else None)) for i in items]
+        assert [r.where for r in rows] == [f"{path}:{text.count(chr(10), 0, at) + 1}" for at in starts], name
+    for name, text in (("inside", '[{"a": 1},\n  {"b": 2 "c": 3}]'), ("one-line", '[' + '{"a": 1}, ' * 20 + '{"b" 2}]'),
+                       ("cut", '[{"a": 1},\n{"b": "unterminated')):
+        path = tmp_path / f"broken-{name}.json"
+        path.write_text(text)
+        with pytest.raises(json.JSONDecodeError) as reference:
+            json.loads(text)
+        *good, bad = list(_json_array_items(path, chunk=chunk))
+        assert bad.where == f"{path}:{reference.value.lineno}" and not bad.text, name
+        assert bad.error == (f"invalid_json: {reference.value.msg} at column {reference.value.colno} "
+                             f"(the rest of this .json array is not read)"), name
+        assert [json.loads(r.text) for r in good] == json.loads(text[:text.rindex("{")].rstrip(", \n") + "]"), name
+
+
+def test_a_large_json_array_is_not_held_in_memory_to_be_read(tmp_path):
+    """Python's own allocations (tracemalloc: exact, not the noisy RSS) while every item of a 3 MB array is read:
+    a few chunks of text, not the file."""
+    import tracemalloc
+
+    path = tmp_path / "large.json"
+    path.write_text(json.dumps([{"instruction": f"question {i} " + "w" * 300, "output": "answer"}
+                                for i in range(10_000)], indent=1))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in _json_array_items(path, chunk=1 << 16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 10_000 and path.stat().st_size > 3e6
+    assert peak < 1e6, f"{peak / 1e6:.1f} MB of Python allocations to read a {path.stat().st_size / 1e6:.1f} MB array"
 
 
 def test_missing_path_is_a_clear_error(tmp_path, tiny_model):

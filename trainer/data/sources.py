@@ -57,33 +57,50 @@ def resolve_files(path: str) -> list[Path]:
     return []
 
 
-def _json_array_items(path: Path) -> Iterator[RawRow]:
-    """Items of a top-level JSON array with the line each starts on."""
-    text = path.read_text(encoding="utf-8")
+def _json_array_items(path: Path, chunk: int = 1 << 20) -> Iterator[RawRow]:
+    """Items of a top-level JSON array with the line each starts on, read a chunk of text at a time: a JSON
+    array of many GB is a common export, and read whole it would be in memory as text, then as rows."""
     decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if not text[pos:pos + 1] == "[":
-        yield RawRow(f"{path}:1", "", "invalid_json: a .json file must hold a top-level array "
-                                      "(use .jsonl for one object per line)")
-        return
-    pos += 1
-    line = 1 + text.count("\n", 0, pos)
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            line += text[pos] == "\n"
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            # Nothing after a syntax error can be trusted, so the rest of the file is one bad row.
-            yield RawRow(f"{path}:{exc.lineno}", "", f"invalid_json: {exc.msg} at column {exc.colno} "
-                         "(the rest of this .json array is not read)")
-            return
-        yield RawRow(f"{path}:{line}", json.dumps(obj, ensure_ascii=False))
-        line += text.count("\n", pos, end)
-        pos = end
+    with open(path, encoding="utf-8") as fh:
+        text, pos, eof = "", 0, False
+        first_line, first_column = 1, 0  # where text[0] is in the file, for the line of a syntax error
+        line = 1  # of text[pos]
+        opened = False
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n" + ("," if opened else ""):
+                line += text[pos] == "\n"
+                pos += 1
+            if pos == len(text) and not eof:
+                pass  # more text below
+            elif not opened:
+                if text[pos:pos + 1] != "[":
+                    yield RawRow(f"{path}:1", "", "invalid_json: a .json file must hold a top-level array "
+                                                  "(use .jsonl for one object per line)")
+                    return
+                opened, pos = True, pos + 1
+                continue
+            elif pos >= len(text) or text[pos] == "]":
+                return
+            else:
+                try:
+                    obj, end = decoder.raw_decode(text, pos)
+                except json.JSONDecodeError as exc:
+                    if eof:  # nothing after a syntax error can be trusted: the rest of the file is one bad row
+                        column = exc.colno + (first_column if exc.lineno == 1 else 0)
+                        yield RawRow(f"{path}:{first_line + exc.lineno - 1}", "", f"invalid_json: {exc.msg} at "
+                                     f"column {column} (the rest of this .json array is not read)")
+                        return
+                    end = len(text)  # an item cut by the chunk's end: read on
+                if end < len(text) or eof:  # a number at the chunk's end may go on
+                    yield RawRow(f"{path}:{line}", json.dumps(obj, ensure_ascii=False))
+                    line += text.count("\n", pos, end)
+                    pos = end
+                    continue
+            newline = text.rfind("\n", 0, pos)
+            first_line += text.count("\n", 0, pos)
+            first_column = pos - newline - 1 if newline >= 0 else first_column + pos
+            more = fh.read(max(chunk, len(text) - pos))  # an item longer than a chunk: twice as much each time
+            text, pos, eof = text[pos:] + more, 0, not more
 
 
 def _jsonl_rows(path: Path) -> Iterator[RawRow]:
