@@ -158,7 +158,8 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row stops the run naming file:line (error) or is dropped and counted (skip)."""
     num_proc: Optional[int] = Field(None, gt=0)
-    """Worker processes for tokenization; default picks by data size and CPU count."""
+    """Worker processes for tokenization; default: up to 8 (one per core) for sources of 20,000 rows or more, none
+    below."""
     cache_dir: Optional[str] = None
     """Tokenized-data cache; default $SHARDTUNE_CACHE or ~/.cache/shardtune/data. Shared filesystem: one process
     preprocesses for the job; node-local: one per node."""
