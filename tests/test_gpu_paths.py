@@ -132,6 +132,23 @@ def test_flash_attention_inputs_keep_every_packed_sample_apart_at_micro_batch_3(
 # ---- 2. the optimizer falls back when FusedAdam cannot be built
 
 
+def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_compiler(tmp_path, monkeypatch):
+    """`make install` builds DeepSpeed's CPU FusedAdam on a machine without GPUs (and any CPU run does): it lands in
+    torch's py<version>_cpu extension directory, and is no kernel for a CUDA run planned from this host. (This VM
+    has a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.)"""
+    from launcher.planning import host
+
+    monkeypatch.setattr(host, "nvcc_path", lambda: None)
+    fused_adam_status = host.fused_adam_status
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "py311_cpu" / "fused_adam").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "fused_adam" / "fused_adam.so").write_bytes(b"")
+    assert not fused_adam_status().usable
+    (tmp_path / "py311_cu128" / "fused_adam").mkdir(parents=True)
+    (tmp_path / "py311_cu128" / "fused_adam" / "fused_adam.so").write_bytes(b"")
+    assert fused_adam_status().usable and "JIT-built before" in fused_adam_status().reason
+
+
 def test_fused_adam_that_cannot_be_built_falls_back_to_torch_fused_adamw_simulated_no_compiler():
     plan = build_plan(run_config("launch.device=cuda"), host=NO_COMPILER)
     params = plan.deepspeed["optimizer"]["params"]

@@ -136,7 +136,8 @@ def fused_adam_status() -> FusedAdamStatus:
     if _installed_ops(package).get("fused_adam"):
         return FusedAdamStatus(True, "DeepSpeed was installed with its fused_adam op prebuilt")
     extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    if any(extensions.glob("*/fused_adam/fused_adam*.so")):
+    # torch names a build's directory py<version>_cu<cuda> or py<version>_cpu: a CPU build is no CUDA kernel
+    if any(extensions.glob("*_cu*/fused_adam/fused_adam*.so")):
         return FusedAdamStatus(True, f"fused_adam was JIT-built before ({extensions})")
     nvcc = nvcc_path()
     if nvcc:
