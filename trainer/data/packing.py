@@ -19,11 +19,13 @@ import numpy as np
 
 def best_fit_decreasing(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Groups of sample indices whose lengths sum to at most capacity; deterministic for equal input."""
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable").tolist()  # longest first, ties in input order
+    sizes = sizes.tolist()
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (remaining capacity, bin id), sorted
     for i in order:
-        need = int(lengths[i])
+        need = sizes[i]
         at = bisect.bisect_left(free, (need, -1))
         if at < len(free):
             room, b = free.pop(at)

@@ -165,21 +165,48 @@ def _holdout(enc: Encoded, eval_fraction: float, rng: np.random.Generator) -> tu
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction: float, seed: int):
+@dataclass
+class Samples:
+    """Samples drawn from several sources, as two arrays (a few bytes each, where Python tuples took ~100):
+    sample k is sample index[k] of source source[k]."""
+
+    source: np.ndarray
+    index: np.ndarray
+
+    @classmethod
+    def of_source(cls, s: int, index: np.ndarray) -> Samples:
+        return cls(np.full(len(index), s, dtype=np.int64), np.asarray(index, dtype=np.int64))
+
+    @classmethod
+    def joined(cls, parts: list[Samples]) -> Samples:
+        return cls(np.concatenate([np.zeros(0, np.int64)] + [p.source for p in parts]),
+                   np.concatenate([np.zeros(0, np.int64)] + [p.index for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def gather(self, per_source: list[np.ndarray]) -> np.ndarray:
+        """Each sample's value, from one array of values per source."""
+        offsets = np.cumsum([0] + [len(values) for values in per_source])[:-1].astype(np.int64)
+        return np.concatenate(per_source)[offsets[self.source] + self.index]
+
+
+def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction: float,
+                  seed: int) -> tuple[Samples, Samples, list[int]]:
     """Hold out eval_fraction of every source's rows, then mix the rest in proportion to the weights.
 
-    Returns (training samples, held-out samples, training samples per source); a sample is
-    (source index, sample index). The mixture has as many samples as the sources' training samples
-    together; a source with more weight than samples is repeated, one with less is subsampled.
+    Returns (training samples, held-out samples, training samples per source). The mixture has as many samples
+    as the sources' training samples together; a source with more weight than samples is repeated, one with less
+    is subsampled.
     """
     rng = np.random.default_rng([seed, 17])
     train, held = [], []
     for s, enc in enumerate(per_source):
         kept, out = _holdout(enc, eval_fraction, rng)
-        held += [(s, int(i)) for i in out]
+        held.append(Samples.of_source(s, out))
         train.append(kept)
     if len(train) == 1:
-        return [(0, int(i)) for i in train[0]], held, [len(train[0])]
+        return Samples.of_source(0, train[0]), held[0], [len(train[0])]
     total = sum(len(idx) for idx in train)
     share = np.array(weights, dtype=float) / sum(weights)
     picked, per_source_count = [], []
@@ -187,29 +214,25 @@ def mix_and_split(per_source: list[Encoded], weights: list[float], eval_fraction
         want = int(round(p * total)) if len(idx) else 0
         reps, rest = divmod(want, len(idx)) if len(idx) else (0, 0)
         chosen = np.concatenate([np.tile(idx, reps), np.sort(rng.choice(idx, size=rest, replace=False))])
-        picked += [(s, int(i)) for i in chosen]
+        picked.append(Samples.of_source(s, chosen))
         per_source_count.append(int(want))
-    return picked, held, per_source_count
+    return Samples.joined(picked), Samples.joined(held), per_source_count
 
 
-def _pack(directory: Path, per_source: list[Encoded], samples: list[tuple[int, int]], seq_len: int,
+def _pack(directory: Path, per_source: list[Encoded], samples: Samples, seq_len: int,
           packing: bool) -> tuple[PackedSet, int]:
     """The given samples packed into `directory`, and their largest token id."""
-    source = np.array([s for s, _ in samples], dtype=np.int64)
-    index = np.array([i for _, i in samples], dtype=np.int64)
-    of_source = [e.store.lengths for e in per_source]
-    lengths = np.array([of_source[s][i] for s, i in samples], dtype=np.int64)
+    lengths = samples.gather([e.store.lengths for e in per_source])
     groups = best_fit_decreasing(lengths, seq_len) if packing else one_per_sequence(lengths)
 
     def read(picked: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
         at = 0
-        for s, i, n in zip(source[picked], index[picked], lengths[picked]):
-            per_source[s].store.read_into(int(i), ids[at:at + n], labels[at:at + n])
+        for s, i, n in zip(samples.source[picked].tolist(), samples.index[picked].tolist(), lengths[picked].tolist()):
+            per_source[s].store.read_into(i, ids[at:at + n], labels[at:at + n])
             at += n
 
-    methods = np.array([per_source[s].methods[i] for s, i in samples], dtype=np.int8)
-    turns = np.array([per_source[s].turns[i] for s, i in samples], dtype=np.int16)
-    return write_packed(directory, lengths, groups, read, methods, turns)
+    return write_packed(directory, lengths, groups, read, samples.gather([e.methods for e in per_source]),
+                        samples.gather([e.turns for e in per_source]))
 
 
 def _encode(src: Source, renderer: Renderer, cfg: RunConfig, directory: Path) -> Encoded:
@@ -254,14 +277,14 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     train, largest, eval_summary, held_from = None, [], None, encoded
     if eval_encoded is not None:
         eval_summary = {"from": "eval_path", **_counts([eval_encoded]), "samples": len(eval_encoded)}
-        held_from, held = [eval_encoded], [(0, i) for i in range(len(eval_encoded))]
-    elif held:
+        held_from, held = [eval_encoded], Samples.of_source(0, np.arange(len(eval_encoded)))
+    elif len(held):
         eval_summary = {"from": "eval_fraction", "samples": len(held)}
     _check_room(tmp, cfg, encoded + ([eval_encoded] if eval_encoded else []), [(encoded, picked), (held_from, held)])
-    if picked:
+    if len(picked):
         train, top = _pack(tmp / "train", encoded, picked, d.seq_len, d.packing)
         largest.append(top)
-    if held:
+    if len(held):
         evaluation, top = _pack(tmp / "eval", held_from, held, d.seq_len, d.packing)
         largest.append(top)
         eval_summary.update(packing_stats(evaluation, d.seq_len))
@@ -290,12 +313,11 @@ PACKED_BYTES_PER_TOKEN = 8
 """int32 ids and labels, in the packed set as in the tokenized samples."""
 
 
-def _check_room(tmp: Path, cfg: RunConfig, encoded: list[Encoded],
-                packs: list[tuple[list[Encoded], list[tuple[int, int]]]]) -> None:
+def _check_room(tmp: Path, cfg: RunConfig, encoded: list[Encoded], packs: list[tuple[list[Encoded], Samples]]) -> None:
     """Refuse before packing what the cache's filesystem has no room for: after tokenizing (hours, for a large
     dataset) the size is known, and a packed set cut off by a full disk would only fail later. `packs`: the
-    samples of each set to pack, as (sources, [(source, sample)])."""
-    tokens = sum(int(sources[s].store.lengths[i]) for sources, chosen in packs for s, i in chosen)
+    samples of each set to pack, and the sources they are drawn from."""
+    tokens = sum(int(chosen.gather([e.store.lengths for e in sources]).sum()) for sources, chosen in packs)
     need = tokens * PACKED_BYTES_PER_TOKEN + 64 * sum(len(chosen) for _, chosen in packs)
     found = free_space(tmp)
     if found is not None and need > found[1]:
