@@ -3,7 +3,7 @@
 A dataset's tokens do not fit in a login node's memory at the scale runs train on (1 B tokens are 8 GB of
 ids and labels alone), so the rows are read as a stream, tokenized a batch at a time (in worker processes
 for large sources) and each batch's samples appended to two flat int32 files. Packing later reads them back
-sequence by sequence (`SampleStore.read`): what stays in memory is a few numbers per sample.
+sequence by sequence (`SampleStore.read_into`): what stays in memory is a few numbers per sample.
 """
 from __future__ import annotations
 

@@ -273,6 +273,7 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
     scratch = tmp / "samples"
     encoded = [_encode(src, renderer, cfg, scratch / str(k)) for k, src in enumerate(sources)]
     eval_encoded = _encode(eval_src, renderer, cfg, scratch / "eval") if eval_src else None
+    every = encoded + ([eval_encoded] if eval_encoded else [])
     picked, held, per_source = mix_and_split(encoded, [s.weight for s in sources], d.eval_fraction, cfg.train.seed)
     train, largest, eval_summary, held_from = None, [], None, encoded
     if eval_encoded is not None:
@@ -280,7 +281,7 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
         held_from, held = [eval_encoded], Samples.of_source(0, np.arange(len(eval_encoded)))
     elif len(held):
         eval_summary = {"from": "eval_fraction", "samples": len(held)}
-    _check_room(tmp, cfg, encoded + ([eval_encoded] if eval_encoded else []), [(encoded, picked), (held_from, held)])
+    _check_room(tmp, cfg, every, [(encoded, picked), (held_from, held)])
     if len(picked):
         train, top = _pack(tmp / "train", encoded, picked, d.seq_len, d.packing)
         largest.append(top)
@@ -288,10 +289,10 @@ def _build(tmp: Path, cfg: RunConfig, tok, log: Callable[[str], None]) -> None:
         evaluation, top = _pack(tmp / "eval", held_from, held, d.seq_len, d.packing)
         largest.append(top)
         eval_summary.update(packing_stats(evaluation, d.seq_len))
-    for e in encoded + ([eval_encoded] if eval_encoded else []):
+    for e in every:
         e.store.close()
     shutil.rmtree(scratch)
-    bad = [b for e in encoded + ([eval_encoded] if eval_encoded else []) for b in e.bad]
+    bad = [b for e in every for b in e.bad]
     with open(tmp / "bad_rows.jsonl", "w") as fh:
         for w, r, detail in bad[:MAX_STORED_BAD_ROWS]:
             fh.write(json.dumps({"where": w, "reason": r, "detail": detail}) + "\n")
