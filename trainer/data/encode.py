@@ -58,9 +58,6 @@ class SampleStore:
         for fh in self._files:
             fh.close()
 
-    def __len__(self) -> int:
-        return len(self.starts) - 1
-
     def read_into(self, k: int, ids: np.ndarray, labels: np.ndarray) -> None:
         """Sample k into the given int32 views (its length each), with one read per file: the pages go through
         the page cache, and none of them stay in this process's memory."""
