@@ -101,18 +101,27 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+NOT_YET = -1
+"""rank_of: this process is no worker now but may become one (re-read it at the next poll)."""
+
+
 def rank_of(proc: psutil.Process) -> Optional[int]:
-    """A torchrun worker's global rank: it has LOCAL_RANK in its environment and its parent (the agent) has not."""
+    """A torchrun worker's global rank: it has LOCAL_RANK in its environment and its parent (the agent) has not.
+
+    None when it never will be (a worker's own child inherits LOCAL_RANK from it); NOT_YET when it is no
+    worker now: the agent, or a worker caught between fork and exec (it still has the agent's environment),
+    or one /proc would not read. Settling those at the first look lost a rank's memory once in CI.
+    """
     try:
         env = proc.environ()
         if "LOCAL_RANK" not in env or "RANK" not in env:
-            return None
+            return NOT_YET
         parent = proc.parent()
         if parent is not None and "LOCAL_RANK" in parent.environ():
             return None
         return int(env["RANK"])
     except (psutil.Error, ValueError):
-        return None
+        return NOT_YET
 
 
 @dataclass
@@ -167,6 +176,7 @@ def run_tree(argv: list[str], log: Path, cwd: Path = REPO, env: Optional[dict[st
                                 env=env if env is not None else dict(os.environ), start_new_session=True)
     tree = Tree(proc.pid, done.started)
     checked: set[int] = set()
+    settled: set[int] = set()
     try:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
@@ -174,9 +184,9 @@ def run_tree(argv: list[str], log: Path, cwd: Path = REPO, env: Optional[dict[st
                 raise RunFailed(f"timed out after {timeout:.0f} s: {' '.join(argv)}\n{tail(log)}")
             try:
                 for child in root.children(recursive=True):
-                    if child.pid not in checked:
-                        checked.add(child.pid)
-                        rank = rank_of(child)
+                    checked.add(child.pid)
+                    if child.pid not in settled and (rank := rank_of(child)) != NOT_YET:
+                        settled.add(child.pid)
                         if rank is not None:
                             tree.ranks[rank] = child.pid
             except psutil.Error:

@@ -10,6 +10,7 @@ bench says it is and that useful tokens are counted the same way for packed and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,18 @@ def test_a_sized_model_keeps_the_bench_models_proportions(tmp_path):
             config["num_key_value_heads"], config["intermediate_size"]) == (512, 3, 16, 16, 1376)
     with pytest.raises(SystemExit):
         parse_args(["--hidden", "100"])
+
+
+def test_a_worker_seen_before_it_execs_is_still_found(tmp_path):
+    """torchrun's agent forks a worker, which has the agent's environment (no LOCAL_RANK) until it execs. A poll
+    in that window once settled the pid as "no worker", and that rank's peak memory read 0 (CI). Here the window
+    lasts a second: the child execs itself into a "worker" with LOCAL_RANK and RANK set after it starts."""
+    from bench._runner import run_tree
+
+    worker = "import time; time.sleep(1.5)"
+    becomes_worker = (f"import os, sys, time; time.sleep(1.0); os.execve(sys.executable, [sys.executable, '-c', "
+                      f"{worker!r}], {{**os.environ, 'LOCAL_RANK': '0', 'RANK': '1'}})")
+    agent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {becomes_worker!r}], check=True)"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK")}
+    done = run_tree([sys.executable, "-c", agent], tmp_path / "log.txt", env=env, timeout=60, poll=0.1)
+    assert done.peak_rss(until=done.started + done.wall).get(1, 0) > 0
