@@ -8,6 +8,7 @@ CUDA compiler, a device name), the test's name says so.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,18 +136,42 @@ def test_flash_attention_inputs_keep_every_packed_sample_apart_at_micro_batch_3(
 def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_compiler(tmp_path, monkeypatch):
     """`make install` builds DeepSpeed's CPU FusedAdam on a machine without GPUs (and any CPU run does): it lands in
     torch's py<version>_cpu extension directory, and is no kernel for a CUDA run planned from this host. (This VM
-    has a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.)"""
+    has a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.) Where torch puts a
+    build is read from torch itself (`_get_build_directory`, with the CUDA torch's folder name written by hand)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
     from launcher.planning import host
 
     monkeypatch.setattr(host, "nvcc_path", lambda: None)
-    fused_adam_status = host.fused_adam_status
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    (tmp_path / "py311_cpu" / "fused_adam").mkdir(parents=True)
-    (tmp_path / "py311_cpu" / "fused_adam" / "fused_adam.so").write_bytes(b"")
-    assert not fused_adam_status().usable
-    (tmp_path / "py311_cu128" / "fused_adam").mkdir(parents=True)
-    (tmp_path / "py311_cu128" / "fused_adam" / "fused_adam.so").write_bytes(b"")
-    assert fused_adam_status().usable and "JIT-built before" in fused_adam_status().reason
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cpu_build = Path(_get_build_directory("fused_adam", verbose=False))  # torch makes the directory
+    assert cpu_build.parent.parent == tmp_path / "cache" / "torch_extensions"
+    (cpu_build / "fused_adam.so").write_bytes(b"")
+    assert not host.fused_adam_status().usable
+    cuda_build = cpu_build.parent.parent / cpu_build.parent.name.replace("_cpu", "_cu128") / "fused_adam"
+    cuda_build.mkdir(parents=True)
+    (cuda_build / "fused_adam.so").write_bytes(b"")
+    assert host.fused_adam_status().usable and "JIT-built before" in host.fused_adam_status().reason
+
+
+def test_a_cuda_build_of_fused_adam_in_torch_extensions_dir_is_found_simulated_no_compiler(tmp_path, monkeypatch):
+    """With $TORCH_EXTENSIONS_DIR set torch builds straight into $TORCH_EXTENSIONS_DIR/fused_adam, with no
+    py*_cu* folder to tell a CUDA build: its object compiled from the .cu source (multi_tensor_adam.cuda.o) does.
+    A node whose op was prebuilt there was refused as having no FusedAdam."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from launcher.planning import host
+
+    monkeypatch.setattr(host, "nvcc_path", lambda: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build = Path(_get_build_directory("fused_adam", verbose=False))
+    assert build == tmp_path / "ext" / "fused_adam"
+    for name in ("fused_adam.so", "fused_adam_frontend.o"):
+        (build / name).write_bytes(b"")
+    assert not host.fused_adam_status().usable  # a CPU build
+    (build / "multi_tensor_adam.cuda.o").write_bytes(b"")
+    assert host.fused_adam_status().usable and str(build) in host.fused_adam_status().reason
 
 
 def test_fused_adam_that_cannot_be_built_falls_back_to_torch_fused_adamw_simulated_no_compiler():

@@ -127,6 +127,25 @@ def nvcc_path() -> Optional[str]:
     return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
+def _cuda_build_of(op: str) -> Optional[Path]:
+    """The directory of an earlier JIT build of a DeepSpeed op for CUDA, where torch would load it from.
+
+    torch.utils.cpp_extension builds straight into $TORCH_EXTENSIONS_DIR/<op> when that is set, else into
+    <cache>/torch_extensions/py<version>_<cpu|cuXYZ>/<op> (<cache>: $XDG_CACHE_HOME or ~/.cache). DeepSpeed's CPU
+    accelerator builds an op of the same name (`make install` does), which is no CUDA kernel: a CUDA build is
+    one under a py*_cu* directory or one with an object compiled from a .cu source (torch names it *.cuda.o).
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        builds = [(Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op, False)]
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        builds = [(b, "_cu" in b.parent.name) for b in sorted((cache / "torch_extensions").glob(f"*/{op}"))]
+    for build, named_cuda in builds:
+        if any(build.glob(f"{op}*.so")) and (named_cuda or any(build.glob("*.cuda.o"))):
+            return build
+    return None
+
+
 def fused_adam_status() -> FusedAdamStatus:
     """Can DeepSpeed's FusedAdam be loaded here without failing after the model has loaded?"""
     spec = importlib.util.find_spec("deepspeed")
@@ -135,10 +154,9 @@ def fused_adam_status() -> FusedAdamStatus:
     package = Path(list(spec.submodule_search_locations)[0])
     if _installed_ops(package).get("fused_adam"):
         return FusedAdamStatus(True, "DeepSpeed was installed with its fused_adam op prebuilt")
-    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    # torch names a build's directory py<version>_cu<cuda> or py<version>_cpu: a CPU build is no CUDA kernel
-    if any(extensions.glob("*_cu*/fused_adam/fused_adam*.so")):
-        return FusedAdamStatus(True, f"fused_adam was JIT-built before ({extensions})")
+    built = _cuda_build_of("fused_adam")
+    if built is not None:
+        return FusedAdamStatus(True, f"fused_adam was JIT-built before ({built})")
     nvcc = nvcc_path()
     if nvcc:
         return FusedAdamStatus(True, f"fused_adam can be JIT-built with {nvcc}")
