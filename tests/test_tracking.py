@@ -177,9 +177,11 @@ def test_report_writes_readable_pngs(tmp_path, tiny_model):
 def test_wandb_failure_never_stops_training(tmp_path, tiny_model):
     """Online without any API key fails at init: the run goes on offline, with one warning."""
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, wandb={"mode": "online"})
-    # A HOME without credentials; DeepSpeed's JIT-built ops stay where they are (a new HOME would rebuild them).
-    ops = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": ops})
+    # A HOME without credentials, with the caches where they are: DeepSpeed's JIT-built ops are found from
+    # $XDG_CACHE_HOME as from ~/.cache (setting TORCH_EXTENSIONS_DIR instead moves torch's build folder, and the
+    # CPU comm op was built again, ~25-60 s, in every fresh clone).
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    proc = shardtune("launch", str(cfg), env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "XDG_CACHE_HOME": cache})
     assert proc.stderr.count("wandb: online init failed") == 1
     assert len(find_runs(tmp_path / "run" / "wandb")) == 1
     assert [r["step"] for r in RunDir(tmp_path / "run").train_metrics()] == [1, 2, 3]
