@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -95,6 +96,10 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
     cfg = config(tmp_path, tiny_model)
     proc = launch(cfg, env={"SHARDTUNE_FAULTS": "kill_in_save@10:0"}, check=False)
     assert proc.returncode != 0
+    # The post-mortem names where rank 0 died, not what its last periodic heartbeat (every 5 s, ~20 steps of
+    # this run) had seen.
+    assert re.search(r"rank 0 on \S+ \(pid \d+\): the process ended without a word in 'save' at step 10 ",
+                     proc.stderr), proc.stderr[-3000:]
     ckpts = RunDir(tmp_path / "run").checkpoints
     assert (ckpts / LATEST).read_text().strip() == "step_00000005"
     assert not (ckpts / "step_00000010" / MANIFEST).exists()

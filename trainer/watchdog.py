@@ -22,6 +22,10 @@ from pathlib import Path
 from launcher.contract.run_dir import RunDir
 
 STUCK_EXIT_CODE = 86
+WRITTEN_AT_ONCE = frozenset({"save", "eval", "export", "convert"})
+"""Phases entered once in many steps, where a rank often dies (a save's full disk or host OOM): the heartbeat is
+written as one begins, so a post-mortem names it and its step, not what the last periodic write saw seconds
+before (with steps shorter than the write period, several steps before)."""
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 """Which of torchrun's attempts this process belongs to (0 first, then one more per restart)."""
 
@@ -46,6 +50,7 @@ class Heartbeat:
 
     def beat(self, phase: str, step: int | None = None) -> None:
         """Progress: the loop entered a new phase (cheap enough to call several times per step)."""
+        entered = phase != self.phase
         self.phase, self.changed = phase, time.monotonic()
         if step is not None:
             started = step > self.step and self.step > 0 and not self.first_step_done
@@ -55,6 +60,9 @@ class Heartbeat:
                 # At once, not at the next periodic write: until the file says so, a monitor outside allows a
                 # process frozen now the startup timeout, not the stall timeout.
                 self._try_write()
+                return
+        if entered and phase in WRITTEN_AT_ONCE:
+            self._try_write()
 
     def _allowance(self) -> float:
         return self.stall if self.first_step_done else self.startup
