@@ -231,3 +231,37 @@ def test_two_workers_give_the_same_result(tmp_path, tiny_model, capfd):
     assert all(np.array_equal(a, b) for a, b in zip(arrays(two), arrays(one)))
     assert two.summary["rows_skipped"] == one.summary["rows_skipped"] == {"no_assistant_turn": 6}
     assert two.summary["rows_kept"] == 2994
+
+
+def test_max_rows_reads_the_first_rows_of_each_source(tmp_path, tiny_model):
+    """data.max_rows and data.mix[i].max_rows give the sequences (mixed, and an eval_fraction held out) that the
+    first rows copied into files of their own give; a bad row past the limit is never read."""
+    from trainer.data.prepare import cache_inputs, load_tokenizer
+
+    alpha = [{"instruction": f"alpha {i}", "output": "a" * (i % 7 + 1)} for i in range(60)] + [{"instruction": "x"}]
+    beta = [{"instruction": f"beta {i}", "output": "b"} for i in range(30)]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "first").mkdir()
+    write_jsonl(tmp_path / "full" / "alpha.jsonl", alpha)
+    (tmp_path / "full" / "beta.json").write_text(json.dumps(beta))
+    write_jsonl(tmp_path / "first" / "alpha.jsonl", alpha[:40])
+    (tmp_path / "first" / "beta.json").write_text(json.dumps(beta[:12]))
+
+    def run(where: str, **limits):
+        return prep(tmp_path / where, tiny_model, str(tmp_path / where / "alpha.jsonl"), eval_fraction=0.25,
+                    mix=[{"path": str(tmp_path / where / "beta.json"), "weight": 2.0,
+                          **({"max_rows": limits["beta"]} if limits else {})}],
+                    **({"max_rows": limits["alpha"]} if limits else {}))
+
+    limited, reference = run("full", alpha=40, beta=12), run("first")
+    for got, want in zip(arrays(limited), arrays(reference)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(limited.eval.tokens, reference.eval.tokens)
+    assert [s["rows_read"] for s in limited.summary["sources"]] == [40, 12]
+
+    cfg = load_config(tiny_config(tmp_path, tiny_model, data={"path": str(tmp_path / "full" / "alpha.jsonl"),
+                                                               "format": "alpaca", "seq_len": 128}))
+    tok = load_tokenizer(cfg)
+    assert "max_rows" not in cache_inputs(cfg, tok)["sources"][0]  # the keys of caches built before stay valid
+    cfg.data.max_rows = 40
+    assert cache_inputs(cfg, tok)["sources"][0]["max_rows"] == 40

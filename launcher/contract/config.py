@@ -115,6 +115,8 @@ class DataSource(Section):
     """Subset (configuration) of a hub dataset that has several; `launch` records the one datasets reads by default."""
     revision: Optional[str] = None
     """Hub dataset revision (branch, tag or commit); `launch` and `prepare` resolve it to one commit."""
+    max_rows: Optional[int] = Field(None, gt=0)
+    """Read only the first N rows of this source; default: all."""
 
 
 class DataConfig(Section):
@@ -125,7 +127,8 @@ class DataConfig(Section):
     seq_len: int = Field(gt=0)
     """Tokens per training sequence; samples are packed into sequences of this length."""
     mix: list[DataSource] = []
-    """Further datasets mixed with `data.path` (which has weight `data.weight`)."""
+    """Further datasets mixed with `data.path` (which has weight `data.weight`): each a `path` and `weight`, and as
+    `data`'s own the optional `format`, `fields`, `split`, `subset`, `revision` and `max_rows`."""
     weight: float = Field(1.0, gt=0)
     """Share of `data.path` in the mixture when `data.mix` is set."""
     fields: DataFields = DataFields()
@@ -138,6 +141,10 @@ class DataConfig(Section):
     revision: Optional[str] = None
     """Hub dataset revision of `data.path` (and of `data.eval_path` when it is the same dataset); `launch` and
     `prepare` resolve it to one commit, which the run and its data cache key read."""
+    max_rows: Optional[int] = Field(None, gt=0)
+    """Read only the first N rows of `data.path` (in file order, bad rows included; an `eval_fraction` is held out of
+    them), to try a run on a large dataset before preparing all of it; default: all. A hub dataset's split is still
+    downloaded whole."""
     chat_template: Optional[str] = None
     """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"

@@ -273,7 +273,8 @@ def format_plan(plan: Plan) -> str:
         f"run        {cfg.output_dir}",
         f"model      {cfg.model.name_or_path}",
         f"data       {cfg.data.path} ({cfg.data.format}, seq_len {cfg.data.seq_len}, "
-        f"packing {'on' if cfg.data.packing else 'off'})",
+        f"packing {'on' if cfg.data.packing else 'off'}"
+        f"{f', first {cfg.data.max_rows:,} rows' if cfg.data.max_rows else ''})",
         f"world      {plan.world_size} = {cfg.launch.nodes} node(s) × {cfg.launch.procs_per_node} process(es) "
         f"on {cfg.launch.device}, backend {cfg.launch.backend}",
         f"batch      {plan.batch_arithmetic}",

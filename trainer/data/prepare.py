@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -57,6 +58,8 @@ class Source:
     """The hub dataset's commit (or branch, tag) for a hub id."""
     subset: Optional[str] = None
     """The hub dataset's subset (configuration), when it names one."""
+    max_rows: Optional[int] = None
+    """Only the first rows of the source are read."""
 
 
 @dataclass
@@ -71,7 +74,8 @@ def sources_of(cfg: RunConfig) -> list[Source]:
     d = cfg.data
     kinds = [(d.format, d.fields, d.weight)] + [(s.format or d.format, s.fields or d.fields, s.weight) for s in d.mix]
     reads = [r for r in d.reads() if r.trained]
-    return [Source(r.path, *kind, r.split, r.revision, r.subset) for r, kind in zip(reads, kinds)]
+    limits = [d.max_rows] + [s.max_rows for s in d.mix]
+    return [Source(r.path, *kind, r.split, r.revision, r.subset, limit) for r, kind, limit in zip(reads, kinds, limits)]
 
 
 def eval_source_of(cfg: RunConfig) -> Optional[Source]:
@@ -122,7 +126,8 @@ def _source_inputs(s: Source, share: Optional[float]) -> dict:
     files = fingerprint_files(s.path)
     hub = [s.path, s.split] + ([s.revision] if s.revision else []) + ([f"subset={s.subset}"] if s.subset else [])
     return {"files": files or hub, "format": s.format,
-            "fields": {k: getattr(s.fields, k) for k in FORMAT_FIELDS[s.format]}, "share": share}
+            "fields": {k: getattr(s.fields, k) for k in FORMAT_FIELDS[s.format]}, "share": share,
+            **({"max_rows": s.max_rows} if s.max_rows else {})}  # absent when unset: earlier keys stay valid
 
 
 def cache_inputs(cfg: RunConfig, tok) -> dict:
@@ -236,8 +241,8 @@ def _pack(directory: Path, per_source: list[Encoded], samples: Samples, seq_len:
 
 
 def _encode(src: Source, renderer: Renderer, cfg: RunConfig, directory: Path) -> Encoded:
-    return encode_source(read_rows(src.path, src.split, src.revision, src.subset), renderer, cfg, src.format,
-                         src.fields, directory, Path(src.path).name)
+    rows = itertools.islice(read_rows(src.path, src.split, src.revision, src.subset), src.max_rows)
+    return encode_source(rows, renderer, cfg, src.format, src.fields, directory, Path(src.path).name)
 
 
 def _counts(encoded: list[Encoded]) -> dict:
