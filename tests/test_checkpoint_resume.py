@@ -100,6 +100,9 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tiny_model, refer
     # this run) had seen.
     assert re.search(r"rank 0 on \S+ \(pid \d+\): the process ended without a word in 'save' at step 10 ",
                      proc.stderr), proc.stderr[-3000:]
+    # Rank 1, waiting for rank 0's shards, ends as soon as rank 0 is gone, not when torchrun's 30 s are out.
+    assert "forcefully exiting via 9" not in proc.stderr, proc.stderr[-3000:]
+    assert any("a peer training process on" in e["reason"] for e in RunDir(tmp_path / "run").read_events(0))
     ckpts = RunDir(tmp_path / "run").checkpoints
     assert (ckpts / LATEST).read_text().strip() == "step_00000005"
     assert not (ckpts / "step_00000010" / MANIFEST).exists()

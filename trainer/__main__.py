@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
-from trainer.distributed import exit_without_teardown
+from trainer.distributed import PeerEnded, exit_without_teardown
 from trainer.session import Session, failure_reason, record_failure, setup_logging
 
 MIN_TORCH = "2.6"  # torch.load(weights_only=True) can run code in older versions (CVE-2025-32434)
@@ -55,6 +55,10 @@ def main(argv: list[str]) -> int:
         return session.finish(state, started)
     except UserError as exc:
         session.fail(exc)
+        return 1
+    except PeerEnded as exc:  # a consequence: the rank that ended names the cause, so no traceback here
+        session.fail(exc)
+        print(f"shardtune: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 1
     except BaseException as exc:
         session.fail(exc)

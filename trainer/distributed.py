@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from pathlib import Path
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,7 @@ def init_distributed(timeout_s: float) -> Dist:
         dist.init_process_group(backend, store=dist.PrefixStore(f"shardtune/attempt_{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    node_peers()  # every worker has joined: note this node's while all are alive
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device(acc.device_name(local_rank)))
 
 
@@ -99,7 +102,8 @@ class PeerProgress:
     fails the process group. Instead every rank adds the bytes it writes to one counter in the job's key-value
     store (the one torchrun set up), and a rank that is done waits on the store, beating its heartbeat for as
     long as that counter keeps moving. A peer that really stalls stops the counter, and the waiters' watchdogs
-    then do their job.
+    then do their job. A peer that dies on this node ends the wait at once (`node_peers`): the waiters
+    used to sit out torchrun's 30 s between its SIGTERM to them and its SIGKILL.
     """
 
     def __init__(self, name: str, world: int, report_every_s: float = 1.0):
@@ -121,13 +125,60 @@ class PeerProgress:
             self.store.add(f"{self.name}/bytes", self._pending)
             self._pending = 0
         self.store.add(f"{self.name}/{stage}", 1)
-        seen = None
+        seen, looked = None, time.monotonic()
+        peers = node_peers()
         while self.store.add(f"{self.name}/{stage}", 0) < self.world:
             progress = self.store.add(f"{self.name}/bytes", 0)
             if progress != seen:
                 beat(stage)
                 seen = progress
+            if peers and time.monotonic() - looked >= 1.0:
+                looked = time.monotonic()
+                # A peer that left after every rank had marked the stage left normally: read the count again.
+                ended = not peers <= _children_alive(os.getppid())
+                if ended and self.store.add(f"{self.name}/{stage}", 0) < self.world:
+                    raise PeerEnded(f"a peer training process on {socket.gethostname()} ended while this rank "
+                                    f"waited for every rank to finish '{stage}' of {self.name.split('/', 1)[1]}")
             time.sleep(poll_s)
+
+
+class PeerEnded(RuntimeError):
+    """A rank this one waits for is gone; the rank that ended names the cause (this is only its consequence)."""
+
+
+_NODE_PEERS: Optional[frozenset[int]] = None
+
+
+def node_peers() -> Optional[frozenset[int]]:
+    """The torchrun workers of this node (pids, this one included), as first seen all alive; None where they cannot
+    be told apart: the agent (this process's parent) starts LOCAL_WORLD_SIZE of them and reaps one that ends,
+    before it signals the others to stop. A parent with another number of live children (a wrapper script per
+    rank, say) or no /proc (not Linux) turns the check off."""
+    global _NODE_PEERS
+    expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if _NODE_PEERS is None and expected > 1:
+        children = _children_alive(os.getppid())
+        if len(children) == expected and os.getpid() in children:
+            _NODE_PEERS = frozenset(children)
+    return _NODE_PEERS
+
+
+def _children_alive(parent: int) -> set[int]:
+    """Pids of `parent`'s children that have not ended (a zombie has)."""
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return set()
+    alive = set()
+    for pid in entries:
+        try:
+            stat = Path("/proc", pid, "stat").read_text()
+        except OSError:
+            continue  # gone since the listing, or not ours to read
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name before it may hold spaces
+        if int(ppid) == parent and state != "Z":
+            alive.add(int(pid))
+    return alive
 
 
 def exit_without_teardown(code: int) -> NoReturn:
