@@ -300,7 +300,20 @@ def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Opti
             "params_active": counts.active,
             "device": cfg.launch.device, **est.to_dict(), "gpu_memory_gb": gb,
             "fits": None if gb is None else est.fits(gb),
-            "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3), "longest_seq_len": longest}
+            "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3),
+            "tight": gb is not None and is_tight(est, gb),
+            "longest_seq_len": longest}
+
+
+MEASURED_OVER_ESTIMATE = 0.07
+"""The most a measured peak has exceeded its estimate: bf16 at ZeRO-1-3, 1.04-1.07 × (bench/RESULTS.md, Memory:
+allocated-like peaks on CPU). A fit with less room to spare than this share of the estimate is called tight."""
+
+
+def is_tight(est: MemoryEstimate, gpu_memory_gb: float) -> bool:
+    """It fits, with less room than measured peaks have exceeded their estimates by."""
+    spare = gpu_memory_gb * GB - est.device_total
+    return est.fits(gpu_memory_gb) and spare < MEASURED_OVER_ESTIMATE * est.device_total
 
 
 def est_zero(cfg: RunConfig, counts: ModelCounts, ds_config: Optional[dict]) -> ZeroSettings:
@@ -319,6 +332,9 @@ def format_memory(summary: Optional[dict]) -> str:
     where = "per process (CPU RAM)" if summary.get("device") == "cpu" else "per device"
     if summary["gpu_memory_gb"] is None:
         verdict = "launch.gpu_memory_gb not set: fit not checked"
+    elif summary.get("tight"):
+        verdict = (f"fits {summary['gpu_memory_gb']:g} GB, only {summary['spare_gb']:.1f} GB to spare: TIGHT (measured "
+                   f"peaks have reached {MEASURED_OVER_ESTIMATE:.0%} over the estimate)")
     elif summary["fits"]:
         verdict = f"fits {summary['gpu_memory_gb']:g} GB, {summary['spare_gb']:.1f} GB to spare"
     else:
