@@ -298,7 +298,9 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
 
     def run(name: str, packing: bool):
         (tmp_path / name).mkdir()
-        cfg = tiny_config(tmp_path / name, model_dir, train={"max_steps": 3, "compile": False},
+        # One step of one micro-batch: Mamba-2's reference path on CPU takes ~4 s a micro-batch.
+        cfg = tiny_config(tmp_path / name, model_dir, train={"max_steps": 1, "warmup_steps": 0, "grad_accum_steps": 1,
+                                                              "compile": False},
                           data={"packing": packing})
         return RunDir(tmp_path / name / "run"), shardtune("launch", str(cfg), check=False)
 
@@ -308,7 +310,7 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
             "some of its layers carry state along the row") in proc.stderr
     assert not packed.checkpoints.exists() or not any(packed.checkpoints.iterdir())
     unpacked, proc = run("unpacked", False)
-    assert proc.returncode == 0 and len(losses(unpacked.path)) == 3
+    assert proc.returncode == 0 and len(losses(unpacked.path)) == 1
 
 
 def test_the_plan_warns_about_layers_that_carry_state_before_the_job_queues(tmp_path, tiny_model):
