@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import NoReturn, Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -153,7 +153,7 @@ def node_peers() -> Optional[frozenset[int]]:
     """The torchrun workers of this node (pids, this one included), as first seen all alive; None where they cannot
     be told apart: the agent (this process's parent) starts LOCAL_WORLD_SIZE of them and reaps one that ends,
     before it signals the others to stop. A parent with another number of live children (a wrapper script per
-    rank, say) or no /proc (not Linux) turns the check off."""
+    rank, say) turns the check off."""
     global _NODE_PEERS
     expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if _NODE_PEERS is None and expected > 1:
@@ -166,18 +166,16 @@ def node_peers() -> Optional[frozenset[int]]:
 def _children_alive(parent: int) -> set[int]:
     """Pids of `parent`'s children that have not ended (a zombie has)."""
     try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
+        children = psutil.Process(parent).children()
+    except psutil.Error:
         return set()
     alive = set()
-    for pid in entries:
+    for child in children:
         try:
-            stat = Path("/proc", pid, "stat").read_text()
-        except OSError:
-            continue  # gone since the listing, or not ours to read
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name before it may hold spaces
-        if int(ppid) == parent and state != "Z":
-            alive.add(int(pid))
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.add(child.pid)
+        except psutil.Error:
+            continue  # gone since the listing
     return alive
 
 
