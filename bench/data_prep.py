@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.data_prep                    # 100k synthetic chat rows, 2 workers
     .venv/bin/python -m bench.data_prep --rows 20000 --workers 1 2 --tokenizer tiny
     .venv/bin/python -m bench.data_prep --memory 50000 200000 --tokenizer tiny   # peak RSS against size only
+    .venv/bin/python -m bench.data_prep --pack-scaling 200000 800000 3200000 12800000   # packing alone, by size
 
 Part 1 runs the real `prepare` (read -> datasets.map with num_proc -> masks -> pack -> cache) on
 synthetic multi-turn chat rows whose lengths are shaped like instruction data. Part 2 packs
@@ -12,7 +13,9 @@ seconds (this process and its workers) and the load average before each run say 
 machine the run really had. --memory N1 N2 ...: `shardtune prepare` on N rows each, in a fresh process
 under bench._max_rss (the largest RSS of any of its processes, as the kernel counts it), and what the
 peak grows by per token between the sizes: `prepare` holds the tokenized set in memory, and that growth
-says how much RAM the host that prepares a dataset of a given size needs.
+says how much RAM the host that prepares a dataset of a given size needs. --pack-scaling N1 N2 ...:
+best-fit decreasing alone on N log-normal lengths each, in a fresh process (seconds, and the peak RSS it adds to
+the lengths already in memory): how packing's cost grows with the number of samples.
 """
 from __future__ import annotations
 
@@ -141,6 +144,41 @@ def packing_table(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+PACK_ONE = """
+import json, os, resource, sys, time
+import numpy as np
+from trainer.data.packing import best_fit_decreasing
+n, seq_len = int(sys.argv[1]), int(sys.argv[2])
+lengths = np.clip(np.random.default_rng(0).lognormal(np.log(250), 1.0, n), 16, 2048).astype(np.int64)
+with open("/proc/self/statm") as fh:
+    before = int(fh.read().split()[1]) * resource.getpagesize()
+read, write = os.pipe()
+if os.fork() == 0:  # a child's peak RSS starts from what it shares at the fork, not from the imports' peak
+    started = time.perf_counter()
+    groups = best_fit_decreasing(lengths, seq_len)
+    os.write(write, json.dumps([len(groups), time.perf_counter() - started]).encode())
+    os._exit(0)
+os.close(write)
+sequences, seconds = json.loads(os.read(read, 1 << 16))
+_, _, usage = os.wait4(-1, 0)
+print(json.dumps({"samples": n, "sequences": sequences, "seconds": seconds,
+                  "added_bytes": usage.ru_maxrss * 1024 - before}))
+"""
+
+
+def packing_scaling(sizes: list[int], seq_len: int) -> None:
+    """Time and memory of packing alone against the number of samples, each size in a fresh process."""
+    print(f"# best-fit decreasing against size ({platform.node()}, {machine_words()}, "
+          f"python {platform.python_version()}; log-normal lengths, median 250, clipped 16..2048; seq_len {seq_len})")
+    print("| samples | sequences | packing s | µs per sample | peak RSS added, MB | bytes per sample |")
+    print("|---|---|---|---|---|---|")
+    for n in sizes:
+        r = json.loads(subprocess.run([sys.executable, "-c", PACK_ONE, str(n), str(seq_len)], cwd=REPO,
+                                      capture_output=True, text=True, check=True).stdout)
+        print(f"| {n:,} | {r['sequences']:,} | {r['seconds']:.2f} | {r['seconds'] / n * 1e6:.2f} | "
+              f"{r['added_bytes'] / 1e6:.0f} | {r['added_bytes'] / n:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -151,7 +189,12 @@ def main() -> None:
     parser.add_argument("--pack-samples", type=int, default=200_000)
     parser.add_argument("--memory", type=int, nargs="+", metavar="ROWS",
                         help="only measure prepare's peak RSS at these row counts")
+    parser.add_argument("--pack-scaling", type=int, nargs="+", metavar="SAMPLES",
+                        help="only time best-fit decreasing on these numbers of samples")
     args = parser.parse_args()
+    if args.pack_scaling:
+        packing_scaling(args.pack_scaling, args.seq_len)
+        return
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     work = Path(tempfile.mkdtemp(prefix="shardtune-bench-data-"))
     try:

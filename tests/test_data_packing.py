@@ -134,6 +134,40 @@ def test_best_fit_decreasing_fills_bins_and_keeps_every_sample():
     assert groups == best_fit_decreasing(lengths, 2048)  # deterministic
 
 
+def textbook_best_fit_decreasing(lengths, capacity) -> list[list[int]]:
+    """Best-fit decreasing as the textbooks state it, by scanning every sequence: longest sample first (ties in
+    input order), into the sequence with the least room that still has enough (the first of equals), else into a
+    new one. Quadratic, so only for small inputs."""
+    groups, rooms = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [k for k, room in enumerate(rooms) if room >= lengths[i]]
+        if fits:
+            k = min(fits, key=lambda k: (rooms[k], k))
+        else:
+            k = len(groups)
+            groups.append([])
+            rooms.append(capacity)
+        groups[k].append(i)
+        rooms[k] -= lengths[i]
+    return groups
+
+
+@pytest.mark.parametrize("case", ["lognormal", "ties", "exact_fits", "tiny_and_whole"])
+def test_best_fit_decreasing_packs_as_the_textbook_scan_does(case):
+    """The packer keeps open sequences by their room (a heap per amount) instead of scanning them, and visits the
+    samples a chunk at a time: the groups must be the textbook algorithm's, sample for sample, chunked or not."""
+    rng = np.random.default_rng(1)
+    capacity = 64
+    lengths = {"lognormal": np.clip(rng.lognormal(np.log(12), 0.8, 1500).astype(int), 1, capacity),
+               "ties": rng.choice([8, 16, 24, 40], 1500),  # many sequences with the same room
+               "exact_fits": rng.choice([16, 32, 48], 1500),  # rooms reach 0 and close
+               "tiny_and_whole": rng.choice([1, 2, 63, 64], 1500)}[case]  # whole sequences close at once
+    want = textbook_best_fit_decreasing(lengths.tolist(), capacity)
+    for chunk in (1 << 20, 7):
+        got = best_fit_decreasing(lengths, capacity, chunk=chunk)
+        assert [g.tolist() for g in got] == want, (case, chunk)
+
+
 def test_build_packed_counts_targets_of_the_shifted_loss(tmp_path):
     ids = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32), np.array([6, 7, 8, 9], np.int32)]
     labels = [np.array([1, 2, 3], np.int32), np.array([IGNORE, 5], np.int32),
