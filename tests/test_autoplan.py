@@ -282,3 +282,30 @@ def test_a_fit_with_less_room_than_estimates_have_erred_is_called_tight(tmp_path
         memory = summary_of(plan_for(tmp_path, model_dir(tmp_path), launch={"gpu_memory_gb": round(gb, 1)}, **fixed))
         assert memory["total_gb"] == total and memory["fits"] is True and memory["tight"] is tight
         assert ("TIGHT (measured peaks have reached 7% over the estimate)" in format_memory(memory)) is tight
+
+
+def test_auto_keeps_room_for_the_estimates_error_when_any_allowed_configuration_can(tmp_path):
+    """`auto` takes the fastest configuration with 7% of its estimate to spare; a tight one (which measured peaks
+    could overrun) only when nothing has that room. Expected choices come from every allowed configuration's own
+    estimate (each planned with fixed settings), walked in the documented order of preference: ZeRO-0 to 3, then
+    activation checkpointing off before on, then the largest micro batch."""
+    model = model_dir(tmp_path)
+    order = [(stage, ckpt, micro) for stage in (0, 1, 2, 3) for ckpt in (False, True) for micro in (8, 4, 2, 1)]
+    total = {c: summary_of(plan_for(tmp_path, model, zero={"stage": c[0]}, train={
+        "activation_checkpointing": c[1], "micro_batch_size": c[2]}, launch={"gpu_memory_gb": 10_000}))["total_gb"]
+        for c in order}
+    changed = 0
+    for budget in sorted({round(t * 1.03, 1) for t in total.values()}):
+        fastest = next((c for c in order if total[c] <= budget), None)
+        roomy = next((c for c in order if total[c] * 1.07 <= budget), fastest)
+        if fastest is None:
+            continue
+        plan = plan_for(tmp_path, model, train={"activation_checkpointing": "auto"}, launch={"gpu_memory_gb": budget})
+        cfg = plan.config
+        chosen = (cfg.zero.stage, cfg.train.activation_checkpointing, cfg.train.micro_batch_size)
+        assert chosen == roomy, (budget, chosen, roomy, fastest)
+        assert summary_of(plan)["tight"] is (total[roomy] * 1.07 > budget), budget
+        if roomy != fastest:
+            changed += 1
+            assert "% to spare (tight" in "\n".join(plan.notes), budget  # the plan says why it passed one over
+    assert changed, "some budget must have a tight fastest fit and a roomier choice"

@@ -20,6 +20,7 @@ from launcher.planning.memory import (
     DEVICE_KEYS,
     GB,
     HOST_KEYS,
+    MEASURED_OVER_ESTIMATE,
     Margins,
     MemoryEstimate,
     Setup,
@@ -180,17 +181,22 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                       **lc.setup_fields(ckpt))
         return estimate_memory(counts, setup, zero, margins)
 
-    reasons: list[str] = []
-    for variant in variants:
-        for ckpt in ckpts:
-            fitting = next((est for micro in micros
-                            if (est := estimate(variant, ckpt, micro)).fits(gpu_memory_gb, host_memory_gb)), None)
-            if fitting is not None:
-                return _chosen(fitting, micros, share, world_size // lc.sequence_parallel, gpu_memory_gb, reasons,
-                               estimate, len(ckpts) > 1)
-        smallest = estimate(variant, ckpts[-1], micros[-1])
-        reasons.append(f"{smallest.setup.label()} needs {_shortfall(smallest, gpu_memory_gb, host_memory_gb)} "
-                       f"even at micro batch {micros[-1]} {_ckpt_words(ckpts[-1])}")
+    # First with room for the estimate's measured error; a tight fit only where nothing else fits.
+    for margin in (MEASURED_OVER_ESTIMATE, 0.0):
+        reasons: list[str] = []
+        for variant in variants:
+            for ckpt in ckpts:
+                fitting = next((est for micro in micros if (est := estimate(variant, ckpt, micro)).fits(
+                    gpu_memory_gb, host_memory_gb, margin)), None)
+                if fitting is not None:
+                    return _chosen(fitting, micros, share, world_size // lc.sequence_parallel, gpu_memory_gb,
+                                   reasons, estimate, len(ckpts) > 1, margin)
+            # The least it needs: not always at the smallest micro batch, since a micro batch that takes the whole
+            # share needs no fp32 accumulation buffer.
+            least = min((estimate(variant, c, m) for c in ckpts for m in micros), key=lambda e: e.device_total)
+            reasons.append(f"{least.setup.label()} needs {_shortfall(least, gpu_memory_gb, host_memory_gb)} "
+                           f"at best (micro batch {least.setup.micro_batch_size} "
+                           f"{_ckpt_words(least.setup.activation_checkpointing)})")
     frugal = estimate(variants[-1], ckpts[-1], micros[-1])
     suggestions = _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
                                offload_optimizer, offload_params, per_node, lc)
@@ -210,11 +216,21 @@ def _ckpt_words(ckpt: bool) -> str:
 def _shortfall(est: MemoryEstimate, gpu_memory_gb: float, host_memory_gb: Optional[float]) -> str:
     if est.device_total > gpu_memory_gb * GB:
         return f"{est.device_total / GB:.1f} GB per device > {gpu_memory_gb:g} GB"
+    if est.tight(gpu_memory_gb) and est.fits(gpu_memory_gb, host_memory_gb):
+        return (f"{est.device_total / GB:.1f} GB per device of {gpu_memory_gb:g} GB, under "
+                f"{MEASURED_OVER_ESTIMATE:.0%} to spare (tight: measured peaks have reached "
+                f"{MEASURED_OVER_ESTIMATE:.0%} over the estimate)")
     return f"{est.host_total / GB:.1f} GB host RAM per node > {host_memory_gb:g} GB"
 
 
+def _tight_words(est: MemoryEstimate, gpu_memory_gb: float, margin: float) -> str:
+    """Why a configuration that fits was passed over: it would be tight."""
+    return (f", under {MEASURED_OVER_ESTIMATE:.0%} to spare (tight)"
+            if margin and est.tight(gpu_memory_gb) else "")
+
+
 def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replicas: int,
-            gpu_memory_gb: float, reasons: list[str], estimate, ckpt_auto: bool) -> Choice:
+            gpu_memory_gb: float, reasons: list[str], estimate, ckpt_auto: bool, margin: float) -> Choice:
     s = est.setup
     variant = (s.stage, s.offload_optimizer, s.offload_params)
     spare = gpu_memory_gb - est.device_total / GB
@@ -223,9 +239,10 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replic
                       f"({spare:.1f} GB to spare; model states {est.model_states / GB:.1f} GB)"}
     if ckpt_auto:
         if s.activation_checkpointing:
-            without = estimate(variant, False, micros[-1]).device_total / GB
+            without = estimate(variant, False, micros[-1])
             why["activation_checkpointing"] = (f"activation checkpointing on: without it even micro batch "
-                                               f"{micros[-1]} needs {without:.1f} GB")
+                                               f"{micros[-1]} needs {without.device_total / GB:.1f} GB"
+                                               + _tight_words(without, gpu_memory_gb, margin))
         else:
             why["activation_checkpointing"] = ("activation checkpointing off: not needed to fit "
                                                "(it would cost ~1/3 more compute)")
@@ -233,7 +250,8 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replic
     if bigger:
         nxt = estimate(variant, s.activation_checkpointing, bigger[-1])
         why["micro_batch_size"] = (f"micro batch {s.micro_batch_size}: the next divisor of the per-rank share "
-                                   f"{share}, {bigger[-1]}, would need {nxt.device_total / GB:.1f} GB")
+                                   f"{share}, {bigger[-1]}, would need {nxt.device_total / GB:.1f} GB"
+                                   + _tight_words(nxt, gpu_memory_gb, margin))
     elif share is not None and len(micros) > 1:
         why["micro_batch_size"] = f"micro batch {s.micro_batch_size}: the whole per-rank share fits at once"
     accum = 1 if share is None else share // s.micro_batch_size

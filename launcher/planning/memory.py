@@ -143,6 +143,12 @@ HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "offloaded_checkpoints",
              "async_save_snapshots", "process_runtime")
 
 
+MEASURED_OVER_ESTIMATE = 0.07
+"""The most a measured peak has exceeded its estimate: bf16 at ZeRO-1-3, 1.04-1.07 × (bench/RESULTS.md, Memory:
+allocated-like peaks on CPU). A fit with less room to spare than this share of the estimate is called tight, and
+`auto` choices keep at least this much to spare when any allowed configuration can."""
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per device and per node, by component, for one Setup; `to_dict` gives the GB view."""
@@ -163,9 +169,15 @@ class MemoryEstimate:
         """The transient working set of forward and backward (freed before the optimizer step)."""
         return sum(self.device[key] for key in FORWARD_BACKWARD_KEYS)
 
-    def fits(self, gpu_memory_gb: float, host_memory_gb: Optional[float] = None) -> bool:
-        ok = self.device_total <= gpu_memory_gb * GB
+    def fits(self, gpu_memory_gb: float, host_memory_gb: Optional[float] = None, margin: float = 0.0) -> bool:
+        """Within the device's memory (and the node's RAM); with `margin`, also with that share of the estimate to
+        spare on the device."""
+        ok = self.device_total * (1 + margin) <= gpu_memory_gb * GB
         return ok and (host_memory_gb is None or self.host_total <= host_memory_gb * GB)
+
+    def tight(self, gpu_memory_gb: float) -> bool:
+        """It fits, with less room than measured peaks have exceeded their estimates by."""
+        return self.fits(gpu_memory_gb) and not self.fits(gpu_memory_gb, margin=MEASURED_OVER_ESTIMATE)
 
     def to_dict(self) -> dict[str, Any]:
         gb = lambda b: round(b / GB, 3)  # noqa: E731 - three decimals: 1.875 must not print as 1.88

@@ -34,7 +34,15 @@ from launcher.planning.fastest_fit import (
     component_table,
     longest_seq_len,
 )
-from launcher.planning.memory import GB, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.planning.memory import (
+    GB,
+    MEASURED_OVER_ESTIMATE,
+    Margins,
+    MemoryEstimate,
+    Setup,
+    ZeroSettings,
+    estimate_memory,
+)
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
 from launcher.planning.sequence_parallel import candidates, sequence_parallel_size, sliding_window_problem
 
@@ -301,19 +309,8 @@ def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Opti
             "device": cfg.launch.device, **est.to_dict(), "gpu_memory_gb": gb,
             "fits": None if gb is None else est.fits(gb),
             "spare_gb": None if gb is None else round(gb - est.device_total / GB, 3),
-            "tight": gb is not None and is_tight(est, gb),
+            "tight": gb is not None and est.tight(gb),
             "longest_seq_len": longest}
-
-
-MEASURED_OVER_ESTIMATE = 0.07
-"""The most a measured peak has exceeded its estimate: bf16 at ZeRO-1-3, 1.04-1.07 × (bench/RESULTS.md, Memory:
-allocated-like peaks on CPU). A fit with less room to spare than this share of the estimate is called tight."""
-
-
-def is_tight(est: MemoryEstimate, gpu_memory_gb: float) -> bool:
-    """It fits, with less room than measured peaks have exceeded their estimates by."""
-    spare = gpu_memory_gb * GB - est.device_total
-    return est.fits(gpu_memory_gb) and spare < MEASURED_OVER_ESTIMATE * est.device_total
 
 
 def est_zero(cfg: RunConfig, counts: ModelCounts, ds_config: Optional[dict]) -> ZeroSettings:
