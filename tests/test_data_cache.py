@@ -16,7 +16,7 @@ from trainer.build_once import BuildFailed, build_once
 from trainer.data.cache import cache_key
 from trainer.data.prepare import DataError, cache_inputs, load_tokenizer, prepare
 
-from conftest import REPO, RenameDurability, tiny_config
+from conftest import EXAMPLES, REPO, RenameDurability, tiny_config
 
 
 def prep(cfg, log: list | None = None):
@@ -269,3 +269,40 @@ def test_a_cache_filesystem_without_room_is_named_and_left_empty(tmp_path, tiny_
         assert str(err.value).startswith(f"data.cache_dir: {cache}") and says in str(err.value), str(err.value)
         assert "set data.cache_dir to a filesystem with room" in str(err.value)
         assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_source_too_big_for_the_cache_is_refused_after_its_first_rows_not_after_tokenizing(
+        tmp_path, tiny_model, small_filesystem, monkeypatch, suffix):
+    """A 10,000-row source whose tokenized samples fit the cache's filesystem but not with the packed set beside
+    them: it used to be refused after every row was tokenized (hours, at scale). Now the first rows (1,000 here,
+    20,000 by default) project the whole, per byte of text for JSON Lines and per row for Parquet (from its
+    footer), and the build stops there. The projection is checked against the tokens the whole source really
+    gives, prepared on a filesystem with room."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "FORECAST_AFTER_ROWS", 1000)
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "tiny_chat.jsonl").read_text().splitlines()] * 25
+    source = tmp_path / f"big{suffix}"
+    if suffix == ".jsonl":
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), source)
+    data = {"path": str(source), "format": "messages", "seq_len": 128}
+    whole = prep(load_config(tiny_config(tmp_path, tiny_model, data=data))).summary
+    assert whole["rows_read"] == 10_000
+    cache = small_filesystem(8 * whole["tokens"] * 5 // 4 // 1024)  # the samples fit, not the packed set too
+    with pytest.raises(DataError) as err:
+        prep(load_config(tiny_config(tmp_path, tiny_model, data={**data, "cache_dir": str(cache)})))
+    message = str(err.value)
+    assert message.startswith(f"data.cache_dir: {cache} has ") and "set data.cache_dir to a filesystem" in message
+    assert "its first 1,000 rows gave" in message and "stopped after 1,000 rows" in message, message
+    projected = int(re.search(r"project to ~([\d,]+) tokens", message).group(1).replace(",", ""))
+    assert projected == pytest.approx(whole["tokens"], rel=0.05), (projected, whole["tokens"])
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []

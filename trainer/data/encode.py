@@ -11,7 +11,7 @@ import itertools
 import multiprocessing
 import os
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -206,8 +206,9 @@ def _encoded_batches(batches: Iterator[tuple[list[RawRow], int]], job: _Job,
 
 
 def encode_source(rows: Iterator[RawRow], renderer: Renderer, cfg: RunConfig, fmt: str, fields: DataFields,
-                  directory: Path, desc: str) -> Encoded:
-    """One source's rows -> its samples in `directory` and what became of every row."""
+                  directory: Path, desc: str, on_progress: Optional[Callable[[int, int], None]] = None) -> Encoded:
+    """One source's rows -> its samples in `directory` and what became of every row. on_progress(rows, tokens):
+    after each batch is written, the rows read and tokens written so far (it may raise to stop the build)."""
     from tqdm.auto import tqdm
 
     job = _Job(fmt, fields, renderer, cfg.data.seq_len, cfg.data.truncation)
@@ -217,6 +218,7 @@ def encode_source(rows: Iterator[RawRow], renderer: Renderer, cfg: RunConfig, fm
     columns: dict[str, list[np.ndarray]] = {"rows": [np.zeros(0, np.int64)], "methods": [np.zeros(0, np.int8)],
                                             "turns": [np.zeros(0, np.int16)], "truncated": [np.zeros(0, bool)]}
     dropped: list[tuple[int, str, str, str]] = []
+    tokens = 0
     with tqdm(desc=f"tokenizing {desc}" + (f" with {workers} workers" if workers else ""), unit=" rows",
               mininterval=2) as progress:
         for n, batch in _encoded_batches(_batches(itertools.chain(head, rows)), job, workers):
@@ -225,6 +227,9 @@ def encode_source(rows: Iterator[RawRow], renderer: Renderer, cfg: RunConfig, fm
                 values.append(getattr(batch, name))
             dropped += batch.dropped
             progress.update(n)
+            tokens += int(batch.lengths.sum())
+            if on_progress is not None:
+                on_progress(progress.n, tokens)
         read = progress.n
     store.finish()
     return _outcome(store, *(np.concatenate(values) for values in columns.values()), dropped, read)

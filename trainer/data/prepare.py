@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,7 +37,7 @@ from trainer.data.encode import Encoded, encode_source
 from trainer.data.formats import FORMAT_FIELDS
 from trainer.data.packing import PackedSet, best_fit_decreasing, one_per_sequence, packing_stats, write_packed
 from trainer.data.render import METHODS, Renderer, install_template
-from trainer.data.sources import fingerprint_files, read_rows
+from trainer.data.sources import RawRow, fingerprint_files, read_rows, source_extent
 
 MAX_LISTED_BAD_ROWS = 20
 MAX_STORED_BAD_ROWS = 1000
@@ -242,7 +242,59 @@ def _pack(directory: Path, per_source: list[Encoded], samples: Samples, seq_len:
 
 def _encode(src: Source, renderer: Renderer, cfg: RunConfig, directory: Path) -> Encoded:
     rows = itertools.islice(read_rows(src.path, src.split, src.revision, src.subset), src.max_rows)
-    return encode_source(rows, renderer, cfg, src.format, src.fields, directory, Path(src.path).name)
+    extent = source_extent(src.path)
+    forecast = _RoomForecast(src, cfg, directory, *extent) if extent else None
+    return encode_source(forecast.measure(rows) if forecast else rows, renderer, cfg, src.format, src.fields,
+                         directory, Path(src.path).name, on_progress=forecast)
+
+
+FORECAST_AFTER_ROWS = 20_000
+"""Rows of a source tokenized before its whole is projected from them."""
+
+
+class _RoomForecast:
+    """Refuse, early, to tokenize a source the cache's filesystem cannot hold with its packed set.
+
+    Tokenizing a large dataset takes hours, and the exact check (`_check_room`) can only come after it; a full
+    filesystem found on the way is an ENOSPC just as late. So once the first `FORECAST_AFTER_ROWS` rows are
+    written, their tokens per byte of text (JSON Lines, JSON) or per row (Parquet) project the whole source's, and a
+    build that would need more than the filesystem has free stops there. Sources whose size is not known from
+    their files (a hub id, CSV) keep the exact check alone.
+    """
+
+    def __init__(self, src: Source, cfg: RunConfig, directory: Path, unit: str, extent: int) -> None:
+        self.src, self.cfg, self.directory, self.unit, self.extent = src, cfg, directory, unit, extent
+        self.sizes: list[int] = []
+        self.checked = False
+
+    def measure(self, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+        for row in rows:
+            if not self.checked:
+                self.sizes.append(len(row.text.encode()) + 1 if self.unit == "bytes" else 1)
+            yield row
+
+    def __call__(self, rows: int, tokens: int) -> None:
+        if self.checked or rows < FORECAST_AFTER_ROWS:
+            return
+        self.checked = True
+        measured = sum(self.sizes[:rows])
+        self.sizes = []
+        total = self.extent
+        if self.src.max_rows:
+            total = min(total, int(self.src.max_rows * measured / rows))
+        projected = tokens / max(measured, 1) * total
+        need = projected * 2 * PACKED_BYTES_PER_TOKEN - tokens * PACKED_BYTES_PER_TOKEN  # written already
+        found = free_space(self.directory)
+        if found is None or need <= found[1]:
+            return
+        what = f"{total / 1e9:,.2f} GB of text" if self.unit == "bytes" else f"{total:,} rows"
+        root = self.directory.parents[2]  # <root>/<key>.tmp-.../samples/<source>
+        raise DataError(f"{_cache_field(self.cfg)}: {root} has {found[1] / 1e9:,.2f} "
+                        f"GB free, and preparing {self.src.path} would need ~{need / 1e9:,.2f} GB more: its first "
+                        f"{rows:,} rows gave {tokens:,} tokens, so its {what} project to ~{projected:,.0f} tokens, "
+                        f"at {PACKED_BYTES_PER_TOKEN} bytes per token tokenized and {PACKED_BYTES_PER_TOKEN} more "
+                        f"packed beside them while it builds (stopped after {rows:,} rows, not hours into "
+                        f"tokenizing): {CACHE_ROOM_ADVICE}")
 
 
 def _counts(encoded: list[Encoded]) -> dict:

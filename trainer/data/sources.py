@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from launcher.contract.errors import UserError
 from launcher.planning.hub_snapshot import dataset_snapshot, subset_files
@@ -167,6 +168,20 @@ def read_rows(path: str, split: str = "train", revision: str | None = None,
         return
     for f in files:
         yield from READERS[f.suffix](f)
+
+
+def source_extent(path: str) -> Optional[tuple[str, int]]:
+    """How much a local data path holds, in a unit its rows can be measured in as they are read: ("bytes", n) for
+    JSON Lines and JSON files (a row is its text), ("rows", n) for Parquet files (their footers count the rows).
+    None for a hub id, CSV (its rows are re-encoded as JSON) or a mix of kinds."""
+    files = resolve_files(path)
+    if files and all(f.suffix in (".jsonl", ".json") for f in files):
+        return "bytes", sum(f.stat().st_size for f in files)
+    if files and all(f.suffix == ".parquet" for f in files):
+        import pyarrow.parquet as pq
+
+        return "rows", sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return None
 
 
 def fingerprint_files(path: str) -> list[tuple[str, int, int]]:
