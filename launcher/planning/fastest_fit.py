@@ -21,6 +21,7 @@ from launcher.planning.memory import (
     GB,
     HOST_KEYS,
     MEASURED_OVER_ESTIMATE,
+    TIGHT_WHY,
     Margins,
     MemoryEstimate,
     Setup,
@@ -218,8 +219,7 @@ def _shortfall(est: MemoryEstimate, gpu_memory_gb: float, host_memory_gb: Option
         return f"{est.device_total / GB:.1f} GB per device > {gpu_memory_gb:g} GB"
     if est.tight(gpu_memory_gb) and est.fits(gpu_memory_gb, host_memory_gb):
         return (f"{est.device_total / GB:.1f} GB per device of {gpu_memory_gb:g} GB, under "
-                f"{MEASURED_OVER_ESTIMATE:.0%} to spare (tight: measured peaks have reached "
-                f"{MEASURED_OVER_ESTIMATE:.0%} over the estimate)")
+                f"{MEASURED_OVER_ESTIMATE:.0%} to spare (tight: {TIGHT_WHY})")
     return f"{est.host_total / GB:.1f} GB host RAM per node > {host_memory_gb:g} GB"
 
 

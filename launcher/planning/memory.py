@@ -147,6 +147,7 @@ MEASURED_OVER_ESTIMATE = 0.07
 """The most a measured peak has exceeded its estimate: bf16 at ZeRO-1-3, 1.04-1.07 × (bench/RESULTS.md, Memory:
 allocated-like peaks on CPU). A fit with less room to spare than this share of the estimate is called tight, and
 `auto` choices keep at least this much to spare when any allowed configuration can."""
+TIGHT_WHY = f"measured peaks have reached {MEASURED_OVER_ESTIMATE:.0%} over the estimate"
 
 
 @dataclass(frozen=True)

@@ -34,15 +34,7 @@ from launcher.planning.fastest_fit import (
     component_table,
     longest_seq_len,
 )
-from launcher.planning.memory import (
-    GB,
-    MEASURED_OVER_ESTIMATE,
-    Margins,
-    MemoryEstimate,
-    Setup,
-    ZeroSettings,
-    estimate_memory,
-)
+from launcher.planning.memory import GB, TIGHT_WHY, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
 from launcher.planning.sequence_parallel import candidates, sequence_parallel_size, sliding_window_problem
 
@@ -330,8 +322,8 @@ def format_memory(summary: Optional[dict]) -> str:
     if summary["gpu_memory_gb"] is None:
         verdict = "launch.gpu_memory_gb not set: fit not checked"
     elif summary.get("tight"):
-        verdict = (f"fits {summary['gpu_memory_gb']:g} GB, only {summary['spare_gb']:.1f} GB to spare: TIGHT (measured "
-                   f"peaks have reached {MEASURED_OVER_ESTIMATE:.0%} over the estimate)")
+        verdict = (f"fits {summary['gpu_memory_gb']:g} GB, only {summary['spare_gb']:.1f} GB to spare: "
+                   f"TIGHT ({TIGHT_WHY})")
     elif summary["fits"]:
         verdict = f"fits {summary['gpu_memory_gb']:g} GB, {summary['spare_gb']:.1f} GB to spare"
     else:
