@@ -10,7 +10,10 @@ HAS_GPU := $(shell ls /proc/driver/nvidia/gpus 2>/dev/null | head -n1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 # Two test processes: one pytest kept 2 cores only ~60% busy (process start-up, SLURM polling, waits on
-# timeouts); 32 -> 23 min. A module runs whole on one worker (--dist loadscope): its fixtures are built once.
+# timeouts); 32 -> 23 min. Two keep the cores ~90% busy (1.8 of 2 on average over a clone's run); a third took
+# 22 min 53 s against two's 22-25 min, within this VM's spread, at 1.9, so the suite is bound by its CPU time
+# (mostly each launch's imports of torch, DeepSpeed and transformers). A module runs whole on one worker
+# (--dist loadscope): its fixtures are built once.
 TEST_WORKERS ?= 2
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
 DEMO_EVAL := examples/data/demo_eval.jsonl

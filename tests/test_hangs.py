@@ -41,17 +41,16 @@ def test_preflight_failure_names_rank_and_problem_before_training(tmp_path, tiny
 
 
 def test_rank_stuck_in_data_loading_is_dumped_and_the_job_restarts(tmp_path, tiny_model):
+    """Found, dumped, killed, restarted and completed. That a restarted job reproduces the uninterrupted losses is
+    tests/test_checkpoint_resume.py's (a worker killed and restarted by torchrun)."""
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 12, "save_every": 2},
                       launch={"max_restarts": 1, "stall_timeout_s": 10, "startup_timeout_s": 120})
-    reference_dir = tmp_path / "reference"
-    reference_dir.mkdir()
-    shardtune("launch", str(tiny_config(reference_dir, tiny_model, train={"max_steps": 12, "save_every": 2})))
     started = time.time()
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "hang_in_data@5:1"}, timeout=300)
     run = tmp_path / "run"
     assert "rank 1 stuck in 'data' at step 5" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stderr and "step_00000004 at step 4" in proc.stderr
-    assert losses(run) == losses(reference_dir / "run")
+    assert sorted(losses(run)) == list(range(1, 13)) and RunDir(run).read_status()["state"] == "completed"
     dump = RunDir(run).stack_file(1).read_text()
     assert "made no progress" in dump and "in maybe_hang" in dump and "in batch" in dump
     status = shardtune("status", str(run)).stdout

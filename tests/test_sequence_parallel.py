@@ -52,8 +52,6 @@ def runs(tmp_path_factory, tiny_model):
         "ref_z2": ({"sequence_parallel": 1, "chunked_loss": False}, 2),
         "chunked_z2": ({"sequence_parallel": 1, "chunked_loss": True}, 2),
         "sp_z2": ({"sequence_parallel": 2}, 2),
-        "ref_z3": ({"sequence_parallel": 1, "chunked_loss": False}, 3),
-        "chunked_z3": ({"sequence_parallel": 1, "chunked_loss": True}, 3),
         "sp_z3": ({"sequence_parallel": 2, "tiled_mlp": True, "activation_checkpointing": "offload"}, 3),
     }
     out = {}
@@ -84,10 +82,12 @@ def test_sp2_equals_sp1_on_the_same_global_batch(runs, stage):
     At ZeRO-3 the SP run also tiles its MLPs (2 tiles per slice) and offloads checkpointed inputs, and this is
     the regression test for DeepSpeed's reductions: ZeRO 0-2 divide SP gradients by world / N, ZeRO-3's
     reduce-scatter by the world (trainer/sequence_parallel.py scales each accordingly). Should DeepSpeed make
-    them agree, the step-1 gradient norm here is off by 2× and this test fails.
+    them agree, the step-1 gradient norm here is off by 2× and this test fails. Both stages are held to the one
+    ZeRO-2 reference on the full logits (the stages train the same model on the same batches), so the ZeRO-3 run
+    also checks the chunked loss where ZeRO-3 gathers the head's weight.
     """
     sp, sp_log = runs[f"sp_z{stage}"]
-    ref, _ = runs[f"ref_z{stage}"]
+    ref, _ = runs["ref_z2"]
     got, want = rows(sp), rows(ref)
     assert_close({s: r["loss"] for s, r in got.items()}, {s: r["loss"] for s, r in want.items()}, 1e-5, "loss")
     assert got[1]["grad_norm"] == pytest.approx(want[1]["grad_norm"], rel=1e-5)
@@ -104,16 +104,17 @@ def test_sp2_equals_sp1_on_the_same_global_batch(runs, stage):
     assert "train.grad_accum_steps = global 4 / (micro 2 × data-parallel 1 (world 2 / sequence_parallel 2)" in sp_log
     if stage == 3:
         assert "MLPs run in 2 tiles" in sp_log, "the SP=2 ZeRO-3 run must actually tile its MLPs"
+        assert "loss chunked" in sp_log, "the SP=2 ZeRO-3 run must chunk its loss"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_chunked_loss_equals_full_logits(runs, stage):
-    """The first step sees the same weights: loss and gradient norm equal to 1e-6; later steps follow."""
-    got, want = rows(runs[f"chunked_z{stage}"][0]), rows(runs[f"ref_z{stage}"][0])
+def test_chunked_loss_equals_full_logits(runs):
+    """The first step sees the same weights: loss and gradient norm equal to 1e-6; later steps follow. (At ZeRO-3
+    the SP=2 run's chunked loss is held to the same reference.)"""
+    got, want = rows(runs["chunked_z2"][0]), rows(runs["ref_z2"][0])
     assert got[1]["loss"] == pytest.approx(want[1]["loss"], rel=1e-6)
     assert got[1]["grad_norm"] == pytest.approx(want[1]["grad_norm"], rel=1e-6)
     assert_close({s: r["loss"] for s, r in got.items()}, {s: r["loss"] for s, r in want.items()}, 1e-5, "loss")
-    assert "loss chunked" in runs[f"chunked_z{stage}"][1] and "loss on the full logits" in runs[f"ref_z{stage}"][1]
+    assert "loss chunked" in runs["chunked_z2"][1] and "loss on the full logits" in runs["ref_z2"][1]
 
 
 def test_packed_row_token_losses_under_sp_equal_each_sample_alone(tmp_path, tiny_model):
