@@ -186,15 +186,15 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
     for margin in (MEASURED_OVER_ESTIMATE, 0.0):
         reasons: list[str] = []
         for variant in variants:
-            for ckpt in ckpts:
-                fitting = next((est for micro in micros if (est := estimate(variant, ckpt, micro)).fits(
-                    gpu_memory_gb, host_memory_gb, margin)), None)
-                if fitting is not None:
-                    return _chosen(fitting, micros, share, world_size // lc.sequence_parallel, gpu_memory_gb,
+            tried = []
+            for est in (estimate(variant, ckpt, micro) for ckpt in ckpts for micro in micros):
+                if est.fits(gpu_memory_gb, host_memory_gb, margin):
+                    return _chosen(est, micros, share, world_size // lc.sequence_parallel, gpu_memory_gb,
                                    reasons, estimate, len(ckpts) > 1, margin)
+                tried.append(est)
             # The least it needs: not always at the smallest micro batch, since a micro batch that takes the whole
             # share needs no fp32 accumulation buffer.
-            least = min((estimate(variant, c, m) for c in ckpts for m in micros), key=lambda e: e.device_total)
+            least = min(tried, key=lambda e: e.device_total)
             reasons.append(f"{least.setup.label()} needs {_shortfall(least, gpu_memory_gb, host_memory_gb)} "
                            f"at best (micro batch {least.setup.micro_batch_size} "
                            f"{_ckpt_words(least.setup.activation_checkpointing)})")
