@@ -303,6 +303,14 @@ def test_hub_eval_data_is_a_held_out_split_read_at_a_pinned_commit_fake_hub(hub,
     assert yaml.safe_load(RunDir(tmp_path / "run").config_file.read_text())["data"]["eval_revision"] == second
 
 
+NODE_PREPARE = """import sys
+from launcher.contract.config import load_config
+from trainer.data.prepare import load_tokenizer, prepare
+cfg = load_config(sys.argv[1], sys.argv[2:])
+prepare(cfg, load_tokenizer(cfg))
+"""
+"""What a rank does with the run config: prepare its data without launch's checks."""
+
 CARD = b"""---
 configs:
 - config_name: default
@@ -388,6 +396,103 @@ def test_launch_downloads_a_hub_datasets_files_so_nodes_read_it_without_the_hub_
     # The tokenized samples a prepare writes beside the data cache are gone after it, read or failed.
     assert not [p for cache in ("node-cache", "node-cache-2") for p in (tmp_path / cache).rglob("*")
                 if p.name in ("samples", "ids.bin") or ".tmp-" in p.name]
+
+
+def test_max_rows_fetches_only_the_files_that_hold_them_and_a_longer_read_is_refused_fake_hub(
+        hub, tiny_model, tmp_path):
+    """`data.max_rows` of a hub split: `launch` fetched the whole split, so a thousand-row trial of a multi-terabyte
+    corpus downloaded all of it (or was refused for room). Now the files are fetched in reading order until they hold
+    the rows. The cache then holds part of the split, which datasets alone would read as the split: a later read of
+    more rows, where the hub cannot be reached, is refused at launch and on the node, not trained on part of the data.
+    The rows read are judged against the same lines read from a local file."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    train = [f"data/train_sft-0000{i}.jsonl" for i in range(3)]
+    files = {"README.md": CARD, **{name: b"".join(lines[40 * i:40 * i + 40]) for i, name in enumerate(train)},
+             "data/test_sft-00000.jsonl": b"".join(lines[120:140]), "data/train_gen-00000.jsonl": lines[0]}
+    commit = hub.publish("datasets/" + CHATS, files)
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "split": "train_sft", "eval_path": CHATS,
+                                                          "eval_split": "test_sft", "max_rows": 50}))
+    dry = shardtune("launch", config, "--dry_run")
+    assert hub.downloaded("datasets/" + CHATS) == {"README.md"}, dry.stdout
+    assert "split train_sft is read to its first 50 rows (data.max_rows): launch downloads its 3 files" in dry.stdout
+    fetched = shardtune("download", config)
+    assert hub.downloaded("datasets/" + CHATS) == {"README.md", *train[:2], "data/test_sft-00000.jsonl"}
+    assert "split train_sft: only the first 2 of its 3 files, which hold the first 50 rows read" in fetched.stdout
+
+    local = tmp_path / "local.jsonl"
+    local.write_bytes(b"".join(lines[:120]))
+    hub.close()
+    offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
+    as_local = (f"data.path={local}", "data.split=train", "data.eval_path=null", "data.eval_split=null")
+    for rows in (50, 80):  # within the rows the two files hold: read offline, the same rows as the local file's
+        got = json.loads(shardtune("prepare", config, f"data.max_rows={rows}", "--json", env=offline).stdout)
+        want = json.loads(shardtune("prepare", config, *as_local, f"data.max_rows={rows}", "--json",
+                                    env=offline).stdout)
+        assert (got["rows_read"], got["eval"]["rows_read"]) == (rows, 20)
+        assert (got["tokens"], got["trained_tokens"]) == (want["tokens"], want["trained_tokens"])
+
+    partly = (f"data.split: split 'train_sft' of dataset {CHATS} at commit {commit[:12]} is held in the Hugging Face "
+              f"cache only in part, the first 2 of its 3 files (80 rows)")
+    for limit, says in (("data.max_rows=null", "this one sets no data.max_rows"),
+                        ("data.max_rows=90", "this one sets data.max_rows is 90")):
+        refused = shardtune("launch", config, limit, f"output_dir={tmp_path / 'more'}", "--dry_run", env=offline,
+                            check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert partly in refused.stderr and says in refused.stderr, refused.stderr
+        assert not (tmp_path / "more").exists()
+    # A rank reading past them (a run config written by a launch with the hub, the limit since removed by hand):
+    # named, not trained on the 80 rows the cache holds. The rank's own prepare, which launch's checks do not guard.
+    node = subprocess.run([sys.executable, "-c", NODE_PREPARE, config, f"data.revision={commit}",
+                           "data.max_rows=null"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **offline})
+    assert node.returncode == 1, node.stderr[-3000:]
+    assert (f"UserError: hub dataset {CHATS} at {commit}, split train_sft: the Hugging Face cache ("
+            f"{tmp_path / 'hf_home'}") in node.stderr
+    assert "holds only the first 2 of its 3 files (80 rows)" in node.stderr
+    assert "and all 80 rows they hold were read" in node.stderr
+
+    # With the hub again, the whole split: the third file alone is fetched, and the split is read whole offline.
+    hub2 = FakeHub()
+    hub2.publish("datasets/" + CHATS, files)
+    online = {"HF_ENDPOINT": hub2.endpoint}
+    shardtune("download", config, "data.max_rows=null", env=online)
+    assert hub2.downloaded("datasets/" + CHATS) == {train[2]}
+    hub2.close()
+    whole = json.loads(shardtune("prepare", config, "data.max_rows=null", f"data.revision={commit}", "--json",
+                                 env=offline).stdout)
+    assert whole["rows_read"] == 120
+
+
+def test_max_rows_of_a_parquet_split_counts_its_files_from_their_footers_fake_hub(hub, tiny_model, tmp_path):
+    """Most hub datasets are Parquet (the hub converts uploads to it). A limit inside the second of three files of 30
+    rows: two files are fetched, and the cache records the 60 rows they hold, so a later offline read of up to 60
+    is known to find them."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launcher.planning.held_splits import held_split
+
+    rows = [json.loads(line) for line in TINY_CHAT.read_text().splitlines()[:90]]
+    train = [f"data/train-0000{i}.parquet" for i in range(3)]
+    files = {}
+    for i, name in enumerate(train):
+        out = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows[30 * i:30 * i + 30]), out)
+        files[name] = out.getvalue()
+    commit = hub.publish("datasets/" + CHATS, files)
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "max_rows": 40}))
+    shardtune("download", config)
+    assert hub.downloaded("datasets/" + CHATS) == set(train[:2])
+    snapshot = tmp_path / "hf_home" / "hub" / f"datasets--{CHATS.replace('/', '--')}" / "snapshots" / commit
+    held = held_split(snapshot, "default", "train")
+    assert (held.files, held.present, held.rows) == (train, train[:2], 60)
+    hub.close()
+    offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
+    assert json.loads(shardtune("prepare", config, "data.max_rows=60", "--json", env=offline).stdout)["rows_read"] == 60
+    refused = shardtune("prepare", config, "data.max_rows=61", env=offline, check=False)
+    assert refused.returncode == 2 and "the first 2 of its 3 files (60 rows)" in refused.stderr, refused.stderr
 
 
 def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_hub(hub, tiny_model, tmp_path):

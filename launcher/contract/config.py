@@ -143,8 +143,8 @@ class DataConfig(Section):
     `prepare` resolve it to one commit, which the run and its data cache key read."""
     max_rows: Optional[int] = Field(None, gt=0)
     """Read only the first N rows of `data.path` (in file order, bad rows included; an `eval_fraction` is held out of
-    them), to try a run on a large dataset before preparing all of it; default: all. A hub dataset's split is still
-    downloaded whole."""
+    them), to try a run on a large dataset before preparing all of it; default: all. Of a hub dataset's split, `launch`
+    downloads only the files that hold them."""
     chat_template: Optional[str] = None
     """Jinja chat template for tokenizers without one (or to replace theirs); `chatml` names the built-in."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
@@ -189,8 +189,9 @@ class DataConfig(Section):
         """Every dataset the section reads, training sources first, then `data.eval_path`, each with the defaults
         of its hub coordinates applied and the names of the fields that give them."""
         plain = {"path": "path", "subset": "subset", "split": "split", "revision": "revision"}
-        out = [DataRead(self, "data", plain, True, self.path, self.subset, self.split, self.revision)]
-        out += [DataRead(s, f"data.mix[{i}]", plain, True, s.path, s.subset, s.split, s.revision, i)
+        out = [DataRead(self, "data", plain, True, self.path, self.subset, self.split, self.revision,
+                        max_rows=self.max_rows)]
+        out += [DataRead(s, f"data.mix[{i}]", plain, True, s.path, s.subset, s.split, s.revision, i, s.max_rows)
                 for i, s in enumerate(self.mix)]
         if self.eval_path:
             same = self.eval_path == self.path
@@ -215,6 +216,8 @@ class DataRead:
     revision: Optional[str]
     mix_index: Optional[int] = None
     """Position in data.mix, for a mixture source."""
+    max_rows: Optional[int] = None
+    """Only the first rows are read (a training source's `max_rows`)."""
 
     def field(self, what: str) -> str:
         """The config field that gives `what` (path, subset, split, revision), as messages name it."""

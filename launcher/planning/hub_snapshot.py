@@ -36,6 +36,7 @@ from launcher.contract.config import DataRead, RunConfig, eval_data_problems
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import free_space
+from launcher.planning.held_splits import held_split, record_split
 from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files_read
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -235,11 +236,21 @@ def _uncached_splits(reads: list[DataRead]) -> list[str]:
             there = read.split in (builder.config.data_files or {})
         except (FileNotFoundError, ValueError, datasets.data_files.EmptyDatasetError):
             there = False
-        if not there:
-            problems.append(f"{read.field('split')}: split {read.split!r} of dataset {read.path}"
-                            f"{f' subset {read.subset}' if read.subset else ''} at commit {str(read.revision)[:12]} "
-                            f"is not in the Hugging Face cache ({snapshot}), and the hub cannot be reached from this "
-                            f"host: launch where it can, or run `shardtune download` there first")
+        held = held_split(snapshot, config_name(snapshot, read.subset), read.split)
+        if held is not None and not held.whole:  # fetched for a row limit: enough for this read's?
+            if read.max_rows is not None and read.max_rows <= (held.rows or 0):
+                continue
+            limit = f"{read.prefix}.max_rows is {read.max_rows:,}" if read.max_rows else f"no {read.prefix}.max_rows"
+            what = (f"is held in the Hugging Face cache only in part, {held.describe()}, fetched for a run that read "
+                    f"fewer rows (this one sets {limit})")
+        elif there:
+            continue
+        else:
+            what = "is not in the Hugging Face cache"
+        problems.append(f"{read.field('split')}: split {read.split!r} of dataset {read.path}"
+                        f"{f' subset {read.subset}' if read.subset else ''} at commit {str(read.revision)[:12]} "
+                        f"{what} ({snapshot}), and the hub cannot be reached from this host: launch where it can, "
+                        f"or run `shardtune download` there first")
     return problems
 
 
@@ -329,13 +340,7 @@ def subset_files(directory: Path, subset: Optional[str], split: str) -> dict:
     directory's card declares, and fails on one whose files were not downloaded (fetch_dataset fetches the splits
     read); {} for a card without configurations, whose splits datasets finds among the files present. No subset:
     the configuration datasets reads by default (marked `default`, else named so, else the only one)."""
-    configs = card_configs(directory)
-    named = [c for c in configs if c.get("config_name", "default") == subset]
-    if subset is None:
-        named = ([c for c in configs if c.get("default")] or
-                 [c for c in configs if c.get("config_name", "default") == "default"] or
-                 (configs if len(configs) == 1 else []))
-    for config in named[:1]:
+    for config in _named_config(card_configs(directory), subset):
         files = config.get("data_files")
         if isinstance(files, list) and files and isinstance(files[0], dict):
             files = {entry["split"]: entry["path"] for entry in files}
@@ -344,6 +349,23 @@ def subset_files(directory: Path, subset: Optional[str], split: str) -> dict:
         return {**({"data_dir": config["data_dir"]} if config.get("data_dir") else {}),
                 **({"data_files": files} if files else {})}
     return {}
+
+
+def _named_config(configs: list[dict], subset: Optional[str]) -> list[dict]:
+    """The card's configuration datasets reads for `subset` (none named: the one marked `default`, else the one named
+    so, else the only one), as a list of at most one."""
+    if subset is not None:
+        return [c for c in configs if c.get("config_name", "default") == subset][:1]
+    return ([c for c in configs if c.get("default")] or
+            [c for c in configs if c.get("config_name", "default") == "default"] or
+            (configs if len(configs) == 1 else []))[:1]
+
+
+def config_name(directory: Path, subset: Optional[str]) -> str:
+    """The name of the configuration datasets reads from a snapshot for `subset`: the name held splits are
+    recorded under (held_splits), the same for a launch that named the subset and a node that did not."""
+    named = _named_config(card_configs(directory), subset)
+    return subset or (named[0].get("config_name", "default") if named else "default")
 
 
 def card_configs(directory: Path) -> list[dict]:
@@ -387,24 +409,86 @@ def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
         if missing:
             raise ConfigError(missing)
         prefix = f"hf://datasets/{repo_id}@{commit}/"
-        wanted = sorted({str(f)[len(prefix):] for read in reads for f in data_files[read.split]
-                         if str(f).startswith(prefix)})
+        files_of = {read.split: [str(f)[len(prefix):] for f in data_files[read.split] if str(f).startswith(prefix)]
+                    for read in reads}
+        limits = _row_limits(reads)
         listing = {f.path: f.size for f in HfApi().list_repo_tree(repo_id, revision=commit, repo_type="dataset",
                                                                  recursive=True) if isinstance(f, RepoFile)}
+        wanted = sorted({n for split, names in files_of.items() if split not in limits for n in names})
         wanted += ["README.md"] if "README.md" in listing else []
         directory = _repo_folder(repo_id, "dataset") / "snapshots" / commit
         size = sum(listing.get(n, 0) for n in wanted)
         fetched = sum(listing.get(n, 0) for n in wanted if not _present(directory / n, listing.get(n, -1)))
         _check_room(fetched, Path(constants.HF_HUB_CACHE), repo_id, field_name)
+        held, limited = len(wanted), []
         if download:
-            snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
+            if wanted:
+                snapshot_download(repo_id, repo_type="dataset", revision=commit, allow_patterns=wanted)
+            for split in files_of.keys() - limits.keys():
+                record_split(directory, builder.config.name, split, files_of[split], None)
+        for split, (need, field) in limits.items():
+            names = files_of[split]
+            if not download:
+                limited.append(f"split {split} is read to its first {need:,} rows ({field}): launch downloads its "
+                               f"{len(names)} files ({_size(sum(listing.get(n, 0) for n in names))}) in order only "
+                               f"until they hold them")
+                continue
+            held_now = held_split(directory, builder.config.name, split)
+            if held_now is not None and (held_now.whole or (held_now.rows or 0) >= need):  # counted by a fetch
+                got, rows, more = held_now.present, held_now.rows, 0
+            else:
+                got, rows, more = _fetch_rows(repo_id, commit, subset, split, names, need, listing, field_name)
+                record_split(directory, builder.config.name, split, names, rows)
+            held, size, fetched = held + len(got), size + sum(listing.get(n, 0) for n in got), fetched + more
+            limited.append(f"split {split}: only the first {len(got)} of its {len(names)} files, which hold the "
+                           f"first {need:,} rows read ({field})" if rows is not None else
+                           f"split {split}: its first {need:,} rows ({field}) take all {len(names)} of its files")
     declared = bool(card_configs(directory))
     if subset is None and declared:
         for read in reads:
             read.record("subset", builder.config.name)
     named = f" subset {builder.config.name}" if declared else ""
     return (f"{field_name}: dataset {repo_id}{named} at commit {commit[:12]}"
-            + _files_note(len(wanted), size, directory, fetched, download, "every reader reads them"))
+            + _files_note(held, size, directory, fetched, download, "every reader reads them")
+            + "".join(f"; {text}" for text in limited))
+
+
+def _row_limits(reads: list[DataRead]) -> dict[str, tuple[int, str]]:
+    """Splits of which every read takes only the first rows: the most rows any of them reads, and its field."""
+    limits: dict[str, tuple[int, str]] = {}
+    whole = {read.split for read in reads if read.max_rows is None}
+    for read in reads:
+        if read.split not in whole and read.max_rows > limits.get(read.split, (0, ""))[0]:
+            limits[read.split] = (read.max_rows, f"{read.prefix}.max_rows")
+    return limits
+
+
+def _fetch_rows(repo_id: str, commit: str, subset: Optional[str], split: str, names: list[str], need: int,
+                listing: dict[str, int], field_name: str) -> tuple[list[str], Optional[int], int]:
+    """Download a split's files in reading order until they hold `need` rows. Returns the files held, the rows they
+    hold (None when that took every file) and the bytes downloaded. Room is checked file by file, before each. Each
+    file's rows are all counted, so that a later run reading up to that many is known to find them offline: from a
+    Parquet footer, else as the readers count them, datasets streaming the file."""
+    import datasets
+    from huggingface_hub import constants, hf_hub_download
+
+    directory = _repo_folder(repo_id, "dataset") / "snapshots" / commit
+    rows = fetched = 0
+    for count, name in enumerate(names, 1):
+        if not _present(directory / name, listing.get(name, -1)):
+            _check_room(listing.get(name, 0), Path(constants.HF_HUB_CACHE), repo_id, field_name)
+            hf_hub_download(repo_id, name, repo_type="dataset", revision=commit)
+            fetched += listing.get(name, 0)
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows += pq.ParquetFile(directory / name).metadata.num_rows
+        else:
+            rows += sum(1 for _ in datasets.load_dataset(str(directory), subset, split=split, streaming=True,
+                                                         data_files={split: [name]}))
+        if rows >= need:
+            return names[:count], rows if count < len(names) else None, fetched
+    return names, None, fetched
 
 
 def dataset_commit(repo_id: str, revision: Optional[str], path_field: str, revision_field: str) -> str:

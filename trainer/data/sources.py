@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.contract.errors import UserError
-from launcher.planning.hub_snapshot import dataset_snapshot, subset_files
+from launcher.planning.held_splits import held_split
+from launcher.planning.hub_snapshot import config_name, dataset_snapshot, subset_files
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -135,18 +136,25 @@ def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -
     download (nodes often have no network), else from the hub. The files are streamed: read into a Dataset,
     datasets first wrote an Arrow copy of every row into HF_HOME/datasets on each host that read them (the
     login node for `prepare`, rank 0's node for a job), uncompressed, so often larger than the parquet files
-    themselves, and counted by no free-space check; the rows are read once, in file order, either way."""
+    themselves, and counted by no free-space check; the rows are read once, in file order, either way. A split
+    fetched only in part, for a row limit (held_splits), is read from the files it has, and a read past them
+    fails rather than ending as if the split had ended."""
     import datasets
 
     snapshot = dataset_snapshot(name, revision)
+    held = held_split(snapshot, config_name(snapshot, subset), split) if snapshot is not None else None
+    index = 0
     try:  # streamed: a file's problem shows while its rows are read
-        if snapshot is not None:
+        if held is not None and not held.whole:  # the files a row limit fetched, named: the others are absent
+            ds = datasets.load_dataset(str(snapshot), subset, split=split, streaming=True,
+                                       data_files={split: held.present})
+        elif snapshot is not None:
             ds = datasets.load_dataset(str(snapshot), subset, split=split, streaming=True,
                                        **subset_files(snapshot, subset, split))
         else:
             ds = datasets.load_dataset(name, subset, split=split, revision=revision)
-        for index, row in enumerate(ds):
-            yield RawRow(f"{name}:{split}:{index}", json.dumps(row, ensure_ascii=False, default=str))
+        for index, row in enumerate(ds, 1):
+            yield RawRow(f"{name}:{split}:{index - 1}", json.dumps(row, ensure_ascii=False, default=str))
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
         where = f"its files in {snapshot}" if snapshot else f"it from the hub ({exc.__class__.__name__})"
         raise UserError(f"hub dataset {name}{f' subset {subset}' if subset else ''} at {revision or 'main'}, split "
@@ -154,6 +162,12 @@ def _hub_rows(name: str, split: str, revision: str | None, subset: str | None) -
                         f"{socket.gethostname()}: {str(exc).splitlines()[0] if str(exc) else exc!r}. `shardtune "
                         f"launch` and `shardtune prepare`, run where the hub can be reached, download it into the "
                         f"Hugging Face cache (HF_HOME), which every node must mount") from None
+    if held is not None and not held.whole:  # asked for more rows than a row limit's fetch holds: not a short split
+        raise UserError(f"hub dataset {name}{f' subset {subset}' if subset else ''} at {revision}, split {split}: "
+                        f"the Hugging Face cache ({snapshot}) holds only {held.describe()}, fetched for a run that "
+                        f"read fewer rows, and all {index:,} rows they hold were read on {socket.gethostname()}. "
+                        f"`shardtune download` (or `shardtune launch`), run where the hub can be reached, fetches "
+                        f"the rest")
 
 
 READERS = {".jsonl": _jsonl_rows, ".json": _json_array_items, ".csv": _csv_rows, ".parquet": _parquet_rows}
