@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
-from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space
+from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space, reserve_verdict
 from launcher.planning.model_files import absent_model, absent_weights, weight_files_problems
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
@@ -60,10 +60,11 @@ def can_write(run_dir: RunDir, rank: int) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Optional[str] = None) -> dict:
+def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Optional[str] = None,
+           disk: Optional[DiskNeed] = None) -> dict:
     """What this rank has. The model's weight files are checked once per node (by its local rank 0): the nodes
     may each hold their own copy, and 64 ranks reading every shard's header of one shared copy would only load the
-    filesystem's metadata servers."""
+    filesystem's metadata servers. Rank 0 alone reserves the checkpoints' bytes (reserve_verdict)."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -73,10 +74,12 @@ def report(run_dir: RunDir, d: Dist, ds_config: Optional[dict] = None, model: Op
         free_device = None
     damaged = [p for p in [absent_model(model), absent_weights(model)] + weight_files_problems(model) if p] \
         if model and d.local_rank == 0 else []
+    disk_free = free_space(run_dir.checkpoints)
+    reserve = reserve_verdict(disk, disk_free, run_dir.checkpoints) if disk is not None and d.rank == 0 else ("", "")
     return {"rank": d.rank, "local_rank": d.local_rank, "host": socket.gethostname(), "device": str(d.device),
             "free_device_gb": None if free_device is None else round(free_device / 1e9, 2),
             "free_host_gb": round(psutil.virtual_memory().available / 1e9, 2), "versions": versions(d.rank),
-            "write_error": can_write(run_dir, d.rank), "disk_free": free_space(run_dir.checkpoints),
+            "write_error": can_write(run_dir, d.rank), "disk_free": disk_free, "disk_reserve": reserve,
             "weight_files": [f"{model}: {p}" for p in damaged],
             "op_errors": ops.unavailable(ds_config or {}, d.device.type) + faults.unbuildable_ops(d.rank)}
 
@@ -91,6 +94,7 @@ def compare(reports: list[dict], expected_world: int, disk: Optional[DiskNeed] =
     problems += [f"model.name_or_path: {p} (seen {_on_hosts(hosts)})" for p, hosts in hosts_seeing.items()]
     if disk is not None:
         problems += sorted({f"on {r['host']}: {p}" for r in reports if (p := disk_verdict(disk, r["disk_free"])[0])})
+        problems += [f"on {r['host']}: {r['disk_reserve'][0]}" for r in reports if r["disk_reserve"][0]]
     if len(reports) != expected_world:
         problems.append(f"world size is {len(reports)}, the plan says {expected_world}")
     reference = reports[0]["versions"]
@@ -155,7 +159,7 @@ def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config:
     (None when the model cannot be sized), is checked against the free space every rank sees; `model`, the model's
     name or path, has its weight files checked on every node (launcher/planning/model_files.py)."""
     started = time.perf_counter()
-    reports = all_gather_objects(report(run_dir, d, ds_config, model))
+    reports = all_gather_objects(report(run_dir, d, ds_config, model, disk))
     problems = compare(reports, expected_world, disk)
     bad_sum = all_reduce_check(d)
     if bad_sum:
@@ -163,7 +167,8 @@ def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config:
     if problems:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
     if disk is not None:
-        for warning in sorted({w for r in reports if (w := disk_verdict(disk, r["disk_free"])[1])}):
+        for warning in sorted({w for r in reports for w in (disk_verdict(disk, r["disk_free"])[1],
+                                                            r["disk_reserve"][1]) if w}):
             log(f"warning: {warning}")
     bw = bandwidth(d)
     peak = device_peak(d, precision, configured_peak)

@@ -21,10 +21,13 @@ footprint is `train.keep_last` + 1 checkpoints (the newest is written before the
 keep_last of them and the export (written after the last save's pruning), whichever is larger.
 `plan` compares that with the free space it sees; every rank's preflight does again at job start, and fails
 the job when the next save cannot fit at all, before the model loads and hours are trained that could never
-be saved.
+be saved. Free space does not show a quota (on Lustre, GPFS or NFS home and project directories the usual limit),
+so rank 0's preflight then reserves one checkpoint's bytes for a moment (reserve_problem).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -198,6 +201,48 @@ def free_space(path: Path) -> Optional[tuple[str, int]]:
     return str(path), st.f_bavail * st.f_frsize
 
 
+def size_text(n: int) -> str:
+    """Bytes as a person reads them: GB from 1 GB, else MB."""
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+REFUSED_RESERVATIONS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""What a write past a full filesystem, a quota or a file-size limit (RLIMIT_FSIZE) fails with."""
+
+
+def reserve_problem(path: Path, nbytes: int, what: str) -> Optional[str]:
+    """Why `nbytes` cannot be written at `path` (its nearest existing directory) although the free space says they
+    fit; None when they can be, or when the filesystem cannot be asked. A quota is not in the free space a
+    filesystem reports, so a run under one saw room for its checkpoints and failed its first save hours in.
+
+    The bytes are reserved with fallocate in an unnamed file (O_TMPFILE), which no crash can leave behind, then
+    released; nothing is written. Filesystems without either (NFS before 4.2, some FUSE mounts) cannot say, and
+    are not refused: glibc's posix_fallocate would emulate fallocate by writing every byte, so it is not used."""
+    found = free_space(path)
+    if found is None or nbytes <= 0:
+        return None
+    where, free = found
+    try:
+        fd = os.open(where, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except (OSError, AttributeError):  # no O_TMPFILE here (not Linux, or the filesystem lacks it)
+        return None
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if fallocate(fd, 0, 0, nbytes) == 0:
+            return None
+        code = ctypes.get_errno()
+    except AttributeError:  # a C library without fallocate
+        return None
+    finally:
+        os.close(fd)
+    if code not in REFUSED_RESERVATIONS:
+        return None
+    return (f"{where}: {what} ({size_text(nbytes)}) cannot be written there ({os.strerror(code)}), though its "
+            f"filesystem reports {size_text(free)} free: a quota (or a file-size limit) that the free space does "
+            f"not show")
+
+
 def disk_verdict(need: DiskNeed, free: Optional[tuple[str, int]]) -> tuple[str, str]:
     """(a problem: the next save cannot fit at all, a warning: a later save or the export may not); "" for none.
 
@@ -215,3 +260,20 @@ def disk_verdict(need: DiskNeed, free: Optional[tuple[str, int]]) -> tuple[str, 
                     f"filesystem full (the previous checkpoint stays in charge). Free space there, lower "
                     f"train.keep_last, or use another output_dir")
     return "", ""
+
+
+def reserve_verdict(need: DiskNeed, free: Optional[tuple[str, int]], path: Path) -> tuple[str, str]:
+    """disk_verdict's two findings again where the free space shows room but a quota may leave none: reserving one
+    checkpoint (a problem when refused) and, where the free space shows room for it, all the run still writes (a
+    warning). Asked once per run, by rank 0: ranks reserving at once on one shared filesystem would refuse each
+    other."""
+    first, later = disk_verdict(need, free)
+    if first:
+        return "", ""
+    problem = reserve_problem(path, need.checkpoint, "one checkpoint")
+    if problem:
+        return (f"{problem}. The first save would fail: free space under the quota (`lfs quota -u $USER DIR`, "
+                f"`quota` or your site's tool shows it), or set output_dir on a filesystem with room"), ""
+    more = None if later or need.more <= need.checkpoint else reserve_problem(path, need.more, need.describe())
+    return "", (f"{more}. A later save or the export may fail (the previous checkpoint stays in charge): free "
+                f"space under the quota, lower train.keep_last, or use another output_dir" if more else "")

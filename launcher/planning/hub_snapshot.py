@@ -35,7 +35,7 @@ from typing import Literal, Optional
 from launcher.contract.config import DataRead, RunConfig, eval_data_problems
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
-from launcher.planning.checkpoint_size import free_space
+from launcher.planning.checkpoint_size import free_space, size_text
 from launcher.planning.held_splits import held_split, record_split
 from launcher.planning.model_files import WEIGHT_SUFFIXES, chosen_weights, files_read
 
@@ -76,7 +76,7 @@ class Snapshot:
                             "loads them")
         if self.left:
             names = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in self.left})
-            text += (f"; left on the hub: {len(self.left)} files ({_size(sum(self.left.values()))}: "
+            text += (f"; left on the hub: {len(self.left)} files ({size_text(sum(self.left.values()))}: "
                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) that the run does not read")
         return text
 
@@ -87,13 +87,9 @@ NOT_DOWNLOADED = ("not downloaded by a dry run: `shardtune launch` downloads it,
 
 def _files_note(count: int, size: int, directory: Path, fetched: int, downloaded: bool, readers: str) -> str:
     if downloaded or not fetched:
-        now = f"{_size(fetched)} downloaded now" if downloaded else "all in the cache already"
-        return f": {count} files, {_size(size)} in {directory} ({now}); {readers} from there"
-    return f": {count} files, {_size(size)}, for {directory}; {_size(fetched)} {NOT_DOWNLOADED}"
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+        now = f"{size_text(fetched)} downloaded now" if downloaded else "all in the cache already"
+        return f": {count} files, {size_text(size)} in {directory} ({now}); {readers} from there"
+    return f": {count} files, {size_text(size)}, for {directory}; {size_text(fetched)} {NOT_DOWNLOADED}"
 
 
 def is_hub_id(name: Optional[str]) -> bool:
@@ -430,7 +426,7 @@ def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
             names = files_of[split]
             if not download:
                 limited.append(f"split {split} is read to its first {need:,} rows ({field}): launch downloads its "
-                               f"{len(names)} files ({_size(sum(listing.get(n, 0) for n in names))}) in order only "
+                               f"{len(names)} files ({size_text(sum(listing.get(n, 0) for n in names))}) in order only "
                                f"until they hold them")
                 continue
             held_now = held_split(directory, builder.config.name, split)
