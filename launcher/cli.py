@@ -34,9 +34,10 @@ def planned(cfg: RunConfig, fetch: Fetch, trainer_args: tuple[str, ...] = ()) ->
     """The plan of a config whose hub models and datasets are pinned to one commit in the local cache
     (hub_snapshot): `fetch` says how much of them is fetched (hub_snapshot.Fetch): config.json for `plan`, every
     check and size but no weights or data for `launch --dry_run`, every file the run reads for `launch` and
-    `preflight`. A run continued from its checkpoints keeps the commits it started from."""
+    `preflight`. A run continued from its checkpoints keeps the commits it started from. All but `plan` also
+    reserve the checkpoints' bytes for a moment where the free space shows room (a quota it does not show)."""
     cfg, notes = pinned(cfg, fetch)
-    p = build_plan(cfg, trainer_args=trainer_args)
+    p = build_plan(cfg, trainer_args=trainer_args, reserve=fetch != "config")
     p.notes[:0] = notes
     return p
 

@@ -137,9 +137,9 @@ def test_preflight_warns_when_the_first_save_fits_but_keep_last_plus_one_checkpo
 def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free_space_shows_room(tmp_path, tiny_model):
     """Free space does not show a quota, the usual limit on a cluster's shared filesystems: a run under one planned
     and started with room to spare and failed its first save hours in. Rank 0's preflight now reserves one
-    checkpoint's bytes (a problem when refused) and what the whole run writes (a warning). No quota can be set
-    here, so a file-size limit (RLIMIT_FSIZE, which a write past a quota fails like, with EFBIG for EDQUOT) stands
-    in for it; the free space stays that of this machine's disk."""
+    checkpoint's bytes (a problem when refused) and what the whole run writes (a warning); `launch` warns of both
+    before queueing. No quota can be set here, so a file-size limit (RLIMIT_FSIZE, which a write past a quota fails
+    like, with EFBIG for EDQUOT) stands in for it; the free space stays that of this machine's disk."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -150,13 +150,18 @@ def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free
     checkpoint = 16 * (2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h)  # ZeRO-2 fp32, by hand
     cfg = tiny_config(tmp_path, model, train={"max_steps": 40, "save_every": 10, "keep_last": 2})
 
-    def preflight(limit: int) -> str:
-        proc = subprocess.run([str(Path(sys.executable).parent / "shardtune"), "preflight", str(cfg)],
+    def limited(limit: int, command: str, *args: str) -> str:
+        proc = subprocess.run([str(Path(sys.executable).parent / "shardtune"), command, str(cfg), *args],
                               capture_output=True, text=True, timeout=300,
                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         return proc.stdout + proc.stderr + f"\nexit {proc.returncode}"
 
-    refused = preflight(checkpoint // 2)
+    # `launch` says so before the job is queued, as it warns of a checkpoint larger than the free space.
+    planned = limited(checkpoint // 2, "launch", "--dry_run")
+    assert planned.endswith("exit 0") and "one checkpoint (" in planned, planned[-3000:]
+    assert "cannot be written there (File too large)" in planned.split("one checkpoint (")[1], planned[-3000:]
+    # The job's preflight fails it before the model loads.
+    refused = limited(checkpoint // 2, "preflight")
     assert "preflight failed" in refused and not refused.endswith("exit 0"), refused[-3000:]
     said = refused.split(f"on {os.uname().nodename}: {tmp_path / 'run'}", 1)[1]
     assert said.split(": ", 1)[1].startswith("one checkpoint (") and "cannot be written there (File too large), " \
@@ -164,7 +169,7 @@ def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free
     # The state, and the 5 MB the plan allows every checkpoint for its tokenizer, config and RNG states.
     assert float(said.split("one checkpoint (")[1].split(" MB")[0]) == pytest.approx(checkpoint / 1e6 + 5, abs=0.06)
     # Room for one checkpoint but not for the three on disk at once while the third is written: a warning.
-    warned = preflight(2 * checkpoint)
+    warned = limited(2 * checkpoint, "preflight")
     assert "preflight passed: 2 ranks" in warned, warned[-3000:]
     warning = [line for line in warned.splitlines() if "File too large" in line]
     assert len(warning) == 1 and "3 checkpoints of" in warning[0] and "A later save or the export may fail" \

@@ -16,7 +16,13 @@ from launcher.backends.torchrun import launch_script, process_env, torchrun_argv
 from launcher.contract.config import RunConfig, replicas_words
 from launcher.contract.errors import ConfigError
 from launcher.contract.run_dir import RunDir
-from launcher.planning.checkpoint_size import disk_need, disk_verdict, grace_warning, plan_checkpoint
+from launcher.planning.checkpoint_size import (
+    disk_need,
+    disk_verdict,
+    grace_warning,
+    plan_checkpoint,
+    reserve_verdict,
+)
 from launcher.planning.chunked_loss import loss_chunk_tokens, resolve_chunked_loss
 from launcher.planning.compile_choice import resolve_compile
 from launcher.planning.deepspeed_config import render_deepspeed_config
@@ -124,7 +130,8 @@ def resolve_long_context(cfg: RunConfig, model_config: Optional[dict], notes: li
         raise ConfigError(problems)
 
 
-def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None) -> Plan:
+def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optional[HostFacts] = None,
+               reserve: bool = False) -> Plan:
     """Everything `plan` shows and `launch` writes, from a validated config (trainer_args: e.g. --preflight)."""
     damaged = weight_files_problems(cfg.model.name_or_path)
     if damaged:
@@ -163,6 +170,7 @@ def build_plan(cfg: RunConfig, trainer_args: tuple[str, ...] = (), host: Optiona
         free = host.disk_free
         ckpt.update(disk_need_gb=round(need.more / 1e9, 3), disk_free_gb=free and round(free[1] / 1e9, 3))
         warnings += [w for w in disk_verdict(need, free) if w]
+        warnings += [w for w in reserve_verdict(need, free, RunDir(cfg.output_dir).checkpoints) if w] if reserve else []
         grace = grace_warning(planned, host.preemption, cfg.launch.storage_gbps) if lead is not None else ""
         warnings += [grace] if grace else []
         warnings += _host_memory_warning(cfg, memory)
