@@ -208,6 +208,8 @@ def size_text(n: int) -> str:
 
 REFUSED_RESERVATIONS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """What a write past a full filesystem, a quota or a file-size limit (RLIMIT_FSIZE) fails with."""
+RESERVE_FILE_BYTES = 64 << 30
+"""The most reserve_problem reserves in one file: below any filesystem's largest file (ext4's is 16 TiB)."""
 
 
 def reserve_problem(path: Path, nbytes: int, what: str) -> Optional[str]:
@@ -215,27 +217,33 @@ def reserve_problem(path: Path, nbytes: int, what: str) -> Optional[str]:
     fit; None when they can be, or when the filesystem cannot be asked. A quota is not in the free space a
     filesystem reports, so a run under one saw room for its checkpoints and failed its first save hours in.
 
-    The bytes are reserved with fallocate in an unnamed file (O_TMPFILE), which no crash can leave behind, then
-    released; nothing is written. Filesystems without either (NFS before 4.2, some FUSE mounts) cannot say, and
-    are not refused: glibc's posix_fallocate would emulate fallocate by writing every byte, so it is not used."""
+    The bytes are reserved with fallocate in unnamed files (O_TMPFILE), which no crash can leave behind, then
+    released; nothing is written. RESERVE_FILE_BYTES at most per file: a checkpoint is many files, and one file
+    of a run's terabytes could pass a filesystem's largest file size. Filesystems without fallocate or O_TMPFILE
+    (NFS before 4.2, some FUSE mounts) cannot say, and are not refused: glibc's posix_fallocate would emulate
+    fallocate by writing every byte, so it is not used."""
     found = free_space(path)
     if found is None or nbytes <= 0:
         return None
     where, free = found
     try:
-        fd = os.open(where, os.O_TMPFILE | os.O_WRONLY, 0o600)
-    except (OSError, AttributeError):  # no O_TMPFILE here (not Linux, or the filesystem lacks it)
-        return None
-    try:
         fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        if fallocate(fd, 0, 0, nbytes) == 0:
-            return None
-        code = ctypes.get_errno()
     except AttributeError:  # a C library without fallocate
         return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    held: list[int] = []
+    code = 0
+    try:
+        for start in range(0, nbytes, RESERVE_FILE_BYTES):
+            held.append(os.open(where, os.O_TMPFILE | os.O_WRONLY, 0o600))
+            if fallocate(held[-1], 0, 0, min(RESERVE_FILE_BYTES, nbytes - start)) != 0:
+                code = ctypes.get_errno()
+                break
+    except (OSError, AttributeError):  # no O_TMPFILE here (not Linux, or the filesystem lacks it)
+        return None
     finally:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
     if code not in REFUSED_RESERVATIONS:
         return None
     return (f"{where}: {what} ({size_text(nbytes)}) cannot be written there ({os.strerror(code)}), though its "
