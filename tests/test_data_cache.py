@@ -306,3 +306,33 @@ def test_a_source_too_big_for_the_cache_is_refused_after_its_first_rows_not_afte
     projected = int(re.search(r"project to ~([\d,]+) tokens", message).group(1).replace(",", ""))
     assert projected == pytest.approx(whole["tokens"], rel=0.05), (projected, whole["tokens"])
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []
+
+
+def test_a_quota_the_free_space_does_not_show_stops_a_build_after_its_first_rows(tmp_path, tiny_model, monkeypatch):
+    """A quota is not in the free space a filesystem reports, so the early check saw room and the build failed
+    hours later on its first write past the quota. The cache's bytes are now reserved as well. No quota can be set
+    here: a file-size limit (RLIMIT_FSIZE, this process's soft limit, restored after) stands in for it, which a
+    write past a quota fails like (EFBIG for EDQUOT); the free space is this machine's disk."""
+    import resource
+
+    from trainer.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "FORECAST_AFTER_ROWS", 1000)
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "tiny_chat.jsonl").read_text().splitlines()] * 25
+    source = tmp_path / "big.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path / "cache"
+    cfg = load_config(tiny_config(tmp_path, tiny_model, data={"path": str(source), "format": "messages",
+                                                               "seq_len": 128, "cache_dir": str(cache)}))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # 1 MiB: the 10,000 rows' samples take ~3.6 MB
+    try:
+        with pytest.raises(DataError) as err:
+            prep(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(err.value)
+    assert message.startswith(f"data.cache_dir: {cache}: preparing {source} (") and "cannot be written there (File " \
+        "too large), though its filesystem reports" in message, message
+    assert "its first 1,000 rows gave" in message and "stopped after 1,000 rows" in message, message
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []

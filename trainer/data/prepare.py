@@ -28,7 +28,7 @@ import numpy as np
 
 from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
-from launcher.planning.checkpoint_size import free_space
+from launcher.planning.checkpoint_size import free_space, reserve_problem
 from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, cache_root
@@ -258,8 +258,8 @@ class _RoomForecast:
     Tokenizing a large dataset takes hours, and the exact check (`_check_room`) can only come after it; a full
     filesystem found on the way is an ENOSPC just as late. So once the first `FORECAST_AFTER_ROWS` rows are
     written, their tokens per byte of text (JSON Lines, JSON) or per row (Parquet) project the whole source's, and a
-    build that would need more than the filesystem has free stops there. Sources whose size is not known from
-    their files (a hub id, CSV) keep the exact check alone.
+    build that would need more than the filesystem has free, or than a quota leaves (reserve_problem), stops there.
+    Sources whose size is not known from their files (a hub id, CSV) keep the exact check alone.
     """
 
     def __init__(self, src: Source, cfg: RunConfig, directory: Path, unit: str, extent: int) -> None:
@@ -284,17 +284,20 @@ class _RoomForecast:
             total = min(total, int(self.src.max_rows * measured / rows))
         projected = tokens / max(measured, 1) * total
         need = projected * 2 * PACKED_BYTES_PER_TOKEN - tokens * PACKED_BYTES_PER_TOKEN  # written already
-        found = free_space(self.directory)
-        if found is None or need <= found[1]:
+        root = self.directory.parents[2]  # <root>/<key>.tmp-.../samples/<source>
+        found = free_space(root)
+        if found is None:
+            return
+        quota = None if need > found[1] else reserve_problem(root, int(need), f"preparing {self.src.path}")
+        if need <= found[1] and quota is None:
             return
         what = f"{total / 1e9:,.2f} GB of text" if self.unit == "bytes" else f"{total:,} rows"
-        root = self.directory.parents[2]  # <root>/<key>.tmp-.../samples/<source>
-        raise DataError(f"{_cache_field(self.cfg)}: {root} has {found[1] / 1e9:,.2f} "
-                        f"GB free, and preparing {self.src.path} would need ~{need / 1e9:,.2f} GB more: its first "
-                        f"{rows:,} rows gave {tokens:,} tokens, so its {what} project to ~{projected:,.0f} tokens, "
-                        f"at {PACKED_BYTES_PER_TOKEN} bytes per token tokenized and {PACKED_BYTES_PER_TOKEN} more "
-                        f"packed beside them while it builds (stopped after {rows:,} rows, not hours into "
-                        f"tokenizing): {CACHE_ROOM_ADVICE}")
+        short = quota or (f"{root} has {found[1] / 1e9:,.2f} GB free, and preparing {self.src.path} would need "
+                          f"~{need / 1e9:,.2f} GB more")
+        raise DataError(f"{_cache_field(self.cfg)}: {short}: its first {rows:,} rows gave {tokens:,} tokens, so its "
+                        f"{what} project to ~{projected:,.0f} tokens, at {PACKED_BYTES_PER_TOKEN} bytes per token "
+                        f"tokenized and {PACKED_BYTES_PER_TOKEN} more packed beside them while it builds (stopped "
+                        f"after {rows:,} rows, not hours into tokenizing): {CACHE_ROOM_ADVICE}")
 
 
 def _counts(encoded: list[Encoded]) -> dict:
@@ -377,13 +380,16 @@ def _check_room(tmp: Path, cfg: RunConfig, encoded: list[Encoded], packs: list[t
     samples of each set to pack, and the sources they are drawn from."""
     tokens = sum(int(chosen.gather([e.store.lengths for e in sources]).sum()) for sources, chosen in packs)
     need = tokens * PACKED_BYTES_PER_TOKEN + 64 * sum(len(chosen) for _, chosen in packs)
-    found = free_space(tmp)
-    if found is not None and need > found[1]:
+    found = free_space(tmp.parent)
+    if found is None:
+        return
+    quota = None if need > found[1] else reserve_problem(tmp.parent, need, f"the packed set of {tokens:,} tokens")
+    if need > found[1] or quota:
         samples = sum(int(e.store.starts[-1]) for e in encoded) * PACKED_BYTES_PER_TOKEN
-        raise DataError(f"{_cache_field(cfg)}: {tmp.parent} has {found[1] / 1e9:,.2f} GB free, and the packed "
-                        f"set of {tokens:,} tokens needs {need / 1e9:,.2f} GB (its tokenized samples, "
-                        f"{samples / 1e9:,.2f} GB beside it while it builds, are deleted after): "
-                        f"{CACHE_ROOM_ADVICE}")
+        short = quota or (f"{tmp.parent} has {found[1] / 1e9:,.2f} GB free, and the packed set of {tokens:,} tokens "
+                          f"needs {need / 1e9:,.2f} GB")
+        raise DataError(f"{_cache_field(cfg)}: {short} (its tokenized samples, {samples / 1e9:,.2f} GB beside it "
+                        f"while it builds, are deleted after): {CACHE_ROOM_ADVICE}")
 
 
 CACHE_ROOM_ADVICE = ("free space there, or set data.cache_dir to a filesystem with room (one every node mounts "
