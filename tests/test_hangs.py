@@ -138,8 +138,8 @@ def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free
     """Free space does not show a quota, the usual limit on a cluster's shared filesystems: a run under one planned
     and started with room to spare and failed its first save hours in. Rank 0's preflight now reserves one
     checkpoint's bytes (a problem when refused) and what the whole run writes (a warning); `launch` warns of both
-    before queueing. No quota can be set here, so a file-size limit (RLIMIT_FSIZE, which a write past a quota fails
-    like, with EFBIG for EDQUOT) stands in for it; the free space stays that of this machine's disk."""
+    before queueing, from the same verdict. No quota can be set here, so a file-size limit (RLIMIT_FSIZE, which a
+    write past a quota fails like, with EFBIG for EDQUOT) stands in for it; the free space is this machine's disk."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -168,9 +168,10 @@ def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free
         "though its filesystem reports" in said and "The first save would fail" in said, said[:1000]
     # The state, and the 5 MB the plan allows every checkpoint for its tokenizer, config and RNG states.
     assert float(said.split("one checkpoint (")[1].split(" MB")[0]) == pytest.approx(checkpoint / 1e6 + 5, abs=0.06)
-    # Room for one checkpoint but not for the three on disk at once while the third is written: a warning.
-    warned = limited(2 * checkpoint, "preflight")
-    assert "preflight passed: 2 ranks" in warned, warned[-3000:]
+    # Room for one checkpoint but not for the three on disk at once while the third is written: a warning, which
+    # launch gives from the same verdict as preflight.
+    warned = limited(2 * checkpoint, "launch", "--dry_run")
+    assert warned.endswith("exit 0") and "one checkpoint (" not in warned, warned[-3000:]
     warning = [line for line in warned.splitlines() if "File too large" in line]
     assert len(warning) == 1 and "3 checkpoints of" in warning[0] and "A later save or the export may fail" \
         in warning[0], warned[-3000:]
