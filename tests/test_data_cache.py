@@ -321,18 +321,28 @@ def test_a_quota_the_free_space_does_not_show_stops_a_build_after_its_first_rows
     rows = [json.loads(line) for line in (EXAMPLES / "data" / "tiny_chat.jsonl").read_text().splitlines()] * 25
     source = tmp_path / "big.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def refused(cache) -> str:
+        cfg = load_config(tiny_config(tmp_path, tiny_model, data={"path": str(source), "format": "messages",
+                                                                   "seq_len": 128, "cache_dir": str(cache)}))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # 1 MiB: the 10,000 rows' ids take ~1.8 MB
+        try:
+            with pytest.raises(DataError) as err:
+                prep(cfg)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []
+        return str(err.value)
+
     cache = tmp_path / "cache"
-    cfg = load_config(tiny_config(tmp_path, tiny_model, data={"path": str(source), "format": "messages",
-                                                               "seq_len": 128, "cache_dir": str(cache)}))
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # 1 MiB: the 10,000 rows' samples take ~3.6 MB
-    try:
-        with pytest.raises(DataError) as err:
-            prep(cfg)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    message = str(err.value)
+    message = refused(cache)
     assert message.startswith(f"data.cache_dir: {cache}: preparing {source} (") and "cannot be written there (File " \
         "too large), though its filesystem reports" in message, message
     assert "its first 1,000 rows gave" in message and "stopped after 1,000 rows" in message, message
-    assert [p.name for p in cache.iterdir() if not p.name.endswith(".failed")] == []
+    # A source too small to be projected: the write past the limit itself is named as running out of room.
+    monkeypatch.setattr(prepare_module, "FORECAST_AFTER_ROWS", 20_000)
+    cache = tmp_path / "small-source-cache"
+    message = refused(cache)
+    assert message.startswith(f"data.cache_dir: {cache}: preparing the data ran out of room (File too large; a "
+                              f"full filesystem or a quota)"), message

@@ -206,7 +206,7 @@ def size_text(n: int) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
-REFUSED_RESERVATIONS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """What a write past a full filesystem, a quota or a file-size limit (RLIMIT_FSIZE) fails with."""
 RESERVE_FILE_BYTES = 64 << 30
 """The most reserve_problem reserves in one file: below any filesystem's largest file (ext4's is 16 TiB)."""
@@ -244,7 +244,7 @@ def reserve_problem(path: Path, nbytes: int, what: str) -> Optional[str]:
     finally:
         for fd in held:
             os.close(fd)
-    if code not in REFUSED_RESERVATIONS:
+    if code not in OUT_OF_ROOM:
         return None
     return (f"{where}: {what} ({size_text(nbytes)}) cannot be written there ({os.strerror(code)}), though its "
             f"filesystem reports {size_text(free)} free: a quota (or a file-size limit) that the free space does "

@@ -10,7 +10,6 @@ switching that policy, or anything else that does not change the sequences, reus
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
@@ -28,7 +27,7 @@ import numpy as np
 
 from launcher.contract.config import DataFields, RunConfig
 from launcher.contract.errors import UserError
-from launcher.planning.checkpoint_size import free_space, reserve_problem
+from launcher.planning.checkpoint_size import OUT_OF_ROOM, free_space, reserve_problem, size_text
 from launcher.planning.model_files import absent_model, absent_weights
 from trainer.build_once import build_once
 from trainer.data.cache import cache_key, cache_root
@@ -291,7 +290,7 @@ class _RoomForecast:
         quota = None if need > found[1] else reserve_problem(root, int(need), f"preparing {self.src.path}")
         if need <= found[1] and quota is None:
             return
-        what = f"{total / 1e9:,.2f} GB of text" if self.unit == "bytes" else f"{total:,} rows"
+        what = f"{size_text(total)} of text" if self.unit == "bytes" else f"{total:,} rows"
         short = quota or (f"{root} has {found[1] / 1e9:,.2f} GB free, and preparing {self.src.path} would need "
                           f"~{need / 1e9:,.2f} GB more")
         raise DataError(f"{_cache_field(self.cfg)}: {short}: its first {rows:,} rows gave {tokens:,} tokens, so its "
@@ -462,7 +461,7 @@ def prepare(cfg: RunConfig, tokenizer=None, log: Callable[[str], None] = print) 
             _build(tmp, cfg, tok, log)
             (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, default=str) + "\n")
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in OUT_OF_ROOM:
                 raise _out_of_room(cfg, root, exc) from None
             raise
 
