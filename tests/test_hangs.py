@@ -80,19 +80,24 @@ def test_the_heartbeat_file_tightens_to_the_stall_timeout_as_soon_as_training_ru
         heartbeat.stop()
 
 
+def llama_shaped(tmp_path, tiny_model, h: int, inter: int, layers: int, heads: int, head_dim: int):
+    """The tiny model's directory with a config.json of another Llama shape (its weights stay tiny: preflight never
+    loads them), and that shape's parameters counted by hand: embeddings and head, per layer q/k/v/o (4·h²),
+    gate/up/down (3·h·inter) and two norms, and the final norm."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=heads, head_dim=head_dim, tie_word_embeddings=False)
+    (model / "config.json").write_text(json.dumps(config))
+    return model, 2 * config["vocab_size"] * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+
+
 def test_preflight_fails_a_run_whose_first_checkpoint_cannot_fit_on_its_filesystem(tmp_path, tiny_model):
     """A model whose checkpoint no test machine has room for (a config.json of ~69 trillion parameters beside the
     tiny model's tokenizer): every rank's preflight sees the free space of the run's filesystem and fails the
     job before the model loads, instead of failing the first save after hours of training."""
-    model = tmp_path / "huge-model"
-    shutil.copytree(tiny_model, model)
-    config = json.loads((model / "config.json").read_text())
-    h, inter, layers, vocab = 65536, 262144, 1000, config["vocab_size"]
-    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=512,
-                  num_key_value_heads=512, head_dim=128, tie_word_embeddings=False)
-    (model / "config.json").write_text(json.dumps(config))
-    # Llama by hand: embeddings and head, per layer q/k/v/o (4·h²), gate/up/down (3·h·inter), two norms; final norm.
-    params = 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+    model, params = llama_shaped(tmp_path, tiny_model, h=65536, inter=262144, layers=1000, heads=512, head_dim=128)
     checkpoint_gb = 16 * params / 1e9  # ZeRO-2 in fp32: weights, fp32 master, two Adam moments
     free_gb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize / 1e9
     assert free_gb < checkpoint_gb / 2, "this test needs a filesystem with less than a petabyte free"
@@ -111,18 +116,12 @@ def test_preflight_warns_when_the_first_save_fits_but_keep_last_plus_one_checkpo
     """A config.json sized so one checkpoint takes 40% of the filesystem's free space: with keep_last 3 and four
     saves, four checkpoints are on disk at once (160%). `shardtune preflight` (which never loads the model)
     passes, warning with the numbers; only a save that cannot fit at all fails a job."""
-    model = tmp_path / "big-model"
-    shutil.copytree(tiny_model, model)
-    config = json.loads((model / "config.json").read_text())
     stat = os.statvfs(tmp_path)
     free_gb = stat.f_bavail * stat.f_frsize / 1e9
-    h, inter, vocab = 1024, 4096, config["vocab_size"]
-    per_layer = 4 * h * h + 3 * h * inter + 2 * h  # Llama by hand, as above
-    layers = max(1, round(0.4 * free_gb * 1e9 / 16 / per_layer))
-    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
-    (model / "config.json").write_text(json.dumps(config))
-    checkpoint_gb = 16 * (2 * vocab * h + layers * per_layer + h) / 1e9
+    h, inter = 1024, 4096
+    layers = max(1, round(0.4 * free_gb * 1e9 / 16 / (4 * h * h + 3 * h * inter + 2 * h)))
+    model, params = llama_shaped(tmp_path, tiny_model, h=h, inter=inter, layers=layers, heads=8, head_dim=128)
+    checkpoint_gb = 16 * params / 1e9
     assert 0.3 < checkpoint_gb / free_gb < 0.5, (checkpoint_gb, free_gb)
     cfg = tiny_config(tmp_path, model, train={"max_steps": 40, "save_every": 10, "keep_last": 3})
     out = shardtune("preflight", str(cfg))
@@ -140,14 +139,8 @@ def test_preflight_reserves_the_checkpoints_a_quota_would_refuse_though_the_free
     checkpoint's bytes (a problem when refused) and what the whole run writes (a warning); `launch` warns of both
     before queueing, from the same verdict. No quota can be set here, so a file-size limit (RLIMIT_FSIZE, which a
     write past a quota fails like, with EFBIG for EDQUOT) stands in for it; the free space is this machine's disk."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    config = json.loads((model / "config.json").read_text())
-    h, inter, layers, vocab = 256, 1024, 4, config["vocab_size"]
-    config.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
-    (model / "config.json").write_text(json.dumps(config))
-    checkpoint = 16 * (2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h)  # ZeRO-2 fp32, by hand
+    model, params = llama_shaped(tmp_path, tiny_model, h=256, inter=1024, layers=4, heads=4, head_dim=64)
+    checkpoint = 16 * params  # ZeRO-2 in fp32: weights, fp32 master, two Adam moments
     cfg = tiny_config(tmp_path, model, train={"max_steps": 40, "save_every": 10, "keep_last": 2})
 
     def limited(limit: int, command: str, *args: str) -> str:
