@@ -466,6 +466,7 @@ def _fetch_rows(repo_id: str, commit: str, subset: Optional[str], split: str, na
     file's rows are all counted, so that a later run reading up to that many is known to find them offline: from a
     Parquet footer, else as the readers count them, datasets streaming the file."""
     import datasets
+    import pyarrow.parquet as pq
     from huggingface_hub import constants, hf_hub_download
 
     directory = _repo_folder(repo_id, "dataset") / "snapshots" / commit
@@ -476,8 +477,6 @@ def _fetch_rows(repo_id: str, commit: str, subset: Optional[str], split: str, na
             hf_hub_download(repo_id, name, repo_type="dataset", revision=commit)
             fetched += listing.get(name, 0)
         if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
             rows += pq.ParquetFile(directory / name).metadata.num_rows
         else:
             rows += sum(1 for _ in datasets.load_dataset(str(directory), subset, split=split, streaming=True,
