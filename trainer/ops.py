@@ -4,9 +4,13 @@
 which is after every rank has loaded the whole model: a missing compiler then fails every rank at once,
 late, and ranks that build together queue on one lock in ~/.cache/torch_extensions. Here local rank 0 of
 each node builds (or finds) the op first while its peers wait, then they load the cached build.
+
+Muon's kernels are the opposite case: compiled for every run, used by none of ours (skip_unused_muon).
 """
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
 
 from launcher.planning.host import fused_adam_status
@@ -55,3 +59,33 @@ def build_once_per_node(ds_config: dict, dist: Dist, beat: Callable[[str], None]
         for name in needed:
             _builder(name).load(verbose=False)
     beat("build ops")
+
+
+
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def _muon_update(*args, **kwargs):
+    raise RuntimeError("DeepSpeed asked for Muon's update in a run whose optimizer is not Muon (trainer/ops.py)")
+
+
+def skip_unused_muon(ds_config: dict) -> bool:
+    """Spare a run that does not train with Muon the import of DeepSpeed's Muon optimizer; True if spared.
+
+    DeepSpeed's ZeRO optimizers import `MuonWithAuxAdam` to ask whether the run's optimizer is one (`type(...) in`
+    its supported list, `isinstance` in the bf16 and ZeRO optimizers), and ZeRO-1/2 import `muon_update` at every
+    gradient reduction, to call it only for Muon's parameters. Importing either wraps Muon's update in
+    torch.compile, which imports inductor: 1.7 s of CPU on every rank at every start on this project's 2-core VM,
+    for a run that stays eager (a compiled run imports inductor anyway). Unless the DeepSpeed config names Muon,
+    the type questions get a class nothing is an instance of (so the answers stay the true ones), and the update
+    one that says so if it is ever called. A config that names Muon gets the real modules.
+    """
+    optimizer = str((ds_config.get("optimizer") or {}).get("type", "")).lower()
+    if "muon" in optimizer or any(name in sys.modules for name in MUON_MODULES):
+        return False
+    optimizer_module, update_module = (types.ModuleType(name, "This run's optimizer is not Muon (trainer/ops.py).")
+                                       for name in MUON_MODULES)
+    optimizer_module.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    update_module.muon_update = _muon_update
+    sys.modules.update({m.__name__: m for m in (optimizer_module, update_module)})
+    return True

@@ -221,6 +221,7 @@ class Session:
             router_aux = moe.router_aux_loss(model, cfg.model.router_aux_loss_coef, self.dist.world)
             if (line := moe.describe(blocks, router_aux, stage)) is not None:
                 self.tracker.message(line)
+            ops.skip_unused_muon(self.ds_config)
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
