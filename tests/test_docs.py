@@ -29,14 +29,16 @@ def test_layout_section_matches_the_tree():
     readme = (REPO / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     described = set(re.findall(r"^([\w/.]+)\s", block, flags=re.M))
-    packages = {f"{p.parent.relative_to(REPO)}/" for p in REPO.glob("*/**/__init__.py")
-                if p.parent.relative_to(REPO).parts[0] in ("launcher", "trainer")}
+    packages = {f"{p.parent.relative_to(REPO)}/" for root in ("launcher", "trainer")
+                for p in (REPO / root).glob("**/__init__.py")}
     top = {f"{d}/" for d in ("ds_configs", "slurm", "examples", "tests", "bench")}
+    # the project's own files: a glob from the root would also walk a virtualenv made inside the clone
+    sources = [path for d in ("launcher", "trainer", *top) for path in (REPO / d.rstrip("/")).glob("**/*.py")]
     assert (packages - {"trainer/data/"}) | top <= described | {"launcher/"}, described
     for entry in described:
         assert (REPO / entry.rstrip("/")).exists(), f"README's layout names {entry}, which does not exist"
     for module in re.findall(r"\b([a-z_]+\.py)\b", block):
-        assert list(REPO.glob(f"**/{module}")), f"README's layout names {module}, which does not exist"
+        assert any(path.name == module for path in sources), f"README's layout names {module}, which does not exist"
 
 
 if __name__ == "__main__":  # regenerate the README's config reference
