@@ -53,7 +53,7 @@ slurm-packages:
 	fi
 
 test: $(VENV)/.installed slurm-packages
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 # ruff with the settings in .ruff.toml (line length 120, pyflakes, pycodestyle, import order, bugbear).
 lint: $(VENV)/.installed

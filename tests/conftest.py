@@ -14,6 +14,20 @@ from launcher.contract.run_dir import RunDir
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
+# The modules that took longest in a full `make test` (--durations, 2026-12-06), longest first. `make test` hands
+# whole modules to its two workers in collection order (--dist loadscope --no-loadscope-reorder), so these start
+# first and the short unit-test modules fill the end: a long module started last leaves the other worker idle
+# until it ends, and test_slurm's waits on SLURM's two-minute requeue hold overlap the other worker's CPU work.
+# A stale list costs time, never a test.
+SLOWEST_FIRST = ("test_slurm", "test_checkpoint_resume", "test_large_model_io", "test_checkpoint_trust",
+                 "test_compile", "test_hub_snapshot", "test_moe_e2e", "test_packed_attention",
+                 "test_sequence_parallel", "test_e2e_train", "test_tracking", "test_bench_smoke", "test_hangs")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order in a module
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
