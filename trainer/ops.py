@@ -61,7 +61,6 @@ def build_once_per_node(ds_config: dict, dist: Dist, beat: Callable[[str], None]
     beat("build ops")
 
 
-
 MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
 
 
@@ -77,8 +76,9 @@ def skip_unused_muon(ds_config: dict) -> bool:
     gradient reduction, to call it only for Muon's parameters. Importing either wraps Muon's update in
     torch.compile, which imports inductor: 1.7 s of CPU on every rank at every start on this project's 2-core VM,
     for a run that stays eager (a compiled run imports inductor anyway). Unless the DeepSpeed config names Muon,
-    the type questions get a class nothing is an instance of (so the answers stay the true ones), and the update
-    one that says so if it is ever called. A config that names Muon gets the real modules.
+    the type questions get a class nothing is an instance of (so the answers stay the true ones), and
+    `muon_update` is a function that raises, saying why, if it is ever called. A config that names Muon gets the
+    real modules.
     """
     optimizer = str((ds_config.get("optimizer") or {}).get("type", "")).lower()
     if "muon" in optimizer or any(name in sys.modules for name in MUON_MODULES):
