@@ -33,7 +33,7 @@ setup(
         "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (ZeRO-3 sharded loading) requires it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "matplotlib", "ruff>=0.6"],
         "demo": ["gguf"],
         "report": ["matplotlib"],
     },
