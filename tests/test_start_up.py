@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from trainer.ops import MUON_MODULES, skip_unused_muon
+from trainer.ops import MUON_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,16 @@ def test_a_run_spared_deepspeeds_muon_import_trains_bitwise_like_one_that_import
     assert all(v["losses"][-1] < v["losses"][0] for v in real.values()), real
 
 
-def test_a_config_that_trains_with_muon_gets_the_real_module():
-    assert skip_unused_muon({"optimizer": {"type": "Muon", "params": {"lr": 1e-3}}}) is False
-    assert all(name not in sys.modules or hasattr(sys.modules[name], "__file__") for name in MUON_MODULES)
+def test_a_config_that_trains_with_muon_gets_the_real_modules():
+    """In a fresh process (a test process may have imported the real modules already, which also leaves them)."""
+    script = textwrap.dedent(f"""
+        import sys
+        from trainer.ops import skip_unused_muon
+        names = {MUON_MODULES!r}
+        assert skip_unused_muon({{"optimizer": {{"type": "Muon", "params": {{"lr": 1e-3}}}}}}) is False
+        assert not any(name in sys.modules for name in names), "a Muon config got stand-ins"
+        assert skip_unused_muon({{"optimizer": {{"type": "AdamW"}}}}) is True
+        assert all(not hasattr(sys.modules[name], "__file__") for name in names)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
