@@ -5,15 +5,19 @@ which is after every rank has loaded the whole model: a missing compiler then fa
 late, and ranks that build together queue on one lock in ~/.cache/torch_extensions. Here local rank 0 of
 each node builds (or finds) the op first while its peers wait, then they load the cached build.
 
+A killed build's lock would make every later load wait forever: wait_for_builds clears those first.
+
 Muon's kernels are the opposite case: compiled for every run, used by none of ours (skip_unused_muon).
 """
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable
 
 from launcher.planning.host import fused_adam_status
+from trainer import build_locks
 from trainer.distributed import Dist, barrier
 
 
@@ -36,6 +40,16 @@ def unavailable(ds_config: dict, device_type: str) -> list[str]:
             return [f"fused_adam: {status.reason}; set train.optimizer: torch (torch's fused AdamW) or install "
                     f"a CUDA toolkit matching torch"]
     return []
+
+
+def wait_for_builds() -> None:
+    """Before any op loads (DeepSpeed's CPU comm op loads as the process group forms): no build lock is left.
+
+    Local rank 0 of each node removes killed builds' locks and says so; the node's other ranks wait with it.
+    """
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    build_locks.wait_for_builds(first, (lambda msg: print(f"shardtune: {msg}", file=sys.stderr, flush=True))
+                                if first else (lambda _msg: None))
 
 
 def _builder(name: str):

@@ -137,6 +137,7 @@ class Session:
             tokenizer = load_tokenizer(cfg)
             data = prepare(cfg, tokenizer, log=(lambda _msg: None) if _rank_env() else print)
             check_vocabulary(cfg, tokenizer, data)
+        ops.wait_for_builds()
         return cls(run_dir, cfg, ds_config, tokenizer, data, init_distributed(cfg.launch.collective_timeout_s))
 
     def preflight(self) -> dict:

@@ -127,20 +127,30 @@ def nvcc_path() -> Optional[str]:
     return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
+def extension_roots(environ: Optional[dict] = None) -> list[tuple[Path, bool]]:
+    """The directories torch.utils.cpp_extension JIT-builds ops into, each with whether it holds CUDA builds.
+
+    torch builds straight into $TORCH_EXTENSIONS_DIR/<op> when that is set, else into
+    <cache>/torch_extensions/py<version>_<cpu|cuXYZ>/<op> (<cache>: $XDG_CACHE_HOME or ~/.cache); without torch
+    the planner cannot tell which of those folders this torch uses, so every one is listed.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCH_EXTENSIONS_DIR"):
+        return [(Path(environ["TORCH_EXTENSIONS_DIR"]), False)]
+    cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [(root, "_cu" in root.name) for root in sorted((cache / "torch_extensions").glob("py*_*"))
+            if root.is_dir()]
+
+
 def _cuda_build_of(op: str) -> Optional[Path]:
     """The directory of an earlier JIT build of a DeepSpeed op for CUDA, where torch would load it from.
 
-    torch.utils.cpp_extension builds straight into $TORCH_EXTENSIONS_DIR/<op> when that is set, else into
-    <cache>/torch_extensions/py<version>_<cpu|cuXYZ>/<op> (<cache>: $XDG_CACHE_HOME or ~/.cache). DeepSpeed's CPU
-    accelerator builds an op of the same name (`make install` does), which is no CUDA kernel: a CUDA build is
-    one under a py*_cu* directory or one with an object compiled from a .cu source (torch names it *.cuda.o).
+    DeepSpeed's CPU accelerator builds an op of the same name (`make install` does), which is no CUDA kernel: a
+    CUDA build is one under a py*_cu* directory or one with an object compiled from a .cu source (torch names it
+    *.cuda.o).
     """
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        builds = [(Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op, False)]
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        builds = [(b, "_cu" in b.parent.name) for b in sorted((cache / "torch_extensions").glob(f"*/{op}"))]
-    for build, named_cuda in builds:
+    for root, named_cuda in extension_roots():
+        build = root / op
         if any(build.glob(f"{op}*.so")) and (named_cuda or any(build.glob("*.cuda.o"))):
             return build
     return None
