@@ -523,6 +523,27 @@ def test_a_subset_of_a_hub_dataset_is_named_fetched_alone_and_read_offline_fake_
     assert read["rows_read"] == 30
 
 
+def test_a_card_whose_subset_has_a_data_dir_is_refused_at_launch_as_datasets_cannot_read_it_fake_hub(
+        hub, tiny_model, tmp_path):
+    """datasets 5.2 cannot read a card whose configuration has both `data_dir` and `data_files` from the hub: it
+    infers the file format from the patterns at the repository's top, not under `data_dir`. Launch says so before
+    anything is queued or downloaded, naming the field (before, it called this a failed download and asked about
+    a quota). On the day datasets reads such cards this test fails: then check that a node reads the snapshot's
+    files under `data_dir` once (hub_snapshot.subset_files passes both to load_dataset, which resolves the
+    patterns under the directory; checked by hand on a local snapshot)."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    card = (b"---\nconfigs:\n- config_name: default\n  data_dir: chats\n  data_files:\n  - split: train\n"
+            b"    path: train-*.jsonl\n  - split: test\n    path: test-*.jsonl\n---\n# chats\n")
+    hub.publish("datasets/" + CHATS, {"README.md": card, "chats/train-0.jsonl": b"".join(lines[:100]),
+                                      "chats/test-0.jsonl": b"".join(lines[100:120])})
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS}))
+    refused = shardtune("launch", config, "--dry_run", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"data.path: datasets cannot read {CHATS} at commit" in refused.stderr
+    assert "No (supported) data files found" in refused.stderr and "quota" not in refused.stderr
+    assert hub.downloaded("datasets/" + CHATS) <= {"README.md"}
+
+
 def test_a_download_the_cache_cannot_hold_fails_with_what_to_do_not_a_traceback_fake_hub(hub, release, tmp_path):
     """A quota on the cache's filesystem is not in the free space it reports, so the download starts and a write
     fails part way. Simulated with a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails

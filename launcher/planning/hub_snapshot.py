@@ -392,8 +392,8 @@ def fetch_dataset(reads: list[DataRead], download: bool = True) -> str:
     with _HubErrors(repo_id, commit, field_name, "dataset", first.field("revision")):
         try:
             builder = datasets.load_dataset_builder(repo_id, subset, revision=commit)
-        except (datasets.exceptions.DatasetNotFoundError, datasets.data_files.EmptyDatasetError, ValueError,
-                RuntimeError) as exc:  # RuntimeError: a loading script, which datasets no longer runs
+        except (datasets.exceptions.FileNotFoundDatasetsError, datasets.data_files.EmptyDatasetError, ValueError,
+                RuntimeError) as exc:  # no such dataset or no files datasets can read; RuntimeError: a loading script
             hint = "; name one in " + first.field("subset") if "Config name is missing" in str(exc) else ""
             raise ConfigError([f"{first.field('subset') if subset else field_name}: datasets cannot read {repo_id}"
                                f"{f' subset {subset}' if subset else ''} at commit {commit[:12]}: "
