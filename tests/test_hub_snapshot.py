@@ -461,6 +461,32 @@ def test_max_rows_fetches_only_the_files_that_hold_them_and_a_longer_read_is_ref
     assert whole["rows_read"] == 120
 
 
+def test_max_rows_of_a_split_whose_card_lists_its_files_reads_them_in_the_cards_order_fake_hub(
+        hub, tiny_model, tmp_path):
+    """A card may list a split's files by name, in an order that is not sorted. datasets reads them in the card's
+    order, so the files that hold the first rows are the card's first: fetched alone, they are read offline as the
+    same rows as a local file of the same lines in that order (and not the sorted one)."""
+    lines = TINY_CHAT.read_bytes().splitlines(keepends=True)
+    names = ["data/z.jsonl", "data/a.jsonl", "data/m.jsonl"]
+    card = (b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path:\n" +
+            b"".join(f"    - {n}\n".encode() for n in names) + b"---\n# chats\n")
+    hub.publish("datasets/" + CHATS, {"README.md": card, **{n: b"".join(lines[40 * i:40 * i + 40])
+                                                            for i, n in enumerate(names)}})
+    config = str(tiny_config(tmp_path, tiny_model, data={"path": CHATS, "max_rows": 50}))
+    shardtune("download", config)
+    assert hub.downloaded("datasets/" + CHATS) == {"README.md", "data/z.jsonl", "data/a.jsonl"}
+    hub.close()
+    offline = {"HF_HUB_OFFLINE": "1", "SHARDTUNE_CACHE": str(tmp_path / "node-cache")}
+    got = json.loads(shardtune("prepare", config, "--json", env=offline).stdout)
+    local = tmp_path / "local.jsonl"
+    local.write_bytes(b"".join(lines[:80]))
+    want = json.loads(shardtune("prepare", config, f"data.path={local}", "--json", env=offline).stdout)
+    assert got["rows_read"] == 50 and (got["tokens"], got["trained_tokens"]) == (want["tokens"], want["trained_tokens"])
+    local.write_bytes(b"".join(lines[40:120]))  # a.jsonl and m.jsonl, the first files in sorted order: other rows
+    assert json.loads(shardtune("prepare", config, f"data.path={local}", "--json", env=offline).stdout)[
+        "tokens"] != got["tokens"]
+
+
 def test_max_rows_of_a_parquet_split_counts_its_files_from_their_footers_fake_hub(hub, tiny_model, tmp_path):
     """Most hub datasets are Parquet (the hub converts uploads to it). A limit inside the second of three files of 30
     rows: two files are fetched, and the cache records the 60 rows they hold, so a later offline read of up to 60
