@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from torch.utils.file_baton import FileBaton
 
+from launcher.contract.errors import UserError
 from tests.conftest import losses, shardtune, tiny_config
 from trainer import build_locks
 
@@ -134,6 +135,25 @@ def test_a_lock_replaced_by_another_nodes_new_build_is_left_in_place(tmp_path):
     assert not build_locks._remove(verdict)  # the second node, with its earlier verdict
     assert lock.exists() and (lock.stat().st_ino, lock.stat().st_mtime_ns) == (new.st_ino, new.st_mtime_ns)
     assert sorted(p.name for p in lock.parent.iterdir()) == ["lock"]
+
+
+def test_a_killed_builds_lock_this_user_cannot_remove_stops_the_start_naming_it(tmp_path):
+    """A cache another user owns (a team's TORCH_EXTENSIONS_DIR): the start stops, saying what to remove, instead of
+    waiting forever. The op's directory is made read-only for this user (for root, which ignores modes, immutable)."""
+    lock = tmp_path / "ext" / "fused_adam" / "lock"
+    killed_build(lock, age_s=3600)
+    lock_dir = ["chattr", "+i", str(lock.parent)] if os.geteuid() == 0 else ["chmod", "555", str(lock.parent)]
+    subprocess.run(lock_dir, check=True)
+    try:
+        with pytest.raises(UserError) as refused:
+            build_locks.wait_for_builds(True, print, environ={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    finally:
+        subprocess.run(["chattr", "-i", str(lock.parent)] if os.geteuid() == 0 else ["chmod", "755", str(lock.parent)],
+                       check=True)
+    assert lock.exists()
+    assert str(refused.value).startswith(f"{lock} is a killed build's lock (no process on this host holds it")
+    assert "and this user cannot remove it (" in str(refused.value)
+    assert str(refused.value).endswith("); remove it, then launch again")
 
 
 def test_a_run_after_a_killed_build_of_the_comm_op_starts_and_trains(tmp_path, tiny_model):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from launcher.contract.errors import UserError
 from launcher.planning.host import extension_roots
 
 NETWORK_FILESYSTEMS = frozenset({
@@ -126,6 +127,9 @@ def _remove(verdict: LockVerdict) -> bool:
         os.rename(verdict.path, aside)
     except FileNotFoundError:
         return False
+    except PermissionError as exc:  # a cache another user owns: torch would wait forever, so stop and say why
+        raise UserError(f"{verdict.path} is a killed build's lock ({verdict.reason}), and this user cannot remove it "
+                        f"({exc.strerror}); remove it, then launch again") from None
     taken = aside.stat()
     if (taken.st_ino, taken.st_mtime_ns) != verdict.identity:
         try:
@@ -138,8 +142,7 @@ def _remove(verdict: LockVerdict) -> bool:
     return True
 
 
-def wait_for_builds(remove: bool, log: Callable[[str], None], beat: Callable[[], None] = lambda: None,
-                    poll_s: float = 5.0, quiet_s: Optional[float] = None,
+def wait_for_builds(remove: bool, log: Callable[[str], None], poll_s: float = 5.0, quiet_s: Optional[float] = None,
                     environ: Optional[dict] = None) -> list[LockVerdict]:
     """Return once no op build lock is left, removing killed builds' locks if remove; the removed ones' verdicts.
 
@@ -156,6 +159,8 @@ def wait_for_builds(remove: bool, log: Callable[[str], None], beat: Callable[[],
                 verdict = judge(lock, quiet_s=quiet_s)
             except FileNotFoundError:  # its build ended meanwhile
                 continue
+            except PermissionError:  # a directory this user cannot read, so neither can its torch build there
+                continue
             if verdict.stale and remove:
                 if _remove(verdict):
                     removed.append(verdict)
@@ -168,5 +173,4 @@ def wait_for_builds(remove: bool, log: Callable[[str], None], beat: Callable[[],
             if verdict.path not in announced:
                 announced.add(verdict.path)
                 log(f"waiting on the build lock {verdict.path}: {verdict.reason}")
-        beat()
         time.sleep(poll_s)
