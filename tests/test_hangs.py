@@ -18,8 +18,10 @@ from conftest import losses, shardtune, tiny_config
 
 
 def test_preflight_passes_and_measures_bandwidth(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
     started = time.time()
-    out = shardtune("preflight", str(tiny_config(tmp_path, tiny_model))).stdout
+    out = shardtune("preflight", str(tiny_config(tmp_path, model))).stdout
     assert "preflight passed: 2 ranks" in out and "all-reduce bus bandwidth" in out
     result = json.loads(RunDir(tmp_path / "run" / "preflight").preflight_file.read_text())
     assert result["bandwidth"]["busbw_gbps"] > 0 and {r["rank"] for r in result["ranks"]} == {0, 1}
@@ -28,6 +30,14 @@ def test_preflight_passes_and_measures_bandwidth(tmp_path, tiny_model):
     assert f"peak {result['peak']['tflops'] * 1000:,.1f} GFLOP/s per device (probe)" in out
     assert not RunDir(tmp_path / "run").metrics_file.exists(), "preflight must not train"
     assert time.time() - started < 120
+
+    # The same preflight job on a node that does not mount the model's directory fails, naming it and the host.
+    shutil.move(model, tmp_path / "elsewhere")
+    proc = subprocess.run(["bash", str(RunDir(tmp_path / "run" / "preflight").script("torchrun"))],
+                          capture_output=True, text=True, timeout=300)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "preflight failed" in said, said[-3000:]
+    assert f"model.name_or_path: {model}: no such directory on this host (seen on {os.uname().nodename})" in said
 
 
 @pytest.mark.parametrize("fault,message", [
