@@ -38,7 +38,7 @@ class LockVerdict:
     path: Path
     stale: bool
     reason: str
-    identity: tuple[int, int] = (0, 0)
+    identity: tuple[int, int]
     """The judged file's inode and modification time: a lock created after the verdict has others."""
 
 
@@ -85,9 +85,9 @@ def holders(path: Path) -> list[int]:
     return found
 
 
-def _last_change(lock: Path) -> float:
+def _last_change(lock: Path, lock_mtime: float) -> float:
     """The newest modification time of the lock and of the files in its build directory (ninja's outputs)."""
-    times = [lock.stat().st_mtime]
+    times = [lock_mtime]
     for entry in lock.parent.iterdir():
         try:
             times.append(entry.stat().st_mtime)
@@ -107,7 +107,7 @@ def judge(lock: Path, now: Optional[float] = None, quiet_s: Optional[float] = No
     kind = filesystem_type(lock.parent)
     if quiet_s is None:
         quiet_s = QUIET_NETWORK_S if kind in NETWORK_FILESYSTEMS else QUIET_LOCAL_S
-    idle = now - _last_change(lock)
+    idle = now - _last_change(lock, judged.st_mtime)
     where = f"no process on this host holds it, and its directory ({kind}) has not changed for {idle:.0f} s"
     if idle >= quiet_s:
         return LockVerdict(lock, True, f"{where}: a build that was killed", identity)
