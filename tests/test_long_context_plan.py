@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher.contract.config import validate_config
+from launcher.contract.errors import ConfigError
 from launcher.planning.chunked_loss import loss_chunk_tokens
 from launcher.planning.estimate import estimate_command
 from launcher.planning.fastest_fit import longest_seq_len
@@ -154,3 +155,89 @@ def test_chunked_loss_auto_is_on_where_exact_and_shown_in_the_plan(tmp_path):
     assert plan.config.train.chunked_loss is False
     assert any("train.chunked_loss=auto -> false: its config transforms the logits (logit_scale=0.25)" in n
                for n in plan.notes)
+
+
+def _llama31_70b_run(tmp_path, **sections) -> dict:
+    """Llama 3.1 70B (the 3.0 fixture's shape with its 128k context) at 131,072 tokens on 8 nodes × 8 GPUs of
+    80 GB, every long-context setting at its default: no activation checkpointing, no sequence parallelism."""
+    model = tmp_path / "llama31_70b"
+    model.mkdir(exist_ok=True)
+    config = json.loads((CONFIGS / "llama3_70b.json").read_text())
+    config.update(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    (model / "config.json").write_text(json.dumps(config))
+    raw = {"model": {"name_or_path": str(model)},
+           "data": {"path": "data.jsonl", "format": "messages", "seq_len": 131072},
+           "train": {"max_steps": 10, "global_batch_size": 64, "micro_batch_size": "auto", "lr": 1e-5, "seed": 0,
+                     "precision": "bf16"},
+           "zero": {"stage": "auto"},
+           "launch": {"nodes": 8, "procs_per_node": 8, "device": "cuda", "gpu_memory_gb": 80,
+                      "rdzv_endpoint": "node1:29400"},
+           "wandb": {"mode": "disabled"}, "output_dir": str(tmp_path / "run")}
+    for section, values in sections.items():
+        raw[section].update(values)
+    return raw
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["auto-stage", "pinned-stage"])
+def test_a_length_that_needs_several_settings_at_once_is_told_them(tmp_path, pinned, capsys):
+    """No single change fits 128k tokens of a 70B model on 80 GB devices: the checkpointed layer inputs alone are
+    80 layers × 131,072 × 8,192 × 2 bytes = 172 GB per sequence, so only a sequence split over at least 4 ranks
+    (172 / 4 = 43 GB, beside ZeRO-3's 16 bytes × 70.6B / 64 = 17.6 GB of model states) fits, and only with
+    activation checkpointing. The refusal used to offer a 128-fold shorter data.seq_len; now its first remedy keeps
+    the length and the devices, and following it gives a plan that fits."""
+    pin = {"zero": {"stage": 3}, "train": {"micro_batch_size": 1}} if pinned else {}
+    raw = _llama31_70b_run(tmp_path, **pin)
+    with pytest.raises(ConfigError) as info:
+        build_plan(validate_config(raw))
+    assert info.value.title == "does not fit"
+    same = "would fit: the same data.seq_len 131072 on the same 64 devices with "
+    remedies = [p for p in info.value.problems if p.startswith(same)]
+    assert len(remedies) == 1, info.value.problems
+    fields = dict(f.split(": ") for f in remedies[0].split(" with ", 1)[1].split(" (", 1)[0].split(", "))
+    assert fields["train.activation_checkpointing"] == "true" and fields["zero.offload_optimizer"] == "none"
+    group = int(fields["train.sequence_parallel"])
+    assert group >= 4
+    for name, value in fields.items():
+        section, key = name.split(".")
+        raw[section][key] = yaml_value(value)
+    plan = build_plan(validate_config(raw))
+    assert plan.config.train.sequence_parallel == group and plan.config.train.recomputes
+    assert plan.memory["fits"] is True and plan.memory["total_gb"] <= 80
+    # The planner's own choice, asked with these fields on auto, is the same group.
+    auto = build_plan(validate_config(_llama31_70b_run(tmp_path, train={"sequence_parallel": "auto",
+                                                                         "activation_checkpointing": "auto"})))
+    assert auto.config.train.sequence_parallel == group
+    # `shardtune estimate` gives the same remedy for the same model and devices.
+    assert estimate_command(model=str(tmp_path / "llama31_70b"), gpus=64, seq_len=131072) == 0
+    out = capsys.readouterr().out
+    assert "nothing fits; what would:" in out and f"train.sequence_parallel: {group} (" in out
+
+
+def yaml_value(text: str):
+    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+
+
+def test_the_remedy_never_splits_a_sliding_window_model(tmp_path, capsys):
+    """Mistral 7B attends within 4,096 tokens, a window sequence parallelism cannot keep (launch refuses it), so
+    at 32k tokens on 40 GB devices the remedy that keeps the length finds another way, and it plans."""
+    model = tmp_path / "mistral_7b"
+    model.mkdir()
+    shutil.copy(CONFIGS / "mistral_7b.json", model / "config.json")
+    raw = {"model": {"name_or_path": str(model)},
+           "data": {"path": "data.jsonl", "format": "messages", "seq_len": 32768},
+           "train": {"max_steps": 10, "global_batch_size": 8, "micro_batch_size": 1, "lr": 1e-5, "seed": 0,
+                     "precision": "bf16"},
+           "zero": {"stage": 3}, "launch": {"nodes": 1, "procs_per_node": 8, "device": "cuda", "gpu_memory_gb": 40},
+           "wandb": {"mode": "disabled"}, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ConfigError) as info:
+        build_plan(validate_config(raw))
+    remedy = next(p for p in info.value.problems if p.startswith("would fit: the same data.seq_len 32768"))
+    assert "sequence_parallel" not in remedy
+    for field in remedy.split(" with ", 1)[1].split(" (", 1)[0].split(", "):
+        (section, key), value = field.split(": ")[0].split("."), field.split(": ")[1]
+        raw[section][key] = yaml_value(value)
+    assert build_plan(validate_config(raw)).memory["fits"] is True
+    assert estimate_command(model=str(model), gpus=8, gpu_memory_gb=40, seq_len=32768) == 0
+    assert "sequence_parallel" not in capsys.readouterr().out

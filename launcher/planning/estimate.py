@@ -22,8 +22,14 @@ from launcher.planning.fastest_fit import (
     short_label,
 )
 from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
-from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_params, counts_from_path
-from launcher.planning.sequence_parallel import split_problems
+from launcher.planning.model_size import (
+    ModelCounts,
+    approximate_moe_reason,
+    counts_from_params,
+    counts_from_path,
+    load_config_json,
+)
+from launcher.planning.sequence_parallel import group_sizes, sliding_window_problem, split_problems
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -139,6 +145,12 @@ def _describe(counts: ModelCounts, source: str) -> str:
     return head + "\n" + shape + (f"\n  note: {counts.note}" if counts.note else "")
 
 
+def _groups(model: Optional[str], world: int, seq_len: int, counts: ModelCounts) -> list[int]:
+    """The sequence-parallel group sizes a remedy may suggest (none that the model's sliding window forbids)."""
+    model_config = load_config_json(str(model))[0] if model is not None else {}
+    return [n for n in group_sizes(world, seq_len, counts) if not sliding_window_problem(n, model_config, seq_len)]
+
+
 def estimate_command(model: str | None = None, params: float | None = None, gpus: int | None = None,
                      nodes: int = 1, gpus_per_node: int | None = None, gpu_memory_gb: float = 80.0,
                      seq_len: int = 2048, micro_batch_size: int = 1, dtype: str = "bf16",
@@ -161,7 +173,8 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
         return 2
     seq_len, micro, ckpt = int(seq_len), int(micro_batch_size), bool(activation_checkpointing)
     lc = LongContext(sequence_parallel=int(sequence_parallel), chunked_loss=bool(chunked_loss),
-                     tiled_mlp=bool(tiled_mlp), offload_checkpoints=bool(offload_checkpoints))
+                     tiled_mlp=bool(tiled_mlp), offload_checkpoints=bool(offload_checkpoints),
+                     allowed_sequence_parallel=tuple(_groups(model, world, seq_len, counts)))
     estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt, long_context=lc)
     unchecked = None if force_approximate_fit else approximate_moe_reason(counts)
     longest = ({variant_key(e.setup): longest_seq_len(counts, e.setup, float(gpu_memory_gb)) for e in estimates}

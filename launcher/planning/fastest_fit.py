@@ -174,7 +174,9 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
 
     def estimate(variant, ckpt, micro, seq=seq_len, world=world_size, lc=lc) -> MemoryEstimate:
         s, opt, par = variant
-        accumulation = share // micro if share else (grad_accum_steps or 1)
+        replicas = max(1, world // lc.sequence_parallel)
+        accumulation = (max(1, global_batch_size // replicas // micro) if global_batch_size
+                        else (grad_accum_steps or 1))
         setup = Setup(stage=s, world_size=world, gpus_per_node=min(per_node, world), micro_batch_size=micro,
                       seq_len=seq, dtype=dtype, offload_optimizer=opt, offload_params=par,
                       activation_checkpointing=ckpt, attention=attention, optimizer=optimizer,
@@ -266,8 +268,9 @@ def _chosen(est: MemoryEstimate, micros: list[int], share: Optional[int], replic
 def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_memory_gb,
                  offload_optimizer, offload_params, per_node, lc: LongContext) -> list[str]:
     """Concrete changes that would make the smallest configuration fit, each checked with the model."""
-    out: list[str] = []
     s = frugal.setup
+    fastest = _fastest_here(s, micros, estimate, gpu_memory_gb, host_memory_gb, lc, len(ckpts) > 1)
+    out = [fastest] if fastest else []
     fits = lambda variant, world=s.world_size, seq=s.seq_len: estimate(  # noqa: E731
         variant, ckpts[-1], micros[-1], seq=seq, world=world).fits(gpu_memory_gb, host_memory_gb)
     worlds = [w for i in range(14) if (w := per_node * 2 ** i) > s.world_size and w % s.sequence_parallel == 0]
@@ -307,6 +310,44 @@ def _suggestions(frugal, variants, ckpts, micros, estimate, gpu_memory_gb, host_
     else:
         out.append(f"bigger devices: {s.label()} needs {frugal.device_total / GB:.1f} GB per device")
     return out
+
+
+def _fastest_here(s: Setup, micros: list[int], estimate, gpu_memory_gb: float, host_memory_gb: Optional[float],
+                  lc: LongContext, ckpt_auto: bool) -> Optional[str]:
+    """The fastest configuration that fits this data.seq_len on these devices when every memory setting may change
+    at once, as the fields to set; None when none does.
+
+    A user's data and GPUs are what they are, so this comes before the single changes, which price the most
+    frugal configuration (often offloaded) and may each fall short where two together fit: a 70B model at 128k
+    tokens needs both sequence parallelism and activation checkpointing. The order is the planner's, slowest
+    remedies last: offload after every group size without it (it moves the optimizer step to the CPU), then the
+    smallest sequence-parallel group (an all-to-all per layer for each doubling), the chunked loss and tiled MLP
+    only where needed, less sharding, no recomputation, the micro batch as given before 1."""
+    groups = [lc.sequence_parallel, *(n for n in lc.allowed_sequence_parallel if n > lc.sequence_parallel)]
+    knobs = list(dict.fromkeys([(lc.chunked_loss, lc.tiled_mlp), (True, lc.tiled_mlp), (True, True)]))
+    for offloaded in (False, True):
+        for n in groups:
+            for chunked, tiled in knobs:
+                trial = replace(lc, sequence_parallel=n, chunked_loss=chunked, tiled_mlp=tiled)
+                for variant in (v for v in VARIANTS if v[1] == offloaded):
+                    for ckpt, micro in ((c, m) for c in (False, True) for m in dict.fromkeys((micros[-1], 1))):
+                        est = estimate(variant, ckpt, micro, lc=trial)
+                        if not est.fits(gpu_memory_gb, host_memory_gb):
+                            continue
+                        fields = [f"zero.stage: {variant[0]}",
+                                  f"zero.offload_optimizer: {'cpu' if variant[1] else 'none'}"]
+                        fields += ["zero.offload_params: cpu"] if variant[2] else []
+                        fields += [f"train.micro_batch_size: {micro}"] if micro != micros[-1] else []
+                        if ckpt_auto or ckpt != s.activation_checkpointing:
+                            fields.append(f"train.activation_checkpointing: {str(ckpt).lower()}")
+                        fields += [f"train.sequence_parallel: {n}"] if n != lc.sequence_parallel else []
+                        fields += ["train.chunked_loss: true"] if chunked != lc.chunked_loss else []
+                        fields += ["train.tiled_mlp: true"] if tiled != lc.tiled_mlp else []
+                        return (f"the same data.seq_len {s.seq_len} on the same {s.world_size} devices with "
+                                f"{', '.join(fields)} ({est.setup.label()}, {est.device_total / GB:.1f} GB of "
+                                f"{gpu_memory_gb:g} GB per device: the fastest that fits); `auto` in these fields "
+                                f"lets the planner choose")
+    return None
 
 
 SEQ_LEN_STEP = 128

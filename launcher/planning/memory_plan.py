@@ -90,27 +90,31 @@ def zero_settings(cfg: RunConfig, hidden_size: Optional[int], params: Optional[i
     return ZeroSettings.from_deepspeed({"zero_optimization": zero})
 
 
-def long_context_of(cfg: RunConfig, counts: Optional[ModelCounts], sequence_parallel: Optional[int] = None
-                    ) -> LongContext:
+def long_context_of(cfg: RunConfig, counts: Optional[ModelCounts], sequence_parallel: Optional[int] = None,
+                    model_config: Optional[dict] = None) -> LongContext:
     """The long-sequence settings of a config as the planner sees them (checkpoint offload only counts on GPUs:
-    on CPU the host is the device)."""
+    on CPU the host is the device), with the group sizes its remedies may try."""
     t = cfg.train
     return LongContext(sequence_parallel=sequence_parallel or sequence_parallel_size(cfg),
                        chunked_loss=t.chunked_loss is True, tiled_mlp=t.tiled_mlp,
                        offload_checkpoints=t.activation_checkpointing == "offload" and cfg.launch.device == "cuda",
-                       allowed_sequence_parallel=tuple(candidates(cfg, counts)))
+                       allowed_sequence_parallel=tuple(allowed_groups(cfg, counts, model_config or {})))
 
 
-def _sequence_parallel_options(cfg: RunConfig, counts: ModelCounts, model_config: dict) -> list[int]:
-    """Group sizes to try, smallest first: the configured one, or for `auto` every size the world, the sequence
-    length, the model's attention and the global batch allow."""
+def allowed_groups(cfg: RunConfig, counts: Optional[ModelCounts], model_config: dict) -> list[int]:
+    """Every sequence-parallel group size the world, the sequence length, the model's attention and the global
+    batch allow, smallest first."""
     t = cfg.train
-    if t.sequence_parallel != "auto":
-        return [t.sequence_parallel]
     micro = None if t.micro_batch_size == "auto" else int(t.micro_batch_size)
     return [n for n in candidates(cfg, counts) if not sliding_window_problem(n, model_config, cfg.data.seq_len)
             and (t.global_batch_size is None
                  or not batch_split_problems(t.global_batch_size, micro, cfg.launch.world_size, n))]
+
+
+def _sequence_parallel_options(cfg: RunConfig, counts: ModelCounts, model_config: dict) -> list[int]:
+    """Group sizes to try, smallest first: the configured one, or for `auto` every allowed one."""
+    t = cfg.train
+    return [t.sequence_parallel] if t.sequence_parallel != "auto" else allowed_groups(cfg, counts, model_config)
 
 
 def _counts(cfg: RunConfig, model_config: Optional[dict], why: str) -> ModelCounts:
@@ -175,7 +179,7 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                 gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
                 zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
                 whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
-                long_context=long_context_of(cfg, counts, n))
+                long_context=long_context_of(cfg, counts, n, model_config))
         except DoesNotFit as exc:
             failures.append((n, exc))
             continue
@@ -391,31 +395,32 @@ def check_fit(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[
                 f"{s.dtype}, activation checkpointing {'on' if s.activation_checkpointing else 'off'} needs "
                 f"{est.device_total / GB:.1f} GB per device > {gb:g} GB",
                 "component by component:\n" + indent(component_table([est], float(gb)), "  ")]
-    problems += _what_would_fit(cfg, counts)
+    problems += _what_would_fit(cfg, counts, model_config)
     problems.append("to launch anyway, remove launch.gpu_memory_gb (the check runs only when it is set)")
     raise ConfigError(problems, title="does not fit")
 
 
-def _what_would_fit(cfg: RunConfig, counts: ModelCounts) -> list[str]:
-    """Ask the planner with every memory setting free: the fastest configuration that fits, or its remedies."""
+def _what_would_fit(cfg: RunConfig, counts: ModelCounts, model_config: Optional[dict]) -> list[str]:
+    """Ask the planner with the stage, micro batch and checkpointing free: the fastest configuration that fits
+    without offload, else its remedies. Those come first from every long-context setting as well (sequence
+    parallelism, the tiled MLP), tried before offload, which moves the optimizer step to the CPU."""
     t = cfg.train
     free_micro = t.global_batch_size is not None
     try:
         choice = choose_configuration(
             counts, cfg.launch.world_size, float(cfg.launch.gpu_memory_gb), cfg.data.seq_len,
             t.global_batch_size, precision_of(cfg), micro_batch_size=None if free_micro else int(t.micro_batch_size),
+            offload_optimizer=False, offload_params=False,
             gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
             zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
             whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
-            long_context=long_context_of(cfg, counts))
+            long_context=long_context_of(cfg, counts, model_config=model_config))
     except DoesNotFit as exc:
         return [f"would fit: {s}" for s in exc.suggestions]
     except ConfigError:
         return []
     s = choice.setup
-    fields = [f"zero.stage: {s.stage}", f"zero.offload_optimizer: {'cpu' if s.offload_optimizer else 'none'}"]
-    if s.offload_params:
-        fields.append("zero.offload_params: cpu")
+    fields = [f"zero.stage: {s.stage}", "zero.offload_optimizer: none", "zero.offload_params: none"]
     if free_micro:
         fields.append(f"train.micro_batch_size: {s.micro_batch_size}")
     fields.append(f"train.activation_checkpointing: {str(s.activation_checkpointing).lower()}")

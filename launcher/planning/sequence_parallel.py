@@ -57,11 +57,15 @@ def split_problems(sequence_parallel: int, counts: ModelCounts) -> list[str]:
 
 
 def candidates(cfg: RunConfig, counts: Optional[ModelCounts]) -> list[int]:
-    """Group sizes `train.sequence_parallel: auto` may choose, smallest first: divisors of the world size that
-    also divide data.seq_len and split the model's heads (checked when its config.json is known)."""
-    world = cfg.launch.world_size
+    """Group sizes `train.sequence_parallel: auto` may choose, smallest first (group_sizes of the run)."""
+    return group_sizes(cfg.launch.world_size, cfg.data.seq_len, counts)
+
+
+def group_sizes(world: int, seq_len: int, counts: Optional[ModelCounts]) -> list[int]:
+    """Sequence-parallel group sizes, smallest first: divisors of the world size that also divide the sequence
+    length and split the model's heads (checked when its config.json is known)."""
     return [n for n in range(1, world + 1)
-            if world % n == 0 and cfg.data.seq_len % n == 0 and not (counts and split_problems(n, counts))]
+            if world % n == 0 and seq_len % n == 0 and not (counts and split_problems(n, counts))]
 
 
 def describe(cfg: RunConfig, counts: Optional[ModelCounts]) -> str:
