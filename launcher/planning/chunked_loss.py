@@ -3,17 +3,21 @@
 The chunked loss computes the LM head and cross-entropy over a chunk of positions at a time, so the
 logits buffer is one chunk's instead of the whole micro-batch's: at 16k tokens and a 128k vocabulary
 that is 0.25 GB instead of 29 GB. It is exact only when the logits are the plain linear head of the
-final hidden states; models that transform them (soft-capping, scaling) or whose forward adds losses
-(MoE router terms) must keep the full-logits loss. `auto` is on for the families we mirror exactly
-(the decoder-only families of launcher.planning.model_size) unless their config transforms the logits;
+final hidden states; models that transform them (soft-capping, scaling) must keep the full-logits loss.
+`auto` is on for the families we mirror exactly (the dense families of launcher.planning.model_size and
+the mixture-of-experts families of launcher.planning.moe_size) unless their config transforms the logits;
 `true` asks for it on any model whose head is a plain bias-free linear (the trainer checks the module).
+An MoE model's router aux loss does not stand in the way: the trainer records it from the routers
+(trainer/moe.py) with transformers' own aux loss switched off, so it is the same whichever way the LM loss is
+taken (tests/test_moe_train.py checks every MoE family against its full-logits forward).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Optional, Union
 
-PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")
+PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3",
+                       "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3")
 # config.json keys that make the logits something other than lm_head(hidden) when they are set.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 CHUNK_LOGITS_BYTES = 64 * 2 ** 20
