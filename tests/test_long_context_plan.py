@@ -241,3 +241,25 @@ def test_the_remedy_never_splits_a_sliding_window_model(tmp_path, capsys):
     assert build_plan(validate_config(raw)).memory["fits"] is True
     assert estimate_command(model=str(model), gpus=8, gpu_memory_gb=40, seq_len=32768) == 0
     assert "sequence_parallel" not in capsys.readouterr().out
+
+
+def test_sequence_parallel_auto_prefers_a_larger_group_with_room_to_a_tight_fit(tmp_path):
+    """At the longest length SP=1 fits at all, its fit is tight (less room than measured peaks have exceeded their
+    estimates by). `auto` passes a tight fit over for the next configuration with room, and the next group size is
+    one: it must be chosen, not the tight SP=1 that the smallest-group rule alone would take."""
+    base = Setup(stage=3, world_size=8, gpus_per_node=8, micro_batch_size=1, dtype="bf16",
+                 activation_checkpointing=True, chunked_loss=True)
+    seq = longest_seq_len(LLAMA, base, 80.0)
+    alone = estimate_memory(LLAMA, replace(base, seq_len=seq))
+    assert alone.tight(80.0)
+    raw = _raw(tmp_path, sequence_parallel="auto")
+    raw["data"]["seq_len"] = seq
+    plan = build_plan(validate_config(raw))
+    n = plan.config.train.sequence_parallel
+    assert n == 2 and plan.memory["fits"] is True
+    assert not estimate_memory(LLAMA, replace(_setup_of(plan))).tight(80.0)
+    note = next(x for x in plan.notes if x.startswith("train.sequence_parallel=auto"))
+    assert "-> 2: the smallest group size that fits with room (1 does not fit with room (" in note and "tight" in note
+    # Pinned to 1, the same length still plans, flagged as tight.
+    pinned = build_plan(validate_config({**raw, "train": {**raw["train"], "sequence_parallel": 1}}))
+    assert pinned.config.train.sequence_parallel == 1 and "TIGHT" in format_plan(pinned)

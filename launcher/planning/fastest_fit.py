@@ -150,7 +150,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
                          attention: str = "auto", zero: ZeroSettings = ZeroSettings(),
                          margins: Margins = Margins(), optimizer: str = "fused",
                          long_context: Optional[LongContext] = None, whole_layers: bool = False,
-                         grad_accum_steps: Optional[int] = None) -> Choice:
+                         grad_accum_steps: Optional[int] = None, tight_ok: bool = True) -> Choice:
     """The fastest configuration that fits; None for any setting means "choose it for me".
 
     `optimizer` is memory.Setup's: "torch" for torch's unfused AdamW (temporaries), else "fused" (in place).
@@ -158,6 +158,8 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
     `long_context` fixes sequence parallelism, the chunked loss, the tiled MLP and checkpoint offload.
     `grad_accum_steps` counts only without a global batch (else it is the share over the micro batch): with
     bf16/fp16 and ZeRO 1-3, accumulating makes DeepSpeed keep fp32 gradient sums.
+    `tight_ok=False` refuses a fit without room for the estimate's measured error, for a caller that has other
+    settings to try first (the planner's larger sequence-parallel groups).
     """
     lc = long_context or LongContext()
     if not (isinstance(gpu_memory_gb, (int, float)) and gpu_memory_gb > 0):
@@ -185,7 +187,7 @@ def choose_configuration(counts: ModelCounts, world_size: int, gpu_memory_gb: fl
         return estimate_memory(counts, setup, zero, margins)
 
     # First with room for the estimate's measured error; a tight fit only where nothing else fits.
-    for margin in (MEASURED_OVER_ESTIMATE, 0.0):
+    for margin in (MEASURED_OVER_ESTIMATE, 0.0) if tight_ok else (MEASURED_OVER_ESTIMATE,):
         reasons: list[str] = []
         for variant in variants:
             tried = []

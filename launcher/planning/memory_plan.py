@@ -168,35 +168,42 @@ def apply_auto_choice(cfg: RunConfig, model_config: Optional[dict]) -> list[str]
                            f"of the world size {world} divides data.seq_len {cfg.data.seq_len}, the model's "
                            f"{counts.num_heads} attention heads and the global batch"], title="cannot plan memory")
     failures: list[tuple[int, DoesNotFit]] = []
-    for n in options:  # the smallest group that fits: every larger one adds an all-to-all per layer for nothing
-        try:
-            choice = choose_configuration(
-                counts, world, float(gpu_memory_gb), cfg.data.seq_len, t.global_batch_size, dtype,
-                stage=None if z.stage == "auto" else int(z.stage),
-                micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
-                activation_checkpointing=None if t.activation_checkpointing == "auto" else t.recomputes,
-                offload_optimizer=offload_optimizer, offload_params=offload_params,
-                gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
-                zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
-                whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
-                long_context=long_context_of(cfg, counts, n, model_config))
-        except DoesNotFit as exc:
-            failures.append((n, exc))
-            continue
-        return _apply(cfg, choice, failures)
+    # The smallest group that fits: every larger one adds an all-to-all per layer for nothing. A larger group with
+    # room wins over a tight fit (one the estimate's measured error could push over); tight only if nothing has room.
+    for tight_ok in (False, True) if len(options) > 1 else (True,):
+        failures = []
+        for n in options:
+            try:
+                choice = choose_configuration(
+                    counts, world, float(gpu_memory_gb), cfg.data.seq_len, t.global_batch_size, dtype,
+                    stage=None if z.stage == "auto" else int(z.stage),
+                    micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
+                    activation_checkpointing=None if t.activation_checkpointing == "auto" else t.recomputes,
+                    offload_optimizer=offload_optimizer, offload_params=offload_params,
+                    gpus_per_node=cfg.launch.procs_per_node, attention=cfg.model.attn_implementation,
+                    zero=zero_settings(cfg, counts.hidden_size, counts.total), margins=margins_for(cfg),
+                    whole_layers=gathers_whole_layers(cfg), grad_accum_steps=_int_or_none(t.grad_accum_steps),
+                    long_context=long_context_of(cfg, counts, n, model_config), tight_ok=tight_ok)
+            except DoesNotFit as exc:
+                failures.append((n, exc))
+                continue
+            return _apply(cfg, choice, failures, with_room=not tight_ok)
     raise ConfigError(_does_not_fit(cfg, counts, failures[-1][1], asked), title="does not fit") from None
 
 
-def _apply(cfg: RunConfig, choice, smaller_groups: list[tuple[int, DoesNotFit]]) -> list[str]:
-    """Write the choice into the auto fields and say why, one note per field (the fit goes with the stage)."""
+def _apply(cfg: RunConfig, choice, smaller_groups: list[tuple[int, DoesNotFit]], with_room: bool = False
+           ) -> list[str]:
+    """Write the choice into the auto fields and say why, one note per field (the fit goes with the stage).
+    `with_room`: the smaller groups were passed over for fitting without room for the estimate's error."""
     s, why, notes = choice.setup, choice.why, []
     decided = []
     if cfg.train.sequence_parallel == "auto":
         cfg.train.sequence_parallel = s.sequence_parallel
-        tried = "; ".join(f"{n} does not fit ({exc.reasons[-1] if exc.reasons else 'nothing allowed fits'})"
+        room = " with room" if with_room else ""
+        tried = "; ".join(f"{n} does not fit{room} ({exc.reasons[-1] if exc.reasons else 'nothing allowed fits'})"
                           for n, exc in smaller_groups)
         notes.append(f"train.sequence_parallel=auto -> {s.sequence_parallel}: the smallest group size that fits"
-                     + (f" ({tried})" if tried else ""))
+                     f"{room}" + (f" ({tried})" if tried else ""))
         if (problems := sequence_parallel_problems(cfg)):
             raise ConfigError(problems)
     if cfg.zero.stage == "auto":
