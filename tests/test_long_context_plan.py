@@ -263,3 +263,16 @@ def test_sequence_parallel_auto_prefers_a_larger_group_with_room_to_a_tight_fit(
     # Pinned to 1, the same length still plans, flagged as tight.
     pinned = build_plan(validate_config({**raw, "train": {**raw["train"], "sequence_parallel": 1}}))
     assert pinned.config.train.sequence_parallel == 1 and "TIGHT" in format_plan(pinned)
+
+
+def test_sequence_parallel_is_allowed_for_the_moe_families_it_was_verified_on():
+    """tests/test_moe_e2e.py trains Mixtral and Qwen3-MoE under SP; the families whose attention is not the
+    standard one are refused, naming the families that are allowed."""
+    from launcher.planning.sequence_parallel import SEQUENCE_PARALLEL_MOE, split_problems
+
+    assert split_problems(8, counts_from_path(CONFIGS / "qwen3_30b_a3b.json")) == []
+    assert split_problems(8, counts_from_path(CONFIGS / "mixtral_8x7b.json")) == []
+    for fixture in ("deepseek_v3", "gpt_oss_20b"):
+        problems = split_problems(8, counts_from_path(CONFIGS / f"{fixture}.json"))
+        assert any(f"verified for the mixture-of-experts families {', '.join(SEQUENCE_PARALLEL_MOE)} only" in p
+                   for p in problems), problems

@@ -2,8 +2,9 @@
 
 Tiny random Mixtral and Qwen3-MoE built from configs. Each rank takes its own part of every global batch, so
 the ranks route different tokens. Per model, one set of runs is shared by the assertions: 2 ranks
-uninterrupted (with the export), 2 ranks stopped at step 2 and relaunched, and 1 rank on the same global
-batch. Every launch has a timeout and short stall/collective timeouts, so a hang fails instead of waiting.
+uninterrupted (with the export), 2 ranks stopped at step 2 and relaunched, 1 rank on the same global
+batch, and 2 ranks splitting every sequence (sequence parallelism). Every launch has a timeout and short
+stall/collective timeouts, so a hang fails instead of waiting.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ HANG_GUARDS = {"stall_timeout_s": 90, "startup_timeout_s": 180, "collective_time
 BLOCKS = {"mixtral": "MixtralSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock", "olmoe": "OlmoeSparseMoeBlock"}
 
 
-def config(tmp_path, model_dir, procs: int, micro: int, **sections):
+def config(tmp_path, model_dir, procs: int, micro: int, stage: int = 3, **sections):
     train = {"max_steps": STEPS, "micro_batch_size": micro, "grad_accum_steps": None, "global_batch_size": 4,
              "lr": 3e-3, "warmup_steps": 0, **sections.pop("train", {})}
-    return tiny_config(tmp_path, model_dir, train=train, zero={"stage": 3},
+    return tiny_config(tmp_path, model_dir, train=train, zero={"stage": stage},
                        data={"seq_len": 64, **sections.pop("data", {})},
                        launch={"procs_per_node": procs, **HANG_GUARDS}, **sections)
 
@@ -57,6 +58,13 @@ def runs(request, tmp_path_factory):
         out["resized"] = base / "resized" / "run"
     out["resumed_stderr"] = launch(stopped).stderr
     out["resumed"] = base / "stopped" / "run"
+    # Sequence parallelism: both ranks hold halves of the same 4 rows, so each micro-batch is the one rank's.
+    # Mixtral's at ZeRO-2 and Qwen3-MoE's at ZeRO-3: DeepSpeed divides SP gradients differently at the two.
+    (base / "sp").mkdir()
+    out["sp_stage"] = 2 if model_type == "mixtral" else 3
+    sp = launch(config(base / "sp", model, procs=2, micro=4, stage=out["sp_stage"], train={"sequence_parallel": 2}))
+    out["sp_log"] = sp.stdout + sp.stderr
+    out["sp"] = base / "sp" / "run"
     return out
 
 
@@ -82,6 +90,19 @@ def test_losses_equal_a_one_rank_run(runs):
         assert sorted(two) == list(range(1, STEPS + 1))
         for step in two:
             assert two[step] == pytest.approx(one[step], rel=1e-5, abs=0), (name, step, two[step], one[step])
+
+
+def test_sequence_parallel_equals_a_one_rank_run(runs):
+    """SP=2 on 2 ranks (each rank a half of every row, the token mask sliced alike) against 1 rank holding the
+    whole rows: LM loss, aux loss and gradient norm equal to float tolerance. The aux loss sums the routers'
+    statistics over both halves and scales each rank's share for how DeepSpeed divides SP gradients at the
+    stage; a share scaled for the world at ZeRO-2, or a mask left whole, would be off from the first step."""
+    assert "split over 2 ranks" in runs["sp_log"] and f"zero       stage {runs['sp_stage']}," in runs["sp_log"]
+    for name in ("loss", "aux_loss", "grad_norm"):
+        sp, one = metric(runs["sp"], name), metric(runs["one"], name)
+        assert sorted(sp) == list(range(1, STEPS + 1))
+        for step in sp:
+            assert sp[step] == pytest.approx(one[step], rel=1e-5, abs=0), (name, step, sp[step], one[step])
 
 
 def test_stop_and_resume_is_exact(runs):

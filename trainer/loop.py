@@ -137,7 +137,7 @@ class Loop:
             with self.activation_offload():
                 with self.router_aux.recording():
                     loss_sum = self.faults.loss(self.loss(self.engine, batch), step)
-                aux = self.router_aux.loss_share(batch.token_mask, len(micros))
+                aux = self.router_aux.loss_share(batch.token_mask, len(micros), factor)
                 if i == len(micros) - 1:
                     self.window.local_work_done(sync=sync)
                 self.heartbeat.beat("backward")

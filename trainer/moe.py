@@ -97,7 +97,8 @@ class NoRouterAuxLoss:
     def recording(self):
         yield
 
-    def loss_share(self, token_mask: torch.Tensor, micro_steps: int) -> Optional[torch.Tensor]:
+    def loss_share(self, token_mask: torch.Tensor, micro_steps: int,
+                   gradient_factor: Optional[int] = None) -> Optional[torch.Tensor]:
         return None
 
     def metrics(self) -> dict[str, float]:
@@ -111,7 +112,8 @@ class RouterAuxLoss(NoRouterAuxLoss):
     (no gradient) and P_e its mean router probability; padding excluded; the value is top_k when
     perfectly balanced. f, the probability sums and the token count are summed over ranks in one
     all-reduce; each rank then backpropagates its share E · Σ_e f_e · P_e,local_sum / N, so the ranks'
-    shares add up to the global loss.
+    shares add up to the global loss. Under sequence parallelism a rank's tokens are its slice of each row (the
+    token mask sliced alike), and the ranks of all groups together still hold every token once.
     """
 
     def __init__(self, routers: list, index: int, num_experts: int, top_k: int, coef: float, world: int):
@@ -137,10 +139,13 @@ class RouterAuxLoss(NoRouterAuxLoss):
         finally:
             self.armed = False
 
-    def loss_share(self, token_mask: torch.Tensor, micro_steps: int) -> Optional[torch.Tensor]:
+    def loss_share(self, token_mask: torch.Tensor, micro_steps: int,
+                   gradient_factor: Optional[int] = None) -> Optional[torch.Tensor]:
         """coef × this rank's share of the aux loss, scaled for DeepSpeed's mean over ranks and accumulation.
 
-        Adds the global value to the logging window. Every rank must call it (it is a collective).
+        `gradient_factor` is what DeepSpeed divides the summed gradients by (SequenceParallel.gradient_factor: the
+        world, or under sequence parallelism at ZeRO 0-2 the number of replicas); None: the world. Adds the global
+        value to the logging window. Every rank must call it (it is a collective).
         """
         if not self.logits:
             raise RuntimeError("no router logits were recorded in this forward; was it run inside recording()?")
@@ -164,7 +169,7 @@ class RouterAuxLoss(NoRouterAuxLoss):
         self.value_sum = value if self.value_sum is None else self.value_sum + value
         self.values += 1
         share = E * (fraction * probs).sum() / rows_all.float()
-        return share * (self.coef * self.world / micro_steps)
+        return share * (self.coef * (self.world if gradient_factor is None else gradient_factor) / micro_steps)
 
     def metrics(self) -> dict[str, float]:
         """The mean global aux loss (without the coefficient) since the last call; one host sync."""

@@ -77,8 +77,9 @@ class SequenceParallel:
             return batch
         width = batch.input_ids.shape[1] // self.size
         cut = slice(self.rank * width, (self.rank + 1) * width)
+        mask = None if batch.token_mask is None else batch.token_mask[:, cut]  # the tokens MoE routers balance
         return Batch(batch.input_ids[:, cut], batch.position_ids[:, cut], batch.targets[:, cut], None,
-                     batch.real_tokens)
+                     batch.real_tokens, token_mask=mask)
 
     def fill_rows(self, batch: Batch, rows: int) -> Batch:
         """Pad a short batch (the eval set's last) to `rows` rows that carry no loss: under SP every forward must have
@@ -147,6 +148,11 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
     attention = attention_for(cfg, flash_usable)
     if attention == PACKED_ATTENTION:
         register_packed_attention()
+    # DeepSpeed sizes its exchange from `head_dim` when the config has the attribute, even when it is None (Mixtral's
+    # default); the model itself then uses hidden / heads, so DeepSpeed is handed that.
+    arch = config.get_text_config()
+    if getattr(arch, "head_dim", 0) is None:
+        arch.head_dim = arch.hidden_size // arch.num_attention_heads
     # A config-holding object instead of a path: DeepSpeed would re-read the config without revision/remote code.
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=SimpleNamespace(config=config), core_attn_implementation=attention,
