@@ -66,6 +66,16 @@ def test_a_micro_batch_without_trained_tokens_still_backpropagates_zeros():
     assert loss.item() == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
 
 
+def next_token_batch(vocab: int, length: int, prompt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two random rows, their position ids and next-token targets; the first row's first `prompt` carry no loss."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, length), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :prompt] = -100
+    return ids, torch.arange(length).repeat(2, 1), targets
+
+
 def test_installed_on_a_model_it_gives_the_model_forward_loss_and_gradients(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -76,12 +86,7 @@ def test_installed_on_a_model_it_gives_the_model_forward_loss_and_gradients(tiny
     messages = []
     loss_fn = prepare_loss(chunked, "auto", messages.append)
     assert loss_fn.__name__ == "chunked_loss" and not messages
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 500, (2, 40), generator=g)
-    positions = torch.arange(40).repeat(2, 1)
-    targets = torch.roll(ids, -1, dims=1)
-    targets[:, -1] = -100
-    targets[0, :10] = -100
+    ids, positions, targets = next_token_batch(vocab=500, length=40, prompt=10)
     want = token_loss_sum(plain(input_ids=ids, position_ids=positions, use_cache=False).logits, targets)
     got = chunked(input_ids=ids, position_ids=positions, targets=targets)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)

@@ -13,6 +13,7 @@ from trainer.moe import KNOWN_MOE_BLOCKS, NoRouterAuxLoss, RouterAuxLoss, regist
 
 from conftest import tiny_config
 from moe_models import MOE_CONFIGS, make_tiny_moe, tiny_moe_config
+from test_chunked_loss import next_token_batch
 
 AUX_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
 # The block that holds router and experts in each family (read off transformers 5.24's modeling files).
@@ -149,12 +150,7 @@ def test_the_chunked_loss_is_exact_on_every_known_moe_family(model_type):
     plain, chunked = tiny_model(model_type), tiny_model(model_type)
     messages = []
     assert prepare_loss(chunked, "auto", messages.append).__name__ == "chunked_loss", messages
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 100, (2, 24), generator=g)
-    positions = torch.arange(24).repeat(2, 1)
-    targets = torch.roll(ids, -1, dims=1)
-    targets[:, -1] = -100
-    targets[0, :8] = -100
+    ids, positions, targets = next_token_batch(vocab=100, length=24, prompt=8)
     token_mask = torch.ones_like(ids, dtype=torch.bool)
     objectives = []
     for model, run in ((plain, lambda m: token_loss_sum(m(input_ids=ids, position_ids=positions,
