@@ -25,11 +25,11 @@ from launcher.planning.memory import DTYPES, Margins, MemoryEstimate, Setup, Zer
 from launcher.planning.model_size import (
     ModelCounts,
     approximate_moe_reason,
+    counts_from_config,
     counts_from_params,
-    counts_from_path,
     load_config_json,
 )
-from launcher.planning.sequence_parallel import group_sizes, sliding_window_problem, split_problems
+from launcher.planning.sequence_parallel import group_sizes, split_problems
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -97,7 +97,7 @@ def resolve_world(gpus: Optional[int], nodes: int, gpus_per_node: Optional[int],
 
 
 def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len, micro_batch_size,
-              dtype, sequence_parallel=1) -> tuple[ModelCounts, int, int]:
+              dtype, sequence_parallel=1) -> tuple[ModelCounts, int, int, dict]:
     problems: list[str] = []
     if (model is None) == (params is None):
         problems.append("--model / --params: give exactly one: --model=DIR (or a config.json) or --params=N")
@@ -117,10 +117,11 @@ def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len,
         problems.append(f"--sequence_parallel: {sp} does not divide the {world} devices")
     if sp and isinstance(seq_len, int) and seq_len % sp:
         problems.append(f"--seq_len: {seq_len} is not a multiple of --sequence_parallel {sp}")
-    counts = None
+    counts, model_config = None, {}
     try:
         if model is not None and params is None:
-            counts = counts_from_path(str(model))
+            model_config, source = load_config_json(str(model))
+            counts = counts_from_config(model_config, source)
         elif n is not None and model is None:
             counts = counts_from_params(n)
     except ConfigError as exc:
@@ -129,7 +130,7 @@ def _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb, seq_len,
         problems += [p.replace("train.sequence_parallel", "--sequence_parallel") for p in split_problems(sp, counts)]
     if problems:
         raise ConfigError(problems, title="invalid arguments")
-    return counts, world, per_node
+    return counts, world, per_node, model_config
 
 
 def _describe(counts: ModelCounts, source: str) -> str:
@@ -143,12 +144,6 @@ def _describe(counts: ModelCounts, source: str) -> str:
              f"MLP {counts.intermediate_size}, "
              f"vocab {counts.vocab_size}, {'tied' if counts.tied_embeddings else 'untied'} embeddings")
     return head + "\n" + shape + (f"\n  note: {counts.note}" if counts.note else "")
-
-
-def _groups(model: Optional[str], world: int, seq_len: int, counts: ModelCounts) -> list[int]:
-    """The sequence-parallel group sizes a remedy may suggest (none that the model's sliding window forbids)."""
-    model_config = load_config_json(str(model))[0] if model is not None else {}
-    return [n for n in group_sizes(world, seq_len, counts) if not sliding_window_problem(n, model_config, seq_len)]
 
 
 def estimate_command(model: str | None = None, params: float | None = None, gpus: int | None = None,
@@ -166,7 +161,7 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
     --gpu_memory_gb (the numbers are still shown) unless --force_approximate_fit.
     """
     try:
-        counts, world, per_node = _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb,
+        counts, world, per_node, model_config = _validate(model, params, gpus, nodes, gpus_per_node, gpu_memory_gb,
                                             seq_len, micro_batch_size, dtype, sequence_parallel)
     except ConfigError as exc:
         print(f"shardtune estimate: {exc}", file=sys.stderr)
@@ -174,7 +169,7 @@ def estimate_command(model: str | None = None, params: float | None = None, gpus
     seq_len, micro, ckpt = int(seq_len), int(micro_batch_size), bool(activation_checkpointing)
     lc = LongContext(sequence_parallel=int(sequence_parallel), chunked_loss=bool(chunked_loss),
                      tiled_mlp=bool(tiled_mlp), offload_checkpoints=bool(offload_checkpoints),
-                     allowed_sequence_parallel=tuple(_groups(model, world, seq_len, counts)))
+                     allowed_sequence_parallel=tuple(group_sizes(world, seq_len, counts, model_config)))
     estimates = estimate_all(counts, world, per_node, seq_len, micro, dtype, ckpt, long_context=lc)
     unchecked = None if force_approximate_fit else approximate_moe_reason(counts)
     longest = ({variant_key(e.setup): longest_seq_len(counts, e.setup, float(gpu_memory_gb)) for e in estimates}

@@ -327,28 +327,25 @@ def _fastest_here(s: Setup, micros: list[int], estimate, gpu_memory_gb: float, h
     only where needed, less sharding, no recomputation, the micro batch as given before 1."""
     groups = [lc.sequence_parallel, *(n for n in lc.allowed_sequence_parallel if n > lc.sequence_parallel)]
     knobs = list(dict.fromkeys([(lc.chunked_loss, lc.tiled_mlp), (True, lc.tiled_mlp), (True, True)]))
-    for offloaded in (False, True):
-        for n in groups:
-            for chunked, tiled in knobs:
-                trial = replace(lc, sequence_parallel=n, chunked_loss=chunked, tiled_mlp=tiled)
-                for variant in (v for v in VARIANTS if v[1] == offloaded):
-                    for ckpt, micro in ((c, m) for c in (False, True) for m in dict.fromkeys((micros[-1], 1))):
-                        est = estimate(variant, ckpt, micro, lc=trial)
-                        if not est.fits(gpu_memory_gb, host_memory_gb):
-                            continue
-                        fields = [f"zero.stage: {variant[0]}",
-                                  f"zero.offload_optimizer: {'cpu' if variant[1] else 'none'}"]
-                        fields += ["zero.offload_params: cpu"] if variant[2] else []
-                        fields += [f"train.micro_batch_size: {micro}"] if micro != micros[-1] else []
-                        if ckpt_auto or ckpt != s.activation_checkpointing:
-                            fields.append(f"train.activation_checkpointing: {str(ckpt).lower()}")
-                        fields += [f"train.sequence_parallel: {n}"] if n != lc.sequence_parallel else []
-                        fields += ["train.chunked_loss: true"] if chunked != lc.chunked_loss else []
-                        fields += ["train.tiled_mlp: true"] if tiled != lc.tiled_mlp else []
-                        return (f"the same data.seq_len {s.seq_len} on the same {s.world_size} devices with "
-                                f"{', '.join(fields)} ({est.setup.label()}, {est.device_total / GB:.1f} GB of "
-                                f"{gpu_memory_gb:g} GB per device: the fastest that fits); `auto` in these fields "
-                                f"lets the planner choose")
+    order = ((variant, n, chunked, tiled, ckpt, micro)
+             for offloaded in (False, True) for n in groups for chunked, tiled in knobs
+             for variant in VARIANTS if variant[1] == offloaded
+             for ckpt in (False, True) for micro in dict.fromkeys((micros[-1], 1)))
+    for variant, n, chunked, tiled, ckpt, micro in order:
+        est = estimate(variant, ckpt, micro, lc=replace(lc, sequence_parallel=n, chunked_loss=chunked, tiled_mlp=tiled))
+        if not est.fits(gpu_memory_gb, host_memory_gb):
+            continue
+        fields = [f"zero.stage: {variant[0]}", f"zero.offload_optimizer: {'cpu' if variant[1] else 'none'}"]
+        fields += ["zero.offload_params: cpu"] if variant[2] else []
+        fields += [f"train.micro_batch_size: {micro}"] if micro != micros[-1] else []
+        if ckpt_auto or ckpt != s.activation_checkpointing:
+            fields.append(f"train.activation_checkpointing: {str(ckpt).lower()}")
+        fields += [f"train.sequence_parallel: {n}"] if n != lc.sequence_parallel else []
+        fields += ["train.chunked_loss: true"] if chunked != lc.chunked_loss else []
+        fields += ["train.tiled_mlp: true"] if tiled != lc.tiled_mlp else []
+        return (f"the same data.seq_len {s.seq_len} on the same {s.world_size} devices with {', '.join(fields)} "
+                f"({est.setup.label()}, {est.device_total / GB:.1f} GB of {gpu_memory_gb:g} GB per device: the "
+                f"fastest that fits); `auto` in these fields lets the planner choose")
     return None
 
 

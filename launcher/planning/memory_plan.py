@@ -36,7 +36,7 @@ from launcher.planning.fastest_fit import (
 )
 from launcher.planning.memory import GB, TIGHT_WHY, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
-from launcher.planning.sequence_parallel import candidates, sequence_parallel_size, sliding_window_problem
+from launcher.planning.sequence_parallel import candidates, sequence_parallel_size
 
 # On CPU the "device" is the process's own RAM, measured by bench/memory.py: no CUDA context or NCCL, but
 # 0.4 GB of process runtime (imports, gloo, tokenizer, data) in their place; and glibc's malloc keeps the
@@ -106,9 +106,8 @@ def allowed_groups(cfg: RunConfig, counts: Optional[ModelCounts], model_config: 
     batch allow, smallest first."""
     t = cfg.train
     micro = None if t.micro_batch_size == "auto" else int(t.micro_batch_size)
-    return [n for n in candidates(cfg, counts) if not sliding_window_problem(n, model_config, cfg.data.seq_len)
-            and (t.global_batch_size is None
-                 or not batch_split_problems(t.global_batch_size, micro, cfg.launch.world_size, n))]
+    return [n for n in candidates(cfg, counts, model_config) if t.global_batch_size is None
+            or not batch_split_problems(t.global_batch_size, micro, cfg.launch.world_size, n)]
 
 
 def _sequence_parallel_options(cfg: RunConfig, counts: ModelCounts, model_config: dict) -> list[int]:

@@ -63,16 +63,18 @@ def split_problems(sequence_parallel: int, counts: ModelCounts) -> list[str]:
     return problems
 
 
-def candidates(cfg: RunConfig, counts: Optional[ModelCounts]) -> list[int]:
+def candidates(cfg: RunConfig, counts: Optional[ModelCounts], model_config: Optional[dict] = None) -> list[int]:
     """Group sizes `train.sequence_parallel: auto` may choose, smallest first (group_sizes of the run)."""
-    return group_sizes(cfg.launch.world_size, cfg.data.seq_len, counts)
+    return group_sizes(cfg.launch.world_size, cfg.data.seq_len, counts, model_config)
 
 
-def group_sizes(world: int, seq_len: int, counts: Optional[ModelCounts]) -> list[int]:
+def group_sizes(world: int, seq_len: int, counts: Optional[ModelCounts],
+                model_config: Optional[dict] = None) -> list[int]:
     """Sequence-parallel group sizes, smallest first: divisors of the world size that also divide the sequence
-    length and split the model's heads (checked when its config.json is known)."""
+    length, split the model's heads and keep its sliding window (checked when its config.json is known)."""
     return [n for n in range(1, world + 1)
-            if world % n == 0 and seq_len % n == 0 and not (counts and split_problems(n, counts))]
+            if world % n == 0 and seq_len % n == 0 and not (counts and split_problems(n, counts))
+            and not (model_config and sliding_window_problem(n, model_config, seq_len))]
 
 
 def describe(cfg: RunConfig, counts: Optional[ModelCounts]) -> str:
