@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # Two test processes: one pytest kept 2 cores only ~60% busy (process start-up, SLURM polling, waits on
 # timeouts); 32 -> 23 min. Two keep the cores ~90% busy (1.8 of 2 on average over a clone's run); a third took
 # 22 min 53 s against two's 22-25 min, within this VM's spread, at 1.9, so the suite is bound by its CPU time
-# (mostly each launch's imports of torch, DeepSpeed and transformers). A module runs whole on one worker
+# (mostly each launch's imports of torch, DeepSpeed and transformers). Again on 2026-12-06 with 688 tests: three
+# workers 27 min 37 s (50 min of CPU), two 27 min 16 s (46 min). A module runs whole on one worker
 # (--dist loadscope): its fixtures are built once.
 TEST_WORKERS ?= 2
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
