@@ -292,7 +292,7 @@ def test_a_tokenizer_with_named_chat_templates_is_checkpointed_and_exported(tmp_
     tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": tool_use}
     tokenizer.save_pretrained(model_dir)
     assert (model_dir / "additional_chat_templates" / "tool_use.jinja").is_file()
-    launch(tiny_config(tmp_path, model_dir, train={"max_steps": 4, "save_every": 2}))
+    launch(tiny_config(tmp_path, model_dir, train={"max_steps": 4, "save_every": 2}, launch={"procs_per_node": 1}))
     run = RunDir(tmp_path / "run")
     ckpt = run.checkpoint(4)
     assert f"{HF}/additional_chat_templates/tool_use.jinja" in json.loads((ckpt / MANIFEST).read_text())["files"]

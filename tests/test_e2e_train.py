@@ -58,8 +58,8 @@ def test_launch_trains_and_exports(tmp_path, tiny_model, stage):
 def test_a_failed_sample_reply_leaves_the_run_completed(tmp_path, tiny_model):
     """The sample reply loads and runs the whole exported model on rank 0's CPU after the export: it used to run
     before the run was marked completed, so its failure failed a run whose model was already written."""
-    cfg = tiny_config(tmp_path, tiny_model, zero={"stage": 0}, train={"max_steps": 2, "warmup_steps": 1,
-                                                                            "sample_prompt": "hi"})
+    cfg = tiny_config(tmp_path, tiny_model, zero={"stage": 0}, launch={"procs_per_node": 1},
+                      train={"max_steps": 2, "warmup_steps": 1, "sample_prompt": "hi"})
     proc = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "fail_sample@0:0"})
     run = RunDir(tmp_path / "run")
     assert "sample: not generated (RuntimeError: injected fault" in proc.stdout + proc.stderr

@@ -111,7 +111,7 @@ def test_launch_downloads_what_transformers_reads_once_pins_the_commit_and_train
     hub.requests.clear()
 
     hub.publish("datasets/" + CHATS, {"data/train.jsonl": TINY_CHAT.read_bytes()})
-    config = tiny_config(tmp_path, REPO, data={"path": CHATS},
+    config = tiny_config(tmp_path, REPO, data={"path": CHATS}, launch={"procs_per_node": 1},
                          train={"max_steps": 2, "grad_accum_steps": 1, "warmup_steps": 1})
     # A dry run pins the commit and says what launch would download, downloading none of it.
     proc = shardtune("launch", str(config), "--dry_run")

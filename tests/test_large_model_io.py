@@ -190,6 +190,7 @@ def test_a_model_with_its_own_code_trains_exports_and_answers(tmp_path, tiny_mod
     cfg = config(tmp_path, model, zero_stage=2, max_steps=4, save_every=2, sample_prompt="hi")
     raw = yaml.safe_load(cfg.read_text())
     raw["model"]["trust_remote_code"] = True
+    raw["launch"]["procs_per_node"] = 1  # the code's journey through checkpoint and export, not the ranks
     cfg.write_text(yaml.safe_dump(raw))
     proc = shardtune("launch", str(cfg))
     assert "sample: 'hi'\n    -> '" in proc.stdout + proc.stderr

@@ -162,13 +162,13 @@ def test_spans_are_reused_for_the_same_tensor_and_found_again_when_it_changes():
 
 
 def test_a_packed_run_on_the_per_sample_kernel_trains_like_one_on_eager_masks(tmp_path, tiny_model):
-    """The trainer end to end (torchrun, DeepSpeed ZeRO-2) at data.seq_len 1,024: sdpa gives the per-sample kernel,
+    """The trainer end to end on one rank (torchrun, ZeRO-2) at data.seq_len 1,024: sdpa gives the per-sample kernel,
     eager gives transformers' additive masks, two independent ways of keeping the samples apart."""
     runs = {}
     for attention in ("auto", "eager"):
         (tmp_path / attention).mkdir()
         cfg = tiny_config(tmp_path / attention, tiny_model, data={"seq_len": separation.PER_SAMPLE_FROM},
-                          train={"max_steps": 3, "compile": False})
+                          train={"max_steps": 3, "compile": False}, launch={"procs_per_node": 1})
         text = yaml.safe_load(cfg.read_text())
         text["model"]["attn_implementation"] = attention  # `model` is tiny_config's own argument
         cfg.write_text(yaml.safe_dump(text))
@@ -282,9 +282,9 @@ def test_layers_that_carry_state_along_a_packed_row_fail_the_check_before_traini
 
 
 def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpacked(tmp_path, tiny_model):
-    """The trainer end to end (torchrun, ZeRO-2): a tiny Bamba (Mamba-2 layers, transformers' own class) with the
-    tiny tokenizer. Packed, it stops before its first step, naming data.packing (before, it trained across
-    samples); with data.packing: false it trains."""
+    """The trainer end to end on one rank (torchrun, ZeRO-2): a tiny Bamba (Mamba-2 layers, transformers' own
+    class) with the tiny tokenizer. Packed, it stops before its first step, naming data.packing (before, it trained
+    across samples); with data.packing: false it trains."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -301,7 +301,7 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
         # One step of one micro-batch: Mamba-2's reference path on CPU takes ~4 s a micro-batch.
         cfg = tiny_config(tmp_path / name, model_dir, train={"max_steps": 1, "warmup_steps": 0, "grad_accum_steps": 1,
                                                               "compile": False},
-                          data={"packing": packing})
+                          data={"packing": packing}, launch={"procs_per_node": 1})
         return RunDir(tmp_path / name / "run"), shardtune("launch", str(cfg), check=False)
 
     packed, proc = run("packed", True)

@@ -159,7 +159,7 @@ def test_secrets_in_launch_env_are_refused(tmp_path, tiny_model):
 
 
 def test_report_writes_readable_pngs(tmp_path, tiny_model):
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 8, "eval_every": 4},
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 8, "eval_every": 4}, launch={"procs_per_node": 1},
                       data={"eval_path": str(tiny_config.__globals__["EXAMPLES"] / "data" / "tiny_chat_eval.jsonl")})
     shardtune("launch", str(cfg))
     out = shardtune("report", str(tmp_path / "run")).stdout
