@@ -60,7 +60,7 @@ def test_crash_and_relaunch_continue_the_same_wandb_run(tmp_path, tiny_model):
 
 
 def test_throughput_times_step_time_is_the_step_tokens(tmp_path, tiny_model):
-    shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 6})))
+    shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 6}, launch={"peak_tflops": None})))
     rows = RunDir(tmp_path / "run").train_metrics()  # not the last save's measurements, logged on a row of their own
     previous = 0
     for r in rows:
@@ -119,7 +119,7 @@ def test_cpu_mfu_is_probed_reported_and_equals_flops_counted_by_hand(tmp_path, t
     rows = tmp_path / "long.jsonl"
     rows.write_text("".join(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(120))}) + "\n"
                             for i in range(64)))
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 4, "log_every": 1},
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 4, "log_every": 1}, launch={"peak_tflops": None},
                       data={"path": str(rows), "format": "text", "seq_len": seq_len, "truncation": "truncate"})
     proc = shardtune("launch", str(cfg))
     run = RunDir(tmp_path / "run")
