@@ -1,9 +1,13 @@
 """Shared fixtures: a tiny real Llama with a real tokenizer, isolated caches, and a way to run the CLI."""
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,53 @@ SLOWEST_FIRST = ("test_slurm", "test_checkpoint_resume", "test_large_model_io", 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order in a module
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cpu-report", metavar="PATH",
+                     help="write each test's CPU seconds to PATH (JSON lines) and print each module's at the end")
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU and that of every process it started and waited for: a launch's torchrun agent and its
+    ranks included (not SLURM's, which run under slurmd)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    path = session.config.getoption("cpu_report")
+    if path and not hasattr(session.config, "workerinput"):  # the controller, before any worker's first test
+        Path(path).write_text("")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """The suite's time is its CPU time (the Makefile's TEST_WORKERS comment): this is how a test's is measured."""
+    path = item.config.getoption("cpu_report")
+    started, cpu = time.time(), _cpu_seconds()
+    yield
+    if path:
+        row = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.time() - started, 2)}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    path = config.getoption("cpu_report")
+    if not path or hasattr(config, "workerinput") or not Path(path).exists():
+        return
+    modules: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        totals = modules[row["test"].split("::")[0]]
+        totals[0] += row["cpu_s"]
+        totals[1] += row["wall_s"]
+    terminalreporter.write_sep("=", f"CPU by module ({path})")
+    for module, (cpu, wall) in sorted(modules.items(), key=lambda m: -m[1][0])[:20]:
+        terminalreporter.write_line(f"{cpu:8.1f} s CPU {wall:8.1f} s wall  {module}")
+    terminalreporter.write_line(f"{sum(c for c, _ in modules.values()):8.1f} s CPU in all")
 
 
 @pytest.fixture(scope="session")
