@@ -148,16 +148,28 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     assert_same_losses(run, reference)
 
 
-@pytest.mark.parametrize("before,after,ahead", [(2, 1, False), (1, 2, True)])
-def test_resume_on_a_different_world_size(tmp_path, tiny_model, reference, before, after, ahead):
-    """ahead: `shardtune convert` makes the universal copy before the job, which then reuses it."""
-    launch(config(tmp_path, tiny_model, procs=before), "train.stop_at_step=10")
-    if ahead:
-        out = shardtune("convert", str(tmp_path / "run"), "--workers=2").stdout
-        assert "step_00000010 ->" in out and ".universal-" in out
-    proc = launch(config(tmp_path, tiny_model, procs=after))
-    assert f"written by {before} ranks, resuming on {after}" in proc.stderr
-    assert ("converted step_00000010 to DeepSpeed's universal format" in proc.stderr) is not ahead
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, tiny_model, reference):
+    """The reference's step-10 checkpoint (a copy: the conversion writes beside it) continued on 1 rank: the job
+    converts it to DeepSpeed's universal format and follows the reference's losses."""
+    checkpoint = tmp_path / "from" / "step_00000010"
+    shutil.copytree(RunDir(reference).checkpoint(10), checkpoint)
+    proc = launch(config(tmp_path, tiny_model, procs=1), f"train.resume={checkpoint}")
+    assert "written by 2 ranks, resuming on 1" in proc.stderr
+    assert "converted step_00000010 to DeepSpeed's universal format" in proc.stderr
+    got, want = losses(tmp_path / "run"), losses(reference)
+    assert sorted(got) == list(range(11, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
+
+
+def test_a_one_rank_run_converted_ahead_resumes_on_two_ranks(tmp_path, tiny_model, reference):
+    """`shardtune convert` makes the universal copy before the job, which then reuses it."""
+    launch(config(tmp_path, tiny_model, procs=1), "train.stop_at_step=10")
+    out = shardtune("convert", str(tmp_path / "run"), "--workers=2").stdout
+    assert "step_00000010 ->" in out and ".universal-" in out
+    proc = launch(config(tmp_path, tiny_model, procs=2))
+    assert "written by 1 ranks, resuming on 2" in proc.stderr
+    assert "converted step_00000010 to DeepSpeed's universal format" not in proc.stderr
     assert_same_losses(tmp_path / "run", reference, rel=1e-6)
 
 

@@ -237,17 +237,19 @@ def test_credentials_are_refused_whatever_the_variable_is_called(tmp_path, tiny_
 
 
 def test_bf16_trains_resumes_exactly_and_skips_a_nan_step(tmp_path, tiny_model):
-    """The GPU default precision end to end on CPU: a NaN on one rank skipped by every rank, stop and resume."""
+    """The GPU default precision end to end on CPU: a NaN on one rank skipped by every rank, and a run resumed
+    from its step-4 checkpoint continuing bit for bit, the skip counted."""
     bf16, nan = {"precision": "bf16"}, {"SHARDTUNE_FAULTS": "nan_loss@3:1"}
     (tmp_path / "whole").mkdir()
     shardtune("launch", str(config(tmp_path / "whole", tiny_model, train=bf16)), env=nan)
     whole = losses(tmp_path / "whole" / "run")
-    cfg = config(tmp_path, tiny_model, train=bf16)
-    shardtune("launch", str(cfg), "train.stop_at_step=5", env=nan)
-    proc = shardtune("launch", str(cfg))
-    assert "step_00000005 at step 5" in proc.stderr
+    assert whole[3] is None and all(whole[step] is not None for step in whole if step != 3)
+    proc = shardtune("launch", str(config(tmp_path, tiny_model, train=bf16)),
+                     f"train.resume={RunDir(tmp_path / 'whole' / 'run').checkpoint(4)}")
+    assert "step_00000004 at step 4" in proc.stderr
     run = RunDir(tmp_path / "run")
     assert run.read_config()["train"]["precision"] == "bf16"
-    assert whole[3] is None and losses(run.path) == whole  # bit for bit, the skipped step included
+    got = losses(run.path)
+    assert sorted(got) == list(range(5, STEPS + 1)) and all(got[step] == whole[step] for step in got), (got, whole)
     rows = [r for r in run.read_metrics() if "skipped_steps" in r]
     assert rows[-1]["step"] == STEPS and rows[-1]["skipped_steps"] == 1

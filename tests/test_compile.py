@@ -1,6 +1,6 @@
 """train.compile: a compiled model trains like the eager one on packed samples kept apart by block masks, with
-parameter names unchanged in the export, and a compiled run that is stopped and relaunched continues with the losses
-of an uninterrupted one, at ZeRO-2 and at ZeRO-3. At ZeRO-3 each decoder layer is compiled alone, as a ZeRO-3 leaf
+parameter names unchanged in the export, and a compiled run relaunched from a checkpoint continues with the losses of
+an uninterrupted one, at ZeRO-2 and at ZeRO-3. At ZeRO-3 each decoder layer is compiled alone, as a ZeRO-3 leaf
 module, and trains like the eager model too. `train.compile: auto` (the default) compiles a run long enough to repay
 compiling, without sequence parallelism or experts, on a host with a compiler for the device; the rule is
 launcher.planning.compile_choice.
@@ -24,6 +24,7 @@ from launcher.planning.plan import build_plan
 from conftest import losses, shardtune, tiny_config
 
 STEPS = 6
+SAVE_EVERY = 3  # the reference runs' step-3 checkpoints are where the resumed runs start
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def uninterrupted(tmp_path_factory, tiny_model):
     def get(compile: bool) -> tuple[RunDir, str]:
         if compile not in runs:
             where = tmp_path_factory.mktemp("compiled" if compile else "eager")
-            train = {"max_steps": STEPS} if not compile else {"max_steps": STEPS, "compile": True}  # eager: auto
+            train = {"max_steps": STEPS, "save_every": SAVE_EVERY}  # eager: auto
+            if compile:
+                train["compile"] = True
             cfg = tiny_config(where, tiny_model, train=train, zero={"stage": 2})
             runs[compile] = RunDir(where / "run"), shardtune("launch", str(cfg)).stderr
         return runs[compile]
@@ -61,24 +64,24 @@ def test_compiled_model_trains_like_the_eager_one(uninterrupted):
         assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
 
 
-def assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference: RunDir, compiled: str, train: dict,
-                                            zero: dict) -> None:
-    """Stop a run at step 3 and relaunch it: it resumes from the stop's checkpoint, compiles again (the log says
-    `compiled`), and every step's loss is the uninterrupted reference run's."""
-    cfg = tiny_config(tmp_path, tiny_model, train={**train, "save_every": 2}, zero=zero)
-    shardtune("launch", str(cfg), "train.stop_at_step=3")
-    proc = shardtune("launch", str(cfg))
-    assert "resumed from" in proc.stderr and compiled in proc.stderr
+def assert_resumed_run_continues(tmp_path, tiny_model, reference: RunDir, compiled: str, train: dict,
+                                 zero: dict) -> None:
+    """Launch from the uninterrupted run's step-3 checkpoint (`train.resume`): the new run resumes there, compiles
+    again (the log says `compiled`), and every later step's loss is the uninterrupted run's. (Stopping a run to
+    make that checkpoint is test_checkpoint_resume's subject; the checkpoint is the same.)"""
+    cfg = tiny_config(tmp_path, tiny_model, train=train, zero=zero)
+    proc = shardtune("launch", str(cfg), f"train.resume={reference.checkpoint(SAVE_EVERY)}")
+    assert f"step_0000000{SAVE_EVERY} at step {SAVE_EVERY}" in proc.stderr and compiled in proc.stderr
     got, want = losses(tmp_path / "run"), losses(reference.path)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
+    assert sorted(got) == list(range(SAVE_EVERY + 1, STEPS + 1))
+    for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
-def test_compiled_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, uninterrupted):
+def test_compiled_run_resumed_from_a_checkpoint_continues_exactly(tmp_path, tiny_model, uninterrupted):
     reference, _ = uninterrupted(True)
-    assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference, "train.compile: the model is compiled",
-                                            train={"max_steps": STEPS, "compile": True}, zero={"stage": 2})
+    assert_resumed_run_continues(tmp_path, tiny_model, reference, "train.compile: the model is compiled",
+                                 train={"max_steps": STEPS, "compile": True}, zero={"stage": 2})
 
 
 ZERO3 = {"train": {"max_steps": STEPS, "compile": True, "activation_checkpointing": True}, "zero": {"stage": 3}}
@@ -89,7 +92,7 @@ def compiled_zero3(tmp_path_factory, tiny_model):
     """The compiled ZeRO-3 run (with activation checkpointing) of STEPS steps, with its inductor cache, and stderr."""
     where = tmp_path_factory.mktemp("zero3")
     cache = where / "inductor"
-    cfg = tiny_config(where, tiny_model, **ZERO3)
+    cfg = tiny_config(where, tiny_model, train={**ZERO3["train"], "save_every": SAVE_EVERY}, zero=ZERO3["zero"])
     proc = shardtune("launch", str(cfg), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     return RunDir(where / "run"), cache, proc.stdout + proc.stderr
 
@@ -117,13 +120,12 @@ def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(compiled
         assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
 
 
-def test_compiled_zero3_run_stopped_and_relaunched_continues_exactly(tmp_path, tiny_model, compiled_zero3):
+def test_compiled_zero3_run_resumed_from_a_checkpoint_continues_exactly(tmp_path, tiny_model, compiled_zero3):
     """Resume at ZeRO-3 with compiled layers: the checkpoint holds the sharded eager parameters (leaf modules change
-    how ZeRO-3 gathers, not what it stores), so the relaunched run, compiling again, continues with the losses of
-    the uninterrupted one."""
+    how ZeRO-3 gathers, not what it stores), so the resumed run, compiling again, continues with the losses of the
+    uninterrupted one."""
     reference, _, _ = compiled_zero3
-    assert_stopped_and_relaunched_continues(tmp_path, tiny_model, reference, "each of the 2 decoder layers is compiled",
-                                            **ZERO3)
+    assert_resumed_run_continues(tmp_path, tiny_model, reference, "each of the 2 decoder layers is compiled", **ZERO3)
 
 
 def test_auto_stage_with_compile_plans_zero3_too(tmp_path):

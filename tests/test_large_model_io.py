@@ -236,7 +236,8 @@ def test_zero3_fingerprint_sums_the_master_weights_deepspeed_reconstructs(zero3_
 def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny_model):
     """bf16 at ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer, whose shards record no ZeRO stage:
     `shardtune export` failed on them with KeyError (DeepSpeed's zero_to_fp32 refuses them too). The offline export
-    must hold the weights the run's ranks exported, and a stopped run must resume exactly."""
+    must hold the weights the run's ranks exported, and a run resumed from its step-2 checkpoint must continue
+    exactly."""
     train = {"max_steps": 4, "save_every": 2, "precision": "bf16", "grad_accum_steps": 2}
     whole = tmp_path / "whole"
     whole.mkdir()
@@ -251,9 +252,10 @@ def test_zero1_bf16_with_accumulation_resumes_and_exports_offline(tmp_path, tiny
     small_windows = dict(ZeroCheckpoint(ckpt, remap_bytes=8 << 10).tensors())
     assert all(torch.equal(small_windows[k].to(want[k].dtype), want[k]) for k in want)
     cfg = tiny_config(tmp_path, tiny_model, train=train, zero={"stage": 1})
-    shardtune("launch", str(cfg), "train.stop_at_step=2")
-    assert "step_00000002 at step 2" in shardtune("launch", str(cfg)).stderr
-    assert losses(tmp_path / "run") == losses(whole / "run")
+    resumed = shardtune("launch", str(cfg), f"train.resume={RunDir(whole / 'run').checkpoint(2)}")
+    assert "step_00000002 at step 2" in resumed.stderr
+    got, want = losses(tmp_path / "run"), losses(whole / "run")
+    assert sorted(got) == [3, 4] and all(got[step] == want[step] for step in got), (got, want)
 
 
 def test_module_tensors_joined_on_disk_are_exported_as_save_pretrained_writes_them(tmp_path):

@@ -51,7 +51,7 @@ def runs(tmp_path_factory, tiny_model):
     plans = {
         "ref_z2": ({"sequence_parallel": 1, "chunked_loss": False}, 2),
         "chunked_z2": ({"sequence_parallel": 1, "chunked_loss": True}, 2),
-        "sp_z2": ({"sequence_parallel": 2}, 2),
+        "sp_z2": ({"sequence_parallel": 2, "save_every": 3}, 2),  # its step-3 checkpoint: the resume test's start
         "sp_z3": ({"sequence_parallel": 2, "tiled_mlp": True, "activation_checkpointing": "offload"}, 3),
     }
     out = {}
@@ -148,23 +148,21 @@ def test_packed_row_token_losses_under_sp_equal_each_sample_alone(tmp_path, tiny
     assert crossing == 2, "each row should have a sample that crosses the slice boundary"
 
 
-def test_stop_and_resume_with_sp_reproduces_the_uninterrupted_losses(tmp_path, tiny_model, runs):
-    """Stopped at step 3 and relaunched: the same losses as the uninterrupted SP=2 run; resumed from the same
+def test_resume_with_sp_reproduces_the_uninterrupted_losses(tmp_path, tiny_model, runs):
+    """Relaunched from the uninterrupted SP=2 run's step-3 checkpoint: the same later losses; resumed from that
     checkpoint on one rank with SP=1 (a world-size change through the universal format): equal to 1e-5."""
-    run, _ = launch(tmp_path, tiny_model, "stopped", {"sequence_parallel": 2}, 2, 2, "train.stop_at_step=3")
-    assert RunDir(run).read_status()["state"] == "stopped"
-    moved = tmp_path / "one-rank"
-    shutil.copytree(run, moved)
-    _, proc = launch(tmp_path, tiny_model, "stopped", {"sequence_parallel": 2})
-    assert "step_00000003 at step 3" in proc.stderr
     reference, _ = runs["sp_z2"]
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in want), (got, want)
-    assert eval_losses(run) == eval_losses(reference)
-    _, proc = launch(tmp_path, tiny_model, "one-rank", {"sequence_parallel": 1}, 2, 1)
-    assert "written by 2 ranks, resuming on 1" in proc.stderr
-    assert_close(losses(moved), want, 1e-5, "loss after a world-size change")
-    assert_close(eval_losses(moved), eval_losses(reference), 1e-5, "eval_loss after a world-size change")
+    want, want_eval = losses(reference), eval_losses(reference)
+    assert sorted(want_eval) == [3, STEPS]
+    resumes = {"resumed": ({"sequence_parallel": 2}, 2, 0), "one-rank": ({"sequence_parallel": 1}, 1, 1e-5)}
+    for name, (train, procs, rel) in resumes.items():
+        checkpoint = tmp_path / name / "from" / "step_00000003"  # a copy: the universal conversion writes beside it
+        shutil.copytree(RunDir(reference).checkpoint(3), checkpoint)
+        run, proc = launch(tmp_path, tiny_model, name, train, 2, procs, f"train.resume={checkpoint}")
+        assert "step_00000003 at step 3" in proc.stderr
+        assert ("written by 2 ranks, resuming on 1" in proc.stderr) is (procs == 1)
+        assert_close(losses(run), {s: want[s] for s in range(4, STEPS + 1)}, rel, f"loss, {name}")
+        assert_close(eval_losses(run), {STEPS: want_eval[STEPS]}, rel, f"eval_loss, {name}")
 
 
 def test_remote_code_trains_under_sp_where_its_attention_can_be_split_and_stops_where_not(tmp_path, tiny_model,
