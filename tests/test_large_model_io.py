@@ -372,7 +372,8 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_in_charg
 
 
 def test_the_watchdog_spares_a_slow_save_that_progresses_and_stops_one_that_does_not(tmp_path, tiny_model):
-    launch = {"stall_timeout_s": 4, "startup_timeout_s": 300, "max_restarts": 1}
+    """One rank: the watchdog judges each rank's own heartbeat, whatever the others do."""
+    launch = {"stall_timeout_s": 4, "startup_timeout_s": 300, "max_restarts": 1, "procs_per_node": 1}
     (tmp_path / "slow").mkdir()
     (tmp_path / "stalled").mkdir()
     slow = tiny_config(tmp_path / "slow", tiny_model, train={"max_steps": 6, "save_every": 3}, launch=launch)
