@@ -148,14 +148,19 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     assert_same_losses(run, reference)
 
 
-def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, tiny_model, reference):
-    """The reference's step-10 checkpoint (a copy: the conversion writes beside it) continued on 1 rank: the job
-    converts it to DeepSpeed's universal format and follows the reference's losses."""
-    checkpoint = tmp_path / "from" / "step_00000010"
-    shutil.copytree(RunDir(reference).checkpoint(10), checkpoint)
-    proc = launch(config(tmp_path, tiny_model, procs=1), f"train.resume={checkpoint}")
+def test_another_runs_two_rank_checkpoint_resumes_on_one_rank_writing_only_into_its_own_directory(
+        tmp_path, tiny_model, reference):
+    """The reference's step-10 checkpoint continued on 1 rank by a run of its own (train.resume): the job converts
+    it to DeepSpeed's universal format, in its own directory (the reference's may be read-only, or another job's),
+    and follows the reference's losses."""
+    def listing(directory: Path) -> dict[str, int]:
+        return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
+
+    before = listing(reference)
+    proc = launch(config(tmp_path, tiny_model, procs=1), f"train.resume={RunDir(reference).checkpoint(10)}")
     assert "written by 2 ranks, resuming on 1" in proc.stderr
     assert "converted step_00000010 to DeepSpeed's universal format" in proc.stderr
+    assert listing(reference) == before, "the job wrote into the other run's directory"
     got, want = losses(tmp_path / "run"), losses(reference)
     assert sorted(got) == list(range(11, STEPS + 1))
     for step in got:

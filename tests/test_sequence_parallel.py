@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -152,13 +151,12 @@ def test_resume_with_sp_reproduces_the_uninterrupted_losses(tmp_path, tiny_model
     """Relaunched from the uninterrupted SP=2 run's step-3 checkpoint: the same later losses; resumed from that
     checkpoint on one rank with SP=1 (a world-size change through the universal format): equal to 1e-5."""
     reference, _ = runs["sp_z2"]
+    start = f"train.resume={RunDir(reference).checkpoint(3)}"
     want, want_eval = losses(reference), eval_losses(reference)
     assert sorted(want_eval) == [3, STEPS]
     resumes = {"resumed": ({"sequence_parallel": 2}, 2, 0), "one-rank": ({"sequence_parallel": 1}, 1, 1e-5)}
     for name, (train, procs, rel) in resumes.items():
-        checkpoint = tmp_path / name / "from" / "step_00000003"  # a copy: the universal conversion writes beside it
-        shutil.copytree(RunDir(reference).checkpoint(3), checkpoint)
-        run, proc = launch(tmp_path, tiny_model, name, train, 2, procs, f"train.resume={checkpoint}")
+        run, proc = launch(tmp_path, tiny_model, name, train, 2, procs, start)
         assert "step_00000003 at step 3" in proc.stderr
         assert ("written by 2 ranks, resuming on 1" in proc.stderr) is (procs == 1)
         assert_close(losses(run), {s: want[s] for s in range(4, STEPS + 1)}, rel, f"loss, {name}")

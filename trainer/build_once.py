@@ -82,6 +82,12 @@ def _try_lock(lock: Path) -> bool:
     return True
 
 
+def built(root: Path, key: str) -> Optional[Path]:
+    """The complete directory for key under root, if someone has built it."""
+    final = root / key
+    return final if (final / "COMPLETE").exists() else None
+
+
 def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Optional[Callable[[str], None]] = None,
                timeout_s: float = 24 * 3600, on_poll: Optional[Callable[[], None]] = None,
                what: str = "build") -> tuple[Path, bool]:
@@ -94,7 +100,7 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
     started = time.time()
     announced = False
     while True:
-        if (final / "COMPLETE").exists():
+        if built(root, key):
             return final, False
         if failed.exists() and failed.stat().st_mtime >= started - 5:
             raise BuildFailed(failed.read_text())

@@ -48,7 +48,7 @@ from launcher.contract.run_dir import (
     step_of,
     tag_for,
 )
-from trainer.build_once import build_once
+from trainer.build_once import build_once, built
 from trainer.checkpoint_io import Manifests, copy_hashed, load_verified, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks, unreadable_once
@@ -348,21 +348,26 @@ def _convert(ckpt: Path, out: Path, workers: int, beat: Callable[[str], None]) -
 
 
 def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str], None] = lambda phase: None,
-                   workers: Optional[int] = None) -> Path:
-    """DeepSpeed's universal form of a ZeRO checkpoint, next to it, for resuming on another number of ranks.
+                   workers: Optional[int] = None, into: Optional[Path] = None) -> Path:
+    """DeepSpeed's universal form of a ZeRO checkpoint, for resuming on another number of ranks: next to it, or
+    in `into` if no copy is next to it yet.
+
+    A job passes its own checkpoints directory as `into`: resuming from another run's checkpoint (train.resume)
+    must not write into that run's directory, which may be read-only, shared, or pruned by its own job. A copy
+    next to the checkpoint (`shardtune convert` made it ahead of the job) is used where it is.
 
     Built once, by whichever process asks first (a rank of the job or `shardtune convert` ahead of it), with
     parallel workers; everyone else waits on the filesystem, not in a collective, so a long conversion
     never meets a collective timeout. The copy is named after the source's manifest, so a step saved again
     gets a fresh conversion instead of a stale one.
     """
-    source = _digest(ckpt / MANIFEST)[:12]
+    key = f"{ckpt.name}{UNIVERSAL_SUFFIX}-{_digest(ckpt / MANIFEST)[:12]}"
+    root = into if into is not None and built(ckpt.parent, key) is None else ckpt.parent
     workers = workers or conversion_workers()
     started = time.perf_counter()
-    path, built = build_once(ckpt.parent, f"{ckpt.name}{UNIVERSAL_SUFFIX}-{source}",
-                             lambda tmp: _convert(ckpt, tmp, workers, beat), on_wait=log,
-                             on_poll=lambda: beat("convert"), what="convert to the universal format")
-    if built:
+    path, built_here = build_once(root, key, lambda tmp: _convert(ckpt, tmp, workers, beat), on_wait=log,
+                                  on_poll=lambda: beat("convert"), what="convert to the universal format")
+    if built_here:
         log(f"converted {ckpt.name} to DeepSpeed's universal format in {time.perf_counter() - started:.1f} s "
             f"({workers} workers)")
     return path

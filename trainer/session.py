@@ -193,7 +193,8 @@ class Session:
             if saved_world != self.dist.world and self.ds_config["zero_optimization"]["stage"] > 0:
                 self.tracker.message(f"{self.resume_from.name} was written by {saved_world} ranks, resuming on "
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
-                self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat)
+                self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat,
+                                                          into=self.run_dir.checkpoints)
                 self.ds_config["checkpoint"] = {"load_universal": True}
         self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
