@@ -71,7 +71,7 @@ def assert_resumed_run_continues(tmp_path, tiny_model, reference: RunDir, compil
     make that checkpoint is test_checkpoint_resume's subject; the checkpoint is the same.)"""
     cfg = tiny_config(tmp_path, tiny_model, train=train, zero=zero)
     proc = shardtune("launch", str(cfg), f"train.resume={reference.checkpoint(SAVE_EVERY)}")
-    assert f"step_0000000{SAVE_EVERY} at step {SAVE_EVERY}" in proc.stderr and compiled in proc.stderr
+    assert f"{reference.checkpoint(SAVE_EVERY).name} at step {SAVE_EVERY}" in proc.stderr and compiled in proc.stderr
     got, want = losses(tmp_path / "run"), losses(reference.path)
     assert sorted(got) == list(range(SAVE_EVERY + 1, STEPS + 1))
     for step in got:

@@ -106,7 +106,7 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
             raise BuildFailed(failed.read_text())
         if _try_lock(lock):
             try:
-                if (final / "COMPLETE").exists():
+                if built(root, key):
                     return final, False
                 failed.unlink(missing_ok=True)
                 tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -124,7 +124,7 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                     sync_tree(tmp)  # COMPLETE vouches for every file under it, after a crash too
                 # Two builders happen only if a stalled (not dead) builder's lock was judged stale; keep the
                 # first result, which readers may already have open.
-                if (final / "COMPLETE").exists():
+                if built(root, key):
                     shutil.rmtree(tmp, ignore_errors=True)
                     return final, False
                 shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from a crash
