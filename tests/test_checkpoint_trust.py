@@ -132,7 +132,9 @@ def test_a_fresh_start_refuses_to_overwrite_an_earlier_run_unless_told(tmp_path,
 
 
 def test_a_second_launch_into_a_live_run_is_refused_and_a_relaunch_after_it_resumes(tmp_path, tiny_model):
-    cfg = config(tmp_path, tiny_model, train={"max_steps": 400, "save_every": 2, "compile": False})  # long: compile off
+    """The run directory is claimed by the job, not by a rank: one rank is enough to hold it."""
+    long = {"max_steps": 400, "save_every": 2, "compile": False}  # compile: off, as a long run would compile
+    cfg = config(tmp_path, tiny_model, procs=1, train=long)
     first = subprocess.Popen([str(SHARDTUNE), "launch", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO)
     run = RunDir(tmp_path / "run")

@@ -65,12 +65,12 @@ def test_compiled_model_trains_like_the_eager_one(uninterrupted):
 
 
 def assert_resumed_run_continues(tmp_path, tiny_model, reference: RunDir, compiled: str, train: dict,
-                                 zero: dict) -> None:
+                                 zero: dict, env: dict | None = None) -> None:
     """Launch from the uninterrupted run's step-3 checkpoint (`train.resume`): the new run resumes there, compiles
     again (the log says `compiled`), and every later step's loss is the uninterrupted run's. (Stopping a run to
     make that checkpoint is test_checkpoint_resume's subject; the checkpoint is the same.)"""
     cfg = tiny_config(tmp_path, tiny_model, train=train, zero=zero)
-    proc = shardtune("launch", str(cfg), f"train.resume={reference.checkpoint(SAVE_EVERY)}")
+    proc = shardtune("launch", str(cfg), f"train.resume={reference.checkpoint(SAVE_EVERY)}", env=env)
     assert f"{reference.checkpoint(SAVE_EVERY).name} at step {SAVE_EVERY}" in proc.stderr and compiled in proc.stderr
     got, want = losses(tmp_path / "run"), losses(reference.path)
     assert sorted(got) == list(range(SAVE_EVERY + 1, STEPS + 1))
@@ -123,9 +123,11 @@ def test_compiled_zero3_trains_like_the_eager_model_one_layer_at_a_time(compiled
 def test_compiled_zero3_run_resumed_from_a_checkpoint_continues_exactly(tmp_path, tiny_model, compiled_zero3):
     """Resume at ZeRO-3 with compiled layers: the checkpoint holds the sharded eager parameters (leaf modules change
     how ZeRO-3 gathers, not what it stores), so the resumed run, compiling again, continues with the losses of the
-    uninterrupted one."""
-    reference, _, _ = compiled_zero3
-    assert_resumed_run_continues(tmp_path, tiny_model, reference, "each of the 2 decoder layers is compiled", **ZERO3)
+    uninterrupted one. It shares the uninterrupted run's inductor cache, as a relaunched job on the same host would:
+    the ZeRO-2 resume shares its reference's through inductor's default directory."""
+    reference, cache, _ = compiled_zero3
+    assert_resumed_run_continues(tmp_path, tiny_model, reference, "each of the 2 decoder layers is compiled", **ZERO3,
+                                 env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
 
 
 def test_auto_stage_with_compile_plans_zero3_too(tmp_path):

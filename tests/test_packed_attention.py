@@ -217,10 +217,10 @@ def test_a_packed_remote_code_run_trains_like_the_same_model_in_transformers_or_
     implements and handed it the position ids alone, and it trained across samples. Remote code that keeps no
     packed samples apart stops before its first step, naming data.packing, and trains with it off. ZeRO-3: the
     check's forwards are collectives that every rank must run alike."""
-    def run(model, name: str, check: bool = True, packing: bool = True):
+    def run(model, name: str, check: bool = True, packing: bool = True, procs: int = 2):
         (tmp_path / name).mkdir()
         cfg = tiny_config(tmp_path / name, model, train={"max_steps": 3, "compile": False}, zero={"stage": 3},
-                          data={"packing": packing})
+                          data={"packing": packing}, launch={"procs_per_node": procs})
         text = yaml.safe_load(cfg.read_text())
         text["model"].update(attn_implementation="eager", trust_remote_code=True)
         cfg.write_text(yaml.safe_dump(text))
@@ -240,7 +240,7 @@ def test_a_packed_remote_code_run_trains_like_the_same_model_in_transformers_or_
             "other in every form shardtune can hand it (remote code)") in proc.stderr
     assert "Set data.packing: false" in proc.stderr
     assert not refused.checkpoints.exists() or not any(refused.checkpoints.iterdir())
-    unpacked, _ = run(tmp_path / "no_separation", "unpacked", packing=False)  # the way out the error names
+    unpacked, _ = run(tmp_path / "no_separation", "unpacked", packing=False, procs=1)  # the way out the error names
     assert len(losses(unpacked.path)) == 3
 
 

@@ -20,7 +20,8 @@ def test_refuses_old_torch_with_faked_version(monkeypatch, capsys):
 
 
 def test_our_checkpoint_files_load_without_pickle(tmp_path, tiny_model):
-    shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 2, "warmup_steps": 0})))
+    shardtune("launch", str(tiny_config(tmp_path, tiny_model, train={"max_steps": 2, "warmup_steps": 0},
+                                        launch={"procs_per_node": 1})))
     ckpt = RunDir(tmp_path / "run").checkpoints / "step_00000002"
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     assert state["step"] == 2 and state["position"]["offset"] > 0

@@ -45,7 +45,9 @@ def test_one_wandb_run_whose_history_equals_metrics_and_no_key_on_disk(tmp_path,
 
 
 def test_crash_and_relaunch_continue_the_same_wandb_run(tmp_path, tiny_model):
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 10, "save_every": 4}, wandb={"mode": "offline"})
+    """Rank 0 holds the wandb run and crashes: one rank is the whole story."""
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 10, "save_every": 4}, wandb={"mode": "offline"},
+                      launch={"procs_per_node": 1})
     failed = shardtune("launch", str(cfg), env={"SHARDTUNE_FAULTS": "crash@7:0"}, check=False)
     assert failed.returncode != 0
     run = tmp_path / "run"
@@ -175,8 +177,10 @@ def test_report_writes_readable_pngs(tmp_path, tiny_model):
 
 
 def test_wandb_failure_never_stops_training(tmp_path, tiny_model):
-    """Online without any API key fails at init: the run goes on offline, with one warning."""
-    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, wandb={"mode": "online"})
+    """Online without any API key fails at init: the run goes on offline, with one warning (from rank 0, the one
+    rank that logs, so one rank is enough)."""
+    cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 3}, wandb={"mode": "online"},
+                      launch={"procs_per_node": 1})
     # A HOME without credentials, with the caches where they are: DeepSpeed's JIT-built ops are found from
     # $XDG_CACHE_HOME as from ~/.cache (setting TORCH_EXTENSIONS_DIR instead moves torch's build folder, and the
     # CPU comm op was built again, ~25-60 s, in every fresh clone).
