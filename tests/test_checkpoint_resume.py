@@ -148,20 +148,42 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     assert_same_losses(run, reference)
 
 
+def listing(directory: Path) -> dict[str, int]:
+    """Every path under a directory with its modification time: what a job must leave alone."""
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
+
+
 def test_another_runs_two_rank_checkpoint_resumes_on_one_rank_writing_only_into_its_own_directory(
         tmp_path, tiny_model, reference):
     """The reference's step-10 checkpoint continued on 1 rank by a run of its own (train.resume): the job converts
     it to DeepSpeed's universal format, in its own directory (the reference's may be read-only, or another job's),
     and follows the reference's losses."""
-    def listing(directory: Path) -> dict[str, int]:
-        return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
-
     before = listing(reference)
     proc = launch(config(tmp_path, tiny_model, procs=1), f"train.resume={RunDir(reference).checkpoint(10)}")
     assert "written by 2 ranks, resuming on 1" in proc.stderr
     assert "converted step_00000010 to DeepSpeed's universal format" in proc.stderr
     assert listing(reference) == before, "the job wrote into the other run's directory"
     got, want = losses(tmp_path / "run"), losses(reference)
+    assert sorted(got) == list(range(11, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
+
+
+def test_a_copy_converted_ahead_beside_another_runs_checkpoint_is_used_where_it_is(tmp_path, tiny_model, reference):
+    """`shardtune convert` run on another run's checkpoint (here a copy of the reference's step 10, as a user's
+    shared directory): a job resuming from it on 1 rank uses that universal copy in place, converts nothing, and
+    neither writes into nor prunes the other run's directory, through its own saves and pruning to the end."""
+    other = tmp_path / "other"
+    shutil.copytree(RunDir(reference).checkpoint(10), RunDir(other).checkpoint(10))
+    out = shardtune("convert", str(RunDir(other).checkpoint(10)), "--workers=1").stdout
+    assert f"{RunDir(other).checkpoints}/step_00000010.universal-" in out
+    before = listing(other)
+    run = tmp_path / "run"
+    proc = launch(config(tmp_path, tiny_model, procs=1), f"train.resume={RunDir(other).checkpoint(10)}")
+    assert "written by 2 ranks, resuming on 1" in proc.stderr and "converted step_00000010" not in proc.stderr
+    assert listing(other) == before, "the job wrote into the other run's directory"
+    assert not list(RunDir(run).checkpoints.glob("*.universal-*")), "the job converted again in its own directory"
+    got, want = losses(run), losses(reference)
     assert sorted(got) == list(range(11, STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
