@@ -255,13 +255,18 @@ def test_remote_code_whose_window_a_sample_can_outgrow_is_tried_on_position_ids_
     assert separation.remote_forms("varlen", {"sliding_window": 8}, 128) == ("varlen",)
 
 
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16)
+"""Mamba-2 mixers sized to DENSE: their defaults (128 heads, state 256, chunks of 256 positions that a 32-token row
+is padded to) made each forward on CPU's reference path ~1.6 s. A 16-position chunk keeps the state passed from
+chunk to chunk inside a row."""
+
 HYBRIDS = {  # model_type: what carries state along a packed row whatever the mask (transformers 5.25)
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], head_dim=16),  # gated delta rule
     "lfm2": dict(layer_types=["conv", "full_attention"]),  # short convolutions
-    "falcon_h1": {},  # Mamba-2 heads beside the attention of every layer
+    "falcon_h1": dict(MAMBA2, mamba_d_ssm=128),  # Mamba-2 heads beside the attention of every layer
     "jamba": {},  # Mamba layers
-    "bamba": {},
-    "granitemoehybrid": {},
+    "bamba": MAMBA2,
+    "granitemoehybrid": MAMBA2,
 }
 
 
@@ -290,7 +295,7 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = tmp_path / "bamba"
-    config = AutoConfig.for_model("bamba", **{**DENSE, "vocab_size": 512})
+    config = AutoConfig.for_model("bamba", **{**DENSE, **MAMBA2, "vocab_size": 512})
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (tiny_model / name).exists():
@@ -298,7 +303,7 @@ def test_a_packed_run_of_a_model_with_state_space_layers_stops_and_trains_unpack
 
     def run(name: str, packing: bool):
         (tmp_path / name).mkdir()
-        # One step of one micro-batch: Mamba-2's reference path on CPU takes ~4 s a micro-batch.
+        # One step of one micro-batch: Mamba-2's reference path on CPU is slow.
         cfg = tiny_config(tmp_path / name, model_dir, train={"max_steps": 1, "warmup_steps": 0, "grad_accum_steps": 1,
                                                               "compile": False},
                           data={"packing": packing}, launch={"procs_per_node": 1})
