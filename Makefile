@@ -9,14 +9,16 @@ SHARDTUNE := $(VENV)/bin/shardtune
 HAS_GPU := $(shell ls /proc/driver/nvidia/gpus 2>/dev/null | head -n1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
-# Test processes: one pytest kept 2 cores only ~60% busy (process start-up, SLURM polling, waits on timeouts);
-# 32 -> 23 min with two. The suite is bound by its CPU time (mostly each launch's imports of torch, DeepSpeed and
-# transformers): a third worker taking any module added contention, not speed (2026-12-06, 688 tests: three
-# 27 min 37 s and 50 min of CPU, two 27 min 16 s and 46 min). But the worker that ran test_slurm mostly waited on
-# SLURM for its first ~7 min, and the cores were 77-92% busy then against 95-98% after. So the third worker takes
-# test_slurm alone and stops (tests/conftest.py, WAITING); the other two take every other module. A module runs
-# whole on one worker (--dist loadscope): its fixtures are built once.
-TEST_WORKERS ?= 3
+# Two test processes: one pytest kept 2 cores only ~60% busy (process start-up, SLURM polling, waits on
+# timeouts); 32 -> 23 min. Two keep the cores ~90% busy (1.8 of 2 on average over a clone's run); a third took
+# 22 min 53 s against two's 22-25 min, within this VM's spread, at 1.9, so the suite is bound by its CPU time
+# (mostly each launch's imports of torch, DeepSpeed and transformers). Again on 2026-12-06 with 688 tests: three
+# workers 27 min 37 s (50 min of CPU), two 27 min 16 s (46 min). On 2026-12-07 a third worker ran test_slurm
+# alone (a custom xdist scheduler, git show a10733b), as that module mostly waits on SLURM: the cores were 97-100%
+# busy during it instead of 77-92%, but the modules beside it took 15-25% more CPU, and the suite took 24 min 53 s
+# against two workers' 25 min 11 s an hour before: within the spread, so it was not kept. A module runs whole on
+# one worker (--dist loadscope): its fixtures are built once.
+TEST_WORKERS ?= 2
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
 DEMO_EVAL := examples/data/demo_eval.jsonl
 

@@ -19,67 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 # The modules that took longest in a full `make test` (--durations, 2026-12-06), longest first. `make test` hands
-# whole modules to its workers in collection order (--dist loadscope --no-loadscope-reorder), so these start first
-# and the short unit-test modules fill the end: a long module started last leaves the other worker idle until it
-# ends. A stale list costs time, never a test.
+# whole modules to its two workers in collection order (--dist loadscope --no-loadscope-reorder), so these start
+# first and the short unit-test modules fill the end: a long module started last leaves the other worker idle
+# until it ends, and test_slurm's waits on SLURM's two-minute requeue hold overlap the other worker's CPU work.
+# A stale list costs time, never a test.
 SLOWEST_FIRST = ("test_slurm", "test_checkpoint_resume", "test_large_model_io", "test_checkpoint_trust",
                  "test_compile", "test_hub_snapshot", "test_moe_e2e", "test_packed_attention",
                  "test_sequence_parallel", "test_e2e_train", "test_tracking", "test_bench_smoke", "test_hangs")
-
-WAITING = "tests/test_slurm.py"
-"""The module that mostly waits: on SLURM (a requeue's hold, a save held past torchrun's 30 s, a 70 s export), ~7
-minutes of wall for ~1 minute of CPU of its own and a few of its jobs' ranks. It gets a worker of its own."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order in a module
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """With 3 or more workers under --dist loadscope, one takes WAITING alone and then stops; the others take every
-    other module. The suite is bound by its CPU on two cores, and a worker in WAITING held a core's worth of work
-    back for minutes; a third worker that takes CPU-bound modules too only adds contention (Makefile)."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class WaitingBeside(LoadScopeScheduling):
-        lane = None  # the worker that runs WAITING, once work is first handed out
-
-        def _eligible(self, node) -> str | None:
-            if self.lane is None:
-                return next(iter(self.workqueue), None)
-            return next((scope for scope in self.workqueue if (scope == WAITING) == (node is self.lane)), None)
-
-        def _assign_work_unit(self, node) -> None:
-            scope = self._eligible(node)
-            if scope is None:
-                if not node.shutting_down:
-                    node.shutdown()  # its queue runs out; nothing more is meant for it
-                return
-            self.assigned_work.setdefault(node, {})[scope] = work_unit = self.workqueue.pop(scope)
-            collection = self.registered_collections[node]
-            node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
-
-        def _reschedule(self, node) -> None:
-            if node.shutting_down or self._pending_of(self.assigned_work[node]) > 2:
-                return
-            self._assign_work_unit(node)
-
-        def remove_node(self, node):
-            if node is self.lane:  # done, or crashed: then another worker must take what it left
-                self.lane = None
-            return super().remove_node(node)
-
-        def schedule(self) -> None:
-            if self.collection is None and len(self.nodes) >= 3:  # the first call: work is about to be handed out
-                collected = next(iter(self.registered_collections.values()), [])
-                if any(self._split_scope(nodeid) == WAITING for nodeid in collected):
-                    self.lane = self.nodes[0]  # the first: xdist shuts spare workers down from the last
-            super().schedule()
-
-    return WaitingBeside(config, log)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
