@@ -148,6 +148,15 @@ def test_damaged_shard_is_detected_before_loading_and_previous_is_used(tmp_path,
     assert_same_losses(run, reference)
 
 
+def assert_continues(run_dir, reference_dir, after: int) -> None:
+    """A run resumed from the reference's checkpoint of step `after` (on another world size: float tolerance)
+    has the reference's losses at every later step, and no others."""
+    got, want = losses(run_dir), losses(reference_dir)
+    assert sorted(got) == list(range(after + 1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
+
+
 def listing(directory: Path) -> dict[str, int]:
     """Every path under a directory with its modification time: what a job must leave alone."""
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
@@ -163,10 +172,7 @@ def test_another_runs_two_rank_checkpoint_resumes_on_one_rank_writing_only_into_
     assert "written by 2 ranks, resuming on 1" in proc.stderr
     assert "converted step_00000010 to DeepSpeed's universal format" in proc.stderr
     assert listing(reference) == before, "the job wrote into the other run's directory"
-    got, want = losses(tmp_path / "run"), losses(reference)
-    assert sorted(got) == list(range(11, STEPS + 1))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
+    assert_continues(tmp_path / "run", reference, after=10)
 
 
 def test_a_copy_converted_ahead_beside_another_runs_checkpoint_is_used_where_it_is(tmp_path, tiny_model, reference):
@@ -183,10 +189,7 @@ def test_a_copy_converted_ahead_beside_another_runs_checkpoint_is_used_where_it_
     assert "written by 2 ranks, resuming on 1" in proc.stderr and "converted step_00000010" not in proc.stderr
     assert listing(other) == before, "the job wrote into the other run's directory"
     assert not list(RunDir(run).checkpoints.glob("*.universal-*")), "the job converted again in its own directory"
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(11, STEPS + 1))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got[step], want[step])
+    assert_continues(run, reference, after=10)
 
 
 def test_a_one_rank_run_converted_ahead_resumes_on_two_ranks(tmp_path, tiny_model, reference):
