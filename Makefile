@@ -28,17 +28,18 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # DeepSpeed compiles its CPU ops (the shared-memory collectives every init_distributed loads, the FusedAdam of a
-# config that names AdamW) on first use, again for every new venv path: ~1.5 min of 2 cores that would otherwise
-# land inside the test suite. GPU machines build theirs on first use (or with DS_BUILD_OPS=1 at install). A build
-# lock an interrupted install left is cleared first, else the build would wait on it forever (trainer/build_locks.py).
+# config that names AdamW) on first use, into a directory of this venv's own (trainer/ops.py): ~1.5 min of 2 cores
+# that would otherwise land inside the test suite. GPU machines build theirs on first use (or with DS_BUILD_OPS=1 at
+# install). A build lock an interrupted install left is cleared first, else the build would wait on it forever
+# (trainer/build_locks.py).
 CPU_OPS := ShareMemCommBuilder FusedAdamBuilder
 
 $(VENV)/.installed: $(VENV)/bin/python setup.py
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
 	$(PY) -c "from trainer.build_locks import wait_for_builds; wait_for_builds(True, print)"
-	$(if $(HAS_GPU),,$(PY) -c "import sys; from deepspeed.accelerator import get_accelerator; \
-		[get_accelerator().create_op_builder(n).load() for n in sys.argv[1:]]" $(CPU_OPS) >/dev/null 2>&1 \
+	$(if $(HAS_GPU),,$(PY) -c "import sys; from trainer.ops import build_ahead; build_ahead(sys.argv[1:])" \
+		$(CPU_OPS) >/dev/null 2>&1 \
 		|| echo "could not build DeepSpeed's CPU ops ahead: they are built on first use")
 	touch $@
 

@@ -60,6 +60,7 @@ import yaml
 from bench import _workloads as W
 from bench._runner import PYTHON, REPO, SHARDTUNE, RunFailed, machine_words, run_tree, wait_for_quiet, write_section
 from launcher.contract.run_dir import RunDir
+from launcher.planning.host import extensions_dir
 
 CONTENDERS = ("shardtune", "minimal", "minimal_same", "trainer")
 LABELS = {"shardtune": "shardtune", "minimal": "minimal loop, DeepSpeed defaults",
@@ -104,6 +105,9 @@ def child_env(code_dir: Optional[Path] = None) -> dict[str, str]:
     env["DS_ACCELERATOR"] = "cpu"  # what shardtune's launch.sh exports on a CPU machine
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("WANDB_MODE", None)
+    # The baselines too load the DeepSpeed ops `make install` built in this environment's own folder (shardtune's
+    # choice, trainer/ops.py): where an op was built is no contender's throughput.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if code_dir is not None:  # a patched copy of shardtune: its launcher and trainer come first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(code_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
@@ -275,8 +279,8 @@ def run_contender(cell: Cell, contender: str, rep: int, args, work: Path) -> dic
 
 def warm_up(cell: Cell, work: Path, args, log) -> None:
     """Untimed 2-step runs of shardtune and the hand-written config before measuring: DeepSpeed JIT-builds its
-    CPU comm op and (for its default AdamW) its FusedAdam op on first use (~30 s each on 2 cores, again when
-    another environment built them last) and the page cache is cold; whichever contender ran first would pay."""
+    CPU comm op and (for its default AdamW) its FusedAdam op on first use (~30 s each on 2 cores, where `make
+    install` did not) and the page cache is cold; whichever contender ran first would pay."""
     t0 = time.time()
     for contender in ("shardtune", "minimal"):
         out = work / "warmup" / contender

@@ -19,6 +19,7 @@ import pytest
 from torch.utils.file_baton import FileBaton
 
 from launcher.contract.errors import UserError
+from launcher.planning.host import extensions_dir
 from tests.conftest import losses, shardtune, tiny_config
 from trainer import build_locks
 
@@ -156,19 +157,22 @@ def test_a_killed_builds_lock_this_user_cannot_remove_stops_the_start_naming_it(
     assert str(refused.value).endswith("); remove it, then launch again")
 
 
-def test_a_run_after_a_killed_build_of_the_comm_op_starts_and_trains(tmp_path, tiny_model):
+def test_a_run_after_a_killed_build_of_the_comm_op_starts_and_trains(tmp_path, tiny_model, monkeypatch):
     """DeepSpeed's CPU accelerator loads its comm op on every rank as the process group forms. A build of it killed
-    an hour ago left its lock; before, every rank waited on it forever."""
-    root = tmp_path / "ext"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    built = cache / "torch_extensions" / f"{version}_cpu" / "deepspeed_shm_comm"
-    if built.is_dir():  # make install builds it; a copy spares the ranks a rebuild (without one they build it)
-        shutil.copytree(built, root / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock*"))
+    an hour ago left its lock; before, every rank waited on it forever. The run is launched as a user would, with
+    no TORCH_EXTENSIONS_DIR: its ranks load the op from this environment's own folder and never create torch's
+    shared default one (<cache>/torch_extensions/py<version>_cpu)."""
+    built = extensions_dir() / "deepspeed_shm_comm"
+    assert built.is_dir(), f"make install builds DeepSpeed's comm op into {built.parent}"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    cache = tmp_path / "cache"
+    root = extensions_dir({"XDG_CACHE_HOME": str(cache)})
+    shutil.copytree(built, root / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock*"))  # spares a build
     lock = root / "deepspeed_shm_comm" / "lock"
     killed_build(lock, age_s=3600)
     cfg = tiny_config(tmp_path, tiny_model, train={"max_steps": 2, "grad_accum_steps": 1, "warmup_steps": 0})
-    proc = shardtune("launch", str(cfg), env={"TORCH_EXTENSIONS_DIR": str(root)}, timeout=300)
+    proc = shardtune("launch", str(cfg), env={"XDG_CACHE_HOME": str(cache)}, timeout=300)
     assert list(losses(tmp_path / "run")) == [1, 2]
     assert proc.stderr.count(f"removed the build lock {lock}") == 1  # once per node: local rank 0
     assert not lock.exists()
+    assert sorted(p.name for p in (cache / "torch_extensions").iterdir()) == [root.name]

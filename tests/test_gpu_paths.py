@@ -8,6 +8,7 @@ CUDA compiler, a device name), the test's name says so.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,24 +135,29 @@ def test_flash_attention_inputs_keep_every_packed_sample_apart_at_micro_batch_3(
 
 
 def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_compiler(tmp_path, monkeypatch):
-    """`make install` builds DeepSpeed's CPU FusedAdam on a machine without GPUs (and any CPU run does): it lands in
-    torch's py<version>_cpu extension directory, and is no kernel for a CUDA run planned from this host. (This VM
-    has a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.) Where torch puts a
-    build is read from torch itself (`_get_build_directory`, with the CUDA torch's folder name written by hand)."""
+    """`make install` builds DeepSpeed's CPU FusedAdam on a machine without GPUs (and any CPU run does), into this
+    environment's build folder: no kernel for a CUDA run planned from this host. A CUDA build in torch's shared
+    default folder (py<version>_cu128) is no use either: the ranks load from this environment's folder. (This VM has
+    a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.) Where a rank's torch
+    puts a build is read from torch itself (`_get_build_directory`) after the rank's setting."""
     from torch.utils.cpp_extension import _get_build_directory
 
     from launcher.planning import host
 
     monkeypatch.setattr(host, "nvcc_path", lambda: None)
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    cpu_build = Path(_get_build_directory("fused_adam", verbose=False))  # torch makes the directory
-    assert cpu_build.parent.parent == tmp_path / "cache" / "torch_extensions"
-    (cpu_build / "fused_adam.so").write_bytes(b"")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(host.extensions_dir()))  # what trainer.ops.pin_build_dir sets
+    build = Path(_get_build_directory("fused_adam", verbose=False))  # torch makes the directory
+    assert build.parent.parent == tmp_path / "cache" / "torch_extensions"
+    (build / "fused_adam.so").write_bytes(b"")
     assert not host.fused_adam_status().usable
-    cuda_build = cpu_build.parent.parent / cpu_build.parent.name.replace("_cpu", "_cu128") / "fused_adam"
-    cuda_build.mkdir(parents=True)
-    (cuda_build / "fused_adam.so").write_bytes(b"")
+    shared = tmp_path / "cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cu128"
+    (shared / "fused_adam").mkdir(parents=True)
+    for name in ("fused_adam.so", "multi_tensor_adam.cuda.o"):
+        (shared / "fused_adam" / name).write_bytes(b"")
+    assert not host.fused_adam_status().usable
+    (build / "multi_tensor_adam.cuda.o").write_bytes(b"")
     assert host.fused_adam_status().usable and "JIT-built before" in host.fused_adam_status().reason
 
 
@@ -295,10 +301,14 @@ def one_rank_group(tmp_path_factory):
     import deepspeed.comm as ds_dist
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("pg") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    ds_dist.init_distributed(dist_backend="gloo")
+    from launcher.planning.host import extensions_dir
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # the comm op make install built, as a rank would
+        if not dist.is_initialized():
+            store = tmp_path_factory.mktemp("pg") / "store"
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        ds_dist.init_distributed(dist_backend="gloo")
     yield
     dist.destroy_process_group()
 

@@ -21,9 +21,10 @@ ENGINES = textwrap.dedent("""
     import torch, deepspeed, deepspeed.comm
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
-    from trainer.ops import skip_unused_muon
+    from trainer.ops import pin_build_dir, skip_unused_muon
 
     spared, store = sys.argv[1] == "spared", sys.argv[2]
+    pin_build_dir()  # the comm op the group loads: from make install's build, as a rank would
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     deepspeed.comm.init_distributed(dist_backend="gloo")
     out = {}

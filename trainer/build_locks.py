@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.contract.errors import UserError
-from launcher.planning.host import extension_roots
+from launcher.planning.host import extensions_dir
 
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "glusterfs",
@@ -43,8 +43,8 @@ class LockVerdict:
 
 
 def build_locks(environ: Optional[dict] = None) -> list[Path]:
-    """Every op build lock in the directories this host's torch builds ops into."""
-    return sorted(lock for root, _ in extension_roots(environ) for lock in root.glob("*/lock"))
+    """Every op build lock in the directory this environment's ops are built into."""
+    return sorted(extensions_dir(environ).glob("*/lock"))
 
 
 def filesystem_type(path: Path) -> str:

@@ -37,6 +37,10 @@ def init_distributed(timeout_s: float) -> Dist:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from trainer.ops import pin_build_dir  # ops imports this module
+
+    pin_build_dir()  # DeepSpeed's CPU accelerator loads its comm op as the group forms
+
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc.set_device(local_rank)

@@ -2,10 +2,12 @@
 
 `deepspeed.initialize` JIT-builds FusedAdam (CUDA) or DeepSpeedCPUAdam (optimizer offload) on first use,
 which is after every rank has loaded the whole model: a missing compiler then fails every rank at once,
-late, and ranks that build together queue on one lock in ~/.cache/torch_extensions. Here local rank 0 of
-each node builds (or finds) the op first while its peers wait, then they load the cached build.
+late, and ranks that build together queue on one build lock. Here local rank 0 of each node builds (or finds)
+the op first while its peers wait, then they load the cached build.
 
-A killed build's lock would make every later load wait forever: wait_for_builds clears those first.
+Builds go to this environment's own directory (launcher/planning/host.extensions_dir), not to torch's default one
+that every environment of the user shares and rebuilds at each switch. A killed build's lock would make every
+later load wait forever: wait_for_builds clears those first.
 
 Muon's kernels are the opposite case: compiled for every run, used by none of ours (skip_unused_muon).
 """
@@ -15,8 +17,9 @@ import os
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
-from launcher.planning.host import fused_adam_status
+from launcher.planning.host import extensions_dir, fused_adam_status
 from trainer import build_locks
 from trainer.distributed import Dist, barrier
 
@@ -42,8 +45,20 @@ def unavailable(ds_config: dict, device_type: str) -> list[str]:
     return []
 
 
+def pin_build_dir() -> Path:
+    """Point torch's op builds in this process and its children at this environment's directory (every rank, as
+    it joins the process group); returns it.
+
+    A directory the user set in $TORCH_EXTENSIONS_DIR is kept (a team's shared, prebuilt cache, say).
+    """
+    path = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    return path
+
+
 def wait_for_builds() -> None:
-    """Before any op loads (DeepSpeed's CPU comm op loads as the process group forms): no build lock is left.
+    """Before any op loads (DeepSpeed's CPU comm op loads as the process group forms): no build lock is left in
+    this environment's build directory.
 
     Local rank 0 of each node removes killed builds' locks and says so; the node's other ranks wait with it.
     """
@@ -73,6 +88,16 @@ def build_once_per_node(ds_config: dict, dist: Dist, beat: Callable[[str], None]
         for name in needed:
             _builder(name).load(verbose=False)
     beat("build ops")
+
+
+def build_ahead(builders: list[str]) -> None:
+    """`make install` on a machine without GPUs: build DeepSpeed's named CPU op builders into this environment's
+    directory now, so no test or first run pays the build."""
+    pin_build_dir()
+    from deepspeed.accelerator import get_accelerator
+
+    for name in builders:
+        get_accelerator().create_op_builder(name).load(verbose=False)
 
 
 MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")

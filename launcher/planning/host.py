@@ -8,9 +8,11 @@ nodes can know is checked again there by the trainer's preflight.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -127,32 +129,33 @@ def nvcc_path() -> Optional[str]:
     return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
-def extension_roots(environ: Optional[dict] = None) -> list[tuple[Path, bool]]:
-    """The directories torch.utils.cpp_extension JIT-builds ops into, each with whether it holds CUDA builds.
+def extensions_dir(environ: Optional[dict] = None) -> Path:
+    """The directory this Python environment's DeepSpeed ops are JIT-built into: $TORCH_EXTENSIONS_DIR if set, else
+    one of this environment's own, <cache>/torch_extensions/shardtune-py<version>-<hash of the environment's path>.
 
-    torch builds straight into $TORCH_EXTENSIONS_DIR/<op> when that is set, else into
-    <cache>/torch_extensions/py<version>_<cpu|cuXYZ>/<op> (<cache>: $XDG_CACHE_HOME or ~/.cache); without torch
-    the planner cannot tell which of those folders this torch uses, so every one is listed.
+    torch's default, <cache>/torch_extensions/py<version>_<cpu|cuXYZ> (<cache>: $XDG_CACHE_HOME or ~/.cache), is
+    shared by every environment of a user with that Python and CUDA. A build there records the absolute paths of
+    its environment's DeepSpeed sources and torch headers, so two venvs or conda envs sharing a $HOME rebuild each
+    other's ops at every switch, with every rank of the node waiting: a minute for the CPU comm op, minutes of nvcc
+    for a CUDA op. The trainer points torch here before any op loads (trainer/ops.pin_build_dir).
     """
     environ = os.environ if environ is None else environ
     if environ.get("TORCH_EXTENSIONS_DIR"):
-        return [(Path(environ["TORCH_EXTENSIONS_DIR"]), False)]
+        return Path(environ["TORCH_EXTENSIONS_DIR"])
     cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return [(root, "_cu" in root.name) for root in sorted((cache / "torch_extensions").glob("py*_*"))
-            if root.is_dir()]
+    tag = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return cache / "torch_extensions" / f"shardtune-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
 
 
 def _cuda_build_of(op: str) -> Optional[Path]:
-    """The directory of an earlier JIT build of a DeepSpeed op for CUDA, where torch would load it from.
+    """The directory of an earlier JIT build of a DeepSpeed op for CUDA, where the trainer's torch would load it from.
 
     DeepSpeed's CPU accelerator builds an op of the same name (`make install` does), which is no CUDA kernel: a
-    CUDA build is one under a py*_cu* directory or one with an object compiled from a .cu source (torch names it
-    *.cuda.o).
+    CUDA build has an object compiled from a .cu source (torch names it *.cuda.o).
     """
-    for root, named_cuda in extension_roots():
-        build = root / op
-        if any(build.glob(f"{op}*.so")) and (named_cuda or any(build.glob("*.cuda.o"))):
-            return build
+    build = extensions_dir() / op
+    if any(build.glob(f"{op}*.so")) and any(build.glob("*.cuda.o")):
+        return build
     return None
 
 

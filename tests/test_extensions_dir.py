@@ -1,0 +1,62 @@
+"""Each Python environment builds DeepSpeed's ops in a folder of its own: two environments sharing a $HOME no longer
+rebuild each other's ops at every switch.
+
+torch's default folder, <cache>/torch_extensions/py<version>_<cpu|cuXYZ>, is the same for every environment with
+that Python, and a build records the absolute paths of its environment's DeepSpeed sources, so ninja rebuilds
+whenever the other environment built last (`python -m bench.op_builds` measures it). The second environment here
+is a real venv of the same base Python whose packages are this one's (a .pth file adds them). Where a build goes
+is read from torch itself (`_get_build_directory`, which creates the folder), under a cache folder of the test's
+own.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from torch.utils.cpp_extension import _get_build_directory
+
+from bench.op_builds import second_environment
+from trainer.ops import pin_build_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# torch's folder for an op before and after the rank's setting, in the environment whose python runs this.
+WHERE = ("import sys; from torch.utils.cpp_extension import _get_build_directory as where; "
+         "before = where('op', False); from trainer.ops import pin_build_dir; pin_build_dir(); "
+         "print(before); print(where('op', False))")
+
+
+def build_folders(python: Path, cache: Path) -> tuple[Path, Path]:
+    """torch's default folder for an op, and the one a shardtune rank builds it in, as python's environment sees."""
+    out = subprocess.run([str(python), "-c", WHERE], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(cache.parent), "XDG_CACHE_HOME": str(cache)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = out.stdout.split()
+    return Path(before), Path(after)
+
+
+def test_two_environments_build_in_two_folders_where_torch_would_share_one(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    this_default = Path(_get_build_directory("op", False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # read as unset; monkeypatch removes what pin_build_dir sets
+    pin_build_dir()
+    this_pinned = Path(_get_build_directory("op", False))
+
+    again_default, again_pinned = build_folders(Path(sys.executable), cache)
+    other_default, other_pinned = build_folders(second_environment(tmp_path / "env2"), cache)
+
+    assert other_default == this_default == again_default  # the problem: torch's folder is shared
+    assert other_pinned != this_pinned
+    assert again_pinned == this_pinned  # stable: later runs of an environment reuse its builds
+    for folder in (this_pinned, other_pinned):
+        assert folder.name == "op" and folder.parent.parent == cache / "torch_extensions"
+
+
+def test_a_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
+    """A team's prebuilt cache, or a node-local disk, named in $TORCH_EXTENSIONS_DIR."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "team"))
+    assert pin_build_dir() == tmp_path / "team"
+    assert Path(_get_build_directory("op", False)) == tmp_path / "team" / "op"
