@@ -1,5 +1,5 @@
-"""Each Python environment builds DeepSpeed's ops in a folder of its own: two environments sharing a $HOME no longer
-rebuild each other's ops at every switch.
+"""Each Python environment builds DeepSpeed's ops in a folder of its own, per kind of machine: two environments, or
+two kinds of node, sharing a $HOME no longer rebuild each other's ops at every switch or load each other's builds.
 
 torch's default folder, <cache>/torch_extensions/py<version>_<cpu|cuXYZ>, is the same for every environment with
 that Python, and a build records the absolute paths of its environment's DeepSpeed sources, so ninja rebuilds
@@ -17,6 +17,7 @@ from pathlib import Path
 from torch.utils.cpp_extension import _get_build_directory
 
 from bench.op_builds import second_environment
+from launcher.planning.host import machine_kind
 from trainer.ops import pin_build_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +61,28 @@ def test_a_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "team"))
     assert pin_build_dir() == tmp_path / "team"
     assert Path(_get_build_directory("op", False)) == tmp_path / "team" / "op"
+
+
+def test_another_kind_of_cpu_or_gpu_gets_a_folder_of_its_own_simulated_other_machines():
+    """Nodes of one cluster share the $HOME but not the CPU or GPU model. This machine's /proc/cpuinfo against the
+    same text with its AVX-512 or AVX2 flags taken away (another CPU generation; ninja would rebuild or, where the
+    flags DeepSpeed derives match, load a build that uses instructions the CPU lacks), and two GPU models (from
+    the NVIDIA driver's /proc files, which this VM does not have)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags"))
+    wide = next(flag for flag in ("avx512f", "avx2") if f" {flag}" in flags)
+    older = cpuinfo.replace(flags, flags.replace(f" {wide}", ""))
+    per_core = cpuinfo.replace("cpu MHz", "cpu  MHz").replace("processor\t: 0", "processor\t: 7")
+    a100, h100 = ["Model: \t\t NVIDIA A100-SXM4-80GB"], ["Model: \t\t NVIDIA H100 80GB HBM3"]
+
+    assert machine_kind(cpuinfo, []) == machine_kind(per_core, [])  # clock and core numbers are no other machine
+    assert machine_kind(cpuinfo, []) != machine_kind(older, [])
+    assert len({machine_kind(cpuinfo, []), machine_kind(cpuinfo, a100), machine_kind(cpuinfo, h100)}) == 3
+
+
+def test_deepspeeds_cpu_optimizer_is_still_built_for_the_cpu_that_builds_it():
+    """The premise of a folder per CPU: DeepSpeed compiles CPUAdam (an offloaded optimizer) with -march=native, a
+    flag that names no CPU, so nothing in the build tells ninja that another CPU built it."""
+    from deepspeed.accelerator import get_accelerator
+
+    assert "-march=native" in get_accelerator().create_op_builder("CPUAdamBuilder").cxx_args()

@@ -137,9 +137,11 @@ def test_flash_attention_inputs_keep_every_packed_sample_apart_at_micro_batch_3(
 def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_compiler(tmp_path, monkeypatch):
     """`make install` builds DeepSpeed's CPU FusedAdam on a machine without GPUs (and any CPU run does), into this
     environment's build folder: no kernel for a CUDA run planned from this host. A CUDA build in torch's shared
-    default folder (py<version>_cu128) is no use either: the ranks load from this environment's folder. (This VM has
-    a CUDA toolkit, which would make the op buildable anyway: the compiler is taken away.) Where a rank's torch
-    puts a build is read from torch itself (`_get_build_directory`) after the rank's setting."""
+    default folder (py<version>_cu128) or in another environment's folder is no use either: the ranks load from
+    this environment's. One in this environment's folder for another kind of machine (a GPU node, planned from a
+    login node) is. (This VM has a CUDA toolkit, which would make the op buildable anyway: the compiler is taken
+    away.) Where a rank's torch puts a build is read from torch itself (`_get_build_directory`) after the rank's
+    setting."""
     from torch.utils.cpp_extension import _get_build_directory
 
     from launcher.planning import host
@@ -150,6 +152,7 @@ def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_comp
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(host.extensions_dir()))  # what trainer.ops.pin_build_dir sets
     build = Path(_get_build_directory("fused_adam", verbose=False))  # torch makes the directory
     assert build.parent.parent == tmp_path / "cache" / "torch_extensions"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")  # `shardtune plan` on a login node
     (build / "fused_adam.so").write_bytes(b"")
     assert not host.fused_adam_status().usable
     shared = tmp_path / "cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cu128"
@@ -157,8 +160,15 @@ def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_comp
     for name in ("fused_adam.so", "multi_tensor_adam.cuda.o"):
         (shared / "fused_adam" / name).write_bytes(b"")
     assert not host.fused_adam_status().usable
-    (build / "multi_tensor_adam.cuda.o").write_bytes(b"")
-    assert host.fused_adam_status().usable and "JIT-built before" in host.fused_adam_status().reason
+    environment, _machine = build.parent.name.rsplit("-", 1)
+    for folder in (f"{environment[:-1]}0-0123abcd", f"{environment}-0123abcd"):  # another venv's; a GPU node's
+        cuda_build = build.parent.parent / folder / "fused_adam"
+        cuda_build.mkdir(parents=True)
+        for name in ("fused_adam.so", "multi_tensor_adam.cuda.o"):
+            (cuda_build / name).write_bytes(b"")
+        usable = host.fused_adam_status()
+        assert usable.usable is (folder.startswith(environment)), folder
+    assert str(cuda_build) in usable.reason
 
 
 def test_a_cuda_build_of_fused_adam_in_torch_extensions_dir_is_found_simulated_no_compiler(tmp_path, monkeypatch):

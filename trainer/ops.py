@@ -5,9 +5,9 @@ which is after every rank has loaded the whole model: a missing compiler then fa
 late, and ranks that build together queue on one build lock. Here local rank 0 of each node builds (or finds)
 the op first while its peers wait, then they load the cached build.
 
-Builds go to this environment's own directory (launcher/planning/host.extensions_dir), not to torch's default one
-that every environment of the user shares and rebuilds at each switch. A killed build's lock would make every
-later load wait forever: wait_for_builds clears those first.
+Builds go to this environment's own directory for this kind of machine (launcher/planning/host.extensions_dir),
+not to torch's default one, which every environment of the user and every node of a shared $HOME use. A killed
+build's lock would make every later load wait forever: wait_for_builds clears those first.
 
 Muon's kernels are the opposite case: compiled for every run, used by none of ours (skip_unused_muon).
 """
@@ -46,8 +46,8 @@ def unavailable(ds_config: dict, device_type: str) -> list[str]:
 
 
 def pin_build_dir() -> Path:
-    """Point torch's op builds in this process and its children at this environment's directory (every rank, as
-    it joins the process group); returns it.
+    """Point torch's op builds in this process and its children at this environment's directory for this kind of
+    machine (every rank, as it joins the process group); returns it.
 
     A directory the user set in $TORCH_EXTENSIONS_DIR is kept (a team's shared, prebuilt cache, say).
     """

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 from dataclasses import dataclass
@@ -129,33 +130,76 @@ def nvcc_path() -> Optional[str]:
     return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
+def machine_kind(cpuinfo: str, gpu_models: list[str]) -> str:
+    """A short name for what a JIT build of an op depends on besides its environment: the CPU and the GPUs.
+
+    DeepSpeed compiles its CPU optimizers (CPUAdam for an offloaded optimizer, FusedAdam on CPU) with
+    -march=native, a flag that reads the same on every CPU: ninja would load an op built on one CPU generation on
+    another (SIGILL where the newer one's instructions were used), or rebuild it at every switch where the defines
+    DeepSpeed derives from the CPU's flags differ. Its JIT CUDA builds target the visible GPUs' compute capability,
+    so a GPU model change rebuilds them. The CPU is /proc/cpuinfo's distinct model name and flags lines (Features
+    and CPU part on ARM); the GPUs are the NVIDIA driver's model names.
+    """
+    cpu = [line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    seen = "\n".join(list(dict.fromkeys(cpu)) + sorted(gpu_models))
+    return hashlib.sha256(seen.encode()).hexdigest()[:8]
+
+
+def _this_machine_kind() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = platform.processor()
+    gpus = []
+    for info in Path("/proc/driver/nvidia/gpus").glob("*/information"):
+        try:
+            gpus += [line for line in info.read_text().splitlines() if line.startswith("Model:")]
+        except OSError:
+            continue
+    return machine_kind(cpuinfo, gpus)
+
+
 def extensions_dir(environ: Optional[dict] = None) -> Path:
-    """The directory this Python environment's DeepSpeed ops are JIT-built into: $TORCH_EXTENSIONS_DIR if set, else
-    one of this environment's own, <cache>/torch_extensions/shardtune-py<version>-<hash of the environment's path>.
+    """The directory this Python environment's DeepSpeed ops are JIT-built into on this kind of machine:
+    $TORCH_EXTENSIONS_DIR if set, else <cache>/torch_extensions/shardtune-py<version>-<environment>-<machine>, named
+    by a hash of the environment's path and by machine_kind.
 
     torch's default, <cache>/torch_extensions/py<version>_<cpu|cuXYZ> (<cache>: $XDG_CACHE_HOME or ~/.cache), is
-    shared by every environment of a user with that Python and CUDA. A build there records the absolute paths of
-    its environment's DeepSpeed sources and torch headers, so two venvs or conda envs sharing a $HOME rebuild each
-    other's ops at every switch, with every rank of the node waiting: a minute for the CPU comm op, minutes of nvcc
-    for a CUDA op. The trainer points torch here before any op loads (trainer/ops.pin_build_dir).
+    shared by every environment of a user with that Python and CUDA, and by every node that mounts the $HOME. A
+    build there records the absolute paths of its environment's DeepSpeed sources, so two venvs or conda envs
+    sharing a $HOME rebuild each other's ops at every switch, with every rank of the node waiting: ~30 s for the CPU
+    comm op, minutes of nvcc for a CUDA op (bench/RESULTS.md). The trainer points torch here before any op loads
+    (trainer/ops.pin_build_dir).
     """
     environ = os.environ if environ is None else environ
     if environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(environ["TORCH_EXTENSIONS_DIR"])
+    stem = _environment_stem(environ)
+    return stem.with_name(f"{stem.name}-{_this_machine_kind()}")
+
+
+def _environment_stem(environ: dict) -> Path:
+    """The stem every build folder of this environment starts with (one per machine kind)."""
     cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
     return cache / "torch_extensions" / f"shardtune-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
 
 
 def _cuda_build_of(op: str) -> Optional[Path]:
-    """The directory of an earlier JIT build of a DeepSpeed op for CUDA, where the trainer's torch would load it from.
+    """The directory of an earlier JIT build of a DeepSpeed op for CUDA that this environment's ranks would load.
 
-    DeepSpeed's CPU accelerator builds an op of the same name (`make install` does), which is no CUDA kernel: a
-    CUDA build has an object compiled from a .cu source (torch names it *.cuda.o).
+    The planning host (a login node) is often another kind of machine than the GPU nodes, so every machine's folder
+    of this environment counts. DeepSpeed's CPU accelerator builds an op of the same name (`make install` does),
+    which is no CUDA kernel: a CUDA build has an object compiled from a .cu source (torch names it *.cuda.o).
     """
-    build = extensions_dir() / op
-    if any(build.glob(f"{op}*.so")) and any(build.glob("*.cuda.o")):
-        return build
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        roots = [extensions_dir()]
+    else:
+        stem = _environment_stem(os.environ)
+        roots = sorted(stem.parent.glob(f"{stem.name}-*"))
+    for build in (root / op for root in roots):
+        if any(build.glob(f"{op}*.so")) and any(build.glob("*.cuda.o")):
+            return build
     return None
 
 
