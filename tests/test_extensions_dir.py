@@ -37,7 +37,9 @@ def build_folders(python: Path, cache: Path) -> tuple[Path, Path]:
     return Path(before), Path(after)
 
 
-def test_two_environments_build_in_two_folders_where_torch_would_share_one(tmp_path, monkeypatch):
+def test_two_environments_or_two_versions_build_in_two_folders_where_torch_would_share_one(tmp_path, monkeypatch):
+    """The second environment's DeepSpeed then becomes another version in place (its metadata says so), as in a
+    container image of another version installed at the same path, under the same bind-mounted $HOME."""
     cache = tmp_path / "cache"
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
@@ -47,12 +49,17 @@ def test_two_environments_build_in_two_folders_where_torch_would_share_one(tmp_p
     this_pinned = Path(_get_build_directory("op", False))
 
     again_default, again_pinned = build_folders(Path(sys.executable), cache)
-    other_default, other_pinned = build_folders(second_environment(tmp_path / "env2"), cache)
+    other = second_environment(tmp_path / "env2")
+    other_default, other_pinned = build_folders(other, cache)
+    metadata = next(other.parent.parent.glob("lib/python*/site-packages/deepspeed-*.dist-info/METADATA"))
+    version = next(line for line in metadata.read_text().splitlines() if line.startswith("Version: "))
+    metadata.write_text(metadata.read_text().replace(version, f"{version}.post1"))
+    upgraded_default, upgraded_pinned = build_folders(other, cache)
 
-    assert other_default == this_default == again_default  # the problem: torch's folder is shared
-    assert other_pinned != this_pinned
+    assert other_default == this_default == again_default == upgraded_default  # the problem: torch's is shared
+    assert len({this_pinned, other_pinned, upgraded_pinned}) == 3
     assert again_pinned == this_pinned  # stable: later runs of an environment reuse its builds
-    for folder in (this_pinned, other_pinned):
+    for folder in (this_pinned, other_pinned, upgraded_pinned):
         assert folder.name == "op" and folder.parent.parent == cache / "torch_extensions"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -162,7 +163,7 @@ def _this_machine_kind() -> str:
 def extensions_dir(environ: Optional[dict] = None) -> Path:
     """The directory this Python environment's DeepSpeed ops are JIT-built into on this kind of machine:
     $TORCH_EXTENSIONS_DIR if set, else <cache>/torch_extensions/shardtune-py<version>-<environment>-<machine>, named
-    by a hash of the environment's path and by machine_kind.
+    by hashes of the environment's path and versions (_environment_stem) and of the machine (machine_kind).
 
     torch's default, <cache>/torch_extensions/py<version>_<cpu|cuXYZ> (<cache>: $XDG_CACHE_HOME or ~/.cache), is
     shared by every environment of a user with that Python and CUDA, and by every node that mounts the $HOME. A
@@ -179,9 +180,20 @@ def extensions_dir(environ: Optional[dict] = None) -> Path:
 
 
 def _environment_stem(environ: dict) -> Path:
-    """The stem every build folder of this environment starts with (one per machine kind)."""
+    """The stem every build folder of this environment starts with (one per machine kind).
+
+    The environment is its path and its torch and DeepSpeed versions: container images mount the same $HOME
+    and install at the same path (/opt/conda, say), and ninja would load a build made against another image's
+    DeepSpeed whose sources look no newer than it. An upgrade in place moves to a new folder as well.
+    """
     cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    seen = [os.path.realpath(sys.prefix)]
+    for package in ("torch", "deepspeed"):
+        try:
+            seen.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            seen.append(f"{package} absent")
+    tag = hashlib.sha256("\n".join(seen).encode()).hexdigest()[:12]
     return cache / "torch_extensions" / f"shardtune-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
 
 
