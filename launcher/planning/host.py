@@ -8,6 +8,7 @@ nodes can know is checked again there by the trainer's preflight.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -146,7 +147,9 @@ def machine_kind(cpuinfo: str, gpu_models: list[str]) -> str:
     return hashlib.sha256(seen.encode()).hexdigest()[:8]
 
 
+@functools.cache
 def _this_machine_kind() -> str:
+    """machine_kind of this host, read once per process (the stale-lock sweep asks at every poll)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -187,14 +190,20 @@ def _environment_stem(environ: dict) -> Path:
     DeepSpeed whose sources look no newer than it. An upgrade in place moves to a new folder as well.
     """
     cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache / "torch_extensions" / f"shardtune-{python}-{_environment_tag()}"
+
+
+@functools.cache
+def _environment_tag() -> str:
+    """The hash of this environment's path and versions, read once per process."""
     seen = [os.path.realpath(sys.prefix)]
     for package in ("torch", "deepspeed"):
         try:
             seen.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             seen.append(f"{package} absent")
-    tag = hashlib.sha256("\n".join(seen).encode()).hexdigest()[:12]
-    return cache / "torch_extensions" / f"shardtune-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:12]
 
 
 def _cuda_build_of(op: str) -> Optional[Path]:
