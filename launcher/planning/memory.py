@@ -458,7 +458,12 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
         the step; with mixed precision also an fp32 gradient copy;
       stage 1: after backward the gradient partition is gathered (p·Ψ/N) while the full gradients still
         exist; then those are freed and the step holds the partition, its fp32 copy (mixed precision)
-        and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted;
+        and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted.
+        bf16 with fp32 sums runs BF16_Optimizer instead (engine.py _do_optimizer_sanity_check): after the last
+        micro-batch the engine all-reduces the whole flat fp32 sums, not a partition, through a copy in the
+        communication dtype (bf16 unless a zero.config sets communication_data_type; engine.allreduce_bucket,
+        buffered_allreduce_fallback), freed before the step, which then updates views of the sums in place:
+        p·Ψ or the temporaries, whichever is larger, at any N;
       stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy, at stage 3
         one sub-group's at a time (`stepped`: stepped_elements). At stage 2 fp32 sums need none: they are one
         compact fp32 partition buffer the step takes as it is (_build_compact_grad_partition_buffer,
@@ -471,6 +476,8 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
     if setup.stage == 0:
         return max((min(psi, DS_STAGE0_ALLREDUCE) * p if n > 1 else 0) + (4 * psi if mixed else 0), temporaries)
     fp32_copy = 4 * psi // n if mixed else 0
+    if setup.stage == 1 and _fp32_sums(setup) and setup.dtype == "bf16":
+        return max(p * psi, temporaries)
     if setup.stage == 1 and _fp32_sums(setup):
         return 4 * psi // n + temporaries  # the fp32 sums are the gradients: at most their partition, flattened
     if setup.stage == 1:
