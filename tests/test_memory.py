@@ -324,11 +324,9 @@ def test_layer_activations_match_saved_tensors(hf, model_type, attn, dtype):
     assert abs(estimated - measured) / measured < 0.005, (estimated, measured)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_logits_buffer_matches_the_loss_peak(hf, dtype):
-    """Peak bytes of the lm_head + the trainer's full-logits loss, forward and backward, tracked allocation by
-    allocation, called as the trainer calls it (trainer.loss.full_logits_loss keeps no model output)."""
-    torch, _ = hf
+def allocation_peak(torch, *inputs):
+    """A dispatch mode that tracks the bytes of every tensor storage created inside it until it is freed: the peak,
+    allocation by allocation, of what runs inside. Views of `inputs` (a weight's transpose) allocate nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -336,7 +334,7 @@ def test_logits_buffer_matches_the_loss_peak(hf, dtype):
         def __init__(self):
             super().__init__()
             self.cur = self.peak = 0
-            self.live: set[int] = set()
+            self.live: set[int] = {t.untyped_storage().data_ptr() for t in inputs}
 
         def free(self, key, n):
             self.cur -= n
@@ -353,6 +351,14 @@ def test_logits_buffer_matches_the_loss_peak(hf, dtype):
                     weakref.finalize(st, self.free, st.data_ptr(), st.nbytes())
             return out
 
+    return Peak()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_logits_buffer_matches_the_loss_peak(hf, dtype):
+    """Peak bytes of the lm_head + the trainer's full-logits loss, forward and backward, tracked allocation by
+    allocation, called as the trainer calls it (trainer.loss.full_logits_loss keeps no model output)."""
+    torch, _ = hf
     from trainer.model import token_loss_sum
     b, s, h, vocab = 2, 256, 64, 8000
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -360,11 +366,38 @@ def test_logits_buffer_matches_the_loss_peak(hf, dtype):
     head = torch.nn.Linear(h, vocab, bias=False).to(torch_dtype)
     head.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     targets = torch.randint(0, vocab, (b, s))
-    with Peak() as peak:
+    with allocation_peak(torch, hidden, head.weight) as peak:
         token_loss_sum(head(hidden), targets).backward()
     counts = counts_from_config({**TINY, "model_type": "llama", "num_hidden_layers": 1, "vocab_size": vocab})
     estimated = logits_bytes(counts, b, s, dtype)
     assert abs(peak.peak - estimated) / estimated < 0.05, (peak.peak, estimated)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_chunked_loss_hands_over_the_head_gradient_it_holds(hf, dtype):
+    """The chunked loss computes the head's weight gradient in its forward and backward hands that very tensor (or
+    its bf16 copy) to ZeRO-2/3 as the gradient waiting for its bucket: the loss's peak and that gradient, measured
+    together allocation by allocation, are the loss's buffers alone. The plan counted the head's gradient a second
+    time as the gradient in flight (4·V·h bytes more in fp32, 2·V·h in bf16)."""
+    torch, _ = hf
+    from launcher.planning.chunked_loss import loss_chunk_tokens
+    from trainer.loss import chunked_token_loss_sum
+    b, s, vocab = 2, 256, 8000
+    counts = counts_from_config({**TINY, "model_type": "llama", "num_hidden_layers": 1, "vocab_size": vocab})
+    h = counts.hidden_size
+    assert counts.largest_tensor == vocab * h  # the head is the tensor whose gradient waits
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    hidden = torch.randn(b, s, h, dtype=torch_dtype, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, h, dtype=torch_dtype) / h ** 0.5)
+    targets = torch.randint(0, vocab, (b, s))
+    with allocation_peak(torch, hidden, weight) as peak:
+        chunked_token_loss_sum(hidden, weight, targets, loss_chunk_tokens(vocab)).backward()  # weight.grad stays
+    assert weight.grad is not None and hidden.grad is not None
+    setup = Setup(stage=2, world_size=2, gpus_per_node=2, micro_batch_size=b, seq_len=s, dtype=dtype,
+                  chunked_loss=True)
+    d = estimate_memory(counts, setup).device
+    counted = d["logits"] + d["gradient_in_flight"]
+    assert abs(peak.peak - counted) / counted < 0.05, (peak.peak, counted)
 
 
 def test_checkpointing_and_longer_sequences():

@@ -515,10 +515,13 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # Stages 0-1 keep all gradients whole, which `gradients` already counts.
     # At stage 3 a leaf module (an MoE block; every decoder layer of a compiled model) is gathered, and its
     # gradients reduced, as one.
+    # The chunked loss computes the head's weight gradient in its forward (`logits` counts it) and backward hands
+    # that tensor over as the one waiting, so where the head's is the largest it is counted there, once.
     unit = largest
     if setup.stage == 3:
         unit = max(counts.gather_unit, counts.per_layer) if setup.whole_layers else counts.gather_unit
-    dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) else 0
+    held_by_loss = setup.chunked_loss and unit <= counts.vocab_size * counts.hidden_size
+    dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) and not held_by_loss else 0
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
