@@ -247,7 +247,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final learning rate as a fraction of lr."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay, applied to every trained parameter, norm weights and biases included (one
+    parameter group); the HF Trainer exempts biases and norm weights, so a non-zero value here decays them too."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW beta1, beta2."""
     adam_eps: float = Field(1e-8, gt=0)
