@@ -52,17 +52,17 @@ from bench._runner import (
     run_tree,
     wait_for_quiet,
 )
+from launcher.contract.config import validate_config
 from launcher.contract.run_dir import RunDir
 from launcher.planning.memory import (
     GB,
     Margins,
     MemoryEstimate,
-    Setup,
     ZeroSettings,
     estimate_memory,
     optimizer_temporaries,
 )
-from launcher.planning.memory_plan import CPU_MARGINS, optimizer_of
+from launcher.planning.memory_plan import CPU_MARGINS, resolved_setup
 from launcher.planning.model_size import ModelCounts, counts_from_path
 
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -87,6 +87,7 @@ class Measurement:
     train_peak: int = 0  # VmHWM over steps 2-3
     init_peak: int = 0  # VmHWM from start to the end of step 1 (loading, deepspeed.initialize, first step)
     ds_config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resolved run config the launcher wrote
     seconds: float = 0.0
     load_before: float = 0.0
 
@@ -141,7 +142,7 @@ def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: 
     result.seconds = done.wall
     if not result.train_peak:
         raise SystemExit(f"{name} ({mode}): steps 2-3 not measured\n{log_path.read_text()[-3000:]}")
-    result.ds_config = run.read_ds_config()
+    result.ds_config, result.config = run.read_ds_config(), run.read_config()
     shutil.rmtree(run.path, ignore_errors=True)  # a 135M model's checkpoint and export: ~2 GB per run
     return result
 
@@ -164,15 +165,13 @@ def make_skeleton(work: Path) -> Path:
     return out
 
 
-def estimate_for(counts: ModelCounts, ds_config: dict, seq_len: int, margins: Margins) -> MemoryEstimate:
-    """The planner's estimate of what ran, read from the DeepSpeed config the launcher rendered (its stage wins)."""
-    z = ds_config["zero_optimization"]
-    dtype = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else "fp32"
-    setup = Setup(stage=int(z["stage"]), world_size=2, gpus_per_node=2, micro_batch_size=1, seq_len=seq_len,
-                  dtype=dtype, offload_optimizer=(z.get("offload_optimizer") or {}).get("device") == "cpu",
-                  optimizer=optimizer_of(ds_config),
-                  fp32_accumulation=(ds_config.get("data_types") or {}).get("grad_accum_dtype") == "fp32")
-    return estimate_memory(counts, setup, ZeroSettings.from_deepspeed(ds_config), margins)
+def estimate_for(counts: ModelCounts, ran: Measurement, margins: Margins) -> MemoryEstimate:
+    """The planner's estimate of what ran: the Setup the launcher's own plan derives from the resolved run config and
+    the DeepSpeed config it rendered (the chunked loss, the attention kernel, the stage and buckets it chose)."""
+    if not ran.config:
+        raise SystemExit(f"{ran.variant} ({ran.mode}): saved before the run config was recorded; measure it again")
+    setup = resolved_setup(validate_config(ran.config), ran.ds_config)
+    return estimate_memory(counts, setup, ZeroSettings.from_deepspeed(ran.ds_config), margins)
 
 
 @dataclass
@@ -196,8 +195,8 @@ class RankEstimate:
         return self.kept + max(self.forward_backward, self.step) + self.fragmentation + runtime
 
 
-def runtime_of(base: Measurement, seq_len: int, margins: Margins, skeleton_counts: ModelCounts) -> int:
-    own = RankEstimate.of(skeleton_counts, estimate_for(skeleton_counts, base.ds_config, seq_len, margins))
+def runtime_of(base: Measurement, margins: Margins, skeleton_counts: ModelCounts) -> int:
+    own = RankEstimate.of(skeleton_counts, estimate_for(skeleton_counts, base, margins))
     return base.train_peak - own.total(0)
 
 
@@ -209,16 +208,16 @@ HEADERS = ("variant", "ran as", "model states", "staging + host", "fwd/bwd", "st
            "measured", "ratio", "CPU estimate", "measured (glibc)", "ratio", "kept by glibc", "init peak")
 
 
-def table_rows(results: dict, counts: ModelCounts, seq_len: int) -> list[list[str]]:
+def table_rows(results: dict, counts: ModelCounts) -> list[list[str]]:
     """One row per variant: the GPU-rules estimate against allocated-like RSS, the CPU margins against default RSS."""
     skel = ModelCounts(**results["skeleton_counts"])
-    gpu_rt = runtime_of(Measurement(**results["baseline"]["returned"]), seq_len, Margins(), skel)
-    cpu_rt = runtime_of(Measurement(**results["baseline"]["glibc"]), seq_len, CPU_MARGINS, skel)
+    gpu_rt = runtime_of(Measurement(**results["baseline"]["returned"]), Margins(), skel)
+    cpu_rt = runtime_of(Measurement(**results["baseline"]["glibc"]), CPU_MARGINS, skel)
     rows = []
     for name, runs in results["variants"].items():
         ret, lib = Measurement(**runs["returned"]), Measurement(**runs["glibc"])
-        gpu = RankEstimate.of(counts, est := estimate_for(counts, ret.ds_config, seq_len, Margins()))
-        cpu = RankEstimate.of(counts, estimate_for(counts, lib.ds_config, seq_len, CPU_MARGINS))
+        gpu = RankEstimate.of(counts, est := estimate_for(counts, ret, Margins()))
+        cpu = RankEstimate.of(counts, estimate_for(counts, lib, CPU_MARGINS))
         d = est.device
         rows.append([f"ZeRO-{name}", est.setup.label(), _gb(d["params"] + d["gradients"] + d["optimizer_states"]),
                      _gb(gpu.kept - est.model_states), _gb(gpu.forward_backward), _gb(gpu.step), _gb(gpu_rt),
@@ -234,12 +233,12 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join([line(HEADERS), *(line(r) for r in rows)])
 
 
-def footer(results: dict, seq_len: int) -> str:
+def footer(results: dict) -> str:
     """Where the runtimes come from, and how quiet the machine was."""
     skel = ModelCounts(**results["skeleton_counts"])
     base = {mode: Measurement(**m) for mode, m in results["baseline"].items()}
-    gpu_rt = runtime_of(base["returned"], seq_len, Margins(), skel)
-    cpu_rt = runtime_of(base["glibc"], seq_len, CPU_MARGINS, skel)
+    gpu_rt = runtime_of(base["returned"], Margins(), skel)
+    cpu_rt = runtime_of(base["glibc"], CPU_MARGINS, skel)
     loads = [m["load_before"] for runs in [results["baseline"], *results["variants"].values()] for m in runs.values()]
     return (f"runtime per rank: the trainer on the {skel.total / 1e6:.1f} M skeleton peaks at "
             f"{_gb(base['returned'].train_peak)} GB (64 KiB threshold) / {_gb(base['glibc'].train_peak)} GB (glibc), "
@@ -252,7 +251,7 @@ def footer(results: dict, seq_len: int) -> str:
 def markdown(rows: list[list[str]], results: dict) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join([*lines, "", footer(results, results["seq_len"])])
+    return "\n".join([*lines, "", footer(results)])
 
 
 def import_only_rss(work: Path) -> int:
@@ -320,14 +319,14 @@ def main() -> int:
             args.save.write_text(json.dumps(results, indent=1) + "\n")
     counts = counts_from_path(SMOLLM2 if (SMOLLM2 / "config.json").is_file()
                               else REPO / "tests" / "data" / "model_configs" / "smollm2_135m.json")
-    rows = table_rows(results, counts, results["seq_len"])
+    rows = table_rows(results, counts)
     precision = results.get("precision", "fp32")
     batch = "global batch 2" if precision == "fp32" else "global batch 4 (fp32 gradient sums)"
     print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, {precision}, micro batch 1, {batch}, "
           f"seq_len {results['seq_len']}; "
           f"GB = 1e9 bytes per rank, worst rank; {results['when']}, {results['machine']}")
     print(table(rows))
-    print(footer(results, results["seq_len"]))
+    print(footer(results))
     if args.markdown:
         print()
         print(markdown(rows, results))

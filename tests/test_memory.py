@@ -621,7 +621,8 @@ def test_zero1_bf16_reduces_its_whole_fp32_sums_through_a_bf16_copy(tmp_path):
     """bf16 at ZeRO-1 with fp32 sums runs DeepSpeed's BF16_Optimizer, and after the last micro-batch the engine
     all-reduces the whole flat fp32 sums through a bf16 copy: 2·Ψ bytes at any N. The plan counted the fp32
     partition (4·Ψ/N, as for stage_1_and_2), which matches at N = 2 only: for Llama-3-8B on 8 GPUs 4 GB where
-    DeepSpeed allocates 16. Observed on two real ranks with the DeepSpeed config the launcher renders."""
+    DeepSpeed allocates 16, and `zero.stage: auto` picked ZeRO-1 for it on 32 × 80 GB, which does not fit.
+    Observed on two real ranks with the DeepSpeed config the launcher renders."""
     from launcher.contract.config import apply_overrides, validate_config
     from launcher.planning.deepspeed_config import render_deepspeed_config
     from launcher.planning.plan import resolve

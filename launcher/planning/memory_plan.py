@@ -256,8 +256,9 @@ def gathers_whole_layers(cfg: RunConfig) -> bool:
     return cfg.train.compile is not False
 
 
-def _resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
-    """The Setup of a resolved config; the rendered DeepSpeed config wins, because that is what will run."""
+def resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
+    """The Setup of a resolved config; the rendered DeepSpeed config wins, because that is what will run (also what
+    bench.memory compares its measurements with)."""
     left = auto_fields(cfg)
     if left:
         raise ValueError(f"memory_summary needs a resolved config, {', '.join(left)} still auto (call plan.resolve)")
@@ -286,7 +287,7 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
     if model_config is None:
         return None
     counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
-    return counts, estimate_memory(counts, _resolved_setup(cfg, ds_config), est_zero(cfg, counts, ds_config),
+    return counts, estimate_memory(counts, resolved_setup(cfg, ds_config), est_zero(cfg, counts, ds_config),
                                    margins_for(cfg))
 
 
