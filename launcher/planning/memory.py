@@ -410,7 +410,7 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
     Stage 1 shards the optimizer states over N ranks, stage 2 also the gradients, stage 3 also the
     parameters. Offloading the optimizer moves its states to the host; at stages 2 and 3 DeepSpeed
     then reduces gradients straight into the host's fp32 partition, while stage 1 still accumulates
-    the full low-precision gradients on the device.
+    the full low-precision gradients on the device; with fp32 sums stage 2 keeps its fp32 partition on the device.
     """
     n, p = setup.world_size, PARAM_BYTES[setup.dtype]
     grads = p * params if setup.stage < 2 else p * params // n
@@ -418,8 +418,13 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
         # Stage 1 keeps a whole fp32 copy of the gradients besides the model's own (bf16: BF16_Optimizer's
         # fp32_groups_gradients_flat; fp16: each parameter's grad_accum); stages 2-3 reduce into fp32 partitions.
         grads = (p + 4) * params if setup.stage == 1 else 4 * params // n
-    if setup.offload_optimizer and setup.stage >= 2:
-        grads = 0
+    if setup.offload_optimizer and setup.stage == 3:
+        grads = 0  # stage3.py puts its fp32 sums (grad_partitions_flat_buffer) on the offload device: the host
+    elif setup.offload_optimizer and setup.stage == 2 and not _fp32_sums(setup):
+        grads = 0  # reduced straight into the host's fp32 partition
+    # Offloaded at stage 2, fp32 sums still accumulate on the device, in the compact fp32 partition
+    # (stage_1_and_2.py _build_compact_grad_partition_buffer: current_device_name()), copied to the host's
+    # fp32 gradient at the accumulation boundary.
     params_dev = p * params // n if setup.stage == 3 else p * params
     optimizer = optimizer_bytes_per_param(setup) * params // (1 if setup.stage == 0 else n)
     return {"params": 0 if setup.offload_params else params_dev, "gradients": grads,
@@ -555,7 +560,11 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     ranks = min(setup.gpus_per_node, n)
     # Offloaded: (16 + p)·Ψ/N per rank (see HOST_OPTIMIZER_BYTES), at stages 1-2 also a largest-tensor
     # pinned staging buffer, and the torch optimizer's temporaries when it is the one stepping on the host.
-    offloaded = (HOST_OPTIMIZER_BYTES + p) * psi // n + (largest * p if setup.stage in (1, 2) else 0) + temporaries
+    # Stage 3's gradient partition (grad_partitions_flat_buffer) holds the sums, so with fp32 sums it is fp32,
+    # beside the fp32 gradient each sub-group steps with (stage3.py: subgroup_gradient_buffer).
+    partition_bytes = 4 if setup.stage == 3 and _fp32_sums(setup) else p
+    offloaded = ((HOST_OPTIMIZER_BYTES + partition_bytes) * psi // n + (largest * p if setup.stage in (1, 2) else 0)
+                 + temporaries)
     host = {
         "offloaded_optimizer": ranks * offloaded if setup.offload_optimizer else 0,
         "offloaded_params": ranks * p * psi // n if setup.offload_params else 0,
