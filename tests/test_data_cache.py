@@ -236,6 +236,18 @@ def test_a_failed_build_fails_the_waiters_too(tmp_path):
     assert not (root / "k").exists() and not (root / "k.lock").exists()
 
 
+def test_a_build_run_again_right_after_a_failure_builds_instead_of_repeating_it(tmp_path):
+    """A failure record is for the processes that waited on the failed build. A call that finds nobody building
+    builds again, however soon after: the user fetched what was missing and ran the command again within seconds,
+    and got the old failure back (it was honoured for 5 s after it was written)."""
+    root = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="the rest of the split is not here"):
+        build_once(root, "k", lambda tmp: (_ for _ in ()).throw(RuntimeError("the rest of the split is not here")))
+    assert (root / "k.failed").is_file()
+    path, built_here = build_once(root, "k", _write_marker)
+    assert built_here and (path / "COMPLETE").is_file() and not (root / "k.failed").exists()
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """Mount a real filesystem of a given size (tmpfs; needs root, which CI has): `mount(kib)` -> its path."""

@@ -93,16 +93,18 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                what: str = "build") -> tuple[Path, bool]:
     """The complete directory for key, building it with build(tmp_dir) if nobody has; (path, built_here).
 
-    on_poll is called while waiting for a live builder (its lock is fresh): a waiter's heartbeat.
+    on_poll is called while waiting for a live builder (its lock is fresh): a waiter's heartbeat. A waiter whose
+    builder failed fails with its message; a call that found nobody building builds again, even right after a
+    failure (the user fixed the cause and ran the command again).
     """
     root.mkdir(parents=True, exist_ok=True)
     final, lock, failed = root / key, root / f"{key}.lock", root / f"{key}.failed"
     started = time.time()
-    announced = False
+    announced = waited = False
     while True:
         if built(root, key):
             return final, False
-        if failed.exists() and failed.stat().st_mtime >= started - 5:
+        if waited and failed.exists() and failed.stat().st_mtime >= started - 5:
             raise BuildFailed(failed.read_text())
         if _try_lock(lock):
             try:
@@ -133,6 +135,7 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                 return final, True
             finally:
                 lock.unlink(missing_ok=True)
+        waited = True
         if not announced and on_wait:
             on_wait(f"waiting for {lock.read_text().strip() if lock.exists() else 'another process'} to {what} {final}")
             announced = True
