@@ -585,8 +585,8 @@ def test_zero2_steps_its_fp32_gradient_sums_in_place():
     assert step(3, sums=True) == step(3, sums=False) == 4 * psi // n  # one sub-group: the whole partition here
 
 
-# Two ranks of a bf16 ZeRO-1 run with accumulation, as the launcher renders it: which tensors the engine all-reduces
-# at the step boundary, and which optimizer DeepSpeed picked.
+# Two ranks train one step per DeepSpeed config given (bf16 with accumulation, as the launcher renders it) and report,
+# per config, the optimizer DeepSpeed picked, the tensors the boundary all-reduces and the buffers holding the sums.
 BOUNDARY_REDUCTION = """
 import json, os, sys
 rank, store, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])

@@ -419,13 +419,11 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
         # Stage 1 keeps a whole fp32 copy of the gradients besides the model's own (bf16: BF16_Optimizer's
         # fp32_groups_gradients_flat; fp16: each parameter's grad_accum); stages 2-3 reduce into fp32 partitions.
         grads = (p + 4) * params if setup.stage == 1 else 4 * params // n
-    if setup.offload_optimizer and setup.stage == 3:
-        grads = 0  # stage3.py puts its fp32 sums (grad_partitions_flat_buffer) on the offload device: the host
-    elif setup.offload_optimizer and setup.stage == 2 and not _fp32_sums(setup):
-        grads = 0  # reduced straight into the host's fp32 partition
-    # Offloaded at stage 2, fp32 sums still accumulate on the device, in the compact fp32 partition
-    # (stage_1_and_2.py _build_compact_grad_partition_buffer: current_device_name()), copied to the host's
-    # fp32 gradient at the accumulation boundary.
+    # Offloaded, stage 3 keeps its sums (grad_partitions_flat_buffer) on the offload device, the host. Stage 2
+    # reduces straight into the host's fp32 partition, except fp32 sums, which accumulate in the compact fp32
+    # partition on the device (_build_compact_grad_partition_buffer: current_device_name()) until the boundary.
+    if setup.offload_optimizer and (setup.stage == 3 or (setup.stage == 2 and not _fp32_sums(setup))):
+        grads = 0
     params_dev = p * params // n if setup.stage == 3 else p * params
     optimizer = optimizer_bytes_per_param(setup) * params // (1 if setup.stage == 0 else n)
     return {"params": 0 if setup.offload_params else params_dev, "gradients": grads,
