@@ -173,6 +173,8 @@ def test_fp32_gradient_sums_are_counted_where_deepspeed_keeps_them():
     assert model_state_bytes(psi, off)["gradients"] == 4 * psi // n  # the compact fp32 partition stays on the device
     assert model_state_bytes(psi, replace(off, stage=3))["gradients"] == 0  # stage 3 keeps its sums on the host
     assert model_state_bytes(psi, replace(off, fp32_accumulation=False))["gradients"] == 0  # straight to the host
+    fp16 = Setup(stage=1, world_size=n, gpus_per_node=8, dtype="fp16", fp32_accumulation=True)
+    assert model_state_bytes(psi, fp16)["gradients"] == 4 * psi + 4 * psi // n  # grad_accum, no fp16 copy kept
     fp32 = Setup(stage=1, world_size=n, gpus_per_node=8, dtype="fp32", fp32_accumulation=True)
     assert model_state_bytes(psi, fp32)["gradients"] == 4 * psi  # already fp32: nothing extra
     counts = counts_from_path(CONFIGS / "llama3_8b.json")
@@ -614,6 +616,11 @@ for ds_config in configs:
         logits = engine(ids)
         engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()))
         opt = engine.optimizer
+        if not engine.is_gradient_accumulation_boundary():  # between micro-batches: what holds the sums so far
+            between = [[str(t.dtype), t.numel()] for p in model.parameters()
+                       for t in (p.grad, getattr(p, "grad_accum", None)) if t is not None]
+            buckets = [[str(b.dtype), b.numel()] for bucket in getattr(opt, "ipg_buckets", {}).values()
+                       if isinstance(bucket.buffer, list) for b in bucket.buffer]  # stage_1_and_2's
         if engine.is_gradient_accumulation_boundary():  # what holds the step's sums before the step takes them
             sums = [g.flat_partition for g in getattr(opt, "averaged_gradients", {}).values()
                     if getattr(g, "flat_partition", None) is not None]
@@ -622,7 +629,7 @@ for ds_config in configs:
                 sums = [opt.grad_partitions_flat_buffer]
                 host = [g.grad for g in opt.fp32_partitioned_groups_flat if g.grad is not None]
         engine.step()
-    out.append({"optimizer": type(opt).__name__, "reduced": list(reduced),
+    out.append({"optimizer": type(opt).__name__, "reduced": list(reduced), "between": between, "buckets": buckets,
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: whole
                 "sums": [[str(t.dtype), t.numel(), str(t.device)] for t in sums],
                 "apart_from_host_grads": all(t.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
@@ -634,10 +641,9 @@ os._exit(0)  # as a rank ends (trainer.distributed.exit_without_teardown): gloo'
 """
 
 
-def rendered_bf16_config(tmp_path: Path, *overrides: str) -> dict:
-    """The DeepSpeed config the launcher renders for 2 CPU ranks in bf16 with two micro-batches per step."""
+def bf16_run_config(tmp_path: Path, *overrides: str):
+    """A resolved run config for 2 CPU ranks in bf16 with two micro-batches per step."""
     from launcher.contract.config import apply_overrides, validate_config
-    from launcher.planning.deepspeed_config import render_deepspeed_config
     from launcher.planning.plan import resolve
 
     raw = {"model": {"name_or_path": "org/model"}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 16},
@@ -645,27 +651,41 @@ def rendered_bf16_config(tmp_path: Path, *overrides: str) -> dict:
                      "precision": "bf16"},
            "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu"}, "output_dir": str(tmp_path / "run")}
     cfg, _ = resolve(validate_config(apply_overrides(raw, list(overrides))))
-    ds_config = render_deepspeed_config(cfg)
-    assert ds_config["data_types"]["grad_accum_dtype"] == "fp32" and "communication_data_type" not in ds_config
+    return cfg
+
+
+def rendered_bf16_config(tmp_path: Path, *overrides: str) -> dict:
+    """The DeepSpeed config the launcher renders for `bf16_run_config`."""
+    from launcher.planning.deepspeed_config import render_deepspeed_config
+
+    ds_config = render_deepspeed_config(bf16_run_config(tmp_path, *overrides))
+    assert ds_config["data_types"]["grad_accum_dtype"] == "fp32"
     return ds_config
 
 
 @pytest.fixture(scope="module")
 def bf16_ranks(tmp_path_factory) -> dict:
-    """Two real ranks train a step under bf16 ZeRO-1, and ZeRO-2 and ZeRO-3 with the optimizer offloaded, each with
+    """Two real ranks train a step under bf16 ZeRO-1, and ZeRO-1, 2 and 3 with the optimizer offloaded, each with
     the DeepSpeed config the launcher renders, and report what DeepSpeed reduced and where it kept the sums."""
     tmp = tmp_path_factory.mktemp("bf16-ranks")
+    fp32_reduction = tmp / "fp32-reduction.json"  # a user's zero.config: reduce in fp32
+    fp32_reduction.write_text(json.dumps({"zero_optimization": {"stage": 1}, "communication_data_type": "fp32"}))
     configs = [rendered_bf16_config(tmp, "zero.stage=1"),
                rendered_bf16_config(tmp, "zero.stage=2", "zero.offload_optimizer=cpu"),
-               rendered_bf16_config(tmp, "zero.stage=3", "zero.offload_optimizer=cpu")]
+               rendered_bf16_config(tmp, "zero.stage=1", "zero.offload_optimizer=cpu"),
+               rendered_bf16_config(tmp, "zero.stage=3", "zero.offload_optimizer=cpu"),
+               rendered_bf16_config(tmp, "zero.stage=1", f"zero.config={fp32_reduction}")]
     ranks = [subprocess.Popen([sys.executable, "-c", BOUNDARY_REDUCTION, str(rank), str(tmp / "store"),
                                json.dumps(configs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT) for rank in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in ranks]
     assert all(proc.returncode == 0 for proc in ranks), [(proc.returncode, err[-3000:])
                                                           for proc, (_, err) in zip(ranks, outputs)]
-    zero1, zero2_offloaded, zero3_offloaded = json.loads(outputs[0][0].split("RESULT ", 1)[1])
-    return {"zero1": zero1, "zero2_offloaded": zero2_offloaded, "zero3_offloaded": zero3_offloaded}
+    seen = json.loads(outputs[0][0].split("RESULT ", 1)[1])
+    for result, ds_config in zip(seen, configs):
+        result["ds_config"] = ds_config
+    names = ("zero1", "zero2_offloaded", "zero1_offloaded", "zero3_offloaded", "zero1_fp32_reduction")
+    return dict(zip(names, seen, strict=True)) | {"fp32_reduction_file": fp32_reduction}
 
 
 def test_zero1_bf16_reduces_its_whole_fp32_sums_through_a_bf16_copy(bf16_ranks):
@@ -685,6 +705,29 @@ def test_zero1_bf16_reduces_its_whole_fp32_sums_through_a_bf16_copy(bf16_ranks):
         assert estimate_memory(counts, setup).device["optimizer_step_buffers"] == 2 * psi  # the bf16 copy
 
 
+def test_zero1_bf16_reducing_in_fp32_needs_no_copy(bf16_ranks):
+    """A zero.config with communication_data_type: fp32 makes BF16_Optimizer all-reduce the fp32 sums themselves
+    (engine.allreduce_bucket converts only to another dtype), so the plan drops the 2·Ψ copy, from the rendered
+    config and, before rendering, from the user's file."""
+    from launcher.planning.memory_plan import zero_settings
+
+    seen = bf16_ranks["zero1_fp32_reduction"]
+    assert seen["optimizer"] == "BF16_Optimizer"
+    dtype, numel = max(seen["reduced"], key=lambda r: r[1])
+    psi = seen["params"]
+    assert dtype == "torch.float32" and psi <= numel < psi + 1024  # the sums themselves
+    assert not [r for r in seen["reduced"] if r[0] == "torch.bfloat16"]
+
+    counts = counts_from_params(psi)
+    setup = Setup(stage=1, world_size=8, gpus_per_node=8, dtype="bf16", fp32_accumulation=True)
+    cfg = bf16_run_config(bf16_ranks["fp32_reduction_file"].parent, "zero.stage=1",
+                          f"zero.config={bf16_ranks['fp32_reduction_file']}")
+    for zero in (ZeroSettings.from_deepspeed(seen["ds_config"]), zero_settings(cfg, counts.hidden_size, psi)):
+        assert zero.communication_dtype == "fp32"
+        assert estimate_memory(counts, setup, zero).device["optimizer_step_buffers"] == 0  # fused AdamW: none
+    assert estimate_memory(counts, setup).device["optimizer_step_buffers"] == 2 * psi
+
+
 def test_zero2_offloaded_keeps_its_fp32_sums_on_the_device(bf16_ranks):
     """Offloaded at ZeRO-2, the fp32 sums of a bf16 step still accumulate in the compact fp32 partition DeepSpeed
     allocates on the device (stage_1_and_2.py _build_compact_grad_partition_buffer, current_device_name()), apart
@@ -699,6 +742,32 @@ def test_zero2_offloaded_keeps_its_fp32_sums_on_the_device(bf16_ranks):
 
     setup = Setup(stage=2, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True, offload_optimizer=True)
     assert model_state_bytes(psi, setup)["gradients"] == 4 * psi // 2  # the partition seen above, in fp32
+
+
+def test_zero1_offloaded_sums_in_each_parameters_fp32_grad_accum(bf16_ranks):
+    """Offloaded at ZeRO-1 a bf16 step is not BF16_Optimizer's but stage_1_and_2's, which moves each gradient into the
+    parameter's fp32 grad_accum as backward produces it and frees the bf16 one, stages its bucket in fp32, and at the
+    boundary reduces into the compact fp32 partition. The plan counted BF16_Optimizer's (2 + 4)·Ψ: right at N = 2,
+    where 4·Ψ/N = 2·Ψ, and 15.5 GB of gradients per GPU too many for Llama-3-8B on 64 GPUs (12-13 GB net of the fp32
+    bucket and conversions it now counts; 77 GB planned, 65 now). fp16 takes the same path."""
+    seen = bf16_ranks["zero1_offloaded"]
+    assert seen["optimizer"] == "DeepSpeedZeroOptimizer"
+    psi = seen["params"]
+    assert {dtype for dtype, _ in seen["between"]} == {"torch.float32"}  # no bf16 gradient outlives its hook
+    assert sum(numel for _, numel in seen["between"]) == psi  # every parameter's whole sums, on every rank
+    (dtype, numel, _), = seen["sums"]
+    assert dtype == "torch.float32" and psi // 2 <= numel < psi // 2 + 1024  # the compact partition
+    zero = ZeroSettings.from_deepspeed(seen["ds_config"])
+    assert seen["buckets"] == [["torch.float32", zero.reduce_bucket_size]]
+
+    counts = counts_from_params(psi)
+    for dtype in ("bf16", "fp16"):
+        for n in (2, 64):
+            setup = Setup(stage=1, world_size=n, gpus_per_node=8, dtype=dtype, fp32_accumulation=True,
+                          offload_optimizer=dtype == "bf16")
+            est = estimate_memory(counts, setup, zero)
+            assert est.device["gradients"] == 4 * psi + 4 * psi // n  # grad_accum + the partition seen above
+            assert est.device["reduce_buckets"] >= 4 * zero.reduce_bucket_size  # the fp32 bucket seen above
 
 
 def test_zero3_offloaded_keeps_fp32_sums_beside_the_fp32_gradient_it_steps(bf16_ranks):

@@ -55,10 +55,13 @@ class ZeroSettings:
     max_live_parameters: int = 1_000_000_000
     overlap_comm: Optional[bool] = None  # DeepSpeed's default: on at stage 3 only (two reduce buffers)
     sub_group_size: int = 1_000_000_000  # stage 3 steps its partition in sub-groups of about this many elements
+    communication_dtype: Optional[str] = None
+    """communication_data_type (top level): the dtype gradients are reduced in; None: the training precision's."""
 
     @classmethod
     def from_deepspeed(cls, ds_config: dict[str, Any]) -> ZeroSettings:
         """Read the settings a rendered DeepSpeed config will use; "auto" or missing keeps the default."""
+        comm = ds_config.get("communication_data_type")
         z = ds_config.get("zero_optimization") or {}
         keys = {"reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
                 "prefetch_bucket_size": "stage3_prefetch_bucket_size",
@@ -67,7 +70,13 @@ class ZeroSettings:
         found = {ours: z[theirs] for ours, theirs in keys.items() if z.get(theirs) not in (None, "auto")}
         for name, value in found.items():
             found[name] = bool(value) if name == "overlap_comm" else int(value)
+        if comm in PARAM_BYTES:
+            found["communication_dtype"] = comm
         return cls(**found)
+
+    def communication_bytes(self, dtype: str) -> int:
+        """Bytes per element of a gradient reduced in training precision `dtype`."""
+        return PARAM_BYTES[self.communication_dtype or dtype]
 
 
 @dataclass(frozen=True)
@@ -415,10 +424,14 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
     """
     n, p = setup.world_size, PARAM_BYTES[setup.dtype]
     grads = p * params if setup.stage < 2 else p * params // n
-    if _fp32_sums(setup):
-        # Stage 1 keeps a whole fp32 copy of the gradients besides the model's own (bf16: BF16_Optimizer's
-        # fp32_groups_gradients_flat; fp16: each parameter's grad_accum); stages 2-3 reduce into fp32 partitions.
-        grads = (p + 4) * params if setup.stage == 1 else 4 * params // n
+    if _fp32_sums(setup) and setup.stage == 1:
+        # BF16_Optimizer keeps a whole fp32 copy of the gradients besides the model's own bf16 ones
+        # (fp32_groups_gradients_flat). stage_1_and_2 (fp16, or an offloaded optimizer) moves each gradient into the
+        # parameter's fp32 grad_accum as backward produces it and frees the low-precision one
+        # (_fill_param_grad_accum_attribute), then reduces into the compact fp32 partition at the boundary.
+        grads = (p + 4) * params if _bf16_optimizer(setup) else 4 * params + 4 * params // n
+    elif _fp32_sums(setup):  # stages 2-3 reduce into fp32 partitions
+        grads = 4 * params // n
     # Offloaded, stage 3 keeps its sums (grad_partitions_flat_buffer) on the offload device, the host. Stage 2
     # reduces straight into the host's fp32 partition, except fp32 sums, which accumulate in the compact fp32
     # partition on the device (_build_compact_grad_partition_buffer: current_device_name()) until the boundary.
@@ -432,6 +445,23 @@ def model_state_bytes(params: int, setup: Setup) -> dict[str, int]:
 
 def _fp32_sums(setup: Setup) -> bool:
     return setup.fp32_accumulation and setup.dtype != "fp32" and setup.stage != 0
+
+
+def _converted(communication: int) -> int:
+    """Bytes per element of the copy DeepSpeed reduces fp32 sums through: none when it communicates in fp32."""
+    return 0 if communication == 4 else communication
+
+
+def _bf16_optimizer(setup: Setup) -> bool:
+    """Whether DeepSpeed steps with BF16_Optimizer rather than ZeRO's stage_1_and_2: bf16 at stage 1 with fp32 sums
+    and the optimizer on the device (engine.py _do_optimizer_sanity_check)."""
+    return setup.stage == 1 and _fp32_sums(setup) and setup.dtype == "bf16" and not setup.offload_optimizer
+
+
+def _fp32_grad_accum(setup: Setup) -> bool:
+    """Whether stage_1_and_2 sums each parameter's gradient in its own fp32 grad_accum (use_grad_accum_attribute):
+    stage 1 with fp32 sums, except under BF16_Optimizer."""
+    return setup.stage == 1 and _fp32_sums(setup) and not _bf16_optimizer(setup)
 
 
 def stepped_elements(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings()) -> int:
@@ -457,7 +487,7 @@ def optimizer_temporaries(counts: ModelCounts, setup: Setup, zero: ZeroSettings 
     return 2 * 4 * stepped_elements(counts, setup, zero)
 
 
-def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int:
+def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int, communication: int) -> int:
     """Device bytes the optimizer step needs beyond the model states, after activations are freed (read
     from deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, 0.19, and measured on CPU):
       stage 0: the gradients flattened for the all-reduce (buckets of at most 5e8 elements), freed before
@@ -467,9 +497,11 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
         and the optimizer's temporaries: whichever phase needs more beyond the full gradients counted.
         bf16 with fp32 sums runs BF16_Optimizer instead (engine.py _do_optimizer_sanity_check): after the last
         micro-batch the engine all-reduces the whole flat fp32 sums, not a partition, through a copy in the
-        communication dtype (bf16 unless a zero.config sets communication_data_type; engine.allreduce_bucket,
-        buffered_allreduce_fallback), freed before the step, which then updates views of the sums in place:
-        p·Ψ or the temporaries, whichever is larger, at any N;
+        communication dtype (`communication` bytes: bf16 unless a zero.config sets communication_data_type, and
+        no copy in fp32; engine.allreduce_bucket, buffered_allreduce_fallback), freed before the step, which then
+        updates views of the sums in place: that copy or the temporaries, whichever is larger, at any N. Other
+        stage-1 fp32 sums (fp16, or the optimizer offloaded) step on the compact fp32 partition `gradients`
+        counts: only the temporaries;
       stages 2-3: the partition already is the gradient buffer; mixed precision adds its fp32 copy, at stage 3
         one sub-group's at a time (`stepped`: stepped_elements). At stage 2 fp32 sums need none: they are one
         compact fp32 partition buffer the step takes as it is (_build_compact_grad_partition_buffer,
@@ -482,10 +514,10 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int) -> int
     if setup.stage == 0:
         return max((min(psi, DS_STAGE0_ALLREDUCE) * p if n > 1 else 0) + (4 * psi if mixed else 0), temporaries)
     fp32_copy = 4 * psi // n if mixed else 0
-    if setup.stage == 1 and _fp32_sums(setup) and setup.dtype == "bf16":
-        return max(p * psi, temporaries)
-    if setup.stage == 1 and _fp32_sums(setup):
-        return 4 * psi // n + temporaries  # the fp32 sums are the gradients: at most their partition, flattened
+    if _bf16_optimizer(setup):
+        return max(_converted(communication) * psi, temporaries)
+    if _fp32_grad_accum(setup):
+        return temporaries  # the step takes the compact fp32 partition, which `gradients` counts, as it is
     if setup.stage == 1:
         partition = p * psi // n
         return max(partition, partition + fp32_copy + temporaries - p * psi)
@@ -528,13 +560,20 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
         unit = max(counts.gather_unit, counts.per_layer) if setup.whole_layers else counts.gather_unit
     held_by_loss = setup.chunked_loss and unit <= counts.vocab_size * counts.hidden_size
     dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) and not held_by_loss else 0
+    if _fp32_grad_accum(setup):  # each hook adds the low-precision gradient, converted to fp32, to its grad_accum
+        dev["gradient_in_flight"] = (0 if held_by_loss else unit * p) + 4 * unit
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
     # buckets after backward, so that buffer belongs to the optimizer-step phase below.
     overlap = zero.overlap_comm if zero.overlap_comm is not None else setup.stage == 3
     buffers = 2 if (overlap and setup.stage in (1, 2)) else 1
-    dev["reduce_buckets"] = 0 if setup.stage == 0 else buffers * zero.reduce_bucket_size * p
+    # Summing in grad_accum, stage 1 stages its buckets in fp32 (_gradient_reduction_buffer_dtype) and reduces a copy
+    # in the communication dtype, if that is not fp32 (gradient_reduction_w_predivide).
+    dev["reduce_buckets"] = 0 if setup.stage == 0 else buffers * p * zero.reduce_bucket_size
+    if _fp32_grad_accum(setup):
+        copy = _converted(zero.communication_bytes(setup.dtype)) * min(psi, zero.reduce_bucket_size)
+        dev["reduce_buckets"] = buffers * 4 * zero.reduce_bucket_size + copy
 
     # ZeRO-3 gathers each module's parameters before use, prefetches up to prefetch_bucket_size ahead
     # and keeps up to max_live_parameters gathered (parameters reused soon, i.e. the last layers,
@@ -545,7 +584,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     dev["zero3_live_params"] = live
 
     temporaries = optimizer_temporaries(counts, setup, zero)
-    dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries, stepped_elements(counts, setup, zero))
+    dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries, stepped_elements(counts, setup, zero),
+                                                  zero.communication_bytes(setup.dtype))
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])

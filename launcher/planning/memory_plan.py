@@ -78,16 +78,18 @@ def precision_of(cfg: RunConfig) -> str:
 
 def zero_settings(cfg: RunConfig, hidden_size: Optional[int], params: Optional[int] = None) -> ZeroSettings:
     """The bucket settings render_deepspeed_config will write, known before the stage is: our defaults,
-    or the numbers in the user's `zero.config` where it has them."""
+    or the numbers in the user's `zero.config` where it has them (and its communication_data_type)."""
     ours = zero_defaults(cfg, hidden_size, params)
-    zero = dict(ours)
+    zero, top = dict(ours), {}
     if cfg.zero.config:
         try:
-            user = json.loads(Path(cfg.zero.config).read_text()).get("zero_optimization") or {}
+            top = json.loads(Path(cfg.zero.config).read_text())
+            user = top.get("zero_optimization") or {}
         except (OSError, ValueError, AttributeError):
-            user = {}  # render_deepspeed_config reports an unreadable zero.config, naming the field
+            top, user = {}, {}  # render_deepspeed_config reports an unreadable zero.config, naming the field
         zero = {key: ours.get(key) if value == "auto" else value for key, value in user.items()}
-    return ZeroSettings.from_deepspeed({"zero_optimization": zero})
+    return ZeroSettings.from_deepspeed({"zero_optimization": zero,
+                                        "communication_data_type": top.get("communication_data_type")})
 
 
 def long_context_of(cfg: RunConfig, counts: Optional[ModelCounts], sequence_parallel: Optional[int] = None,
