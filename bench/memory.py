@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.memory --variants 2 3 --save m.json
     .venv/bin/python -m bench.memory --replay m.json # recompute the estimates against saved measurements
     .venv/bin/python -m bench.memory --precision bf16 --variants 1 2 3   # mixed precision, fp32 gradient sums
+    .venv/bin/python -m bench.memory --variants 1+opt --set zero.overlap_comm=true   # run-config overrides
 
 Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32 or bf16, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
 (134.5 M parameters, tied embeddings) for ZeRO 0-3 and stages 1-3 with `zero.offload_optimizer: cpu`, one
@@ -52,7 +53,7 @@ from bench._runner import (
     run_tree,
     wait_for_quiet,
 )
-from launcher.contract.config import validate_config
+from launcher.contract.config import apply_overrides, validate_config
 from launcher.contract.run_dir import RunDir
 from launcher.planning.memory import (
     GB,
@@ -93,11 +94,12 @@ class Measurement:
 
 
 def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq_len: int,
-               precision: str = "fp32") -> dict:
+               precision: str = "fp32", overrides: tuple[str, ...] = ()) -> dict:
     """fp32: one micro-batch per step. bf16: two (global batch 4), so gradients sum in fp32 between them, as the
-    launcher renders it for any bf16 run with accumulation (data_types.grad_accum_dtype)."""
+    launcher renders it for any bf16 run with accumulation (data_types.grad_accum_dtype). `overrides` (`--set`,
+    KEY=VALUE as on shardtune's command line) apply to the variants, not to the baseline."""
     stage, offload = VARIANTS.get(name, (2, False))
-    return {
+    raw = {
         "model": {"name_or_path": str(model)},
         "data": {"path": str(DATA), "format": "messages", "seq_len": seq_len},
         "train": {"max_steps": steps, "micro_batch_size": 1, "global_batch_size": 2 if precision == "fp32" else 4,
@@ -107,15 +109,17 @@ def run_config(name: str, mode: str, model: Path, run_dir: Path, steps: int, seq
         "wandb": {"mode": "disabled"},
         "output_dir": str(run_dir),
     }
+    return apply_overrides(raw, list(overrides)) if name in VARIANTS else raw
 
 
 def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: int, max_load: float,
-            precision: str = "fp32") -> Measurement:
+            precision: str = "fp32", overrides: tuple[str, ...] = ()) -> Measurement:
     """One `shardtune launch`, watched by bench._runner: the peak is reset once step 1 is logged, read at step 3."""
     run = RunDir(work / f"run-{name}-{mode}")
     shutil.rmtree(run.path, ignore_errors=True)
     cfg_path = work / f"{name}-{mode}.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run.path, steps, seq_len, precision)))
+    cfg_path.write_text(yaml.safe_dump(run_config(name, mode, model, run.path, steps, seq_len, precision,
+                                                      overrides)))
     load = wait_for_quiet(max_load, 3600, lambda m: print(f"  {m}", file=sys.stderr, flush=True), fail=True)
     result = Measurement(name, mode, load_before=load)
 
@@ -272,7 +276,7 @@ def collect(args, work: Path) -> dict:
     results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": f"{platform.node()}, {machine_words()}, Python "
                           f"{platform.python_version()}, glibc {platform.libc_ver()[1]}",
-               "seq_len": args.seq_len, "steps": args.steps, "precision": args.precision,
+               "seq_len": args.seq_len, "steps": args.steps, "precision": args.precision, "set": args.set,
                "import_only_rss": import_only_rss(work),
                "skeleton_counts": counts_from_path(skeleton).to_dict(), "baseline": {}, "variants": {}}
     for mode in MODES:
@@ -282,7 +286,8 @@ def collect(args, work: Path) -> dict:
     for name in args.variants:
         results["variants"][name] = {}
         for mode in MODES:
-            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load, args.precision)
+            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load, args.precision,
+                        tuple(args.set))
             results["variants"][name][mode] = asdict(m)
             print(f"ZeRO-{name} ({mode}): {_gb(m.train_peak)} GB over steps 2-3, {_gb(m.init_peak)} GB up to step 1, "
                   f"{m.seconds:.0f} s, load {m.load_before:.2f}", flush=True)
@@ -302,6 +307,8 @@ def main() -> int:
     ap.add_argument("--save", type=Path, default=None, help="write the measurements as JSON")
     ap.add_argument("--replay", type=Path, default=None, help="skip running: compare with saved measurements")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown for RESULTS.md")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="run-config overrides for the variants, e.g. zero.overlap_comm=true (as a GPU run renders)")
     args = ap.parse_args()
     if args.steps < 4:
         ap.error("--steps must be at least 4: step 1 allocates the optimizer, steps 2-3 are measured, the save follows")
@@ -322,6 +329,8 @@ def main() -> int:
     rows = table_rows(results, counts)
     precision = results.get("precision", "fp32")
     batch = "global batch 2" if precision == "fp32" else "global batch 4 (fp32 gradient sums)"
+    if results.get("set"):
+        batch += f", variants with {' '.join(results['set'])}"
     print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, {precision}, micro batch 1, {batch}, "
           f"seq_len {results['seq_len']}; "
           f"GB = 1e9 bytes per rank, worst rank; {results['when']}, {results['machine']}")
