@@ -184,7 +184,7 @@ class RankEstimate:
 
     kept: int  # device model states + staging + this rank's share of the offloaded optimizer
     forward_backward: int
-    step: int  # the optimizer step's buffers wherever they run (torch AdamW temporaries on the host if offloaded)
+    step: int  # the phase after activations: the device's buffers, or the host's AdamW temporaries if offloaded
     fragmentation: int
 
     @classmethod
@@ -193,7 +193,9 @@ class RankEstimate:
         temps = optimizer_temporaries(counts, s) if s.offload_optimizer else 0
         host = (est.host["offloaded_optimizer"] + est.host["offloaded_params"]) // s.gpus_per_node - temps
         kept = d["params"] + d["gradients"] + d["optimizer_states"] + d["offload_staging"] + host
-        return cls(kept, est.forward_backward, d["optimizer_step_buffers"] + temps, d["fragmentation"])
+        # Offloaded, the device's buffers of that phase (a tied head's last gradient) are gone by the host's step.
+        step = max(d["optimizer_step_buffers"], temps) if s.offload_optimizer else d["optimizer_step_buffers"]
+        return cls(kept, est.forward_backward, step, d["fragmentation"])
 
     def total(self, runtime: int) -> int:
         return self.kept + max(self.forward_backward, self.step) + self.fragmentation + runtime

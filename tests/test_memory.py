@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher.contract.errors import ConfigError
+from launcher.planning import memory
 from launcher.planning.estimate import estimate_command
 from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration
 from launcher.planning.memory import (
@@ -22,6 +23,7 @@ from launcher.planning.memory import (
     layer_activation_bytes,
     logits_bytes,
     model_state_bytes,
+    norm_elements,
     optimizer_temporaries,
 )
 from launcher.planning.model_size import counts_from_config, counts_from_params, counts_from_path
@@ -233,8 +235,9 @@ def test_deepspeed_buffers_by_stage_and_offload():
         return estimate_memory(counts, Setup(world_size=n, gpus_per_node=8, **kw))
 
     z1, z2, z3 = est(stage=1), est(stage=2), est(stage=3)
-    assert z1.device["optimizer_step_buffers"] == 2 * psi // n  # the bf16 partition gathered next to full grads
-    assert z2.device["optimizer_step_buffers"] == 4 * psi // n  # its fp32 copy for the master weights
+    norm = 8 * min(big, psi // n)  # the gradient norm's fp64 copy of the head's, before the step's own buffers
+    assert z1.device["optimizer_step_buffers"] == max(2 * psi // n, norm)  # the bf16 partition beside full grads
+    assert z2.device["optimizer_step_buffers"] == max(4 * psi // n, norm)  # its fp32 copy for the master weights
     assert z3.device["optimizer_step_buffers"] == 4 * psi // n
     off = est(stage=2, offload_optimizer=True)
     assert off.device["offload_staging"] == 2 * big  # temp_grad_buffer_for_gpu_offload, for the whole run
@@ -250,13 +253,16 @@ def test_torch_adamw_temporaries_only_for_the_torch_optimizer():
     psi, n = counts.total, 2
     fused = estimate_memory(counts, Setup(stage=2, world_size=n, gpus_per_node=2, dtype="fp32"))
     torch_ = estimate_memory(counts, Setup(stage=2, world_size=n, gpus_per_node=2, dtype="fp32", optimizer="torch"))
-    assert fused.device["optimizer_step_buffers"] == 0  # fp32: the gradient partition needs no fp32 copy
+    norm = 8 * counts.largest_tensor  # the gradient norm's fp64 copy of the embedding's: the fused step's only one
+    assert fused.device["optimizer_step_buffers"] == norm  # fp32: the gradient partition needs no fp32 copy
     assert torch_.device["optimizer_step_buffers"] == 2 * 4 * psi // n  # sqrt(v) and its quotient
     z0 = estimate_memory(counts, Setup(stage=0, world_size=n, gpus_per_node=2, dtype="fp32", optimizer="torch"))
     assert z0.device["optimizer_step_buffers"] == 4 * psi  # the all-reduce flattening outweighs 2 × the embedding
     off = estimate_memory(counts, Setup(stage=2, world_size=n, gpus_per_node=2, dtype="fp32", optimizer="torch",
                                         offload_optimizer=True))
-    assert off.device["optimizer_step_buffers"] == 0  # the step runs on the host
+    # The step runs on the host; the device's phase after activations holds the tied head's last gradient and its
+    # fp64 copy for the norm.
+    assert off.device["optimizer_step_buffers"] == 4 * counts.largest_tensor + norm
     with pytest.raises(ConfigError, match="optimizer: must be one of fused, torch, got 'sgd'"):
         estimate_memory(counts, Setup(stage=2, world_size=n, gpus_per_node=2, optimizer="sgd"))
 
@@ -279,7 +285,8 @@ def test_estimate_matches_the_trainer_measured_on_cpu(stage, offload):
     d = est.device
     temps = optimizer_temporaries(counts, setup) if offload else 0
     kept = est.model_states + d["offload_staging"] + est.host["offloaded_optimizer"] // 2 - temps
-    per_rank = kept + max(est.forward_backward, d["optimizer_step_buffers"] + temps) + d["fragmentation"]
+    step = max(d["optimizer_step_buffers"], temps)  # offloaded, a tied head's last gradient, then the host's step
+    per_rank = kept + max(est.forward_backward, step) + d["fragmentation"]
     measured = MEASURED_ON_CPU[(stage, offload)]
     assert abs(per_rank / 1e9 + MEASURED_RUNTIME_GB - measured) / measured < 0.06, (per_rank / 1e9, measured)
 
@@ -565,7 +572,8 @@ def test_zero3_steps_one_sub_group_at_a_time_as_deepspeed_groups_them():
     assert estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8, dtype="bf16"),
                            small).device["optimizer_step_buffers"] < step.device["optimizer_step_buffers"] / 5
     fp32 = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8, dtype="fp32"), ZeroSettings())
-    assert fp32.device["optimizer_step_buffers"] == 0  # the fp32 gradient partition is stepped as it is
+    # The fp32 gradient partition is stepped as it is: only the norm's fp64 copy of the head's partition remains.
+    assert fp32.device["optimizer_step_buffers"] == 8 * math.ceil(counts.largest_tensor / n)
 
 
 def test_zero2_steps_its_fp32_gradient_sums_in_place():
@@ -582,8 +590,9 @@ def test_zero2_steps_its_fp32_gradient_sums_in_place():
         setup = Setup(stage=stage, world_size=n, gpus_per_node=8, dtype="bf16", fp32_accumulation=sums)
         return estimate_memory(counts, setup).device["optimizer_step_buffers"]
 
-    assert step(2, sums=True) == 0
-    assert step(2, sums=False) == 4 * psi // n
+    norm = 8 * min(counts.largest_tensor, psi // n)  # the norm's fp64 copy of the largest gradient, before the step
+    assert step(2, sums=True) == norm
+    assert step(2, sums=False) == max(4 * psi // n, norm)
     assert step(3, sums=True) == step(3, sums=False) == 4 * psi // n  # one sub-group: the whole partition here
 
 
@@ -594,6 +603,7 @@ import json, os, sys
 rank, store, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
 import torch, torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 from trainer.ops import pin_build_dir
 pin_build_dir()  # the comm op the group loads: from make install's build, as a rank would
 import deepspeed, deepspeed.comm
@@ -604,17 +614,29 @@ def recording(tensor, *args, **kwargs):
     reduced.append([str(tensor.dtype), tensor.numel()])
     return real(tensor, *args, **kwargs)
 dist.all_reduce = recording
-out = []
+class Fp64(TorchDispatchMode):  # the largest fp64 tensor made inside: the gradient norm's copies
+    def __enter__(self):
+        self.largest = 0
+        return super().__enter__()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.dtype == torch.float64 and result.numel() > 1:  # not norms
+            self.largest = max(self.largest, result.numel())
+        return result
+out, fp64 = [], Fp64()
 for ds_config in configs:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(512, 256), torch.nn.Linear(256, 2048), torch.nn.Linear(2048, 512))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
+    norm_in_backward = 0
     for micro in range(ds_config["gradient_accumulation_steps"]):
         if engine.is_gradient_accumulation_boundary():
             reduced.clear()  # what the boundary's backward reduces
         ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(rank * 10 + micro))
         logits = engine(ids)
-        engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()))
+        with fp64:
+            engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()))
+        norm_in_backward = max(norm_in_backward, fp64.largest)
         opt = engine.optimizer
         if not engine.is_gradient_accumulation_boundary():  # between micro-batches: what holds the sums so far
             between = [[str(t.dtype), t.numel()] for p in model.parameters()
@@ -628,8 +650,13 @@ for ds_config in configs:
             if hasattr(opt, "grad_partitions_flat_buffer"):  # stage 3: the sums, and the sub-groups' fp32 grads
                 sums = [opt.grad_partitions_flat_buffer]
                 host = [g.grad for g in opt.fp32_partitioned_groups_flat if g.grad is not None]
-        engine.step()
+        with fp64:
+            engine.step()
+    norms = torch.tensor([norm_in_backward, fp64.largest])  # in backward, and in the step
+    real(norms, op=dist.ReduceOp.MAX)  # the larger rank's
     out.append({"optimizer": type(opt).__name__, "reduced": list(reduced), "between": between, "buckets": buckets,
+                "fp64": {"backward": int(norms[0]), "step": int(norms[1])},
+                "largest": max(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: whole
                 "sums": [[str(t.dtype), t.numel(), str(t.device)] for t in sums],
                 "apart_from_host_grads": all(t.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
@@ -671,6 +698,8 @@ def bf16_ranks(tmp_path_factory) -> dict:
     fp32_reduction = tmp / "fp32-reduction.json"  # a user's zero.config: reduce in fp32
     fp32_reduction.write_text(json.dumps({"zero_optimization": {"stage": 1}, "communication_data_type": "fp32"}))
     configs = [rendered_bf16_config(tmp, "zero.stage=1"),
+               rendered_bf16_config(tmp, "zero.stage=2"),
+               rendered_bf16_config(tmp, "zero.stage=3"),
                rendered_bf16_config(tmp, "zero.stage=2", "zero.offload_optimizer=cpu"),
                rendered_bf16_config(tmp, "zero.stage=1", "zero.offload_optimizer=cpu"),
                rendered_bf16_config(tmp, "zero.stage=3", "zero.offload_optimizer=cpu"),
@@ -684,7 +713,8 @@ def bf16_ranks(tmp_path_factory) -> dict:
     seen = json.loads(outputs[0][0].split("RESULT ", 1)[1])
     for result, ds_config in zip(seen, configs):
         result["ds_config"] = ds_config
-    names = ("zero1", "zero2_offloaded", "zero1_offloaded", "zero3_offloaded", "zero1_fp32_reduction")
+    names = ("zero1", "zero2", "zero3", "zero2_offloaded", "zero1_offloaded", "zero3_offloaded",
+             "zero1_fp32_reduction")
     return dict(zip(names, seen, strict=True)) | {"fp32_reduction_file": fp32_reduction}
 
 
@@ -726,6 +756,73 @@ def test_zero1_bf16_reducing_in_fp32_needs_no_copy(bf16_ranks):
         assert zero.communication_dtype == "fp32"
         assert estimate_memory(counts, setup, zero).device["optimizer_step_buffers"] == 0  # fused AdamW: none
     assert estimate_memory(counts, setup).device["optimizer_step_buffers"] == 2 * psi
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero1_offloaded", "zero2_offloaded", "zero3_offloaded"])
+def test_the_gradient_norms_fp64_copies_are_counted_where_deepspeed_makes_them(bf16_ranks, name, monkeypatch):
+    """ZeRO's optimizers compute the gradient norm in fp64 (zero/utils.py get_norm_dtype), converting one gradient at
+    a time: each parameter's slice of a rank's partition at stages 1-2, its partition at stage 3. Offloaded, that
+    happens in backward as the gradient leaves for the host, at the activation peak when it is the head's;
+    otherwise in the step. Uncounted, 8 bytes per element of the largest slice: 4.2 GB per GPU at the backward peak
+    of Llama-3-8B at ZeRO-2 with the optimizer offloaded on 8 GPUs (the head's 525 M elements). BF16_Optimizer
+    (bf16 ZeRO-1 with fp32 sums) makes none. Seen on two real ranks: the largest fp64 tensor of either."""
+    seen = bf16_ranks[name]
+    psi, largest = seen["params"], seen["largest"]
+    stage, offload = int(name[4]), name.endswith("offloaded")
+    bound = -(-largest // 2) if stage == 3 else min(largest, -(-psi // 2))  # from the model's shapes
+    where, elsewhere = ("backward", "step") if offload else ("step", "backward")
+    assert bound - 1024 <= seen["fp64"][where] <= bound and seen["fp64"][elsewhere] == 0  # 512: a bias beside it
+    expected = bound
+
+    counts = replace(counts_from_params(psi), largest_tensor=largest)
+    setup = Setup(stage=stage, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True,
+                  offload_optimizer=offload)
+    assert norm_elements(counts, setup) == expected
+    est = estimate_memory(counts, setup).device
+    monkeypatch.setattr(memory, "NORM_BYTES", 0)
+    uncounted = estimate_memory(counts, setup).device
+    if offload:  # on top of the gradient in flight
+        assert est["gradient_in_flight"] - uncounted["gradient_in_flight"] == 8 * expected
+    else:  # before the step's own buffers, not beside them
+        assert est["optimizer_step_buffers"] == max(uncounted["optimizer_step_buffers"], 8 * expected)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_heads_gradient_is_whole_only_at_the_end_of_backward(hf, tied):
+    """What the plan's placement of the norm's copy rests on: a parameter's gradient hook (where ZeRO reduces it)
+    runs once its gradient is whole. An untied head's is the first of backward, at the activation peak; a tied
+    head's is summed with the embedding's, so it is the last, after the activations are freed."""
+    torch, _ = hf
+    model = build(hf, {**TINY, "model_type": "llama", "num_hidden_layers": 2, "tie_word_embeddings": tied})
+    order = []
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert order.count(head) == 1 and order.index(head) == (len(order) - 1 if tied else 0)
+
+
+def test_the_norms_copy_of_a_tied_head_comes_after_the_activation_peak():
+    """Offloaded, the copy made at the activation peak is of a layer's largest gradient (SmolLM2: an MLP projection,
+    576 × 1,536), and the tied head's (49,152 × 576) comes with its gradient after the activations are freed, in
+    the phase the step's buffers are counted in."""
+    counts = counts_from_path(CONFIGS / "smollm2_135m.json")
+    psi, mlp, head = counts.total, 576 * 1536, 49152 * 576
+    setup = Setup(stage=2, world_size=2, gpus_per_node=2, dtype="bf16", offload_optimizer=True)
+    plain = estimate_memory(counts, setup).device
+    untied = estimate_memory(counts_from_config({**json.loads((CONFIGS / "smollm2_135m.json").read_text()),
+                                                 "tie_word_embeddings": False}), setup).device
+    assert plain["optimizer_step_buffers"] == 2 * head + 8 * min(head, psi // 2)
+    assert untied["optimizer_step_buffers"] == 0
+    assert plain["gradient_in_flight"] - 2 * head == 8 * mlp  # beside the head's gradient, counted in flight
+
+
+def test_bf16_optimizer_makes_no_fp64_copies(bf16_ranks):
+    seen = bf16_ranks["zero1"]
+    assert seen["optimizer"] == "BF16_Optimizer" and seen["fp64"] == {"backward": 0, "step": 0}
+    setup = Setup(stage=1, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True)
+    assert norm_elements(counts_from_params(seen["params"]), setup) == 0
 
 
 def test_zero2_offloaded_keeps_its_fp32_sums_on_the_device(bf16_ranks):

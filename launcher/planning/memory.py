@@ -43,6 +43,8 @@ OPTIMIZER_BYTES = {"bf16": 12, "fp16": 12, "fp32": 8}
 # gradient partition), p bytes: (16 + p)·Ψ/N per rank.
 HOST_OPTIMIZER_BYTES = 16
 DS_STAGE0_ALLREDUCE = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE: stage 0 flattens grads in such buckets
+NORM_BYTES = 8  # ZeRO's gradient norms convert each gradient to fp64 (zero/utils.py get_norm_dtype), on any GPU
+STAGE3_NORM_SPLIT = 250_000_000  # stage3.py _constant_buffered_norm2: the offloaded norm converts this much at a time
 
 
 @dataclass(frozen=True)
@@ -464,6 +466,35 @@ def _fp32_grad_accum(setup: Setup) -> bool:
     return setup.stage == 1 and _fp32_sums(setup) and not _bf16_optimizer(setup)
 
 
+def norm_elements(counts: ModelCounts, setup: Setup, tensor: Optional[int] = None) -> int:
+    """Elements of a gradient of `tensor` elements (default: the largest) that ZeRO's optimizers copy to fp64
+    (NORM_BYTES) for the gradient norm, one tensor at a time: the parameter's slice of the rank's partition at
+    stages 1-2 (at most the tensor, at most the partition), its partition at stage 3, in 250M-element pieces when
+    offloaded. Offloaded, this happens in backward as each gradient is reduced at the boundary
+    (set_norm_for_param_grad_in_gpu); otherwise in the step, before its fp32 copy (get_grad_norm_direct).
+    BF16_Optimizer and stage 0 make no such copy."""
+    if setup.stage == 0 or _bf16_optimizer(setup):
+        return 0
+    n, tensor = setup.world_size, counts.largest_tensor if tensor is None else tensor
+    if setup.stage == 3:
+        partition = -(-tensor // n)
+        return min(partition, STAGE3_NORM_SPLIT) if setup.offload_optimizer else partition
+    return min(tensor, -(-counts.total // n))
+
+
+def tied_head_is_largest(counts: ModelCounts) -> bool:
+    """Whether the largest gradient is a tied head's, which is whole only once backward reaches the embedding,
+    after the activations are freed: autograd sums both uses before the parameter's hook runs."""
+    return counts.tied_embeddings and counts.largest_tensor == counts.vocab_size * counts.hidden_size
+
+
+def largest_in_layers(counts: ModelCounts) -> int:
+    """A bound on the largest tensor of a decoder layer: an MLP or expert projection, or the query projection."""
+    h = counts.hidden_size
+    expert = counts.moe.expert_intermediate if counts.moe is not None else 0
+    return h * max(counts.intermediate_size, expert, counts.num_heads * counts.head_dim)
+
+
 def stepped_elements(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings()) -> int:
     """The most fp32 elements one optimizer step call updates on a rank: a parameter without ZeRO, the flat
     partition at stages 1-2, and at stage 3 one sub-group of it. stage3.py (0.19) steps sub-group by sub-group,
@@ -562,6 +593,15 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) and not held_by_loss else 0
     if _fp32_grad_accum(setup):  # each hook adds the low-precision gradient, converted to fp32, to its grad_accum
         dev["gradient_in_flight"] = (0 if held_by_loss else unit * p) + 4 * unit
+    # Offloaded, the norm's fp64 copy of each gradient leaving for the host is made in backward: at the activation
+    # peak for the head's, unless it is tied, whose copy comes at the end of backward with its gradient.
+    norm = NORM_BYTES * norm_elements(counts, setup)
+    tail = 0
+    if setup.offload_optimizer and tied_head_is_largest(counts):
+        dev["gradient_in_flight"] += NORM_BYTES * norm_elements(counts, setup, largest_in_layers(counts))
+        tail = p * counts.largest_tensor + norm
+    elif setup.offload_optimizer:
+        dev["gradient_in_flight"] += norm
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
@@ -586,6 +626,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     temporaries = optimizer_temporaries(counts, setup, zero)
     dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries, stepped_elements(counts, setup, zero),
                                                   zero.communication_bytes(setup.dtype))
+    # Without offload the norm's fp64 copies come in the step, one at a time, before its own buffers.
+    dev["optimizer_step_buffers"] = max(dev["optimizer_step_buffers"], tail if setup.offload_optimizer else norm)
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])
