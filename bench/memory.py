@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.memory --replay m.json # recompute the estimates against saved measurements
     .venv/bin/python -m bench.memory --precision bf16 --variants 1 2 3   # mixed precision, fp32 gradient sums
     .venv/bin/python -m bench.memory --variants 1+opt --set zero.overlap_comm=true   # run-config overrides
+    .venv/bin/python -m bench.memory --untied --variants 2+opt   # SmolLM2 with an untied head, as large models
 
 Runs `shardtune launch` (2 ranks, torchrun, gloo, fp32 or bf16, micro batch 1, seq_len 128) on SmolLM2-135M-Instruct
 (134.5 M parameters, tied embeddings) for ZeRO 0-3 and stages 1-3 with `zero.offload_optimizer: cpu`, one
@@ -169,6 +170,24 @@ def make_skeleton(work: Path) -> Path:
     return out
 
 
+def make_untied(work: Path) -> Path:
+    """SmolLM2 with its head untied: a copy of the embedding as its own lm_head (162.8 M parameters). The head's
+    gradient is then whole at the start of backward, at the activation peak, as in Llama-3 and most large models,
+    instead of at its end."""
+    out = work / "untied"
+    if not (out / "model.safetensors").is_file():
+        code = ("import sys, torch, transformers\n"
+                "model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], tie_word_embeddings=False,\n"
+                "                                                          dtype=torch.float32)\n"
+                "model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)\n"
+                "model.save_pretrained(sys.argv[2])\n")
+        subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out)], check=True, cwd=REPO, capture_output=True)
+    for name in TOKENIZER_FILES:
+        if (SMOLLM2 / name).is_file():
+            shutil.copy(SMOLLM2 / name, out / name)
+    return out
+
+
 def estimate_for(counts: ModelCounts, ran: Measurement, margins: Margins) -> MemoryEstimate:
     """The planner's estimate of what ran: the Setup the launcher's own plan derives from the resolved run config and
     the DeepSpeed config it rendered (the chunked loss, the attention kernel, the stage and buckets it chose)."""
@@ -275,7 +294,10 @@ def collect(args, work: Path) -> dict:
     if not (SMOLLM2 / "config.json").is_file():
         subprocess.run([str(PYTHON), "-m", "examples.demo_model", str(SMOLLM2)], check=True, cwd=REPO)
     skeleton = make_skeleton(work)
-    results = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    model = make_untied(work) if args.untied else SMOLLM2
+    results = {"model": "SmolLM2-135M, untied" if args.untied else "SmolLM2-135M",
+               "counts": counts_from_path(model).to_dict(),
+               "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": f"{platform.node()}, {machine_words()}, Python "
                           f"{platform.python_version()}, glibc {platform.libc_ver()[1]}",
                "seq_len": args.seq_len, "steps": args.steps, "precision": args.precision, "set": args.set,
@@ -288,7 +310,7 @@ def collect(args, work: Path) -> dict:
     for name in args.variants:
         results["variants"][name] = {}
         for mode in MODES:
-            m = measure(name, mode, SMOLLM2, work, args.steps, args.seq_len, args.max_load, args.precision,
+            m = measure(name, mode, model, work, args.steps, args.seq_len, args.max_load, args.precision,
                         tuple(args.set))
             results["variants"][name][mode] = asdict(m)
             print(f"ZeRO-{name} ({mode}): {_gb(m.train_peak)} GB over steps 2-3, {_gb(m.init_peak)} GB up to step 1, "
@@ -309,6 +331,8 @@ def main() -> int:
     ap.add_argument("--save", type=Path, default=None, help="write the measurements as JSON")
     ap.add_argument("--replay", type=Path, default=None, help="skip running: compare with saved measurements")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown for RESULTS.md")
+    ap.add_argument("--untied", action="store_true",
+                    help="train SmolLM2 with its head untied (a copy of the embedding), as large models are")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="run-config overrides for the variants, e.g. zero.overlap_comm=true (as a GPU run renders)")
     args = ap.parse_args()
@@ -326,14 +350,18 @@ def main() -> int:
                 shutil.rmtree(work, ignore_errors=True)
         if args.save:
             args.save.write_text(json.dumps(results, indent=1) + "\n")
-    counts = counts_from_path(SMOLLM2 if (SMOLLM2 / "config.json").is_file()
-                              else REPO / "tests" / "data" / "model_configs" / "smollm2_135m.json")
+    if "counts" in results:  # recorded since --untied
+        counts = ModelCounts(**results["counts"])
+    else:
+        counts = counts_from_path(SMOLLM2 if (SMOLLM2 / "config.json").is_file()
+                                  else REPO / "tests" / "data" / "model_configs" / "smollm2_135m.json")
     rows = table_rows(results, counts)
     precision = results.get("precision", "fp32")
     batch = "global batch 2" if precision == "fp32" else "global batch 4 (fp32 gradient sums)"
     if results.get("set"):
         batch += f", variants with {' '.join(results['set'])}"
-    print(f"\nSmolLM2-135M ({counts.total:,} parameters), 2 ranks, {precision}, micro batch 1, {batch}, "
+    print(f"\n{results.get('model', 'SmolLM2-135M')} ({counts.total:,} parameters), 2 ranks, {precision}, "
+          f"micro batch 1, {batch}, "
           f"seq_len {results['seq_len']}; "
           f"GB = 1e9 bytes per rank, worst rank; {results['when']}, {results['machine']}")
     print(table(rows))
