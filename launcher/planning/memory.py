@@ -482,13 +482,13 @@ def norm_elements(counts: ModelCounts, setup: Setup, tensor: Optional[int] = Non
     return min(tensor, -(-counts.total // n))
 
 
-def tied_head_is_largest(counts: ModelCounts) -> bool:
+def _tied_head_is_largest(counts: ModelCounts) -> bool:
     """Whether the largest gradient is a tied head's, which is whole only once backward reaches the embedding,
     after the activations are freed: autograd sums both uses before the parameter's hook runs."""
     return counts.tied_embeddings and counts.largest_tensor == counts.vocab_size * counts.hidden_size
 
 
-def largest_in_layers(counts: ModelCounts) -> int:
+def _largest_in_layers(counts: ModelCounts) -> int:
     """A bound on the largest tensor of a decoder layer: an MLP or expert projection, or the query projection."""
     h = counts.hidden_size
     expert = counts.moe.expert_intermediate if counts.moe is not None else 0
@@ -597,8 +597,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     # peak for the head's, unless it is tied, whose copy comes at the end of backward with its gradient.
     norm = NORM_BYTES * norm_elements(counts, setup)
     tail = 0
-    if setup.offload_optimizer and tied_head_is_largest(counts):
-        dev["gradient_in_flight"] += NORM_BYTES * norm_elements(counts, setup, largest_in_layers(counts))
+    if setup.offload_optimizer and _tied_head_is_largest(counts):
+        dev["gradient_in_flight"] += NORM_BYTES * norm_elements(counts, setup, _largest_in_layers(counts))
         tail = p * counts.largest_tensor + norm
     elif setup.offload_optimizer:
         dev["gradient_in_flight"] += norm
