@@ -597,7 +597,8 @@ def test_zero2_steps_its_fp32_gradient_sums_in_place():
 
 
 # Two ranks train one step per DeepSpeed config given (bf16 with accumulation, as the launcher renders it) and report,
-# per config, the optimizer DeepSpeed picked, the tensors the boundary all-reduces and the buffers holding the sums.
+# per config, the optimizer DeepSpeed picked, the tensors the boundary all-reduces, the buffers holding the sums between
+# micro-batches and at the boundary, and the largest fp64 tensor made in backward and in the step (the norm's copies).
 BOUNDARY_REDUCTION = """
 import json, os, sys
 rank, store, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
@@ -692,8 +693,9 @@ def rendered_bf16_config(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bf16_ranks(tmp_path_factory) -> dict:
-    """Two real ranks train a step under bf16 ZeRO-1, and ZeRO-1, 2 and 3 with the optimizer offloaded, each with
-    the DeepSpeed config the launcher renders, and report what DeepSpeed reduced and where it kept the sums."""
+    """Two real ranks train a step under bf16 ZeRO-1-3 with and without the optimizer offloaded, and ZeRO-1 with a
+    zero.config reducing in fp32, each with the DeepSpeed config the launcher renders, and report what DeepSpeed
+    reduced, where it kept the sums and the fp64 copies it made (BOUNDARY_REDUCTION)."""
     tmp = tmp_path_factory.mktemp("bf16-ranks")
     fp32_reduction = tmp / "fp32-reduction.json"  # a user's zero.config: reduce in fp32
     fp32_reduction.write_text(json.dumps({"zero_optimization": {"stage": 1}, "communication_data_type": "fp32"}))
@@ -772,19 +774,18 @@ def test_the_gradient_norms_fp64_copies_are_counted_where_deepspeed_makes_them(b
     bound = -(-largest // 2) if stage == 3 else min(largest, -(-psi // 2))  # from the model's shapes
     where, elsewhere = ("backward", "step") if offload else ("step", "backward")
     assert bound - 1024 <= seen["fp64"][where] <= bound and seen["fp64"][elsewhere] == 0  # 512: a bias beside it
-    expected = bound
 
-    counts = replace(counts_from_params(psi), largest_tensor=largest)
+    counts = replace(counts_from_params(psi), largest_tensor=largest, tied_embeddings=False)  # as the model above
     setup = Setup(stage=stage, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True,
                   offload_optimizer=offload)
-    assert norm_elements(counts, setup) == expected
+    assert norm_elements(counts, setup) == bound
     est = estimate_memory(counts, setup).device
     monkeypatch.setattr(memory, "NORM_BYTES", 0)
     uncounted = estimate_memory(counts, setup).device
     if offload:  # on top of the gradient in flight
-        assert est["gradient_in_flight"] - uncounted["gradient_in_flight"] == 8 * expected
+        assert est["gradient_in_flight"] - uncounted["gradient_in_flight"] == 8 * bound
     else:  # before the step's own buffers, not beside them
-        assert est["optimizer_step_buffers"] == max(uncounted["optimizer_step_buffers"], 8 * expected)
+        assert est["optimizer_step_buffers"] == max(uncounted["optimizer_step_buffers"], 8 * bound)
 
 
 @pytest.mark.parametrize("tied", [True, False])
