@@ -152,17 +152,10 @@ def measure(name: str, mode: str, model: Path, work: Path, steps: int, seq_len: 
     return result
 
 
-def make_skeleton(work: Path) -> Path:
-    """SmolLM2's tokenizer with a 1-layer, 64-wide random model: the baseline's model without weights to speak of."""
-    out = work / "skeleton"
+def _derived_model(out: Path, code: str, *args: str) -> Path:
+    """A model made from SmolLM2 by `code` (run with SmolLM2's path, `out` and `args`), with SmolLM2's tokenizer."""
     if not (out / "model.safetensors").is_file():
-        code = ("import json, sys, torch, transformers\n"
-                "cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])\n"
-                "for k, v in json.loads(sys.argv[3]).items(): setattr(cfg, k, v)\n"
-                "torch.manual_seed(0)\n"
-                "model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)\n"
-                "model.save_pretrained(sys.argv[2])\n")
-        subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out), json.dumps(SKELETON)], check=True, cwd=REPO,
+        subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out), *args], check=True, cwd=REPO,
                        capture_output=True)
     for name in TOKENIZER_FILES:
         if (SMOLLM2 / name).is_file():
@@ -170,22 +163,27 @@ def make_skeleton(work: Path) -> Path:
     return out
 
 
+def make_skeleton(work: Path) -> Path:
+    """SmolLM2's tokenizer with a 1-layer, 64-wide random model: the baseline's model without weights to speak of."""
+    code = ("import json, sys, torch, transformers\n"
+            "cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])\n"
+            "for k, v in json.loads(sys.argv[3]).items(): setattr(cfg, k, v)\n"
+            "torch.manual_seed(0)\n"
+            "model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)\n"
+            "model.save_pretrained(sys.argv[2])\n")
+    return _derived_model(work / "skeleton", code, json.dumps(SKELETON))
+
+
 def make_untied(work: Path) -> Path:
     """SmolLM2 with its head untied: a copy of the embedding as its own lm_head (162.8 M parameters). The head's
     gradient is then whole at the start of backward, at the activation peak, as in Llama-3 and most large models,
     instead of at its end."""
-    out = work / "untied"
-    if not (out / "model.safetensors").is_file():
-        code = ("import sys, torch, transformers\n"
-                "model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], tie_word_embeddings=False,\n"
-                "                                                          dtype=torch.float32)\n"
-                "model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)\n"
-                "model.save_pretrained(sys.argv[2])\n")
-        subprocess.run([str(PYTHON), "-c", code, str(SMOLLM2), str(out)], check=True, cwd=REPO, capture_output=True)
-    for name in TOKENIZER_FILES:
-        if (SMOLLM2 / name).is_file():
-            shutil.copy(SMOLLM2 / name, out / name)
-    return out
+    code = ("import sys, torch, transformers\n"
+            "model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], tie_word_embeddings=False,\n"
+            "                                                          dtype=torch.float32)\n"
+            "model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)\n"
+            "model.save_pretrained(sys.argv[2])\n")
+    return _derived_model(work / "untied", code)
 
 
 def estimate_for(counts: ModelCounts, ran: Measurement, margins: Margins) -> MemoryEstimate:
