@@ -161,7 +161,8 @@ def test_a_cpu_build_of_fused_adam_is_not_taken_for_a_cuda_one_simulated_no_comp
         (shared / "fused_adam" / name).write_bytes(b"")
     assert not host.fused_adam_status().usable
     environment, _machine = build.parent.name.rsplit("-", 1)
-    for folder in (f"{environment[:-1]}0-0123abcd", f"{environment}-0123abcd"):  # another venv's; a GPU node's
+    other = environment[:-1] + ("1" if environment.endswith("0") else "0")  # another venv's key: differs in its last
+    for folder in (f"{other}-0123abcd", f"{environment}-0123abcd"):  # another venv's; a GPU node's
         cuda_build = build.parent.parent / folder / "fused_adam"
         cuda_build.mkdir(parents=True)
         for name in ("fused_adam.so", "multi_tensor_adam.cuda.o"):
