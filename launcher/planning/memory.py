@@ -589,17 +589,21 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     unit = largest
     if setup.stage == 3:
         unit = max(counts.gather_unit, counts.per_layer) if setup.whole_layers else counts.gather_unit
+    # A tied head's gradient is whole only at the end of backward, after the activations are freed: at the peak a
+    # layer's is the one waiting, and the head's (with, offloaded, its norm's copy) counts in the phase after.
     held_by_loss = setup.chunked_loss and unit <= counts.vocab_size * counts.hidden_size
-    dev["gradient_in_flight"] = unit * p if (setup.stage >= 2 or setup.offload_optimizer) and not held_by_loss else 0
+    tied_last = _tied_head_is_largest(counts) and unit == counts.largest_tensor
+    waiting = 0 if held_by_loss and not tied_last else (_largest_in_layers(counts) if tied_last else unit)
+    reduces = setup.stage >= 2 or setup.offload_optimizer
+    dev["gradient_in_flight"] = waiting * p if reduces else 0
     if _fp32_grad_accum(setup):  # each hook adds the low-precision gradient, converted to fp32, to its grad_accum
-        dev["gradient_in_flight"] = (0 if held_by_loss else unit * p) + 4 * unit
-    # Offloaded, the norm's fp64 copy of each gradient leaving for the host is made in backward: at the activation
-    # peak for the head's, unless it is tied, whose copy comes at the end of backward with its gradient.
+        dev["gradient_in_flight"] = waiting * p + 4 * (waiting or unit)
+    # Offloaded, the norm's fp64 copy of each gradient leaving for the host is made in backward, beside it.
     norm = NORM_BYTES * norm_elements(counts, setup)
-    tail = 0
-    if setup.offload_optimizer and _tied_head_is_largest(counts):
+    tail = (p + (4 if _fp32_grad_accum(setup) else 0)) * counts.largest_tensor if tied_last and reduces else 0
+    if setup.offload_optimizer and tied_last:
         dev["gradient_in_flight"] += NORM_BYTES * norm_elements(counts, setup, _largest_in_layers(counts))
-        tail = p * counts.largest_tensor + norm
+        tail += norm
     elif setup.offload_optimizer:
         dev["gradient_in_flight"] += norm
 
@@ -627,7 +631,7 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     dev["optimizer_step_buffers"] = _step_buffers(psi, setup, temporaries, stepped_elements(counts, setup, zero),
                                                   zero.communication_bytes(setup.dtype))
     # Without offload the norm's fp64 copies come in the step, one at a time, before its own buffers.
-    dev["optimizer_step_buffers"] = max(dev["optimizer_step_buffers"], tail if setup.offload_optimizer else norm)
+    dev["optimizer_step_buffers"] = max(dev["optimizer_step_buffers"], tail, 0 if setup.offload_optimizer else norm)
 
     forward_backward = sum(dev[key] for key in FORWARD_BACKWARD_KEYS)
     transient = max(forward_backward, dev["optimizer_step_buffers"])
