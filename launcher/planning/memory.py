@@ -563,6 +563,34 @@ def _snapshot_bytes(psi: int, setup: Setup) -> int:
     return snapshot_bytes_per_node(psi, setup.stage, setup.dtype, setup.world_size, setup.gpus_per_node)
 
 
+def _gradients_waiting(counts: ModelCounts, setup: Setup, unit: int) -> tuple[int, int]:
+    """Bytes of gradient waiting for its reduction at the activation peak, and after the activations are freed.
+
+    Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one waiting for its
+    bucket is whole: `unit`, the largest (the lm_head's comes first, at the peak), or at stage 3 what is gathered
+    as one (an MoE block; every decoder layer of a compiled model). Stages 0-1 keep all gradients whole, which
+    `gradients` already counts. The chunked loss computes the head's weight gradient in its forward (`logits` counts
+    it) and backward hands that tensor over as the one waiting, so where the head's is the largest it counts there.
+    A tied head's gradient is whole only at the end of backward, after the activations: at the peak a layer's is
+    the one waiting, and the head's comes after. On the grad_accum path each hook also converts the gradient to
+    fp32; offloaded, the norm's fp64 copy is made beside it (norm_elements).
+    """
+    p, reduces, converted = PARAM_BYTES[setup.dtype], setup.stage >= 2 or setup.offload_optimizer, 0
+    if _fp32_grad_accum(setup):
+        converted = 4
+    elif not reduces:
+        return 0, 0
+    tied_last = _tied_head_is_largest(counts) and unit == counts.largest_tensor
+    held_by_loss = setup.chunked_loss and unit <= counts.vocab_size * counts.hidden_size and not tied_last
+    at_peak = _largest_in_layers(counts) if tied_last else unit
+    peak = (0 if held_by_loss else p * at_peak) + converted * at_peak
+    tail = (p + converted) * counts.largest_tensor if tied_last and reduces else 0
+    if setup.offload_optimizer:  # the norm copies a tensor's gradient: the largest, or a layer's at a tied peak
+        peak += NORM_BYTES * norm_elements(counts, setup, _largest_in_layers(counts) if tied_last else None)
+        tail += NORM_BYTES * norm_elements(counts, setup) if tied_last else 0
+    return peak, tail
+
+
 def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings(),
                     margins: Margins = Margins()) -> MemoryEstimate:
     """The full estimate for one configuration; the benchmark compares `device` with measurements."""
@@ -579,33 +607,11 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     chunk = loss_chunk_tokens(counts.vocab_size) if setup.chunked_loss else None
     dev["logits"] = logits_bytes(counts, setup.micro_batch_size, setup.seq_len, setup.dtype, chunk,
                                  setup.sequence_parallel)
-    # Stages 2-3 (and offloading) reduce each gradient as soon as backward produces it, so only the one
-    # waiting for its bucket is whole: the largest (the lm_head's comes first, at the activation peak).
-    # Stages 0-1 keep all gradients whole, which `gradients` already counts.
-    # At stage 3 a leaf module (an MoE block; every decoder layer of a compiled model) is gathered, and its
-    # gradients reduced, as one.
-    # The chunked loss computes the head's weight gradient in its forward (`logits` counts it) and backward hands
-    # that tensor over as the one waiting, so where the head's is the largest it is counted there, once.
     unit = largest
     if setup.stage == 3:
         unit = max(counts.gather_unit, counts.per_layer) if setup.whole_layers else counts.gather_unit
-    # A tied head's gradient is whole only at the end of backward, after the activations are freed: at the peak a
-    # layer's is the one waiting, and the head's (with, offloaded, its norm's copy) counts in the phase after.
-    held_by_loss = setup.chunked_loss and unit <= counts.vocab_size * counts.hidden_size
-    tied_last = _tied_head_is_largest(counts) and unit == counts.largest_tensor
-    waiting = 0 if held_by_loss and not tied_last else (_largest_in_layers(counts) if tied_last else unit)
-    reduces = setup.stage >= 2 or setup.offload_optimizer
-    dev["gradient_in_flight"] = waiting * p if reduces else 0
-    if _fp32_grad_accum(setup):  # each hook adds the low-precision gradient, converted to fp32, to its grad_accum
-        dev["gradient_in_flight"] = waiting * p + 4 * (waiting or unit)
-    # Offloaded, the norm's fp64 copy of each gradient leaving for the host is made in backward, beside it.
+    dev["gradient_in_flight"], tail = _gradients_waiting(counts, setup, unit)
     norm = NORM_BYTES * norm_elements(counts, setup)
-    tail = (p + (4 if _fp32_grad_accum(setup) else 0)) * counts.largest_tensor if tied_last and reduces else 0
-    if setup.offload_optimizer and tied_last:
-        dev["gradient_in_flight"] += NORM_BYTES * norm_elements(counts, setup, _largest_in_layers(counts))
-        tail += norm
-    elif setup.offload_optimizer:
-        dev["gradient_in_flight"] += norm
 
     # Communication buffers live through backward. Stages 1-2 allocate reduce_bucket_size elements
     # (twice with overlap_comm); stage 3 one bucket. Stage 0 flattens gradients into ≤ 5e8-element
