@@ -227,6 +227,8 @@ def _gb(b: float) -> str:
     return f"{b / GB:.2f}"
 
 
+GPU_RULES = Margins(pinned_rounding=None)
+"""The GPU margins for a run on CPU, which pins nothing: its offloaded buffers take the bytes DeepSpeed asks for."""
 HEADERS = ("variant", "ran as", "model states", "staging + host", "fwd/bwd", "step", "runtime", "estimate",
            "measured", "ratio", "CPU estimate", "measured (glibc)", "ratio", "kept by glibc", "init peak")
 
@@ -234,12 +236,12 @@ HEADERS = ("variant", "ran as", "model states", "staging + host", "fwd/bwd", "st
 def table_rows(results: dict, counts: ModelCounts) -> list[list[str]]:
     """One row per variant: the GPU-rules estimate against allocated-like RSS, the CPU margins against default RSS."""
     skel = ModelCounts(**results["skeleton_counts"])
-    gpu_rt = runtime_of(Measurement(**results["baseline"]["returned"]), Margins(), skel)
+    gpu_rt = runtime_of(Measurement(**results["baseline"]["returned"]), GPU_RULES, skel)
     cpu_rt = runtime_of(Measurement(**results["baseline"]["glibc"]), CPU_MARGINS, skel)
     rows = []
     for name, runs in results["variants"].items():
         ret, lib = Measurement(**runs["returned"]), Measurement(**runs["glibc"])
-        gpu = RankEstimate.of(counts, est := estimate_for(counts, ret, Margins()))
+        gpu = RankEstimate.of(counts, est := estimate_for(counts, ret, GPU_RULES))
         cpu = RankEstimate.of(counts, estimate_for(counts, lib, CPU_MARGINS))
         d = est.device
         rows.append([f"ZeRO-{name}", est.setup.label(), _gb(d["params"] + d["gradients"] + d["optimizer_states"]),
@@ -260,7 +262,7 @@ def footer(results: dict) -> str:
     """Where the runtimes come from, and how quiet the machine was."""
     skel = ModelCounts(**results["skeleton_counts"])
     base = {mode: Measurement(**m) for mode, m in results["baseline"].items()}
-    gpu_rt = runtime_of(base["returned"], Margins(), skel)
+    gpu_rt = runtime_of(base["returned"], GPU_RULES, skel)
     cpu_rt = runtime_of(base["glibc"], CPU_MARGINS, skel)
     loads = [m["load_before"] for runs in [results["baseline"], *results["variants"].values()] for m in runs.values()]
     return (f"runtime per rank: the trainer on the {skel.total / 1e6:.1f} M skeleton peaks at "

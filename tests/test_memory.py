@@ -17,6 +17,7 @@ from launcher.planning import memory
 from launcher.planning.estimate import estimate_command
 from launcher.planning.fastest_fit import VARIANTS, DoesNotFit, choose_configuration
 from launcher.planning.memory import (
+    Margins,
     Setup,
     ZeroSettings,
     estimate_memory,
@@ -24,12 +25,16 @@ from launcher.planning.memory import (
     logits_bytes,
     model_state_bytes,
     norm_elements,
+    offload_buffers,
     optimizer_temporaries,
 )
 from launcher.planning.model_size import counts_from_config, counts_from_params, counts_from_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "model_configs"
+AS_ASKED = Margins(pinned_rounding=None)
+"""Host buffers at the bytes DeepSpeed asks for: as on CPU, where nothing is pinned. The power-of-two rounding of pinned
+buffers on GPUs has tests of its own (test_pinned_*)."""
 
 # Published parameter counts (model cards / safetensors metadata), tied embeddings counted once.
 KNOWN_COUNTS = {
@@ -151,7 +156,7 @@ def test_fp32_master_copy_only_under_zero_and_offload_moves_states_to_the_host()
     assert fp32_1["optimizer_states"] == 12 * psi // n  # ZeRO clones its partition as master even in fp32
     counts = counts_from_params(psi)
     off = estimate_memory(counts, Setup(stage=3, world_size=n, gpus_per_node=8, offload_optimizer=True,
-                                        offload_params=True))
+                                        offload_params=True), margins=AS_ASKED)
     assert off.model_states == 0
     # fp32 master + 2 moments + fp32 grads, and the bf16 gradient partition, per rank
     assert off.host["offloaded_optimizer"] == 8 * (16 + 2) * psi // n
@@ -232,7 +237,7 @@ def test_deepspeed_buffers_by_stage_and_offload():
     psi, big, n = counts.total, counts.largest_tensor, 8
 
     def est(**kw):
-        return estimate_memory(counts, Setup(world_size=n, gpus_per_node=8, **kw))
+        return estimate_memory(counts, Setup(world_size=n, gpus_per_node=8, **kw), margins=AS_ASKED)
 
     z1, z2, z3 = est(stage=1), est(stage=2), est(stage=3)
     norm = 8 * min(big, psi // n)  # the gradient norm's fp64 copy of the head's, before the step's own buffers
@@ -281,7 +286,7 @@ def test_estimate_matches_the_trainer_measured_on_cpu(stage, offload):
     setup = Setup(stage=stage, world_size=2, gpus_per_node=2, micro_batch_size=1, seq_len=128, dtype="fp32",
                   offload_optimizer=offload, optimizer="torch")
     zero = ZeroSettings(reduce_bucket_size=576 * 576, prefetch_bucket_size=int(0.9 * 576 * 576), overlap_comm=False)
-    est = estimate_memory(counts, setup, zero)
+    est = estimate_memory(counts, setup, zero, AS_ASKED)  # a CPU run pins nothing
     d = est.device
     temps = optimizer_temporaries(counts, setup) if offload else 0
     kept = est.model_states + d["offload_staging"] + est.host["offloaded_optimizer"] // 2 - temps
@@ -600,7 +605,7 @@ def test_zero2_steps_its_fp32_gradient_sums_in_place():
 # per config, the optimizer DeepSpeed picked, the tensors the boundary all-reduces, the buffers holding the sums between
 # micro-batches and at the boundary, and the largest fp64 tensor made in backward and in the step (the norm's copies).
 BOUNDARY_REDUCTION = """
-import json, os, sys
+import json, os, sys, weakref
 rank, store, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
 import torch, torch.distributed as dist
@@ -615,6 +620,14 @@ def recording(tensor, *args, **kwargs):
     reduced.append([str(tensor.dtype), tensor.numel()])
     return real(tensor, *args, **kwargs)
 dist.all_reduce = recording
+from deepspeed.accelerator import get_accelerator
+accelerator, pins = get_accelerator(), []
+real_pin = accelerator.pin_memory
+def pinning(tensor, *args, **kwargs):  # on CPU the accelerator pins nothing: record what a GPU's would pin
+    out = real_pin(tensor, *args, **kwargs)
+    pins.append((weakref.ref(out), out.untyped_storage().data_ptr(), out.numel() * out.element_size()))
+    return out
+accelerator.pin_memory = pinning
 class Fp64(TorchDispatchMode):  # the largest fp64 tensor made inside: the gradient norm's copies
     def __enter__(self):
         self.largest = 0
@@ -626,6 +639,7 @@ class Fp64(TorchDispatchMode):  # the largest fp64 tensor made inside: the gradi
         return result
 out, fp64 = [], Fp64()
 for ds_config in configs:
+    pins.clear()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(512, 256), torch.nn.Linear(256, 2048), torch.nn.Linear(2048, 512))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
@@ -657,6 +671,8 @@ for ds_config in configs:
     real(norms, op=dist.ReduceOp.MAX)  # the larger rank's
     out.append({"optimizer": type(opt).__name__, "reduced": list(reduced), "between": between, "buckets": buckets,
                 "fp64": {"backward": int(norms[0]), "step": int(norms[1])},
+                "pinned": [[nbytes, ref() is not None and ref().untyped_storage().data_ptr() == ptr]  # still held
+                           for ref, ptr, nbytes in pins],
                 "largest": max(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: whole
                 "sums": [[str(t.dtype), t.numel(), str(t.device)] for t in sums],
@@ -693,9 +709,10 @@ def rendered_bf16_config(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bf16_ranks(tmp_path_factory) -> dict:
-    """Two real ranks train a step under bf16 ZeRO-1-3 with and without the optimizer offloaded, and ZeRO-1 with a
-    zero.config reducing in fp32, each with the DeepSpeed config the launcher renders, and report what DeepSpeed
-    reduced, where it kept the sums and the fp64 copies it made (BOUNDARY_REDUCTION)."""
+    """Two real ranks train a step under bf16 ZeRO-1-3 with and without the optimizer offloaded (and at ZeRO-3 the
+    parameters too), and ZeRO-1 with a zero.config reducing in fp32, each with the DeepSpeed config the launcher
+    renders (offloads pinned, as on GPUs), and report what DeepSpeed reduced, where it kept the sums, the fp64
+    copies it made and what it asked the accelerator to pin (BOUNDARY_REDUCTION)."""
     tmp = tmp_path_factory.mktemp("bf16-ranks")
     fp32_reduction = tmp / "fp32-reduction.json"  # a user's zero.config: reduce in fp32
     fp32_reduction.write_text(json.dumps({"zero_optimization": {"stage": 1}, "communication_data_type": "fp32"}))
@@ -705,7 +722,12 @@ def bf16_ranks(tmp_path_factory) -> dict:
                rendered_bf16_config(tmp, "zero.stage=2", "zero.offload_optimizer=cpu"),
                rendered_bf16_config(tmp, "zero.stage=1", "zero.offload_optimizer=cpu"),
                rendered_bf16_config(tmp, "zero.stage=3", "zero.offload_optimizer=cpu"),
-               rendered_bf16_config(tmp, "zero.stage=1", f"zero.config={fp32_reduction}")]
+               rendered_bf16_config(tmp, "zero.stage=1", f"zero.config={fp32_reduction}"),
+               rendered_bf16_config(tmp, "zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu")]
+    for ds_config in configs:  # pinned as the launcher renders it for GPUs: the script records what would be
+        for section in ("offload_optimizer", "offload_param"):
+            if section in ds_config["zero_optimization"]:
+                ds_config["zero_optimization"][section]["pin_memory"] = True
     ranks = [subprocess.Popen([sys.executable, "-c", BOUNDARY_REDUCTION, str(rank), str(tmp / "store"),
                                json.dumps(configs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT) for rank in range(2)]
@@ -716,7 +738,7 @@ def bf16_ranks(tmp_path_factory) -> dict:
     for result, ds_config in zip(seen, configs):
         result["ds_config"] = ds_config
     names = ("zero1", "zero2", "zero3", "zero2_offloaded", "zero1_offloaded", "zero3_offloaded",
-             "zero1_fp32_reduction")
+             "zero1_fp32_reduction", "zero3_offloaded_params")
     return dict(zip(names, seen, strict=True)) | {"fp32_reduction_file": fp32_reduction}
 
 
@@ -883,6 +905,27 @@ def test_zero1_offloaded_sums_in_each_parameters_fp32_grad_accum(bf16_ranks):
             assert est.device["reduce_buckets"] >= 4 * zero.reduce_bucket_size  # the fp32 bucket seen above
 
 
+@pytest.mark.parametrize("name", ["zero1_offloaded", "zero2_offloaded", "zero3_offloaded", "zero3_offloaded_params"])
+def test_the_plans_pinned_host_buffers_are_the_ones_deepspeed_pins(bf16_ranks, name):
+    """On GPUs torch rounds each pinned allocation up to a power of two (launcher.planning.pinned_memory), so the plan
+    must know which host buffers are pinned and how big each one is, not only their sum. Two real ranks, with the
+    offloads pinned as rendered for GPUs, record every tensor DeepSpeed hands the accelerator to pin: those still
+    held after two steps are the plan's pinned buffers, one for one; zero.Init's per-parameter partitions are
+    pinned and then freed (their storage moved into the flat buffer), as the plan says."""
+    seen = bf16_ranks[name]
+    stage, params = int(name[4]), name.endswith("params")
+    held = sorted(nbytes for nbytes, alive in seen["pinned"] if alive)
+    freed = sum(nbytes for nbytes, alive in seen["pinned"] if not alive)
+
+    counts = replace(counts_from_params(seen["params"]), largest_tensor=seen["largest"])
+    setup = Setup(stage=stage, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True,
+                  offload_optimizer=True, offload_params=params)
+    buffers = offload_buffers(counts, setup, ZeroSettings.from_deepspeed(seen["ds_config"]))
+    assert sorted(b.nbytes for b in buffers if b.pinned and not b.freed_into_cache) == held
+    assert sum(b.nbytes for b in buffers if b.freed_into_cache) == freed == (2 * seen["params"] // 2 if params else 0)
+    assert sum(b.nbytes for b in buffers if not b.pinned) == (8 if stage < 3 else 12) * seen["params"] // 2
+
+
 def test_zero3_offloaded_keeps_fp32_sums_beside_the_fp32_gradient_it_steps(bf16_ranks):
     """Offloaded at ZeRO-3, the gradient partition that holds a bf16 step's sums is fp32 (grad_partitions_flat_buffer,
     in the accumulation dtype, on the offload device), and each sub-group steps with an fp32 gradient of its own
@@ -896,5 +939,6 @@ def test_zero3_offloaded_keeps_fp32_sums_beside_the_fp32_gradient_it_steps(bf16_
 
     counts = counts_from_params(psi)
     sums = Setup(stage=3, world_size=2, gpus_per_node=2, dtype="bf16", fp32_accumulation=True, offload_optimizer=True)
-    plain = estimate_memory(counts, replace(sums, fp32_accumulation=False)).host["offloaded_optimizer"]
-    assert estimate_memory(counts, sums).host["offloaded_optimizer"] - plain == 2 * (2 * psi // 2)  # 2 B more, 2 ranks
+    host = {fp32: estimate_memory(counts, replace(sums, fp32_accumulation=fp32), margins=AS_ASKED).host
+            for fp32 in (True, False)}
+    assert host[True]["offloaded_optimizer"] - host[False]["offloaded_optimizer"] == 2 * (2 * psi // 2)  # 2 B, 2 ranks

@@ -24,7 +24,7 @@ from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
 from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
-from trainer import activation_memory, checkpoint, moe, nonfinite, ops, separation, sequence_parallel
+from trainer import activation_memory, checkpoint, host_memory, moe, nonfinite, ops, separation, sequence_parallel
 from trainer.checkpoint_io import guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
@@ -185,6 +185,8 @@ class Session:
         from torch.optim.lr_scheduler import LambdaLR
 
         cfg, t = self.cfg, self.cfg.train
+        if (line := host_memory.limit_pinned_rounding(self.dist.device)) is not None:  # before anything is pinned
+            self.tracker.message(line)
         ops.build_once_per_node(self.ds_config, self.dist, self.heartbeat.beat, self.tracker.message)
         self.resume_from = checkpoint.find_resume(self.run_dir, t.resume, self.dist, self.tracker.message)
         self.load_tag = self.resume_from
@@ -227,6 +229,7 @@ class Session:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.ds_config, lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)), mpu=self.sp.mpu)
+            host_memory.release_freed_pinned(self.dist.device)
             # from_pretrained returns the model in eval mode, and DeepSpeed leaves it there: without this it trained
             # with activation checkpointing inert (transformers checkpoints only in training mode), dropout off and
             # the `kernels` library's inference kernels. The one real mode switch (it re-kernelizes for training):

@@ -25,6 +25,7 @@ from launcher.contract.errors import ConfigError
 from launcher.planning.chunked_loss import loss_chunk_tokens
 from launcher.planning.model_size import ModelCounts, outgrown_window
 from launcher.planning.moe_size import moe_mlp_activation_bytes
+from launcher.planning.pinned_memory import installed_rounding, pinned_bytes
 
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
@@ -38,10 +39,6 @@ OPTIMIZERS = ("fused", "torch")
 # ZeRO optimizer clones its partition as the master copy even in fp32 (measured: bench/memory.py), so K = 12.
 PARAM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"bf16": 12, "fp16": 12, "fp32": 8}
-# On the host, offloading keeps an fp32 copy of the partition, two moments and the fp32 gradient (16 bytes),
-# plus a low-precision partition buffer (stages 1-2: the updated weights on their way back; stage 3: the
-# gradient partition), p bytes: (16 + p)·Ψ/N per rank.
-HOST_OPTIMIZER_BYTES = 16
 DS_STAGE0_ALLREDUCE = 500_000_000  # engine.MEMORY_OPT_ALLREDUCE_SIZE: stage 0 flattens grads in such buckets
 NORM_BYTES = 8  # ZeRO's gradient norms convert each gradient to fp64 (zero/utils.py get_norm_dtype), on any GPU
 STAGE3_NORM_SPLIT = 250_000_000  # stage3.py _constant_buffered_norm2: the offloaded norm converts this much at a time
@@ -92,6 +89,9 @@ class Margins:
     mapped_above: Optional[int] = None
     """CPU only: glibc gives blocks above this size (its largest mmap threshold) their own mapping and unmaps
     them when freed, so such buffers never stay behind as fragmentation."""
+    pinned_rounding: Optional[int] = field(default_factory=installed_rounding)
+    """GPUs: torch rounds pinned host allocations up to this size to a power of two (launcher.planning.pinned_memory;
+    it depends on the installed torch). None: nothing is pinned (on CPU the host is the device)."""
 
 
 @dataclass(frozen=True)
@@ -335,12 +335,13 @@ def activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, d
     return stored + final_norm + workspace
 
 
-def offloaded_checkpoint_bytes(counts: ModelCounts, setup: Setup) -> int:
-    """Host bytes per rank for checkpointed layer inputs waiting for backward (all but those kept on the device)."""
+def offloaded_checkpoint_bytes(counts: ModelCounts, setup: Setup, rounding: Optional[int] = None) -> int:
+    """Host bytes per rank for checkpointed layer inputs waiting for backward (all but those kept on the device),
+    each in its own pinned buffer (DeepSpeed's CheckpointHiddenStatesOffload pools them by shape)."""
     if not (setup.offload_checkpoints and setup.activation_checkpointing):
         return 0
     t = setup.micro_batch_size * setup.local_seq_len
-    return max(0, counts.num_layers - 3) * PARAM_BYTES[setup.dtype] * t * counts.hidden_size
+    return max(0, counts.num_layers - 3) * pinned_bytes(PARAM_BYTES[setup.dtype] * t * counts.hidden_size, rounding)
 
 
 def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
@@ -557,10 +558,28 @@ def _step_buffers(psi: int, setup: Setup, temporaries: int, stepped: int, commun
     return (4 * stepped if mixed else 0) + temporaries
 
 
-def _snapshot_bytes(psi: int, setup: Setup) -> int:
-    from launcher.planning.checkpoint_size import snapshot_bytes_per_node  # it reads PARAM_BYTES from here
+def _flat_partitions(psi: int, setup: Setup, zero: ZeroSettings) -> list[int]:
+    """Elements of each flat piece a rank's optimizer partition is kept in: one at stages 1-2 (shardtune's small
+    no-decay group aside), one per sub-group at stage 3, which DeepSpeed cuts at parameter boundaries once a
+    sub-group reaches sub_group_size (so all but the last are about that size)."""
+    share = -(-psi // setup.world_size)
+    if setup.stage != 3:
+        return [share]
+    whole, rest = divmod(share, zero.sub_group_size)
+    return [zero.sub_group_size] * whole + ([rest] if rest else [])
 
-    return snapshot_bytes_per_node(psi, setup.stage, setup.dtype, setup.world_size, setup.gpus_per_node)
+
+def _snapshot_bytes(psi: int, setup: Setup, zero: ZeroSettings, rounding: Optional[int]) -> int:
+    """A background save's host copies on rank 0's node. The copies of device tensors are pinned, one per tensor:
+    where the optimizer's states live on the device, its fp32 master and two moments are three per flat piece."""
+    from launcher.planning.checkpoint_size import partition_bytes, snapshot_bytes_per_node  # it reads PARAM_BYTES
+
+    total = snapshot_bytes_per_node(psi, setup.stage, setup.dtype, setup.world_size, setup.gpus_per_node)
+    if setup.stage == 0 or setup.offload_optimizer or rounding is None:
+        return total
+    pinned = 3 * sum(pinned_bytes(4 * piece, rounding) for piece in _flat_partitions(psi, setup, zero))
+    return total + min(setup.gpus_per_node, setup.world_size) * (pinned - partition_bytes(psi, setup.stage,
+                                                                                          setup.world_size))
 
 
 def _gradients_waiting(counts: ModelCounts, setup: Setup, unit: int) -> tuple[int, int]:
@@ -589,6 +608,66 @@ def _gradients_waiting(counts: ModelCounts, setup: Setup, unit: int) -> tuple[in
         peak += NORM_BYTES * norm_elements(counts, setup, _largest_in_layers(counts) if tied_last else None)
         tail += NORM_BYTES * norm_elements(counts, setup) if tied_last else 0
     return peak, tail
+
+
+@dataclass(frozen=True)
+class HostBuffer:
+    """One buffer an offloading rank keeps on the host."""
+
+    name: str
+    nbytes: int
+    pinned: bool
+    """Page-locked by DeepSpeed on GPUs, where torch rounds its size (pinned_memory.pinned_bytes)."""
+    offloads: str = "optimizer"
+    """What it belongs to: "optimizer" or "params"."""
+    freed_into_cache: bool = False
+    """Freed before the run trains, but on GPUs torch's pinned-memory cache keeps it until the trainer releases it."""
+
+
+def offload_buffers(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings()) -> list[HostBuffer]:
+    """The host buffers of one rank's offloaded optimizer and parameters, as DeepSpeed 0.19 allocates them.
+
+    Optimizer: an fp32 copy of the partition, two moments and the fp32 gradient (16 bytes per parameter of the
+    partition), plus a p-byte partition buffer: (16 + p)·Ψ/N. Stages 1-2 (stage_1_and_2.py) pin all but the
+    moments: the fp32 master, the fp32 gradient, the buffer of updated weights on their way back, and a
+    largest-tensor staging buffer. Stage 3 (stage3.py) pins the gradient partition (grad_partitions_flat_buffer),
+    which holds the sums (fp32 when they are fp32), and each sub-group's fp32 gradient (subgroup_gradient_buffer);
+    its fp32 master is a plain host tensor. Parameters (stage 3): a pinned flat p-byte partition. zero.Init pinned
+    each parameter's partition before DeepSpeed copies them into it and frees them; torch caches those blocks
+    until the trainer releases them after deepspeed.initialize, by when the optimizer's buffers exist too.
+    """
+    share, p = -(-counts.total // setup.world_size), PARAM_BYTES[setup.dtype]
+    buffers = []
+    if setup.offload_optimizer and setup.stage in (1, 2):
+        buffers += [HostBuffer("fp32 master", 4 * share, True), HostBuffer("fp32 gradient", 4 * share, True),
+                    HostBuffer("updated weights", p * share, True),
+                    HostBuffer("gradient staging", p * counts.largest_tensor, True)]
+    elif setup.offload_optimizer:
+        sums = 4 if _fp32_sums(setup) else p
+        buffers += [HostBuffer("fp32 master", 4 * share, False), HostBuffer("gradient partition", sums * share, True)]
+        buffers += [HostBuffer(f"sub-group {i} fp32 gradient", 4 * piece, True)
+                    for i, piece in enumerate(_flat_partitions(counts.total, setup, zero))]
+    if setup.offload_optimizer:
+        buffers.append(HostBuffer("Adam moments", 8 * share, False))
+    if setup.offload_params:
+        buffers += [HostBuffer("parameters", p * share, True, "params"),
+                    HostBuffer("zero.Init's per-parameter partitions", p * share, True, "params",
+                               freed_into_cache=True)]
+    return buffers
+
+
+def _offloaded_bytes(counts: ModelCounts, setup: Setup, zero: ZeroSettings, temporaries: int,
+                     rounding: Optional[int]) -> dict[str, int]:
+    """Host bytes per rank of the offloaded optimizer (with the torch optimizer's temporaries when it is the one
+    stepping on the host) and parameters, each pinned buffer as torch allocates it. The freed per-parameter
+    partitions are counted at their own size: each rounds on its own, and the plan does not know every shape."""
+    total = {"optimizer": temporaries, "params": 0}
+    for buffer in offload_buffers(counts, setup, zero):
+        if buffer.freed_into_cache:
+            total[buffer.offloads] += buffer.nbytes if rounding is not None else 0
+        else:
+            total[buffer.offloads] += pinned_bytes(buffer.nbytes, rounding) if buffer.pinned else buffer.nbytes
+    return total
 
 
 def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = ZeroSettings(),
@@ -649,21 +728,15 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     device = {key: int(dev[key]) for key in DEVICE_KEYS}
 
     ranks = min(setup.gpus_per_node, n)
-    # Offloaded: (16 + p)·Ψ/N per rank (see HOST_OPTIMIZER_BYTES), at stages 1-2 also a largest-tensor
-    # pinned staging buffer, and the torch optimizer's temporaries when it is the one stepping on the host.
-    # Stage 3's gradient partition (grad_partitions_flat_buffer) holds the sums, so with fp32 sums it is fp32,
-    # beside the fp32 gradient each sub-group steps with (stage3.py: subgroup_gradient_buffer).
-    partition_bytes = 4 if setup.stage == 3 and _fp32_sums(setup) else p
-    offloaded = ((HOST_OPTIMIZER_BYTES + partition_bytes) * psi // n + (largest * p if setup.stage in (1, 2) else 0)
-                 + temporaries)
+    offloaded = _offloaded_bytes(counts, setup, zero, temporaries, margins.pinned_rounding)
     host = {
-        "offloaded_optimizer": ranks * offloaded if setup.offload_optimizer else 0,
-        "offloaded_params": ranks * p * psi // n if setup.offload_params else 0,
-        "offloaded_checkpoints": ranks * offloaded_checkpoint_bytes(counts, setup),
+        "offloaded_optimizer": ranks * offloaded["optimizer"] if setup.offload_optimizer else 0,
+        "offloaded_params": ranks * offloaded["params"],
+        "offloaded_checkpoints": ranks * offloaded_checkpoint_bytes(counts, setup, margins.pinned_rounding),
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
         "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
-        "async_save_snapshots": _snapshot_bytes(psi, setup) if setup.async_save else 0,
+        "async_save_snapshots": _snapshot_bytes(psi, setup, zero, margins.pinned_rounding) if setup.async_save else 0,
         "process_runtime": int(ranks * margins.host_per_rank_gb * GB),
     }
     # The loaded copies are freed before the optimizer's host buffers are allocated (and before the first
