@@ -176,3 +176,16 @@ def test_offloaded_layer_inputs_are_pinned_one_buffer_each():
             for name, m in (("new", NEW_TORCH), ("asked", AS_ASKED))}
     assert held["asked"] == 8 * (counts.num_layers - 3) * one
     assert held["new"] == 8 * (counts.num_layers - 3) * power_of_two_ceil(one) == 8 * 29 * 134_217_728
+
+
+def test_a_cpu_run_is_planned_unpinned_and_a_gpu_run_with_this_torchs_limit(tmp_path):
+    """The plan of a run follows its device: on CPU nothing is pinned; on GPUs torch 2.13's 1 GiB limit applies."""
+    from launcher.contract.config import apply_overrides, validate_config
+    from launcher.planning.memory_plan import margins_for
+
+    raw = {"model": {"name_or_path": "org/model"}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 16},
+           "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-3, "seed": 0},
+           "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu"}, "output_dir": str(tmp_path / "run")}
+    assert margins_for(validate_config(raw)).pinned_rounding is None
+    gpu = validate_config(apply_overrides(raw, ["launch.device=cuda"]))
+    assert margins_for(gpu).pinned_rounding == GIB

@@ -44,7 +44,9 @@ from launcher.planning.sequence_parallel import candidates, sequence_parallel_si
 # the transient counts about twice (fragmentation = 100% of it) instead of a GPU allocator's 10%.
 # Tensors above glibc's largest mmap threshold (32 MiB: the full loss's logits, a loss chunk's) are mapped and
 # unmapped on their own and do not count twice (bench/long_context.py: the full-logits loss at 4k tokens).
-CPU_MARGINS = Margins(cuda_context_gb=0.4, nccl_gb=0.0, fragmentation=1.0, mapped_above=32 * 2 ** 20)
+# Nothing is pinned: offloaded buffers take the bytes DeepSpeed asks for.
+CPU_MARGINS = Margins(cuda_context_gb=0.4, nccl_gb=0.0, fragmentation=1.0, mapped_above=32 * 2 ** 20,
+                      pinned_rounding=None)
 
 
 def auto_fields(cfg: RunConfig) -> list[str]:
