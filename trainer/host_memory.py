@@ -51,6 +51,6 @@ def limit_pinned_rounding(device: torch.device) -> Optional[str]:
 def release_freed_pinned(device: torch.device) -> None:
     """Give back the pinned blocks freed during deepspeed.initialize (zero.Init's per-parameter partitions, once
     copied into the flat offload buffer): torch's cache would keep them page-locked for the whole run."""
-    empty = getattr(torch._C, "_host_emptyCache", None)
-    if device.type != "cpu" and empty is not None:
+    empty = getattr(torch._C, "_host_emptyCache", None)  # CUDA's pinned cache (torch.cuda.graphs calls it too)
+    if device.type == "cuda" and empty is not None:
         empty()
