@@ -189,3 +189,18 @@ def test_a_cpu_run_is_planned_unpinned_and_a_gpu_run_with_this_torchs_limit(tmp_
     assert margins_for(validate_config(raw)).pinned_rounding is None
     gpu = validate_config(apply_overrides(raw, ["launch.device=cuda"]))
     assert margins_for(gpu).pinned_rounding == GIB
+
+
+def test_the_plan_says_how_much_of_the_host_line_is_rounding():
+    """Llama-3-70B at ZeRO-2 with the optimizer offloaded on one 8-GPU node: an older torch pins 68.7 GB for each of
+    the 35.3 GB fp32 master and gradient and 34.4 GB for the 17.6 GB buffer of updated weights, 669 GB more on the
+    node; the plan's note says so, and what removes it. With torch 2.13 there is nothing to say."""
+    counts = counts_from_path(CONFIGS / "llama3_70b.json")
+    setup = Setup(stage=2, world_size=8, gpus_per_node=8, dtype="bf16", offload_optimizer=True)
+    share = -(-counts.total // 8)
+    extra = 8 * sum(power_of_two_ceil(b) - b for b in (4 * share, 4 * share, 2 * share, 2 * counts.largest_tensor))
+    note = f"{extra / 1e9:.1f} GB of host RAM per node is torch rounding pinned buffers up to a power of two"
+    assert note.startswith("669.")
+    assert f"{note}; torch >= 2.13 pins those above 1 GiB exactly" in estimate_memory(counts, setup,
+                                                                                     margins=OLD_TORCH).notes
+    assert not [n for n in estimate_memory(counts, setup, margins=NEW_TORCH).notes if "pinned" in n]

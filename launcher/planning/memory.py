@@ -25,7 +25,7 @@ from launcher.contract.errors import ConfigError
 from launcher.planning.chunked_loss import loss_chunk_tokens
 from launcher.planning.model_size import ModelCounts, outgrown_window
 from launcher.planning.moe_size import moe_mlp_activation_bytes
-from launcher.planning.pinned_memory import installed_rounding, pinned_bytes
+from launcher.planning.pinned_memory import ROUNDS_EVERYTHING, installed_rounding, pinned_bytes
 
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
@@ -727,23 +727,34 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     device_total = persistent + transient + dev["fragmentation"] + dev["cuda_runtime"]
     device = {key: int(dev[key]) for key in DEVICE_KEYS}
 
-    ranks = min(setup.gpus_per_node, n)
-    offloaded = _offloaded_bytes(counts, setup, zero, temporaries, margins.pinned_rounding)
+    host, host_total = _host_bytes(counts, setup, zero, temporaries, margins, margins.pinned_rounding)
+    notes = [counts.note] if counts.note else []
+    if dev["optimizer_step_buffers"] > forward_backward:
+        notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
+    rounded = host_total - _host_bytes(counts, setup, zero, temporaries, margins, None)[1]
+    if rounded >= GB:
+        newer = "; torch >= 2.13 pins those above 1 GiB exactly" if margins.pinned_rounding == ROUNDS_EVERYTHING else ""
+        notes.append(f"{rounded / GB:.1f} GB of host RAM per node is torch rounding pinned buffers up to a power of "
+                     f"two{newer}")
+    return MemoryEstimate(setup, device, host, device_total, host_total, notes)
+
+
+def _host_bytes(counts: ModelCounts, setup: Setup, zero: ZeroSettings, temporaries: int, margins: Margins,
+                rounding: Optional[int]) -> tuple[dict[str, int], int]:
+    """Host RAM per node by component, and its peak; `rounding` as in Margins.pinned_rounding."""
+    psi, p, ranks = counts.total, PARAM_BYTES[setup.dtype], min(setup.gpus_per_node, setup.world_size)
+    offloaded = _offloaded_bytes(counts, setup, zero, temporaries, rounding)
     host = {
         "offloaded_optimizer": ranks * offloaded["optimizer"] if setup.offload_optimizer else 0,
         "offloaded_params": ranks * offloaded["params"],
-        "offloaded_checkpoints": ranks * offloaded_checkpoint_bytes(counts, setup, margins.pinned_rounding),
+        "offloaded_checkpoints": ranks * offloaded_checkpoint_bytes(counts, setup, rounding),
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
         "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
-        "async_save_snapshots": _snapshot_bytes(psi, setup, zero, margins.pinned_rounding) if setup.async_save else 0,
+        "async_save_snapshots": _snapshot_bytes(psi, setup, zero, rounding) if setup.async_save else 0,
         "process_runtime": int(ranks * margins.host_per_rank_gb * GB),
     }
     # The loaded copies are freed before the optimizer's host buffers are allocated (and before the first
     # save's copies); offloaded parameters, placed during zero.Init, coexist with the loading.
     after_loading = host["offloaded_optimizer"] + host["offloaded_checkpoints"] + host["async_save_snapshots"]
-    host_total = host["process_runtime"] + host["offloaded_params"] + max(host["checkpoint_loading"], after_loading)
-    notes = [counts.note] if counts.note else []
-    if dev["optimizer_step_buffers"] > forward_backward:
-        notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
-    return MemoryEstimate(setup, device, host, device_total, host_total, notes)
+    return host, host["process_runtime"] + host["offloaded_params"] + max(host["checkpoint_loading"], after_loading)
