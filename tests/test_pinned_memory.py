@@ -20,7 +20,14 @@ import pytest
 
 from launcher.planning.memory import Margins, Setup, ZeroSettings, estimate_memory, offload_buffers
 from launcher.planning.model_size import counts_from_path
-from launcher.planning.pinned_memory import ROUNDS_EVERYTHING, installed_rounding, pinned_bytes, rounds_up_to
+from launcher.planning.pinned_memory import (
+    ROUNDS_EVERYTHING,
+    installed_rounding,
+    limit_mb,
+    pinned_bytes,
+    rounds_up_to,
+    run_rounding,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "model_configs"
@@ -128,16 +135,16 @@ if sys.argv[2] == "refused":
     def refuse(settings):
         raise ValueError("Unrecognized key 'pinned_max_cached_size_mb' in Accelerator allocator config.")
     torch._C._accelerator_setAllocatorSettings = refuse  # monkeypatched: as an older torch's CUDA allocator answers
-line = host_memory.limit_pinned_rounding(torch.device(sys.argv[1]))
+line = host_memory.limit_pinned_rounding(torch.device(sys.argv[1]), int(sys.argv[3]))
 print(json.dumps({"line": line, "settings": torch._C._accelerator_getAllocatorSettings()}))
 """
 
 
-def knob(device: str, env: dict[str, str], case: str = "") -> dict:
+def knob(device: str, env: dict[str, str], case: str = "", recurring: int = 0) -> dict:
     """limit_pinned_rounding in a fresh process (the allocator config is process-wide), on this CPU build of torch,
     which stores the setting as a CUDA build would parse it but has no pinned allocator to apply it to."""
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
-    out = subprocess.run([sys.executable, "-c", KNOB, device, case], env={**clean, **env}, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", KNOB, device, case, str(recurring)], env={**clean, **env}, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -147,6 +154,8 @@ def test_each_gpu_rank_sets_the_limit_keeping_the_jobs_allocator_settings():
     assert seen["settings"] == "garbage_collection_threshold:0.6,pinned_max_cached_size_mb:1024"
     assert "above 1024 MiB take their own size" in seen["line"]
     assert knob("cuda", {})["settings"] == "pinned_max_cached_size_mb:1024"
+    # a run whose offloaded layer inputs are 3 GB: the limit stays above them, so torch keeps caching them
+    assert knob("cuda", {}, recurring=3_000_000_000)["settings"] == "pinned_max_cached_size_mb:2862"
 
 
 def test_a_cpu_rank_or_the_jobs_own_limit_is_left_alone():
@@ -204,3 +213,43 @@ def test_the_plan_says_how_much_of_the_host_line_is_rounding():
     assert f"{note}; torch >= 2.13 pins those above 1 GiB exactly" in estimate_memory(counts, setup,
                                                                                      margins=OLD_TORCH).notes
     assert not [n for n in estimate_memory(counts, setup, margins=NEW_TORCH).notes if "pinned" in n]
+
+
+def test_a_run_pinning_large_layer_inputs_every_step_keeps_them_cached():
+    """torch frees a pinned block above the limit instead of caching it, and page-locks the next one anew: slow, and
+    freeing synchronizes the device. Offloaded layer inputs are pinned again every micro-batch past DeepSpeed's
+    pool of 64, so a run whose inputs exceed 1 GiB (Llama-3-70B, 131,072 tokens on one rank: 2 GiB each) gets a
+    limit just above them, and the plan rounds what that limit leaves below it."""
+    assert limit_mb(0) == limit_mb(GIB) == 1024 and limit_mb(GIB + 1) == 1025 and limit_mb(3_000_000_000) == 2862
+    assert run_rounding(GIB, 0) == GIB and run_rounding(GIB, 3_000_000_000) == 2862 * 2 ** 20
+    assert run_rounding(None, 3_000_000_000) is None and run_rounding(ROUNDS_EVERYTHING, 1) == ROUNDS_EVERYTHING
+
+    counts = counts_from_path(CONFIGS / "llama3_70b.json")
+    setup = Setup(stage=3, world_size=64, gpus_per_node=8, dtype="bf16", seq_len=131_072, offload_optimizer=True,
+                  activation_checkpointing=True, offload_checkpoints=True, fp32_accumulation=True)
+    one = 2 * 131_072 * counts.hidden_size
+    assert one == 2 * GIB
+    held = estimate_memory(counts, setup, margins=NEW_TORCH).host
+    assert held["offloaded_checkpoints"] == 8 * (counts.num_layers - 3) * one  # a power of two: its own size
+    # the pieces between 1 GiB and 2 GiB now round: the 4.4 GB gradient partition does not, the sub-groups' 4 GB do not
+    buffers = offload_buffers(counts, setup)
+    assert held["offloaded_optimizer"] == 8 * by_hand(buffers, 2 * GIB)
+
+
+def test_the_trainer_and_the_plan_agree_on_the_recurring_allocation(tmp_path):
+    """recurring_pinned_bytes gives the trainer the resolved run's offloaded layer input, the size the plan used."""
+    from launcher.contract.config import apply_overrides, validate_config
+    from launcher.planning.memory_plan import recurring_pinned_bytes
+    from launcher.planning.plan import resolve
+
+    raw = {"model": {"name_or_path": "org/model"}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 65_536},
+           "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-3, "seed": 0,
+                     "activation_checkpointing": "offload"},
+           "launch": {"nodes": 1, "procs_per_node": 8, "device": "cuda"}, "output_dir": str(tmp_path / "run")}
+    model_config = json.loads((CONFIGS / "llama3_8b.json").read_text())
+    cfg, _ = resolve(validate_config(raw))
+    ds_config = {"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "fp32"}}
+    assert recurring_pinned_bytes(cfg, model_config, ds_config) == 2 * 65_536 * 4096
+    plain = validate_config(apply_overrides(raw, ["train.activation_checkpointing=true"]))
+    assert recurring_pinned_bytes(resolve(plain)[0], model_config, ds_config) == 0
+    assert recurring_pinned_bytes(cfg, None, ds_config) == 0

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from launcher.planning.pinned_memory import LIMIT_FROM_TORCH, PINNED_EXACT_ABOVE_MB
+from launcher.planning.pinned_memory import LIMIT_FROM_TORCH, limit_mb
 
 SETTING = "pinned_max_cached_size_mb"
 USER_KEYS = ("pinned_max_cached_size_mb", "pinned_max_round_threshold_mb")
@@ -24,15 +24,16 @@ def _torch_version() -> tuple[int, ...]:
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
 
 
-def limit_pinned_rounding(device: torch.device) -> Optional[str]:
-    """Make this process's pinned allocations above PINNED_EXACT_ABOVE_MB MiB exact; a line for the run's log saying
-    what holds (None on CPU, where nothing is pinned)."""
+def limit_pinned_rounding(device: torch.device, recurring_bytes: int = 0) -> Optional[str]:
+    """Make this process's pinned allocations above limit_mb(recurring_bytes) MiB exact (1 GiB, or just above the
+    run's offloaded layer input); a line for the run's log saying what holds (None on CPU, where nothing is pinned)."""
     if device.type == "cpu":
         return None
+    limit = limit_mb(recurring_bytes)
     for name in ENV_NAMES:
         if any(key in os.environ.get(name, "") for key in USER_KEYS):
             return (f"pinned host memory: {name} sets its own pinned-memory limit ({os.environ[name]}); the plan "
-                    f"assumed {SETTING}:{PINNED_EXACT_ABOVE_MB}")
+                    f"assumed {SETTING}:{limit}")
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if get is None or set_ is None or _torch_version() < LIMIT_FROM_TORCH:
@@ -40,12 +41,12 @@ def limit_pinned_rounding(device: torch.device) -> Optional[str]:
                 f"(the plan counts it; from torch {'.'.join(map(str, LIMIT_FROM_TORCH))} large ones are exact)")
     current = get()
     try:
-        set_(f"{current},{SETTING}:{PINNED_EXACT_ABOVE_MB}" if current else f"{SETTING}:{PINNED_EXACT_ABOVE_MB}")
+        set_(f"{current},{SETTING}:{limit}" if current else f"{SETTING}:{limit}")
     except (ValueError, RuntimeError) as exc:  # an allocator that refuses the key, or a setting of the job's
-        return (f"pinned host memory: could not set {SETTING}:{PINNED_EXACT_ABOVE_MB} ({exc}); pinned allocations "
-                f"above {PINNED_EXACT_ABOVE_MB} MiB round up to a power of two, which the plan did not count")
-    return (f"pinned host memory: allocations above {PINNED_EXACT_ABOVE_MB} MiB take their own size, not the next "
-            f"power of two ({SETTING}:{PINNED_EXACT_ABOVE_MB})")
+        return (f"pinned host memory: could not set {SETTING}:{limit} ({exc}); pinned allocations above {limit} MiB "
+                f"round up to a power of two, which the plan did not count")
+    return (f"pinned host memory: allocations above {limit} MiB take their own size, not the next power of two "
+            f"({SETTING}:{limit})")
 
 
 def release_freed_pinned(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_need
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
+from launcher.planning.memory_plan import recurring_pinned_bytes
 from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
@@ -185,7 +186,8 @@ class Session:
         from torch.optim.lr_scheduler import LambdaLR
 
         cfg, t = self.cfg, self.cfg.train
-        if (line := host_memory.limit_pinned_rounding(self.dist.device)) is not None:  # before anything is pinned
+        recurring = recurring_pinned_bytes(cfg, read_model_config(cfg.model.name_or_path), self.ds_config)
+        if (line := host_memory.limit_pinned_rounding(self.dist.device, recurring)) is not None:  # before any pinning
             self.tracker.message(line)
         ops.build_once_per_node(self.ds_config, self.dist, self.heartbeat.beat, self.tracker.message)
         self.resume_from = checkpoint.find_resume(self.run_dir, t.resume, self.dist, self.tracker.message)

@@ -25,7 +25,7 @@ from launcher.contract.errors import ConfigError
 from launcher.planning.chunked_loss import loss_chunk_tokens
 from launcher.planning.model_size import ModelCounts, outgrown_window
 from launcher.planning.moe_size import moe_mlp_activation_bytes
-from launcher.planning.pinned_memory import ROUNDS_EVERYTHING, installed_rounding, pinned_bytes
+from launcher.planning.pinned_memory import ROUNDS_EVERYTHING, installed_rounding, pinned_bytes, run_rounding
 
 GB = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
@@ -335,13 +335,17 @@ def activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, d
     return stored + final_norm + workspace
 
 
+def offloaded_input_bytes(counts: ModelCounts, setup: Setup) -> int:
+    """Bytes of one checkpointed layer's input offloaded to the host (0 when inputs are not offloaded)."""
+    if not (setup.offload_checkpoints and setup.activation_checkpointing):
+        return 0
+    return PARAM_BYTES[setup.dtype] * setup.micro_batch_size * setup.local_seq_len * counts.hidden_size
+
+
 def offloaded_checkpoint_bytes(counts: ModelCounts, setup: Setup, rounding: Optional[int] = None) -> int:
     """Host bytes per rank for checkpointed layer inputs waiting for backward (all but those kept on the device),
     each in its own pinned buffer (DeepSpeed's CheckpointHiddenStatesOffload pools them by shape)."""
-    if not (setup.offload_checkpoints and setup.activation_checkpointing):
-        return 0
-    t = setup.micro_batch_size * setup.local_seq_len
-    return max(0, counts.num_layers - 3) * pinned_bytes(PARAM_BYTES[setup.dtype] * t * counts.hidden_size, rounding)
+    return max(0, counts.num_layers - 3) * pinned_bytes(offloaded_input_bytes(counts, setup), rounding)
 
 
 def logits_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
@@ -727,13 +731,14 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     device_total = persistent + transient + dev["fragmentation"] + dev["cuda_runtime"]
     device = {key: int(dev[key]) for key in DEVICE_KEYS}
 
-    host, host_total = _host_bytes(counts, setup, zero, temporaries, margins, margins.pinned_rounding)
+    rounding = run_rounding(margins.pinned_rounding, offloaded_input_bytes(counts, setup))
+    host, host_total = _host_bytes(counts, setup, zero, temporaries, margins, rounding)
     notes = [counts.note] if counts.note else []
     if dev["optimizer_step_buffers"] > forward_backward:
         notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
     rounded = host_total - _host_bytes(counts, setup, zero, temporaries, margins, None)[1]
     if rounded >= GB:
-        newer = "; torch >= 2.13 pins those above 1 GiB exactly" if margins.pinned_rounding == ROUNDS_EVERYTHING else ""
+        newer = "; torch >= 2.13 pins those above 1 GiB exactly" if rounding == ROUNDS_EVERYTHING else ""
         notes.append(f"{rounded / GB:.1f} GB of host RAM per node is torch rounding pinned buffers up to a power of "
                      f"two{newer}")
     return MemoryEstimate(setup, device, host, device_total, host_total, notes)

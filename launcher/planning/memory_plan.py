@@ -34,7 +34,16 @@ from launcher.planning.fastest_fit import (
     component_table,
     longest_seq_len,
 )
-from launcher.planning.memory import GB, TIGHT_WHY, Margins, MemoryEstimate, Setup, ZeroSettings, estimate_memory
+from launcher.planning.memory import (
+    GB,
+    TIGHT_WHY,
+    Margins,
+    MemoryEstimate,
+    Setup,
+    ZeroSettings,
+    estimate_memory,
+    offloaded_input_bytes,
+)
 from launcher.planning.model_size import ModelCounts, approximate_moe_reason, counts_from_config
 from launcher.planning.sequence_parallel import candidates, sequence_parallel_size
 
@@ -283,6 +292,19 @@ def resolved_setup(cfg: RunConfig, ds_config: Optional[dict]) -> Setup:
                  attention=cfg.model.attn_implementation, optimizer=optimizer,
                  whole_layers=gathers_whole_layers(cfg), async_save=cfg.train.async_save, fp32_accumulation=fp32_sums,
                  **long_context_of(cfg, None).setup_fields(cfg.train.recomputes))
+
+
+def recurring_pinned_bytes(cfg: RunConfig, model_config: Optional[dict], ds_config: dict) -> int:
+    """The largest pinned allocation the resolved run makes again every micro-batch (an offloaded layer input), which
+    its ranks' pinned-memory limit must keep cached (pinned_memory.limit_mb); 0 when there is none or the model's
+    shape is unknown."""
+    if model_config is None:
+        return 0
+    try:
+        counts = counts_from_config(model_config)
+    except ConfigError:
+        return 0
+    return offloaded_input_bytes(counts, resolved_setup(cfg, ds_config))
 
 
 def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],

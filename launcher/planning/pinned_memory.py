@@ -8,9 +8,11 @@ that the kernel can neither swap nor reclaim: on a node of 8 ranks the plan of a
 more than a hundred GB. torch 2.13 added the allocator setting `pinned_max_cached_size_mb`: above it an
 allocation is exact (and freed rather than cached when released). The trainer sets it to PINNED_EXACT_ABOVE_MB
 on GPUs (trainer.host_memory.limit_pinned_rounding) where the user has not set it, and the planner counts the
-rounding below it, or everywhere on an older torch. 1 GiB keeps torch's rounding, and its cache, for everything
-a step allocates and frees (the checkpointed layer inputs offloaded to the host, per-tensor copies) and makes
-the persistent buffers of large runs exact.
+rounding below it, or everywhere on an older torch. 1 GiB keeps torch's rounding, and its cache, for what a step
+allocates and frees, and makes the persistent buffers of large runs exact. A block above the limit is not cached:
+freed, it goes back to the driver, and the next one of its size is page-locked anew (slow, and freeing
+synchronizes the device). So a run whose offloaded layer inputs (train.activation_checkpointing: offload, pinned
+again every micro-batch past DeepSpeed's pool of 64) are larger gets a limit just above them (limit_mb).
 """
 from __future__ import annotations
 
@@ -25,9 +27,23 @@ ROUNDS_EVERYTHING = 2 ** 62
 """rounds_up_to of a torch without the setting: every pinned allocation rounds to a power of two."""
 
 
+def limit_mb(recurring_bytes: int = 0) -> int:
+    """pinned_max_cached_size_mb for a run whose largest pinned allocation made again every step takes
+    `recurring_bytes`: PINNED_EXACT_ABOVE_MB, or just enough that torch keeps caching that allocation."""
+    return max(PINNED_EXACT_ABOVE_MB, -(-recurring_bytes // 2 ** 20))
+
+
 def rounds_up_to(torch_version: tuple[int, ...]) -> int:
-    """The largest pinned allocation (bytes) torch rounds up to a power of two, for a GPU run on this torch."""
+    """The largest pinned allocation (bytes) torch rounds up to a power of two, for a GPU run on this torch (before
+    a run's own limit_mb)."""
     return PINNED_EXACT_ABOVE_MB * 2 ** 20 if torch_version >= LIMIT_FROM_TORCH else ROUNDS_EVERYTHING
+
+
+def run_rounding(rounding: Optional[int], recurring_bytes: int) -> Optional[int]:
+    """rounding (rounds_up_to, or None on CPU) for a run whose recurring pinned allocation is `recurring_bytes`."""
+    if rounding is None or rounding == ROUNDS_EVERYTHING:
+        return rounding
+    return max(rounding, limit_mb(recurring_bytes) * 2 ** 20)
 
 
 @lru_cache(maxsize=1)
