@@ -13,15 +13,11 @@ from typing import Optional
 
 import torch
 
-from launcher.planning.pinned_memory import LIMIT_FROM_TORCH, limit_mb
+from launcher.planning.pinned_memory import LIMIT_FROM_TORCH, ROUNDS_EVERYTHING, installed_rounding, limit_mb
 
 SETTING = "pinned_max_cached_size_mb"
 USER_KEYS = ("pinned_max_cached_size_mb", "pinned_max_round_threshold_mb")
 ENV_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
-def _torch_version() -> tuple[int, ...]:
-    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
 
 
 def limit_pinned_rounding(device: torch.device, recurring_bytes: int = 0) -> Optional[str]:
@@ -36,7 +32,7 @@ def limit_pinned_rounding(device: torch.device, recurring_bytes: int = 0) -> Opt
                     f"assumed {SETTING}:{limit}")
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if get is None or set_ is None or _torch_version() < LIMIT_FROM_TORCH:
+    if get is None or set_ is None or installed_rounding() == ROUNDS_EVERYTHING:  # as the plan assumed
         return (f"pinned host memory: torch {torch.__version__} rounds every pinned allocation up to a power of two "
                 f"(the plan counts it; from torch {'.'.join(map(str, LIMIT_FROM_TORCH))} large ones are exact)")
     current = get()

@@ -1,18 +1,19 @@
 """How much host memory a pinned (page-locked) buffer really takes on a GPU node.
 
-On GPUs, DeepSpeed pins its offload buffers (`offload_optimizer.pin_memory` / `offload_param.pin_memory`, which
-the launcher renders on), and the trainer pins the background-save copies of device tensors, all through
+On GPUs, DeepSpeed pins its offload buffers (`offload_optimizer.pin_memory` / `offload_param.pin_memory`, which the
+launcher renders on), and the trainer pins the background-save copies of device tensors, all through
 `Tensor.pin_memory()`. torch's caching host allocator (ATen/core/CachingHostAllocator.h) rounds every such
-allocation up to the next power of two to reuse blocks, so a 17.5 GB gradient partition takes 34.4 GB of RAM
-that the kernel can neither swap nor reclaim: on a node of 8 ranks the plan of a 70B offload run was short by
-more than a hundred GB. torch 2.13 added the allocator setting `pinned_max_cached_size_mb`: above it an
-allocation is exact (and freed rather than cached when released). The trainer sets it to PINNED_EXACT_ABOVE_MB
-on GPUs (trainer.host_memory.limit_pinned_rounding) where the user has not set it, and the planner counts the
-rounding below it, or everywhere on an older torch. 1 GiB keeps torch's rounding, and its cache, for what a step
-allocates and frees, and makes the persistent buffers of large runs exact. A block above the limit is not cached:
-freed, it goes back to the driver, and the next one of its size is page-locked anew (slow, and freeing
-synchronizes the device). So a run whose offloaded layer inputs (train.activation_checkpointing: offload, pinned
-again every micro-batch past DeepSpeed's pool of 64) are larger gets a limit just above them (limit_mb).
+allocation up to the next power of two to reuse blocks, so a 17.5 GB gradient partition takes 34.4 GB of RAM that
+the kernel can neither swap nor reclaim: on one node of 8 ranks the plan of a 70B run with the optimizer offloaded
+was short by ~300 GB at ZeRO-3 and ~670 GB at ZeRO-2. torch 2.13 added the allocator setting
+`pinned_max_cached_size_mb`: above it an allocation is exact (and freed rather than cached when released). The
+trainer sets it to PINNED_EXACT_ABOVE_MB on GPUs (trainer.host_memory.limit_pinned_rounding) where the user has not
+set it, and the planner counts the rounding below it, or everywhere on an older torch. 1 GiB keeps torch's rounding,
+and its cache, for what a step allocates and frees, and makes the persistent buffers of large runs exact. A block
+above the limit is not cached: freed, it goes back to the driver, and the next one of its size is page-locked anew
+(slow, and freeing synchronizes the device). So a run whose offloaded layer inputs (train.activation_checkpointing:
+offload, pinned again every micro-batch past DeepSpeed's pool of 64) are larger gets a limit just above them
+(limit_mb).
 """
 from __future__ import annotations
 
