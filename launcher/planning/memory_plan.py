@@ -386,7 +386,8 @@ def format_memory(summary: Optional[dict]) -> str:
     if summary.get("device") != "cpu":
         lines.append(f"{pad}host RAM per node {summary['host_total_gb']:.1f} GB (offloaded optimizer "
                      f"{h['offloaded_optimizer']:.1f}, params {h['offloaded_params']:.1f}, checkpoint loading "
-                     f"{h['checkpoint_loading']:.1f}, processes {h['process_runtime']:.1f}"
+                     f"{h['checkpoint_loading']:.1f}, resuming {h['checkpoint_resume']:.1f}, processes "
+                     f"{h['process_runtime']:.1f}"
                      + (f", offloaded checkpoints {h['offloaded_checkpoints']:.1f}"
                         if h["offloaded_checkpoints"] else "")
                      + (f", background-save copies {h['async_save_snapshots']:.1f}"
