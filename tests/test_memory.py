@@ -761,6 +761,38 @@ def test_a_resumed_rank_loads_its_whole_optimizer_partition_to_the_host(tmp_path
                               + est.host["checkpoint_resume"])  # the resume, not the fresh start, is the peak
 
 
+def test_preflight_warns_of_a_node_with_less_host_ram_than_the_plan_needs(tmp_path):
+    """The plan's host line is a need per node; at job start every rank reports the host RAM its node has available,
+    and preflight compares the two (GPUs: on CPU the host is the device). Llama-3-70B at ZeRO-3 with the optimizer
+    offloaded on one 8-GPU node needs 1.44 TB more than its processes, 2.26 TB when it resumes."""
+    from launcher.contract.config import validate_config
+    from launcher.planning.deepspeed_config import render_deepspeed_config
+    from launcher.planning.memory_plan import host_need, resolved_estimate
+    from launcher.planning.plan import resolve
+
+    model = tmp_path / "llama3_70b"
+    model.mkdir()
+    shutil.copy(CONFIGS / "llama3_70b.json", model / "config.json")
+    model_config = json.loads((model / "config.json").read_text())
+    raw = {"model": {"name_or_path": str(model)}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 4096},
+           "train": {"max_steps": 10, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-5, "seed": 0,
+                     "activation_checkpointing": True},
+           "zero": {"stage": 3, "offload_optimizer": "cpu"},
+           "launch": {"nodes": 1, "procs_per_node": 8, "device": "cuda"}, "output_dir": str(tmp_path / "run")}
+    cfg, _ = resolve(validate_config(raw))
+    ds_config = render_deepspeed_config(cfg)
+    need = host_need(cfg, model_config, ds_config)
+    est = resolved_estimate(cfg, model_config, ds_config)[1]
+    assert need.more == est.host_total - est.host["process_runtime"]
+    assert need.more == est.host["offloaded_optimizer"] + est.host["checkpoint_resume"]
+    assert "resuming 846.6 GB" in need.parts and "offloaded optimizer" in need.parts
+    assert need.warning("node-a", 2500.0) == ""
+    warning = need.warning("node-b", 1500.0)
+    assert warning.startswith(f"node-b has 1,500.0 GB of host RAM available, but the plan puts this run's peak at "
+                              f"{need.more / 1e9:,.1f} GB more per node (")
+    assert host_need(cfg, None, ds_config) is None
+
+
 def bf16_run_config(tmp_path: Path, *overrides: str):
     """A resolved run config for 2 CPU ranks in bf16 with two micro-batches per step."""
     from launcher.contract.config import apply_overrides, validate_config

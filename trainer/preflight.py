@@ -22,6 +22,7 @@ import torch.distributed as dist
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_verdict, free_space, reserve_verdict
+from launcher.planning.memory_plan import HostNeed
 from launcher.planning.model_files import absent_model, absent_weights, weight_files_problems
 from trainer import faults, ops
 from trainer.distributed import Dist, all_gather_objects
@@ -153,11 +154,15 @@ def describe_peak(peak: Peak) -> str:
 
 def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config: Optional[dict] = None,
                   precision: str = "fp32", configured_peak: Optional[float] = None,
-                  disk: Optional[DiskNeed] = None, model: Optional[str] = None) -> dict:
+                  disk: Optional[DiskNeed] = None, model: Optional[str] = None,
+                  host: Optional[HostNeed] = None) -> dict:
     """All checks; raises PreflightError on every rank when any rank has a problem. The result's "peak" is
     the device peak MFU is computed against (trainer/peak_probe.py). `disk`, the run's checkpoint footprint
     (None when the model cannot be sized), is checked against the free space every rank sees; `model`, the model's
-    name or path, has its weight files checked on every node (launcher/planning/model_files.py)."""
+    name or path, has its weight files checked on every node (launcher/planning/model_files.py); `host`, the host
+    RAM a node needs at the run's peak, against what each node has available (GPUs: on CPU the host is the device,
+    whose plan is its own). Too little host RAM is a warning, not a failure: part of a peak can be page cache the
+    kernel reclaims (ZeRO-3 loads the checkpoint through it), and the estimate is a planned peak."""
     started = time.perf_counter()
     reports = all_gather_objects(report(run_dir, d, ds_config, model, disk))
     problems = compare(reports, expected_world, disk)
@@ -170,6 +175,11 @@ def run_preflight(run_dir: RunDir, d: Dist, expected_world: int, log, ds_config:
         for warning in sorted({w for r in reports for w in (disk_verdict(disk, r["disk_free"])[1],
                                                             r["disk_reserve"][1]) if w}):
             log(f"warning: {warning}")
+    if host is not None and d.device.type != "cpu":
+        available = {r["host"]: r["free_host_gb"] for r in reports}
+        for warning in [host.warning(name, gb) for name, gb in sorted(available.items())]:
+            if warning:
+                log(f"warning: {warning}")
     bw = bandwidth(d)
     peak = device_peak(d, precision, configured_peak)
     hosts = sorted({r["host"] for r in reports})

@@ -21,7 +21,7 @@ from launcher.contract.errors import UserError
 from launcher.contract.run_dir import HF, RunDir
 from launcher.planning.checkpoint_size import DiskNeed, disk_need
 from launcher.planning.compile_choice import EXPERTS_NOT_VERIFIED
-from launcher.planning.memory_plan import recurring_pinned_bytes
+from launcher.planning.memory_plan import host_need, recurring_pinned_bytes
 from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
@@ -146,9 +146,10 @@ class Session:
         launch = self.cfg.launch
         self.heartbeat = Heartbeat(self.run_dir, self.dist.rank, launch.stall_timeout_s,
                                    launch.startup_timeout_s).start()
+        host = host_need(self.cfg, read_model_config(self.cfg.model.name_or_path), self.ds_config)
         result = run_preflight(self.run_dir, self.dist, launch.world_size, self.tracker.message, self.ds_config,
                                self.cfg.train.precision, launch.peak_tflops, self.disk_need(),
-                               self.cfg.model.name_or_path)
+                               self.cfg.model.name_or_path, host)
         self.tracker.preflight_result(result)
         self.peak = result["peak"]
         self.own_run_dir()

@@ -19,6 +19,7 @@ run whose estimate exceeds `launch.gpu_memory_gb`. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from textwrap import indent
 from typing import Optional
@@ -315,6 +316,41 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
     counts = counts_from_config(model_config, source=f"{cfg.model.name_or_path}/config.json")
     return counts, estimate_memory(counts, resolved_setup(cfg, ds_config), est_zero(cfg, counts, ds_config),
                                    margins_for(cfg))
+
+
+HOST_PARTS = {"offloaded_optimizer": "offloaded optimizer", "offloaded_params": "parameters",
+              "checkpoint_loading": "checkpoint loading", "checkpoint_resume": "resuming",
+              "offloaded_checkpoints": "offloaded checkpoints", "async_save_snapshots": "background-save copies"}
+
+
+@dataclass(frozen=True)
+class HostNeed:
+    """A node's host RAM at the run's planned peak beyond its ranks' processes, which preflight sees running."""
+
+    more: int
+    parts: str
+    """The components, as the plan's host line names them."""
+
+    def warning(self, host: str, available_gb: float) -> str:
+        """What to say when `host` has less host RAM available than the run needs; "" when it has enough."""
+        if available_gb * GB >= self.more:
+            return ""
+        return (f"{host} has {available_gb:,.1f} GB of host RAM available, but the plan puts this run's peak at "
+                f"{self.more / GB:,.1f} GB more per node ({self.parts}): a node that runs out loses all its ranks "
+                f"(the kernel's OOM killer, or SLURM's limit). Offload less, use more nodes, or free memory there")
+
+
+def host_need(cfg: RunConfig, model_config: Optional[dict], ds_config: dict) -> Optional[HostNeed]:
+    """The resolved run's HostNeed; None when the model's config.json is not on local disk or cannot be sized."""
+    try:
+        found = resolved_estimate(cfg, model_config, ds_config)
+    except ConfigError:
+        return None
+    if found is None:
+        return None
+    host = found[1].host
+    parts = ", ".join(f"{name} {host[key] / GB:,.1f} GB" for key, name in HOST_PARTS.items() if host[key])
+    return HostNeed(found[1].host_total - host["process_runtime"], parts)
 
 
 def memory_summary(cfg: RunConfig, model_config: Optional[dict], ds_config: Optional[dict]) -> Optional[dict]:
