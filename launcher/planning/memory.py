@@ -736,7 +736,8 @@ def estimate_memory(counts: ModelCounts, setup: Setup, zero: ZeroSettings = Zero
     notes = [counts.note] if counts.note else []
     if dev["optimizer_step_buffers"] > forward_backward:
         notes.append("the peak is in the optimizer step: its buffers exceed the forward/backward working set")
-    rounded = host_total - _host_bytes(counts, setup, zero, temporaries, margins, None)[1]
+    # The rounding's share, for the note: a second pass only where something is pinned.
+    rounded = 0 if rounding is None else host_total - _host_bytes(counts, setup, zero, temporaries, margins, None)[1]
     if rounded >= GB:
         newer = "; torch >= 2.13 pins those above 1 GiB exactly" if rounding == ROUNDS_EVERYTHING else ""
         notes.append(f"{rounded / GB:.1f} GB of host RAM per node is torch rounding pinned buffers up to a power of "
