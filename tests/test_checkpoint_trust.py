@@ -228,6 +228,22 @@ def test_the_post_mortem_names_the_rank_that_failed_not_the_ones_torchrun_killed
                                                       "in 'backward' at step 10")
 
 
+def test_the_post_mortem_of_a_failed_relaunch_is_not_silenced_by_the_last_runs_status(tmp_path, capsys):
+    """A relaunch of a completed run (more steps, another resume) keeps the old status.json until rank 0 says
+    "running" after its resume; when another rank fails first and torchrun kills rank 0, that stale "completed"
+    must not pass for how this attempt ended."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    start = time.time() - 60
+    run.status_file.write_text(json.dumps({"state": "completed", "step": 8, "time": start - 3600}))  # last run's
+    _ended(run, 1, start + 1, "failed", "VerificationError: a shard's bytes differ from the manifest")
+    assert postmortem.main([str(run.path), "1", str(start)]) == 0
+    assert "rank 1 on n1 (pid 101): VerificationError" in capsys.readouterr().err
+    assert run.read_status()["state"] == "failed"
+    run.write_status("completed", 10)  # this attempt's own: the end it reports stands
+    assert postmortem.main([str(run.path), "1", str(start)]) == 0 and capsys.readouterr().err == ""
+
+
 def test_credentials_are_refused_whatever_the_variable_is_called(tmp_path, tiny_model):
     key = "3b8d2f71c9e04a6b5d1f8e2c7a94b06d3e5f1c28"  # 40 random hex characters: a wandb API key's form
     proc = shardtune("plan", str(config(tmp_path, tiny_model)), f"launch.env.MY_SETTING={key}", check=False)

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     run_dir, exit_code, since = RunDir(Path(args[0])), int(args[1]), float(args[2]) if len(args) > 2 else 0.0
     status = run_dir.read_status() or {}
-    if exit_code == 0 or status.get("state") in ("completed", "stopped"):
+    # A status written before this attempt began (a relaunch of a completed run fails before rank 0 says
+    # "running", killed by torchrun after another rank's failure) says nothing about how it ended.
+    if exit_code == 0 or (status.get("state") in ("completed", "stopped") and status.get("time", 0) >= since):
         return 0
     line = summary(run_dir, exit_code, since)
     print(f"shardtune: {line}", file=sys.stderr, flush=True)
