@@ -203,7 +203,7 @@ def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
     return data
 
 
-def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location="cpu"):
+def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location="cpu", mmap: bool = False):
     """A checkpoint file checked against (size, sha256) and deserialized without running code, holding it once.
 
     Reading the whole file into memory and parsing those bytes held it twice (the bytes and the tensors built
@@ -211,6 +211,12 @@ def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location=
     is hashed as a stream through one open descriptor and loaded through that same descriptor (/proc/self/fd:
     the same file even if its path is replaced meanwhile); a change to its size or mtime while it was being
     read voids the load.
+
+    `mmap`: the tensors are the file's pages, mapped privately (trainer.mapped_loads), not read into memory; the
+    pickle, all that could run code, is parsed here as always. Their bytes are read when used, so what the hash
+    vouches for is the file as it was: committed checkpoints are never written in place (a save writes a new
+    directory and renames), and a file replaced by rename stays the one mapped. Files of torch's legacy format
+    cannot be mapped and are read.
     """
     size, sha = _listed(path, expected)
     with open(path, "rb") as fh:
@@ -219,7 +225,8 @@ def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location=
             raise _differs(path)
         same_file = f"/proc/self/fd/{fh.fileno()}"
         try:
-            state = safe_load(same_file if os.path.exists(same_file) else path, map_location=map_location)
+            mapped = mmap and os.pread(fh.fileno(), 4, 0) == b"PK\x03\x04"  # torch.save's zip format (since 1.6)
+            state = safe_load(same_file if os.path.exists(same_file) else path, mmap=mapped, map_location=map_location)
         except pickle.UnpicklingError as exc:
             raise refused(str(path), exc) from None
         after = os.fstat(fh.fileno())

@@ -6,9 +6,11 @@ entry point reads as the list above.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -38,6 +40,7 @@ from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
+from trainer.mapped_loads import mapped_files
 from trainer.metrics import Window
 from trainer.model import (
     causal_lm_class,
@@ -319,6 +322,8 @@ class Session:
             if loaded is None:
                 raise checkpoint.CheckpointError(f"{ckpt}: DeepSpeed loaded nothing from it; refusing to train on the "
                                                  f"pretrained weights under its step counter")
+            self.writer.mapped.take_states(self.engine.optimizer)
+            self.warn_of_mapped_files()
             saved = checkpoint.read_state(ckpt)
             checkpoint.check_fingerprint(ckpt, saved.pop("fingerprint", None),
                                          checkpoint.state_fingerprint(self.engine, self.dist))
@@ -338,6 +343,17 @@ class Session:
         self.stop.listen()
         self.tracker.status("running", state.step)
         return state
+
+    def warn_of_mapped_files(self) -> None:
+        """A checkpoint file still mapped after the resume is one DeepSpeed kept a tensor of, unforeseen: its disk
+        space would outlive its deletion (train.keep_last) until the run ends."""
+        gc.collect()  # the loaded states DeepSpeed dropped may sit in reference cycles
+        left = [path for ckpt in dict.fromkeys([self.resume_from.parent, self.load_tag.parent])
+                for path in mapped_files(ckpt)]
+        if left:
+            print(f"shardtune: warning: rank {self.dist.rank} still maps {len(left)} checkpoint file(s) after "
+                  f"resuming ({', '.join(left[:3])}): their disk space is not freed when they are deleted, until "
+                  f"this run ends", file=sys.stderr, flush=True)
 
     def on_step_end(self, state: TrainState) -> bool:
         """Eval and periodic saves; a stop request (signal, STOP file, train.stop_at_step) saves and ends."""

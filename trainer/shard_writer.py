@@ -26,6 +26,7 @@ from trainer.checkpoint_io import (
     snapshot,
     write_hashed,
 )
+from trainer.mapped_loads import MappedLoads
 
 
 class ShardWriter(TorchCheckpointEngine):
@@ -51,6 +52,7 @@ class ShardWriter(TorchCheckpointEngine):
         self._futures: list[Future] = []
         self.manifests: Optional[Manifests] = None
         """The manifests of the checkpoint being loaded (set by the resume)."""
+        self.mapped = MappedLoads()
 
     def begin(self, progress: Optional[Progress] = None, snapshot_first: Optional[bool] = None) -> None:
         """A new checkpoint: forget what the previous one wrote. snapshot_first: copy states before queueing
@@ -97,10 +99,11 @@ class ShardWriter(TorchCheckpointEngine):
 
     def load(self, path: str, map_location=None):
         """DeepSpeed's reads: each file checked against the manifest and parsed with weights_only (a crafted pickle
-        is refused, naming the file and the type it wanted), holding it once (checkpoint_io.load_verified)."""
+        is refused, naming the file and the type it wanted), its tensors mapped from the file, not read into
+        memory (checkpoint_io.load_verified; `mapped.take_states` copies out what the optimizer keeps)."""
         if self.manifests is None:
             raise VerificationError(f"{path}: loaded before its checkpoint's manifest was registered")
-        return load_verified(Path(path), self.manifests.expected(Path(path)), map_location)
+        return self.mapped.add(load_verified(Path(path), self.manifests.expected(Path(path)), map_location, mmap=True))
 
     def commit(self, info) -> bool:
         return True  # the checkpoint's commit (manifest, pointers) is shardtune's, after every rank is durable

@@ -151,7 +151,7 @@ DEVICE_KEYS = ("params", "gradients", "optimizer_states", "offload_staging", "ac
 # The working set of forward and backward, freed before the optimizer step allocates its buffers.
 FORWARD_BACKWARD_KEYS = ("activations", "logits", "gradient_in_flight", "reduce_buckets", "zero3_live_params")
 HOST_KEYS = ("offloaded_optimizer", "offloaded_params", "offloaded_checkpoints", "checkpoint_loading",
-             "checkpoint_resume", "async_save_snapshots", "process_runtime")
+             "async_save_snapshots", "process_runtime")
 
 
 MEASURED_OVER_ESTIMATE = 0.07
@@ -757,23 +757,12 @@ def _host_bytes(counts: ModelCounts, setup: Setup, zero: ZeroSettings, temporari
         # Stages 0-2: every rank materialises the whole model on the host before moving it to its
         # device. Stage 3 (zero.Init): ranks share one mmap'd copy of the checkpoint in the page cache.
         "checkpoint_loading": p * psi * (1 if setup.stage == 3 else ranks),
-        "checkpoint_resume": ranks * _resume_bytes(psi, setup),
         "async_save_snapshots": _snapshot_bytes(psi, setup, zero, rounding) if setup.async_save else 0,
         "process_runtime": int(ranks * margins.host_per_rank_gb * GB),
     }
     # The loaded copies are freed before the optimizer's host buffers are allocated (and before the first
-    # save's copies); offloaded parameters, placed during zero.Init, coexist with the loading. A resumed run
-    # loads its checkpoint's files after that, beside the offloaded optimizer, and saves after it is done.
+    # save's copies); offloaded parameters, placed during zero.Init, coexist with the loading. A resumed rank
+    # maps its checkpoint's files (page cache, reclaimable) and copies out only the moments it keeps, which
+    # the offloaded optimizer counts already (trainer/mapped_loads.py): no peak of its own.
     after_loading = host["offloaded_optimizer"] + host["offloaded_checkpoints"] + host["async_save_snapshots"]
-    resuming = host["offloaded_optimizer"] + host["checkpoint_resume"]
-    return host, (host["process_runtime"] + host["offloaded_params"]
-                  + max(host["checkpoint_loading"], after_loading, resuming))
-
-
-def _resume_bytes(psi: int, setup: Setup) -> int:
-    """Host bytes one rank holds at once while DeepSpeed's load_checkpoint resumes it: every rank loads the module
-    file whole (stages 0-2; at stage 0 it holds the optimizer's states too), then its own optimizer partition file
-    whole (stages 1-3, 12 bytes per parameter of its share), each to the host before copying it into place."""
-    from launcher.planning.checkpoint_size import partition_bytes, rank_zero_bytes  # it reads PARAM_BYTES
-
-    return max(rank_zero_bytes(psi, setup.stage, setup.dtype), partition_bytes(psi, setup.stage, setup.world_size))
+    return host, host["process_runtime"] + host["offloaded_params"] + max(host["checkpoint_loading"], after_loading)

@@ -319,7 +319,7 @@ def resolved_estimate(cfg: RunConfig, model_config: Optional[dict],
 
 
 HOST_PARTS = {"offloaded_optimizer": "offloaded optimizer", "offloaded_params": "parameters",
-              "checkpoint_loading": "checkpoint loading", "checkpoint_resume": "resuming",
+              "checkpoint_loading": "checkpoint loading",
               "offloaded_checkpoints": "offloaded checkpoints", "async_save_snapshots": "background-save copies"}
 
 
@@ -422,7 +422,7 @@ def format_memory(summary: Optional[dict]) -> str:
     if summary.get("device") != "cpu":
         lines.append(f"{pad}host RAM per node {summary['host_total_gb']:.1f} GB (offloaded optimizer "
                      f"{h['offloaded_optimizer']:.1f}, params {h['offloaded_params']:.1f}, checkpoint loading "
-                     f"{h['checkpoint_loading']:.1f}, resuming {h['checkpoint_resume']:.1f}, processes "
+                     f"{h['checkpoint_loading']:.1f}, processes "
                      f"{h['process_runtime']:.1f}"
                      + (f", offloaded checkpoints {h['offloaded_checkpoints']:.1f}"
                         if h["offloaded_checkpoints"] else "")

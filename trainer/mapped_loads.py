@@ -1,0 +1,147 @@
+"""How a resumed rank reads its checkpoint without holding a second copy of it in host memory.
+
+DeepSpeed's load_checkpoint reads each file whole into host memory before copying it into place: the module
+file at stages 0-2 (on every rank of a node at once, p bytes per parameter each), then the rank's optimizer
+partition (12 bytes per parameter of its share, beside the offloaded optimizer's buffers). torch's
+Optimizer.load_state_dict keeps a loaded moment as it is when its device and dtype already match the
+parameter's (the offloaded optimizer, and every CPU run), so the moments become the loaded tensors themselves.
+
+Here the files are mapped instead (torch.load(mmap=True)): their pages are the kernel's page cache, shared by
+the ranks of a node that read the same file and reclaimable under memory pressure, so nothing is held twice.
+What the optimizer kept of a mapped file is then copied into memory of its own (`take_states`), in chunks
+whose pages are handed back as they are copied (madvise(MADV_DONTNEED) on the private mapping: an untouched
+page is read again from the file if it is ever needed), so even the resident set peaks at one chunk above the
+state the run keeps. Were the moments left mapped, each write of a step would copy a page into private
+memory anyway, and the file would stay open: a checkpoint `train.keep_last` deletes would hold its disk space
+until the run ends.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COPY_CHUNK = 8 << 20
+"""Bytes copied out of a mapped file before its pages are dropped: the resident set's excess while copying."""
+
+_MADV_DONTNEED = 4  # linux/mman.h
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def drop_pages(start: int, nbytes: int) -> None:
+    """Hand back the whole pages of [start, start + nbytes) of a read-only private file mapping (no partial
+    page: its other part may belong to a tensor still in use)."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_DONTNEED)
+
+
+class MappedLoads:
+    """The storages of the checkpoint files loaded mapped, held until what the optimizer kept of them is copied out.
+
+    Holding them keeps each mapping in place, so dropping its pages can only ever touch the file's pages: an
+    address range whose mapping was gone could by then hold other memory, which MADV_DONTNEED would zero.
+    """
+
+    def __init__(self):
+        self._storages: dict[int, torch.UntypedStorage] = {}
+        """Start address -> every storage handed to DeepSpeed from a mapped file."""
+
+    def add(self, state: Any) -> Any:
+        """Remember the storages of a newly loaded state (dicts, lists, tuples of tensors) and return it. The pages
+        of the files loaded before it are dropped first: DeepSpeed has copied what it needed from them (the
+        weights of the module file), and anything it reads again comes back from the file."""
+        self._drop_pages()
+        files = _file_mappings()
+        for t in _tensors(state):
+            storage = t.untyped_storage()
+            if _within(files, storage.data_ptr(), storage.nbytes()):  # never memory of its own: dropping would zero it
+                self._storages[storage.data_ptr()] = storage
+        return state
+
+    def take_states(self, optimizer: Any) -> int:
+        """Copy every optimizer state still backed by a mapped file into memory of its own; returns how many.
+
+        `optimizer` is the engine's: DeepSpeed's wrappers are followed through `.optimizer` to each torch
+        optimizer inside. The pages DeepSpeed read (the fp32 master it copied) are dropped first; each state is
+        then copied a chunk at a time, dropping the chunk's pages behind it. The mappings go with the last
+        reference to them.
+        """
+        self._drop_pages()
+        taken = 0
+        for opt in _torch_optimizers(optimizer):
+            for state in opt.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.untyped_storage().data_ptr() in self._storages:
+                        state[key] = _copied_out(value)
+                        taken += 1
+        self._storages.clear()
+        return taken
+
+    def _drop_pages(self) -> None:
+        for start, storage in self._storages.items():
+            drop_pages(start, storage.nbytes())
+
+
+def mapped_files(under: Path) -> list[str]:
+    """Files below `under` that this process still maps (Linux /proc/self/maps), each once."""
+    prefix = str(Path(under).resolve()) + "/"
+    with open("/proc/self/maps") as maps:
+        found = (line.split(None, 5)[-1].strip() for line in maps if len(line.split(None, 5)) == 6)
+        return sorted({path for path in found if path.startswith(prefix)})
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of files, in address order."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = fields[0].split("-")
+                spans.append((int(start, 16), int(end, 16)))
+    return spans
+
+
+def _within(spans: list[tuple[int, int]], start: int, nbytes: int) -> bool:
+    i = bisect.bisect_right(spans, (start, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= start and start + nbytes <= spans[i][1]
+
+
+def _copied_out(mapped: torch.Tensor) -> torch.Tensor:
+    if not mapped.is_contiguous():
+        return mapped.clone()
+    own = torch.empty_like(mapped)
+    src, dst, size = mapped.view(-1), own.view(-1), mapped.element_size()
+    step = max(1, COPY_CHUNK // size)
+    for i in range(0, src.numel(), step):
+        piece = src[i:i + step]
+        dst[i:i + step].copy_(piece)
+        drop_pages(piece.data_ptr(), piece.numel() * size)
+    return own
+
+
+def _torch_optimizers(optimizer: Any) -> Iterator[torch.optim.Optimizer]:
+    seen: list[Any] = []
+    while optimizer is not None and all(optimizer is not s for s in seen):
+        seen.append(optimizer)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
+def _tensors(x: Any) -> Iterable[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
