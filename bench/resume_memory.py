@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._runner import PYTHON, REPO, machine_words
+from bench._runner import PYTHON, REPO, RunFailed, machine_words
 from bench.io import MODEL
 
 START, END = "<!-- bench-resume:start -->", "<!-- bench-resume:end -->"
@@ -37,8 +37,9 @@ STAGES = {"ZeRO-2, optimizer offloaded": ("zero.stage=2", "zero.offload_optimize
 RANK = """
 import gc, hashlib, json, os, sys, time
 from pathlib import Path
-rank, store, ckpt, ds_config, model_config, phase = (int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]),
-                                                     json.loads(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6])
+rank, store, ckpt, ds_config, model_config, phases = (int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]),
+                                                      json.loads(sys.argv[4]), json.loads(sys.argv[5]),
+                                                      sys.argv[6].split(","))
 os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
 import torch, torch.distributed as dist
 from trainer.ops import pin_build_dir
@@ -53,57 +54,67 @@ deepspeed.comm.init_distributed(dist_backend="gloo")
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM", "RssAnon")}
-torch.manual_seed(0)
-config = LlamaConfig(**model_config, max_position_embeddings=2048)
-if ds_config["zero_optimization"]["stage"] == 3:
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+def built():
+    torch.manual_seed(0)
+    config = LlamaConfig(**model_config, max_position_embeddings=2048)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = LlamaForCausalLM(config)
+    else:
         model = LlamaForCausalLM(config)
-else:
-    model = LlamaForCausalLM(config)
-engine = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)[0]
-if phase == "save":
-    ids = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(rank))
+    return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)[0]
+def states_digest(engine):
+    digest, opt = hashlib.sha256(), engine.optimizer
+    while opt is not None:
+        if isinstance(opt, torch.optim.Optimizer):
+            for state in opt.state.values():
+                for key in sorted(state):
+                    value = state[key]
+                    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if torch.is_tensor(value)
+                                  else repr(value).encode())
+        opt = getattr(opt, "optimizer", None)
+    return digest.hexdigest()
+def save(engine):
+    ids = torch.randint(0, model_config["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(rank))
     for _ in range(ds_config["gradient_accumulation_steps"]):  # one optimizer step: Adam's moments exist
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
     engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name)
     dist.barrier()
-    os._exit(0)
-if phase.startswith("shardtune"):
-    engine.checkpoint_engine = writer = ShardWriter(engine._config)
-    if phase == "shardtune_read_whole":  # the reader before files were mapped: hashed, then read into memory
-        writer.load = lambda path, map_location=None: load_verified(Path(path), writer.manifests.expected(Path(path)),
-                                                                    map_location)
-    writer.manifests = Manifests()  # the manifest a shardtune save writes: size and sha256 of every file
-    writer.manifests.add(ckpt, {f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-                                for f in ckpt.iterdir()})
-gc.collect()
+def load(engine, reader):
+    if reader.startswith("shardtune"):
+        engine.checkpoint_engine = writer = ShardWriter(engine._config)
+        if reader == "shardtune_read_whole":  # the reader before files were mapped: hashed, then read into memory
+            writer.load = lambda path, map_location=None: load_verified(
+                Path(path), writer.manifests.expected(Path(path)), map_location)
+        writer.manifests = Manifests()  # the manifest a shardtune save writes: size and sha256 of every file
+        writer.manifests.add(ckpt, {f.name: {"size": f.stat().st_size,
+                                             "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                                    for f in ckpt.iterdir()})
+    gc.collect()
+    dist.barrier()
+    before = status()
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    start = time.perf_counter()
+    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if reader.startswith("shardtune"):
+        writer.mapped.take_states(engine.optimizer)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    after = status()
+    return {"load_s": seconds, "added": after["RssAnon"] - before["RssAnon"],
+            "peak_over_kept": after["VmHWM"] - after["VmRSS"], "mapped_after": len(mapped_files(ckpt)),
+            "states": states_digest(engine),
+            "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
+for phase in phases:
+    engine = built()  # as a relaunched rank: built, then loaded
+    report = save(engine) if phase == "save" else load(engine, phase)
+    if report:
+        print("RESULT " + json.dumps({"rank": rank, "phase": phase, **report}), flush=True)
+    del engine
+    gc.collect()  # an engine's reference cycles: freed now, not during the next load measured
 dist.barrier()
-before = status()
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-start = time.perf_counter()
-engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-if phase.startswith("shardtune"):
-    writer.mapped.take_states(engine.optimizer)
-seconds = time.perf_counter() - start
-gc.collect()
-after = status()
-digest, opt = hashlib.sha256(), engine.optimizer
-while opt is not None:
-    if isinstance(opt, torch.optim.Optimizer):
-        for state in opt.state.values():
-            for key in sorted(state):
-                value = state[key]
-                digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if torch.is_tensor(value)
-                              else repr(value).encode())
-    opt = getattr(opt, "optimizer", None)
-print("RESULT " + json.dumps({"rank": rank, "load_s": seconds, "added": after["RssAnon"] - before["RssAnon"],
-                              "peak_over_kept": after["VmHWM"] - after["VmRSS"], "hwm": after["VmHWM"],
-                              "mapped_after": len(mapped_files(ckpt)), "states": digest.hexdigest(),
-                              "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}),
-      flush=True)
-dist.barrier()
-os._exit(0)
+os._exit(0)  # as a rank ends (trainer.distributed.exit_without_teardown): gloo's teardown can abort a clean exit
 """
 
 
@@ -120,21 +131,26 @@ def ds_config_for(overrides: tuple[str, ...], work: Path) -> dict:
     return render_deepspeed_config(resolve(validate_config(apply_overrides(raw, list(overrides))))[0])
 
 
-def pair(ckpt: Path, ds_config: dict, model: dict, phase: str, store: Path) -> list[dict]:
-    """Two ranks of `phase` (save, deepspeed or shardtune), under bench._max_rss; their reports and the max RSS."""
+def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path) -> dict:
+    """Two ranks running `phases` in turn (comma-separated: save, deepspeed, shardtune, shardtune_read_whole),
+    each on a freshly built engine, under bench._max_rss: {phase: [rank 0's report, rank 1's]} and "max_rss"."""
     rss_file = store.with_suffix(".rss.json")
     driver = ("import subprocess, sys; ranks = [subprocess.Popen([sys.executable, '-c', sys.argv[1], str(r)] "
               "+ sys.argv[2:], stdout=subprocess.PIPE, text=True) for r in range(2)]; "
               "outs = [p.communicate()[0] for p in ranks]; print(''.join(outs), end=''); "
               "sys.exit(max(p.returncode for p in ranks))")
     proc = subprocess.run([str(PYTHON), "-m", "bench._max_rss", str(rss_file), str(PYTHON), "-c", driver, RANK,
-                           str(store), str(ckpt), json.dumps(ds_config), json.dumps(model), phase],
+                           str(store), str(ckpt), json.dumps(ds_config), json.dumps(model), phases],
                           capture_output=True, text=True, cwd=REPO, timeout=1800,
                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # freed memory leaves at once
     if proc.returncode != 0:
-        raise SystemExit(f"{phase} failed:\n{proc.stderr[-4000:]}")
-    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    return sorted(ranks, key=lambda r: r["rank"]) + [json.loads(rss_file.read_text())]
+        raise RunFailed(f"{phases} failed:\n{proc.stderr[-4000:]}")
+    out: dict = {"max_rss": json.loads(rss_file.read_text())["max_rss_bytes"]}
+    for line in proc.stdout.splitlines():
+        if "RESULT " in line:
+            report = json.loads(line.split("RESULT ", 1)[1])
+            out.setdefault(report["phase"], [None, None])[report["rank"]] = report
+    return out
 
 
 def measure(work: Path, quick: bool) -> dict:
@@ -144,9 +160,10 @@ def measure(work: Path, quick: bool) -> dict:
         ds_config = ds_config_for(overrides, work)
         ckpt = work / name.split(",")[0] / "step"
         pair(ckpt, ds_config, model, "save", work / f"{ckpt.parent.name}-save.store")
-        report["stages"][name] = {reader: pair(ckpt, ds_config, model, reader,
-                                               work / f"{ckpt.parent.name}-{reader}.store")
-                                  for reader in READERS}
+        report["stages"][name] = {}
+        for reader in READERS:  # a fresh pair each: the peak RSS of any process is that reader's alone
+            ran = pair(ckpt, ds_config, model, reader, work / f"{ckpt.parent.name}-{reader}.store")
+            report["stages"][name][reader] = {"ranks": ran[reader], "max_rss": ran["max_rss"]}
     return report
 
 
@@ -162,10 +179,11 @@ def markdown(report: dict, command: str) -> str:
              "| 4 bytes × share (GB) | load (s) | same states | files mapped after |",
              "|---|---|---|---|---|---|---|---|---|"]
     for stage, readers in report["stages"].items():
-        for reader, (r0, r1, rss) in readers.items():
+        for reader, ran in readers.items():
+            (r0, r1), rss = ran["ranks"], ran["max_rss"]
             share = 4 * r0["params"] / 2 / gb
-            same = [r["states"] for r in readers["deepspeed"][:2]] == [r0["states"], r1["states"]]
-            lines.append(f"| {stage} | {reader} | {rss['max_rss_bytes'] / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
+            same = [r["states"] for r in readers["deepspeed"]["ranks"]] == [r0["states"], r1["states"]]
+            lines.append(f"| {stage} | {reader} | {rss / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
                          f"{r1['peak_over_kept'] / gb:.3f} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
                          f"{share:.2f} | {max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
                          f"{r0['mapped_after'] + r1['mapped_after']} |")
