@@ -71,7 +71,8 @@ class MappedLoads:
         `optimizer` is the engine's: DeepSpeed's wrappers are followed through `.optimizer` to each torch
         optimizer inside. The pages DeepSpeed read (the fp32 master it copied) are dropped first; each state is
         then copied a chunk at a time, dropping the chunk's pages behind it. The mappings go with the last
-        reference to them.
+        reference to them. (Nothing DeepSpeed 0.19 does writes into a loaded tensor, whose private copy of a page
+        a drop would discard; the save-time fingerprint, checked after this, would stop a run where one did.)
         """
         self._drop_pages()
         taken = 0
