@@ -58,7 +58,7 @@ class MappedLoads:
         of the files loaded before it are dropped first: DeepSpeed has copied what it needed from them (the
         weights of the module file), and anything it reads again comes back from the file."""
         self._drop_pages()
-        files = _file_mappings()
+        files = [(start, end) for start, end, _ in _file_maps()]
         for t in _tensors(state):
             storage = t.untyped_storage()
             if _within(files, storage.data_ptr(), storage.nbytes()):  # never memory of its own: dropping would zero it
@@ -93,21 +93,17 @@ class MappedLoads:
 def mapped_files(under: Path) -> list[str]:
     """Files below `under` that this process still maps (Linux /proc/self/maps), each once."""
     prefix = str(Path(under).resolve()) + "/"
-    with open("/proc/self/maps") as maps:
-        found = (line.split(None, 5)[-1].strip() for line in maps if len(line.split(None, 5)) == 6)
-        return sorted({path for path in found if path.startswith(prefix)})
+    return sorted({path for _, _, path in _file_maps() if path.startswith(prefix)})
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of files, in address order."""
-    spans = []
+def _file_maps() -> Iterator[tuple[int, int, str]]:
+    """(start, end, path) of this process's mappings of files, in address order."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(None, 5)
             if len(fields) == 6 and fields[5].startswith("/"):
                 start, end = fields[0].split("-")
-                spans.append((int(start, 16), int(end, 16)))
-    return spans
+                yield int(start, 16), int(end, 16), fields[5].strip()
 
 
 def _within(spans: list[tuple[int, int]], start: int, nbytes: int) -> bool:
