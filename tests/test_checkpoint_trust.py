@@ -89,6 +89,24 @@ def test_bytes_changed_between_verification_and_load_are_caught(tmp_path, tiny_m
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: its bytes differ from the checkpoint's manifest" in proc.stderr
 
 
+def test_the_universal_conversion_checks_the_bytes_of_every_file_it_loads(tmp_path, reference):
+    """A file changed after the job verified the checkpoint and before the conversion read it: the conversion's own
+    loads (trainer.safe_convert, in its worker processes too) check each file against the manifest and refuse it.
+    They once ran unchecked, the guard collected and undone as soon as it was installed."""
+    ckpt = tmp_path / "step"
+    shutil.copytree(RunDir(reference).checkpoint(8), ckpt)
+    shard = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "trainer.safe_convert", "--input_folder", str(ckpt),
+                           "--output_folder", str(tmp_path / "universal"), "--inject_missing_state",
+                           "--num_extract_workers", "2", "--num_merge_workers", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    assert f"{shard.name}: its bytes differ from the checkpoint's manifest" in proc.stdout + proc.stderr
+
+
 def test_a_read_error_while_verifying_is_checked_again_before_the_checkpoint_is_passed_over(tmp_path, tiny_model,
                                                                                              reference):
     """A shared filesystem can fail a read for a moment. Rank 1's first read failed with EIO: the rank crashed

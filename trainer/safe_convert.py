@@ -47,6 +47,12 @@ if __name__ == "__main__":
     _die_with_parent()
 
 
+_GUARD = None
+"""The entered guarded_loads. An entered context manager nobody refers to is collected at once, and closing its
+generator runs its `finally`, which puts torch's own torch.load back: the conversion then loaded every file
+unverified (TORCH_FORCE_WEIGHTS_ONLY_LOAD still kept code out)."""
+
+
 def _install() -> None:
     import json
 
@@ -58,7 +64,9 @@ def _install() -> None:
     manifests = Manifests()
     if source is not None and (source / MANIFEST).is_file():
         manifests.add(source, json.loads((source / MANIFEST).read_text())["files"])
-    guarded_loads(manifests).__enter__()  # for the life of this process (and its forked workers)
+    global _GUARD
+    _GUARD = guarded_loads(manifests)
+    _GUARD.__enter__()  # for the life of this process (and its forked workers)
 
 
 _install()
