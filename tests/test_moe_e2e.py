@@ -108,7 +108,7 @@ def test_resume_is_exact(runs):
 
 @pytest.mark.parametrize("runs", ["mixtral"], indirect=True)  # one family covers the fused-expert universal checkpoint
 def test_resume_on_another_world_size(runs):
-    assert "written by 2 ranks, resuming on 1" in runs["resized_stderr"]
+    assert "written by 2 ranks, resuming on 1" in runs["resized_stderr"] and "still maps" not in runs["resized_stderr"]
     got, want = losses(runs["resized"]), losses(runs["two"])
     assert sorted(got) == [3, 4]
     for step in got:

@@ -300,8 +300,9 @@ def prune(root: Path, keep_last: int, committed: Path, log: Callable[[str], None
 def conversion_workers() -> int:
     """Worker processes for the universal conversion: every CPU this process may use, at most 16.
 
-    Each extract worker holds one rank's optimizer shard in memory (for a 70B model on 64 ranks about 13 GB),
-    so the cap keeps a converting GPU node's host RAM in reach.
+    Each extract worker reads one saving rank's optimizer shard (for a 70B model saved by 64 ranks about 13 GB,
+    by 8 ranks 106 GB). It is mapped (trainer.safe_convert), so it is page cache the kernel can reclaim, not the
+    worker's own memory; the cap bounds how many shards are read at once.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cpus))

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from launcher.contract.errors import UserError
+from trainer.mapped_loads import MappedLoads
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just written: heartbeats and fault injection hang off it."""
@@ -267,15 +268,21 @@ class Manifests:
 
 
 @contextmanager
-def guarded_loads(manifests: Manifests):
+def guarded_loads(manifests: Manifests, mapped: Optional[MappedLoads] = None):
     """While loading a checkpoint: every torch.load in this process (DeepSpeed calls it directly on some paths,
-    e.g. universal checkpoints) reads a registered checkpoint's files verified, and nothing loads with
-    weights_only=False."""
+    e.g. universal checkpoints and their conversion) reads a registered checkpoint's files verified, and nothing
+    loads with weights_only=False.
+
+    A registered file's tensors are mapped, not read (load_verified's mmap): a rank resuming on another world size
+    touches only its own slice of each file, and a conversion worker's shard is page cache the kernel can reclaim
+    instead of memory of its own. A private mapping never writes back to the file. `mapped` remembers them, so
+    that `mapped.take_states` copies out what the optimizer keeps."""
     original = torch.load
 
     def load(f, map_location=None, *args, mmap=None, weights_only=None, **kwargs):
         if isinstance(f, (str, os.PathLike)) and manifests.covering(Path(f)) is not None:
-            return load_verified(Path(f), manifests.expected(Path(f)), map_location)
+            state = load_verified(Path(f), manifests.expected(Path(f)), map_location, mmap=True)
+            return state if mapped is None else mapped.add(state)
         allow_deepspeed_types()
         return original(f, map_location, *args, mmap=mmap, weights_only=True, **kwargs)
 

@@ -14,6 +14,13 @@ page is read again from the file if it is ever needed), so even the resident set
 state the run keeps. Were the moments left mapped, each write of a step would copy a page into private
 memory anyway, and the file would stay open: a checkpoint `train.keep_last` deletes would hold its disk space
 until the run ends.
+
+A resume on another world size reads DeepSpeed's universal format, which DeepSpeed loads with torch.load
+directly (checkpoint_io.guarded_loads routes those loads here too): one file per parameter and state, of which
+a rank copies its own slice, and at ZeRO-3 the converter's optimizer_state.pt, which holds the saving world's
+rank 0 optimizer shard whole (12 bytes per parameter of that rank's share) and which every rank loads for
+its step count and hyperparameters. Mapped, a rank holds only the pages it touches, and those only until the
+next file is loaded.
 """
 from __future__ import annotations
 
@@ -52,6 +59,8 @@ class MappedLoads:
     def __init__(self):
         self._storages: dict[int, torch.UntypedStorage] = {}
         """Start address -> every storage handed to DeepSpeed from a mapped file."""
+        self._undropped: list[int] = []
+        """Start addresses of those whose pages have not been dropped yet (a universal checkpoint: thousands)."""
 
     def add(self, state: Any) -> Any:
         """Remember the storages of a newly loaded state (dicts, lists, tuples of tensors) and return it. The pages
@@ -61,8 +70,11 @@ class MappedLoads:
         files = [(start, end) for start, end, _ in _file_maps()]
         for t in _tensors(state):
             storage = t.untyped_storage()
-            if _within(files, storage.data_ptr(), storage.nbytes()):  # never memory of its own: dropping would zero it
-                self._storages[storage.data_ptr()] = storage
+            start = storage.data_ptr()
+            # A file's pages only: dropping those of memory a tensor owns would zero it.
+            if start not in self._storages and _within(files, start, storage.nbytes()):
+                self._storages[start] = storage
+                self._undropped.append(start)
         return state
 
     def take_states(self, optimizer: Any) -> int:
@@ -83,11 +95,13 @@ class MappedLoads:
                         state[key] = _copied_out(value)
                         taken += 1
         self._storages.clear()
+        self._undropped.clear()
         return taken
 
     def _drop_pages(self) -> None:
-        for start, storage in self._storages.items():
-            drop_pages(start, storage.nbytes())
+        for start in self._undropped:
+            drop_pages(start, self._storages[start].nbytes())
+        self._undropped.clear()
 
 
 def mapped_files(under: Path) -> list[str]:

@@ -1,9 +1,11 @@
 """`python -m trainer.safe_convert ARGS`: DeepSpeed's ds_to_universal, with every load verified and code-free.
 
 ds_to_universal reads the checkpoint with `torch.load(weights_only=False)` in several places, some in worker
-processes. Run through here, every torch.load of the source checkpoint reads its bytes once, checks them
-against the checkpoint's manifest and deserializes those bytes with weights_only=True and DeepSpeed's three
-types allowed; every other load (its own intermediate files) is forced to weights_only=True as well.
+processes. Run through here, every torch.load of the source checkpoint checks the file against the checkpoint's
+manifest and deserializes it with weights_only=True and DeepSpeed's types allowed, its tensors mapped from the
+file (checkpoint_io.guarded_loads): an extract worker's optimizer shard (12 bytes per parameter of a saving
+rank's share) is page cache, not memory of its own. Every other load (its own intermediate files) is forced
+to weights_only=True as well.
 `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1` is set for any process started from here, so a worker that does not
 inherit the patch (a spawn start method) fails closed instead of running a crafted pickle. The module is
 called directly (not through runpy), so workers re-import it and get the patch again.

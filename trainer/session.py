@@ -316,7 +316,7 @@ class Session:
             manifests = checkpoint.manifests_of(*dict.fromkeys([ckpt, self.load_tag]))
             self.writer.manifests = manifests
             self.faults.verified(ckpt, self.dist.rank)
-            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(manifests):
+            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(manifests, self.writer.mapped):
                 loaded, _ = self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             if loaded is None:
