@@ -1,6 +1,6 @@
 """Resuming: a rank's host memory while it loads its checkpoint, shardtune's reader against DeepSpeed's own.
 
-    .venv/bin/python -m bench.resume_memory     # about 5 min on 2 cores; writes the "## Resuming" section
+    .venv/bin/python -m bench.resume_memory     # about 9 min on 2 cores; writes the "## Resuming" section
 
 The bench's 271M Llama (bench/io.py's: 1024 hidden, 16 layers, 32k vocabulary, untied) on 2 CPU ranks in
 fp32, at ZeRO-2 and ZeRO-3 with the optimizer offloaded: one step, saved with DeepSpeed's own checkpoint engine.
@@ -14,12 +14,18 @@ Per pair: the peak RSS of any process (getrusage RUSAGE_CHILDREN through bench._
 load), and per rank the kernel's own high-water mark over what the rank keeps after the load (VmHWM - VmRSS,
 after the high-water mark was reset before the load), the anonymous memory the load added (RssAnon), the load's
 wall time, and a digest of the optimizer states loaded (the two readers must agree bitwise).
+
+Then a resume on another world size: the same model saved by one rank, converted by DeepSpeed's own
+ds_to_universal, and loaded by two ranks with `load_universal`, by DeepSpeed's reader and by shardtune's (its
+checkpoint_io.guarded_loads, which maps the files DeepSpeed loads with torch.load directly).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,19 +43,22 @@ STAGES = {"ZeRO-2, optimizer offloaded": ("zero.stage=2", "zero.offload_optimize
 RANK = """
 import gc, hashlib, json, os, sys, time
 from pathlib import Path
-rank, store, ckpt, ds_config, model_config, phases = (int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]),
-                                                      json.loads(sys.argv[4]), json.loads(sys.argv[5]),
-                                                      sys.argv[6].split(","))
-os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+rank, world, store, ckpt, ds_config, model_config, phases = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                                                             Path(sys.argv[4]), json.loads(sys.argv[5]),
+                                                             json.loads(sys.argv[6]), sys.argv[7].split(","))
+universal = (ckpt / "zero").is_dir()  # DeepSpeed's universal format: one folder per parameter under zero/
+if universal:
+    ds_config["checkpoint"] = {"load_universal": True}
+os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
 import torch, torch.distributed as dist
 from trainer.ops import pin_build_dir
 pin_build_dir()
 import deepspeed, deepspeed.comm
 from transformers import LlamaConfig, LlamaForCausalLM
-from trainer.checkpoint_io import Manifests, load_verified
+from trainer.checkpoint_io import Manifests, guarded_loads, load_verified
 from trainer.mapped_loads import mapped_files
 from trainer.shard_writer import ShardWriter
-dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 deepspeed.comm.init_distributed(dist_backend="gloo")
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -88,15 +97,19 @@ def load(engine, reader):
             writer.load = lambda path, map_location=None: load_verified(
                 Path(path), writer.manifests.expected(Path(path)), map_location)
         writer.manifests = Manifests()  # the manifest a shardtune save writes: size and sha256 of every file
-        writer.manifests.add(ckpt, {f.name: {"size": f.stat().st_size,
-                                             "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-                                    for f in ckpt.iterdir()})
+        writer.manifests.add(ckpt, {str(f.relative_to(ckpt)): {"size": f.stat().st_size,
+                                                               "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                                    for f in ckpt.rglob("*") if f.is_file()})
     gc.collect()
     dist.barrier()
     before = status()
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
     start = time.perf_counter()
-    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if reader == "shardtune":  # as Session.resume: DeepSpeed's direct torch.loads (the universal format's) too
+        with guarded_loads(writer.manifests, writer.mapped):
+            engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     if reader.startswith("shardtune"):
         writer.mapped.take_states(engine.optimizer)
     seconds = time.perf_counter() - start
@@ -118,8 +131,8 @@ os._exit(0)  # as a rank ends (trainer.distributed.exit_without_teardown): gloo'
 """
 
 
-def ds_config_for(overrides: tuple[str, ...], work: Path) -> dict:
-    """The DeepSpeed config shardtune renders for a 2-rank CPU run in fp32 (both readers load with it)."""
+def ds_config_for(overrides: tuple[str, ...], work: Path, world: int = 2) -> dict:
+    """The DeepSpeed config shardtune renders for a `world`-rank CPU run in fp32 (every reader loads with it)."""
     from launcher.contract.config import apply_overrides, validate_config
     from launcher.planning.deepspeed_config import render_deepspeed_config
     from launcher.planning.plan import resolve
@@ -127,20 +140,21 @@ def ds_config_for(overrides: tuple[str, ...], work: Path) -> dict:
     raw = {"model": {"name_or_path": "org/model"}, "data": {"path": "d.jsonl", "format": "text", "seq_len": 64},
            "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum_steps": 1, "lr": 1e-4, "seed": 0,
                      "precision": "fp32"},
-           "launch": {"nodes": 1, "procs_per_node": 2, "device": "cpu"}, "output_dir": str(work / "run")}
+           "launch": {"nodes": 1, "procs_per_node": world, "device": "cpu"}, "output_dir": str(work / "run")}
     return render_deepspeed_config(resolve(validate_config(apply_overrides(raw, list(overrides))))[0])
 
 
-def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path) -> dict:
-    """Two ranks running `phases` in turn (comma-separated: save, deepspeed, shardtune, shardtune_read_whole),
-    each on a freshly built engine, under bench._max_rss: {phase: [rank 0's report, rank 1's]} and "max_rss"."""
+def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path, world: int = 2) -> dict:
+    """`world` ranks running `phases` in turn (comma-separated: save, deepspeed, shardtune, shardtune_read_whole),
+    each on a freshly built engine, under bench._max_rss: {phase: [rank 0's report, ...]} and "max_rss". A
+    checkpoint in DeepSpeed's universal format is loaded as one (`load_universal`)."""
     rss_file = store.with_suffix(".rss.json")
     driver = ("import subprocess, sys; ranks = [subprocess.Popen([sys.executable, '-c', sys.argv[1], str(r)] "
-              "+ sys.argv[2:], stdout=subprocess.PIPE, text=True) for r in range(2)]; "
+              "+ sys.argv[2:], stdout=subprocess.PIPE, text=True) for r in range(int(sys.argv[2]))]; "
               "outs = [p.communicate()[0] for p in ranks]; print(''.join(outs), end=''); "
               "sys.exit(max(p.returncode for p in ranks))")
     proc = subprocess.run([str(PYTHON), "-m", "bench._max_rss", str(rss_file), str(PYTHON), "-c", driver, RANK,
-                           str(store), str(ckpt), json.dumps(ds_config), json.dumps(model), phases],
+                           str(world), str(store), str(ckpt), json.dumps(ds_config), json.dumps(model), phases],
                           capture_output=True, text=True, cwd=REPO, timeout=1800,
                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # freed memory leaves at once
     if proc.returncode != 0:
@@ -149,13 +163,63 @@ def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path) -> 
     for line in proc.stdout.splitlines():
         if "RESULT " in line:
             report = json.loads(line.split("RESULT ", 1)[1])
-            out.setdefault(report["phase"], [None, None])[report["rank"]] = report
+            out.setdefault(report["phase"], [None] * world)[report["rank"]] = report
     return out
+
+
+def convert_universal(ckpt: Path, out: Path | None = None, shardtune: bool = False) -> dict:
+    """`ckpt` converted to DeepSpeed's universal format: by DeepSpeed's own ds_to_universal, as a user resuming on
+    another world size runs it, or by shardtune's (`trainer.safe_convert`: every load verified and mapped, against
+    a manifest written here as a shardtune save writes it). Returns the output folder, the wall time, the peak RSS
+    of any process (getrusage) and the peak of the anonymous memory its processes held together (sampled)."""
+    from launcher.contract.run_dir import MANIFEST
+
+    out = out or ckpt.with_name(ckpt.name + "_universal")
+    module = "trainer.safe_convert" if shardtune else "deepspeed.checkpoint.ds_to_universal"
+    if shardtune:
+        (ckpt / MANIFEST).write_text(json.dumps({"files": {str(f.relative_to(ckpt)): _listed(f)
+                                                           for f in ckpt.rglob("*") if f.is_file()}}))
+    rss_file = out.with_suffix(".rss.json")
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(PYTHON), "-m", "bench._max_rss", str(rss_file), str(PYTHON), "-m", module,
+                             "--input_folder", str(ckpt), "--output_folder", str(out), "--inject_missing_state",
+                             "--num_extract_workers", "2", "--num_merge_workers", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    anon = _group_anon_peak(proc)
+    output = proc.communicate()[0]
+    if proc.returncode != 0:
+        raise RunFailed(f"{module} failed:\n{output[-4000:]}")
+    (ckpt / MANIFEST).unlink(missing_ok=True)
+    return {"folder": out, "seconds": time.perf_counter() - start, "anon_peak": anon,
+            "max_rss": json.loads(rss_file.read_text())["max_rss_bytes"],
+            "files": {str(f.relative_to(out)): _listed(f)["sha256"] for f in out.rglob("*") if f.is_file()}}
+
+
+def _listed(f: Path) -> dict:
+    return {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+
+
+def _group_anon_peak(proc: subprocess.Popen) -> int:
+    """The largest sum of RssAnon over the processes of `proc`'s process group, sampled every 20 ms until it ends:
+    memory the processes own, which the kernel cannot reclaim as it reclaims a mapped file's pages."""
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == proc.pid:  # pgrp
+                    fields = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
+                    total += int(fields["RssAnon"].split()[0]) * 1024
+            except (OSError, ValueError, KeyError, IndexError):
+                continue  # a process that ended meanwhile
+        peak = max(peak, total)
+        time.sleep(0.02)
+    return peak
 
 
 def measure(work: Path, quick: bool) -> dict:
     model = {**MODEL, "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 688} if quick else MODEL
-    report = {"machine": machine_words(), "stages": {}}
+    report = {"machine": machine_words(), "stages": {}, "universal": {}}
     for name, overrides in STAGES.items():
         ds_config = ds_config_for(overrides, work)
         ckpt = work / name.split(",")[0] / "step"
@@ -164,29 +228,49 @@ def measure(work: Path, quick: bool) -> dict:
         for reader in READERS:  # a fresh pair each: the peak RSS of any process is that reader's alone
             ran = pair(ckpt, ds_config, model, reader, work / f"{ckpt.parent.name}-{reader}.store")
             report["stages"][name][reader] = {"ranks": ran[reader], "max_rss": ran["max_rss"]}
+        # A resume on another world size: saved by one rank, loaded by two through the universal format.
+        one = work / name.split(",")[0] / "one-rank"
+        pair(one, ds_config_for(overrides, work, world=1), model, "save", work / f"{one.parent.name}-one.store",
+             world=1)
+        theirs = convert_universal(one)
+        ours = convert_universal(one, one.with_name("one-rank_universal_shardtune"), shardtune=True)
+        universal = theirs["folder"]
+        shard = universal / "zero" / "optimizer_state.pt"
+        report["universal"][name] = {"optimizer_state_bytes": shard.stat().st_size,
+                                     "shard_bytes": max(f.stat().st_size for f in one.glob("*optim_states.pt")),
+                                     "convert": {"deepspeed": theirs, "shardtune": ours}}
+        for reader in ("deepspeed", "shardtune"):
+            ran = pair(universal, ds_config, model, reader, work / f"{one.parent.name}-universal-{reader}.store")
+            report["universal"][name][reader] = {"ranks": ran[reader], "max_rss": ran["max_rss"]}
+        shutil.rmtree(one.parent)  # ~17 GB of checkpoints per stage at full size
     return report
+
+
+def _row(stage: str, reader: str, ran: dict, baseline: dict, reference: float) -> str:
+    """One table row: a reader's pair against DeepSpeed's (`baseline`), `reference` GB in the sixth column."""
+    gb = 1e9
+    (r0, r1), rss = ran["ranks"], ran["max_rss"]
+    same = [r["states"] for r in baseline["ranks"]] == [r0["states"], r1["states"]]
+    return (f"| {stage} | {reader} | {rss / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
+            f"{r1['peak_over_kept'] / gb:.3f} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
+            f"{reference:.2f} | {max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
+            f"{r0['mapped_after'] + r1['mapped_after']} |")
 
 
 def markdown(report: dict, command: str) -> str:
     gb = 1e9
+    columns = ("| stage | reader | peak RSS, any process (GB) | over kept, rank 0 / 1 (GB) | added, rank 0 / 1 (GB) "
+               "| {} (GB) | load (s) | same states | files mapped after |")
     lines = [START, "## Resuming: host memory while a rank loads its checkpoint", "",
              f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on {report['machine']}: the 271M Llama of "
              "*Large-model I/O* (random weights), 2 CPU ranks, fp32, one step saved by DeepSpeed's own engine and "
              "loaded by a fresh pair of ranks per reader. Peak RSS of any process: getrusage through "
              "`bench._max_rss` (building the engine and loading). Over kept: a rank's high-water mark (reset "
              "before the load) over its RSS after it. Added: the anonymous memory the load left (the moments).", "",
-             "| stage | reader | peak RSS, any process (GB) | over kept, rank 0 / 1 (GB) | added, rank 0 / 1 (GB) "
-             "| 4 bytes × share (GB) | load (s) | same states | files mapped after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             columns.format("4 bytes × share"), "|---|---|---|---|---|---|---|---|---|"]
     for stage, readers in report["stages"].items():
         for reader, ran in readers.items():
-            (r0, r1), rss = ran["ranks"], ran["max_rss"]
-            share = 4 * r0["params"] / 2 / gb
-            same = [r["states"] for r in readers["deepspeed"]["ranks"]] == [r0["states"], r1["states"]]
-            lines.append(f"| {stage} | {reader} | {rss / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
-                         f"{r1['peak_over_kept'] / gb:.3f} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
-                         f"{share:.2f} | {max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
-                         f"{r0['mapped_after'] + r1['mapped_after']} |")
+            lines.append(_row(stage, reader, ran, readers["deepspeed"], 4 * ran["ranks"][0]["params"] / 2 / gb))
     lines += ["", "DeepSpeed's engine holds the whole optimizer partition (12 bytes per parameter of the rank's share) "
               "before copying its fp32 master into place, and keeps the loaded moments: it peaks the master's 4 bytes "
               "per parameter above what it keeps, and so did shardtune's reader while it read files whole. The "
@@ -198,8 +282,58 @@ def markdown(report: dict, command: str) -> str:
               "optimizer offloaded the difference is 282 GB of host RAM (4 bytes × 70.6B parameters). Load times "
               "are single runs on a shared 2-core VM with the files in the page cache after the save: hashing every "
               "file (what shardtune's readers do beyond DeepSpeed's) costs about a second per 1.6 GB here; mapping "
-              "is not slower than reading.", END]
+              "is not slower than reading.", "",
+              "### On another world size: saved by one rank, resumed by two through DeepSpeed's universal format", "",
+              "The same model saved by a single rank, converted with DeepSpeed's own `ds_to_universal`, and loaded "
+              "with `load_universal` by a fresh pair of ranks per reader (DeepSpeed's torch.load, or shardtune's "
+              "`guarded_loads` mapping every file, as `Session.resume` runs it). The conversion itself, by "
+              "DeepSpeed's ds_to_universal and by shardtune's (`trainer.safe_convert`, its loads verified and mapped), "
+              "2 workers each:", "",
+              "| stage | converter | peak RSS, any process (GB) | anonymous memory, its processes together, "
+              "peak (GB) | the saved optimizer file (GB) | seconds | same files |", "|---|---|---|---|---|---|---|"]
+    for stage, readers in report["universal"].items():
+        for converter, ran in readers["convert"].items():
+            same = ran["files"] == readers["convert"]["deepspeed"]["files"]
+            lines.append(f"| {stage} | {converter} | {ran['max_rss'] / gb:.2f} | {ran['anon_peak'] / gb:.2f} | "
+                         f"{readers['shard_bytes'] / gb:.2f} | {ran['seconds']:.1f} | {'yes' if same else '**no**'} |")
+    lines += ["", CONVERSION_FINDINGS, "", columns.format("optimizer_state.pt"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for stage, readers in report["universal"].items():
+        for reader in ("deepspeed", "shardtune"):
+            lines.append(_row(stage, reader, readers[reader], readers["deepspeed"],
+                              readers["optimizer_state_bytes"] / gb))
+    lines += ["", UNIVERSAL_FINDINGS, END]
     return "\n".join(lines)
+
+
+CONVERSION_FINDINGS = (
+    "An extract worker reads one saving rank's optimizer file (here the only one, 3.25 GB; at ZeRO-2 "
+    "DeepSpeed's main process reads rank 0's as well, for the optimizer state every rank shares). "
+    "DeepSpeed's converter reads it into memory of its own; shardtune's maps it, so it is page cache, "
+    "which the kernel reclaims before it would kill anything (under a cgroup's limit too), and the "
+    "anonymous memory of the conversion's processes peaks 2.8 to 3.2 GB lower, about the file. The peak "
+    'RSS of any process counts mapped pages as well: at ZeRO-3 it is the same for both, at ZeRO-2 1 GB '
+    "lower. For a 70B model saved by one 8-GPU node (106 GB in each rank's file) every busy worker of "
+    "DeepSpeed's converter would hold 106 GB of its own. Both write the same files, bitwise; shardtune's "
+    'seconds include its hash of every file it reads.')
+"""What the conversion table shows (measured 2026-12-07; the numbers are that run's)."""
+
+UNIVERSAL_FINDINGS = (
+    "At ZeRO-3 DeepSpeed's loader reads the converter's `zero/optimizer_state.pt` into every resuming "
+    "rank for its step count and keeps it for the whole load. That file is the saving world's rank 0 "
+    "optimizer shard, whole: 12 bytes per parameter of that rank's share (here one rank saved, so 3.25 "
+    "GB, the whole model's). DeepSpeed's reader peaks 4.34 GB above the kept state: that file, plus 1.08 "
+    "GB (4 bytes per parameter of the model) of parameter files still resident until each state's pass "
+    'ends (traced file by file; with the files mapped it does not appear). Mapped, a rank touches only '
+    "the shard's pickled metadata and its own slice of each parameter file (0.068 GB: half of the 131 MB "
+    "output-layer file), and the peak RSS of any process falls from 8.03 to 4.24 GB, back to the engine's "
+    'build. A 70B model saved by one 8-GPU node and resumed on four would hold 106 GB on every rank with '
+    "DeepSpeed's reader, 847 GB per node. At ZeRO-2 the file holds only hyperparameters, and both readers "
+    "peak alike, 4 bytes per parameter of the model above the kept state: DeepSpeed's own regrouping "
+    "after the files are read, the same with the files mapped. At ZeRO-2 shardtune's extra seconds are "
+    'its hash of every file; at ZeRO-3 it is the faster, hashing the shard but never reading it into '
+    'memory.')
+"""What the universal table shows (measured 2026-12-07; the numbers are that run's)."""
 
 
 def main() -> int:

@@ -53,6 +53,47 @@ def test_a_resumed_rank_holds_no_second_copy_of_its_checkpoint(tmp_path):
     assert est.host_total == est.host["process_runtime"] + est.host["offloaded_optimizer"]  # resuming adds nothing
 
 
+def test_a_rank_resuming_on_another_world_size_does_not_hold_the_saving_ranks_optimizer_shard(tmp_path):
+    """A resume on another world size reads DeepSpeed's universal format. At ZeRO-3 its converter writes the saving
+    world's rank 0 optimizer shard whole into zero/optimizer_state.pt (12 bytes per parameter of that rank's
+    share), and DeepSpeed's loader reads that file into every resuming rank for its step count and keeps it for
+    the whole load: a 70B model saved by one 8-GPU node and resumed on four would put 106 GB on every rank, 847 GB
+    on each node. shardtune's loads map it (checkpoint_io.guarded_loads): the shard's pages are never touched.
+    Its conversion (trainer.safe_convert) maps the checkpoint it reads as well, so the extract worker's copy of
+    that shard is page cache the kernel can reclaim, not memory of its own.
+
+    Measured on a one-rank ZeRO-3 checkpoint (26M parameters, fp32, optimizer offloaded) converted by DeepSpeed's
+    own ds_to_universal and resumed by two real ranks (bench/resume_memory.py's): DeepSpeed's reader peaks at
+    least the file above what it keeps, shardtune's at most one parameter's file and one copy chunk above, and
+    both load the same optimizer states, bitwise, leaving no file mapped. Both converters write the same files,
+    and the anonymous memory of shardtune's processes peaks at least half the shard below DeepSpeed's."""
+    from bench.resume_memory import convert_universal, pair
+    from launcher.planning.deepspeed_config import render_deepspeed_config
+
+    stage = ("zero.stage=3", "zero.offload_optimizer=cpu", "train.precision=fp32")
+    saved = tmp_path / "one-rank"
+    pair(saved, render_deepspeed_config(bf16_run_config(tmp_path, *stage, "launch.procs_per_node=1")), TINY_LLAMA,
+         "save", tmp_path / "save.store", world=1)
+    theirs = convert_universal(saved)
+    ours = convert_universal(saved, tmp_path / "universal-shardtune", shardtune=True)
+    universal = theirs["folder"]
+    ran = pair(universal, render_deepspeed_config(bf16_run_config(tmp_path, *stage)), TINY_LLAMA,
+               "deepspeed,shardtune", tmp_path / "load.store")
+    shard = (universal / "zero" / "optimizer_state.pt").stat().st_size
+    params = ran["deepspeed"][0]["params"]
+    assert abs(shard - 12 * params) < 0.01 * 12 * params  # the one saving rank's whole optimizer, as described
+    # The conversion: the same files, and the saving rank's shard page cache in shardtune's, not memory of its own.
+    assert ours["files"] == theirs["files"]
+    assert ours["anon_peak"] < theirs["anon_peak"] - 0.5 * shard, (ours["anon_peak"], theirs["anon_peak"], shard)
+    largest = 4 * TINY_LLAMA["hidden_size"] * TINY_LLAMA["intermediate_size"]  # an MLP matrix's fp32 file
+    for rank in range(2):
+        ours, theirs = ran["shardtune"][rank], ran["deepspeed"][rank]
+        assert ours["states"] == theirs["states"]
+        assert theirs["peak_over_kept"] >= shard, theirs
+        assert ours["peak_over_kept"] <= largest + COPY_CHUNK + (2 << 20) < 0.1 * shard, ours
+        assert ours["mapped_after"] == 0 == theirs["mapped_after"]
+
+
 def test_memory_of_its_own_is_never_dropped_and_a_mapped_tensor_reads_back_from_its_file(tmp_path):
     """Dropping pages is only safe on a file's private mapping: an untouched page comes back from the file. On memory
     a tensor owns it would zero the data, so a state read into memory (the legacy format, or a file read whole) is
