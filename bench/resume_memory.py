@@ -58,6 +58,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trainer.checkpoint_io import Manifests, guarded_loads, load_verified
 from trainer.mapped_loads import mapped_files
 from trainer.shard_writer import ShardWriter
+from bench.resume_memory import listing
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 deepspeed.comm.init_distributed(dist_backend="gloo")
 def status():
@@ -97,9 +98,7 @@ def load(engine, reader):
             writer.load = lambda path, map_location=None: load_verified(
                 Path(path), writer.manifests.expected(Path(path)), map_location)
         writer.manifests = Manifests()  # the manifest a shardtune save writes: size and sha256 of every file
-        writer.manifests.add(ckpt, {str(f.relative_to(ckpt)): {"size": f.stat().st_size,
-                                                               "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-                                    for f in ckpt.rglob("*") if f.is_file()})
+        writer.manifests.add(ckpt, listing(ckpt))
     gc.collect()
     dist.barrier()
     before = status()
@@ -177,8 +176,7 @@ def convert_universal(ckpt: Path, out: Path | None = None, shardtune: bool = Fal
     out = out or ckpt.with_name(ckpt.name + "_universal")
     module = "trainer.safe_convert" if shardtune else "deepspeed.checkpoint.ds_to_universal"
     if shardtune:
-        (ckpt / MANIFEST).write_text(json.dumps({"files": {str(f.relative_to(ckpt)): _listed(f)
-                                                           for f in ckpt.rglob("*") if f.is_file()}}))
+        (ckpt / MANIFEST).write_text(json.dumps({"files": listing(ckpt)}))
     rss_file = out.with_suffix(".rss.json")
     start = time.perf_counter()
     proc = subprocess.Popen([str(PYTHON), "-m", "bench._max_rss", str(rss_file), str(PYTHON), "-m", module,
@@ -192,11 +190,17 @@ def convert_universal(ckpt: Path, out: Path | None = None, shardtune: bool = Fal
     (ckpt / MANIFEST).unlink(missing_ok=True)
     return {"folder": out, "seconds": time.perf_counter() - start, "anon_peak": anon,
             "max_rss": json.loads(rss_file.read_text())["max_rss_bytes"],
-            "files": {str(f.relative_to(out)): _listed(f)["sha256"] for f in out.rglob("*") if f.is_file()}}
+            "files": listing(out)}
 
 
-def _listed(f: Path) -> dict:
-    return {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+def listing(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file below `folder`, by relative path: a shardtune manifest's "files"."""
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            out[str(f.relative_to(folder))] = {"size": f.stat().st_size,
+                                              "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+    return out
 
 
 def _group_anon_peak(proc: subprocess.Popen) -> int:
