@@ -262,6 +262,21 @@ def test_the_post_mortem_of_a_failed_relaunch_is_not_silenced_by_the_last_runs_s
     assert postmortem.main([str(run.path), "1", str(start)]) == 0 and capsys.readouterr().err == ""
 
 
+def test_a_relaunch_failing_within_a_second_of_the_last_runs_end_still_names_its_cause(tmp_path, tiny_model,
+                                                                                      reference):
+    """The launch scripts stamp when an attempt began, and the post-mortem ignores a "completed" status written
+    before that. Stamped in whole seconds, a status from earlier in the same second passed for this attempt's own
+    end, and the failure went unreported ("logs above")."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    time.sleep(1.02 - time.time() % 1)  # just past a whole second: the relaunch begins within it
+    RunDir(run).write_status("completed", STEPS)
+    proc = shardtune("launch", str(config(tmp_path, tiny_model)), env={"SHARDTUNE_FAULTS": "flip_after_verify@0:1"},
+                     check=False)
+    assert proc.returncode != 0
+    assert "its bytes differ from the checkpoint's manifest" in proc.stderr.splitlines()[-1]
+
+
 def test_credentials_are_refused_whatever_the_variable_is_called(tmp_path, tiny_model):
     key = "3b8d2f71c9e04a6b5d1f8e2c7a94b06d3e5f1c28"  # 40 random hex characters: a wandb API key's form
     proc = shardtune("plan", str(config(tmp_path, tiny_model)), f"launch.env.MY_SETTING={key}", check=False)

@@ -117,7 +117,7 @@ def launch_script(cfg: RunConfig, argv: list[str], defaults: Optional[dict[str, 
     python, run_dir = shlex.quote(argv[0]), shlex.quote(cfg.output_dir)
     lines += ["# A monitor outside the training processes kills a frozen rank (so torchrun restarts the job); when",
               "# torchrun gives up, the post-mortem names the rank, the cause and the checkpoint to resume from.",
-              "STARTED=$(date +%s)",
+              "STARTED=$(date +%s.%N)  # sub-second: a status from earlier in the same second is not this attempt's",
               f"{python} -m launcher.backends.monitor {run_dir} &",
               "trap 'kill $! 2>/dev/null || true' EXIT",
               "# A SIGTERM to the process group (`shardtune launch` passes one on) asks the ranks to save and stop:",
