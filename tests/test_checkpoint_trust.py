@@ -22,6 +22,8 @@ import torch
 
 from launcher.backends import monitor, postmortem
 from launcher.contract.run_dir import MANIFEST, RunDir
+from trainer.checkpoint import verify
+from trainer.checkpoint_io import Manifests, VerificationError
 
 from conftest import REPO, losses, shardtune, tiny_config
 
@@ -87,6 +89,27 @@ def test_bytes_changed_between_verification_and_load_are_caught(tmp_path, tiny_m
                      check=False)
     assert proc.returncode != 0
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: its bytes differ from the checkpoint's manifest" in proc.stderr
+
+
+def test_a_file_changed_after_verification_is_hashed_again_even_with_its_times_put_back(tmp_path, reference):
+    """A load skips the hash of a file this job verified only while the file is provably the one verified: its
+    inode, size, modification and change times. Only the clock sets the change time, so a write that puts the
+    modification time back (rsync -t, touch -d) is still caught."""
+    ckpt = tmp_path / "step"
+    shutil.copytree(RunDir(reference).checkpoint(8), ckpt)
+    manifests = Manifests()
+    assert verify(ckpt, None, into=manifests) == []
+    shard = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert "optimizer_state_dict" in manifests.load(shard)  # unchanged
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns, shard.stat().st_ino) == (before.st_size,
+                                                                                   before.st_mtime_ns, before.st_ino)
+    with pytest.raises(VerificationError, match=f"{shard.name}: its bytes differ from the checkpoint's manifest"):
+        manifests.load(shard)
 
 
 def test_the_universal_conversion_checks_the_bytes_of_every_file_it_loads(tmp_path, reference):

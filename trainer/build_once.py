@@ -23,6 +23,8 @@ from typing import Optional
 from launcher.contract.errors import UserError
 from launcher.contract.run_dir import fsync_dir, sync_tree
 
+BUILT = "COMPLETE"
+"""The file, written last, that says a directory was built whole."""
 STALE_AFTER_S = 120.0
 HEARTBEAT_S = 10.0
 
@@ -85,7 +87,7 @@ def _try_lock(lock: Path) -> bool:
 def built(root: Path, key: str) -> Optional[Path]:
     """The complete directory for key under root, if someone has built it."""
     final = root / key
-    return final if (final / "COMPLETE").exists() else None
+    return final if (final / BUILT).exists() else None
 
 
 def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Optional[Callable[[str], None]] = None,
@@ -121,9 +123,9 @@ def build_once(root: Path, key: str, build: Callable[[Path], None], on_wait: Opt
                         with suppress(OSError):
                             failed.write_text(str(exc))
                         raise
-                    (tmp / "COMPLETE").write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
+                    (tmp / BUILT).write_text(json.dumps({"built_by": socket.gethostname(), "pid": os.getpid(),
                                                                "time": time.time()}))
-                    sync_tree(tmp)  # COMPLETE vouches for every file under it, after a crash too
+                    sync_tree(tmp)  # BUILT vouches for every file under it, after a crash too
                 # Two builders happen only if a stalled (not dead) builder's lock was judged stale; keep the
                 # first result, which readers may already have open.
                 if built(root, key):

@@ -15,6 +15,7 @@ without a manifest, or whose files do not match it, is never loaded.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -48,8 +49,8 @@ from launcher.contract.run_dir import (
     step_of,
     tag_for,
 )
-from trainer.build_once import build_once, built
-from trainer.checkpoint_io import Manifests, copy_hashed, load_verified, read_verified
+from trainer.build_once import BUILT, build_once, built
+from trainer.checkpoint_io import Identity, Manifests, copy_hashed, identity, load_verified, read_verified
 from trainer.distributed import Dist, PeerProgress, all_gather_objects, all_reduce_max, broadcast_object
 from trainer.faults import FaultHooks, unreadable_once
 from trainer.watchdog import group_io_counters
@@ -77,47 +78,75 @@ def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def verify_share(ckpt: Path, rank: int, world: int) -> list[str]:
-    """This rank's share of the manifest check: sizes first (cheap), then hashes."""
+def share_by_bytes(files: dict[str, dict], world: int) -> list[list[tuple[str, dict]]]:
+    """The files of a manifest dealt to `world` ranks, largest first, each to the rank with the fewest bytes so far:
+    the ranks finish hashing together. Dealt by name, a ZeRO-3 universal copy gave one rank its largest file
+    (the saving rank's optimizer shard, half the copy) and half the rest."""
+    loads = [(0, r) for r in range(world)]
+    shares: list[list[tuple[str, dict]]] = [[] for _ in range(world)]
+    for rel, meta in sorted(files.items(), key=lambda item: (-item[1]["size"], item[0])):
+        nbytes, r = heapq.heappop(loads)
+        shares[r].append((rel, meta))
+        heapq.heappush(loads, (nbytes + meta["size"], r))
+    return shares
+
+
+def verify_share(ckpt: Path, rank: int, world: int) -> tuple[list[str], dict[str, Identity]]:
+    """This rank's share of the manifest check: sizes first (cheap), then hashes. Returns the problems, and the
+    identity of each file that matched, as it was while it was hashed."""
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        return [f"{ckpt / MANIFEST}: unreadable ({exc})"]
-    problems = []
-    entries = sorted(manifest["files"].items())
-    for rel, meta in entries[rank::world]:
+        return [f"{ckpt / MANIFEST}: unreadable ({exc})"], {}
+    problems, matched = [], {}
+    for rel, meta in share_by_bytes(manifest["files"], world)[rank]:
         path = ckpt / rel
         try:  # a read error is this file's problem, reported like any other, not a crash of one rank
             unreadable_once(rank, path)
             if not path.is_file():
                 problems.append(f"{rel}: missing")
-            elif path.stat().st_size != meta["size"]:
-                problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {meta['size']}")
-            elif _hash_file(path)[1] != meta["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest")
+                continue
+            with open(path, "rb") as fh:
+                before = os.fstat(fh.fileno())
+                if before.st_size != meta["size"]:
+                    problems.append(f"{rel}: {before.st_size} bytes, manifest says {meta['size']}")
+                elif hashlib.file_digest(fh, "sha256").hexdigest() != meta["sha256"]:
+                    problems.append(f"{rel}: sha256 differs from the manifest")
+                elif identity(os.fstat(fh.fileno())) == identity(before):
+                    matched[rel] = identity(before)
         except OSError as exc:
             problems.append(f"{rel}: unreadable ({exc})")
-    return problems
+    return problems, matched
 
 
-def unlisted_files(ckpt: Path) -> list[str]:
-    """Files in a checkpoint its manifest does not name: never loaded, so a checkpoint that has them is refused."""
+def unlisted_files(ckpt: Path, besides: tuple[str, ...] = ()) -> list[str]:
+    """Files in a checkpoint its manifest does not name (nor `besides`): never loaded, so a checkpoint that has
+    them is refused."""
     try:
-        listed = set(json.loads((ckpt / MANIFEST).read_text())["files"])
+        listed = set(json.loads((ckpt / MANIFEST).read_text())["files"]) | set(besides)
     except (OSError, json.JSONDecodeError, KeyError):
         return []
     return [rel for rel in _files(ckpt) if rel not in listed]
 
 
-def verify(ckpt: Path, dist: Optional[Dist]) -> list[str]:
-    """Every problem any rank found with a checkpoint; [] when every file matches its manifest."""
+def verify(ckpt: Path, dist: Optional[Dist], into: Optional[Manifests] = None, besides: tuple[str, ...] = ()
+           ) -> list[str]:
+    """Every problem any rank found with a checkpoint; [] when every file matches its manifest (and any other file
+    is one of `besides`).
+
+    `into`: a checkpoint without problems is registered there, with the identity of every file as it was hashed:
+    a load that finds a file unchanged since then does not read it whole again to check it (load_verified)."""
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
-    mine = verify_share(ckpt, rank, world)
+    problems, matched = verify_share(ckpt, rank, world)
     if rank == 0:
-        mine += [f"{rel}: not in the manifest" for rel in unlisted_files(ckpt)]
-    if dist is None:
-        return mine
-    return [p for share in all_gather_objects(mine) for p in share]
+        problems += [f"{rel}: not in the manifest" for rel in unlisted_files(ckpt, besides)]
+    if dist is not None:
+        shares = all_gather_objects((problems, matched))
+        problems = [p for share, _ in shares for p in share]
+        matched = {rel: ident for _, share in shares for rel, ident in share.items()}
+    if into is not None and not problems:
+        into.add(ckpt, manifest(ckpt)["files"], verified=matched)
+    return problems
 
 
 def _remove(ckpt: Path, progress: Callable[[int], None] = lambda n: None) -> None:
@@ -374,6 +403,19 @@ def universal_copy(ckpt: Path, log: Callable[[str], None], beat: Callable[[str],
     return path
 
 
+def verify_universal_copy(copy: Path, ckpt: Path, dist: Dist, log: Callable[[str], None], into: Manifests) -> None:
+    """Every rank checks a share of the universal copy before any rank loads from it, and registers it in `into`.
+
+    Each rank then loads a slice of every one of its files, and finds them unchanged since they were hashed, so
+    the copy is read whole once per job instead of once per rank (load_verified's `verified_as`). A copy made ahead
+    (`shardtune convert`) may have been damaged since: it is refused, not used, and the source stays as it was."""
+    problems = verify_again_if_damaged(copy, dist, log, into, besides=(BUILT,))
+    if problems:
+        raise CheckpointError(f"{copy}: the universal copy of {ckpt.name} fails verification "
+                              f"({'; '.join(problems[:3])}); delete it, and the next launch converts {ckpt.name} "
+                              f"again")
+
+
 def write_hf_metadata(ckpt: Path, model, tokenizer, write_file: Callable[[Path, Callable], None]) -> None:
     """config, generation config, tokenizer and (for a model with custom code) that code inside a checkpoint, so
     it can be exported on its own.
@@ -429,14 +471,6 @@ def expected(ckpt: Path, path: Path) -> Optional[tuple[int, str]]:
     return None if meta is None else (meta["size"], meta["sha256"])
 
 
-def manifests_of(*ckpts: Path) -> Manifests:
-    """The manifests a resume checks every file it loads against."""
-    found = Manifests()
-    for ckpt in ckpts:
-        found.add(ckpt, manifest(ckpt)["files"])
-    return found
-
-
 def read_state(ckpt: Path) -> dict:
     """The trainer's counters, verified like every other file of the checkpoint."""
     return json.loads(read_verified(ckpt / TRAINER_STATE, expected(ckpt, ckpt / TRAINER_STATE)))
@@ -445,20 +479,23 @@ def read_state(ckpt: Path) -> dict:
 RECHECK_S = 5.0
 
 
-def verify_again_if_damaged(ckpt: Path, dist: Dist, log: Callable[[str], None]) -> list[str]:
+def verify_again_if_damaged(ckpt: Path, dist: Dist, log: Callable[[str], None],
+                            into: Optional[Manifests] = None, besides: tuple[str, ...] = ()) -> list[str]:
     """verify, and once more after a pause when it finds problems: a shared filesystem can fail reads or hide a
     file for a moment, and a checkpoint judged damaged is passed over, and later pruned as an abandoned timeline."""
-    problems = verify(ckpt, dist)
+    problems = verify(ckpt, dist, into, besides)
     if problems:
         log(f"checkpoint {ckpt.name} failed verification ({'; '.join(problems[:3])}); checking it again in "
             f"{RECHECK_S:g} s in case the filesystem was briefly unavailable")
         time.sleep(RECHECK_S)
-        problems = verify(ckpt, dist)
+        problems = verify(ckpt, dist, into, besides)
     return problems
 
 
-def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint to resume from per train.resume, verified on every rank; None to start fresh."""
+def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], None],
+                into: Optional[Manifests] = None) -> Optional[Path]:
+    """The checkpoint to resume from per train.resume, verified on every rank; None to start fresh. The one chosen
+    is registered in `into` (verify)."""
     root = run_dir.checkpoints
     if resume == "never":
         return None
@@ -467,7 +504,7 @@ def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], N
         if not (ckpt / MANIFEST).is_file():
             raise CheckpointError(f"train.resume: {ckpt} is not a complete shardtune checkpoint "
                                   f"({'missing' if not ckpt.exists() else 'no ' + MANIFEST})")
-        problems = verify_again_if_damaged(ckpt, dist, log)
+        problems = verify_again_if_damaged(ckpt, dist, log, into)
         if problems:
             raise CheckpointError(f"train.resume: {ckpt} fails verification: " + "; ".join(problems[:5]))
         return ckpt
@@ -478,7 +515,7 @@ def find_resume(run_dir: RunDir, resume: str, dist: Dist, log: Callable[[str], N
     candidates = [Path(p) for p in broadcast_object(listed)]
     damaged = []
     for ckpt in candidates:
-        problems = verify_again_if_damaged(ckpt, dist, log)
+        problems = verify_again_if_damaged(ckpt, dist, log, into)
         if not problems:
             chosen = ckpt
             break

@@ -195,6 +195,16 @@ def _differs(path: Path) -> VerificationError:
                              f"the checkpoint was committed); refusing to load it")
 
 
+Identity = tuple[int, int, int, int]
+
+
+def identity(st: os.stat_result) -> Identity:
+    """What changes whenever a file's bytes may have: its inode (a file replaced by rename), its size, and its
+    modification and change times. Nobody but the clock sets the change time, so even a write that puts the
+    modification time back (touch -d, rsync -t) shows."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
     """A file's bytes, once, checked against (size, sha256): what is hashed is exactly what will be parsed."""
     size, sha = _listed(path, expected)
@@ -204,7 +214,8 @@ def read_verified(path: Path, expected: Optional[tuple[int, str]]) -> bytes:
     return data
 
 
-def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location="cpu", mmap: bool = False):
+def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location="cpu", mmap: bool = False,
+                  verified_as: Optional[Identity] = None):
     """A checkpoint file checked against (size, sha256) and deserialized without running code, holding it once.
 
     Reading the whole file into memory and parsing those bytes held it twice (the bytes and the tensors built
@@ -218,11 +229,16 @@ def load_verified(path: Path, expected: Optional[tuple[int, str]], map_location=
     vouches for is the file as it was: committed checkpoints are never written in place (a save writes a new
     directory and renames), and a file replaced by rename stays the one mapped. Files of torch's legacy format
     cannot be mapped and are read.
+
+    `verified_as`: the file's identity when this job hashed it (checkpoint.verify). A file that is still that file
+    is not read whole again just to hash it: a resume on another world size loads every file of the universal copy
+    on every rank, a slice of each, and hashing them read the whole optimizer state per rank (840 GB at 70B).
     """
     size, sha = _listed(path, expected)
     with open(path, "rb") as fh:
         before = os.fstat(fh.fileno())
-        if before.st_size != size or hashlib.file_digest(fh, "sha256").hexdigest() != sha:
+        unchanged = verified_as is not None and identity(before) == tuple(verified_as)
+        if before.st_size != size or not (unchanged or hashlib.file_digest(fh, "sha256").hexdigest() == sha):
             raise _differs(path)
         same_file = f"/proc/self/fd/{fh.fileno()}"
         try:
@@ -247,13 +263,16 @@ def refused(where: str, exc: pickle.UnpicklingError) -> VerificationError:
 
 
 class Manifests:
-    """Expected (size, sha256) of every file of the checkpoint directories registered here."""
+    """Expected (size, sha256) of every file of the checkpoint directories registered here, and the identity of
+    each file this job has already hashed."""
 
     def __init__(self):
         self._dirs: dict[Path, dict[str, tuple[int, str]]] = {}
+        self._verified: dict[Path, dict[str, Identity]] = {}
 
-    def add(self, ckpt: Path, files: dict[str, dict]) -> None:
+    def add(self, ckpt: Path, files: dict[str, dict], verified: Optional[dict[str, Identity]] = None) -> None:
         self._dirs[Path(ckpt).resolve()] = {rel: (meta["size"], meta["sha256"]) for rel, meta in files.items()}
+        self._verified[Path(ckpt).resolve()] = dict(verified or {})
 
     def covering(self, path: Path) -> Optional[tuple[Path, dict]]:
         path = Path(path).resolve()
@@ -265,6 +284,13 @@ class Manifests:
     def expected(self, path: Path) -> Optional[tuple[int, str]]:
         found = self.covering(path)
         return None if found is None else found[1].get(str(Path(path).resolve().relative_to(found[0])))
+
+    def load(self, path: Path, map_location=None):
+        """A registered file's state, checked against its manifest and mapped (load_verified)."""
+        found = self.covering(path)
+        verified = None if found is None else self._verified[found[0]].get(
+            str(Path(path).resolve().relative_to(found[0])))
+        return load_verified(Path(path), self.expected(path), map_location, mmap=True, verified_as=verified)
 
 
 @contextmanager
@@ -281,7 +307,7 @@ def guarded_loads(manifests: Manifests, mapped: Optional[MappedLoads] = None):
 
     def load(f, map_location=None, *args, mmap=None, weights_only=None, **kwargs):
         if isinstance(f, (str, os.PathLike)) and manifests.covering(Path(f)) is not None:
-            state = load_verified(Path(f), manifests.expected(Path(f)), map_location, mmap=True)
+            state = manifests.load(Path(f), map_location)
             return state if mapped is None else mapped.add(state)
         allow_deepspeed_types()
         return original(f, map_location, *args, mmap=mmap, weights_only=True, **kwargs)

@@ -28,7 +28,7 @@ from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, host_memory, moe, nonfinite, ops, separation, sequence_parallel
-from trainer.checkpoint_io import guarded_loads
+from trainer.checkpoint_io import Manifests, guarded_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, check_vocabulary, load_tokenizer, prepare
@@ -110,6 +110,8 @@ class Session:
         """The complete checkpoint this launch continues from (None: the pretrained weights)."""
         self.load_tag: Optional[Path] = None
         """Where DeepSpeed loads it from: the checkpoint itself, or its universal copy on a new world size."""
+        self.manifests = Manifests()
+        """Both, as verified by every rank: what each file a load reads is checked against."""
         self.separation: Separation = "positions"
         self.sp = sequence_parallel.SequenceParallel()
         self.loss: LossFn = full_logits_loss
@@ -194,7 +196,8 @@ class Session:
         if (line := host_memory.limit_pinned_rounding(self.dist.device, recurring)) is not None:  # before any pinning
             self.tracker.message(line)
         ops.build_once_per_node(self.ds_config, self.dist, self.heartbeat.beat, self.tracker.message)
-        self.resume_from = checkpoint.find_resume(self.run_dir, t.resume, self.dist, self.tracker.message)
+        self.resume_from = checkpoint.find_resume(self.run_dir, t.resume, self.dist, self.tracker.message,
+                                                  self.manifests)
         self.load_tag = self.resume_from
         if self.resume_from is not None:
             saved_world = checkpoint.manifest(self.resume_from)["world_size"]
@@ -203,6 +206,9 @@ class Session:
                                      f"{self.dist.world}: loading it through DeepSpeed's universal checkpoint format")
                 self.load_tag = checkpoint.universal_copy(self.resume_from, self.tracker.message, self.heartbeat.beat,
                                                           into=self.run_dir.checkpoints)
+                with IOProgress(self.heartbeat, "verify checkpoint"):
+                    checkpoint.verify_universal_copy(self.load_tag, self.resume_from, self.dist,
+                                                     self.tracker.message, self.manifests)
                 self.ds_config["checkpoint"] = {"load_universal": True}
         self.sp = sequence_parallel.setup(cfg, self.dist, flash_attention_usable(cfg, self.dist.device))
         with IOProgress(self.heartbeat, "load model"):
@@ -313,10 +319,9 @@ class Session:
         state = TrainState()
         ckpt = self.resume_from
         if ckpt is not None:
-            manifests = checkpoint.manifests_of(*dict.fromkeys([ckpt, self.load_tag]))
-            self.writer.manifests = manifests
+            self.writer.manifests = self.manifests
             self.faults.verified(ckpt, self.dist.rank)
-            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(manifests, self.writer.mapped):
+            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(self.manifests, self.writer.mapped):
                 loaded, _ = self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             if loaded is None:

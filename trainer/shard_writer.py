@@ -22,7 +22,6 @@ from trainer.checkpoint_io import (
     Manifests,
     Progress,
     VerificationError,
-    load_verified,
     snapshot,
     write_hashed,
 )
@@ -103,7 +102,7 @@ class ShardWriter(TorchCheckpointEngine):
         memory (checkpoint_io.load_verified; `mapped.take_states` copies out what the optimizer keeps)."""
         if self.manifests is None:
             raise VerificationError(f"{path}: loaded before its checkpoint's manifest was registered")
-        return self.mapped.add(load_verified(Path(path), self.manifests.expected(Path(path)), map_location, mmap=True))
+        return self.mapped.add(self.manifests.load(Path(path), map_location))
 
     def commit(self, info) -> bool:
         return True  # the checkpoint's commit (manifest, pointers) is shardtune's, after every rank is durable

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from launcher.contract.run_dir import CHECKPOINTS, MANIFEST, RunDir, complete_checkpoints
 from trainer.checkpoint import CheckpointError, verify
+from trainer.checkpoint_io import Identity, identity
 from trainer.export import export_checkpoint
 
 
@@ -39,5 +40,5 @@ def export_command(checkpoint: str | Path, out_dir: str | Path, dtype: str = "au
     return ckpt, out
 
 
-def _identities(ckpt: Path) -> dict[str, tuple[int, int, int]]:
-    return {str(p): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt.rglob("*") if p.is_file()}
+def _identities(ckpt: Path) -> dict[str, Identity]:
+    return {str(p): identity(p.stat()) for p in ckpt.rglob("*") if p.is_file()}
