@@ -6,8 +6,9 @@ The bench's 271M Llama (bench/io.py's: 1024 hidden, 16 layers, 32k vocabulary, u
 fp32, at ZeRO-2 and ZeRO-3 with the optimizer offloaded: one step, saved with DeepSpeed's own checkpoint engine.
 Then, for each reader, a fresh pair of ranks builds the same engine and loads that checkpoint:
   - DeepSpeed: `engine.load_checkpoint` with its default engine (TorchCheckpointEngine), what a user runs;
-  - shardtune: the trainer's reader (`ShardWriter.load` maps each file after checking its hash, then
-    `MappedLoads.take_states` copies out the states the optimizer keeps), as `Session.resume` runs it;
+  - shardtune: the trainer's reader, as `Session` runs it: every rank verifies a share of the files against the
+    manifest (`checkpoint.verify`), then `ShardWriter.load` maps each file (hashing it again only if it changed
+    since) and `MappedLoads.take_states` copies out the states the optimizer keeps;
   - shardtune_read_whole: the same, each file read into memory after its hash (the reader before mapping),
     which tells the mapping's cost in time from the hash's.
 Per pair: the peak RSS of any process (getrusage RUSAGE_CHILDREN through bench._max_rss: the build and the
@@ -58,6 +59,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trainer.checkpoint_io import Manifests, guarded_loads, load_verified
 from trainer.mapped_loads import mapped_files
 from trainer.shard_writer import ShardWriter
+from trainer.checkpoint import verify
+from trainer.distributed import Dist
+from launcher.contract.run_dir import MANIFEST
 from bench.resume_memory import listing
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 deepspeed.comm.init_distributed(dist_backend="gloo")
@@ -91,19 +95,26 @@ def save(engine):
         engine.step()
     engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name)
     dist.barrier()
+def read_bytes():
+    return int(dict(line.split(":", 1) for line in open("/proc/self/io"))["rchar"])  # through read(), not mapped
 def load(engine, reader):
-    if reader.startswith("shardtune"):
-        engine.checkpoint_engine = writer = ShardWriter(engine._config)
-        if reader == "shardtune_read_whole":  # the reader before files were mapped: hashed, then read into memory
-            writer.load = lambda path, map_location=None: load_verified(
-                Path(path), writer.manifests.expected(Path(path)), map_location)
-        writer.manifests = Manifests()  # the manifest a shardtune save writes: size and sha256 of every file
-        writer.manifests.add(ckpt, listing(ckpt))
+    if reader.startswith("shardtune") and rank == 0 and not (ckpt / MANIFEST).exists():
+        (ckpt / MANIFEST).write_text(json.dumps({"files": listing(ckpt)}))  # as a shardtune save writes it
     gc.collect()
     dist.barrier()
     before = status()
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    start = time.perf_counter()
+    read_before, start = read_bytes(), time.perf_counter()
+    if reader.startswith("shardtune"):
+        engine.checkpoint_engine = writer = ShardWriter(engine._config)
+        writer.manifests = Manifests()
+        if reader == "shardtune_read_whole":  # the reader before files were mapped: hashed, then read into memory
+            writer.load = lambda path, map_location=None: load_verified(
+                Path(path), writer.manifests.expected(Path(path)), map_location)
+            writer.manifests.add(ckpt, json.loads((ckpt / MANIFEST).read_text())["files"])
+        else:  # as Session.build: every rank verifies a share of the files against the manifest (in the time)
+            problems = verify(ckpt, Dist(rank, world, rank, torch.device("cpu")), into=writer.manifests)
+            assert not problems, problems
     if reader == "shardtune":  # as Session.resume: DeepSpeed's direct torch.loads (the universal format's) too
         with guarded_loads(writer.manifests, writer.mapped):
             engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -112,9 +123,10 @@ def load(engine, reader):
     if reader.startswith("shardtune"):
         writer.mapped.take_states(engine.optimizer)
     seconds = time.perf_counter() - start
+    read = read_bytes() - read_before
     gc.collect()
     after = status()
-    return {"load_s": seconds, "added": after["RssAnon"] - before["RssAnon"],
+    return {"load_s": seconds, "read": read, "added": after["RssAnon"] - before["RssAnon"],
             "peak_over_kept": after["VmHWM"] - after["VmRSS"], "mapped_after": len(mapped_files(ckpt)),
             "states": states_digest(engine),
             "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
@@ -146,7 +158,11 @@ def ds_config_for(overrides: tuple[str, ...], work: Path, world: int = 2) -> dic
 def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path, world: int = 2) -> dict:
     """`world` ranks running `phases` in turn (comma-separated: save, deepspeed, shardtune, shardtune_read_whole),
     each on a freshly built engine, under bench._max_rss: {phase: [rank 0's report, ...]} and "max_rss". A
-    checkpoint in DeepSpeed's universal format is loaded as one (`load_universal`)."""
+    checkpoint in DeepSpeed's universal format is loaded as one (`load_universal`). A report's "read" is the bytes
+    the rank read through read() from verifying to the end of the load (/proc/self/io rchar; a mapped file's pages
+    are not counted)."""
+    from launcher.contract.run_dir import MANIFEST
+
     rss_file = store.with_suffix(".rss.json")
     driver = ("import subprocess, sys; ranks = [subprocess.Popen([sys.executable, '-c', sys.argv[1], str(r)] "
               "+ sys.argv[2:], stdout=subprocess.PIPE, text=True) for r in range(int(sys.argv[2]))]; "
@@ -156,6 +172,7 @@ def pair(ckpt: Path, ds_config: dict, model: dict, phases: str, store: Path, wor
                            str(world), str(store), str(ckpt), json.dumps(ds_config), json.dumps(model), phases],
                           capture_output=True, text=True, cwd=REPO, timeout=1800,
                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # freed memory leaves at once
+    (ckpt / MANIFEST).unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RunFailed(f"{phases} failed:\n{proc.stderr[-4000:]}")
     out: dict = {"max_rss": json.loads(rss_file.read_text())["max_rss_bytes"]}
@@ -257,21 +274,24 @@ def _row(stage: str, reader: str, ran: dict, baseline: dict, reference: float) -
     same = [r["states"] for r in baseline["ranks"]] == [r0["states"], r1["states"]]
     return (f"| {stage} | {reader} | {rss / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
             f"{r1['peak_over_kept'] / gb:.3f} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
-            f"{reference:.2f} | {max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
+            f"{reference:.2f} | {r0['read'] / gb:.2f} / {r1['read'] / gb:.2f} | "
+            f"{max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
             f"{r0['mapped_after'] + r1['mapped_after']} |")
 
 
 def markdown(report: dict, command: str) -> str:
     gb = 1e9
     columns = ("| stage | reader | peak RSS, any process (GB) | over kept, rank 0 / 1 (GB) | added, rank 0 / 1 (GB) "
-               "| {} (GB) | load (s) | same states | files mapped after |")
+               "| {} (GB) | read, rank 0 / 1 (GB) | load (s) | same states | files mapped after |")
     lines = [START, "## Resuming: host memory while a rank loads its checkpoint", "",
              f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on {report['machine']}: the 271M Llama of "
              "*Large-model I/O* (random weights), 2 CPU ranks, fp32, one step saved by DeepSpeed's own engine and "
              "loaded by a fresh pair of ranks per reader. Peak RSS of any process: getrusage through "
              "`bench._max_rss` (building the engine and loading). Over kept: a rank's high-water mark (reset "
-             "before the load) over its RSS after it. Added: the anonymous memory the load left (the moments).", "",
-             columns.format("4 bytes × share"), "|---|---|---|---|---|---|---|---|---|"]
+             "before the load) over its RSS after it. Added: the anonymous memory the load left (the moments). "
+             "Read: what the rank read through read() (/proc/self/io rchar: shardtune's verification, the hash and "
+             "every parse; a mapped file's pages are not counted). Load: verification included.", "",
+             columns.format("4 bytes × share"), "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, readers in report["stages"].items():
         for reader, ran in readers.items():
             lines.append(_row(stage, reader, ran, readers["deepspeed"], 4 * ran["ranks"][0]["params"] / 2 / gb))
@@ -301,7 +321,7 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {stage} | {converter} | {ran['max_rss'] / gb:.2f} | {ran['anon_peak'] / gb:.2f} | "
                          f"{readers['shard_bytes'] / gb:.2f} | {ran['seconds']:.1f} | {'yes' if same else '**no**'} |")
     lines += ["", CONVERSION_FINDINGS, "", columns.format("optimizer_state.pt"),
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, readers in report["universal"].items():
         for reader in ("deepspeed", "shardtune"):
             lines.append(_row(stage, reader, readers[reader], readers["deepspeed"],

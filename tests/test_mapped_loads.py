@@ -66,7 +66,11 @@ def test_a_rank_resuming_on_another_world_size_does_not_hold_the_saving_ranks_op
     own ds_to_universal and resumed by two real ranks (bench/resume_memory.py's): DeepSpeed's reader peaks at
     least the file above what it keeps, shardtune's at most one parameter's file and one copy chunk above, and
     both load the same optimizer states, bitwise, leaving no file mapped. Both converters write the same files,
-    and the anonymous memory of shardtune's processes peaks at least half the shard below DeepSpeed's."""
+    and the anonymous memory of shardtune's processes peaks at least half the shard below DeepSpeed's.
+
+    Every rank loads a slice of every file of the copy. Hashing each file as it was loaded read the whole copy on
+    every rank (12 bytes per parameter of the model, 840 GB per rank at 70B); the ranks now verify a share of it
+    each, and a load finds its file unchanged since (checkpoint_io.identity) and does not read it again."""
     from bench.resume_memory import convert_universal, pair
     from launcher.planning.deepspeed_config import render_deepspeed_config
 
@@ -92,6 +96,13 @@ def test_a_rank_resuming_on_another_world_size_does_not_hold_the_saving_ranks_op
         assert theirs["peak_over_kept"] >= shard, theirs
         assert ours["peak_over_kept"] <= largest + COPY_CHUNK + (2 << 20) < 0.1 * shard, ours
         assert ours["mapped_after"] == 0 == theirs["mapped_after"]
+    # What each rank reads (through read(): verifying and parsing; a mapped file's pages are not counted):
+    # DeepSpeed's reader every file whole, on every rank; shardtune's ranks a share each of the copy's bytes,
+    # to verify it, and no file whole again (they once hashed every file as they loaded it).
+    copy = sum(f.stat().st_size for f in universal.rglob("*") if f.is_file())
+    assert all(r["read"] >= copy for r in ran["deepspeed"]), (copy, ran["deepspeed"])
+    assert sum(r["read"] for r in ran["shardtune"]) < 1.1 * copy, (copy, ran["shardtune"])
+    assert all(r["read"] < 0.6 * copy for r in ran["shardtune"]), (copy, ran["shardtune"])
 
 
 def test_memory_of_its_own_is_never_dropped_and_a_mapped_tensor_reads_back_from_its_file(tmp_path):
