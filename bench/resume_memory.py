@@ -304,9 +304,12 @@ def markdown(report: dict, command: str) -> str:
               "than any load; on a GPU node the host holds the offloaded optimizer, whose moments appear only at the "
               "load, so there the load is the host's peak. On an 8-GPU node resuming a 70B model at ZeRO-3 with the "
               "optimizer offloaded the difference is 282 GB of host RAM (4 bytes × 70.6B parameters). Load times "
-              "are single runs on a shared 2-core VM with the files in the page cache after the save: hashing every "
-              "file (what shardtune's readers do beyond DeepSpeed's) costs about a second per 1.6 GB here; mapping "
-              "is not slower than reading.", "",
+              "are single runs on a shared 2-core VM with the files in the page cache after the save; they vary up "
+              "to 2× between runs of this bench, so compare the rows of one run. shardtune's include its "
+              "verification: the ranks hash the checkpoint once between them, each file by one rank (the read "
+              "column's two ranks add up to the checkpoint), where its reader before hashed each file again as it "
+              "loaded it (shardtune_read_whole: twice DeepSpeed's reads, on every rank); mapping is not slower "
+              "than reading.", "",
               "### On another world size: saved by one rank, resumed by two through DeepSpeed's universal format", "",
               "The same model saved by a single rank, converted with DeepSpeed's own `ds_to_universal`, and loaded "
               "with `load_universal` by a fresh pair of ranks per reader (DeepSpeed's torch.load, or shardtune's "
@@ -350,13 +353,17 @@ UNIVERSAL_FINDINGS = (
     "GB (4 bytes per parameter of the model) of parameter files still resident until each state's pass "
     'ends (traced file by file; with the files mapped it does not appear). Mapped, a rank touches only '
     "the shard's pickled metadata and its own slice of each parameter file (0.068 GB: half of the 131 MB "
-    "output-layer file), and the peak RSS of any process falls from 8.03 to 4.24 GB, back to the engine's "
+    "output-layer file), and the peak RSS of any process falls from 8.04 to 4.24 GB, back to the engine's "
     'build. A 70B model saved by one 8-GPU node and resumed on four would hold 106 GB on every rank with '
     "DeepSpeed's reader, 847 GB per node. At ZeRO-2 the file holds only hyperparameters, and both readers "
     "peak alike, 4 bytes per parameter of the model above the kept state: DeepSpeed's own regrouping "
-    "after the files are read, the same with the files mapped. At ZeRO-2 shardtune's extra seconds are "
-    'its hash of every file; at ZeRO-3 it is the faster, hashing the shard but never reading it into '
-    'memory.')
+    "after the files are read, the same with the files mapped. Every rank loads a slice of every file of "
+    "the copy: DeepSpeed's reader reads all of it on every rank (3.81 and 6.51 GB), and shardtune's did "
+    "too, hashing each file as it loaded it; its ranks now verify the copy once between them, each about "
+    "half (2.21 and 3.32 GB), and a load finds its file unchanged since. At 70B that is 840 GB read per "
+    "rank against 840 GB per job. The verification's hashing makes shardtune's load the slower at ZeRO-2 "
+    "(both ranks hashing at once on 2 cores) and the faster at ZeRO-3, where it never reads the shard "
+    "into memory.")
 """What the universal table shows (measured 2026-12-07; the numbers are that run's)."""
 
 
