@@ -74,9 +74,43 @@ def _install() -> None:
 _install()
 
 
+def _scalars_only(state):
+    """`state` with every tensor of more than one element emptied (its dtype kept); numbers, steps and the rest
+    as they were."""
+    import torch
+
+    if torch.is_tensor(state):
+        return state if state.numel() <= 1 else torch.empty(0, dtype=state.dtype)
+    if isinstance(state, dict):
+        return {key: _scalars_only(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_scalars_only(value) for value in state)
+    return state
+
+
+def _without_the_saving_ranks_shard(ds_to_universal) -> None:
+    """At ZeRO-3 DeepSpeed writes the saving world's rank 0 optimizer state, whole, into zero/optimizer_state.pt
+    (12 bytes per parameter of that rank's share: 106 GB for a 70B model saved by 8 GPUs), and its universal loader
+    reads from it only the step, the hyperparameters and the loss scaler (stage3.py's
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3): every state it loads comes from the per-parameter files.
+    Written without the shard's tensors, the copy is that much smaller, and so are the conversion's writes and
+    the verification of the copy by the resuming ranks, whose largest file it was."""
+    write_stage3, save = ds_to_universal._save_optimizer_state_stage3, ds_to_universal._save_checkpoint
+
+    def stage3(args, optim_files) -> None:
+        ds_to_universal._save_checkpoint = lambda path, state: save(path, _scalars_only(state))
+        try:
+            write_stage3(args, optim_files)
+        finally:
+            ds_to_universal._save_checkpoint = save
+
+    ds_to_universal._save_optimizer_state_stage3 = stage3
+
+
 def main() -> None:
     from deepspeed.checkpoint import ds_to_universal
 
+    _without_the_saving_ranks_shard(ds_to_universal)
     ds_to_universal.main(ds_to_universal.parse_arguments())
 
 
