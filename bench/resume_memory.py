@@ -62,7 +62,7 @@ from trainer.shard_writer import ShardWriter
 from trainer.checkpoint import verify
 from trainer.distributed import Dist
 from launcher.contract.run_dir import MANIFEST
-from bench.resume_memory import listing
+from bench.resume_memory import write_manifest
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 deepspeed.comm.init_distributed(dist_backend="gloo")
 def status():
@@ -99,7 +99,7 @@ def read_bytes():
     return int(dict(line.split(":", 1) for line in open("/proc/self/io"))["rchar"])  # through read(), not mapped
 def load(engine, reader):
     if reader.startswith("shardtune") and rank == 0 and not (ckpt / MANIFEST).exists():
-        (ckpt / MANIFEST).write_text(json.dumps({"files": listing(ckpt)}))  # as a shardtune save writes it
+        write_manifest(ckpt)
     gc.collect()
     dist.barrier()
     before = status()
@@ -193,7 +193,7 @@ def convert_universal(ckpt: Path, out: Path | None = None, shardtune: bool = Fal
     out = out or ckpt.with_name(ckpt.name + "_universal")
     module = "trainer.safe_convert" if shardtune else "deepspeed.checkpoint.ds_to_universal"
     if shardtune:
-        (ckpt / MANIFEST).write_text(json.dumps({"files": listing(ckpt)}))
+        write_manifest(ckpt)
     rss_file = out.with_suffix(".rss.json")
     start = time.perf_counter()
     proc = subprocess.Popen([str(PYTHON), "-m", "bench._max_rss", str(rss_file), str(PYTHON), "-m", module,
@@ -208,6 +208,13 @@ def convert_universal(ckpt: Path, out: Path | None = None, shardtune: bool = Fal
     return {"folder": out, "seconds": time.perf_counter() - start, "anon_peak": anon,
             "max_rss": json.loads(rss_file.read_text())["max_rss_bytes"],
             "files": listing(out)}
+
+
+def write_manifest(folder: Path) -> None:
+    """The manifest a shardtune save writes (the "files" it checks), for a checkpoint DeepSpeed's engine wrote."""
+    from launcher.contract.run_dir import MANIFEST
+
+    (folder / MANIFEST).write_text(json.dumps({"files": listing(folder)}))
 
 
 def listing(folder: Path) -> dict[str, dict]:

@@ -91,15 +91,11 @@ def share_by_bytes(files: dict[str, dict], world: int) -> list[list[tuple[str, d
     return shares
 
 
-def verify_share(ckpt: Path, rank: int, world: int) -> tuple[list[str], dict[str, Identity]]:
-    """This rank's share of the manifest check: sizes first (cheap), then hashes. Returns the problems, and the
-    identity of each file that matched, as it was while it was hashed."""
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return [f"{ckpt / MANIFEST}: unreadable ({exc})"], {}
+def verify_share(ckpt: Path, files: dict[str, dict], rank: int, world: int) -> tuple[list[str], dict[str, Identity]]:
+    """This rank's share of the manifest check (`files`, the manifest's): sizes first (cheap), then hashes. Returns
+    the problems, and the identity of each file that matched, as it was while it was hashed."""
     problems, matched = [], {}
-    for rel, meta in share_by_bytes(manifest["files"], world)[rank]:
+    for rel, meta in share_by_bytes(files, world)[rank]:
         path = ckpt / rel
         try:  # a read error is this file's problem, reported like any other, not a crash of one rank
             unreadable_once(rank, path)
@@ -137,7 +133,11 @@ def verify(ckpt: Path, dist: Optional[Dist], into: Optional[Manifests] = None, b
     `into`: a checkpoint without problems is registered there, with the identity of every file as it was hashed:
     a load that finds a file unchanged since then does not read it whole again to check it (load_verified)."""
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
-    problems, matched = verify_share(ckpt, rank, world)
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        problems, matched = verify_share(ckpt, files, rank, world)
+    except (OSError, json.JSONDecodeError) as exc:
+        files, problems, matched = {}, [f"{ckpt / MANIFEST}: unreadable ({exc})"], {}
     if rank == 0:
         problems += [f"{rel}: not in the manifest" for rel in unlisted_files(ckpt, besides)]
     if dist is not None:
@@ -145,7 +145,7 @@ def verify(ckpt: Path, dist: Optional[Dist], into: Optional[Manifests] = None, b
         problems = [p for share, _ in shares for p in share]
         matched = {rel: ident for _, share in shares for rel, ident in share.items()}
     if into is not None and not problems:
-        into.add(ckpt, manifest(ckpt)["files"], verified=matched)
+        into.add(ckpt, files, verified=matched)
     return problems
 
 

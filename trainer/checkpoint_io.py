@@ -281,16 +281,21 @@ class Manifests:
                 return ckpt, files
         return None
 
-    def expected(self, path: Path) -> Optional[tuple[int, str]]:
+    def _entry(self, path: Path) -> Optional[tuple[Path, str]]:
+        """(the registered checkpoint holding `path`, its name there)."""
         found = self.covering(path)
-        return None if found is None else found[1].get(str(Path(path).resolve().relative_to(found[0])))
+        return None if found is None else (found[0], str(Path(path).resolve().relative_to(found[0])))
+
+    def expected(self, path: Path) -> Optional[tuple[int, str]]:
+        entry = self._entry(path)
+        return None if entry is None else self._dirs[entry[0]].get(entry[1])
 
     def load(self, path: Path, map_location=None):
         """A registered file's state, checked against its manifest and mapped (load_verified)."""
-        found = self.covering(path)
-        verified = None if found is None else self._verified[found[0]].get(
-            str(Path(path).resolve().relative_to(found[0])))
-        return load_verified(Path(path), self.expected(path), map_location, mmap=True, verified_as=verified)
+        entry = self._entry(path)
+        expected, verified = (None, None) if entry is None else (self._dirs[entry[0]].get(entry[1]),
+                                                                 self._verified[entry[0]].get(entry[1]))
+        return load_verified(Path(path), expected, map_location, mmap=True, verified_as=verified)
 
 
 @contextmanager
