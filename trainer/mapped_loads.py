@@ -20,7 +20,11 @@ directly (checkpoint_io.guarded_loads routes those loads here too): one file per
 a rank copies its own slice, and at ZeRO-3 the converter's optimizer_state.pt, which holds the saving world's
 rank 0 optimizer shard whole (12 bytes per parameter of that rank's share) and which every rank loads for
 its step count and hyperparameters. Mapped, a rank holds only the pages it touches, and those only until the
-next file is loaded.
+next file is loaded. At stages 0-2 DeepSpeed then clones each parameter's slice of each moment into memory of
+its own and, once every parameter is read, copies the clones into a new flat buffer per moment: the clones of
+every parameter (8 bytes per parameter of the rank's share, on the host even on a GPU) and one buffer more
+(4 bytes, on the device) above the state it keeps. `universal_states_in_place` copies each parameter's slices
+into the moments' flat buffers as they are read instead.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import bisect
 import ctypes
 import mmap
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,76 @@ class MappedLoads:
         for start in self._undropped:
             drop_pages(start, self._storages[start].nbytes())
         self._undropped.clear()
+
+
+@contextmanager
+def universal_states_in_place(optimizer: Any) -> Iterator[None]:
+    """While the engine loads a universal checkpoint at stages 0-2: each parameter's slice of every optimizer state
+    goes into that state's flat buffer (allocated once, the size of the rank's fp32 partition) as soon as its file
+    is read, and DeepSpeed's regrouping (map_to_flat_opt_states), finding the states already flat, copies nothing.
+
+    DeepSpeed's own load (deepspeed.checkpoint.universal_checkpoint.load_hp_checkpoint_state, then
+    deepspeed.utils.tensor_fragment.map_to_flat_opt_states) holds every parameter's cloned slices until all are
+    read, then allocates each flat state beside them. Here a slice's clone lives until it is copied, one
+    parameter at a time. The states are the same bytes either way (the resume tests compare them with DeepSpeed's
+    load); where a state is not flat as expected, DeepSpeed's regrouping runs as before.
+
+    `optimizer` is the engine's. ZeRO-3 loads universal checkpoints its own way; there this does nothing.
+    """
+    import deepspeed.runtime.base_optimizer as base
+
+    lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    inner = getattr(optimizer, "optimizer", None)
+    if not lp_groups or not isinstance(inner, torch.optim.Optimizer):
+        yield
+        return
+    replaced = []
+    for group, lps in zip(inner.param_groups, lp_groups):
+        flat = group["params"][0]
+        for lp in lps:
+            if getattr(lp, "_hp_mapping", None) is not None and hasattr(lp, "load_hp_checkpoint_state"):
+                replaced.append((lp, lp.load_hp_checkpoint_state))
+                lp.load_hp_checkpoint_state = _into_flat_states(lp, lp.load_hp_checkpoint_state, flat, inner.state)
+    regroup = base.map_to_flat_opt_states
+
+    def regroup_unless_flat(flat, lps, state, keys):
+        if not all(_is_flat_state(state.get(flat, {}).get(key), flat, lps, key) for key in keys):
+            regroup(flat, lps, state, keys)
+
+    base.map_to_flat_opt_states = regroup_unless_flat
+    try:
+        yield
+    finally:
+        base.map_to_flat_opt_states = regroup
+        for lp, method in replaced:
+            lp.load_hp_checkpoint_state = method
+
+
+def _into_flat_states(lp: torch.Tensor, load: Any, flat: torch.Tensor, states: dict) -> Any:
+    """`lp`'s load_hp_checkpoint_state, then its slices copied into the flat states (their clones freed)."""
+    def load_into_flat(*args, **kwargs):
+        step = load(*args, **kwargs)
+        mapping = lp._hp_mapping
+        address = mapping.get_hp_fragment_address()
+        state = states[flat]  # the torch optimizer's state is a defaultdict
+        for key, loaded in list(mapping.optim_fragment.items()):
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+            into = state[key].narrow(0, address.start, address.numel)
+            into.copy_(loaded)
+            mapping.optim_fragment[key] = into
+        return step
+    return load_into_flat
+
+
+def _is_flat_state(value: Any, flat: torch.Tensor, lps: list, key: str) -> bool:
+    """Whether `value` is `flat`'s state `key`, holding every parameter's slice in place (what the regrouping makes)."""
+    if not torch.is_tensor(value) or value.shape != flat.shape or value.device != flat.device:
+        return False
+    storage = value.untyped_storage().data_ptr()
+    return all(lp._hp_mapping.optim_fragment.get(key) is not None
+               and lp._hp_mapping.optim_fragment[key].untyped_storage().data_ptr() == storage
+               for lp in lps if getattr(lp, "_hp_mapping", None) is not None)
 
 
 def mapped_files(under: Path) -> list[str]:

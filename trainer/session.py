@@ -40,7 +40,7 @@ from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
-from trainer.mapped_loads import mapped_files
+from trainer.mapped_loads import mapped_files, universal_states_in_place
 from trainer.metrics import Window
 from trainer.model import (
     causal_lm_class,
@@ -321,7 +321,8 @@ class Session:
         if ckpt is not None:
             self.writer.manifests = self.manifests
             self.faults.verified(ckpt, self.dist.rank)
-            with IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(self.manifests, self.writer.mapped):
+            with (IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(self.manifests, self.writer.mapped),
+                  universal_states_in_place(self.engine.optimizer)):
                 loaded, _ = self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             if loaded is None:
