@@ -104,6 +104,10 @@ def load(engine, reader):
     dist.barrier()
     before = status()
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    at_gather = {}
+    gather = getattr(engine.optimizer, "update_lp_params", None)  # ZeRO-1/2 after a universal load: all-gather
+    if gather is not None:
+        engine.optimizer.update_lp_params = lambda: (at_gather.update(status()), gather())
     read_before, start = read_bytes(), time.perf_counter()
     if reader.startswith("shardtune"):
         engine.checkpoint_engine = writer = ShardWriter(engine._config)
@@ -128,6 +132,7 @@ def load(engine, reader):
     after = status()
     return {"load_s": seconds, "read": read, "added": after["RssAnon"] - before["RssAnon"],
             "peak_over_kept": after["VmHWM"] - after["VmRSS"], "mapped_after": len(mapped_files(ckpt)),
+            "before_gather": at_gather["VmHWM"] - after["VmRSS"] if at_gather else None,
             "states": states_digest(engine),
             "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
 for phase in phases:
@@ -275,12 +280,15 @@ def measure(work: Path, quick: bool) -> dict:
 
 
 def _row(stage: str, reader: str, ran: dict, baseline: dict, reference: float) -> str:
-    """One table row: a reader's pair against DeepSpeed's (`baseline`), `reference` GB in the sixth column."""
+    """One table row: a reader's pair against DeepSpeed's (`baseline`), `reference` GB in the sixth column. Where
+    DeepSpeed all-gathered the parameters after the load (ZeRO-1/2, universal), the peak before it follows."""
     gb = 1e9
     (r0, r1), rss = ran["ranks"], ran["max_rss"]
     same = [r["states"] for r in baseline["ranks"]] == [r0["states"], r1["states"]]
+    before = (f" ({r0['before_gather'] / gb:.3f} / {r1['before_gather'] / gb:.3f} before the gather)"
+              if r0.get("before_gather") is not None else "")
     return (f"| {stage} | {reader} | {rss / gb:.2f} | {r0['peak_over_kept'] / gb:.3f} / "
-            f"{r1['peak_over_kept'] / gb:.3f} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
+            f"{r1['peak_over_kept'] / gb:.3f}{before} | {r0['added'] / gb:.2f} / {r1['added'] / gb:.2f} | "
             f"{reference:.2f} | {r0['read'] / gb:.2f} / {r1['read'] / gb:.2f} | "
             f"{max(r0['load_s'], r1['load_s']):.1f} | {'yes' if same else '**no**'} | "
             f"{r0['mapped_after'] + r1['mapped_after']} |")

@@ -112,37 +112,41 @@ def test_a_rank_resuming_on_another_world_size_does_not_hold_the_saving_ranks_op
     assert all(r["read"] < 0.75 * copy["shardtune"] for r in ran["shardtune"]), (copy, ran["shardtune"])
 
 
-def test_a_rank_resuming_on_another_world_size_at_zero_2_fills_its_optimizer_states_in_place(tmp_path):
+def test_a_rank_resuming_on_another_world_size_at_zero_1_or_2_fills_its_optimizer_states_in_place(tmp_path):
     """At ZeRO-1/2 DeepSpeed's universal load clones each parameter's slice of both Adam moments and keeps the
     clones until every parameter is read, then copies them into one new flat buffer per moment
     (map_to_flat_opt_states) while the clones are still held: a rank peaks 4 bytes per parameter of its share above
     the state it keeps (and on a GPU the clones, 8 bytes per parameter of the share, sit in host memory).
     shardtune copies each parameter's slices into the flat moments as they are read
-    (mapped_loads.universal_states_in_place), so the load peaks at one parameter's files and clones.
+    (mapped_loads.universal_states_in_place) straight from the mapped files, cloning nothing, so the load peaks at
+    the pages of the files being read.
 
-    Measured on a ZeRO-2 checkpoint saved by two ranks (26M parameters, fp32, optimizer offloaded), converted by
+    Measured on checkpoints saved by two ranks (26M parameters; ZeRO-2 in fp32 with the optimizer offloaded, and
+    ZeRO-1 in bf16 with accumulation, which DeepSpeed runs with its BF16_Optimizer), converted by
     DeepSpeed's ds_to_universal and resumed on one rank (one rank: DeepSpeed's parameter all-gather after the load
     is skipped, whose gloo copy would otherwise set the peak), by DeepSpeed's reader and by shardtune's: the same
     optimizer states, bitwise, the same memory kept (two moments: 8 bytes per parameter), DeepSpeed's peak 4 bytes
-    per parameter above it, shardtune's at most a few of the largest parameter's files."""
+    per parameter above it, shardtune's at most two of the largest parameter's files."""
     from bench.resume_memory import convert_universal, pair
     from launcher.planning.deepspeed_config import render_deepspeed_config
 
-    stage = ("zero.stage=2", "zero.offload_optimizer=cpu", "train.precision=fp32")
-    saved = tmp_path / "two-ranks"
-    pair(saved, render_deepspeed_config(bf16_run_config(tmp_path, *stage)), TINY_LLAMA, "save",
-         tmp_path / "save.store")
-    copy = convert_universal(saved)["folder"]
-    ds_config = render_deepspeed_config(bf16_run_config(tmp_path, *stage, "launch.procs_per_node=1"))
-    ran = pair(copy, ds_config, TINY_LLAMA, "deepspeed,shardtune", tmp_path / "load.store", world=1)
-    (ours,), (theirs,) = ran["shardtune"], ran["deepspeed"]
-    params = theirs["params"]
     largest = 4 * TINY_LLAMA["hidden_size"] * TINY_LLAMA["intermediate_size"]  # an MLP matrix's fp32 file
-    assert ours["states"] == theirs["states"]
-    for reader in (ours, theirs):
-        assert abs(reader["added"] - 8 * params) < 0.03 * 8 * params, reader
-    assert abs(theirs["peak_over_kept"] - 4 * params) < 0.03 * 4 * params, theirs
-    assert ours["peak_over_kept"] <= 5 * largest + COPY_CHUNK + (2 << 20) < 0.25 * 4 * params, ours
+    # ZeRO-2 (DeepSpeedZeroOptimizer), and ZeRO-1 in bf16 with accumulation (BF16_Optimizer): both load this way.
+    for i, stage in enumerate([("zero.stage=2", "zero.offload_optimizer=cpu", "train.precision=fp32"),
+                               ("zero.stage=1",)]):
+        saved = tmp_path / str(i) / "two-ranks"
+        pair(saved, render_deepspeed_config(bf16_run_config(tmp_path, *stage)), TINY_LLAMA, "save",
+             tmp_path / f"save{i}.store")
+        copy = convert_universal(saved)["folder"]
+        ds_config = render_deepspeed_config(bf16_run_config(tmp_path, *stage, "launch.procs_per_node=1"))
+        ran = pair(copy, ds_config, TINY_LLAMA, "deepspeed,shardtune", tmp_path / f"load{i}.store", world=1)
+        (ours,), (theirs,) = ran["shardtune"], ran["deepspeed"]
+        params = theirs["params"]
+        assert ours["states"] == theirs["states"], stage
+        for reader in (ours, theirs):
+            assert abs(reader["added"] - 8 * params) < 0.03 * 8 * params, (stage, reader)
+        assert abs(theirs["peak_over_kept"] - 4 * params) < 0.03 * 4 * params, (stage, theirs)
+        assert ours["peak_over_kept"] <= 2 * largest + (2 << 20) < 0.1 * 4 * params, (stage, ours)
 
 
 def test_memory_of_its_own_is_never_dropped_and_a_mapped_tensor_reads_back_from_its_file(tmp_path):

@@ -23,14 +23,15 @@ its step count and hyperparameters. Mapped, a rank holds only the pages it touch
 next file is loaded. At stages 0-2 DeepSpeed then clones each parameter's slice of each moment into memory of
 its own and, once every parameter is read, copies the clones into a new flat buffer per moment: the clones of
 every parameter (8 bytes per parameter of the rank's share, on the host even on a GPU) and one buffer more
-(4 bytes, on the device) above the state it keeps. `universal_states_in_place` copies each parameter's slices
-into the moments' flat buffers as they are read instead.
+(4 bytes, on the device) above the state it keeps. `universal_states_in_place` copies each parameter's slice of
+each mapped file into the moments' flat buffers instead: no clone, and only the pages of the file being read.
 """
 from __future__ import annotations
 
 import bisect
 import ctypes
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,15 +112,17 @@ class MappedLoads:
 
 @contextmanager
 def universal_states_in_place(optimizer: Any) -> Iterator[None]:
-    """While the engine loads a universal checkpoint at stages 0-2: each parameter's slice of every optimizer state
-    goes into that state's flat buffer (allocated once, the size of the rank's fp32 partition) as soon as its file
-    is read, and DeepSpeed's regrouping (map_to_flat_opt_states), finding the states already flat, copies nothing.
+    """While the engine loads a universal checkpoint at stages 0-2 (inside guarded_loads, which maps its files):
+    each parameter's slice of every optimizer state goes from its mapped file straight into that state's flat
+    buffer (allocated once, the size of the rank's fp32 partition), and DeepSpeed's regrouping
+    (map_to_flat_opt_states), finding the states already flat, copies nothing.
 
     DeepSpeed's own load (deepspeed.checkpoint.universal_checkpoint.load_hp_checkpoint_state, then
-    deepspeed.utils.tensor_fragment.map_to_flat_opt_states) holds every parameter's cloned slices until all are
-    read, then allocates each flat state beside them. Here a slice's clone lives until it is copied, one
-    parameter at a time. The states are the same bytes either way (the resume tests compare them with DeepSpeed's
-    load); where a state is not flat as expected, DeepSpeed's regrouping runs as before.
+    deepspeed.utils.tensor_fragment.map_to_flat_opt_states) clones every parameter's slices and holds them until
+    all are read, then allocates each flat state beside them. Here nothing is cloned for a parameter saved whole
+    (what shardtune saves). A parameter laid out otherwise (AutoTP, expert parallelism) goes through DeepSpeed's
+    load, and then its regrouping, finding a state not flat, rebuilds them all as it always does. The states are
+    the same bytes either way (tests/test_mapped_loads.py compares them with DeepSpeed's load).
 
     `optimizer` is the engine's. ZeRO-3 loads universal checkpoints its own way; there this does nothing.
     """
@@ -153,20 +156,52 @@ def universal_states_in_place(optimizer: Any) -> Iterator[None]:
 
 
 def _into_flat_states(lp: torch.Tensor, load: Any, flat: torch.Tensor, states: dict) -> Any:
-    """`lp`'s load_hp_checkpoint_state, then its slices copied into the flat states (their clones freed)."""
-    def load_into_flat(*args, **kwargs):
-        step = load(*args, **kwargs)
-        mapping = lp._hp_mapping
-        address = mapping.get_hp_fragment_address()
-        state = states[flat]  # the torch optimizer's state is a defaultdict
-        for key, loaded in list(mapping.optim_fragment.items()):
-            if key not in state:
-                state[key] = torch.zeros_like(flat)
-            into = state[key].narrow(0, address.start, address.numel)
-            into.copy_(loaded)
-            mapping.optim_fragment[key] = into
-        return step
+    """`lp`'s load_hp_checkpoint_state, filling the flat states in place where the files hold `lp` whole (what
+    shardtune saves); otherwise DeepSpeed's own (`load`), and its regrouping then rebuilds the flat states."""
+    def load_into_flat(folder, *args, **kwargs):
+        done, step = _slices_in_place(lp, folder, flat, states[flat])  # the torch optimizer's state: a defaultdict
+        return step if done else load(folder, *args, **kwargs)
     return load_into_flat
+
+
+def _slices_in_place(lp: torch.Tensor, folder: str, flat: torch.Tensor, state: dict) -> tuple[bool, Any]:
+    """What DeepSpeed's load_hp_checkpoint_state does for a parameter saved whole (its file's tensor has `lp`'s
+    shape; no AutoTP or expert-parallel layout): this rank's slice of every file, `fp32` into the master and the
+    rest into `state`'s flat buffers. (False, None) when the parameter is laid out otherwise."""
+    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, FP32_WEIGHT_KEY, PARAM
+    from deepspeed.checkpoint.universal_checkpoint import _get_param_uc_restore_meta
+
+    if _get_param_uc_restore_meta(lp) is not None:
+        return False, None
+    mapping = lp._hp_mapping
+    lp_at, hp_at = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+    step, moments = None, {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".pt"):
+            continue
+        key, loaded = name[:-3], torch.load(os.path.join(folder, name))  # mapped and verified: guarded_loads
+        if key == "step":
+            step = loaded
+            continue
+        whole = loaded[PARAM]
+        if whole.shape != lp.shape or loaded.get(EP_IS_EXPERT_PARAM, False):
+            return False, None
+        mine = whole.reshape(-1).narrow(0, lp_at.start, lp_at.numel)
+        into = (mapping.get_hp_fragment() if key == FP32_WEIGHT_KEY
+                else _flat(state, key, flat).narrow(0, hp_at.start, hp_at.numel))
+        with torch.no_grad():  # the master is a parameter
+            into.copy_(mine)
+        if key != FP32_WEIGHT_KEY:
+            moments[key] = into
+    mapping.optim_fragment = moments
+    return True, step
+
+
+def _flat(state: dict, key: str, flat: torch.Tensor) -> torch.Tensor:
+    """`flat`'s optimizer state `key`, allocated the first time (zeroed pages are not resident until written)."""
+    if key not in state:
+        state[key] = torch.zeros_like(flat)
+    return state[key]
 
 
 def _is_flat_state(value: Any, flat: torch.Tensor, lps: list, key: str) -> bool:

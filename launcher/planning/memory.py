@@ -763,6 +763,7 @@ def _host_bytes(counts: ModelCounts, setup: Setup, zero: ZeroSettings, temporari
     # The loaded copies are freed before the optimizer's host buffers are allocated (and before the first
     # save's copies); offloaded parameters, placed during zero.Init, coexist with the loading. A resumed rank
     # maps its checkpoint's files (page cache, reclaimable) and copies out only the moments it keeps, which
-    # the offloaded optimizer counts already (trainer/mapped_loads.py): no peak of its own.
+    # the offloaded optimizer counts already (trainer/mapped_loads.py): no peak of its own. On another world
+    # size at stages 1-2 it fills the moments in place too, one parameter at a time (universal_states_in_place).
     after_loading = host["offloaded_optimizer"] + host["offloaded_checkpoints"] + host["async_save_snapshots"]
     return host, host["process_runtime"] + host["offloaded_params"] + max(host["checkpoint_loading"], after_loading)
