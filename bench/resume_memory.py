@@ -18,7 +18,9 @@ wall time, and a digest of the optimizer states loaded (the two readers must agr
 
 Then a resume on another world size: the same model saved by one rank, converted by DeepSpeed's own
 ds_to_universal, and loaded by two ranks with `load_universal`, by DeepSpeed's reader and by shardtune's (its
-checkpoint_io.guarded_loads, which maps the files DeepSpeed loads with torch.load directly).
+checkpoint_io.guarded_loads, which maps the files DeepSpeed loads with torch.load directly, and at ZeRO-1/2
+mapped_loads.universal_states_in_place, which copies each slice into the flat optimizer states). At ZeRO-1/2
+DeepSpeed all-gathers the parameters after that load; the rows give the peak before it too.
 """
 from __future__ import annotations
 
@@ -360,7 +362,7 @@ CONVERSION_FINDINGS = (
     "DeepSpeed's main process reads rank 0's as well, for the optimizer state every rank shares). "
     "DeepSpeed's converter reads it into memory of its own; shardtune's maps it, so it is page cache, "
     "which the kernel reclaims before it would kill anything (under a cgroup's limit too), and the "
-    "anonymous memory of the conversion's processes peaks 2.3 to 3.2 GB lower. The peak RSS of any "
+    "anonymous memory of the conversion's processes peaks 2.8 to 3.3 GB lower. The peak RSS of any "
     'process counts mapped pages as well: at ZeRO-3 it is the same for both, at ZeRO-2 1 GB lower. For a '
     "70B model saved by one 8-GPU node (106 GB in each rank's file) every busy worker of DeepSpeed's "
     'converter would hold 106 GB of its own. Both write the same files, bitwise, but one: at ZeRO-3 '
@@ -368,7 +370,7 @@ CONVERSION_FINDINGS = (
     "which its universal loader reads only the step, the hyperparameters and the loss scaler; shardtune's"
     ' keeps just those (a few kB), so its copy is smaller by the shard, and its conversion writes that '
     "much less. shardtune's seconds include its hash of every file it reads.")
-"""What the conversion table shows (measured 2026-12-07; the numbers are that run's)."""
+"""What the conversion table shows (measured 2026-12-08; the numbers are that run's)."""
 
 UNIVERSAL_FINDINGS = (
     "At ZeRO-3 DeepSpeed's loader reads the converter's `zero/optimizer_state.pt` into every resuming "
@@ -381,15 +383,21 @@ UNIVERSAL_FINDINGS = (
     'file (0.068 GB: half of the 131 MB output-layer file), and the peak RSS of any process falls from '
     "8.03 to 4.24 GB, back to the engine's build. A 70B model saved by one 8-GPU node and resumed on four"
     " would hold 106 GB on every rank with DeepSpeed's reader, 847 GB per node. At ZeRO-2 the file holds "
-    'only hyperparameters, and both readers peak alike, 4 bytes per parameter of the model above the kept'
-    " state: DeepSpeed's own regrouping after the files are read, the same with the files mapped. Every "
+    "only hyperparameters. There DeepSpeed's loader clones each parameter's slice of both moments and, "
+    "once every parameter is read, copies the clones into a new flat buffer per moment: 0.542 GB above "
+    "the kept state per rank before the gather (4 bytes per parameter of the share). shardtune's fills "
+    "the flat moments straight from the mapped files (`universal_states_in_place`): 0.13 GB, one file's "
+    "pages (the 131 MB embedding or output layer, which lies whole in one rank's share). Then DeepSpeed "
+    "all-gathers the parameters (`update_lp_params`, as after every ZeRO-1/2 step), and gloo gathers "
+    "through a copy of the whole output (1.08 GB, 4 bytes per parameter of the model), which sets both "
+    "readers' peak on CPU; NCCL gathers in place. Every "
     "rank loads a slice of every file of the copy: DeepSpeed's reader reads all of it on every rank (3.81"
     " and 6.51 GB), and shardtune's did too, hashing each file as it loaded it; its ranks now verify the "
     'copy once between them, each about half (2.21 and 1.69 GB), and a load finds its file unchanged '
     'since. At 70B that is 840 GB read per rank against 840 GB per job. Verification included, '
     "shardtune's load took about half DeepSpeed's time at both stages in this run; times vary between "
-    "runs here (the run before, without the slimmer copy, had ZeRO-2 at 13.9 s against DeepSpeed's 9.8).")
-"""What the universal table shows (measured 2026-12-07; the numbers are that run's)."""
+    "runs here (an earlier run, without the slimmer copy, had ZeRO-2 at 13.9 s against DeepSpeed's 9.8).")
+"""What the universal table shows (measured 2026-12-08; the numbers are that run's)."""
 
 
 def main() -> int:
