@@ -20,7 +20,7 @@ directly (checkpoint_io.guarded_loads routes those loads here too): one file per
 a rank copies its own slice, and at ZeRO-3 the converter's optimizer_state.pt, which holds the saving world's
 rank 0 optimizer shard whole (12 bytes per parameter of that rank's share) and which every rank loads for
 its step count and hyperparameters. Mapped, a rank holds only the pages it touches, and those only until the
-next file is loaded. At stages 0-2 DeepSpeed then clones each parameter's slice of each moment into memory of
+next file is loaded. At ZeRO-1/2 DeepSpeed then clones each parameter's slice of each moment into memory of
 its own and, once every parameter is read, copies the clones into a new flat buffer per moment: the clones of
 every parameter (8 bytes per parameter of the rank's share, on the host even on a GPU) and one buffer more
 (4 bytes, on the device) above the state it keeps. `universal_states_in_place` copies each parameter's slice of
@@ -112,7 +112,7 @@ class MappedLoads:
 
 @contextmanager
 def universal_states_in_place(optimizer: Any) -> Iterator[None]:
-    """While the engine loads a universal checkpoint at stages 0-2 (inside guarded_loads, which maps its files):
+    """While the engine loads a universal checkpoint at ZeRO-1/2 (inside guarded_loads, which maps its files):
     each parameter's slice of every optimizer state goes from its mapped file straight into that state's flat
     buffer (allocated once, the size of the rank's fp32 partition), and DeepSpeed's regrouping
     (map_to_flat_opt_states), finding the states already flat, copies nothing.
