@@ -126,11 +126,13 @@ def universal_states_in_place(optimizer: Any) -> Iterator[None]:
 
     `optimizer` is the engine's. ZeRO-3 loads universal checkpoints its own way; there this does nothing.
     """
-    import deepspeed.runtime.base_optimizer as base
-
+    try:
+        import deepspeed.runtime.base_optimizer as base  # 0.19's home of the ZeRO-1/2 universal load
+    except ImportError:
+        base = None
     lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
     inner = getattr(optimizer, "optimizer", None)
-    if not lp_groups or not isinstance(inner, torch.optim.Optimizer):
+    if not (lp_groups and isinstance(inner, torch.optim.Optimizer) and hasattr(base, "map_to_flat_opt_states")):
         yield
         return
     replaced = []
@@ -167,10 +169,13 @@ def _into_flat_states(lp: torch.Tensor, load: Any, flat: torch.Tensor, states: d
 def _slices_in_place(lp: torch.Tensor, folder: str, flat: torch.Tensor, state: dict) -> tuple[bool, Any]:
     """What DeepSpeed's load_hp_checkpoint_state does for a parameter saved whole (its file's tensor has `lp`'s
     shape; no AutoTP or expert-parallel layout): this rank's slice of every file, `fp32` into the master and the
-    rest into `state`'s flat buffers. (False, None) when the parameter is laid out otherwise."""
-    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, FP32_WEIGHT_KEY, PARAM
-    from deepspeed.checkpoint.universal_checkpoint import _get_param_uc_restore_meta
-
+    rest into `state`'s flat buffers. (False, None) when the parameter is laid out otherwise, or when this
+    DeepSpeed does not name those layouts as 0.19 does (its own load then decides, as without shardtune)."""
+    try:
+        from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, FP32_WEIGHT_KEY, PARAM
+        from deepspeed.checkpoint.universal_checkpoint import _get_param_uc_restore_meta
+    except ImportError:
+        return False, None
     if _get_param_uc_restore_meta(lp) is not None:
         return False, None
     mapping = lp._hp_mapping
