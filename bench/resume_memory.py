@@ -58,8 +58,8 @@ from trainer.ops import pin_build_dir
 pin_build_dir()
 import deepspeed, deepspeed.comm
 from transformers import LlamaConfig, LlamaForCausalLM
-from trainer.checkpoint_io import Manifests, guarded_loads, load_verified
-from trainer.mapped_loads import mapped_files, universal_states_in_place
+from trainer.checkpoint_io import Manifests, engine_loads, load_verified
+from trainer.mapped_loads import mapped_files
 from trainer.shard_writer import ShardWriter
 from trainer.checkpoint import verify
 from trainer.distributed import Dist
@@ -122,7 +122,7 @@ def load(engine, reader):
             problems = verify(ckpt, Dist(rank, world, rank, torch.device("cpu")), into=writer.manifests)
             assert not problems, problems
     if reader == "shardtune":  # as Session.resume: DeepSpeed's direct torch.loads (the universal format's) too
-        with guarded_loads(writer.manifests, writer.mapped), universal_states_in_place(engine.optimizer):
+        with engine_loads(writer.manifests, writer.mapped, engine.optimizer):
             engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from launcher.contract.errors import UserError
-from trainer.mapped_loads import MappedLoads
+from trainer.mapped_loads import MappedLoads, universal_states_in_place
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just written: heartbeats and fault injection hang off it."""
@@ -296,6 +296,15 @@ class Manifests:
         expected, verified = (None, None) if entry is None else (self._dirs[entry[0]].get(entry[1]),
                                                                  self._verified[entry[0]].get(entry[1]))
         return load_verified(Path(path), expected, map_location, mmap=True, verified_as=verified)
+
+
+@contextmanager
+def engine_loads(manifests: Manifests, mapped: MappedLoads, optimizer: Any):
+    """How a rank loads a checkpoint into its engine (Session.resume, and bench.resume_memory's shardtune reader):
+    every file verified, code-free and mapped (guarded_loads), and on another world size at ZeRO-1/2 the
+    optimizer's flat states filled in place (mapped_loads.universal_states_in_place)."""
+    with guarded_loads(manifests, mapped), universal_states_in_place(optimizer):
+        yield
 
 
 @contextmanager

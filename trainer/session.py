@@ -28,7 +28,7 @@ from launcher.planning.model_files import absent_weights
 from launcher.planning.model_size import parameter_count, read_model_config
 from launcher.planning.moe_settings import compile_problem
 from trainer import activation_memory, checkpoint, host_memory, moe, nonfinite, ops, separation, sequence_parallel
-from trainer.checkpoint_io import Manifests, guarded_loads
+from trainer.checkpoint_io import Manifests, engine_loads
 from trainer.control import StopRequest
 from trainer.data.collate import Separation, pad_id_of
 from trainer.data.prepare import Prepared, check_vocabulary, load_tokenizer, prepare
@@ -40,7 +40,7 @@ from trainer.faults import FaultHooks
 from trainer.flops import model_flops_of
 from trainer.loop import Loop, TrainState, held_out_loss
 from trainer.loss import LossFn, full_logits_loss, prepare_loss
-from trainer.mapped_loads import mapped_files, universal_states_in_place
+from trainer.mapped_loads import mapped_files
 from trainer.metrics import Window
 from trainer.model import (
     causal_lm_class,
@@ -321,8 +321,8 @@ class Session:
         if ckpt is not None:
             self.writer.manifests = self.manifests
             self.faults.verified(ckpt, self.dist.rank)
-            with (IOProgress(self.heartbeat, "load checkpoint"), guarded_loads(self.manifests, self.writer.mapped),
-                  universal_states_in_place(self.engine.optimizer)):
+            with (IOProgress(self.heartbeat, "load checkpoint"),
+                  engine_loads(self.manifests, self.writer.mapped, self.engine.optimizer)):
                 loaded, _ = self.engine.load_checkpoint(str(self.load_tag.parent), tag=self.load_tag.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             if loaded is None:
