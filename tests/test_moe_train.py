@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
-from launcher.contract.config import validate_config
 from launcher.contract.errors import UserError
-from trainer.model import load_model
 from trainer.moe import KNOWN_MOE_BLOCKS, NoRouterAuxLoss, RouterAuxLoss, register_leaf_modules, router_aux_loss
 
-from conftest import tiny_config
-from moe_models import MOE_CONFIGS, make_tiny_moe, tiny_moe_config
+from moe_models import MOE_CONFIGS, tiny_moe_config
 from test_chunked_loss import next_token_batch
 
 AUX_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"]
@@ -128,14 +124,6 @@ def test_extra_leaf_classes_are_flagged_and_typos_fail():
     with pytest.raises(UserError, match=r"model.moe_leaf_modules: \['Qwen3MoeSparseBlock'\] matches no module .* "
                                         r"Qwen3MoeSparseMoeBlock"):
         register_leaf_modules(model, ["Qwen3MoeSparseBlock"])
-
-
-def test_gpt_oss_loads_with_eager_attention_when_auto(tmp_path):
-    """transformers refuses sdpa for gpt-oss (attention sinks); `auto` must not pick it."""
-    model_dir = make_tiny_moe(tmp_path / "gpt-oss", "gpt_oss")
-    cfg = validate_config(yaml.safe_load(tiny_config(tmp_path, model_dir, train={"precision": "fp32"}).read_text()))
-    model = load_model(cfg, {"zero_optimization": {"stage": 2}}, torch.device("cpu"))
-    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))

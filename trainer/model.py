@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
 from launcher.planning.host import cxx_compiler, inductor_problem
+from launcher.planning.memory import SINK_ATTENTION_MODELS
 from launcher.planning.model_files import weight_files_problems
 from launcher.planning.quantized_weights import quant_method, quantized_weights_problem
 from trainer import separation
+from trainer.sink_attention import register_sink_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,17 +53,20 @@ def attention_implementation(cfg: RunConfig, device: torch.device) -> str:
 
 def model_attention(cfg: RunConfig, device: torch.device, packs_samples: bool) -> str:
     """The attn_implementation the model loads with (without sequence parallelism): attention_implementation's
-    kernel; eager where transformers has no sdpa path for the class; and on sdpa, when rows hold several samples,
-    one sdpa call per sample where every layer is causal over its whole sample (trainer/separation.py)."""
+    kernel; where transformers has no sdpa path for the class, shardtune's sdpa kernel for attention sinks
+    (trainer/sink_attention.py) on the models it is verified for, else eager; and on sdpa, when rows hold several
+    samples, one sdpa call per sample where every layer is causal over its whole sample (trainer/separation.py)."""
     from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code).get_text_config()
     attention = attention_implementation(cfg, device)
     if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(cfg):
+        if config.model_type in SINK_ATTENTION_MODELS:
+            return separation.SINK_ATTENTION
         return "eager"  # transformers builds its masks from the position ids (trainer/separation.py)
-    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    return separation.attention_kernel(attention, config.get_text_config().to_dict(), cfg.data.seq_len,
-                                       packs_samples, causal_lm_class(cfg) is not None)
+    return separation.attention_kernel(attention, config.to_dict(), cfg.data.seq_len, packs_samples,
+                                       causal_lm_class(cfg) is not None)
 
 
 def causal_lm_class(cfg: RunConfig):
@@ -99,6 +104,8 @@ def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_imple
     attention = attn_implementation or model_attention(cfg, device, cfg.data.packing)
     if attention == separation.PACKED_ATTENTION:
         separation.register_packed_attention()
+    elif attention == separation.SINK_ATTENTION:
+        register_sink_attention()
     model, loading = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
         dtype=DTYPES[cfg.train.precision], attn_implementation=attention, output_loading_info=True, **experts,

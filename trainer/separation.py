@@ -9,8 +9,11 @@ sample depends on the kernel (collate's `separation`):
   position ids. Exact, its work is the samples' and not the row's, and no mask exists. A row × row mask grows
   with the square of the row: sdpa turns a bool mask into one of the compute dtype and keeps it for backward in
   every layer (measured on CPU), 2 GiB per layer for one 32k-token bf16 row.
+- "none" with `sink_attention` (gpt-oss, trainer/sink_attention.py): one sdpa call per sample as well, its
+  sinks carried as a key, at any row length and window.
 - "positions" (sdpa or eager otherwise, on the models transformers implements: shorter rows, sliding windows,
-  eager-only attention such as gpt-oss's sinks and Gemma 2's soft-capping): nothing but the position ids.
+  eager-only attention such as Gemma 2's soft-capping, or gpt-oss's sinks when eager is asked for): nothing but
+  the position ids.
   transformers' own mask builders find the samples in them and build each layer's mask by that layer's rule
   (causal, or causal within a sliding window) and in the form its kernel reads (bool for sdpa, an additive
   float mask for eager). A 4D mask handed in from outside is used as it is, and a block-diagonal bool one is
@@ -47,6 +50,9 @@ from trainer.data.packing import build_packed
 
 PACKED_ATTENTION = "shardtune_packed_sdpa"
 """The attn_implementation name of packed_causal_attention (DeepSpeed's SP wraps it; plain sdpa stays untouched)."""
+SINK_ATTENTION = "shardtune_sink_attention"
+"""The attn_implementation name of trainer/sink_attention.py (attention sinks on sdpa, one call per sample). Not
+"..._sdpa": transformers checks a name holding "sdpa" against the class's own sdpa support, which gpt-oss lacks."""
 PER_SAMPLE_FROM = 1024
 """data.seq_len from which packed rows on sdpa run one call per sample. bench.packed_attention (one 8-sample row,
 forward and backward, CPU) measured the batched masked call 10% faster at 256 tokens, the two level at 512, and
@@ -68,7 +74,7 @@ def attention_kernel(attention: str, model_config: dict, seq_len: int, packing: 
 
 def separation_for(attention: str, sequence_parallel: int, native: bool) -> Separation:
     """The separation a run's batches carry, from the attention kernel the model runs (see the module docstring)."""
-    if sequence_parallel > 1 or attention == PACKED_ATTENTION:
+    if sequence_parallel > 1 or attention in (PACKED_ATTENTION, SINK_ATTENTION):
         return "none"
     if attention == "flash_attention_2":
         return "varlen"
@@ -79,7 +85,8 @@ def describe(attention: str, separation: Separation, form: Optional[str] = None,
     """One line for the run log: the attention kernel, how packed samples stay apart on it, and whether that was
     measured (`form`: what verify_form found, or confirmed)."""
     per_sample = "flash-attention, from the position ids" if attention.startswith("flash") else (
-        "one causal sdpa call per packed sample")
+        "one sdpa call per packed sample, the sinks as a key" if attention == SINK_ATTENTION
+        else "one causal sdpa call per packed sample")
     how = {"none": per_sample, "varlen": "flash-attention's variable-length arguments",
            "positions": "transformers' masks, built from the position ids",
            "mask": "a block-diagonal mask"}[separation]

@@ -226,11 +226,52 @@ ACTIVATION_LAYOUTS: dict[str, _ActivationLayout] = {
 }
 
 
+SINK_ATTENTION_MODELS = ("gpt_oss",)
+"""Models whose attention sinks `auto` runs on trainer/sink_attention.py instead of transformers' eager attention
+(verified against it: tests/test_sink_attention.py). Other sink models keep eager until verified."""
+SINK_WINDOW_BLOCKS = 4
+"""trainer/sink_attention.py runs a sliding-window layer's queries in blocks of this many windows: each block
+computes and keeps a block × (block + window) mask, and a longer block wastes more of that on masked keys."""
+
+
+def sink_head_width(head_dim: int) -> int:
+    """The head dimension trainer/sink_attention.py pads q, k and v to: one more for the sink score, rounded up to a
+    multiple of 8 (GPU kernels' alignment)."""
+    return -(-(head_dim + 1) // 8) * 8
+
+
 def _attention_kind(counts: ModelCounts, attention: str) -> str:
-    """"eager" materialises the s×s scores; sdpa and flash-attention keep only a logsumexp per row."""
-    if attention == "auto":  # transformers has no sdpa path for Gemma2 (soft-capping) or gpt-oss (sinks): eager
-        return "eager" if counts.architecture in ("gemma2", "gpt_oss") else "sdpa"
+    """"eager" materialises the s×s scores; sdpa and flash-attention keep only a logsumexp per row; "sinks" is
+    trainer/sink_attention.py (sdpa with a sink key, see sink_attention_bytes)."""
+    if attention == "auto" and counts.architecture in SINK_ATTENTION_MODELS:
+        return "sinks"
+    if attention == "auto":  # transformers has no sdpa path for Gemma2 (soft-capping): eager
+        return "eager" if counts.architecture == "gemma2" else "sdpa"
     return "eager" if attention == "eager" else "sdpa"
+
+
+def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, e: int) -> int:
+    """What trainer/sink_attention.py keeps for backward in one layer, its output included (e bytes per element).
+
+    Each sdpa call keeps its q, k, v and output padded to sink_head_width(d) and a 4-byte logsumexp per head and
+    query. A whole sample (a full layer, or one no longer than the window) has one extra row (the sink key, and
+    the dropped leading query). A sliding-window layer over a longer sample runs blocks of SINK_WINDOW_BLOCKS
+    windows, each with the keys from one window before it (repeated to every query head: the GPU kernels that
+    take a mask do not take grouped heads) and a block × keys mask, which sdpa keeps in the compute dtype.
+    Counted for one sample per row (a packed row's other samples each add a row of q, k, v), at the larger of the
+    model's two kinds of layer. Plus the output transposed for o_proj, e·t·a·d.
+    """
+    b, s, a, kv, d = micro_batch_size, seq_len, counts.num_heads, counts.num_kv_heads, counts.head_dim
+    width = sink_head_width(d)
+    whole = e * b * (s + 1) * width * (2 * a + 2 * kv) + 4 * b * a * (s + 1)
+    window = counts.sliding_window
+    if window and s > window:
+        block = SINK_WINDOW_BLOCKS * window
+        starts = range(0, s, block)
+        keys = [min(s, first + block) - max(0, first - window + 1) + 1 for first in starts]
+        masks = sum(e * (min(s, first + block) - first) * n for first, n in zip(starts, keys))
+        whole = max(whole, e * b * (2 * s * width * a + 2 * sum(keys) * width * a) + 4 * b * a * s + b * masks)
+    return whole + e * b * s * a * d
 
 
 def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
@@ -270,7 +311,10 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
     total = 2 * (norm_linear * t * h + rstd * t) + lay.post_norms * (8 * t * h + rstd * t)
     if lay.qk_norm:
         total += (8 if lay.gemma_norm else 4 + e) * t * (q + kv) + rstd * t * (a + k)
-    if _attention_kind(counts, attention) == "eager":
+    kind = _attention_kind(counts, attention)
+    if kind == "sinks":
+        total += sink_attention_bytes(counts, b, s, e)
+    elif kind == "eager":
         scores = b * a * s * s
         total += e * t * (2 * q + 2 * q) + (4 + (e if e < 4 else 0)) * scores
         total += e * scores if lay.attn_softcap else 0
