@@ -266,13 +266,15 @@ def test_sequence_parallel_auto_prefers_a_larger_group_with_room_to_a_tight_fit(
 
 
 def test_sequence_parallel_is_allowed_for_the_moe_families_it_was_verified_on():
-    """tests/test_moe_e2e.py trains Mixtral and Qwen3-MoE under SP; the families whose attention is not the
-    standard one are refused, naming the families that are allowed."""
-    from launcher.planning.sequence_parallel import SEQUENCE_PARALLEL_MOE, split_problems
+    """tests/test_moe_e2e.py trains Mixtral and Qwen3-MoE under SP, tests/test_sink_attention.py gpt-oss (its sinks
+    and windows on the sink kernel); DeepSeek's latent attention is refused, naming the families allowed."""
+    from launcher.planning.sequence_parallel import SEQUENCE_PARALLEL_MOE, sliding_window_problem, split_problems
 
-    assert split_problems(8, counts_from_path(CONFIGS / "qwen3_30b_a3b.json")) == []
-    assert split_problems(8, counts_from_path(CONFIGS / "mixtral_8x7b.json")) == []
-    for fixture in ("deepseek_v3", "gpt_oss_20b"):
-        problems = split_problems(8, counts_from_path(CONFIGS / f"{fixture}.json"))
-        assert any(f"verified for the mixture-of-experts families {', '.join(SEQUENCE_PARALLEL_MOE)} only" in p
-                   for p in problems), problems
+    for fixture in ("qwen3_30b_a3b", "mixtral_8x7b", "gpt_oss_20b"):
+        assert split_problems(8, counts_from_path(CONFIGS / f"{fixture}.json")) == [], fixture
+    gpt_oss = json.loads((CONFIGS / "gpt_oss_20b.json").read_text())
+    assert sliding_window_problem(8, gpt_oss, 131072) is None  # the kernel applies its 128-token windows itself
+    assert sliding_window_problem(8, {**gpt_oss, "model_type": "mistral"}, 131072) is not None
+    problems = split_problems(8, counts_from_path(CONFIGS / "deepseek_v3.json"))
+    assert any(f"verified for the mixture-of-experts families {', '.join(SEQUENCE_PARALLEL_MOE)} only" in p
+               for p in problems), problems

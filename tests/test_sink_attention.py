@@ -7,6 +7,7 @@ from the tensors' shapes (launcher/planning/memory.py) and measured as the bytes
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,6 @@ import yaml
 from test_packed_attention import LENGTHS, WINDOW, largest_gap_from_alone, packed_data
 
 from launcher.contract.config import validate_config
-from launcher.contract.run_dir import RunDir
 from launcher.planning.memory import sink_attention_bytes
 from launcher.planning.model_size import counts_from_config
 from trainer import separation
@@ -24,7 +24,7 @@ from trainer.data.collate import collate
 from trainer.model import load_model
 from trainer.sink_attention import register_sink_attention, sink_attention
 
-from conftest import losses, shardtune, tiny_config
+from conftest import losses, read_metrics, shardtune, tiny_config
 from moe_models import make_tiny_moe, tiny_moe_config
 from test_e2e_train import final_logits_match_checkpoint
 
@@ -115,19 +115,23 @@ def saved_bytes(b: int, s: int, heads: int, kv: int, d: int, window, dtype) -> i
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("b,s,heads,kv,d,window,dtype", [
-    (2, 64, 4, 2, 16, None, torch.float32),  # a full layer: one call per row
-    (2, 64, 4, 2, 16, 8, torch.float32),  # two blocks of 32 queries
-    (1, 300, 8, 2, 64, 16, torch.bfloat16),  # 64 pads to 72; five blocks, the last short
-    (2, 30, 4, 2, 16, 64, torch.float32),  # a window longer than the sample: one call, as a full layer
+@pytest.mark.parametrize("b,s,heads,kv,d,window,dtype,sp", [
+    (2, 64, 4, 2, 16, None, torch.float32, 1),  # a full layer: one call per row
+    (2, 64, 4, 2, 16, 8, torch.float32, 1),  # two blocks of 32 queries
+    (1, 300, 8, 2, 64, 16, torch.bfloat16, 1),  # 64 pads to 72; five blocks, the last short
+    (2, 30, 4, 2, 16, 64, torch.float32, 1),  # a window longer than the sample: one call, as a full layer
+    (1, 128, 8, 4, 16, 16, torch.float32, 2),  # SP=2: a rank's call, the whole rows with 4 heads over 2 kv heads
+    (1, 128, 8, 2, 16, None, torch.float32, 4),  # SP=4 over 2 kv heads: each rank gets one, replicated
 ])
-def test_what_it_keeps_for_backward_is_what_the_plan_counts(b, s, heads, kv, d, window, dtype):
+def test_what_it_keeps_for_backward_is_what_the_plan_counts(b, s, heads, kv, d, window, dtype, sp):
     config = {"model_type": "gpt_oss", "hidden_size": heads * d, "num_attention_heads": heads, "head_dim": d,
               "num_key_value_heads": kv, "sliding_window": window, "num_hidden_layers": 1, "vocab_size": 100,
               "intermediate_size": 8, "num_local_experts": 2, "num_experts_per_tok": 1}
     e = 2 if dtype == torch.bfloat16 else 4
-    planned = sink_attention_bytes(counts_from_config(config), b, s, e) - e * b * s * heads * d  # o_proj's input
-    assert saved_bytes(b, s, heads, kv, d, window, dtype) == planned
+    o_proj_input = e * b * (s // sp) * heads * d
+    planned = sink_attention_bytes(counts_from_config(config), b, s, e, sp) - o_proj_input
+    # Under SP DeepSpeed hands the kernel the whole rows for heads / N query heads and max(1, kv / N) kv heads.
+    assert saved_bytes(b, s, heads // sp, max(1, kv // sp), d, window, dtype) == planned
 
 
 def test_its_memory_grows_with_the_sequence_not_with_heads_times_its_square():
@@ -152,22 +156,63 @@ def test_auto_loads_gpt_oss_with_the_sink_kernel_and_eager_when_asked(tmp_path):
         assert model.config._attn_implementation == loaded
 
 
-def test_a_packed_gpt_oss_run_trains_like_eager_and_exports_a_plain_model(tmp_path):
-    """The trainer end to end on two ranks (ZeRO-3, packed rows of 64 tokens around windows of 16): the sink kernel
-    and transformers' eager attention, two independent implementations, give the same losses; final/ loads in
-    a fresh process without shardtune's kernel and equals the checkpoint."""
-    model_dir = make_tiny_moe(tmp_path / "gpt-oss", "gpt_oss")
-    runs = {}
-    for attention in ("auto", "eager"):
-        (tmp_path / attention).mkdir()
-        cfg = tiny_config(tmp_path / attention, model_dir, data={"seq_len": 64},
-                          train={"max_steps": 3, "compile": False, "precision": "fp32"}, zero={"stage": 3})
+def tiny_gpt_oss_with_strong_sinks(out: Path) -> Path:
+    """make_tiny_moe's gpt-oss (windows of 16 tokens), its sinks redrawn from N(0, 4): at init they are near 0,
+    where giving a head another head's sink would hardly change a loss."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_moe(out, "gpt_oss")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three 2-rank runs of 3 steps on the same global batch of 4 packed rows of 64 tokens: eager and the sink
+    kernel (ZeRO-3, 2 rows per rank), and the sink kernel under sequence parallelism (ZeRO-2, SP=2: both ranks
+    hold halves of the same 4 rows)."""
+    base = tmp_path_factory.mktemp("gpt-oss")
+    model_dir = tiny_gpt_oss_with_strong_sinks(base / "model")
+    out = {"model": model_dir}
+    for name, attention, micro, stage, sp in (("eager", "eager", 2, 3, 1), ("auto", "auto", 2, 3, 1),
+                                              ("sp", "auto", 4, 2, 2)):
+        (base / name).mkdir()
+        cfg = tiny_config(base / name, model_dir, data={"seq_len": 64},
+                          train={"max_steps": 3, "compile": False, "precision": "fp32", "micro_batch_size": micro,
+                                 "grad_accum_steps": None, "global_batch_size": 4, "sequence_parallel": sp},
+                          zero={"stage": stage})
         raw = yaml.safe_load(cfg.read_text())
         raw["model"]["attn_implementation"] = attention
         cfg.write_text(yaml.safe_dump(raw))
-        runs[attention] = (RunDir(tmp_path / attention / "run"), shardtune("launch", str(cfg)).stderr)
+        proc = shardtune("launch", str(cfg))
+        out[name] = base / name / "run"
+        out[f"{name}_log"] = proc.stdout + proc.stderr
+    return out
+
+
+def test_a_packed_gpt_oss_run_trains_like_eager_and_exports_a_plain_model(runs):
+    """The sink kernel and transformers' eager attention, two independent implementations, give the same losses;
+    final/ loads in a fresh process without shardtune's kernel and equals the checkpoint."""
     assert f"attention: {KERNEL}; packed samples are kept apart by one sdpa call per packed sample, the sinks as " \
-           "a key (checked against each sample alone)" in runs["auto"][1]
-    got, want = losses(runs["auto"][0].path), losses(runs["eager"][0].path)
+           "a key (checked against each sample alone)" in runs["auto_log"]
+    got, want = losses(runs["auto"]), losses(runs["eager"])
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
-    final_logits_match_checkpoint(runs["auto"][0].path, model_dir)
+    final_logits_match_checkpoint(runs["auto"], runs["model"])
+
+
+def test_sequence_parallel_splits_gpt_oss_by_heads_with_each_ranks_sinks_and_windows(runs):
+    """Under SP each rank attends the whole rows with half of the heads: it must take those heads' sinks, and
+    apply the windows itself (Ulysses hands the kernel no mask). Loss and gradient norm equal the data-parallel
+    run's; a rank taking the other half's sinks, or the windows dropped, would be off from the first step."""
+    assert "split over 2 ranks" in runs["sp_log"]
+    for name in ("loss", "grad_norm"):
+        sp = {r["step"]: r[name] for r in read_metrics(runs["sp"]) if name in r}
+        dp = {r["step"]: r[name] for r in read_metrics(runs["auto"]) if name in r}
+        assert sorted(sp) == [1, 2, 3]
+        for step in sp:
+            assert sp[step] == pytest.approx(dp[step], rel=1e-5, abs=0), (name, step, sp[step], dp[step])

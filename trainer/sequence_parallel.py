@@ -33,11 +33,13 @@ import torch
 
 from launcher.contract.config import RunConfig
 from launcher.contract.errors import UserError
+from launcher.planning.memory import SINK_ATTENTION_MODELS
 from launcher.planning.model_size import counts_from_config
 from launcher.planning.sequence_parallel import sliding_window_problem, split_problems
 from trainer.data.collate import IGNORE, Batch
 from trainer.distributed import Dist
-from trainer.separation import PACKED_ATTENTION, register_packed_attention
+from trainer.separation import PACKED_ATTENTION, SINK_ATTENTION, register_packed_attention
+from trainer.sink_attention import register_sink_attention
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,13 @@ class SequenceParallel:
         return Batch(repeat(batch.input_ids), repeat(batch.position_ids), targets, None, batch.real_tokens)
 
 
-def attention_for(cfg: RunConfig, flash_usable: bool) -> str:
-    """The attention kernel under SP: flash-attention where it can run and keep samples apart (one row per
-    micro-batch, or no packing), else packed_causal_attention. Config validation has refused the rest."""
+def attention_for(cfg: RunConfig, flash_usable: bool, model_type: Optional[str] = None) -> str:
+    """The attention kernel under SP: the sink kernel for gpt-oss (trainer/sink_attention.py; it takes its rank's
+    heads' sinks and applies the windows itself); flash-attention where it can run and keep samples apart (one row
+    per micro-batch, or no packing); else packed_causal_attention. Config validation has refused the rest."""
     chosen = cfg.model.attn_implementation
+    if chosen == "auto" and model_type in SINK_ATTENTION_MODELS:
+        return SINK_ATTENTION
     one_row = cfg.train.micro_batch_size == 1 or not cfg.data.packing
     if chosen == "flash_attention_2" or (chosen == "auto" and flash_usable and one_row):
         return "flash_attention_2"
@@ -145,9 +150,11 @@ def setup(cfg: RunConfig, dist: Dist, flash_usable: bool) -> SequenceParallel:
     problems += [p for p in [sliding_window_problem(size, text, cfg.data.seq_len)] if p]
     if problems:
         raise UserError("\n".join(problems))
-    attention = attention_for(cfg, flash_usable)
+    attention = attention_for(cfg, flash_usable, text.get("model_type"))
     if attention == PACKED_ATTENTION:
         register_packed_attention()
+    elif attention == SINK_ATTENTION:
+        register_sink_attention()
     # DeepSpeed sizes its exchange from `head_dim` when the config has the attribute, even when it is None (Mixtral's
     # default); the model itself then uses hidden / heads, so DeepSpeed is handed that.
     arch = config.get_text_config()

@@ -21,7 +21,10 @@ padded to a multiple of 8 (GPU kernels' alignment; the padding is zeros and chan
 Kept for backward, per layer: the padded q, k, v and output of every call, and on sliding layers the block masks
 and k and v repeated to every query head
 (launcher/planning/memory.py, `sink_attention_bytes`). Verified against transformers' eager attention for gpt-oss
-(tests/test_sink_attention.py): logits and every gradient, the sinks' included, packed or not.
+(tests/test_sink_attention.py): logits and every gradient, the sinks' included, packed or not; and under
+sequence parallelism, where DeepSpeed's Ulysses wrapper hands each rank the whole rows for its slice of the heads
+and no mask, so the kernel takes those heads' sinks and applies the windows itself (SP=2 trains as 2 data-parallel
+ranks do).
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def sink_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     if position_ids.shape[0] != b:  # transformers' default ids, one row for the whole batch
         position_ids = position_ids.expand(b, -1)
     scaling = d ** -0.5 if scaling is None else scaling
-    sink_score = (s_aux.float() / scaling).to(query.dtype).view(1, heads, 1, 1)
+    sink_score = (_own_heads(s_aux, heads).float() / scaling).to(query.dtype).view(1, heads, 1, 1)
     width = sink_head_width(d)
     dropout = dropout if module.training else 0.0
     gqa = heads != key.shape[1]
@@ -86,6 +89,19 @@ def sink_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
                                                  scale=scaling, enable_gqa=gqa)
             out[row:row + 1, :, start:end] = att[..., 1:, :d]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _own_heads(sinks: torch.Tensor, heads: int) -> torch.Tensor:
+    """The sinks of the heads this call attends with: all of them, or under sequence parallelism this rank's
+    slice, which DeepSpeed's Ulysses all-to-all deals out in rank order (heads/N consecutive heads each)."""
+    if sinks.numel() == heads:
+        return sinks
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    if sinks.numel() != heads * parallel_state_sp.get_sequence_parallel_world_size():
+        raise ValueError(f"{SINK_ATTENTION} got {sinks.numel()} sinks for {heads} heads")
+    first = parallel_state_sp.get_sequence_parallel_rank() * heads
+    return sinks[first:first + heads]
 
 
 def _with_sink(k: torch.Tensor, width: int) -> torch.Tensor:

@@ -250,7 +250,8 @@ def _attention_kind(counts: ModelCounts, attention: str) -> str:
     return "eager" if attention == "eager" else "sdpa"
 
 
-def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, e: int) -> int:
+def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, e: int,
+                         sequence_parallel: int = 1) -> int:
     """What trainer/sink_attention.py keeps for backward in one layer, its output included (e bytes per element).
 
     Each sdpa call keeps its q, k, v and output padded to sink_head_width(d) and a 4-byte logsumexp per head and
@@ -260,8 +261,13 @@ def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: in
     take a mask do not take grouped heads) and a block × keys mask, which sdpa keeps in the compute dtype.
     Counted for one sample per row (a packed row's other samples each add a row of q, k, v), at the larger of the
     model's two kinds of layer. Plus the output transposed for o_proj, e·t·a·d.
+
+    Under sequence parallelism over N ranks a rank attends the whole sequence (`seq_len`) with a/N query heads
+    and max(1, kv/N) kv heads (DeepSpeed replicates them when there are fewer than N); the block masks are the
+    whole sequence's, and o_proj's input is the rank's slice.
     """
-    b, s, a, kv, d = micro_batch_size, seq_len, counts.num_heads, counts.num_kv_heads, counts.head_dim
+    b, s, d = micro_batch_size, seq_len, counts.head_dim
+    a, kv = counts.num_heads // sequence_parallel, max(1, counts.num_kv_heads // sequence_parallel)
     width = sink_head_width(d)
     whole = e * b * (s + 1) * width * (2 * a + 2 * kv) + 4 * b * a * (s + 1)
     window = counts.sliding_window
@@ -271,7 +277,7 @@ def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: in
         keys = [min(s, first + block) - max(0, first - window + 1) + 1 for first in starts]
         masks = sum(e * (min(s, first + block) - first) * n for first, n in zip(starts, keys))
         whole = max(whole, e * b * (2 * s * width * a + 2 * sum(keys) * width * a) + 4 * b * a * s + b * masks)
-    return whole + e * b * s * a * d
+    return whole + e * b * (s // sequence_parallel) * counts.num_heads * d
 
 
 def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
@@ -313,7 +319,7 @@ def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: 
         total += (8 if lay.gemma_norm else 4 + e) * t * (q + kv) + rstd * t * (a + k)
     kind = _attention_kind(counts, attention)
     if kind == "sinks":
-        total += sink_attention_bytes(counts, b, s, e)
+        total += sink_attention_bytes(counts, b, seq_len, e, sequence_parallel)
     elif kind == "eager":
         scores = b * a * s * s
         total += e * t * (2 * q + 2 * q) + (4 + (e if e < 4 else 0)) * scores

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from launcher.contract.config import RunConfig
+from launcher.planning.memory import SINK_ATTENTION_MODELS
 from launcher.planning.model_size import ModelCounts, attention_window, outgrown_window
 
 
@@ -35,9 +36,11 @@ def kv_heads_per_rank(sequence_parallel: int, num_kv_heads: int) -> int:
     return max(1, num_kv_heads // sequence_parallel)
 
 
-SEQUENCE_PARALLEL_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-"""Mixture-of-experts families trained under sequence parallelism: standard attention, routers that see one token
-at a time, and the router aux loss summed over every rank's slice (tests/test_moe_e2e.py: SP=2 equals SP=1)."""
+SEQUENCE_PARALLEL_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+"""Mixture-of-experts families trained under sequence parallelism: routers that see one token at a time, the
+router aux loss summed over every rank's slice, and attention DeepSpeed's Ulysses splits by heads: standard, or
+gpt-oss's sinks on trainer/sink_attention.py, each rank taking its heads' sinks (tests/test_moe_e2e.py and
+tests/test_sink_attention.py: SP=2 equals SP=1)."""
 
 
 def split_problems(sequence_parallel: int, counts: ModelCounts) -> list[str]:
@@ -50,8 +53,8 @@ def split_problems(sequence_parallel: int, counts: ModelCounts) -> list[str]:
     if counts.moe is not None and counts.architecture not in SEQUENCE_PARALLEL_MOE:
         problems.append(f"train.sequence_parallel: {sp} is verified for the mixture-of-experts families "
                         f"{', '.join(SEQUENCE_PARALLEL_MOE)} only, not model_type {counts.architecture!r} (their "
-                        "attention is split as the dense models' is; DeepSeek's latent attention and gpt-oss's sinks "
-                        "are not verified under it); allowed: 1")
+                        "attention is split as the dense models' is; DeepSeek's latent attention is not verified "
+                        "under it); allowed: 1")
     if heads % sp:
         problems.append(f"train.sequence_parallel: {sp} does not divide the model's {heads} attention heads (each "
                         f"rank of a group attends with heads / N of them); allowed: "
@@ -99,10 +102,11 @@ def sliding_window_problem(sequence_parallel: int, model_config: dict, seq_len: 
     """Why the model's sliding-window attention cannot run under sequence parallelism (None when it can).
 
     The window is enforced by the attention mask, which sequence parallelism cannot pass to the kernel: every
-    token would attend its whole sample instead. Harmless only when no sample is longer than the window.
+    token would attend its whole sample instead. Harmless only when no sample is longer than the window. The sink
+    kernel (gpt-oss, trainer/sink_attention.py) takes no mask: it applies each layer's window itself.
     """
     window = outgrown_window(attention_window(model_config), seq_len)
-    if sequence_parallel == 1 or window is None:
+    if sequence_parallel == 1 or window is None or model_config.get("model_type") in SINK_ATTENTION_MODELS:
         return None
     return (f"train.sequence_parallel: {sequence_parallel} cannot run this model's sliding-window attention "
             f"(window {window} < data.seq_len {seq_len}): under sequence parallelism the attention gets no mask, "
