@@ -4,6 +4,8 @@
   ranks), reads each one's peak RSS, calls the benchmark's own `watch` on every poll (to reset a
   high-water mark at a step, sample memory while an export runs, attach a profiler), enforces a
   timeout and always ends the process group it started, and only that one.
+- `capped_run` runs a command under a per-process RSS cap and bench/_max_rss.py, and `doubling_search` doubles
+  a run's sequence length while it stays under the cap (the long-context benches).
 - `wait_for_quiet` waits until the 1-minute load average is low: the machine is shared.
 - `machine_words` names the machine a table was measured on: the VM behind this project has changed
   CPU between sessions, and absolute rates move with it.
@@ -16,6 +18,7 @@ at the last training step, before any final save or export).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -251,3 +254,38 @@ def write_section(results: Path, heading: str, start: str, end: str, body: str) 
     else:
         text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     results.write_text(text)
+
+
+def capped_run(command: list[str], out: Path, env: dict[str, str], timeout: float, cap_gb: float) -> dict:
+    """Run `command` (output to out/log.txt) under bench/_max_rss.py, stopped the moment any of its processes goes
+    over `cap_gb`: {"ok": bool, "why": (when not ok), "wall_s", "max_rss_gb": the largest RSS of any process}."""
+    max_rss_file = out / "max_rss.json"
+    argv = [sys.executable, "-m", "bench._max_rss", str(max_rss_file), *command]
+    started, result = time.time(), {}
+    try:
+        run_tree(argv, out / "log.txt", REPO, env, timeout=timeout, rss_cap=int(cap_gb * 1e9))
+        result["ok"] = True
+    except OverCap as exc:
+        result.update(ok=False, why=f"over the cap: {exc}")
+    except RunFailed as exc:
+        result.update(ok=False, why=str(exc).splitlines()[0][:300])
+    result["wall_s"] = round(time.time() - started, 1)
+    if max_rss_file.exists():
+        result["max_rss_gb"] = round(json.loads(max_rss_file.read_text())["max_rss_bytes"] / 1e9, 3)
+    return result
+
+
+def doubling_search(measure: Callable[[int], dict], start: int, last: int, log: Callable[[str], None],
+                    label: str) -> list[dict]:
+    """measure(seq_len) for seq_len = start, 2·start, ... up to `last`, stopping after the first that is not ok."""
+    results, seq_len = [], start
+    while seq_len <= last:
+        r = measure(seq_len)
+        results.append(r)
+        log(f"  {label:12s} seq_len {seq_len:>6,}: {'ok' if r['ok'] else r['why']}; max RSS "
+            f"{r.get('max_rss_gb', float('nan')):.2f} GB, estimate {r.get('estimate_gb')} GB, "
+            f"{r.get('tokens_per_s', '-')} tokens/s, {r['wall_s']:.0f} s")
+        if not r["ok"]:
+            break
+        seq_len *= 2
+    return results

@@ -40,10 +40,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
-from bench._runner import REPO, OverCap, RunFailed, machine_words, run_tree, write_section
+from bench._runner import REPO, capped_run, doubling_search, machine_words, write_section
 from examples.tiny_model import WORDS
 from launcher.contract.run_dir import RunDir
 
@@ -102,19 +103,26 @@ def run_config(work: Path, model: Path, data: Path, name: str, seq_len: int, ste
     """The run's config: ROWS_PER_STEP rows per optimizer step, `micro` rows per micro-batch (accumulating the rest)."""
     settings = SETTINGS.get(name, SETTINGS["sp1_full"])
     sp = settings["sequence_parallel"]
+    train = {"max_steps": steps, "micro_batch_size": micro, "grad_accum_steps": ROWS_PER_STEP * sp // WORLD // micro,
+             **settings}
+    return text_rows_config(work, f"{name}-{seq_len}{tag}", model, data, seq_len, train, WORLD)
+
+
+def text_rows_config(work: Path, label: str, model: Path, data: Path, seq_len: int, train: dict, world: int,
+                     model_settings: Optional[dict] = None) -> Path:
+    """A long-context bench run's config, work/configs/LABEL.yaml: one document per row cut to exactly seq_len
+    tokens, every token trained, ZeRO-2 on `world` CPU ranks, activation checkpointing, `train` on top."""
     cfg = {
-        "model": {"name_or_path": str(model)},
+        "model": {"name_or_path": str(model), **(model_settings or {})},
         "data": {"path": str(data), "format": "text", "seq_len": seq_len, "packing": False,
                  "truncation": "truncate", "cache_dir": str(work / "data-cache")},
-        "train": {"max_steps": steps, "micro_batch_size": micro,
-                  "grad_accum_steps": ROWS_PER_STEP * sp // WORLD // micro,
-                  "lr": 1e-5, "seed": 0, "activation_checkpointing": True, "log_every": 1, **settings},
+        "train": {"lr": 1e-5, "seed": 0, "activation_checkpointing": True, "log_every": 1, **train},
         "zero": {"stage": 2},
-        "launch": {"nodes": 1, "procs_per_node": WORLD, "device": "cpu"},
+        "launch": {"nodes": 1, "procs_per_node": world, "device": "cpu"},
         "wandb": {"mode": "disabled"},
-        "output_dir": str(work / "runs" / f"{name}-{seq_len}{tag}" / "run"),
+        "output_dir": str(work / "runs" / label / "run"),
     }
-    path = work / "configs" / f"{name}-{seq_len}{tag}.yaml"
+    path = work / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -164,21 +172,9 @@ def measure(work: Path, model: Path, data: Path, name: str, seq_len: int, args,
                    "--lr", "1e-5", "--gradient_checkpointing", "--out", str(out / "result.json")]
     else:
         command = [shardtune_bin(), "launch", str(config)]
-    max_rss_file = out / "max_rss.json"
-    argv = [sys.executable, "-m", "bench._max_rss", str(max_rss_file), *command]
-    t0 = time.time()
     result = {"name": name, "seq_len": seq_len, "micro": micro,
-              "estimate_gb": (plan.get("memory") or {}).get("total_gb")}
-    try:
-        run_tree(argv, out / "log.txt", REPO, env(allocator), timeout=args.timeout, rss_cap=int(args.cap_gb * 1e9))
-        result["ok"] = True
-    except OverCap as exc:
-        result.update(ok=False, why=f"over the cap: {exc}")
-    except RunFailed as exc:
-        result.update(ok=False, why=str(exc).splitlines()[0][:300])
-    result["wall_s"] = round(time.time() - t0, 1)
-    if max_rss_file.exists():
-        result["max_rss_gb"] = round(json.loads(max_rss_file.read_text())["max_rss_bytes"] / 1e9, 3)
+              "estimate_gb": (plan.get("memory") or {}).get("total_gb"),
+              **capped_run(command, out, env(allocator), args.timeout, args.cap_gb)}
     if result["ok"]:
         ends = step_end_times(name, out)
         trained = ROWS_PER_STEP * (seq_len - 1)  # every token of a row but the first is a target
@@ -198,17 +194,8 @@ def step_end_times(name: str, out: Path) -> list[float]:
 
 def search(work: Path, model: Path, data: Path, name: str, args, log) -> list[dict]:
     """Double seq_len from --start while the run stays under the cap (and below --max_len)."""
-    results, seq_len = [], args.start
-    while seq_len <= args.max_len:
-        r = measure(work, model, data, name, seq_len, args)
-        results.append(r)
-        log(f"  {name:12s} seq_len {seq_len:>6,}: {'ok' if r['ok'] else r['why']}; max RSS "
-            f"{r.get('max_rss_gb', float('nan')):.2f} GB, estimate {r['estimate_gb']} GB, "
-            f"{r.get('tokens_per_s', '-')} tokens/s, {r['wall_s']:.0f} s")
-        if not r["ok"]:
-            break
-        seq_len *= 2
-    return results
+    return doubling_search(lambda seq_len: measure(work, model, data, name, seq_len, args), args.start, args.max_len,
+                           log, name)
 
 
 SPEED = (("trainer", 1), ("sp2_chunked", 2), ("sp2_chunked", 1))
