@@ -43,7 +43,9 @@ class ModelConfig(Section):
     """Run Python code shipped with the model. Off unless you trust the model's authors. The code is kept in every
     checkpoint and the export; offline tools run it only with --trust_remote_code."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa."""
+    """Attention kernel. `auto`: flash_attention_2 when installed, in bf16/fp16 on an Ampere or newer GPU, else sdpa;
+    for gpt-oss (attention sinks, which transformers runs only eagerly) shardtune's sdpa kernel for sinks, and eager
+    for other models transformers has no sdpa path for (Gemma 2)."""
     experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
     """Mixture of experts: kernel of the fused experts. `auto`: transformers' default (grouped_mm); `eager`
     loops over the experts a batch hits."""
