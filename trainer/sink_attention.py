@@ -1,9 +1,10 @@
 """Attention with sinks (gpt-oss) on sdpa: exact, with no score matrix and no mask over the sequence.
 
 transformers runs gpt-oss's attention only eagerly, because sdpa has no argument for a sink: a learned logit per
-head that joins every query's softmax and carries no value. Eager attention keeps the scores, their softmax and
-its copy for every head, about (4 + 2e)·b·a·s² bytes per layer: 48 GiB at 4,096 tokens in bf16 with gpt-oss-20b's
-64 heads, and 16 times that at 16k. That, not the weights, bounds the sequence a gpt-oss fine-tune can train on.
+head that joins every query's softmax and carries no value. Eager attention keeps the softmax of the scores and
+its copy for every head, (4 + e)·b·a·s² bytes per layer (launcher/planning/memory.py): 6 GiB at 4,096 tokens in
+bf16 with gpt-oss-20b's 64 heads, and 16 times that at 16k. That, not the weights, bounds the sequence a gpt-oss
+fine-tune can train on.
 
 A sink is a key that every query sees, with a value of zero and a score equal to the head's sink whatever the
 query. sdpa can compute that exactly if the query carries the score: every query gets one more dimension holding
@@ -14,17 +15,16 @@ added is sink / scale's in the compute dtype (none when the scale is a power of 
 The sink key goes first, and each sample's queries get one leading row that sees only the sink and is dropped,
 so sdpa's own causal rule (query i sees keys 0..i) gives every real query the sink and its own past: no mask.
 Packed samples run one call each, found in the position ids as in packed_causal_attention. A sliding-window layer
-over a sample longer than its window runs its queries in blocks of WINDOW_BLOCKS windows, each against the keys
+over a sample longer than its window runs its queries in blocks of SINK_WINDOW_BLOCKS windows, each against the keys
 from one window before the block, with a block × keys mask: O(s · window) instead of s². The head dimension is
 padded to a multiple of 8 (GPU kernels' alignment; the padding is zeros and changes no dot product).
 
 Kept for backward, per layer: the padded q, k, v and output of every call, and on sliding layers the block masks
-and k and v repeated to every query head
-(launcher/planning/memory.py, `sink_attention_bytes`). Verified against transformers' eager attention for gpt-oss
-(tests/test_sink_attention.py): logits and every gradient, the sinks' included, packed or not; and under
-sequence parallelism, where DeepSpeed's Ulysses wrapper hands each rank the whole rows for its slice of the heads
-and no mask, so the kernel takes those heads' sinks and applies the windows itself (SP=2 trains as 2 data-parallel
-ranks do).
+and k and v repeated to every query head (launcher/planning/memory.py, `sink_attention_bytes`). Verified against
+transformers' eager attention for gpt-oss (tests/test_sink_attention.py): logits and every gradient, the sinks'
+included, packed or not; and under sequence parallelism, where DeepSpeed's Ulysses wrapper hands each rank the
+whole rows for its slice of the heads and no mask, so the kernel takes those heads' sinks and applies the windows
+itself (SP=2 trains as 2 data-parallel ranks do).
 """
 from __future__ import annotations
 
