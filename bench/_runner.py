@@ -18,6 +18,7 @@ at the last training step, before any final save or export).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -289,3 +290,16 @@ def doubling_search(measure: Callable[[int], dict], start: int, last: int, log: 
             break
         seq_len *= 2
     return results
+
+
+def search_parser(description: str, quick: str, cap_gb: float, steps: int) -> argparse.ArgumentParser:
+    """The options every doubling search takes (the bench adds its own): a smoke run, the RSS cap, the lengths,
+    the steps per run, a timeout."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--cap_gb", type=float, default=cap_gb, help="per-process RSS cap (GB = 1e9 bytes)")
+    p.add_argument("--start", type=int, default=1024)
+    p.add_argument("--max_len", type=int, default=16384, help="longest seq_len tried")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--timeout", type=float, default=1800)
+    return p

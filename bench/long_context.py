@@ -44,7 +44,7 @@ from typing import Optional
 
 import yaml
 
-from bench._runner import REPO, capped_run, doubling_search, machine_words, write_section
+from bench._runner import REPO, capped_run, doubling_search, machine_words, search_parser, write_section
 from examples.tiny_model import WORDS
 from launcher.contract.run_dir import RunDir
 
@@ -313,17 +313,11 @@ def write_results(section: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: cap 1.5 GB, lengths 256..1024")
-    p.add_argument("--cap_gb", type=float, default=2.5, help="per-process RSS cap (GB = 1e9 bytes)")
-    p.add_argument("--start", type=int, default=1024)
-    p.add_argument("--max_len", type=int, default=16384, help="longest seq_len tried")
-    p.add_argument("--steps", type=int, default=3)
+    p = search_parser(__doc__.split("\n\n")[0], "smoke run: cap 1.5 GB, lengths 256..1024", cap_gb=2.5, steps=3)
     p.add_argument("--speed_steps", type=int, default=6, help="steps per throughput run at the common seq_len")
     p.add_argument("--speed_repeats", type=int, default=2, help="rounds of the throughput runs")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a fresh temporary one)")
     p.add_argument("--no_write", action="store_true", help="print the section instead of writing RESULTS.md")
     p.add_argument("--replay", type=Path, default=None,

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench._runner import REPO, capped_run, doubling_search, machine_words, write_section
+from bench._runner import REPO, capped_run, doubling_search, machine_words, search_parser, write_section
 from bench.long_context import env, plan_json, shardtune_bin, text_rows_config, write_text_rows
 from launcher.contract.run_dir import RunDir
 
@@ -121,13 +121,7 @@ def format_section(runs: dict[str, list[dict]], command: str, info: str, args) -
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: lengths 512..1024")
-    p.add_argument("--cap_gb", type=float, default=8.0, help="per-process RSS cap (GB = 1e9 bytes)")
-    p.add_argument("--start", type=int, default=1024)
-    p.add_argument("--max_len", type=int, default=16384, help="longest seq_len tried")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=1800)
+    p = search_parser(__doc__.split("\n\n")[0], "smoke run: lengths 512..1024", cap_gb=8.0, steps=2)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--work", type=Path, default=Path("/tmp/shardtune-bench-sink-attention"))
     p.add_argument("--results", type=Path, default=RESULTS)
