@@ -60,13 +60,14 @@ def model_attention(cfg: RunConfig, device: torch.device, packs_samples: bool) -
 
     config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+    model_class = causal_lm_class(cfg)
     attention = attention_implementation(cfg, device)
-    if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(cfg):
+    if attention == "sdpa" and cfg.model.attn_implementation == "auto" and not _sdpa_supported(model_class):
         if config.model_type in SINK_ATTENTION_MODELS:
             return separation.SINK_ATTENTION
         return "eager"  # transformers builds its masks from the position ids (trainer/separation.py)
     return separation.attention_kernel(attention, config.to_dict(), cfg.data.seq_len, packs_samples,
-                                       causal_lm_class(cfg) is not None)
+                                       model_class is not None)
 
 
 def causal_lm_class(cfg: RunConfig):
@@ -84,9 +85,9 @@ def causal_lm_class(cfg: RunConfig):
     return found if found is not None and found.__module__.startswith("transformers.") else None
 
 
-def _sdpa_supported(cfg: RunConfig) -> bool:
+def _sdpa_supported(model_class) -> bool:
     """False for model classes transformers refuses to run with sdpa (gpt-oss: its attention sinks)."""
-    return getattr(causal_lm_class(cfg), "_supports_sdpa", True) is not False
+    return getattr(model_class, "_supports_sdpa", True) is not False
 
 
 def load_model(cfg: RunConfig, ds_config: dict, device: torch.device, attn_implementation: Optional[str] = None):

@@ -266,18 +266,20 @@ def sink_attention_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: in
     and max(1, kv/N) kv heads (DeepSpeed replicates them when there are fewer than N); the block masks are the
     whole sequence's, and o_proj's input is the rank's slice.
     """
+    from launcher.planning.sequence_parallel import kv_heads_per_rank  # it imports this module's SINK_ATTENTION_MODELS
+
     b, s, d = micro_batch_size, seq_len, counts.head_dim
-    a, kv = counts.num_heads // sequence_parallel, max(1, counts.num_kv_heads // sequence_parallel)
+    a, kv = counts.num_heads // sequence_parallel, kv_heads_per_rank(sequence_parallel, counts.num_kv_heads)
     width = sink_head_width(d)
-    whole = e * b * (s + 1) * width * (2 * a + 2 * kv) + 4 * b * a * (s + 1)
-    window = counts.sliding_window
+    full_layer = e * b * (s + 1) * width * (2 * a + 2 * kv) + 4 * b * a * (s + 1)
+    sliding_layer, window = 0, counts.sliding_window
     if window and s > window:
         block = SINK_WINDOW_BLOCKS * window
         starts = range(0, s, block)
         keys = [min(s, first + block) - max(0, first - window + 1) + 1 for first in starts]
         masks = sum(e * (min(s, first + block) - first) * n for first, n in zip(starts, keys))
-        whole = max(whole, e * b * (2 * s * width * a + 2 * sum(keys) * width * a) + 4 * b * a * s + b * masks)
-    return whole + e * b * (s // sequence_parallel) * counts.num_heads * d
+        sliding_layer = e * b * (2 * s * width * a + 2 * sum(keys) * width * a) + 4 * b * a * s + b * masks
+    return max(full_layer, sliding_layer) + e * b * (s // sequence_parallel) * counts.num_heads * d
 
 
 def layer_activation_bytes(counts: ModelCounts, micro_batch_size: int, seq_len: int, dtype: str = "bf16",
